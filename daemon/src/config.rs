@@ -1,0 +1,656 @@
+//! The `ternd.toml` schema, its defaults, drop-in merging and validation.
+//!
+//! Loading is two-phase. First every file (the main one, then `config.d/*.toml` in name order)
+//! is parsed on its own against the raw schema, so that a syntax error, an unknown key or a
+//! wrong type is reported with the file and line it is on. Then the files are merged and the
+//! merged whole is validated: cross references (a pipeline naming a model that is not
+//! configured), paths that do not exist, duplicate names. Every problem found is reported, not
+//! just the first, each with its key path and, where it can be found, its file and line.
+//!
+//! This module never touches running state: it turns text into a [`Config`] or a list of
+//! [`Problem`]s, and `ternd check-config` runs exactly what `ternd run` and SIGHUP run.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::engine::Manifest;
+
+/// Exit code for a configuration error (EX_USAGE), so that systemd's
+/// `RestartPreventExitStatus=64` stops a restart loop on a typo.
+pub const EXIT_CONFIG: i32 = 64;
+
+/// Image and tensor files larger than this are refused before they are read.
+pub const DEFAULT_MAX_FILE_BYTES: u64 = 16 * 1024 * 1024;
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Where the database and installed models live.
+    pub state_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub log: RawLog,
+    #[serde(default)]
+    pub engine: RawEngine,
+    #[serde(default)]
+    pub models: Vec<RawModel>,
+    #[serde(default)]
+    pub feeds: Vec<RawFeed>,
+    #[serde(default)]
+    pub pipelines: Vec<RawPipeline>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub level: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawEngine {
+    pub threads: Option<NonZeroUsize>,
+    pub workers: Option<NonZeroUsize>,
+    pub queue: Option<NonZeroUsize>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModel {
+    /// A model package directory: installed if new, then activated.
+    pub package: PathBuf,
+    pub threads: Option<NonZeroUsize>,
+    pub workers: Option<NonZeroUsize>,
+    pub queue: Option<NonZeroUsize>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, tag = "kind", rename_all = "snake_case")]
+pub enum RawFeed {
+    Directory {
+        name: String,
+        path: PathBuf,
+        extensions: Option<Vec<String>>,
+        max_file_bytes: Option<u64>,
+        #[serde(default)]
+        on_done: OnDone,
+    },
+}
+
+/// What a directory feed does with a file once its result is stored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnDone {
+    /// Leave it; the feed remembers (in the database) that it was done.
+    #[default]
+    Keep,
+    Delete,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPipeline {
+    pub name: String,
+    pub feed: String,
+    pub model: String,
+}
+
+/// A validated configuration: every path absolute, every reference resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub state_dir: PathBuf,
+    pub log_level: String,
+    pub models: Vec<ModelConfig>,
+    pub feeds: Vec<FeedConfig>,
+    pub pipelines: Vec<PipelineConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub package: PathBuf,
+    pub name: String,
+    pub version: semver::Version,
+    pub pool: PoolConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolConfig {
+    /// Threads tract may use inside one inference.
+    pub threads: NonZeroUsize,
+    /// Inferences of this model that may run at once.
+    pub workers: NonZeroUsize,
+    /// Requests that may wait; one more is answered `busy` at once.
+    pub queue: NonZeroUsize,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            threads: NonZeroUsize::MIN,
+            workers: NonZeroUsize::MIN,
+            queue: nz(16),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum FeedConfig {
+    Directory {
+        name: String,
+        path: PathBuf,
+        extensions: Vec<String>,
+        max_file_bytes: u64,
+        on_done: OnDone,
+    },
+}
+
+impl FeedConfig {
+    pub fn name(&self) -> &str {
+        match self {
+            FeedConfig::Directory { name, .. } => name,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PipelineConfig {
+    pub name: String,
+    pub feed: String,
+    pub model: String,
+}
+
+const fn nz(n: usize) -> NonZeroUsize {
+    match NonZeroUsize::new(n) {
+        Some(n) => n,
+        None => panic!("zero"),
+    }
+}
+
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/tern";
+pub const DEFAULT_LOG_LEVEL: &str = "info";
+pub const DEFAULT_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "npy", "json"];
+
+/// One thing wrong with the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub file: Option<PathBuf>,
+    pub line: Option<usize>,
+    /// Dotted key path, e.g. `pipelines[0].model`; empty for file-level problems.
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.file, self.line) {
+            (Some(file), Some(line)) => write!(f, "{}:{line}: ", file.display())?,
+            (Some(file), None) => write!(f, "{}: ", file.display())?,
+            _ => {}
+        }
+        if !self.key.is_empty() {
+            write!(f, "{}: ", self.key)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// Every problem found in a configuration.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigError(pub Vec<Problem>);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0.len();
+        write!(
+            f,
+            "{n} configuration problem{}",
+            if n == 1 { "" } else { "s" }
+        )?;
+        for p in &self.0 {
+            write!(f, "\n  {p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The config file and its drop-ins, as read from disk.
+struct Source {
+    path: PathBuf,
+    text: String,
+}
+
+/// Read, merge and validate the configuration at `path` and its `config.d/` drop-ins.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let sources = read_sources(path)?;
+    let mut problems = Vec::new();
+    let mut merged = toml::Table::new();
+    for src in &sources {
+        match parse_one(src) {
+            Ok(table) => merge(&mut merged, table),
+            Err(p) => problems.push(p),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(ConfigError(problems));
+    }
+    let raw: RawConfig = match RawConfig::deserialize(toml::Value::Table(merged)) {
+        Ok(raw) => raw,
+        Err(e) => {
+            return Err(ConfigError(vec![Problem {
+                file: Some(path.to_path_buf()),
+                line: None,
+                key: String::new(),
+                message: e.to_string(),
+            }]));
+        }
+    };
+    let base = path.parent().unwrap_or(Path::new("."));
+    validate(raw, base, &sources)
+}
+
+fn read_sources(path: &Path) -> Result<Vec<Source>, ConfigError> {
+    let problem = |p: &Path, message: String| Problem {
+        file: Some(p.to_path_buf()),
+        line: None,
+        key: String::new(),
+        message,
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(vec![problem(path, format!("cannot read: {e}"))]))?;
+    let mut sources = vec![Source {
+        path: path.to_path_buf(),
+        text,
+    }];
+    let dropins = path.parent().unwrap_or(Path::new(".")).join("config.d");
+    if dropins.is_dir() {
+        let mut names: Vec<PathBuf> = std::fs::read_dir(&dropins)
+            .map_err(|e| ConfigError(vec![problem(&dropins, format!("cannot list: {e}"))]))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .collect();
+        names.sort();
+        for p in names {
+            let text = std::fs::read_to_string(&p)
+                .map_err(|e| ConfigError(vec![problem(&p, format!("cannot read: {e}"))]))?;
+            sources.push(Source { path: p, text });
+        }
+    }
+    Ok(sources)
+}
+
+/// Parse one file against the raw schema so that syntax errors, unknown keys and wrong types
+/// are reported with this file's line numbers, then return it as a plain table for merging.
+fn parse_one(src: &Source) -> Result<toml::Table, Problem> {
+    let to_problem = |e: toml::de::Error, key: String| {
+        let line = e.span().map(|s| line_of(&src.text, s.start));
+        Problem {
+            file: Some(src.path.clone()),
+            line,
+            key,
+            message: e.message().trim().to_string(),
+        }
+    };
+    let de = toml::Deserializer::parse(&src.text).map_err(|e| to_problem(e, String::new()))?;
+    if let Err(e) = serde_path_to_error::deserialize::<_, RawConfig>(de) {
+        let key = display_path(e.path());
+        return Err(to_problem(e.into_inner(), key));
+    }
+    toml::from_str(&src.text).map_err(|e| to_problem(e, String::new()))
+}
+
+fn display_path(path: &serde_path_to_error::Path) -> String {
+    let s = path.to_string();
+    // serde_path_to_error writes `.` for the root and `models[0].x` otherwise.
+    if s == "." { String::new() } else { s }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())]
+        .bytes()
+        .filter(|b| *b == b'\n')
+        .count()
+        + 1
+}
+
+/// Drop-ins override scalars and plain arrays, merge tables key by key, and append to arrays
+/// of tables (`[[models]]`, `[[feeds]]`, `[[pipelines]]`), so a drop-in can add a pipeline.
+fn merge(into: &mut toml::Table, from: toml::Table) {
+    for (k, v) in from {
+        match (into.get_mut(&k), v) {
+            (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge(a, b),
+            (Some(toml::Value::Array(a)), toml::Value::Array(b))
+                if a.iter().chain(b.iter()).all(|x| x.is_table()) =>
+            {
+                a.extend(b)
+            }
+            (_, v) => {
+                into.insert(k, v);
+            }
+        }
+    }
+}
+
+/// Find the file and line of a key path like `pipelines[1].model` (the last file that sets it
+/// wins, as in the merge). Arrays of tables are counted across files in merge order.
+fn locate(sources: &[Source], key: &str) -> (Option<PathBuf>, Option<usize>) {
+    let segments = parse_key(key);
+    let mut array_offsets: std::collections::HashMap<String, usize> = Default::default();
+    let mut found = (None, None);
+    for src in sources {
+        let Ok(doc) = toml_edit::Document::parse(src.text.as_str()) else {
+            continue;
+        };
+        let mut item: Option<&toml_edit::Item> = Some(doc.as_item());
+        let mut shifted = Vec::new();
+        for seg in &segments {
+            item = match (seg, item) {
+                (Seg::Key(k), Some(it)) => it.get(k.as_str()),
+                (Seg::Index(i), Some(it)) => {
+                    let path = shifted.join(".");
+                    let offset = array_offsets.get(&path).copied().unwrap_or(0);
+                    i.checked_sub(offset).and_then(|i| it.get(i))
+                }
+                (_, None) => None,
+            };
+            if let Seg::Key(k) = seg {
+                shifted.push(k.clone());
+            }
+        }
+        if let Some(span) = item.and_then(|it| it.span()) {
+            found = (Some(src.path.clone()), Some(line_of(&src.text, span.start)));
+        } else if item.is_some() {
+            found = (Some(src.path.clone()), None);
+        }
+        // Advance array-of-tables offsets for the next file.
+        for name in ["models", "feeds", "pipelines"] {
+            if let Some(n) = doc
+                .get(name)
+                .and_then(|i| i.as_array_of_tables())
+                .map(|a| a.len())
+            {
+                *array_offsets.entry(name.to_string()).or_default() += n;
+            }
+        }
+    }
+    found
+}
+
+enum Seg {
+    Key(String),
+    Index(usize),
+}
+
+fn parse_key(key: &str) -> Vec<Seg> {
+    let mut out = Vec::new();
+    for part in key.split('.') {
+        let mut rest = part;
+        if let Some(b) = rest.find('[') {
+            out.push(Seg::Key(rest[..b].to_string()));
+            rest = &rest[b..];
+            while let Some(end) = rest.find(']') {
+                if let Ok(i) = rest[1..end].parse() {
+                    out.push(Seg::Index(i));
+                }
+                rest = &rest[end + 1..];
+            }
+        } else if !rest.is_empty() {
+            out.push(Seg::Key(rest.to_string()));
+        }
+    }
+    out
+}
+
+fn validate(raw: RawConfig, base: &Path, sources: &[Source]) -> Result<Config, ConfigError> {
+    let mut problems = Vec::new();
+    let mut report = |key: String, message: String| {
+        let (file, line) = locate(sources, &key);
+        problems.push(Problem {
+            file,
+            line,
+            key,
+            message,
+        });
+    };
+    let resolve = |p: &Path| {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            base.join(p)
+        }
+    };
+
+    let state_dir = resolve(
+        raw.state_dir
+            .as_deref()
+            .unwrap_or(Path::new(DEFAULT_STATE_DIR)),
+    );
+    let log_level = raw
+        .log
+        .level
+        .unwrap_or_else(|| DEFAULT_LOG_LEVEL.to_string());
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log_level) {
+        report(
+            "log.level".into(),
+            format!("`{log_level}` is not a log filter: {e}"),
+        );
+    }
+    let defaults = PoolConfig::default();
+    let engine_pool = PoolConfig {
+        threads: raw.engine.threads.unwrap_or(defaults.threads),
+        workers: raw.engine.workers.unwrap_or(defaults.workers),
+        queue: raw.engine.queue.unwrap_or(defaults.queue),
+    };
+
+    let mut models = Vec::new();
+    let mut model_names = HashSet::new();
+    for (i, m) in raw.models.iter().enumerate() {
+        let package = resolve(&m.package);
+        match Manifest::read(&package) {
+            Ok(manifest) => {
+                if !model_names.insert(manifest.name.clone()) {
+                    report(
+                        format!("models[{i}].package"),
+                        format!("model `{}` is configured twice", manifest.name),
+                    );
+                }
+                models.push(ModelConfig {
+                    package,
+                    name: manifest.name.clone(),
+                    version: manifest.version.clone(),
+                    pool: PoolConfig {
+                        threads: m.threads.unwrap_or(engine_pool.threads),
+                        workers: m.workers.unwrap_or(engine_pool.workers),
+                        queue: m.queue.unwrap_or(engine_pool.queue),
+                    },
+                });
+            }
+            Err(e) => report(format!("models[{i}].package"), e.to_string()),
+        }
+    }
+
+    let mut feeds = Vec::new();
+    let mut feed_names = HashSet::new();
+    for (i, f) in raw.feeds.iter().enumerate() {
+        match f {
+            RawFeed::Directory {
+                name,
+                path,
+                extensions,
+                max_file_bytes,
+                on_done,
+            } => {
+                if !feed_names.insert(name.clone()) {
+                    report(
+                        format!("feeds[{i}].name"),
+                        format!("feed `{name}` is defined twice"),
+                    );
+                }
+                let path = resolve(path);
+                if !path.is_dir() {
+                    report(
+                        format!("feeds[{i}].path"),
+                        format!("`{}` is not a directory", path.display()),
+                    );
+                }
+                let extensions = extensions
+                    .clone()
+                    .unwrap_or_else(|| DEFAULT_EXTENSIONS.iter().map(|s| s.to_string()).collect())
+                    .into_iter()
+                    .map(|e| e.trim_start_matches('.').to_ascii_lowercase())
+                    .collect();
+                let max_file_bytes = max_file_bytes.unwrap_or(DEFAULT_MAX_FILE_BYTES);
+                if max_file_bytes == 0 {
+                    report(
+                        format!("feeds[{i}].max_file_bytes"),
+                        "must be above 0".into(),
+                    );
+                }
+                feeds.push(FeedConfig::Directory {
+                    name: name.clone(),
+                    path,
+                    extensions,
+                    max_file_bytes,
+                    on_done: *on_done,
+                });
+            }
+        }
+    }
+
+    let mut pipelines = Vec::new();
+    let mut pipeline_names = HashSet::new();
+    for (i, p) in raw.pipelines.iter().enumerate() {
+        if !pipeline_names.insert(p.name.clone()) {
+            report(
+                format!("pipelines[{i}].name"),
+                format!("pipeline `{}` is defined twice", p.name),
+            );
+        }
+        if !feed_names.contains(&p.feed) {
+            report(
+                format!("pipelines[{i}].feed"),
+                format!("no feed named `{}` is configured", p.feed),
+            );
+        }
+        if !model_names.contains(&p.model) {
+            let known: Vec<&str> = models.iter().map(|m| m.name.as_str()).collect();
+            report(
+                format!("pipelines[{i}].model"),
+                format!(
+                    "no model named `{}` is configured (configured: {})",
+                    p.model,
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            );
+        }
+        pipelines.push(PipelineConfig {
+            name: p.name.clone(),
+            feed: p.feed.clone(),
+            model: p.model.clone(),
+        });
+    }
+
+    if problems.is_empty() {
+        Ok(Config {
+            state_dir,
+            log_level,
+            models,
+            feeds,
+            pipelines,
+        })
+    } else {
+        Err(ConfigError(problems))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    fn problems(r: Result<Config, ConfigError>) -> Vec<Problem> {
+        match r {
+            Ok(c) => panic!("expected problems, got {c:?}"),
+            Err(e) => e.0,
+        }
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let d = tempfile::tempdir().unwrap();
+        let p = write(
+            d.path(),
+            "t.toml",
+            "state_dir = \"s\"\n\n[engine]\nthreds = 2\n",
+        );
+        let ps = problems(load(&p));
+        assert_eq!(ps.len(), 1, "{ps:?}");
+        assert_eq!(ps[0].line, Some(4));
+        assert!(ps[0].message.contains("threds"), "{}", ps[0]);
+    }
+
+    #[test]
+    fn wrong_type_and_zero_name_key() {
+        let d = tempfile::tempdir().unwrap();
+        let p = write(d.path(), "t.toml", "[engine]\nqueue = 0\n");
+        let ps = problems(load(&p));
+        assert_eq!(ps[0].key, "engine.queue", "{}", ps[0]);
+        assert_eq!(ps[0].line, Some(2));
+        let p = write(d.path(), "t.toml", "[engine]\nthreads = \"two\"\n");
+        let ps = problems(load(&p));
+        assert_eq!(ps[0].key, "engine.threads", "{}", ps[0]);
+    }
+
+    #[test]
+    fn semantic_problems_all_reported_with_lines_in_dropins() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("in")).unwrap();
+        let p = write(
+            d.path(),
+            "t.toml",
+            "[[feeds]]\nkind = \"directory\"\nname = \"a\"\npath = \"in\"\n",
+        );
+        write(
+            d.path(),
+            "config.d/10-x.toml",
+            "[[feeds]]\nkind = \"directory\"\nname = \"b\"\npath = \"nope\"\n\n[[pipelines]]\nname = \"p\"\nfeed = \"zz\"\nmodel = \"m\"\n",
+        );
+        let ps = problems(load(&p));
+        let keys: Vec<&str> = ps.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["feeds[1].path", "pipelines[0].feed", "pipelines[0].model"],
+            "{ps:?}"
+        );
+        assert!(ps[0].file.as_ref().unwrap().ends_with("config.d/10-x.toml"));
+        assert_eq!(ps[0].line, Some(4));
+        assert_eq!(ps[1].line, Some(8));
+    }
+
+    #[test]
+    fn defaults_and_merge() {
+        let d = tempfile::tempdir().unwrap();
+        let p = write(
+            d.path(),
+            "t.toml",
+            "state_dir = \"s\"\n[log]\nlevel = \"info\"\n",
+        );
+        write(d.path(), "config.d/a.toml", "[log]\nlevel = \"debug\"\n");
+        let c = load(&p).unwrap();
+        assert_eq!(c.state_dir, d.path().join("s"));
+        assert_eq!(c.log_level, "debug");
+        assert!(c.models.is_empty());
+    }
+}

@@ -1,0 +1,58 @@
+//! Model backends: load, optimise, self-test and run model packages, and serve each model
+//! from a bounded worker pool.
+//!
+//! ```text
+//!  Input (PNG/JPEG, tensor, frame) ─► prepare (decode, resize, scale) ─► tract ─► top-k
+//! ```
+//!
+//! tract is used only in `model.rs`. Nothing here touches the database or the network.
+
+mod input;
+mod manifest;
+mod model;
+mod pool;
+
+use std::path::PathBuf;
+
+pub use input::{Input, PixelFormat, Prepared, read_npy_f32};
+pub use manifest::{MANIFEST_FILE, MODEL_FILE, Manifest, is_inside};
+pub use model::{Class, Model, Prediction};
+pub use pool::{ModelPool, PoolStats};
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EngineError {
+    #[error("model package manifest {path}: {message}")]
+    Manifest { path: PathBuf, message: String },
+    #[error("model `{model}` ({path}) {message}")]
+    Load {
+        model: String,
+        path: PathBuf,
+        message: String,
+    },
+    #[error("model `{model}` refused: self-test vector {vector}: {message}")]
+    SelfTest {
+        model: String,
+        vector: usize,
+        message: String,
+    },
+    #[error("bad input: {message}")]
+    Input { message: String },
+    #[error("model `{model}` failed to run: {message}")]
+    Run { model: String, message: String },
+    #[error("model `{model}` is busy: its queue is full")]
+    Busy { model: String },
+    #[error("model `{model}` is stopped")]
+    Stopped { model: String },
+}
+
+impl EngineError {
+    /// A stable code for replies to other programs.
+    pub fn code(&self) -> &'static str {
+        match self {
+            EngineError::Manifest { .. } | EngineError::Input { .. } => "bad_request",
+            EngineError::Load { .. } | EngineError::SelfTest { .. } => "bad_model",
+            EngineError::Run { .. } | EngineError::Stopped { .. } => "internal",
+            EngineError::Busy { .. } => "busy",
+        }
+    }
+}

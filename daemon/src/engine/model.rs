@@ -1,0 +1,293 @@
+//! The one place that speaks tract: load, optimise, self-test and run a model package.
+//!
+//! A tract upgrade should touch this file and no other.
+
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+use tract_linalg::multithread::Executor;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::runtime::RunOptions;
+
+use super::EngineError;
+use super::input::{Input, Prepared, read_npy_f32};
+use super::manifest::{MODEL_FILE, Manifest};
+
+/// ONNX files bigger than this are refused before tract reads them.
+pub const MAX_MODEL_BYTES: u64 = 512 * 1024 * 1024;
+
+/// A loaded, optimised, self-tested model, ready to run from any thread.
+pub struct Model {
+    pub manifest: Manifest,
+    pub dir: PathBuf,
+    runnable: Arc<TypedRunnableModel>,
+    output_index: usize,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("name", &self.manifest.name)
+            .field("version", &self.manifest.version.to_string())
+            .field("dir", &self.dir)
+            .finish()
+    }
+}
+
+/// One class of a prediction.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct Class {
+    pub index: usize,
+    pub label: String,
+    pub score: f32,
+}
+
+/// What a model said about one input.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct Prediction {
+    pub model: String,
+    pub version: String,
+    pub top: Vec<Class>,
+    /// Time spent in tern (decode, preprocess, run, postprocess), microseconds.
+    pub latency_us: u64,
+}
+
+impl Model {
+    /// Load the package in `dir`: parse its manifest, load and optimise the ONNX model with
+    /// `threads` threads for one inference, then run its golden vectors. A model that loads
+    /// but answers differently from its reference outputs is refused here.
+    pub fn load(dir: &Path, threads: NonZeroUsize) -> Result<Model, EngineError> {
+        let manifest = Manifest::read(dir)?;
+        let path = dir.join(MODEL_FILE);
+        let load_err = |message: String| EngineError::Load {
+            model: manifest.name.clone(),
+            path: path.clone(),
+            message,
+        };
+        let size = std::fs::metadata(&path)
+            .map_err(|e| load_err(format!("cannot read: {e}")))?
+            .len();
+        if size > MAX_MODEL_BYTES {
+            return Err(load_err(format!(
+                "{size} bytes is over the {MAX_MODEL_BYTES}-byte limit"
+            )));
+        }
+        // Quantisers write value_info for intermediate tensors with a fixed batch; honouring
+        // it breaks symbolic batch (FINDINGS.md), and the graph's own inference is enough.
+        let model = tract_onnx::onnx()
+            .with_ignore_value_info(true)
+            .model_for_path(&path)
+            .map_err(|e| load_err(format!("not a model tract can read: {e:#}")))?;
+        let inputs = model
+            .input_outlets()
+            .map_err(|e| load_err(format!("{e:#}")))?;
+        if inputs.len() != 1 {
+            return Err(load_err(format!(
+                "has {} inputs; tern runs single-input models",
+                inputs.len()
+            )));
+        }
+        let input_name = &model.node(inputs[0].node).name;
+        if input_name != &manifest.input.name {
+            return Err(load_err(format!(
+                "input is named `{input_name}`, the manifest says `{}`",
+                manifest.input.name
+            )));
+        }
+        let outputs = model
+            .output_outlets()
+            .map_err(|e| load_err(format!("{e:#}")))?
+            .to_vec();
+        let names: Vec<String> = outputs
+            .iter()
+            .map(|o| {
+                model
+                    .outlet_label(*o)
+                    .unwrap_or(&model.node(o.node).name)
+                    .to_string()
+            })
+            .collect();
+        let output_index = names
+            .iter()
+            .position(|n| *n == manifest.output.name)
+            .ok_or_else(|| {
+                load_err(format!(
+                    "has no output `{}` (outputs: {})",
+                    manifest.output.name,
+                    names.join(", ")
+                ))
+            })?;
+        let typed = model
+            .into_typed()
+            .and_then(|m| m.into_decluttered())
+            .and_then(|m| m.into_optimized())
+            .map_err(|e| load_err(format!("cannot be optimised: {e:#}")))?;
+        let fact = typed
+            .input_fact(0)
+            .map_err(|e| load_err(format!("{e:#}")))?;
+        if fact.datum_type != f32::datum_type() {
+            return Err(load_err(format!(
+                "input dtype is {:?}, tern feeds f32",
+                fact.datum_type
+            )));
+        }
+        if fact.rank() != manifest.input.shape.len() {
+            return Err(load_err(format!(
+                "input has rank {} ({:?}), the manifest says {:?}",
+                fact.rank(),
+                fact.shape,
+                manifest.input.shape
+            )));
+        }
+        let executor = if threads.get() > 1 {
+            Executor::multithread_with_name(threads.get(), &format!("tract-{}", manifest.name))
+        } else {
+            Executor::SingleThread
+        };
+        let options = RunOptions {
+            executor: Some(executor),
+            ..RunOptions::default()
+        };
+        let runnable = typed
+            .into_runnable_with_options(&options)
+            .map_err(|e| load_err(format!("cannot be planned: {e:#}")))?;
+        let model = Model {
+            manifest,
+            dir: dir.to_path_buf(),
+            runnable,
+            output_index,
+        };
+        model.self_test()?;
+        Ok(model)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.manifest.name
+    }
+
+    pub fn version(&self) -> &semver::Version {
+        &self.manifest.version
+    }
+
+    /// Run every golden vector and compare with the reference outputs.
+    pub fn self_test(&self) -> Result<(), EngineError> {
+        let m = &self.manifest;
+        for (i, g) in m.selftest.golden.iter().enumerate() {
+            let fail = |message: String| EngineError::SelfTest {
+                model: m.name.clone(),
+                vector: i,
+                message,
+            };
+            let read = |p: &Path| {
+                std::fs::read(self.dir.join(p))
+                    .map_err(|e| fail(format!("cannot read {}: {e}", p.display())))
+                    .and_then(|b| {
+                        read_npy_f32(&b).map_err(|e| fail(format!("{}: {e}", p.display())))
+                    })
+            };
+            let (in_shape, in_data) = read(&g.input)?;
+            let (out_shape, want) = read(&g.output)?;
+            let got = self
+                .run(&Prepared {
+                    shape: in_shape,
+                    data: in_data,
+                })
+                .map_err(|e| fail(e.to_string()))?;
+            if got.len() != want.len() {
+                return Err(fail(format!(
+                    "output `{}` has {} values, the reference {:?} has {}",
+                    m.output.name,
+                    got.len(),
+                    out_shape,
+                    want.len()
+                )));
+            }
+            let max_diff = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| {
+                    if a.is_finite() {
+                        (a - b).abs()
+                    } else {
+                        f32::INFINITY
+                    }
+                })
+                .fold(0f32, f32::max);
+            if max_diff > m.selftest.tolerance {
+                return Err(fail(format!(
+                    "output `{}` differs from the reference by up to {max_diff:.6} \
+                     (tolerance {}); the model runs but answers wrongly in tract",
+                    m.output.name, m.selftest.tolerance
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Run a prepared tensor and return the selected output, flattened.
+    pub fn run(&self, p: &Prepared) -> Result<Vec<f32>, EngineError> {
+        let run_err = |message: String| EngineError::Run {
+            model: self.manifest.name.clone(),
+            message,
+        };
+        let tensor = tract_ndarray::ArrayD::from_shape_vec(p.shape.clone(), p.data.clone())
+            .map_err(|e| run_err(format!("shape {:?}: {e}", p.shape)))?;
+        let out = self
+            .runnable
+            .run(tvec!(Tensor::from(tensor).into()))
+            .map_err(|e| run_err(format!("{e:#}")))?;
+        let t = out
+            .get(self.output_index)
+            .ok_or_else(|| run_err("output missing".into()))?;
+        let view = t
+            .to_plain_array_view::<f32>()
+            .map_err(|e| run_err(format!("output is not f32: {e:#}")))?;
+        Ok(view.iter().copied().collect())
+    }
+
+    /// Decode, preprocess, run and postprocess one input.
+    pub fn infer(&self, input: &Input) -> Result<Prediction, EngineError> {
+        let start = Instant::now();
+        let prepared = input.prepare(&self.manifest)?;
+        let out = self.run(&prepared)?;
+        let top = self.postprocess(out);
+        Ok(Prediction {
+            model: self.manifest.name.clone(),
+            version: self.manifest.version.to_string(),
+            top,
+            latency_us: start.elapsed().as_micros() as u64,
+        })
+    }
+
+    /// Softmax if the manifest asks for it, then the top-k classes with their labels.
+    pub fn postprocess(&self, mut out: Vec<f32>) -> Vec<Class> {
+        let post = &self.manifest.postprocess;
+        if post.softmax {
+            let max = out.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0;
+            for x in out.iter_mut() {
+                *x = (*x - max).exp();
+                sum += *x;
+            }
+            for x in out.iter_mut() {
+                *x /= sum;
+            }
+        }
+        let k = post.top_k.get().min(out.len());
+        let mut idx: Vec<usize> = (0..out.len()).collect();
+        // NaN sorts last, so a broken output never wins the top slot.
+        idx.sort_by(|a, b| out[*b].total_cmp(&out[*a]).then(a.cmp(b)));
+        idx.sort_by(|a, b| out[*a].is_nan().cmp(&out[*b].is_nan()));
+        idx.truncate(k);
+        idx.into_iter()
+            .map(|i| Class {
+                index: i,
+                label: post.labels.get(i).cloned().unwrap_or_else(|| i.to_string()),
+                score: out[i],
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,215 @@
+//! A bounded worker pool per model, off the async runtime, with an atomically swappable
+//! active version.
+//!
+//! ```text
+//!  try_submit ──(bounded queue; full => Busy at once)──► worker threads ──► oneshot reply
+//!       │
+//!       └─ captures Arc<Model> of the active version at submission
+//! ```
+//!
+//! A request takes the active version when it is submitted, so a swap never disturbs requests
+//! already queued or running: they finish on the version they started with, and the old
+//! version is freed when its last request is done. Workers publish a heartbeat so the service
+//! can stop feeding the systemd watchdog when an inference hangs.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use tokio::sync::oneshot;
+
+use super::{EngineError, Input, Model, Prediction};
+use crate::config::PoolConfig;
+
+struct Job {
+    model: Arc<Model>,
+    input: Input,
+    reply: oneshot::Sender<Result<Prediction, EngineError>>,
+}
+
+/// Counters a pool keeps for status and telemetry.
+#[derive(Debug, Default)]
+pub struct PoolStats {
+    pub completed: AtomicU64,
+    pub failed: AtomicU64,
+    pub rejected_busy: AtomicU64,
+}
+
+/// A cheap, cloneable handle to one model's pool.
+#[derive(Clone)]
+pub struct ModelPool {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    name: String,
+    active: ArcSwap<Model>,
+    tx: crossbeam_channel::Sender<Job>,
+    config: PoolConfig,
+    /// Per worker: milliseconds since `epoch` when its current job started, 0 when idle.
+    busy_since: Vec<AtomicU64>,
+    epoch: Instant,
+    stats: PoolStats,
+}
+
+impl ModelPool {
+    /// Start `config.workers` threads serving `model`. The threads end when the last handle
+    /// is dropped and the queue is empty.
+    pub fn spawn(model: Arc<Model>, config: PoolConfig) -> ModelPool {
+        let (tx, rx) = crossbeam_channel::bounded::<Job>(config.queue.get());
+        let inner = Arc::new(Inner {
+            name: model.name().to_string(),
+            active: ArcSwap::new(model),
+            tx,
+            config,
+            busy_since: (0..config.workers.get())
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            epoch: Instant::now(),
+            stats: PoolStats::default(),
+        });
+        for w in 0..config.workers.get() {
+            let rx = rx.clone();
+            // Workers hold a weak reference so dropping every handle ends them.
+            let weak = Arc::downgrade(&inner);
+            std::thread::Builder::new()
+                .name(format!("infer-{}-{w}", inner.name))
+                .spawn(move || worker(w, rx, weak))
+                .expect("spawning an inference worker thread");
+        }
+        ModelPool { inner }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    pub fn config(&self) -> PoolConfig {
+        self.inner.config
+    }
+
+    /// The version new requests go to.
+    pub fn active(&self) -> Arc<Model> {
+        self.inner.active.load_full()
+    }
+
+    /// Make `model` the version new requests go to; returns the previous one.
+    pub fn swap(&self, model: Arc<Model>) -> Arc<Model> {
+        self.inner.active.swap(model)
+    }
+
+    pub fn stats(&self) -> &PoolStats {
+        &self.inner.stats
+    }
+
+    pub fn queue_depth(&self) -> usize {
+        self.inner.tx.len()
+    }
+
+    /// Queue an inference; a full queue is answered with `Busy` at once.
+    pub fn try_submit(
+        &self,
+        input: Input,
+    ) -> Result<oneshot::Receiver<Result<Prediction, EngineError>>, EngineError> {
+        let (reply, rx) = oneshot::channel();
+        let job = Job {
+            model: self.active(),
+            input,
+            reply,
+        };
+        match self.inner.tx.try_send(job) {
+            Ok(()) => Ok(rx),
+            Err(crossbeam_channel::TrySendError::Full(_)) => {
+                self.inner
+                    .stats
+                    .rejected_busy
+                    .fetch_add(1, Ordering::Relaxed);
+                Err(EngineError::Busy {
+                    model: self.inner.name.clone(),
+                })
+            }
+            Err(crossbeam_channel::TrySendError::Disconnected(_)) => Err(EngineError::Stopped {
+                model: self.inner.name.clone(),
+            }),
+        }
+    }
+
+    /// Queue an inference and wait for its result; `Busy` if the queue is full.
+    pub async fn infer(&self, input: Input) -> Result<Prediction, EngineError> {
+        let rx = self.try_submit(input)?;
+        rx.await.map_err(|_| EngineError::Stopped {
+            model: self.inner.name.clone(),
+        })?
+    }
+
+    /// Like [`infer`](Self::infer), but wait for room in the queue instead of failing: the
+    /// back-pressure policy for sources that can wait (files, serial lines).
+    pub async fn infer_waiting(&self, input: Input) -> Result<Prediction, EngineError> {
+        let mut delay = Duration::from_millis(1);
+        let mut input = Some(input);
+        loop {
+            let (reply, rx) = oneshot::channel();
+            let job = Job {
+                model: self.active(),
+                input: input.take().expect("set"),
+                reply,
+            };
+            match self.inner.tx.try_send(job) {
+                Ok(()) => {
+                    return rx.await.map_err(|_| EngineError::Stopped {
+                        model: self.inner.name.clone(),
+                    })?;
+                }
+                Err(crossbeam_channel::TrySendError::Full(job)) => {
+                    input = Some(job.input);
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_millis(50));
+                }
+                Err(crossbeam_channel::TrySendError::Disconnected(_)) => {
+                    return Err(EngineError::Stopped {
+                        model: self.inner.name.clone(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// False if any worker has been inside one inference for longer than `limit`.
+    pub fn healthy(&self, limit: Duration) -> bool {
+        let now = self.inner.epoch.elapsed().as_millis() as u64;
+        self.inner.busy_since.iter().all(|b| {
+            let since = b.load(Ordering::Relaxed);
+            since == 0 || now.saturating_sub(since) < limit.as_millis() as u64
+        })
+    }
+}
+
+fn worker(w: usize, rx: crossbeam_channel::Receiver<Job>, pool: std::sync::Weak<Inner>) {
+    loop {
+        let job = match rx.recv_timeout(Duration::from_millis(500)) {
+            Ok(job) => job,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                if pool.strong_count() == 0 {
+                    return;
+                }
+                continue;
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+        };
+        let Some(inner) = pool.upgrade() else { return };
+        let started = inner.epoch.elapsed().as_millis() as u64;
+        inner.busy_since[w].store(started.max(1), Ordering::Relaxed);
+        let result = job.model.infer(&job.input);
+        inner.busy_since[w].store(0, Ordering::Relaxed);
+        let counter = if result.is_ok() {
+            &inner.stats.completed
+        } else {
+            &inner.stats.failed
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        drop(inner);
+        // The requester may have given up; that is not an error here.
+        let _ = job.reply.send(result);
+    }
+}

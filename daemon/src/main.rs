@@ -1,0 +1,171 @@
+//! `ternd`: run the daemon, check a configuration, or run one inference.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::{EnvFilter, layer::SubscriberExt, reload, util::SubscriberInitExt};
+
+use ternd::config::{self, EXIT_CONFIG};
+use ternd::engine::{EngineError, Input, Model};
+
+/// Exit code for a model that was refused or an input that could not be used (EX_DATAERR).
+const EXIT_DATA: u8 = 65;
+
+#[derive(Parser)]
+#[command(name = "ternd", version = ternd::VERSION, about = "tern edge inference daemon")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon (as a systemd Type=notify service or in a terminal).
+    Run {
+        #[arg(long, short, default_value = "/etc/tern/ternd.toml")]
+        config: PathBuf,
+    },
+    /// Validate a configuration and its config.d drop-ins; print every problem (exit 64 if any).
+    CheckConfig {
+        #[arg(long, short, default_value = "/etc/tern/ternd.toml")]
+        config: PathBuf,
+    },
+    /// Load a model package (with its self-test) and run it on one input file.
+    Infer {
+        /// The model package directory (holding tern-model.toml and model.onnx).
+        #[arg(long)]
+        model: PathBuf,
+        /// A PNG or JPEG image, a float32 .npy tensor, or a JSON array.
+        #[arg(long)]
+        input: PathBuf,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Threads tract may use for the inference.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+    },
+    /// Print the version of ternd and of its inference engine.
+    Version,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { config } => run(&config),
+        Command::CheckConfig { config } => check_config(&config),
+        Command::Infer {
+            model,
+            input,
+            json,
+            threads,
+        } => infer(&model, &input, json, threads),
+        Command::Version => {
+            println!("ternd {} (tract-onnx 0.23)", ternd::VERSION);
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn check_config(path: &Path) -> ExitCode {
+    match config::load(path) {
+        Ok(c) => {
+            println!(
+                "{}: OK ({} model(s), {} feed(s), {} pipeline(s); state in {})",
+                path.display(),
+                c.models.len(),
+                c.feeds.len(),
+                c.pipelines.len(),
+                c.state_dir.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(EXIT_CONFIG as u8)
+        }
+    }
+}
+
+fn run(path: &Path) -> ExitCode {
+    let config = match config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ternd: {e}");
+            return ExitCode::from(EXIT_CONFIG as u8);
+        }
+    };
+    // RUST_LOG, when set, wins over the config so a developer can turn up one module.
+    let from_env = std::env::var("RUST_LOG").ok();
+    let filter = EnvFilter::new(from_env.as_deref().unwrap_or(&config.log_level));
+    let (filter, handle) = reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_target(false),
+        )
+        .init();
+    let log_reload: ternd::service::LogReload = Box::new(move |level: &str| {
+        if from_env.is_some() {
+            return Ok(());
+        }
+        let f = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        handle.reload(f).map_err(|e| e.to_string())
+    });
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("ternd: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(ternd::service::run(path, config, log_reload)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("ternd: {e}");
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}
+
+fn infer(model: &Path, input: &Path, json: bool, threads: usize) -> ExitCode {
+    let fail = |e: &dyn std::fmt::Display| {
+        eprintln!("ternd: {e}");
+        ExitCode::from(EXIT_DATA)
+    };
+    let Some(threads) = std::num::NonZeroUsize::new(threads) else {
+        eprintln!("ternd: --threads must be at least 1");
+        return ExitCode::from(EXIT_CONFIG as u8);
+    };
+    let model = match Model::load(model, threads) {
+        Ok(m) => m,
+        Err(e) => return fail(&e),
+    };
+    let result =
+        Input::from_file(input, config::DEFAULT_MAX_FILE_BYTES).and_then(|i| model.infer(&i));
+    let pred = match result {
+        Ok(p) => p,
+        Err(e @ EngineError::Input { .. }) => return fail(&e),
+        Err(e) => return fail(&e),
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(&pred).expect("predictions serialise")
+        );
+    } else {
+        println!("{} {}  ({} µs)", pred.model, pred.version, pred.latency_us);
+        println!("{:>5}  {:<16} {:>8}", "rank", "label", "score");
+        for (i, c) in pred.top.iter().enumerate() {
+            println!("{:>5}  {:<16} {:>8.4}", i + 1, c.label, c.score);
+        }
+    }
+    ExitCode::SUCCESS
+}

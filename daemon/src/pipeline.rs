@@ -1,0 +1,175 @@
+//! Binds a feed to a model and to sinks (the results table and the log).
+//!
+//! ```text
+//!  feed task ──Sample (bounded, back-pressure)──► pipeline task ──► model pool
+//!                                                      │
+//!                                                      └─► one transaction: result + "file done"
+//! ```
+//!
+//! Stopping: the feed stops on cancellation and drops its sender; the pipeline finishes the
+//! samples already queued and ends, so a SIGTERM drains instead of dropping work.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{FeedConfig, PipelineConfig};
+use crate::engine::{EngineError, ModelPool, Prediction};
+use crate::feeds::Sample;
+use crate::feeds::directory::DirectoryFeed;
+use crate::store::Store;
+
+/// Samples waiting between a feed and its pipeline.
+const SAMPLE_QUEUE: usize = 8;
+
+#[derive(Debug, Default)]
+pub struct PipelineStats {
+    pub results: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+/// A running pipeline: its two tasks and its counters.
+pub struct Running {
+    pub name: String,
+    pub model: String,
+    pub stats: Arc<PipelineStats>,
+    pub cancel: CancellationToken,
+    pub feed_task: JoinHandle<()>,
+    pub task: JoinHandle<()>,
+}
+
+/// Start a pipeline: its feed and the task that runs the model on each sample.
+pub fn spawn(
+    cfg: &PipelineConfig,
+    feed: &FeedConfig,
+    pool: ModelPool,
+    store: Store,
+    cancel: CancellationToken,
+) -> Running {
+    let (tx, rx) = mpsc::channel(SAMPLE_QUEUE);
+    let stats = Arc::new(PipelineStats::default());
+    let feed_task = match feed {
+        FeedConfig::Directory {
+            path,
+            extensions,
+            max_file_bytes,
+            on_done,
+            ..
+        } => {
+            let dir = DirectoryFeed {
+                pipeline: cfg.name.clone(),
+                path: path.clone(),
+                extensions: extensions.clone(),
+                max_file_bytes: *max_file_bytes,
+                on_done: *on_done,
+            };
+            let (store, cancel, name) = (store.clone(), cancel.clone(), cfg.name.clone());
+            tokio::spawn(async move {
+                if let Err(e) = dir.run(store, tx, cancel).await {
+                    tracing::error!(pipeline = %name, error = %e, "feed stopped");
+                }
+            })
+        }
+    };
+    let task = tokio::spawn(serve(cfg.name.clone(), pool, store, rx, stats.clone()));
+    Running {
+        name: cfg.name.clone(),
+        model: cfg.model.clone(),
+        stats,
+        cancel,
+        feed_task,
+        task,
+    }
+}
+
+async fn serve(
+    name: String,
+    pool: ModelPool,
+    store: Store,
+    mut rx: mpsc::Receiver<Sample>,
+    stats: Arc<PipelineStats>,
+) {
+    while let Some(sample) = rx.recv().await {
+        let result = match sample.input {
+            Ok(input) => pool.infer_waiting(input).await,
+            Err(e) => Err(e),
+        };
+        let done = sample.done.clone();
+        let outcome = match &result {
+            Ok(pred) => {
+                tracing::info!(
+                    pipeline = %name,
+                    source = %sample.source,
+                    model = %pred.model,
+                    version = %pred.version,
+                    label = %pred.top.first().map(|c| c.label.as_str()).unwrap_or("-"),
+                    score = pred.top.first().map(|c| c.score).unwrap_or(f32::NAN),
+                    latency_us = pred.latency_us,
+                    "result"
+                );
+                stats.results.fetch_add(1, Ordering::Relaxed);
+                Some(pred.clone())
+            }
+            // The daemon is stopping: leave the sample undone so it is retried at start.
+            Err(EngineError::Stopped { .. }) => continue,
+            Err(e) => {
+                tracing::warn!(pipeline = %name, source = %sample.source, error = %e, "sample refused");
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        };
+        let (pname, source, ts) = (name.clone(), sample.source.clone(), sample.ts_ms);
+        let record = done.clone();
+        let stored = store
+            .call(move |c| {
+                let tx = c.transaction()?;
+                if let Some(pred) = outcome {
+                    insert_result(&tx, &pname, &source, ts, &pred)?;
+                }
+                if let Some(d) = &record {
+                    d.record(&tx)?;
+                }
+                tx.commit()?;
+                Ok(())
+            })
+            .await;
+        match stored {
+            Ok(()) => {
+                if let Some(d) = done {
+                    d.finish();
+                }
+            }
+            Err(e) => tracing::error!(pipeline = %name, error = %e, "result not stored"),
+        }
+    }
+}
+
+fn insert_result(
+    tx: &rusqlite::Transaction<'_>,
+    pipeline: &str,
+    source: &str,
+    ts_ms: i64,
+    p: &Prediction,
+) -> rusqlite::Result<()> {
+    let top = serde_json::to_string(&p.top).expect("classes serialise");
+    let first = p.top.first();
+    tx.execute(
+        "INSERT INTO results (ts_ms, pipeline, source, model, version, label, score, top, latency_us)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        rusqlite::params![
+            ts_ms,
+            pipeline,
+            source,
+            p.model,
+            p.version,
+            first.map(|c| c.label.clone()),
+            first.map(|c| c.score as f64),
+            top,
+            p.latency_us as i64
+        ],
+    )?;
+    Ok(())
+}

@@ -1,0 +1,305 @@
+//! Startup, reload, watchdog and graceful shutdown: the daemon as a systemd service.
+//!
+//! ```text
+//!  config ─► store ─► registry (active versions, then configured packages) ─► pipelines
+//!                                                                  │
+//!                                              READY=1 ◄───────────┘
+//!  SIGHUP  ─► load + validate config ─► same apply path as startup (bad config: keep old)
+//!  SIGTERM ─► STOPPING=1 ─► stop feeds ─► pipelines drain ─► exit 0 (or name what hung)
+//!  timer   ─► WATCHDOG=1, only while no inference has hung
+//! ```
+//!
+//! Start and reload share [`Daemon::apply`], so a config that starts is a config that reloads.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sd_notify::NotifyState;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{Mutex, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{self, Config, PoolConfig};
+use crate::engine::ModelPool;
+use crate::pipeline;
+use crate::registry::{self, Registry};
+use crate::store::Store;
+
+/// How long SIGTERM waits for pipelines to drain before giving up on them.
+pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Changes the log filter on reload.
+pub type LogReload = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("state directory {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error("installing signal handlers: {0}")]
+    Signals(std::io::Error),
+    #[error("shutdown deadline passed with tasks still running: {0}")]
+    Hung(String),
+}
+
+impl ServiceError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ServiceError::Config(_) => config::EXIT_CONFIG,
+            _ => 1,
+        }
+    }
+}
+
+struct Daemon {
+    config: Config,
+    store: Store,
+    registry: Arc<Mutex<Registry>>,
+    pipelines: Vec<pipeline::Running>,
+    pools_tx: watch::Sender<Vec<ModelPool>>,
+    cancel: CancellationToken,
+}
+
+/// Run the daemon until SIGTERM or SIGINT.
+pub async fn run(
+    config_path: &Path,
+    config: Config,
+    log_reload: LogReload,
+) -> Result<(), ServiceError> {
+    let mut hup = signal(SignalKind::hangup()).map_err(ServiceError::Signals)?;
+    let mut term = signal(SignalKind::terminate()).map_err(ServiceError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(ServiceError::Signals)?;
+
+    status("opening the store");
+    std::fs::create_dir_all(&config.state_dir).map_err(|source| ServiceError::StateDir {
+        path: config.state_dir.clone(),
+        source,
+    })?;
+    registry::clean_temp(&config.state_dir);
+    let db = config.state_dir.join("tern.db");
+    let store = tokio::task::spawn_blocking(move || Store::open(&db))
+        .await
+        .expect("store open panicked")?;
+
+    status("loading models");
+    let mut reg = Registry::new(store.clone(), &config.state_dir);
+    for e in reg.start(&pool_configs(&config)).await {
+        tracing::error!(error = %e, "at start");
+    }
+    let (pools_tx, pools_rx) = watch::channel(Vec::new());
+    let cancel = CancellationToken::new();
+    let mut daemon = Daemon {
+        config: config.clone(),
+        store,
+        registry: Arc::new(Mutex::new(reg)),
+        pipelines: Vec::new(),
+        pools_tx,
+        cancel: cancel.clone(),
+    };
+    let problems = daemon.apply(config).await;
+    let summary = daemon.summary(problems);
+    tracing::info!(status = %summary, "ready");
+    notify(&[NotifyState::Ready, NotifyState::Status(&summary)]);
+
+    let watchdog = tokio::spawn(watchdog(pools_rx, cancel.clone()));
+
+    loop {
+        tokio::select! {
+            _ = hup.recv() => daemon.reload(config_path, &log_reload).await,
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    tracing::info!("stopping");
+    notify(&[
+        NotifyState::Stopping,
+        NotifyState::Status("stopping: draining pipelines"),
+    ]);
+    let result = daemon.stop_pipelines().await;
+    cancel.cancel();
+    let _ = watchdog.await;
+    result.map_err(ServiceError::Hung)
+}
+
+impl Daemon {
+    /// Bring running state in line with `config`: models first, then pipelines. Returns the
+    /// problems met; none of them stops the daemon.
+    async fn apply(&mut self, config: Config) -> Vec<String> {
+        let mut problems: Vec<String> = Vec::new();
+        {
+            let mut reg = self.registry.lock().await;
+            problems.extend(
+                reg.apply(&config.models)
+                    .await
+                    .into_iter()
+                    .map(|e| e.to_string()),
+            );
+        }
+        if let Err(e) = self.stop_pipelines().await {
+            problems.push(e);
+        }
+        let reg = self.registry.lock().await;
+        for p in &config.pipelines {
+            let feed = config
+                .feeds
+                .iter()
+                .find(|f| f.name() == p.feed)
+                .expect("validated");
+            match reg.pool(&p.model) {
+                Some(pool) => {
+                    let run = pipeline::spawn(
+                        p,
+                        feed,
+                        pool,
+                        self.store.clone(),
+                        self.cancel.child_token(),
+                    );
+                    self.pipelines.push(run);
+                }
+                None => {
+                    let msg = format!(
+                        "pipeline `{}` not started: model `{}` has no active version",
+                        p.name, p.model
+                    );
+                    tracing::error!("{msg}");
+                    problems.push(msg);
+                }
+            }
+        }
+        let pools: Vec<ModelPool> = reg.pools().cloned().collect();
+        drop(reg);
+        self.pools_tx.send_replace(pools);
+        self.config = config;
+        problems
+    }
+
+    async fn reload(&mut self, path: &Path, log_reload: &LogReload) {
+        notify(&[
+            NotifyState::Reloading,
+            NotifyState::monotonic_usec_now().unwrap_or(NotifyState::Status("reloading")),
+        ]);
+        tracing::info!(config = %path.display(), "reloading");
+        let loaded = {
+            let path = path.to_path_buf();
+            tokio::task::spawn_blocking(move || config::load(&path))
+                .await
+                .expect("config load panicked")
+        };
+        let summary = match loaded {
+            Err(e) => {
+                tracing::error!("new configuration refused, keeping the running one: {e}");
+                format!(
+                    "reload refused: {}",
+                    e.0.first().map(|p| p.to_string()).unwrap_or_default()
+                )
+            }
+            Ok(mut new) => {
+                if new.state_dir != self.config.state_dir {
+                    tracing::warn!(
+                        running = %self.config.state_dir.display(),
+                        new = %new.state_dir.display(),
+                        "state_dir changes need a restart; keeping the running one"
+                    );
+                    new.state_dir = self.config.state_dir.clone();
+                }
+                if let Err(e) = log_reload(&new.log_level) {
+                    tracing::warn!(error = %e, "log level not changed");
+                }
+                let problems = self.apply(new).await;
+                self.summary(problems)
+            }
+        };
+        tracing::info!(status = %summary, "reloaded");
+        notify(&[NotifyState::Ready, NotifyState::Status(&summary)]);
+    }
+
+    /// Stop every pipeline: feeds first, then let each pipeline drain what is queued.
+    async fn stop_pipelines(&mut self) -> Result<(), String> {
+        let running = std::mem::take(&mut self.pipelines);
+        for p in &running {
+            p.cancel.cancel();
+        }
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_DEADLINE;
+        let mut hung = Vec::new();
+        for p in running {
+            let feed_done = tokio::time::timeout_at(deadline, p.feed_task).await.is_ok();
+            let task_done = tokio::time::timeout_at(deadline, p.task).await.is_ok();
+            if !(feed_done && task_done) {
+                hung.push(format!("pipeline `{}`", p.name));
+            }
+        }
+        if hung.is_empty() {
+            Ok(())
+        } else {
+            Err(hung.join(", "))
+        }
+    }
+
+    fn summary(&self, problems: Vec<String>) -> String {
+        let models = self.pools_tx.borrow().len();
+        let mut s = format!(
+            "ready: {models} model(s) active, {} pipeline(s) running",
+            self.pipelines.len()
+        );
+        if !problems.is_empty() {
+            s += &format!("; degraded: {}", problems.join("; "));
+        }
+        s
+    }
+}
+
+fn pool_configs(c: &Config) -> HashMap<String, PoolConfig> {
+    c.models.iter().map(|m| (m.name.clone(), m.pool)).collect()
+}
+
+/// Feed the systemd watchdog at half its period, but only while no inference worker has been
+/// stuck in one job for a whole period: a hung engine must get the service restarted.
+async fn watchdog(pools: watch::Receiver<Vec<ModelPool>>, cancel: CancellationToken) {
+    let mut usec = 0;
+    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
+        return;
+    }
+    let period = Duration::from_micros(usec);
+    let mut tick = tokio::time::interval(period / 2);
+    let mut was_healthy = true;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let stuck: Vec<String> = pools
+            .borrow()
+            .iter()
+            .filter(|p| !p.healthy(period))
+            .map(|p| p.name().to_string())
+            .collect();
+        if stuck.is_empty() {
+            notify(&[NotifyState::Watchdog]);
+            if !was_healthy {
+                tracing::info!("inference workers answer again; watchdog resumed");
+            }
+            was_healthy = true;
+        } else if was_healthy {
+            tracing::error!(models = ?stuck, "an inference has hung; withholding the watchdog ping");
+            was_healthy = false;
+        }
+    }
+}
+
+fn status(s: &str) {
+    notify(&[NotifyState::Status(s)]);
+}
+
+fn notify(states: &[NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(false, states) {
+        tracing::warn!(error = %e, "sd_notify failed");
+    }
+}

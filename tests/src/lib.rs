@@ -1,0 +1,243 @@
+//! Helpers for tern's end-to-end tests: build and spawn the real binaries, listen on a
+//! `NOTIFY_SOCKET` like systemd does, wait on events with deadlines, and print everything
+//! useful when something fails.
+
+use std::io::Read;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub use anyhow::{Context, Result, anyhow, bail, ensure};
+
+/// The workspace root (this crate lives in `<root>/tests`).
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// A shipped model package.
+pub fn package(name: &str) -> PathBuf {
+    root().join("firmware-updates/models").join(name)
+}
+
+/// Path to a workspace binary, built (once per test process) with the same profile as the
+/// tests, so a test never runs a stale binary.
+pub fn bin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--quiet", "-p", "ternd", "--bins"])
+            .current_dir(root())
+            .status()
+            .expect("running cargo build");
+        assert!(status.success(), "cargo build -p ternd failed");
+    });
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"));
+    target.join("debug").join(name)
+}
+
+/// A program a test needs from the system. Missing: SKIPPED loudly, or a failure under
+/// `TERN_TEST_STRICT=1` (which CI sets).
+pub fn need(program: &str) -> bool {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
+        .unwrap_or(false);
+    if !found {
+        if std::env::var("TERN_TEST_STRICT").as_deref() == Ok("1") {
+            panic!("{program} is required (TERN_TEST_STRICT=1) but not on PATH");
+        }
+        eprintln!("\n*** SKIPPED: {program} not found on PATH ***\n");
+    }
+    found
+}
+
+/// Poll `f` until it returns `Some`, failing after `timeout` with `what` in the message.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A datagram socket standing in for systemd's notification socket.
+pub struct NotifySocket {
+    sock: UnixDatagram,
+    pub path: PathBuf,
+    /// Every message received so far, in order.
+    pub messages: Vec<String>,
+}
+
+impl NotifySocket {
+    pub fn new(dir: &Path) -> Result<NotifySocket> {
+        let path = dir.join("notify.sock");
+        let sock = UnixDatagram::bind(&path)?;
+        Ok(NotifySocket {
+            sock,
+            path,
+            messages: Vec::new(),
+        })
+    }
+
+    /// Receive until a message contains `needle` (as a whole `KEY=VALUE` line), or fail at
+    /// the deadline. Returns that message.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                bail!(
+                    "no `{needle}` on NOTIFY_SOCKET within {timeout:?}; got {:?}",
+                    self.messages
+                );
+            }
+            self.sock.set_read_timeout(Some(left))?;
+            match self.sock.recv(&mut buf) {
+                Ok(n) => {
+                    let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+                    self.messages.push(msg.clone());
+                    if msg.lines().any(|l| l == needle || l.starts_with(needle)) {
+                        return Ok(msg);
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+/// A running `ternd`, killed on drop; its stderr is kept in a file and printed on failure.
+pub struct Daemon {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn spawn(config: &Path, notify: Option<&Path>, envs: &[(&str, &str)]) -> Result<Daemon> {
+        let log = config.with_extension(format!("{}.log", unique()));
+        let stderr = std::fs::File::create(&log)?;
+        let mut cmd = Command::new(bin("ternd"));
+        cmd.args(["run", "--config"])
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(stderr);
+        cmd.env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("RUST_LOG");
+        if let Some(n) = notify {
+            cmd.env("NOTIFY_SOCKET", n);
+        }
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().context("spawning ternd")?;
+        Ok(Daemon { child, log })
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: &str) -> Result<()> {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()?
+            .success();
+        ensure!(ok, "kill -{sig} failed");
+        Ok(())
+    }
+
+    /// Wait for exit within `timeout`.
+    pub fn wait(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let child = &mut self.child;
+        wait_for("ternd to exit", timeout, || child.try_wait().ok().flatten())
+    }
+
+    pub fn stderr(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "---- ternd stderr ({}) ----\n{}",
+                self.log.display(),
+                self.stderr()
+            );
+        }
+    }
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Run `ternd` with arguments to completion; returns (status, stdout, stderr).
+pub fn ternd(args: &[&str]) -> Result<(ExitStatus, String, String)> {
+    let out = Command::new(bin("ternd")).args(args).output()?;
+    Ok((
+        out.status,
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    ))
+}
+
+/// Copy a directory tree (test fixtures are small).
+pub fn copy_dir(src: &Path, dst: &Path) -> Result<()> {
+    std::fs::create_dir_all(dst)?;
+    for e in std::fs::read_dir(src)? {
+        let e = e?;
+        let to = dst.join(e.file_name());
+        if e.file_type()?.is_dir() {
+            copy_dir(&e.path(), &to)?;
+        } else {
+            std::fs::copy(e.path(), &to)?;
+        }
+    }
+    Ok(())
+}
+
+/// Open the daemon's database read-only (it runs in WAL mode, so this never blocks it).
+pub fn db(state_dir: &Path) -> Result<rusqlite::Connection> {
+    let c = rusqlite::Connection::open_with_flags(
+        state_dir.join("tern.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )?;
+    c.busy_timeout(Duration::from_secs(5))?;
+    Ok(c)
+}
+
+/// Count rows of a query returning one integer; `None` if the database is not there yet.
+pub fn count(state_dir: &Path, sql: &str) -> Option<i64> {
+    db(state_dir).ok()?.query_row(sql, [], |r| r.get(0)).ok()
+}

@@ -1,0 +1,111 @@
+//! `ternd check-config` names what is wrong, by key and line, and exits 64.
+
+use std::path::Path;
+
+use tern_tests::*;
+
+fn check(dir: &Path, text: &str) -> (i32, String, String) {
+    let p = dir.join("ternd.toml");
+    std::fs::write(&p, text).unwrap();
+    let (status, out, err) = ternd(&["check-config", "--config", p.to_str().unwrap()]).unwrap();
+    (status.code().unwrap_or(-1), out, err)
+}
+
+fn base(dir: &Path) -> String {
+    std::fs::create_dir_all(dir.join("inbox")).unwrap();
+    format!(
+        "state_dir = \"state\"\n\n[[models]]\npackage = \"{}\"\n\n[[feeds]]\nkind = \"directory\"\nname = \"in\"\npath = \"inbox\"\n\n[[pipelines]]\nname = \"p\"\nfeed = \"in\"\nmodel = \"digits-mlp-f32\"\n",
+        package("digits-mlp-f32").display()
+    )
+}
+
+#[test]
+fn good_config_passes_and_demo_config_passes() {
+    let d = tempfile::tempdir().unwrap();
+    let (code, out, err) = check(d.path(), &base(d.path()));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("1 model(s), 1 feed(s), 1 pipeline(s)"),
+        "{out}"
+    );
+    let demo = root().join("configs/demo.toml");
+    let (status, out, err) = ternd(&["check-config", "--config", demo.to_str().unwrap()]).unwrap();
+    assert!(status.success(), "demo.toml: {out}{err}");
+}
+
+#[test]
+fn unknown_key_is_named_with_its_line() {
+    let d = tempfile::tempdir().unwrap();
+    let text = base(d.path()).replace("[[pipelines]]\n", "[[pipelines]]\nmodle = \"x\"\n");
+    let (code, _, err) = check(d.path(), &text);
+    assert_eq!(code, 64, "{err}");
+    assert!(
+        err.contains("ternd.toml:14:") && err.contains("modle"),
+        "{err}"
+    );
+}
+
+#[test]
+fn wrong_type_is_named_by_key() {
+    let d = tempfile::tempdir().unwrap();
+    let text = format!("[engine]\nworkers = \"four\"\n{}", base(d.path()));
+    let (code, _, err) = check(d.path(), &text);
+    assert_eq!(code, 64, "{err}");
+    assert!(
+        err.contains("ternd.toml:2:") && err.contains("engine.workers"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_model_and_missing_dir_are_both_reported() {
+    let d = tempfile::tempdir().unwrap();
+    let text = base(d.path())
+        .replace("model = \"digits-mlp-f32\"", "model = \"digits-nope\"")
+        .replace("path = \"inbox\"", "path = \"no-such-dir\"");
+    let (code, _, err) = check(d.path(), &text);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("2 configuration problems"), "{err}");
+    assert!(
+        err.contains("feeds[0].path") && err.contains("no-such-dir"),
+        "{err}"
+    );
+    assert!(
+        err.contains("ternd.toml:16: pipelines[0].model") && err.contains("digits-nope"),
+        "{err}"
+    );
+    assert!(err.contains("configured: digits-mlp-f32"), "{err}");
+}
+
+#[test]
+fn broken_package_in_config_is_named() {
+    let d = tempfile::tempdir().unwrap();
+    let pkg = d.path().join("pkg");
+    copy_dir(&package("digits-mlp-f32"), &pkg).unwrap();
+    let manifest = std::fs::read_to_string(pkg.join("tern-model.toml")).unwrap();
+    std::fs::write(
+        pkg.join("tern-model.toml"),
+        manifest.replace("layout =", "lay_out ="),
+    )
+    .unwrap();
+    let text = base(d.path()).replace(
+        &package("digits-mlp-f32").display().to_string(),
+        pkg.to_str().unwrap(),
+    );
+    let (code, _, err) = check(d.path(), &text);
+    assert_eq!(code, 64, "{err}");
+    assert!(
+        err.contains("models[0].package") && err.contains("lay_out"),
+        "{err}"
+    );
+}
+
+#[test]
+fn run_refuses_a_bad_config_with_64() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("ternd.toml");
+    std::fs::write(&p, "stat_dir = \"x\"\n").unwrap();
+    let (status, _, err) = ternd(&["run", "--config", p.to_str().unwrap()]).unwrap();
+    assert_eq!(status.code(), Some(64), "{err}");
+    assert!(err.contains("stat_dir"), "{err}");
+}

@@ -1,0 +1,5 @@
+//! End-to-end tests: the real `ternd` binary, real model packages, real files and signals.
+
+mod check_config;
+mod daemon;
+mod infer;
