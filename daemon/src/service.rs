@@ -263,11 +263,9 @@ fn pool_configs(c: &Config) -> HashMap<String, PoolConfig> {
 /// Feed the systemd watchdog at half its period, but only while no inference worker has been
 /// stuck in one job for a whole period: a hung engine must get the service restarted.
 async fn watchdog(pools: watch::Receiver<Vec<ModelPool>>, cancel: CancellationToken) {
-    let mut usec = 0;
-    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
+    let Some(period) = watchdog_period() else {
         return;
-    }
-    let period = Duration::from_micros(usec);
+    };
     let mut tick = tokio::time::interval(period / 2);
     let mut was_healthy = true;
     loop {
@@ -292,6 +290,18 @@ async fn watchdog(pools: watch::Receiver<Vec<ModelPool>>, cancel: CancellationTo
             was_healthy = false;
         }
     }
+}
+
+/// The watchdog period systemd asks for, as `sd_watchdog_enabled(3)` reads it: `WATCHDOG_USEC`,
+/// unless `WATCHDOG_PID` is set and names another process.
+fn watchdog_period() -> Option<Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
+        if pid.parse::<u32>().ok()? != std::process::id() {
+            return None;
+        }
+    }
+    (usec > 0).then(|| Duration::from_micros(usec))
 }
 
 fn status(s: &str) {
