@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use tracing_subscriber::{EnvFilter, layer::SubscriberExt, reload, util::SubscriberInitExt};
 
 use ternd::config::{self, EXIT_CONFIG};
-use ternd::engine::{EngineError, Input, Model};
+use ternd::engine::{Input, Model};
 
 /// Exit code for a model that was refused or an input that could not be used (EX_DATAERR).
 const EXIT_DATA: u8 = 65;
@@ -152,7 +152,6 @@ fn infer(model: &Path, input: &Path, json: bool, threads: usize) -> ExitCode {
         Input::from_file(input, config::DEFAULT_MAX_FILE_BYTES).and_then(|i| model.infer(&i));
     let pred = match result {
         Ok(p) => p,
-        Err(e @ EngineError::Input { .. }) => return fail(&e),
         Err(e) => return fail(&e),
     };
     if json {

@@ -222,13 +222,13 @@ impl Registry {
                     tracing::error!(model = %m.name, error = %e, "model not activated");
                     problems.push(e);
                 }
-            } else if let Some(pool) = self.pools.get(&m.name) {
-                if pool.config() != m.pool {
-                    // Worker count and queue are fixed per pool: start a new pool on the
-                    // same model; the old one finishes its queue and ends.
-                    let pool = ModelPool::spawn(pool.active(), m.pool);
-                    self.pools.insert(m.name.clone(), pool);
-                }
+            } else if let Some(pool) = self.pools.get(&m.name)
+                && pool.config() != m.pool
+            {
+                // Worker count and queue are fixed per pool: start a new pool on the same
+                // model; the old one finishes its queue and ends.
+                let pool = ModelPool::spawn(pool.active(), m.pool);
+                self.pools.insert(m.name.clone(), pool);
             }
         }
         problems

@@ -248,19 +248,23 @@ fn prepare_image(m: &Manifest, img: DynamicImage) -> Result<Prepared, EngineErro
     let inv_std: Vec<f32> = (0..c)
         .map(|ch| 1.0 / per_channel(&pre.std, ch, 1.0))
         .collect();
+    // Fold scale, mean and std into one multiply-add per value.
+    let mul: Vec<f32> = (0..c).map(|ch| pre.scale * inv_std[ch]).collect();
+    let add: Vec<f32> = (0..c).map(|ch| -mean[ch] * inv_std[ch]).collect();
     let mut data = vec![0f32; h * w * c];
     match m.input.layout {
         Layout::Nhwc | Layout::Nc => {
-            for (i, (d, p)) in data.iter_mut().zip(&pixels).enumerate() {
-                let ch = i % c;
-                *d = (*p as f32 * pre.scale - mean[ch]) * inv_std[ch];
+            for (d, p) in data.chunks_exact_mut(c).zip(pixels.chunks_exact(c)) {
+                for ch in 0..c {
+                    d[ch] = p[ch] as f32 * mul[ch] + add[ch];
+                }
             }
         }
         Layout::Nchw => {
-            let plane = h * w;
-            for (i, p) in pixels.iter().enumerate() {
-                let (px, ch) = (i / c, i % c);
-                data[ch * plane + px] = (*p as f32 * pre.scale - mean[ch]) * inv_std[ch];
+            for (ch, plane) in data.chunks_exact_mut(h * w).enumerate() {
+                for (d, p) in plane.iter_mut().zip(pixels.iter().skip(ch).step_by(c)) {
+                    *d = *p as f32 * mul[ch] + add[ch];
+                }
             }
         }
     }

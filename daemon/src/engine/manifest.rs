@@ -237,25 +237,25 @@ impl Manifest {
                 return Err("preprocess.std: values must be finite and non-zero".into());
             }
             let (h, w) = self.image_size().ok_or("input.shape")?;
-            if let Some([rw, rh]) = pre.resize {
-                if rw as usize != w || rh as usize != h {
-                    return Err(format!(
-                        "preprocess.resize: [{rw}, {rh}] does not match the input's {w}x{h}"
-                    ));
-                }
+            if let Some([rw, rh]) = pre.resize
+                && (rw as usize != w || rh as usize != h)
+            {
+                return Err(format!(
+                    "preprocess.resize: [{rw}, {rh}] does not match the input's {w}x{h}"
+                ));
             }
             let expected_c = match self.input.layout {
                 Layout::Nchw => self.fixed(1),
                 Layout::Nhwc => self.fixed(3),
                 Layout::Nc => None,
             };
-            if let Some(ec) = expected_c {
-                if ec != c {
-                    return Err(format!(
-                        "preprocess.color: `{:?}` gives {c} channel(s) but input.shape has {ec}",
-                        pre.color
-                    ));
-                }
+            if let Some(ec) = expected_c
+                && ec != c
+            {
+                return Err(format!(
+                    "preprocess.color: `{:?}` gives {c} channel(s) but input.shape has {ec}",
+                    pre.color
+                ));
             }
         }
         if !(self.selftest.tolerance.is_finite() && self.selftest.tolerance >= 0.0) {

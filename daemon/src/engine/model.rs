@@ -191,7 +191,7 @@ impl Model {
             let (in_shape, in_data) = read(&g.input)?;
             let (out_shape, want) = read(&g.output)?;
             let got = self
-                .run(&Prepared {
+                .run(Prepared {
                     shape: in_shape,
                     data: in_data,
                 })
@@ -228,13 +228,14 @@ impl Model {
     }
 
     /// Run a prepared tensor and return the selected output, flattened.
-    pub fn run(&self, p: &Prepared) -> Result<Vec<f32>, EngineError> {
+    pub fn run(&self, p: Prepared) -> Result<Vec<f32>, EngineError> {
         let run_err = |message: String| EngineError::Run {
             model: self.manifest.name.clone(),
             message,
         };
-        let tensor = tract_ndarray::ArrayD::from_shape_vec(p.shape.clone(), p.data.clone())
-            .map_err(|e| run_err(format!("shape {:?}: {e}", p.shape)))?;
+        let shape = p.shape.clone();
+        let tensor = tract_ndarray::ArrayD::from_shape_vec(p.shape, p.data)
+            .map_err(|e| run_err(format!("shape {shape:?}: {e}")))?;
         let out = self
             .runnable
             .run(tvec!(Tensor::from(tensor).into()))
@@ -252,7 +253,7 @@ impl Model {
     pub fn infer(&self, input: &Input) -> Result<Prediction, EngineError> {
         let start = Instant::now();
         let prepared = input.prepare(&self.manifest)?;
-        let out = self.run(&prepared)?;
+        let out = self.run(prepared)?;
         let top = self.postprocess(out);
         Ok(Prediction {
             model: self.manifest.name.clone(),

@@ -57,10 +57,10 @@ impl FileDone {
 
     /// After the commit: delete the file if the feed is configured to.
     pub fn finish(&self) {
-        if self.on_done == OnDone::Delete {
-            if let Err(e) = std::fs::remove_file(&self.path) {
-                tracing::warn!(path = %self.path.display(), error = %e, "could not delete a done file");
-            }
+        if self.on_done == OnDone::Delete
+            && let Err(e) = std::fs::remove_file(&self.path)
+        {
+            tracing::warn!(path = %self.path.display(), error = %e, "could not delete a done file");
         }
     }
 }

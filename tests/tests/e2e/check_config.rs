@@ -114,3 +114,28 @@ fn run_refuses_a_bad_config_with_64() {
     assert_eq!(status.code(), Some(64), "{err}");
     assert!(err.contains("stat_dir"), "{err}");
 }
+
+#[test]
+fn the_commented_production_example_stays_valid() {
+    // Point its absolute paths at this checkout so every key of the example is checked
+    // against the schema the daemon really uses.
+    let d = tempfile::tempdir().unwrap();
+    std::fs::create_dir(d.path().join("inbox")).unwrap();
+    let text = std::fs::read_to_string(root().join("configs/ternd.toml"))
+        .unwrap()
+        .replace(
+            "/usr/share/tern/models",
+            root().join("firmware-updates/models").to_str().unwrap(),
+        )
+        .replace(
+            "/var/lib/tern/inbox",
+            d.path().join("inbox").to_str().unwrap(),
+        )
+        .replace("/var/lib/tern", d.path().join("state").to_str().unwrap());
+    let (code, out, err) = check(d.path(), &text);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("2 model(s), 1 feed(s), 1 pipeline(s)"),
+        "{out}"
+    );
+}
