@@ -247,8 +247,9 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
             }]));
         }
     };
-    let base = path.parent().unwrap_or(Path::new("."));
-    validate(raw, base, &sources)
+    let base = std::path::absolute(path.parent().unwrap_or(Path::new(".")))
+        .unwrap_or_else(|_| path.parent().unwrap_or(Path::new(".")).to_path_buf());
+    validate(raw, &base, &sources)
 }
 
 fn read_sources(path: &Path) -> Result<Vec<Source>, ConfigError> {
@@ -298,7 +299,35 @@ fn parse_one(src: &Source) -> Result<toml::Table, Problem> {
         let key = display_path(e.path());
         return Err(to_problem(e.into_inner(), key));
     }
-    toml::from_str(&src.text).map_err(|e| to_problem(e, String::new()))
+    let mut table: toml::Table =
+        toml::from_str(&src.text).map_err(|e| to_problem(e, String::new()))?;
+    anchor_paths(&mut table, src.path.parent().unwrap_or(Path::new(".")));
+    Ok(table)
+}
+
+/// Make the relative paths of one file relative to that file's directory, before merging
+/// loses track of which file a value came from.
+fn anchor_paths(table: &mut toml::Table, dir: &Path) {
+    let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let anchor = |v: &mut toml::Value| {
+        if let toml::Value::String(s) = v
+            && Path::new(s.as_str()).is_relative()
+        {
+            *s = dir.join(s.as_str()).to_string_lossy().to_string();
+        }
+    };
+    if let Some(v) = table.get_mut("state_dir") {
+        anchor(v);
+    }
+    for (array, key) in [("models", "package"), ("feeds", "path")] {
+        if let Some(toml::Value::Array(items)) = table.get_mut(array) {
+            for item in items {
+                if let Some(v) = item.get_mut(key) {
+                    anchor(v);
+                }
+            }
+        }
+    }
 }
 
 fn display_path(path: &serde_path_to_error::Path) -> String {
@@ -308,9 +337,9 @@ fn display_path(path: &serde_path_to_error::Path) -> String {
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())]
-        .bytes()
-        .filter(|b| *b == b'\n')
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|b| **b == b'\n')
         .count()
         + 1
 }
@@ -554,6 +583,19 @@ fn validate(raw: RawConfig, base: &Path, sources: &[Source]) -> Result<Config, C
             feed: p.feed.clone(),
             model: p.model.clone(),
         });
+    }
+
+    for (i, f) in feeds.iter().enumerate() {
+        let FeedConfig::Directory { name, on_done, .. } = f;
+        let users = pipelines.iter().filter(|p| &p.feed == name).count();
+        if *on_done == OnDone::Delete && users > 1 {
+            report(
+                format!("feeds[{i}].on_done"),
+                format!(
+                    "feed `{name}` deletes done files but {users} pipelines read it; use \"keep\""
+                ),
+            );
+        }
     }
 
     if problems.is_empty() {

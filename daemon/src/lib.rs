@@ -11,3 +11,18 @@ pub mod store;
 
 /// ternd's version, as reported by `ternd version`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Crash-point injection for the kill -9 tests: when `TERN_CRASH_AT` names this point, the
+/// process aborts here, as a power cut at exactly this instant would stop it. Unset (always,
+/// outside tests) it costs one cached environment lookup.
+pub fn crash_point(name: &str) {
+    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    if AT
+        .get_or_init(|| std::env::var("TERN_CRASH_AT").ok())
+        .as_deref()
+        == Some(name)
+    {
+        eprintln!("ternd: TERN_CRASH_AT={name}: aborting here");
+        std::process::abort();
+    }
+}

@@ -24,6 +24,8 @@ use crate::store::Store;
 
 /// Samples waiting between a feed and its pipeline.
 const SAMPLE_QUEUE: usize = 8;
+const FEED_RETRY_MIN: std::time::Duration = std::time::Duration::from_secs(1);
+const FEED_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(60);
 
 #[derive(Debug, Default)]
 pub struct PipelineStats {
@@ -68,8 +70,25 @@ pub fn spawn(
             };
             let (store, cancel, name) = (store.clone(), cancel.clone(), cfg.name.clone());
             tokio::spawn(async move {
-                if let Err(e) = dir.run(store, tx, cancel).await {
-                    tracing::error!(pipeline = %name, error = %e, "feed stopped");
+                // A feed that fails (directory removed, watch limit reached) is retried with
+                // back-off; only cancellation or a closed pipeline ends it.
+                let mut delay = FEED_RETRY_MIN;
+                loop {
+                    match dir
+                        .clone()
+                        .run(store.clone(), tx.clone(), cancel.clone())
+                        .await
+                    {
+                        Ok(()) => return,
+                        Err(e) => {
+                            tracing::error!(pipeline = %name, error = %e, retry_in = ?delay, "feed failed")
+                        }
+                    }
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(FEED_RETRY_MAX);
                 }
             })
         }
@@ -113,14 +132,22 @@ async fn serve(
                 stats.results.fetch_add(1, Ordering::Relaxed);
                 Some(pred.clone())
             }
-            // The daemon is stopping: leave the sample undone so it is retried at start.
-            Err(EngineError::Stopped { .. }) => continue,
-            Err(e) => {
-                tracing::warn!(pipeline = %name, source = %sample.source, error = %e, "sample refused");
+            // The input itself is bad (not an image, wrong shape, too large): it will not get
+            // better, so it is recorded as done, but kept on disk for someone to look at.
+            Err(e @ EngineError::Input { .. }) => {
+                tracing::warn!(pipeline = %name, source = %sample.source, error = %e, "sample refused; left in place");
                 stats.errors.fetch_add(1, Ordering::Relaxed);
                 None
             }
+            // The engine failed or is stopping: leave the sample undone so that it is tried
+            // again after a restart, never lost.
+            Err(e) => {
+                tracing::error!(pipeline = %name, source = %sample.source, error = %e, "sample not processed");
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
         };
+        let delete_ok = outcome.is_some();
         let (pname, source, ts) = (name.clone(), sample.source.clone(), sample.ts_ms);
         let record = done.clone();
         let stored = store
@@ -136,9 +163,10 @@ async fn serve(
                 Ok(())
             })
             .await;
+        crate::crash_point("result:committed");
         match stored {
             Ok(()) => {
-                if let Some(d) = done {
+                if let Some(d) = done.filter(|_| delete_ok) {
                     d.finish();
                 }
             }

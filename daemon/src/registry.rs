@@ -11,7 +11,6 @@
 //! requests already queued keep the version they took (see `engine::pool`).
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -79,6 +78,9 @@ pub struct Installed {
     pub version: semver::Version,
     /// False if the identical version was already installed.
     pub new: bool,
+    /// True if this version was active at some point (it may since have been replaced by an
+    /// operator's rollback or an update, which a restart must not undo).
+    pub ever_activated: bool,
 }
 
 /// Owner of installed versions and of the running pool per model. Callers serialise access
@@ -161,7 +163,13 @@ impl Registry {
         let (n, v, r) = (name.to_string(), version.to_string(), reason.to_string());
         match previous {
             Some(prev) => {
-                let model = load(prev.path.clone(), cfg).await?;
+                let model = match load(prev.path.clone(), cfg).await {
+                    Ok(m) => m,
+                    Err(e) => {
+                        self.mark_failed(name, version, reason).await?;
+                        return Err(e.into());
+                    }
+                };
                 let p = prev.version.clone();
                 self.store
                     .call(move |c| {
@@ -182,23 +190,32 @@ impl Registry {
                 self.pools
                     .insert(name.to_string(), ModelPool::spawn(model, cfg));
             }
-            None => {
-                self.store
-                    .call(move |c| {
-                        c.execute(
-                            "UPDATE model_versions SET state = 'failed', failure = ?3 WHERE name = ?1 AND version = ?2",
-                            params![n, v, r],
-                        )?;
-                        Ok(())
-                    })
-                    .await?;
-            }
+            None => self.mark_failed(name, version, reason).await?,
         }
         Ok(())
     }
 
+    async fn mark_failed(
+        &self,
+        name: &str,
+        version: &str,
+        reason: &str,
+    ) -> Result<(), RegistryError> {
+        let (n, v, r) = (name.to_string(), version.to_string(), reason.to_string());
+        self.store
+            .call(move |c| {
+                c.execute(
+                    "UPDATE model_versions SET state = 'failed', failure = ?3 WHERE name = ?1 AND version = ?2",
+                    params![n, v, r],
+                )?;
+                Ok(())
+            })
+            .await?;
+        Ok(())
+    }
+
     /// Bring the registry in line with the configured models: install each package if new,
-    /// and activate it if the model has no active version or the package was just installed.
+    /// and activate it if the model has no active version or this version was never active.
     /// A version activated later by an operator (rollback, update) is left active across
     /// restarts as long as the configured package does not change.
     pub async fn apply(&mut self, models: &[ModelConfig]) -> Vec<RegistryError> {
@@ -213,9 +230,12 @@ impl Registry {
                 }
             };
             let active = self.pools.get(&m.name).map(|p| p.active());
+            // A configured version that was never active is one the operator has just put in
+            // the config (or one whose activation a crash interrupted): activate it. One that
+            // has been active and was replaced since stays replaced.
             let needs = match &active {
                 None => true,
-                Some(a) => installed.new && a.version() != &installed.version,
+                Some(a) => !installed.ever_activated && a.version() != &installed.version,
             };
             if needs {
                 if let Err(e) = self.activate(&m.name, &installed.version, m.pool).await {
@@ -248,61 +268,74 @@ impl Registry {
             }
         })
         .await
-        .expect("install task panicked")?;
+        .map_err(|e| RegistryError::Package {
+            path: package.clone(),
+            message: format!("verification failed: {e}"),
+        })??;
         let (name, version) = (manifest.name.clone(), manifest.version.to_string());
-        let existing: Option<String> = {
-            let (n, v) = (name.clone(), version.clone());
-            self.store
-                .call(move |c| {
-                    Ok(c.query_row(
-                        "SELECT sha256 FROM model_versions WHERE name = ?1 AND version = ?2",
-                        params![n, v],
-                        |r| r.get(0),
-                    )
-                    .optional()?)
-                })
-                .await?
+        let existing = self.row(&name, &version).await?;
+        let dest = match &existing {
+            Some(row) if row.sha256 != digest => {
+                return Err(RegistryError::Conflict { name, version });
+            }
+            Some(row) => row.path.clone(),
+            None => models_dir.join(&name).join(&version),
         };
-        match existing {
-            Some(d) if d == digest => {
+        if let Some(row) = &existing {
+            // Recorded already. Make sure the copy is still whole (power lost before its
+            // directory entries reached the disk, or the flash rotted) and recopy it if not.
+            let path = row.path.clone();
+            let intact = tokio::task::spawn_blocking(move || package_digest(&path).ok())
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|d| d == digest);
+            if intact {
                 return Ok(Installed {
                     name,
                     version: manifest.version,
                     new: false,
+                    ever_activated: row.activated_at.is_some(),
                 });
             }
-            Some(_) => return Err(RegistryError::Conflict { name, version }),
-            None => {}
+            tracing::warn!(model = %name, %version, path = %row.path.display(), "installed copy is missing or damaged; copying it again");
         }
-        let dest = models_dir.join(&name).join(&version);
         tokio::task::spawn_blocking({
             let dest = dest.clone();
             move || copy_package(&package, &dest)
         })
         .await
-        .expect("copy task panicked")?;
-        let row = (
-            name.clone(),
-            version.clone(),
-            dest.display().to_string(),
-            digest,
-            manifest.form.clone(),
-        );
-        self.store
-            .call(move |c| {
-                c.execute(
-                    "INSERT INTO model_versions (name, version, state, path, sha256, form, installed_at)
-                     VALUES (?1, ?2, 'installed', ?3, ?4, ?5, ?6)",
-                    params![row.0, row.1, row.2, row.3, row.4, now_ms()],
-                )?;
-                Ok(())
-            })
-            .await?;
-        tracing::info!(model = %name, %version, path = %dest.display(), "installed");
+        .map_err(|e| RegistryError::Package {
+            path: dest.clone(),
+            message: format!("copy failed: {e}"),
+        })??;
+        crate::crash_point("install:copied");
+        if existing.is_none() {
+            let row = (
+                name.clone(),
+                version.clone(),
+                dest.display().to_string(),
+                digest,
+                manifest.form.clone(),
+            );
+            self.store
+                .call(move |c| {
+                    c.execute(
+                        "INSERT INTO model_versions (name, version, state, path, sha256, form, installed_at)
+                         VALUES (?1, ?2, 'installed', ?3, ?4, ?5, ?6)",
+                        params![row.0, row.1, row.2, row.3, row.4, now_ms()],
+                    )?;
+                    Ok(())
+                })
+                .await?;
+            tracing::info!(model = %name, %version, path = %dest.display(), "installed");
+        }
+        crate::crash_point("install:recorded");
         Ok(Installed {
             name,
             version: manifest.version,
-            new: true,
+            new: existing.is_none(),
+            ever_activated: existing.is_some_and(|r| r.activated_at.is_some()),
         })
     }
 
@@ -362,6 +395,7 @@ impl Registry {
                 Ok(())
             })
             .await?;
+        crate::crash_point("activate:committed");
         self.switch(name, model, cfg);
         tracing::info!(model = name, %version, "activated");
         Ok(())
@@ -522,16 +556,37 @@ fn package_files(root: &Path) -> Result<Vec<PathBuf>, RegistryError> {
     Ok(out)
 }
 
-/// SHA-256 over every file's relative path, length and bytes, in path order.
+/// SHA-256 over every file's relative path, length and bytes, in path order. Streams: a
+/// package's size never decides how much memory this takes.
 pub fn package_digest(root: &Path) -> Result<String, RegistryError> {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0u8; 64 * 1024];
     for rel in package_files(root)? {
         let path = root.join(&rel);
-        let bytes = std::fs::read(&path).map_err(|source| RegistryError::Io { path, source })?;
+        let io = |source| RegistryError::Io {
+            path: path.clone(),
+            source,
+        };
+        let mut f = std::fs::File::open(&path).map_err(io)?;
+        let len = f.metadata().map_err(io)?.len();
         ctx.update(rel.to_string_lossy().as_bytes());
         ctx.update(&[0]);
-        ctx.update(&(bytes.len() as u64).to_le_bytes());
-        ctx.update(&bytes);
+        ctx.update(&len.to_le_bytes());
+        let mut seen = 0u64;
+        loop {
+            let n = std::io::Read::read(&mut f, &mut buf).map_err(io)?;
+            if n == 0 {
+                break;
+            }
+            seen += n as u64;
+            ctx.update(&buf[..n]);
+        }
+        if seen != len {
+            return Err(RegistryError::Package {
+                path,
+                message: "changed while being hashed".into(),
+            });
+        }
     }
     Ok(ctx
         .finish()
@@ -550,7 +605,7 @@ fn copy_package(src: &Path, dest: &Path) -> Result<(), RegistryError> {
         let path = path.to_path_buf();
         move |source| RegistryError::Io { path, source }
     };
-    std::fs::create_dir_all(parent).map_err(io(parent))?;
+    create_dirs_durably(parent)?;
     let file_name = dest.file_name().expect("dest has a name").to_string_lossy();
     let tmp = parent.join(format!(".{file_name}.tmp-{}", std::process::id()));
     if tmp.exists() {
@@ -570,9 +625,9 @@ fn copy_package(src: &Path, dest: &Path) -> Result<(), RegistryError> {
             std::fs::create_dir_all(dir).map_err(io(dir))?;
             dirs.push(dir.to_path_buf());
         }
-        let bytes = std::fs::read(src.join(rel)).map_err(io(&src.join(rel)))?;
+        let mut from = std::fs::File::open(src.join(rel)).map_err(io(&src.join(rel)))?;
         let mut f = std::fs::File::create(&to).map_err(io(&to))?;
-        f.write_all(&bytes).map_err(io(&to))?;
+        std::io::copy(&mut from, &mut f).map_err(io(&to))?;
         f.sync_all().map_err(io(&to))?;
     }
     for d in dirs.iter().rev() {
@@ -581,6 +636,31 @@ fn copy_package(src: &Path, dest: &Path) -> Result<(), RegistryError> {
     std::fs::rename(&tmp, dest).map_err(io(dest))?;
     fsync_dir(parent)?;
     Ok(())
+}
+
+/// `create_dir_all`, but each directory it creates is fsynced into its parent, so the path
+/// still exists after a power cut.
+fn create_dirs_durably(dir: &Path) -> Result<(), RegistryError> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent() {
+        create_dirs_durably(parent)?;
+    }
+    match std::fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
+        Err(source) => {
+            return Err(RegistryError::Io {
+                path: dir.to_path_buf(),
+                source,
+            });
+        }
+    }
+    match dir.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => fsync_dir(parent),
+        _ => Ok(()),
+    }
 }
 
 fn fsync_dir(dir: &Path) -> Result<(), RegistryError> {

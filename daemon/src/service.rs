@@ -229,10 +229,16 @@ impl Daemon {
         }
         let deadline = tokio::time::Instant::now() + SHUTDOWN_DEADLINE;
         let mut hung = Vec::new();
-        for p in running {
-            let feed_done = tokio::time::timeout_at(deadline, p.feed_task).await.is_ok();
-            let task_done = tokio::time::timeout_at(deadline, p.task).await.is_ok();
+        for mut p in running {
+            let feed_done = tokio::time::timeout_at(deadline, &mut p.feed_task)
+                .await
+                .is_ok();
+            let task_done = tokio::time::timeout_at(deadline, &mut p.task).await.is_ok();
             if !(feed_done && task_done) {
+                // Abort what overran so that a reload never runs two copies of a pipeline.
+                p.feed_task.abort();
+                p.task.abort();
+                tracing::error!(pipeline = %p.name, "did not stop within {SHUTDOWN_DEADLINE:?}; aborted");
                 hung.push(format!("pipeline `{}`", p.name));
             }
         }

@@ -15,6 +15,8 @@ use super::manifest::{Color, Filter, Layout, Manifest};
 pub const MAX_IMAGE_SIDE: u32 = 8192;
 /// Largest decoder allocation for one image.
 pub const MAX_IMAGE_ALLOC: u64 = 256 * 1024 * 1024;
+/// Largest JSON tensor file; larger tensors belong in `.npy`.
+pub const MAX_JSON_BYTES: usize = 4 * 1024 * 1024;
 /// Largest number of elements in a raw tensor input.
 pub const MAX_TENSOR_ELEMENTS: usize = 64 * 1024 * 1024;
 
@@ -58,7 +60,18 @@ impl Input {
         if len > max_bytes {
             return Err(bad(format!("{len} bytes is over the limit of {max_bytes}")));
         }
-        let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+        // The file may grow after the size check: never read more than the limit.
+        let mut bytes = Vec::with_capacity(len.min(max_bytes) as usize);
+        std::fs::File::open(path)
+            .and_then(|f| {
+                std::io::Read::read_to_end(&mut std::io::Read::take(f, max_bytes + 1), &mut bytes)
+            })
+            .map_err(|e| bad(e.to_string()))?;
+        if bytes.len() as u64 > max_bytes {
+            return Err(bad(format!(
+                "grew past the limit of {max_bytes} bytes while being read"
+            )));
+        }
         let ext = path
             .extension()
             .and_then(|e| e.to_str())
@@ -67,6 +80,10 @@ impl Input {
         match ext.as_str() {
             "png" | "jpg" | "jpeg" => Ok(Input::Encoded(bytes)),
             "npy" => Input::from_npy(&bytes).map_err(|e| bad(e.to_string())),
+            // A JSON tree costs many times its text in memory: hold it to a tighter bound.
+            "json" if bytes.len() > MAX_JSON_BYTES => Err(bad(format!(
+                "JSON tensors are limited to {MAX_JSON_BYTES} bytes; use .npy"
+            ))),
             "json" => Input::from_json(&bytes).map_err(|e| bad(e.to_string())),
             _ => Err(bad(format!(
                 "unknown input type `.{ext}`; expected png, jpg, jpeg, npy or json"
@@ -115,11 +132,14 @@ impl Input {
                     PixelFormat::Rgb24 => 3,
                     PixelFormat::Gray8 => 1,
                 };
-                let want = *width as usize * *height as usize * channels;
-                if data.len() != want {
+                let want = (*width as usize)
+                    .checked_mul(*height as usize)
+                    .and_then(|n| n.checked_mul(channels));
+                if want != Some(data.len()) {
                     return Err(EngineError::Input {
                         message: format!(
-                            "frame of {width}x{height} {format:?} needs {want} bytes, got {}",
+                            "frame of {width}x{height} {format:?} needs {} bytes, got {}",
+                            want.map_or("more than usize".to_string(), |n| n.to_string()),
                             data.len()
                         ),
                     });

@@ -236,7 +236,9 @@ impl Manifest {
             if pre.std.iter().any(|s| *s == 0.0 || !s.is_finite()) {
                 return Err("preprocess.std: values must be finite and non-zero".into());
             }
-            let (h, w) = self.image_size().ok_or("input.shape")?;
+            let (h, w) = self.image_size().ok_or(
+                "input.shape: with layout `nc`, give preprocess.resize or a square feature count",
+            )?;
             if let Some([rw, rh]) = pre.resize
                 && (rw as usize != w || rh as usize != h)
             {
@@ -330,9 +332,9 @@ pub fn is_inside(p: &Path) -> bool {
 
 fn describe(text: &str, e: &toml::de::Error, key: &str) -> String {
     let line = e.span().map(|s| {
-        text[..s.start.min(text.len())]
-            .bytes()
-            .filter(|b| *b == b'\n')
+        text.as_bytes()[..s.start.min(text.len())]
+            .iter()
+            .filter(|b| **b == b'\n')
             .count()
             + 1
     });

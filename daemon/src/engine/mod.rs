@@ -17,7 +17,7 @@ use std::path::PathBuf;
 pub use input::{Input, PixelFormat, Prepared, read_npy_f32};
 pub use manifest::{MANIFEST_FILE, MODEL_FILE, Manifest, is_inside};
 pub use model::{Class, Model, Prediction};
-pub use pool::{ModelPool, PoolStats};
+pub use pool::{ModelPool, PoolStats, panic_message};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum EngineError {

@@ -60,6 +60,20 @@ impl Model {
     /// `threads` threads for one inference, then run its golden vectors. A model that loads
     /// but answers differently from its reference outputs is refused here.
     pub fn load(dir: &Path, threads: NonZeroUsize) -> Result<Model, EngineError> {
+        // A malformed model must not take the daemon down if tract panics on it.
+        std::panic::catch_unwind(|| Self::load_inner(dir, threads)).unwrap_or_else(|panic| {
+            Err(EngineError::Load {
+                model: dir
+                    .file_name()
+                    .map(|n| n.to_string_lossy().to_string())
+                    .unwrap_or_default(),
+                path: dir.join(MODEL_FILE),
+                message: super::panic_message(&*panic),
+            })
+        })
+    }
+
+    fn load_inner(dir: &Path, threads: NonZeroUsize) -> Result<Model, EngineError> {
         let manifest = Manifest::read(dir)?;
         let path = dir.join(MODEL_FILE);
         let load_err = |message: String| EngineError::Load {
@@ -76,7 +90,8 @@ impl Model {
             )));
         }
         // Quantisers write value_info for intermediate tensors with a fixed batch; honouring
-        // it breaks symbolic batch (FINDINGS.md), and the graph's own inference is enough.
+        // it makes tract fail to unify the symbolic batch ("Impossible to unify Sym(N) with
+        // Val(..)"), and the graph's own shape inference is enough.
         let model = tract_onnx::onnx()
             .with_ignore_value_info(true)
             .model_for_path(&path)
@@ -205,6 +220,13 @@ impl Model {
                     want.len()
                 )));
             }
+            if want.iter().any(|x| !x.is_finite()) {
+                return Err(fail(format!(
+                    "reference output {} holds NaN or infinite values; it cannot vouch for anything",
+                    g.output.display()
+                )));
+            }
+            // A non-finite output counts as infinitely far off (NaN would slip through `max`).
             let max_diff = got
                 .iter()
                 .zip(&want)

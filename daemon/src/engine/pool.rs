@@ -54,8 +54,8 @@ struct Inner {
 }
 
 impl ModelPool {
-    /// Start `config.workers` threads serving `model`. The threads end when the last handle
-    /// is dropped and the queue is empty.
+    /// Start `config.workers` threads serving `model`. The threads end once the last handle
+    /// is dropped; requests still queued then are answered `Stopped`.
     pub fn spawn(model: Arc<Model>, config: PoolConfig) -> ModelPool {
         let (tx, rx) = crossbeam_channel::bounded::<Job>(config.queue.get());
         let inner = Arc::new(Inner {
@@ -200,7 +200,16 @@ fn worker(w: usize, rx: crossbeam_channel::Receiver<Job>, pool: std::sync::Weak<
         let Some(inner) = pool.upgrade() else { return };
         let started = inner.epoch.elapsed().as_millis() as u64;
         inner.busy_since[w].store(started.max(1), Ordering::Relaxed);
-        let result = job.model.infer(&job.input);
+        // tract is large and sees untrusted inputs: a panic in one inference must become an
+        // error for that request, not a dead worker or a dead daemon.
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.model.infer(&job.input)))
+                .unwrap_or_else(|panic| {
+                    Err(EngineError::Run {
+                        model: job.model.name().to_string(),
+                        message: panic_message(&panic),
+                    })
+                });
         inner.busy_since[w].store(0, Ordering::Relaxed);
         let counter = if result.is_ok() {
             &inner.stats.completed
@@ -212,4 +221,14 @@ fn worker(w: usize, rx: crossbeam_channel::Receiver<Job>, pool: std::sync::Weak<
         // The requester may have given up; that is not an error here.
         let _ = job.reply.send(result);
     }
+}
+
+/// The text of a panic payload, for an error message.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    let text = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown cause".into());
+    format!("panicked: {text}")
 }

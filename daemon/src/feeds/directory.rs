@@ -204,10 +204,18 @@ impl DirectoryFeed {
             return true;
         }
         seen.insert(name.clone(), (size, mtime_ns));
+        let ts_ms = now_ms();
+        // Reading a file of up to max_file_bytes from flash can take a while: not on the runtime.
+        let input = {
+            let (path, max) = (path.to_path_buf(), self.max_file_bytes);
+            tokio::task::spawn_blocking(move || Input::from_file(&path, max))
+                .await
+                .expect("file read task panicked")
+        };
         let sample = Sample {
             source: name.clone(),
-            ts_ms: now_ms(),
-            input: Input::from_file(path, self.max_file_bytes),
+            ts_ms,
+            input,
             done: Some(FileDone {
                 pipeline: self.pipeline.clone(),
                 name,

@@ -14,14 +14,22 @@ struct Setup {
     inbox: PathBuf,
 }
 
-/// A copy of the demo: the demo's inbox and the int8 digits CNN, state in a temp dir.
+/// The demo exactly as shipped: `configs/demo.toml` verbatim (plus `extra`), its inbox and the
+/// int8 digits CNN, copied into a temp tree laid out like the repository, so the relative
+/// paths in demo.toml resolve as they do for a newcomer and `var/demo` lands in the temp dir.
 fn demo_setup(extra: &str) -> Setup {
     let dir = tempfile::tempdir().unwrap();
-    let inbox = dir.path().join("inbox");
+    let configs = dir.path().join("configs");
+    let inbox = configs.join("demo/inbox");
     copy_dir(&root().join("configs/demo/inbox"), &inbox).unwrap();
-    let config = dir.path().join("ternd.toml");
+    copy_dir(
+        &package("digits-cnn-int8"),
+        &dir.path().join("firmware-updates/models/digits-cnn-int8"),
+    )
+    .unwrap();
+    let config = configs.join("demo.toml");
     std::fs::write(&config, demo_config(extra)).unwrap();
-    let state = dir.path().join("state");
+    let state = dir.path().join("var/demo");
     Setup {
         dir,
         config,
@@ -31,10 +39,7 @@ fn demo_setup(extra: &str) -> Setup {
 }
 
 fn demo_config(extra: &str) -> String {
-    format!(
-        "state_dir = \"state\"\n\n[[models]]\npackage = \"{}\"\n\n[[feeds]]\nkind = \"directory\"\nname = \"inbox\"\npath = \"inbox\"\n\n[[pipelines]]\nname = \"digits\"\nfeed = \"inbox\"\nmodel = \"digits-cnn-int8\"\n{extra}",
-        package("digits-cnn-int8").display()
-    )
+    std::fs::read_to_string(root().join("configs/demo.toml")).unwrap() + extra
 }
 
 fn results(state: &Path, pipeline: &str) -> Vec<(String, String)> {
@@ -104,8 +109,12 @@ fn demo_runs_ready_results_restart_and_stop() {
     let mut d = Daemon::spawn(&s.config, Some(&notify.path), &[]).unwrap();
     notify.wait_for("READY=1", T).unwrap();
     wait_results(&s.state, "digits", 14);
+    // A sentinel that arrives by event after the start-up scan: once its result is in, any
+    // redo of an old file would be too.
+    drop_file(&s.inbox, "zzz-sentinel-5.png", &s.inbox.join("digit-5.png"));
+    wait_results(&s.state, "digits", 15);
     let got = results(&s.state, "digits");
-    assert_eq!(got.len(), 14, "files were processed twice: {got:?}");
+    assert_eq!(got.len(), 15, "files were processed twice: {got:?}");
     assert!(
         got.contains(&("zz-late-3.png".into(), "3".into())),
         "{got:?}"
@@ -188,13 +197,19 @@ fn sighup_keeps_running_config_on_error_and_applies_a_good_one() {
 #[test]
 fn a_model_that_fails_its_self_test_leaves_the_daemon_up_and_degraded() {
     let s = demo_setup("");
-    let text = demo_config("").replace(
-        "digits-cnn-int8\"\n\n[[feeds]]",
-        "digits-cnn-int8-broken\"\n\n[[feeds]]",
-    );
-    let text = text.replace(
-        "model = \"digits-cnn-int8\"",
-        "model = \"digits-cnn-int8-broken\"",
+    let broken = package("digits-cnn-int8-broken");
+    let text = demo_config("")
+        .replace(
+            "../firmware-updates/models/digits-cnn-int8",
+            broken.to_str().unwrap(),
+        )
+        .replace(
+            "model = \"digits-cnn-int8\"",
+            "model = \"digits-cnn-int8-broken\"",
+        );
+    assert!(
+        text.contains("int8-broken\"\n"),
+        "demo.toml changed shape: {text}"
     );
     std::fs::write(&s.config, text).unwrap();
     let mut notify = NotifySocket::new(s.dir.path()).unwrap();
@@ -255,37 +270,120 @@ fn kill_9_at_any_instant_leaves_a_consistent_state() {
     d.signal("TERM").unwrap();
     assert!(d.wait(T).unwrap().success(), "{}", d.stderr());
 
+    assert_consistent(&s, &[("1.0.0", "active")]);
+}
+
+/// After a crash and a clean restart that processed the inbox: the database is intact, the
+/// model versions are in exactly `versions` states, no half-copied install is left, the
+/// installed copies load, and every inbox file has exactly one result.
+fn assert_consistent(s: &Setup, versions: &[(&str, &str)]) {
     let c = db(&s.state).unwrap();
     let check: String = c
         .query_row("PRAGMA integrity_check", [], |r| r.get(0))
         .unwrap();
     assert_eq!(check, "ok");
     let states: Vec<(String, String)> = c
-        .prepare("SELECT version, state FROM model_versions")
+        .prepare("SELECT version, state FROM model_versions ORDER BY version")
         .unwrap()
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
         .unwrap()
         .map(|r| r.unwrap())
         .collect();
-    assert_eq!(states, [("1.0.0".to_string(), "active".to_string())]);
-    let leftovers: Vec<_> = std::fs::read_dir(s.state.join("models/digits-cnn-int8"))
+    let want: Vec<(String, String)> = versions
+        .iter()
+        .map(|(v, st)| (v.to_string(), st.to_string()))
+        .collect();
+    assert_eq!(states, want);
+    let mut leftovers: Vec<String> = std::fs::read_dir(s.state.join("models/digits-cnn-int8"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
         .collect();
-    assert_eq!(leftovers, ["1.0.0"], "half-copied installs left behind");
-    let pkg = s.state.join("models/digits-cnn-int8/1.0.0");
-    let (st, _, err) = ternd(&[
-        "infer",
-        "--model",
-        pkg.to_str().unwrap(),
-        "--input",
-        s.inbox.join("digit-4.png").to_str().unwrap(),
-    ])
-    .unwrap();
-    assert!(st.success(), "installed copy does not load: {err}");
+    leftovers.sort();
+    let installed: Vec<String> = versions.iter().map(|(v, _)| v.to_string()).collect();
+    assert_eq!(leftovers, installed, "half-copied installs left behind");
+    for v in &installed {
+        let pkg = s.state.join("models/digits-cnn-int8").join(v);
+        let img = s.inbox.join("digit-4.png");
+        let (st, _, err) = ternd(&[
+            "infer",
+            "--model",
+            pkg.to_str().unwrap(),
+            "--input",
+            img.to_str().unwrap(),
+        ])
+        .unwrap();
+        assert!(st.success(), "installed copy {v} does not load: {err}");
+    }
     let got = results(&s.state, "digits");
     let mut sources: Vec<&str> = got.iter().map(|(s, _)| s.as_str()).collect();
     sources.dedup();
-    assert_eq!(sources.len(), 12, "duplicates or losses: {got:?}");
-    assert_eq!(got.len(), 12, "duplicates: {got:?}");
+    assert_eq!(sources.len(), 12, "lost results: {got:?}");
+    assert_eq!(got.len(), 12, "duplicate results: {got:?}");
+}
+
+/// Run once with `TERN_CRASH_AT=point` and require that the process really died there.
+fn crash_at(s: &Setup, point: &str) {
+    let mut d = Daemon::spawn(&s.config, None, &[("TERN_CRASH_AT", point)]).unwrap();
+    let status = d.wait(T).unwrap();
+    let err = d.stderr();
+    assert!(
+        !status.success() && err.contains(&format!("TERN_CRASH_AT={point}")),
+        "never reached {point}: {status}\n{err}"
+    );
+}
+
+fn start_and_drain(s: &Setup) {
+    let mut notify = NotifySocket::new(s.dir.path()).unwrap_or_else(|_| {
+        std::fs::remove_file(s.dir.path().join("notify.sock")).unwrap();
+        NotifySocket::new(s.dir.path()).unwrap()
+    });
+    let mut d = Daemon::spawn(&s.config, Some(&notify.path), &[]).unwrap();
+    notify.wait_for("READY=1", T).unwrap();
+    wait_results(&s.state, "digits", 12);
+    d.signal("TERM").unwrap();
+    assert!(d.wait(T).unwrap().success(), "{}", d.stderr());
+}
+
+/// A power cut at each step where the state on disk changes: after the package is copied
+/// but not recorded, after it is recorded but not activated, after activation commits but
+/// before the switch, and after a result commits but before anything else.
+#[test]
+fn a_crash_at_every_state_change_recovers() {
+    for point in [
+        "install:copied",
+        "install:recorded",
+        "activate:committed",
+        "result:committed",
+    ] {
+        let s = demo_setup("");
+        crash_at(&s, point);
+        start_and_drain(&s);
+        assert_consistent(&s, &[("1.0.0", "active")]);
+    }
+}
+
+/// An upgrade by config whose activation is cut off by a crash still happens at the next
+/// start, instead of leaving the new version installed and forgotten.
+#[test]
+fn an_interrupted_upgrade_completes_on_restart() {
+    let s = demo_setup("");
+    start_and_drain(&s);
+    let v2 = s
+        .dir
+        .path()
+        .join("firmware-updates/models/digits-cnn-int8-v2");
+    copy_dir(&package("digits-cnn-int8"), &v2).unwrap();
+    let mf = v2.join("tern-model.toml");
+    let text = std::fs::read_to_string(&mf)
+        .unwrap()
+        .replace("version = \"1.0.0\"", "version = \"1.1.0\"");
+    std::fs::write(&mf, text).unwrap();
+    let config = demo_config("").replace("models/digits-cnn-int8\"", "models/digits-cnn-int8-v2\"");
+    assert!(config.contains("int8-v2"), "demo.toml changed shape");
+    std::fs::write(&s.config, config).unwrap();
+    for point in ["install:recorded", "activate:committed"] {
+        crash_at(&s, point);
+    }
+    start_and_drain(&s);
+    assert_consistent(&s, &[("1.0.0", "previous"), ("1.1.0", "active")]);
 }
