@@ -682,6 +682,22 @@ mod tests {
     }
 
     #[test]
+    fn relative_paths_are_relative_to_the_file_that_holds_them() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("config.d/in")).unwrap();
+        let p = write(d.path(), "t.toml", "state_dir = \"s\"\n");
+        write(
+            d.path(),
+            "config.d/feed.toml",
+            "[[feeds]]\nkind = \"directory\"\nname = \"a\"\npath = \"in\"\n",
+        );
+        let c = load(&p).unwrap();
+        assert_eq!(c.state_dir, d.path().join("s"));
+        let FeedConfig::Directory { path, .. } = &c.feeds[0];
+        assert_eq!(path, &d.path().join("config.d/in"));
+    }
+
+    #[test]
     fn defaults_and_merge() {
         let d = tempfile::tempdir().unwrap();
         let p = write(

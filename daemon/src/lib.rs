@@ -13,16 +13,25 @@ pub mod store;
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Crash-point injection for the kill -9 tests: when `TERN_CRASH_AT` names this point, the
-/// process aborts here, as a power cut at exactly this instant would stop it. Unset (always,
-/// outside tests) it costs one cached environment lookup.
+/// process aborts here, as a power cut at exactly this instant would stop it; when it names
+/// `<point>:hang`, the calling thread stops here forever, as a wedged driver or kernel call
+/// would. Unset (always, outside tests) it costs one cached environment lookup.
 pub fn crash_point(name: &str) {
     static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    if AT
+    let Some(at) = AT
         .get_or_init(|| std::env::var("TERN_CRASH_AT").ok())
         .as_deref()
-        == Some(name)
-    {
+    else {
+        return;
+    };
+    if at == name {
         eprintln!("ternd: TERN_CRASH_AT={name}: aborting here");
         std::process::abort();
+    }
+    if at.strip_suffix(":hang") == Some(name) {
+        eprintln!("ternd: TERN_CRASH_AT={name}:hang: this thread stops here");
+        loop {
+            std::thread::park();
+        }
     }
 }

@@ -200,6 +200,7 @@ fn worker(w: usize, rx: crossbeam_channel::Receiver<Job>, pool: std::sync::Weak<
         let Some(inner) = pool.upgrade() else { return };
         let started = inner.epoch.elapsed().as_millis() as u64;
         inner.busy_since[w].store(started.max(1), Ordering::Relaxed);
+        crate::crash_point("infer");
         // tract is large and sees untrusted inputs: a panic in one inference must become an
         // error for that request, not a dead worker or a dead daemon.
         let result =

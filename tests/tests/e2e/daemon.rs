@@ -387,3 +387,87 @@ fn an_interrupted_upgrade_completes_on_restart() {
     start_and_drain(&s);
     assert_consistent(&s, &[("1.0.0", "previous"), ("1.1.0", "active")]);
 }
+
+/// The watchdog is fed only while inference answers: a hung inference stops the pings, so
+/// systemd restarts the daemon.
+#[test]
+fn a_hung_inference_stops_the_watchdog() {
+    let s = demo_setup("");
+    let mut notify = NotifySocket::new(s.dir.path()).unwrap();
+    let mut d = Daemon::spawn(
+        &s.config,
+        Some(&notify.path),
+        &[("WATCHDOG_USEC", "400000"), ("TERN_CRASH_AT", "infer:hang")],
+    )
+    .unwrap();
+    notify.wait_for("READY=1", T).unwrap();
+    // The first inbox image hangs its worker. Pings may go on until the hang is older than
+    // the watchdog period; then they must stop for good.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "watchdog still fed 20 s after the hang"
+        );
+        if notify
+            .wait_for("WATCHDOG=1", Duration::from_secs(2))
+            .is_err()
+        {
+            break;
+        }
+    }
+    wait_for("the hang to be logged", T, || {
+        d.stderr().contains("an inference has hung").then_some(())
+    })
+    .unwrap();
+    assert!(
+        d.child.try_wait().unwrap().is_none(),
+        "ternd exited instead of hanging"
+    );
+    d.signal("KILL").unwrap();
+    d.wait(T).unwrap();
+}
+
+/// `on_done = "delete"`: a file is removed once its result is stored; a file that is not a
+/// usable input is recorded but left in place for someone to look at.
+#[test]
+fn delete_feed_removes_done_files_and_keeps_bad_ones() {
+    let s = demo_setup("");
+    let text = demo_config("").replace(
+        "path = \"demo/inbox\"",
+        "path = \"demo/inbox\"\non_done = \"delete\"",
+    );
+    assert!(text.contains("on_done"), "demo.toml changed shape");
+    std::fs::write(&s.config, text).unwrap();
+    std::fs::write(s.inbox.join("junk.png"), b"this is not a png").unwrap();
+    let mut notify = NotifySocket::new(s.dir.path()).unwrap();
+    let mut d = Daemon::spawn(&s.config, Some(&notify.path), &[]).unwrap();
+    notify.wait_for("READY=1", T).unwrap();
+    wait_results(&s.state, "digits", 12);
+    let left = || {
+        let mut v: Vec<String> = std::fs::read_dir(&s.inbox)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    wait_for("done files to be deleted", T, || {
+        (left() == ["junk.png"]).then_some(())
+    })
+    .unwrap();
+    // The bad file must be recorded so that it is not retried forever.
+    let sql = "SELECT count(*) FROM feed_files WHERE name = 'junk.png'";
+    wait_for("junk.png to be recorded", T, || {
+        (count(&s.state, sql)? == 1).then_some(())
+    })
+    .unwrap();
+    assert!(s.inbox.join("junk.png").exists(), "a bad input was deleted");
+    assert!(
+        d.stderr().contains("junk.png") && d.stderr().contains("not a PNG or JPEG"),
+        "{}",
+        d.stderr()
+    );
+    d.signal("TERM").unwrap();
+    assert!(d.wait(T).unwrap().success());
+}
