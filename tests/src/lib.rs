@@ -241,3 +241,21 @@ pub fn db(state_dir: &Path) -> Result<rusqlite::Connection> {
 pub fn count(state_dir: &Path, sql: &str) -> Option<i64> {
     db(state_dir).ok()?.query_row(sql, [], |r| r.get(0)).ok()
 }
+
+/// `ternd infer --model PKG --input FILE [extra args]`; returns (status, stdout, stderr).
+pub fn infer(pkg: &Path, input: &Path, extra: &[&str]) -> Result<(ExitStatus, String, String)> {
+    let mut args = vec![
+        "infer",
+        "--model",
+        path_str(pkg)?,
+        "--input",
+        path_str(input)?,
+    ];
+    args.extend_from_slice(extra);
+    ternd(&args)
+}
+
+fn path_str(p: &Path) -> Result<&str> {
+    p.to_str()
+        .ok_or_else(|| anyhow!("{} is not UTF-8", p.display()))
+}

@@ -304,14 +304,7 @@ fn assert_consistent(s: &Setup, versions: &[(&str, &str)]) {
     for v in &installed {
         let pkg = s.state.join("models/digits-cnn-int8").join(v);
         let img = s.inbox.join("digit-4.png");
-        let (st, _, err) = ternd(&[
-            "infer",
-            "--model",
-            pkg.to_str().unwrap(),
-            "--input",
-            img.to_str().unwrap(),
-        ])
-        .unwrap();
+        let (st, _, err) = infer(&pkg, &img, &[]).unwrap();
         assert!(st.success(), "installed copy {v} does not load: {err}");
     }
     let got = results(&s.state, "digits");

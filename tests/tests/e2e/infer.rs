@@ -3,15 +3,7 @@
 use tern_tests::*;
 
 fn infer_json(pkg: &str, input: &std::path::Path) -> serde_json::Value {
-    let (status, out, err) = ternd(&[
-        "infer",
-        "--model",
-        package(pkg).to_str().unwrap(),
-        "--input",
-        input.to_str().unwrap(),
-        "--json",
-    ])
-    .unwrap();
+    let (status, out, err) = infer(&package(pkg), input, &["--json"]).unwrap();
     assert!(status.success(), "{pkg} on {}: {err}", input.display());
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
 }
@@ -66,14 +58,7 @@ fn int8_and_float_agree_on_every_shipped_sample() {
 #[test]
 fn human_output_lists_top_k_labels() {
     let img = root().join("configs/demo/inbox/digit-7.png");
-    let (status, out, err) = ternd(&[
-        "infer",
-        "--model",
-        package("digits-cnn-int8").to_str().unwrap(),
-        "--input",
-        img.to_str().unwrap(),
-    ])
-    .unwrap();
+    let (status, out, err) = infer(&package("digits-cnn-int8"), &img, &[]).unwrap();
     assert!(status.success(), "{err}");
     let lines: Vec<&str> = out.lines().collect();
     assert!(lines[0].starts_with("digits-cnn-int8 1.0.0"), "{out}");
@@ -89,14 +74,7 @@ fn broken_int8_fixture_is_refused_naming_output_and_difference() {
         "iris-mlp-int8-broken",
     ] {
         let img = root().join("configs/demo/inbox/digit-1.png");
-        let (status, out, err) = ternd(&[
-            "infer",
-            "--model",
-            package(pkg).to_str().unwrap(),
-            "--input",
-            img.to_str().unwrap(),
-        ])
-        .unwrap();
+        let (status, out, err) = infer(&package(pkg), &img, &[]).unwrap();
         assert_eq!(status.code(), Some(65), "{pkg} must be refused: {out}{err}");
         assert!(
             err.contains("self-test") && err.contains("output `probs`"),
@@ -120,25 +98,11 @@ fn iris_takes_tensors_and_refuses_images() {
         assert_eq!(v["top"][0]["label"], "virginica", "{form}: {v}");
     }
     let img = root().join("configs/demo/inbox/digit-1.png");
-    let (status, _, err) = ternd(&[
-        "infer",
-        "--model",
-        package("iris-mlp-f32").to_str().unwrap(),
-        "--input",
-        img.to_str().unwrap(),
-    ])
-    .unwrap();
+    let (status, _, err) = infer(&package("iris-mlp-f32"), &img, &[]).unwrap();
     assert_eq!(status.code(), Some(65));
     assert!(err.contains("takes tensors, not images"), "{err}");
     std::fs::write(&sample, "[6.7, 3.0, 5.2]").unwrap();
-    let (status, _, err) = ternd(&[
-        "infer",
-        "--model",
-        package("iris-mlp-f32").to_str().unwrap(),
-        "--input",
-        sample.to_str().unwrap(),
-    ])
-    .unwrap();
+    let (status, _, err) = infer(&package("iris-mlp-f32"), &sample, &[]).unwrap();
     assert_eq!(status.code(), Some(65));
     assert!(err.contains("[3]") && err.contains("[4]"), "{err}");
 }
@@ -155,14 +119,7 @@ fn truncated_and_foreign_models_are_refused_by_name() {
         ("foreign", b"GIF89a not a model".to_vec()),
     ] {
         std::fs::write(pkg.join("model.onnx"), &bytes).unwrap();
-        let (status, _, err) = ternd(&[
-            "infer",
-            "--model",
-            pkg.to_str().unwrap(),
-            "--input",
-            img.to_str().unwrap(),
-        ])
-        .unwrap();
+        let (status, _, err) = infer(&pkg, &img, &[]).unwrap();
         assert_eq!(status.code(), Some(65), "{what}: {err}");
         assert!(
             err.contains("digits-mlp-int8") && err.contains("model.onnx"),
