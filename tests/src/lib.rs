@@ -24,18 +24,21 @@ pub fn package(name: &str) -> PathBuf {
     root().join("firmware-updates/models").join(name)
 }
 
-/// Path to a workspace binary, built (once per test process) with the same profile as the
-/// tests, so a test never runs a stale binary.
+/// Path to a workspace binary (debug profile), made up to date once per test process so a
+/// test never runs a stale binary. The build is `cargo test --workspace --no-run`, the same
+/// feature resolution as the README's test command: after that command has compiled, this is
+/// a no-op, where a plain `cargo build -p ternd` would resolve features differently and
+/// rebuild dependencies (tract among them) a second time.
 pub fn bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
-            .args(["build", "--quiet", "-p", "ternd", "--bins"])
+            .args(["test", "--workspace", "--no-run", "--quiet"])
             .current_dir(root())
             .status()
-            .expect("running cargo build");
-        assert!(status.success(), "cargo build -p ternd failed");
+            .expect("running cargo");
+        assert!(status.success(), "cargo test --workspace --no-run failed");
     });
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
