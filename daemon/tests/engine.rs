@@ -450,3 +450,36 @@ fn symbolic_batch_and_threads_give_the_same_answers() {
         assert!(diff < 1e-5, "batch row {i} differs by {diff}");
     }
 }
+
+#[test]
+fn a_raw_frame_and_its_png_give_the_same_tensor() {
+    // Frames of the model's own size take a shortcut past the image library; it must agree
+    // with the general path to the last bit.
+    for name in ["digits-cnn-f32", "digits-mlp-f32"] {
+        let m = load(name);
+        let png = png();
+        let rgb = image::load_from_memory(&png).unwrap().into_rgb8();
+        let frame = Input::Frame {
+            width: 32,
+            height: 32,
+            format: PixelFormat::Rgb24,
+            data: rgb.into_raw(),
+        };
+        let a = Input::Encoded(png).prepare(&m.manifest).unwrap();
+        let b = frame.prepare(&m.manifest).unwrap();
+        assert_eq!(a, b, "{name}");
+        assert!(
+            a.data.iter().any(|x| *x > 0.5),
+            "{name}: an all-dark tensor proves nothing"
+        );
+    }
+    let gray = Input::Frame {
+        width: 8,
+        height: 8,
+        format: PixelFormat::Gray8,
+        data: (0..64).collect(),
+    };
+    let t = gray.prepare(&load("digits-mlp-f32").manifest).unwrap();
+    assert_eq!(t.shape, [1, 64]);
+    assert!((t.data[63] - 63.0 / 255.0).abs() < 1e-6, "{}", t.data[63]);
+}

@@ -9,7 +9,7 @@ use std::path::Path;
 use image::{DynamicImage, ImageReader, Limits, imageops::FilterType};
 
 use super::EngineError;
-use super::manifest::{Color, Filter, Layout, Manifest};
+use super::manifest::{Color, Filter, Layout, Manifest, Preprocess};
 
 /// Largest image side tern decodes; a 16k camera frame is far beyond any edge model input.
 pub const MAX_IMAGE_SIDE: u32 = 8192;
@@ -119,9 +119,20 @@ impl Input {
 
     /// Turn this input into the model's input tensor (batch of one).
     pub fn prepare(&self, m: &Manifest) -> Result<Prepared, EngineError> {
+        let mut shape = vec![1];
+        shape.extend(m.sample_shape());
+        let mut data = vec![0f32; shape.iter().product()];
+        self.write_into(m, &mut data)?;
+        Ok(Prepared { shape, data })
+    }
+
+    /// Write the model's input tensor for this input (batch of one) into `out`, which holds
+    /// exactly one sample. The engine passes tract's own input buffer here, so preprocessing
+    /// writes every value once and nothing is copied after it.
+    pub fn write_into(&self, m: &Manifest, out: &mut [f32]) -> Result<(), EngineError> {
         match self {
-            Input::Tensor { shape, data } => prepare_tensor(m, shape, data),
-            Input::Encoded(bytes) => prepare_image(m, decode(bytes)?),
+            Input::Tensor { shape, data } => tensor_into(m, shape, data, out),
+            Input::Encoded(bytes) => image_into(m, decode(bytes)?, out),
             Input::Frame {
                 width,
                 height,
@@ -144,13 +155,21 @@ impl Input {
                         ),
                     });
                 }
+                // The camera's common case: the frame already has the model's size and color,
+                // so its bytes are converted in place, without an intermediate image.
+                if let Some(pre) = &m.preprocess
+                    && m.image_size() == Some((*height as usize, *width as usize))
+                    && pre.color.channels() == channels
+                {
+                    return pixels_into(m, pre, data, out);
+                }
                 let img = match format {
                     PixelFormat::Rgb24 => image::RgbImage::from_raw(*width, *height, data.clone())
                         .map(DynamicImage::ImageRgb8),
                     PixelFormat::Gray8 => image::GrayImage::from_raw(*width, *height, data.clone())
                         .map(DynamicImage::ImageLuma8),
                 };
-                prepare_image(m, img.expect("length checked above"))
+                image_into(m, img.expect("length checked above"), out)
             }
         }
     }
@@ -230,7 +249,7 @@ fn decode(bytes: &[u8]) -> Result<DynamicImage, EngineError> {
         .map_err(|e| err(format!("cannot decode image: {e}")))
 }
 
-fn prepare_image(m: &Manifest, img: DynamicImage) -> Result<Prepared, EngineError> {
+fn image_into(m: &Manifest, img: DynamicImage, out: &mut [f32]) -> Result<(), EngineError> {
     let Some(pre) = &m.preprocess else {
         return Err(EngineError::Input {
             message: format!(
@@ -254,81 +273,96 @@ fn prepare_image(m: &Manifest, img: DynamicImage) -> Result<Prepared, EngineErro
             ),
         });
     };
-    let c = pre.color.channels();
     let pixels: Vec<u8> = match pre.color {
         Color::Gray => img.into_luma8().into_raw(),
         Color::Rgb => img.into_rgb8().into_raw(),
     };
+    pixels_into(m, pre, &pixels, out)
+}
+
+/// Interleaved 8-bit pixels of the model's size and color into the input layout, scaled and
+/// normalised.
+fn pixels_into(
+    m: &Manifest,
+    pre: &Preprocess,
+    pixels: &[u8],
+    out: &mut [f32],
+) -> Result<(), EngineError> {
+    let c = pre.color.channels();
+    if pixels.len() != out.len() {
+        let (h, w) = m.image_size().unwrap_or((0, 0));
+        return Err(EngineError::Input {
+            message: format!(
+                "a {w}x{h} {:?} image gives {} values, model `{}` takes shape {:?}",
+                pre.color,
+                pixels.len(),
+                m.name,
+                m.sample_shape()
+            ),
+        });
+    }
     let per_channel = |v: &[f32], ch: usize, default: f32| match v.len() {
         0 => default,
         1 => v[0],
         _ => v[ch],
     };
-    let mean: Vec<f32> = (0..c).map(|ch| per_channel(&pre.mean, ch, 0.0)).collect();
-    let inv_std: Vec<f32> = (0..c)
-        .map(|ch| 1.0 / per_channel(&pre.std, ch, 1.0))
-        .collect();
     // Fold scale, mean and std into one multiply-add per value.
-    let mul: Vec<f32> = (0..c).map(|ch| pre.scale * inv_std[ch]).collect();
-    let add: Vec<f32> = (0..c).map(|ch| -mean[ch] * inv_std[ch]).collect();
-    let mut data = vec![0f32; h * w * c];
+    let mut mul = [0f32; 3];
+    let mut add = [0f32; 3];
+    for ch in 0..c {
+        let inv_std = 1.0 / per_channel(&pre.std, ch, 1.0);
+        mul[ch] = pre.scale * inv_std;
+        add[ch] = -per_channel(&pre.mean, ch, 0.0) * inv_std;
+    }
     match m.input.layout {
         Layout::Nhwc | Layout::Nc => {
-            for (d, p) in data.chunks_exact_mut(c).zip(pixels.chunks_exact(c)) {
+            for (d, p) in out.chunks_exact_mut(c).zip(pixels.chunks_exact(c)) {
                 for ch in 0..c {
                     d[ch] = p[ch] as f32 * mul[ch] + add[ch];
                 }
             }
         }
         Layout::Nchw => {
-            for (ch, plane) in data.chunks_exact_mut(h * w).enumerate() {
+            let plane_len = out.len() / c;
+            for (ch, plane) in out.chunks_exact_mut(plane_len).enumerate() {
                 for (d, p) in plane.iter_mut().zip(pixels.iter().skip(ch).step_by(c)) {
                     *d = *p as f32 * mul[ch] + add[ch];
                 }
             }
         }
     }
-    let mut shape = vec![1];
-    shape.extend(m.sample_shape());
-    if shape.iter().product::<usize>() != data.len() {
-        return Err(EngineError::Input {
-            message: format!(
-                "a {w}x{h} {:?} image gives {} values, model `{}` takes shape {:?}",
-                pre.color,
-                data.len(),
-                m.name,
-                &shape[1..]
-            ),
-        });
-    }
-    Ok(Prepared { shape, data })
+    Ok(())
 }
 
-fn prepare_tensor(m: &Manifest, shape: &[usize], data: &[f32]) -> Result<Prepared, EngineError> {
+fn tensor_into(
+    m: &Manifest,
+    shape: &[usize],
+    data: &[f32],
+    out: &mut [f32],
+) -> Result<(), EngineError> {
     let sample = m.sample_shape();
-    let full = if shape == sample.as_slice() {
-        let mut s = vec![1];
-        s.extend_from_slice(shape);
-        s
-    } else if shape.len() == sample.len() + 1 && shape[0] == 1 && shape[1..] == sample[..] {
-        shape.to_vec()
-    } else {
+    let fits = shape == sample.as_slice()
+        || (shape.len() == sample.len() + 1 && shape[0] == 1 && shape[1..] == sample[..]);
+    if !fits {
         return Err(EngineError::Input {
             message: format!(
                 "tensor of shape {shape:?} does not fit model `{}`, which takes {:?} (or [1, ...])",
                 m.name, sample
             ),
         });
-    };
+    }
+    if data.len() != out.len() {
+        return Err(EngineError::Input {
+            message: format!("tensor of shape {shape:?} holds {} values", data.len()),
+        });
+    }
     if data.iter().any(|x| !x.is_finite()) {
         return Err(EngineError::Input {
             message: "tensor holds NaN or infinite values".into(),
         });
     }
-    Ok(Prepared {
-        shape: full,
-        data: data.to_vec(),
-    })
+    out.copy_from_slice(data);
+    Ok(())
 }
 
 fn filter(f: Filter) -> FilterType {

@@ -251,16 +251,24 @@ impl Model {
 
     /// Run a prepared tensor and return the selected output, flattened.
     pub fn run(&self, p: Prepared) -> Result<Vec<f32>, EngineError> {
+        let shape = p.shape.clone();
+        let tensor = tract_ndarray::ArrayD::from_shape_vec(p.shape, p.data).map_err(|e| {
+            EngineError::Run {
+                model: self.manifest.name.clone(),
+                message: format!("shape {shape:?}: {e}"),
+            }
+        })?;
+        self.run_tensor(tensor.into())
+    }
+
+    fn run_tensor(&self, tensor: Tensor) -> Result<Vec<f32>, EngineError> {
         let run_err = |message: String| EngineError::Run {
             model: self.manifest.name.clone(),
             message,
         };
-        let shape = p.shape.clone();
-        let tensor = tract_ndarray::ArrayD::from_shape_vec(p.shape, p.data)
-            .map_err(|e| run_err(format!("shape {shape:?}: {e}")))?;
         let out = self
             .runnable
-            .run(tvec!(Tensor::from(tensor).into()))
+            .run(tvec!(tensor.into()))
             .map_err(|e| run_err(format!("{e:#}")))?;
         let t = out
             .get(self.output_index)
@@ -274,8 +282,19 @@ impl Model {
     /// Decode, preprocess, run and postprocess one input.
     pub fn infer(&self, input: &Input) -> Result<Prediction, EngineError> {
         let start = Instant::now();
-        let prepared = input.prepare(&self.manifest)?;
-        let out = self.run(prepared)?;
+        let mut shape = vec![1];
+        shape.extend(self.manifest.sample_shape());
+        let run_err = |e: TractError| EngineError::Run {
+            model: self.manifest.name.clone(),
+            message: format!("{e:#}"),
+        };
+        let mut tensor = Tensor::zero::<f32>(&shape).map_err(run_err)?;
+        {
+            let mut view = tensor.to_plain_array_view_mut::<f32>().map_err(run_err)?;
+            let out = view.as_slice_mut().expect("a fresh tensor is contiguous");
+            input.write_into(&self.manifest, out)?;
+        }
+        let out = self.run_tensor(tensor)?;
         let top = self.postprocess(out);
         Ok(Prediction {
             model: self.manifest.name.clone(),
