@@ -305,6 +305,24 @@ fn parse_one(src: &Source) -> Result<toml::Table, Problem> {
     Ok(table)
 }
 
+/// Drop `.` and fold `..` lexically, so logs show `/etc/tern/models`, not `/etc/tern/x/../models`.
+fn normalize(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir
+                if matches!(out.components().next_back(), Some(Component::Normal(_))) =>
+            {
+                out.pop();
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
+}
+
 /// Make the relative paths of one file relative to that file's directory, before merging
 /// loses track of which file a value came from.
 fn anchor_paths(table: &mut toml::Table, dir: &Path) {
@@ -313,7 +331,9 @@ fn anchor_paths(table: &mut toml::Table, dir: &Path) {
         if let toml::Value::String(s) = v
             && Path::new(s.as_str()).is_relative()
         {
-            *s = dir.join(s.as_str()).to_string_lossy().to_string();
+            *s = normalize(&dir.join(s.as_str()))
+                .to_string_lossy()
+                .to_string();
         }
     };
     if let Some(v) = table.get_mut("state_dir") {
