@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{FeedConfig, PipelineConfig};
 use crate::engine::{EngineError, ModelPool, Prediction};
 use crate::feeds::Sample;
-use crate::feeds::directory::DirectoryFeed;
+use crate::feeds::directory::{DirectoryFeed, Outcome};
 use crate::store::Store;
 
 /// Samples waiting between a feed and its pipeline.
@@ -157,7 +157,14 @@ async fn serve(
                     insert_result(&tx, &pname, &source, ts, &pred)?;
                 }
                 if let Some(d) = &record {
-                    d.record(&tx)?;
+                    d.record(
+                        &tx,
+                        if delete_ok {
+                            Outcome::Result
+                        } else {
+                            Outcome::Refused
+                        },
+                    )?;
                 }
                 tx.commit()?;
                 Ok(())

@@ -159,12 +159,13 @@ impl Daemon {
         self.child.id() as i32
     }
 
+    /// Send a signal by name (`TERM`, `HUP`, `KILL`, `INT`) with kill(2): no procps needed.
     pub fn signal(&self, sig: &str) -> Result<()> {
-        let ok = Command::new("kill")
-            .args([&format!("-{sig}"), &self.pid().to_string()])
-            .status()?
-            .success();
-        ensure!(ok, "kill -{sig} failed");
+        use nix::sys::signal::{Signal, kill};
+        let sig: Signal = format!("SIG{sig}")
+            .parse()
+            .map_err(|e| anyhow!("signal {sig}: {e}"))?;
+        kill(nix::unistd::Pid::from_raw(self.pid()), sig)?;
         Ok(())
     }
 

@@ -54,9 +54,10 @@ impl Input {
         let bad = |message: String| EngineError::Input {
             message: format!("{}: {message}", path.display()),
         };
-        let len = std::fs::metadata(path)
-            .map_err(|e| bad(e.to_string()))?
-            .len();
+        let unreadable = |e: std::io::Error| EngineError::Unreadable {
+            message: format!("{}: {e}", path.display()),
+        };
+        let len = std::fs::metadata(path).map_err(unreadable)?.len();
         if len > max_bytes {
             return Err(bad(format!("{len} bytes is over the limit of {max_bytes}")));
         }
@@ -66,7 +67,7 @@ impl Input {
             .and_then(|f| {
                 std::io::Read::read_to_end(&mut std::io::Read::take(f, max_bytes + 1), &mut bytes)
             })
-            .map_err(|e| bad(e.to_string()))?;
+            .map_err(unreadable)?;
         if bytes.len() as u64 > max_bytes {
             return Err(bad(format!(
                 "grew past the limit of {max_bytes} bytes while being read"

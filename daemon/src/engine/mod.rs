@@ -37,6 +37,8 @@ pub enum EngineError {
     },
     #[error("bad input: {message}")]
     Input { message: String },
+    #[error("cannot read input: {message}")]
+    Unreadable { message: String },
     #[error("model `{model}` failed to run: {message}")]
     Run { model: String, message: String },
     #[error("model `{model}` is busy: its queue is full")]
@@ -51,7 +53,9 @@ impl EngineError {
         match self {
             EngineError::Manifest { .. } | EngineError::Input { .. } => "bad_request",
             EngineError::Load { .. } | EngineError::SelfTest { .. } => "bad_model",
-            EngineError::Run { .. } | EngineError::Stopped { .. } => "internal",
+            EngineError::Run { .. }
+            | EngineError::Stopped { .. }
+            | EngineError::Unreadable { .. } => "internal",
             EngineError::Busy { .. } => "busy",
         }
     }

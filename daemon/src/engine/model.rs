@@ -14,7 +14,7 @@ use tract_onnx::tract_core::runtime::RunOptions;
 
 use super::EngineError;
 use super::input::{Input, Prepared, read_npy_f32};
-use super::manifest::{MODEL_FILE, Manifest};
+use super::manifest::{Dim, MODEL_FILE, Manifest};
 
 /// ONNX files bigger than this are refused before tract reads them.
 pub const MAX_MODEL_BYTES: u64 = 512 * 1024 * 1024;
@@ -157,6 +157,21 @@ impl Model {
                 manifest.input.shape
             )));
         }
+        // Every fixed dimension must agree (batch 1 must be allowed), or every inference would
+        // fail later as an internal error instead of now as a refused model.
+        for (i, (dim, want)) in fact.shape.iter().zip(&manifest.input.shape).enumerate() {
+            let fixed = dim.as_i64().and_then(|d| usize::try_from(d).ok());
+            let ok = match (want, fixed) {
+                (Dim::Fixed(w), Some(f)) => *w == f,
+                (Dim::Symbol(_), Some(f)) => f == 1,
+                (_, None) => true,
+            };
+            if !ok {
+                return Err(load_err(format!(
+                    "input dimension {i} is {dim} in the model, the manifest says {want:?}"
+                )));
+            }
+        }
         let executor = if threads.get() > 1 {
             Executor::multithread_with_name(threads.get(), &format!("tract-{}", manifest.name))
         } else {
@@ -205,12 +220,13 @@ impl Model {
             };
             let (in_shape, in_data) = read(&g.input)?;
             let (out_shape, want) = read(&g.output)?;
-            let got = self
-                .run(Prepared {
-                    shape: in_shape,
-                    data: in_data,
-                })
-                .map_err(|e| fail(e.to_string()))?;
+            // Through the same path as requests: the golden input must fit the manifest's
+            // declared shape, and the model must take it.
+            let golden = Input::Tensor {
+                shape: in_shape,
+                data: in_data,
+            };
+            let got = self.run_input(&golden).map_err(|e| fail(e.to_string()))?;
             if got.len() != want.len() {
                 return Err(fail(format!(
                     "output `{}` has {} values, the reference {:?} has {}",
@@ -282,6 +298,18 @@ impl Model {
     /// Decode, preprocess, run and postprocess one input.
     pub fn infer(&self, input: &Input) -> Result<Prediction, EngineError> {
         let start = Instant::now();
+        let out = self.run_input(input)?;
+        let top = self.postprocess(out);
+        Ok(Prediction {
+            model: self.manifest.name.clone(),
+            version: self.manifest.version.to_string(),
+            top,
+            latency_us: start.elapsed().as_micros() as u64,
+        })
+    }
+
+    /// Prepare an input straight into tract's input tensor and run it.
+    fn run_input(&self, input: &Input) -> Result<Vec<f32>, EngineError> {
         let mut shape = vec![1];
         shape.extend(self.manifest.sample_shape());
         let run_err = |e: TractError| EngineError::Run {
@@ -294,14 +322,7 @@ impl Model {
             let out = view.as_slice_mut().expect("a fresh tensor is contiguous");
             input.write_into(&self.manifest, out)?;
         }
-        let out = self.run_tensor(tensor)?;
-        let top = self.postprocess(out);
-        Ok(Prediction {
-            model: self.manifest.name.clone(),
-            version: self.manifest.version.to_string(),
-            top,
-            latency_us: start.elapsed().as_micros() as u64,
-        })
+        self.run_tensor(tensor)
     }
 
     /// Softmax if the manifest asks for it, then the top-k classes with their labels.

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Sample;
 use crate::config::OnDone;
-use crate::engine::Input;
+use crate::engine::{EngineError, Input};
 use crate::store::{Store, StoreError, now_ms};
 
 #[derive(Debug, Clone)]
@@ -44,26 +44,62 @@ pub struct FileDone {
     pub on_done: OnDone,
 }
 
+/// How a file's processing ended, as recorded in `feed_files.outcome`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A result was stored.
+    Result,
+    /// The file is not a usable input (or kept failing the engine); it stays on disk.
+    Refused,
+}
+
+impl Outcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Result => "result",
+            Outcome::Refused => "refused",
+        }
+    }
+}
+
 impl FileDone {
-    /// Record the file as done; call inside the transaction that stores its result.
-    pub fn record(&self, tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    /// Record how the file ended; call inside the transaction that stores its result.
+    pub fn record(&self, tx: &rusqlite::Transaction<'_>, outcome: Outcome) -> rusqlite::Result<()> {
         tx.execute(
-            "INSERT INTO feed_files (feed, name, size, mtime_ns) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (feed, name) DO UPDATE SET size = excluded.size, mtime_ns = excluded.mtime_ns",
-            rusqlite::params![self.pipeline, self.name, self.size, self.mtime_ns],
+            "INSERT INTO feed_files (feed, name, size, mtime_ns, attempts, outcome) VALUES (?1, ?2, ?3, ?4, 1, ?5)
+             ON CONFLICT (feed, name) DO UPDATE SET size = excluded.size, mtime_ns = excluded.mtime_ns,
+                 outcome = excluded.outcome",
+            rusqlite::params![self.pipeline, self.name, self.size, self.mtime_ns, outcome.as_str()],
         )?;
         Ok(())
     }
 
-    /// After the commit: delete the file if the feed is configured to.
+    /// After the commit of a result: delete the file if the feed is configured to.
     pub fn finish(&self) {
         if self.on_done == OnDone::Delete
             && let Err(e) = std::fs::remove_file(&self.path)
+            && e.kind() != std::io::ErrorKind::NotFound
         {
             tracing::warn!(path = %self.path.display(), error = %e, "could not delete a done file");
         }
     }
 }
+
+/// What is known about a file the feed has seen: its row in the database, or "offered" once
+/// this run has handed it to the pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Seen {
+    size: i64,
+    mtime_ns: i64,
+    attempts: i64,
+    outcome: &'static str,
+}
+
+/// Tries at a file that never finished (the daemon died or hung on it) before it is refused.
+const MAX_ATTEMPTS: i64 = 2;
+/// How often the directory is rescanned for files whose events were missed or that could
+/// not be read before.
+const RESCAN_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl DirectoryFeed {
     /// Watch the directory until `cancel`, sending samples to `tx` (waiting when it is full:
@@ -80,8 +116,15 @@ impl DirectoryFeed {
         let mut watcher = {
             let rescan = rescan.clone();
             let overflowed = overflowed.clone();
+            let watched = self.path.clone();
             notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
                 let lost = match res {
+                    // The directory itself was removed or moved: the rescan finds it gone and
+                    // the feed fails into its retry loop instead of going silent.
+                    Ok(ev) if ev.paths.contains(&watched) => {
+                        rescan.notify_one();
+                        false
+                    }
                     Ok(ev) => {
                         let wanted = matches!(
                             ev.kind,
@@ -115,15 +158,19 @@ impl DirectoryFeed {
 
         let mut seen = self.load_seen(&store).await?;
         let mut queue = self.scan()?;
+        let mut periodic =
+            tokio::time::interval_at(tokio::time::Instant::now() + RESCAN_EVERY, RESCAN_EVERY);
+        periodic.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             while let Some(path) = queue.pop() {
-                if !self.offer(&path, &mut seen, &tx, &cancel).await {
+                if !self.offer(&path, &store, &mut seen, &tx, &cancel).await {
                     return Ok(());
                 }
             }
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
                 Some(path) = ev_rx.recv() => queue.push(path),
+                _ = periodic.tick() => queue = self.scan()?,
                 _ = rescan.notified() => {
                     if overflowed.swap(false, Ordering::Relaxed) {
                         tracing::warn!(path = %self.path.display(), "file events were lost; rescanning");
@@ -134,21 +181,33 @@ impl DirectoryFeed {
         }
     }
 
-    async fn load_seen(&self, store: &Store) -> Result<HashMap<String, (i64, i64)>, FeedError> {
+    async fn load_seen(&self, store: &Store) -> Result<HashMap<String, Seen>, FeedError> {
         let pipeline = self.pipeline.clone();
         Ok(store
             .call(move |c| {
-                let mut stmt =
-                    c.prepare("SELECT name, size, mtime_ns FROM feed_files WHERE feed = ?1")?;
+                let mut stmt = c.prepare(
+                    "SELECT name, size, mtime_ns, attempts, outcome FROM feed_files WHERE feed = ?1",
+                )?;
                 let rows = stmt
-                    .query_map([pipeline], |r| Ok((r.get(0)?, (r.get(1)?, r.get(2)?))))?
+                    .query_map([pipeline], |r| {
+                        let outcome = match r.get::<_, String>(4)?.as_str() {
+                            "pending" => "pending",
+                            "refused" => "refused",
+                            _ => "result",
+                        };
+                        Ok((
+                            r.get(0)?,
+                            Seen { size: r.get(1)?, mtime_ns: r.get(2)?, attempts: r.get(3)?, outcome },
+                        ))
+                    })?
                     .collect::<Result<HashMap<_, _>, _>>()?;
                 Ok(rows)
             })
             .await?)
     }
 
-    /// Candidate files, returned so that `pop` yields them in name order.
+    /// Candidate files, returned so that `pop` yields them in name order. Fails if the
+    /// directory is gone.
     fn scan(&self) -> Result<Vec<PathBuf>, FeedError> {
         let read = std::fs::read_dir(&self.path).map_err(|e| FeedError::Watch {
             path: self.path.clone(),
@@ -172,10 +231,22 @@ impl DirectoryFeed {
     }
 
     /// Send one file if it is new or changed. False when the feed should stop.
+    fn done(&self, name: &str, size: i64, mtime_ns: i64, path: &Path) -> FileDone {
+        FileDone {
+            pipeline: self.pipeline.clone(),
+            name: name.to_string(),
+            size,
+            mtime_ns,
+            path: path.to_path_buf(),
+            on_done: self.on_done,
+        }
+    }
+
     async fn offer(
         &self,
         path: &Path,
-        seen: &mut HashMap<String, (i64, i64)>,
+        store: &Store,
+        seen: &mut HashMap<String, Seen>,
         tx: &mpsc::Sender<Sample>,
         cancel: &CancellationToken,
     ) -> bool {
@@ -200,10 +271,77 @@ impl DirectoryFeed {
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
             .map(|d| d.as_nanos() as i64)
             .unwrap_or(0);
-        if seen.get(&name) == Some(&(size, mtime_ns)) {
+        let known = seen
+            .get(&name)
+            .copied()
+            .filter(|k| k.size == size && k.mtime_ns == mtime_ns);
+        let attempts = match known {
+            Some(k) if k.outcome == "result" => {
+                // A crash between the commit and the delete left it behind: finish the job.
+                if self.on_done == OnDone::Delete {
+                    self.done(&name, size, mtime_ns, path).finish();
+                }
+                return true;
+            }
+            // Refused for good, or already handed to the engine in this run.
+            Some(k) if k.outcome == "refused" || k.outcome == "offered" => return true,
+            // Pending from an earlier run that never finished it.
+            Some(k) if k.attempts >= MAX_ATTEMPTS => {
+                tracing::error!(pipeline = %self.pipeline, file = %name, attempts = k.attempts,
+                    "the engine never finished this file; refusing it (it stays on disk)");
+                let done = self.done(&name, size, mtime_ns, path);
+                let stored = store
+                    .call(move |c| {
+                        let tx = c.transaction()?;
+                        done.record(&tx, Outcome::Refused)?;
+                        tx.commit()?;
+                        Ok(())
+                    })
+                    .await;
+                if let Err(e) = stored {
+                    tracing::error!(pipeline = %self.pipeline, error = %e, "could not record a refused file");
+                }
+                seen.insert(
+                    name,
+                    Seen {
+                        outcome: "refused",
+                        ..k
+                    },
+                );
+                return true;
+            }
+            Some(k) => k.attempts + 1,
+            None => 1,
+        };
+        // Count the attempt durably before the engine sees the file.
+        let attempt = {
+            let (feed, n) = (self.pipeline.clone(), name.clone());
+            store
+                .call(move |c| {
+                    c.execute(
+                        "INSERT INTO feed_files (feed, name, size, mtime_ns, attempts, outcome)
+                         VALUES (?1, ?2, ?3, ?4, ?5, 'pending')
+                         ON CONFLICT (feed, name) DO UPDATE SET size = excluded.size,
+                             mtime_ns = excluded.mtime_ns, attempts = excluded.attempts, outcome = 'pending'",
+                        rusqlite::params![feed, n, size, mtime_ns, attempts],
+                    )?;
+                    Ok(())
+                })
+                .await
+        };
+        if let Err(e) = attempt {
+            tracing::error!(pipeline = %self.pipeline, file = %name, error = %e, "could not record an attempt; will retry");
             return true;
         }
-        seen.insert(name.clone(), (size, mtime_ns));
+        seen.insert(
+            name.clone(),
+            Seen {
+                size,
+                mtime_ns,
+                attempts,
+                outcome: "offered",
+            },
+        );
         let ts_ms = now_ms();
         // Reading a file of up to max_file_bytes from flash can take a while: not on the runtime.
         let input = {
@@ -212,18 +350,18 @@ impl DirectoryFeed {
                 .await
                 .expect("file read task panicked")
         };
+        if let Err(e @ EngineError::Unreadable { .. }) = &input {
+            // Not the content's fault (permissions, a file replaced mid-read): try again at the
+            // next event or rescan rather than refusing it.
+            tracing::warn!(pipeline = %self.pipeline, error = %e, "file not readable yet");
+            seen.remove(&name);
+            return true;
+        }
         let sample = Sample {
             source: name.clone(),
             ts_ms,
             input,
-            done: Some(FileDone {
-                pipeline: self.pipeline.clone(),
-                name,
-                size,
-                mtime_ns,
-                path: path.to_path_buf(),
-                on_done: self.on_done,
-            }),
+            done: Some(self.done(&name, size, mtime_ns, path)),
         };
         tokio::select! {
             _ = cancel.cancelled() => false,
