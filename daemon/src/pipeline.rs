@@ -113,7 +113,17 @@ async fn serve(
 ) {
     while let Some(sample) = rx.recv().await {
         let result = match sample.input {
-            Ok(input) => pool.infer_waiting(input).await,
+            Ok(input) => {
+                if let Some(d) = sample.done.clone() {
+                    let begun = store.call(move |c| Ok(d.begin(c)?)).await;
+                    if let Err(e) = begun {
+                        tracing::error!(pipeline = %name, source = %sample.source, error = %e, "attempt not recorded; sample left for later");
+                        continue;
+                    }
+                }
+                crate::crash_point("infer:begun");
+                pool.infer_waiting(input).await
+            }
             Err(e) => Err(e),
         };
         let done = sample.done.clone();

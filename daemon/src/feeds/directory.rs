@@ -37,6 +37,8 @@ pub struct DirectoryFeed {
 #[derive(Debug, Clone)]
 pub struct FileDone {
     pub pipeline: String,
+    /// Attempts recorded before this one (0 for a new or changed file).
+    pub attempts: i64,
     pub name: String,
     pub size: i64,
     pub mtime_ns: i64,
@@ -63,6 +65,25 @@ impl Outcome {
 }
 
 impl FileDone {
+    /// Count an attempt, durably, just before the engine starts on the file; only the file
+    /// actually inside the engine is counted, not those queued behind it.
+    pub fn begin(&self, c: &rusqlite::Connection) -> rusqlite::Result<()> {
+        c.execute(
+            "INSERT INTO feed_files (feed, name, size, mtime_ns, attempts, outcome)
+             VALUES (?1, ?2, ?3, ?4, ?5, 'pending')
+             ON CONFLICT (feed, name) DO UPDATE SET size = excluded.size,
+                 mtime_ns = excluded.mtime_ns, attempts = excluded.attempts, outcome = 'pending'",
+            rusqlite::params![
+                self.pipeline,
+                self.name,
+                self.size,
+                self.mtime_ns,
+                self.attempts + 1
+            ],
+        )?;
+        Ok(())
+    }
+
     /// Record how the file ended; call inside the transaction that stores its result.
     pub fn record(&self, tx: &rusqlite::Transaction<'_>, outcome: Outcome) -> rusqlite::Result<()> {
         tx.execute(
@@ -234,6 +255,7 @@ impl DirectoryFeed {
     fn done(&self, name: &str, size: i64, mtime_ns: i64, path: &Path) -> FileDone {
         FileDone {
             pipeline: self.pipeline.clone(),
+            attempts: 0,
             name: name.to_string(),
             size,
             mtime_ns,
@@ -310,29 +332,9 @@ impl DirectoryFeed {
                 );
                 return true;
             }
-            Some(k) => k.attempts + 1,
-            None => 1,
+            Some(k) => k.attempts,
+            None => 0,
         };
-        // Count the attempt durably before the engine sees the file.
-        let attempt = {
-            let (feed, n) = (self.pipeline.clone(), name.clone());
-            store
-                .call(move |c| {
-                    c.execute(
-                        "INSERT INTO feed_files (feed, name, size, mtime_ns, attempts, outcome)
-                         VALUES (?1, ?2, ?3, ?4, ?5, 'pending')
-                         ON CONFLICT (feed, name) DO UPDATE SET size = excluded.size,
-                             mtime_ns = excluded.mtime_ns, attempts = excluded.attempts, outcome = 'pending'",
-                        rusqlite::params![feed, n, size, mtime_ns, attempts],
-                    )?;
-                    Ok(())
-                })
-                .await
-        };
-        if let Err(e) = attempt {
-            tracing::error!(pipeline = %self.pipeline, file = %name, error = %e, "could not record an attempt; will retry");
-            return true;
-        }
         seen.insert(
             name.clone(),
             Seen {
@@ -361,7 +363,10 @@ impl DirectoryFeed {
             source: name.clone(),
             ts_ms,
             input,
-            done: Some(self.done(&name, size, mtime_ns, path)),
+            done: Some(FileDone {
+                attempts,
+                ..self.done(&name, size, mtime_ns, path)
+            }),
         };
         tokio::select! {
             _ = cancel.cancelled() => false,

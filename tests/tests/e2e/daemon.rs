@@ -464,3 +464,68 @@ fn delete_feed_removes_done_files_and_keeps_bad_ones() {
     d.signal("TERM").unwrap();
     assert!(d.wait(T).unwrap().success());
 }
+
+/// A file the engine never finishes (here: the daemon dies right after starting on it, twice)
+/// is refused on the third start and left on disk; the files queued behind it are not
+/// blamed and all get results.
+#[test]
+fn a_file_that_keeps_killing_the_engine_is_refused_after_two_attempts() {
+    let s = demo_setup("");
+    crash_at(&s, "infer:begun");
+    crash_at(&s, "infer:begun");
+    let attempts =
+        "SELECT attempts FROM feed_files WHERE name = 'digit-0.png' AND outcome = 'pending'";
+    assert_eq!(count(&s.state, attempts), Some(2));
+    let mut notify = NotifySocket::new(s.dir.path()).unwrap();
+    let mut d = Daemon::spawn(&s.config, Some(&notify.path), &[]).unwrap();
+    notify.wait_for("READY=1", T).unwrap();
+    wait_results(&s.state, "digits", 11);
+    let refused =
+        "SELECT count(*) FROM feed_files WHERE name = 'digit-0.png' AND outcome = 'refused'";
+    wait_for("digit-0.png to be refused", T, || {
+        (count(&s.state, refused)? == 1).then_some(())
+    })
+    .unwrap();
+    let got = results(&s.state, "digits");
+    assert_eq!(got.len(), 11, "{got:?}");
+    assert!(!got.iter().any(|(src, _)| src == "digit-0.png"), "{got:?}");
+    assert!(
+        s.inbox.join("digit-0.png").exists(),
+        "a refused file must stay on disk"
+    );
+    assert!(
+        d.stderr().contains("the engine never finished this file"),
+        "{}",
+        d.stderr()
+    );
+    d.signal("TERM").unwrap();
+    assert!(d.wait(T).unwrap().success());
+}
+
+/// A crash between a result's commit and the file's deletion: the next start deletes the file
+/// without running it again.
+#[test]
+fn a_delete_interrupted_by_a_crash_is_finished_without_a_second_result() {
+    let s = demo_setup("");
+    let text = demo_config("").replace(
+        "path = \"demo/inbox\"",
+        "path = \"demo/inbox\"\non_done = \"delete\"",
+    );
+    std::fs::write(&s.config, text).unwrap();
+    crash_at(&s, "result:committed");
+    assert_eq!(count(&s.state, "SELECT count(*) FROM results"), Some(1));
+    assert!(
+        s.inbox.join("digit-0.png").exists(),
+        "the crash came before the delete"
+    );
+    let mut notify = NotifySocket::new(s.dir.path()).unwrap();
+    let mut d = Daemon::spawn(&s.config, Some(&notify.path), &[]).unwrap();
+    notify.wait_for("READY=1", T).unwrap();
+    wait_results(&s.state, "digits", 12);
+    let left = || std::fs::read_dir(&s.inbox).unwrap().count();
+    wait_for("the inbox to empty", T, || (left() == 0).then_some(())).unwrap();
+    let got = results(&s.state, "digits");
+    assert_eq!(got.len(), 12, "digit-0.png was run twice: {got:?}");
+    d.signal("TERM").unwrap();
+    assert!(d.wait(T).unwrap().success());
+}
