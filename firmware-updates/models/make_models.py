@@ -9,9 +9,10 @@ int8 form that tract runs *wrongly* (default QDQ quantises Softmax; tract then a
 every class). That last one is a test fixture: tern's load-time self-test must refuse it.
 
 The int8 forms use QOperator quantisation of Conv and MatMul only (QLinearConv /
-QLinearMatMul): FINDINGS.md measured those as both correct and fast in tract, whereas QDQ and
-dynamic quantisation are correct but 6-8x slower there, and QGemm/QLinearAdd do not load.
-That is also why the graphs use MatMul+Add rather than Gemm.
+QLinearMatMul), which tract runs correctly; QGemm/QLinearAdd (from Gemm or a full op set) do
+not load in tract, which is why the graphs use MatMul+Add rather than Gemm. On x86, tract runs
+every int8 form tried (QOperator, QDQ, dynamic) 13-16x slower than float for this CNN; the
+README's performance section has the figures.
 
 Outputs (relative to this file):
   <model>-<form>/model.onnx, tern-model.toml, golden/*.npy   the model packages

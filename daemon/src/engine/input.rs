@@ -374,3 +374,63 @@ fn filter(f: Filter) -> FilterType {
         Filter::Lanczos3 => FilterType::Lanczos3,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A manifest for a 4-wide, 2-high RGB model without resizing, NCHW.
+    fn wide() -> Manifest {
+        Manifest::parse(
+            r#"
+name = "wide"
+version = "1.0.0"
+[input]
+name = "input"
+dtype = "f32"
+shape = ["N", 3, 2, 4]
+layout = "nchw"
+[preprocess]
+color = "rgb"
+[output]
+name = "probs"
+[selftest]
+tolerance = 0.0
+[[selftest.golden]]
+input = "a.npy"
+output = "b.npy"
+"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn frames_keep_width_and_height_apart_and_land_in_planes() {
+        let m = wide();
+        // Pixel i has value (i, 100 + i, 200 + i) in R, G, B.
+        let data: Vec<u8> = (0..8u8).flat_map(|i| [i, 100 + i, 200 + i]).collect();
+        let frame = Input::Frame {
+            width: 4,
+            height: 2,
+            format: PixelFormat::Rgb24,
+            data,
+        };
+        let t = frame.prepare(&m).unwrap();
+        assert_eq!(t.shape, [1, 3, 2, 4]);
+        let want: Vec<f32> = (0..3)
+            .flat_map(|c| (0..8).map(move |i| (c * 100 + i) as f32))
+            .collect();
+        assert_eq!(t.data, want);
+        // The same bytes as 2 wide, 4 high are not the model's size, and it does not resize.
+        let tall = Input::Frame {
+            width: 2,
+            height: 4,
+            format: PixelFormat::Rgb24,
+            data: vec![0; 24],
+        };
+        match tall.prepare(&m) {
+            Err(EngineError::Input { message }) => assert!(message.contains("2x4"), "{message}"),
+            other => panic!("{other:?}"),
+        }
+    }
+}
