@@ -326,7 +326,11 @@ fn normalize(p: &Path) -> PathBuf {
 /// Make the relative paths of one file relative to that file's directory, before merging
 /// loses track of which file a value came from.
 fn anchor_paths(table: &mut toml::Table, dir: &Path) {
-    let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+    // The file's real directory: folding `..` below is lexical, so start from a path with no
+    // symbolic links in it.
+    let dir = std::fs::canonicalize(dir)
+        .or_else(|_| std::path::absolute(dir))
+        .unwrap_or_else(|_| dir.to_path_buf());
     let anchor = |v: &mut toml::Value| {
         if let toml::Value::String(s) = v
             && Path::new(s.as_str()).is_relative()

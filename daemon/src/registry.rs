@@ -237,6 +237,17 @@ impl Registry {
                 None => true,
                 Some(a) => !installed.ever_activated && a.version() != &installed.version,
             };
+            if !needs
+                && let Some(a) = &active
+                && a.version() != &installed.version
+            {
+                tracing::warn!(
+                    model = %m.name,
+                    configured = %installed.version,
+                    active = %a.version(),
+                    "keeping the active version: the configured one was active before and was replaced since (rollback or update)"
+                );
+            }
             if needs {
                 if let Err(e) = self.activate(&m.name, &installed.version, m.pool).await {
                     tracing::error!(model = %m.name, error = %e, "model not activated");

@@ -40,8 +40,9 @@ pub fn bin(name: &str) -> PathBuf {
             .expect("running cargo");
         assert!(status.success(), "cargo test --workspace --no-run failed");
     });
+    // A relative CARGO_TARGET_DIR is relative to the workspace, where cargo ran.
     let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
+        .map(|t| root().join(t))
         .unwrap_or_else(|| root().join("target"));
     target.join("debug").join(name)
 }

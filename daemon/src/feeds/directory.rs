@@ -116,8 +116,10 @@ struct Seen {
     outcome: &'static str,
 }
 
-/// Tries at a file that never finished (the daemon died or hung on it) before it is refused.
-const MAX_ATTEMPTS: i64 = 2;
+/// Tries at a file that never finished (the daemon died or hung on it) before it is refused:
+/// enough that a power cut during a file does not cost it, few enough that a file that kills
+/// the engine does not keep the box in a restart loop.
+const MAX_ATTEMPTS: i64 = 3;
 /// How often the directory is rescanned for files whose events were missed or that could
 /// not be read before.
 const RESCAN_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
