@@ -270,12 +270,13 @@ impl Registry {
     pub async fn install(&mut self, package: &Path) -> Result<Installed, RegistryError> {
         let package = package.to_path_buf();
         let models_dir = self.models_dir.clone();
+        // Hashing and the manifest are cheap; loading and self-testing the model is not, and
+        // an identical version already installed was verified when it was installed (and is
+        // self-tested again whenever it is loaded to run), so only a new version pays for it.
         let (manifest, digest) = tokio::task::spawn_blocking({
             let package = package.clone();
             move || -> Result<(Manifest, String), RegistryError> {
-                let model = Model::load(&package, std::num::NonZeroUsize::MIN)?;
-                let digest = package_digest(&package)?;
-                Ok((model.manifest.clone(), digest))
+                Ok((Manifest::read(&package)?, package_digest(&package)?))
             }
         })
         .await
@@ -311,6 +312,16 @@ impl Registry {
             }
             tracing::warn!(model = %name, %version, path = %row.path.display(), "installed copy is missing or damaged; copying it again");
         }
+        // Verify before touching disk: a package that would be refused is never copied.
+        tokio::task::spawn_blocking({
+            let package = package.clone();
+            move || Model::load(&package, std::num::NonZeroUsize::MIN).map(drop)
+        })
+        .await
+        .map_err(|e| RegistryError::Package {
+            path: package.clone(),
+            message: format!("verification failed: {e}"),
+        })??;
         tokio::task::spawn_blocking({
             let dest = dest.clone();
             move || copy_package(&package, &dest)
