@@ -89,7 +89,6 @@ ALTER TABLE feed_files ADD COLUMN outcome TEXT NOT NULL DEFAULT 'result'
 #[derive(Clone)]
 pub struct Store {
     tx: mpsc::Sender<Job>,
-    path: PathBuf,
 }
 
 impl Store {
@@ -135,14 +134,7 @@ impl Store {
                 }
             })
             .expect("spawning the store thread");
-        Ok(Store {
-            tx,
-            path: path.to_path_buf(),
-        })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
+        Ok(Store { tx })
     }
 
     /// Run `f` on the database thread and return its result.
@@ -157,22 +149,6 @@ impl Store {
         });
         self.tx.send(job).await.map_err(|_| StoreError::Stopped)?;
         rx.await.map_err(|_| StoreError::Stopped)?
-    }
-
-    /// [`call`](Self::call) from a thread that is not async.
-    pub fn call_blocking<T, F>(&self, f: F) -> Result<T, StoreError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
-    {
-        let (reply, rx) = oneshot::channel();
-        let job: Job = Box::new(move |conn| {
-            let _ = reply.send(f(conn));
-        });
-        self.tx
-            .blocking_send(job)
-            .map_err(|_| StoreError::Stopped)?;
-        rx.blocking_recv().map_err(|_| StoreError::Stopped)?
     }
 }
 

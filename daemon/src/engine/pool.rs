@@ -103,10 +103,6 @@ impl ModelPool {
         &self.inner.stats
     }
 
-    pub fn queue_depth(&self) -> usize {
-        self.inner.tx.len()
-    }
-
     /// Queue an inference; a full queue is answered with `Busy` at once.
     pub fn try_submit(
         &self,

@@ -106,14 +106,23 @@ impl FileDone {
     }
 }
 
-/// What is known about a file the feed has seen: its row in the database, or "offered" once
+/// What is known about a file the feed has seen: its row in the database, or `Offered` once
 /// this run has handed it to the pipeline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Seen {
     size: i64,
     mtime_ns: i64,
     attempts: i64,
-    outcome: &'static str,
+    state: FileState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FileState {
+    /// The engine started on it in an earlier run and never finished.
+    Pending,
+    Done(Outcome),
+    /// Handed to the pipeline in this run (kept in memory only).
+    Offered,
 }
 
 /// Tries at a file that never finished (the daemon died or hung on it) before it is refused:
@@ -213,14 +222,14 @@ impl DirectoryFeed {
                 )?;
                 let rows = stmt
                     .query_map([pipeline], |r| {
-                        let outcome = match r.get::<_, String>(4)?.as_str() {
-                            "pending" => "pending",
-                            "refused" => "refused",
-                            _ => "result",
+                        let state = match r.get::<_, String>(4)?.as_str() {
+                            "pending" => FileState::Pending,
+                            "refused" => FileState::Done(Outcome::Refused),
+                            _ => FileState::Done(Outcome::Result),
                         };
                         Ok((
                             r.get(0)?,
-                            Seen { size: r.get(1)?, mtime_ns: r.get(2)?, attempts: r.get(3)?, outcome },
+                            Seen { size: r.get(1)?, mtime_ns: r.get(2)?, attempts: r.get(3)?, state },
                         ))
                     })?
                     .collect::<Result<HashMap<_, _>, _>>()?;
@@ -300,7 +309,7 @@ impl DirectoryFeed {
             .copied()
             .filter(|k| k.size == size && k.mtime_ns == mtime_ns);
         let attempts = match known {
-            Some(k) if k.outcome == "result" => {
+            Some(k) if k.state == FileState::Done(Outcome::Result) => {
                 // A crash between the commit and the delete left it behind: finish the job.
                 if self.on_done == OnDone::Delete {
                     self.done(&name, size, mtime_ns, path).finish();
@@ -308,7 +317,14 @@ impl DirectoryFeed {
                 return true;
             }
             // Refused for good, or already handed to the engine in this run.
-            Some(k) if k.outcome == "refused" || k.outcome == "offered" => return true,
+            Some(k)
+                if matches!(
+                    k.state,
+                    FileState::Done(Outcome::Refused) | FileState::Offered
+                ) =>
+            {
+                return true;
+            }
             // Pending from an earlier run that never finished it.
             Some(k) if k.attempts >= MAX_ATTEMPTS => {
                 tracing::error!(pipeline = %self.pipeline, file = %name, attempts = k.attempts,
@@ -328,7 +344,7 @@ impl DirectoryFeed {
                 seen.insert(
                     name,
                     Seen {
-                        outcome: "refused",
+                        state: FileState::Done(Outcome::Refused),
                         ..k
                     },
                 );
@@ -343,7 +359,7 @@ impl DirectoryFeed {
                 size,
                 mtime_ns,
                 attempts,
-                outcome: "offered",
+                state: FileState::Offered,
             },
         );
         let ts_ms = now_ms();
