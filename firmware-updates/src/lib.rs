@@ -1,5 +1,7 @@
-//! tern update bundles: the format, signing and verification shared by the `tern-update`
-//! operator tool and the daemon.
+//! tern update bundles and signed commands: the formats, signing and verification shared by the
+//! `tern-update` operator tool and the daemon.
 //!
-//! Empty on purpose for now: the bundle format, Ed25519 signing and verification land with the
-//! over-the-air update work. The model packages this crate will bundle live in `models/`.
+//! Bundles (model packages with signed manifests) land with the over-the-air update work; the
+//! signed-command scheme used by the fleet link is here now.
+
+pub mod command;
