@@ -41,6 +41,70 @@ pub struct RawConfig {
     pub feeds: Vec<RawFeed>,
     #[serde(default)]
     pub pipelines: Vec<RawPipeline>,
+    pub fleet: Option<RawFleet>,
+    #[serde(default)]
+    pub outbox: RawOutbox,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFleet {
+    /// `mqtt://host[:port]` or `mqtts://host[:port]`.
+    pub broker: String,
+    pub device: String,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    pub prefix: Option<String>,
+    pub protocol: Option<Protocol>,
+    pub client_id: Option<String>,
+    pub keep_alive_secs: Option<u64>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub telemetry_secs: Option<u64>,
+    pub reconnect_max_secs: Option<u64>,
+    #[serde(default)]
+    pub commands: RawCommands,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum Protocol {
+    #[default]
+    #[serde(rename = "v5")]
+    V5,
+    #[serde(rename = "v3.1.1")]
+    V311,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCommands {
+    /// Ed25519 public keys (base64) whose signatures state-changing commands must carry.
+    #[serde(default)]
+    pub keys: Vec<String>,
+    pub require_signed: Option<SignPolicy>,
+    pub max_skew_secs: Option<u64>,
+    pub max_payload_bytes: Option<usize>,
+    pub queue: Option<NonZeroUsize>,
+}
+
+/// Which commands must be signed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SignPolicy {
+    None,
+    StateChanging,
+    All,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOutbox {
+    /// Disk budget for messages waiting for the broker, in MiB.
+    pub budget_mib: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -106,7 +170,56 @@ pub struct Config {
     pub models: Vec<ModelConfig>,
     pub feeds: Vec<FeedConfig>,
     pub pipelines: Vec<PipelineConfig>,
+    pub fleet: Option<FleetConfig>,
+    pub outbox: OutboxConfig,
 }
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct FleetConfig {
+    pub host: String,
+    pub port: u16,
+    pub tls: Option<TlsConfig>,
+    pub device: String,
+    pub groups: Vec<String>,
+    pub prefix: String,
+    pub protocol: Protocol,
+    pub client_id: String,
+    pub keep_alive: std::time::Duration,
+    pub credentials: Option<(String, String)>,
+    pub telemetry_every: std::time::Duration,
+    pub reconnect_max: std::time::Duration,
+    pub commands: CommandsConfig,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsConfig {
+    /// None: the system's trusted roots.
+    pub ca_file: Option<PathBuf>,
+    pub client: Option<(PathBuf, PathBuf)>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommandsConfig {
+    pub keys: Vec<tern_update::command::PublicKey>,
+    pub require_signed: SignPolicy,
+    pub max_skew_secs: i64,
+    pub max_payload_bytes: usize,
+    pub queue: NonZeroUsize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutboxConfig {
+    pub budget_bytes: u64,
+}
+
+pub const DEFAULT_PREFIX: &str = "tern";
+pub const DEFAULT_KEEP_ALIVE_SECS: u64 = 30;
+pub const DEFAULT_TELEMETRY_SECS: u64 = 60;
+pub const DEFAULT_RECONNECT_MAX_SECS: u64 = 60;
+pub const DEFAULT_MAX_SKEW_SECS: u64 = 300;
+pub const DEFAULT_MAX_COMMAND_BYTES: usize = 1024 * 1024;
+pub const DEFAULT_COMMAND_QUEUE: usize = 32;
+pub const DEFAULT_OUTBOX_BUDGET_MIB: u64 = 64;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
@@ -342,6 +455,13 @@ fn anchor_paths(table: &mut toml::Table, dir: &Path) {
     };
     if let Some(v) = table.get_mut("state_dir") {
         anchor(v);
+    }
+    if let Some(toml::Value::Table(fleet)) = table.get_mut("fleet") {
+        for key in ["ca_file", "cert_file", "key_file", "password_file"] {
+            if let Some(v) = fleet.get_mut(key) {
+                anchor(v);
+            }
+        }
     }
     for (array, key) in [("models", "package"), ("feeds", "path")] {
         if let Some(toml::Value::Array(items)) = table.get_mut(array) {
@@ -622,6 +742,18 @@ fn validate(raw: RawConfig, base: &Path, sources: &[Source]) -> Result<Config, C
         }
     }
 
+    let fleet = raw
+        .fleet
+        .as_ref()
+        .and_then(|f| validate_fleet(f, &resolve, &mut report));
+    let budget_mib = raw.outbox.budget_mib.unwrap_or(DEFAULT_OUTBOX_BUDGET_MIB);
+    if budget_mib == 0 {
+        report("outbox.budget_mib".into(), "must be above 0".into());
+    }
+    let outbox = OutboxConfig {
+        budget_bytes: budget_mib.saturating_mul(1024 * 1024),
+    };
+
     if problems.is_empty() {
         Ok(Config {
             state_dir,
@@ -629,10 +761,214 @@ fn validate(raw: RawConfig, base: &Path, sources: &[Source]) -> Result<Config, C
             models,
             feeds,
             pipelines,
+            fleet,
+            outbox,
         })
     } else {
         Err(ConfigError(problems))
     }
+}
+
+/// A topic level we build topics from: no wildcards, no separators, not empty.
+fn topic_level_problem(s: &str) -> Option<&'static str> {
+    if s.is_empty() {
+        Some("must not be empty")
+    } else if s.contains(['/', '+', '#', '\0']) {
+        Some("must not contain `/`, `+`, `#` or NUL")
+    } else if s.len() > 128 {
+        Some("must be at most 128 bytes")
+    } else {
+        None
+    }
+}
+
+fn validate_fleet(
+    f: &RawFleet,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+    report: &mut dyn FnMut(String, String),
+) -> Option<FleetConfig> {
+    let found = std::cell::Cell::new(0usize);
+    let mut bad = |key: &str, message: String| {
+        found.set(found.get() + 1);
+        report(format!("fleet.{key}"), message);
+    };
+    let (scheme, rest) = f.broker.split_once("://").unwrap_or(("", &f.broker));
+    let tls = match scheme {
+        "mqtt" | "tcp" => false,
+        "mqtts" | "ssl" => true,
+        _ => {
+            bad(
+                "broker",
+                format!(
+                    "`{}` is not a broker URL: expected mqtt://host[:port] or mqtts://host[:port]",
+                    f.broker
+                ),
+            );
+            false
+        }
+    };
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => match p.parse::<u16>() {
+            Ok(p) if p > 0 => (h.trim_matches(['[', ']']).to_string(), p),
+            _ => {
+                bad("broker", format!("`{p}` is not a port number"));
+                (h.to_string(), 0)
+            }
+        },
+        _ => (rest.to_string(), if tls { 8883 } else { 1883 }),
+    };
+    if host.is_empty() || host.contains('/') {
+        bad("broker", format!("`{}` names no host", f.broker));
+    }
+    if let Some(why) = topic_level_problem(&f.device) {
+        bad("device", format!("`{}` {why}", f.device));
+    }
+    for (i, g) in f.groups.iter().enumerate() {
+        if let Some(why) = topic_level_problem(g) {
+            bad(&format!("groups[{i}]"), format!("`{g}` {why}"));
+        }
+    }
+    let prefix = f.prefix.clone().unwrap_or_else(|| DEFAULT_PREFIX.into());
+    if prefix.is_empty()
+        || prefix.starts_with('/')
+        || prefix.ends_with('/')
+        || prefix.contains(['+', '#', '\0'])
+    {
+        bad(
+            "prefix",
+            format!("`{prefix}` must be a topic without wildcards or a leading/trailing `/`"),
+        );
+    }
+    let keep_alive = f.keep_alive_secs.unwrap_or(DEFAULT_KEEP_ALIVE_SECS);
+    if !(5..=65535).contains(&keep_alive) {
+        bad("keep_alive_secs", "must be between 5 and 65535".into());
+    }
+    let telemetry = f.telemetry_secs.unwrap_or(DEFAULT_TELEMETRY_SECS);
+    if telemetry == 0 {
+        bad("telemetry_secs", "must be above 0".into());
+    }
+    let reconnect_max = f.reconnect_max_secs.unwrap_or(DEFAULT_RECONNECT_MAX_SECS);
+    if reconnect_max == 0 {
+        bad("reconnect_max_secs", "must be above 0".into());
+    }
+    let password = match (&f.password, &f.password_file) {
+        (Some(_), Some(_)) => {
+            bad(
+                "password_file",
+                "set either password or password_file, not both".into(),
+            );
+            None
+        }
+        (Some(p), None) => Some(p.clone()),
+        (None, Some(file)) => match std::fs::read_to_string(resolve(file)) {
+            Ok(p) => Some(p.trim_end_matches(['\r', '\n']).to_string()),
+            Err(e) => {
+                bad(
+                    "password_file",
+                    format!("cannot read `{}`: {e}", file.display()),
+                );
+                None
+            }
+        },
+        (None, None) => None,
+    };
+    let credentials = match (&f.username, password) {
+        (Some(u), p) => Some((u.clone(), p.unwrap_or_default())),
+        (None, Some(_)) => {
+            bad("username", "a password is set but no username".into());
+            None
+        }
+        (None, None) => None,
+    };
+    let tls_config = if tls {
+        let client = match (&f.cert_file, &f.key_file) {
+            (Some(c), Some(k)) => Some((resolve(c), resolve(k))),
+            (None, None) => None,
+            (Some(_), None) => {
+                bad("key_file", "cert_file is set but key_file is not".into());
+                None
+            }
+            (None, Some(_)) => {
+                bad("cert_file", "key_file is set but cert_file is not".into());
+                None
+            }
+        };
+        let t = TlsConfig {
+            ca_file: f.ca_file.as_deref().map(resolve),
+            client,
+        };
+        if let Err((key, e)) = crate::fleet::tls::client_config(&t) {
+            bad(key, e);
+        }
+        Some(t)
+    } else {
+        for (key, set) in [
+            ("ca_file", f.ca_file.is_some()),
+            ("cert_file", f.cert_file.is_some()),
+            ("key_file", f.key_file.is_some()),
+        ] {
+            if set {
+                bad(
+                    key,
+                    format!("is set but the broker URL `{}` is not mqtts://", f.broker),
+                );
+            }
+        }
+        None
+    };
+    let mut keys = Vec::new();
+    for (i, k) in f.commands.keys.iter().enumerate() {
+        match tern_update::command::PublicKey::parse(k) {
+            Ok(k) => keys.push(k),
+            Err(e) => bad(&format!("commands.keys[{i}]"), e.to_string()),
+        }
+    }
+    let require_signed = f.commands.require_signed.unwrap_or(if keys.is_empty() {
+        SignPolicy::None
+    } else {
+        SignPolicy::StateChanging
+    });
+    if require_signed != SignPolicy::None && f.commands.keys.is_empty() {
+        bad(
+            "commands.require_signed",
+            "commands must be signed but no commands.keys are configured".into(),
+        );
+    }
+    let max_payload_bytes = f
+        .commands
+        .max_payload_bytes
+        .unwrap_or(DEFAULT_MAX_COMMAND_BYTES);
+    if !(256..=64 * 1024 * 1024).contains(&max_payload_bytes) {
+        bad(
+            "commands.max_payload_bytes",
+            "must be between 256 and 67108864".into(),
+        );
+    }
+    (found.get() == 0).then(|| FleetConfig {
+        host,
+        port,
+        tls: tls_config,
+        device: f.device.clone(),
+        groups: f.groups.clone(),
+        prefix,
+        protocol: f.protocol.unwrap_or_default(),
+        client_id: f
+            .client_id
+            .clone()
+            .unwrap_or_else(|| format!("tern-{}", f.device)),
+        keep_alive: std::time::Duration::from_secs(keep_alive),
+        credentials,
+        telemetry_every: std::time::Duration::from_secs(telemetry),
+        reconnect_max: std::time::Duration::from_secs(reconnect_max),
+        commands: CommandsConfig {
+            keys,
+            require_signed,
+            max_skew_secs: f.commands.max_skew_secs.unwrap_or(DEFAULT_MAX_SKEW_SECS) as i64,
+            max_payload_bytes,
+            queue: f.commands.queue.unwrap_or(nz(DEFAULT_COMMAND_QUEUE)),
+        },
+    })
 }
 
 #[cfg(test)]

@@ -2,8 +2,11 @@
 //! binaries share one implementation. `main.rs` only parses arguments and wires these up.
 
 pub mod config;
+pub mod control;
 pub mod engine;
 pub mod feeds;
+pub mod fleet;
+pub mod outbox;
 pub mod pipeline;
 pub mod registry;
 pub mod service;

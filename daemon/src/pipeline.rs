@@ -20,6 +20,7 @@ use crate::config::{FeedConfig, PipelineConfig};
 use crate::engine::{EngineError, ModelPool, Prediction};
 use crate::feeds::Sample;
 use crate::feeds::directory::{DirectoryFeed, Outcome};
+use crate::outbox::{Class, Outbox};
 use crate::store::Store;
 
 /// Samples waiting between a feed and its pipeline.
@@ -36,6 +37,7 @@ pub struct PipelineStats {
 /// A running pipeline: its two tasks and its counters.
 pub struct Running {
     pub name: String,
+    pub feed: String,
     pub model: String,
     pub stats: Arc<PipelineStats>,
     pub cancel: CancellationToken,
@@ -49,6 +51,7 @@ pub fn spawn(
     feed: &FeedConfig,
     pool: ModelPool,
     store: Store,
+    outbox: Option<Outbox>,
     cancel: CancellationToken,
 ) -> Running {
     let (tx, rx) = mpsc::channel(SAMPLE_QUEUE);
@@ -93,9 +96,17 @@ pub fn spawn(
             })
         }
     };
-    let task = tokio::spawn(serve(cfg.name.clone(), pool, store, rx, stats.clone()));
+    let task = tokio::spawn(serve(
+        cfg.name.clone(),
+        pool,
+        store,
+        outbox,
+        rx,
+        stats.clone(),
+    ));
     Running {
         name: cfg.name.clone(),
+        feed: cfg.feed.clone(),
         model: cfg.model.clone(),
         stats,
         cancel,
@@ -108,6 +119,7 @@ async fn serve(
     name: String,
     pool: ModelPool,
     store: Store,
+    outbox: Option<Outbox>,
     mut rx: mpsc::Receiver<Sample>,
     stats: Arc<PipelineStats>,
 ) {
@@ -160,11 +172,35 @@ async fn serve(
         let delete_ok = outcome.is_some();
         let (pname, source, ts) = (name.clone(), sample.source.clone(), sample.ts_ms);
         let record = done.clone();
+        let ob = outbox.clone();
+        let published = outcome.is_some() && outbox.is_some();
         let stored = store
             .call(move |c| {
                 let tx = c.transaction()?;
                 if let Some(pred) = outcome {
-                    insert_result(&tx, &pname, &source, ts, &pred)?;
+                    let id = insert_result(&tx, &pname, &source, ts, &pred)?;
+                    // The result and its upstream message commit together: a result is never
+                    // stored without being on its way to the fleet, nor sent without being stored.
+                    if let Some(ob) = &ob {
+                        let body = serde_json::json!({
+                            "id": id,
+                            "pipeline": pname,
+                            "source": source,
+                            "ts_ms": ts,
+                            "model": pred.model,
+                            "version": pred.version,
+                            "top": pred.top,
+                            "latency_us": pred.latency_us,
+                        });
+                        let topic = format!("{}/results/{pname}", ob.base);
+                        ob.enqueue(
+                            &tx,
+                            &format!("results/{pname}"),
+                            Class::Result,
+                            &topic,
+                            body,
+                        )?;
+                    }
                 }
                 if let Some(d) = &record {
                     d.record(
@@ -183,6 +219,9 @@ async fn serve(
         crate::crash_point("result:committed");
         match stored {
             Ok(()) => {
+                if let Some(ob) = outbox.as_ref().filter(|_| published) {
+                    ob.wake();
+                }
                 if let Some(d) = done.filter(|_| delete_ok) {
                     d.finish();
                 }
@@ -198,7 +237,7 @@ fn insert_result(
     source: &str,
     ts_ms: i64,
     p: &Prediction,
-) -> rusqlite::Result<()> {
+) -> rusqlite::Result<i64> {
     let top = serde_json::to_string(&p.top).expect("classes serialise");
     let first = p.top.first();
     tx.execute(
@@ -216,5 +255,5 @@ fn insert_result(
             p.latency_us as i64
         ],
     )?;
-    Ok(())
+    Ok(tx.last_insert_rowid())
 }

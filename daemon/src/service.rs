@@ -18,11 +18,14 @@ use std::time::Duration;
 
 use sd_notify::NotifyState;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::{Mutex, watch};
+use tokio::sync::{Mutex, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, Config, PoolConfig};
+use crate::control::{Control, DaemonState, PipelineInfo, ReloadRequest};
 use crate::engine::ModelPool;
+use crate::fleet;
+use crate::outbox::Outbox;
 use crate::pipeline;
 use crate::registry::{self, Registry};
 use crate::store::Store;
@@ -30,8 +33,7 @@ use crate::store::Store;
 /// How long SIGTERM waits for pipelines to drain before giving up on them.
 pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
 
-/// Changes the log filter on reload.
-pub type LogReload = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+pub use crate::control::LogReload;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -66,6 +68,8 @@ struct Daemon {
     pipelines: Vec<pipeline::Running>,
     pools_tx: watch::Sender<Vec<ModelPool>>,
     cancel: CancellationToken,
+    outbox: Option<Outbox>,
+    control: Option<Control>,
 }
 
 /// Run the daemon until SIGTERM or SIGINT.
@@ -96,16 +100,53 @@ pub async fn run(
     }
     let (pools_tx, pools_rx) = watch::channel(Vec::new());
     let cancel = CancellationToken::new();
+    // Upstream messages are only kept while there is a broker to send them to; without one
+    // the outbox would grow until its budget and then drop.
+    let outbox = config.fleet.as_ref().map(|f| {
+        Outbox::new(
+            format!("{}/{}", f.prefix, f.device),
+            config.outbox.budget_bytes,
+        )
+    });
+    let registry = Arc::new(Mutex::new(reg));
+    let (reload_tx, mut reload_rx) = mpsc::channel::<ReloadRequest>(4);
+    let control = Control::new(
+        registry.clone(),
+        store.clone(),
+        outbox.clone(),
+        DaemonState {
+            config: config.clone(),
+            pipelines: Vec::new(),
+            summary: "starting".into(),
+        },
+        reload_tx,
+        log_reload,
+    );
     let mut daemon = Daemon {
         config: config.clone(),
         store,
-        registry: Arc::new(Mutex::new(reg)),
+        registry,
         pipelines: Vec::new(),
         pools_tx,
         cancel: cancel.clone(),
+        outbox: outbox.clone(),
+        control: Some(control.clone()),
     };
-    let problems = daemon.apply(config).await;
+    let problems = daemon.apply(config.clone()).await;
     let summary = daemon.summary(problems);
+    daemon.publish_state(&summary);
+
+    let fleet = match (&config.fleet, outbox) {
+        (Some(f), Some(ob)) => match fleet::spawn(f, control.clone(), ob) {
+            Ok(fl) => Some(fl),
+            Err(e) => {
+                // check-config builds the same TLS setup, so this is a file changed since.
+                tracing::error!(error = %e, "fleet link not started");
+                None
+            }
+        },
+        _ => None,
+    };
     tracing::info!(status = %summary, "ready");
     notify(&[NotifyState::Ready, NotifyState::Status(&summary)]);
 
@@ -113,7 +154,13 @@ pub async fn run(
 
     loop {
         tokio::select! {
-            _ = hup.recv() => daemon.reload(config_path, &log_reload).await,
+            _ = hup.recv() => {
+                let _ = daemon.reload(config_path).await;
+            }
+            Some(req) = reload_rx.recv() => {
+                let r = daemon.reload(config_path).await;
+                let _ = req.send(r);
+            }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -124,6 +171,10 @@ pub async fn run(
         NotifyState::Status("stopping: draining pipelines"),
     ]);
     let result = daemon.stop_pipelines().await;
+    // After the pipelines: results of the drain are in the outbox and go out next time.
+    if let Some(f) = fleet {
+        f.stop().await;
+    }
     cancel.cancel();
     let _ = watchdog.await;
     result.map_err(ServiceError::Hung)
@@ -160,6 +211,7 @@ impl Daemon {
                         feed,
                         pool,
                         self.store.clone(),
+                        self.outbox.clone(),
                         self.cancel.child_token(),
                     );
                     self.pipelines.push(run);
@@ -181,7 +233,28 @@ impl Daemon {
         problems
     }
 
-    async fn reload(&mut self, path: &Path, log_reload: &LogReload) {
+    /// Tell the command side what is running now.
+    fn publish_state(&self, summary: &str) {
+        if let Some(c) = &self.control {
+            c.set_state(DaemonState {
+                config: self.config.clone(),
+                pipelines: self
+                    .pipelines
+                    .iter()
+                    .map(|p| PipelineInfo {
+                        name: p.name.clone(),
+                        feed: p.feed.clone(),
+                        model: p.model.clone(),
+                        stats: p.stats.clone(),
+                    })
+                    .collect(),
+                summary: summary.to_string(),
+            });
+        }
+    }
+
+    /// Reload the configuration: the new status, or why the new configuration was refused.
+    async fn reload(&mut self, path: &Path) -> Result<String, String> {
         notify(&[
             NotifyState::Reloading,
             NotifyState::monotonic_usec_now().unwrap_or(NotifyState::Status("reloading")),
@@ -193,13 +266,16 @@ impl Daemon {
                 .await
                 .expect("config load panicked")
         };
-        let summary = match loaded {
+        let result = match loaded {
             Err(e) => {
                 tracing::error!("new configuration refused, keeping the running one: {e}");
-                format!(
+                Err(format!(
                     "reload refused: {}",
-                    e.0.first().map(|p| p.to_string()).unwrap_or_default()
-                )
+                    e.0.iter()
+                        .map(|p| p.to_string())
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ))
             }
             Ok(mut new) => {
                 if new.state_dir != self.config.state_dir {
@@ -210,15 +286,30 @@ impl Daemon {
                     );
                     new.state_dir = self.config.state_dir.clone();
                 }
-                if let Err(e) = log_reload(&new.log_level) {
+                if new.fleet != self.config.fleet || new.outbox != self.config.outbox {
+                    tracing::warn!(
+                        "fleet and outbox changes need a restart; keeping the running ones"
+                    );
+                    new.fleet = self.config.fleet.clone();
+                    new.outbox = self.config.outbox;
+                }
+                if let Some(c) = &self.control
+                    && let Err(e) = c.set_log_level(&new.log_level)
+                {
                     tracing::warn!(error = %e, "log level not changed");
                 }
                 let problems = self.apply(new).await;
-                self.summary(problems)
+                let summary = self.summary(problems);
+                self.publish_state(&summary);
+                Ok(summary)
             }
+        };
+        let summary = match &result {
+            Ok(s) | Err(s) => s.clone(),
         };
         tracing::info!(status = %summary, "reloaded");
         notify(&[NotifyState::Ready, NotifyState::Status(&summary)]);
+        result
     }
 
     /// Stop every pipeline: feeds first, then let each pipeline drain what is queued.

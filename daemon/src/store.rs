@@ -83,6 +83,57 @@ ALTER TABLE feed_files ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE feed_files ADD COLUMN outcome TEXT NOT NULL DEFAULT 'result'
     CHECK (outcome IN ('pending', 'result', 'refused'));
 "#,
+    r#"
+-- Everything bound for the broker waits here until its PUBACK. `lane` 0 (events, telemetry)
+-- is sent ahead of lane 1 (results) so a results backlog never holds live traffic back;
+-- `class` orders what a full disk budget drops first (0 telemetry, 1 results, 2 events).
+-- AUTOINCREMENT: ids never come back after the table empties, so "sent up to id N" cursors
+-- stay right.
+CREATE TABLE outbox (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    stream     TEXT NOT NULL,
+    seq        INTEGER NOT NULL,
+    class      INTEGER NOT NULL,
+    lane       INTEGER NOT NULL,
+    topic      TEXT NOT NULL,
+    payload    BLOB NOT NULL,
+    size       INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL
+);
+CREATE INDEX outbox_lane ON outbox (lane, id);
+CREATE INDEX outbox_class ON outbox (class, id);
+CREATE TABLE outbox_streams (
+    stream        TEXT PRIMARY KEY,
+    next_seq      INTEGER NOT NULL,
+    dropped       INTEGER NOT NULL DEFAULT 0,
+    dropped_first INTEGER,
+    dropped_last  INTEGER
+);
+CREATE TABLE outbox_totals (
+    one   INTEGER PRIMARY KEY CHECK (one = 1),
+    rows  INTEGER NOT NULL,
+    bytes INTEGER NOT NULL
+);
+INSERT INTO outbox_totals VALUES (1, 0, 0);
+
+-- Replies to fleet commands by id, so a repeated id gets the first reply and does nothing
+-- twice, across restarts; and the nonces of signed commands, so none is accepted twice.
+CREATE TABLE command_replies (
+    id    TEXT PRIMARY KEY,
+    reply TEXT NOT NULL,
+    ts_ms INTEGER NOT NULL
+);
+CREATE INDEX command_replies_ts ON command_replies (ts_ms);
+CREATE TABLE command_nonces (
+    nonce TEXT PRIMARY KEY,
+    ts_ms INTEGER NOT NULL
+);
+CREATE TABLE fleet_sessions (
+    one     INTEGER PRIMARY KEY CHECK (one = 1),
+    counter INTEGER NOT NULL
+);
+INSERT INTO fleet_sessions VALUES (1, 0);
+"#,
 ];
 
 /// Handle to the database thread; cheap to clone.

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 pub use anyhow::{Context, Result, anyhow, bail, ensure};
 
+pub mod mqtt;
+
 /// The workspace root (this crate lives in `<root>/tests`).
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -34,6 +34,59 @@ pub struct PoolStats {
     pub completed: AtomicU64,
     pub failed: AtomicU64,
     pub rejected_busy: AtomicU64,
+    /// The latest latencies (µs), for quantiles in telemetry; a fixed ring, so memory is flat.
+    latencies: std::sync::Mutex<LatencyRing>,
+}
+
+#[derive(Debug, Default)]
+struct LatencyRing {
+    values: Vec<u64>,
+    next: usize,
+}
+
+/// How many recent latencies the quantiles are computed over.
+const LATENCY_WINDOW: usize = 1024;
+
+/// Latency quantiles over the recent window, microseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Quantiles {
+    pub p50: u64,
+    pub p95: u64,
+    pub p99: u64,
+    pub samples: usize,
+}
+
+impl PoolStats {
+    fn record(&self, latency_us: u64) {
+        let mut r = self.latencies.lock().unwrap_or_else(|e| e.into_inner());
+        if r.values.len() < LATENCY_WINDOW {
+            r.values.push(latency_us);
+        } else {
+            let i = r.next;
+            r.values[i] = latency_us;
+        }
+        r.next = (r.next + 1) % LATENCY_WINDOW;
+    }
+
+    pub fn quantiles(&self) -> Quantiles {
+        let mut v = self
+            .latencies
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values
+            .clone();
+        if v.is_empty() {
+            return Quantiles::default();
+        }
+        v.sort_unstable();
+        let q = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
+        Quantiles {
+            p50: q(0.50),
+            p95: q(0.95),
+            p99: q(0.99),
+            samples: v.len(),
+        }
+    }
 }
 
 /// A cheap, cloneable handle to one model's pool.
@@ -101,6 +154,11 @@ impl ModelPool {
 
     pub fn stats(&self) -> &PoolStats {
         &self.inner.stats
+    }
+
+    /// Requests waiting for a worker.
+    pub fn queued(&self) -> usize {
+        self.inner.tx.len()
     }
 
     /// Queue an inference; a full queue is answered with `Busy` at once.
@@ -208,12 +266,15 @@ fn worker(w: usize, rx: crossbeam_channel::Receiver<Job>, pool: std::sync::Weak<
                     })
                 });
         inner.busy_since[w].store(0, Ordering::Relaxed);
-        let counter = if result.is_ok() {
-            &inner.stats.completed
-        } else {
-            &inner.stats.failed
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+        match &result {
+            Ok(p) => {
+                inner.stats.completed.fetch_add(1, Ordering::Relaxed);
+                inner.stats.record(p.latency_us);
+            }
+            Err(_) => {
+                inner.stats.failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         drop(inner);
         // The requester may have given up; that is not an error here.
         let _ = job.reply.send(result);

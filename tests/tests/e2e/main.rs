@@ -2,4 +2,5 @@
 
 mod check_config;
 mod daemon;
+mod fleet;
 mod infer;

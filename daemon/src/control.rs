@@ -1,0 +1,597 @@
+//! Typed commands and the one place they are carried out. The fleet link (MQTT) and the local
+//! API (D-Bus) both turn requests into a [`Command`] and call [`Control::execute`], so the two
+//! surfaces cannot behave differently.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use base64::Engine as _;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::{Mutex, Notify, mpsc, oneshot};
+
+use crate::config::Config;
+use crate::engine::{EngineError, Input};
+use crate::outbox::Outbox;
+use crate::pipeline::PipelineStats;
+use crate::registry::{Registry, RegistryError};
+use crate::store::{Store, StoreError};
+
+/// Stable error codes in replies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Code {
+    BadRequest,
+    UnknownCommand,
+    NotFound,
+    Busy,
+    Unauthorized,
+    Conflict,
+    Internal,
+}
+
+impl Code {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Code::BadRequest => "bad_request",
+            Code::UnknownCommand => "unknown_command",
+            Code::NotFound => "not_found",
+            Code::Busy => "busy",
+            Code::Unauthorized => "unauthorized",
+            Code::Conflict => "conflict",
+            Code::Internal => "internal",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {message}", code.as_str())]
+pub struct CmdError {
+    pub code: Code,
+    pub message: String,
+}
+
+impl CmdError {
+    pub fn new(code: Code, message: impl Into<String>) -> CmdError {
+        CmdError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<EngineError> for CmdError {
+    fn from(e: EngineError) -> CmdError {
+        let code = match e {
+            EngineError::Manifest { .. } | EngineError::Input { .. } => Code::BadRequest,
+            // The version exists but cannot serve: the request conflicts with its state.
+            EngineError::Load { .. } | EngineError::SelfTest { .. } => Code::Conflict,
+            EngineError::Busy { .. } => Code::Busy,
+            EngineError::Run { .. }
+            | EngineError::Stopped { .. }
+            | EngineError::Unreadable { .. } => Code::Internal,
+        };
+        CmdError::new(code, e.to_string())
+    }
+}
+
+impl From<RegistryError> for CmdError {
+    fn from(e: RegistryError) -> CmdError {
+        match e {
+            RegistryError::Engine(e) => e.into(),
+            RegistryError::NotInstalled { .. } | RegistryError::NotActive { .. } => {
+                CmdError::new(Code::NotFound, e.to_string())
+            }
+            RegistryError::Conflict { .. } | RegistryError::NoPrevious { .. } => {
+                CmdError::new(Code::Conflict, e.to_string())
+            }
+            RegistryError::Package { .. } => CmdError::new(Code::BadRequest, e.to_string()),
+            RegistryError::Store(_) | RegistryError::Io { .. } => {
+                CmdError::new(Code::Internal, e.to_string())
+            }
+        }
+    }
+}
+
+impl From<StoreError> for CmdError {
+    fn from(e: StoreError) -> CmdError {
+        CmdError::new(Code::Internal, e.to_string())
+    }
+}
+
+/// Most rows one `results.query` returns.
+pub const MAX_QUERY_LIMIT: u32 = 1000;
+
+#[derive(Debug, Clone)]
+pub enum Command {
+    Ping,
+    Status,
+    ModelsList,
+    Activate {
+        name: String,
+        version: semver::Version,
+    },
+    Rollback {
+        name: String,
+    },
+    Infer {
+        model: String,
+        input: Input,
+    },
+    ResultsQuery {
+        since_ms: i64,
+        limit: u32,
+    },
+    Reload,
+    LogLevel {
+        level: String,
+    },
+}
+
+/// Every command name, for `unknown_command` messages.
+pub const NAMES: &[&str] = &[
+    "ping",
+    "status",
+    "models.list",
+    "models.activate",
+    "models.rollback",
+    "infer",
+    "results.query",
+    "config.reload",
+    "log.level",
+];
+
+fn args<T: for<'de> Deserialize<'de>>(name: &str, v: Value) -> Result<T, CmdError> {
+    serde_json::from_value(v)
+        .map_err(|e| CmdError::new(Code::BadRequest, format!("{name} arguments: {e}")))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoArgs {}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ActivateArgs {
+    name: String,
+    version: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NameArgs {
+    name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InferArgs {
+    model: String,
+    /// A string: base64 of PNG or JPEG bytes. Anything else: a JSON tensor.
+    input: Value,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QueryArgs {
+    #[serde(default)]
+    since: i64,
+    #[serde(default = "default_limit")]
+    limit: u32,
+}
+
+fn default_limit() -> u32 {
+    100
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LevelArgs {
+    level: String,
+}
+
+impl Command {
+    /// Build a command from its wire name and JSON arguments (`null` for none).
+    pub fn parse(name: &str, v: Value) -> Result<Command, CmdError> {
+        let v = if v.is_null() { json!({}) } else { v };
+        Ok(match name {
+            "ping" => {
+                args::<NoArgs>(name, v)?;
+                Command::Ping
+            }
+            "status" => {
+                args::<NoArgs>(name, v)?;
+                Command::Status
+            }
+            "models.list" => {
+                args::<NoArgs>(name, v)?;
+                Command::ModelsList
+            }
+            "models.activate" => {
+                let a: ActivateArgs = args(name, v)?;
+                let version = semver::Version::parse(&a.version).map_err(|e| {
+                    CmdError::new(
+                        Code::BadRequest,
+                        format!("models.activate arguments: version `{}`: {e}", a.version),
+                    )
+                })?;
+                Command::Activate {
+                    name: a.name,
+                    version,
+                }
+            }
+            "models.rollback" => Command::Rollback {
+                name: args::<NameArgs>(name, v)?.name,
+            },
+            "infer" => {
+                let a: InferArgs = args(name, v)?;
+                let input = match a.input {
+                    Value::String(b64) => Input::Encoded(
+                        base64::engine::general_purpose::STANDARD
+                            .decode(b64.trim())
+                            .map_err(|e| {
+                                CmdError::new(
+                                    Code::BadRequest,
+                                    format!("infer arguments: input is not base64: {e}"),
+                                )
+                            })?,
+                    ),
+                    other => {
+                        let bytes = serde_json::to_vec(&other).expect("JSON values serialise");
+                        Input::from_json(&bytes)?
+                    }
+                };
+                Command::Infer {
+                    model: a.model,
+                    input,
+                }
+            }
+            "results.query" => {
+                let a: QueryArgs = args(name, v)?;
+                if a.limit == 0 || a.limit > MAX_QUERY_LIMIT {
+                    return Err(CmdError::new(
+                        Code::BadRequest,
+                        format!("results.query arguments: limit must be 1 to {MAX_QUERY_LIMIT}"),
+                    ));
+                }
+                Command::ResultsQuery {
+                    since_ms: a.since,
+                    limit: a.limit,
+                }
+            }
+            "config.reload" => {
+                args::<NoArgs>(name, v)?;
+                Command::Reload
+            }
+            "log.level" => Command::LogLevel {
+                level: args::<LevelArgs>(name, v)?.level,
+            },
+            other => {
+                return Err(CmdError::new(
+                    Code::UnknownCommand,
+                    format!("no command `{other}`; known: {}", NAMES.join(", ")),
+                ));
+            }
+        })
+    }
+
+    /// Whether the command changes the box's state (and so may have to be signed).
+    pub fn changes_state(name: &str) -> bool {
+        matches!(
+            name,
+            "models.activate" | "models.rollback" | "config.reload" | "log.level"
+        )
+    }
+}
+
+/// A running pipeline as status reports it.
+#[derive(Clone)]
+pub struct PipelineInfo {
+    pub name: String,
+    pub feed: String,
+    pub model: String,
+    pub stats: Arc<PipelineStats>,
+}
+
+/// What the service publishes about itself after every start and reload.
+#[derive(Clone)]
+pub struct DaemonState {
+    pub config: Config,
+    pub pipelines: Vec<PipelineInfo>,
+    pub summary: String,
+}
+
+/// A request to the service loop to reload the configuration; answered with the new summary.
+pub type ReloadRequest = oneshot::Sender<Result<String, String>>;
+
+/// Changes the log filter; `Err` says why the filter was refused.
+pub type LogReload = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// Handle to carry out commands; cheap to clone.
+#[derive(Clone)]
+pub struct Control {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry: Arc<Mutex<Registry>>,
+    store: Store,
+    outbox: Option<Outbox>,
+    state: RwLock<DaemonState>,
+    reload: mpsc::Sender<ReloadRequest>,
+    log: LogReload,
+    started: Instant,
+    /// Presence must be re-announced (models or pipelines changed).
+    changed: Notify,
+    pub fleet_connected: AtomicBool,
+    pub fleet_session: AtomicU64,
+}
+
+impl Control {
+    pub fn new(
+        registry: Arc<Mutex<Registry>>,
+        store: Store,
+        outbox: Option<Outbox>,
+        state: DaemonState,
+        reload: mpsc::Sender<ReloadRequest>,
+        log: LogReload,
+    ) -> Control {
+        Control {
+            inner: Arc::new(Inner {
+                registry,
+                store,
+                outbox,
+                state: RwLock::new(state),
+                reload,
+                log,
+                started: Instant::now(),
+                changed: Notify::new(),
+                fleet_connected: AtomicBool::new(false),
+                fleet_session: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub fn outbox(&self) -> Option<&Outbox> {
+        self.inner.outbox.as_ref()
+    }
+
+    pub fn uptime_s(&self) -> u64 {
+        self.inner.started.elapsed().as_secs()
+    }
+
+    pub fn state(&self) -> DaemonState {
+        self.inner.state.read().expect("state lock").clone()
+    }
+
+    /// The service calls this after every start and reload.
+    pub fn set_state(&self, s: DaemonState) {
+        *self.inner.state.write().expect("state lock") = s;
+        self.inner.changed.notify_one();
+    }
+
+    pub async fn changed(&self) {
+        self.inner.changed.notified().await;
+    }
+
+    pub fn set_log_level(&self, level: &str) -> Result<(), String> {
+        (self.inner.log)(level)
+    }
+
+    pub fn set_fleet(&self, connected: bool, session: u64) {
+        self.inner
+            .fleet_connected
+            .store(connected, Ordering::Relaxed);
+        if session > 0 {
+            self.inner.fleet_session.store(session, Ordering::Relaxed);
+        }
+    }
+
+    pub async fn pools(&self) -> Vec<crate::engine::ModelPool> {
+        self.inner.registry.lock().await.pools().cloned().collect()
+    }
+
+    /// Active models as `{name, version}`, sorted by name.
+    pub async fn active_models(&self) -> Vec<Value> {
+        let mut v: Vec<(String, String)> = self
+            .pools()
+            .await
+            .iter()
+            .map(|p| (p.name().to_string(), p.active().version().to_string()))
+            .collect();
+        v.sort();
+        v.into_iter()
+            .map(|(name, version)| json!({"name": name, "version": version}))
+            .collect()
+    }
+
+    pub async fn execute(&self, cmd: Command) -> Result<Value, CmdError> {
+        match cmd {
+            Command::Ping => Ok(json!({"pong": true, "uptime_s": self.uptime_s()})),
+            Command::Status => self.status().await,
+            Command::ModelsList => {
+                let rows = self.inner.registry.lock().await.list().await?;
+                Ok(serde_json::to_value(rows).expect("rows serialise"))
+            }
+            Command::Activate { name, version } => {
+                let pool = self.pool_config(&name);
+                self.inner
+                    .registry
+                    .lock()
+                    .await
+                    .activate(&name, &version, pool)
+                    .await?;
+                self.event(json!({"event": "model.activated", "model": name, "version": version.to_string(), "by": "command"}))
+                    .await;
+                self.inner.changed.notify_one();
+                Ok(json!({"model": name, "active": version.to_string()}))
+            }
+            Command::Rollback { name } => {
+                let (from, to) = self.inner.registry.lock().await.rollback(&name).await?;
+                self.event(json!({"event": "model.rolled_back", "model": name, "from": from, "to": to, "by": "command"}))
+                    .await;
+                self.inner.changed.notify_one();
+                Ok(json!({"model": name, "from": from, "active": to}))
+            }
+            Command::Infer { model, input } => {
+                let pool = self
+                    .inner
+                    .registry
+                    .lock()
+                    .await
+                    .pool(&model)
+                    .ok_or_else(|| {
+                        CmdError::new(
+                            Code::NotFound,
+                            format!("model `{model}` has no active version"),
+                        )
+                    })?;
+                let pred = pool.infer(input).await?;
+                Ok(serde_json::to_value(pred).expect("predictions serialise"))
+            }
+            Command::ResultsQuery { since_ms, limit } => self.results(since_ms, limit).await,
+            Command::Reload => {
+                let (tx, rx) = oneshot::channel();
+                self.inner
+                    .reload
+                    .send(tx)
+                    .await
+                    .map_err(|_| CmdError::new(Code::Internal, "the service is stopping"))?;
+                match rx.await {
+                    Ok(Ok(summary)) => Ok(json!({"status": summary})),
+                    Ok(Err(why)) => Err(CmdError::new(Code::Conflict, why)),
+                    Err(_) => Err(CmdError::new(Code::Internal, "the service is stopping")),
+                }
+            }
+            Command::LogLevel { level } => {
+                (self.inner.log)(&level).map_err(|e| {
+                    CmdError::new(
+                        Code::BadRequest,
+                        format!("`{level}` is not a log filter: {e}"),
+                    )
+                })?;
+                tracing::info!(%level, "log level changed by command");
+                Ok(json!({"level": level}))
+            }
+        }
+    }
+
+    fn pool_config(&self, name: &str) -> crate::config::PoolConfig {
+        let s = self.inner.state.read().expect("state lock");
+        s.config
+            .models
+            .iter()
+            .find(|m| m.name == name)
+            .map(|m| m.pool)
+            .unwrap_or_default()
+    }
+
+    async fn event(&self, body: Value) {
+        let Some(ob) = self.inner.outbox.clone() else {
+            return;
+        };
+        let o = ob.clone();
+        let r = self
+            .inner
+            .store
+            .call(move |c| {
+                let tx = c.transaction()?;
+                o.event(&tx, body)?;
+                tx.commit()?;
+                Ok(())
+            })
+            .await;
+        match r {
+            Ok(()) => ob.wake(),
+            Err(e) => tracing::error!(error = %e, "event not queued"),
+        }
+    }
+
+    pub async fn status(&self) -> Result<Value, CmdError> {
+        let state = self.state();
+        let models: Vec<Value> = self
+            .pools()
+            .await
+            .iter()
+            .map(|p| {
+                let s = p.stats();
+                json!({
+                    "name": p.name(),
+                    "version": p.active().version().to_string(),
+                    "requests": s.completed.load(Ordering::Relaxed),
+                    "errors": s.failed.load(Ordering::Relaxed),
+                    "busy": s.rejected_busy.load(Ordering::Relaxed),
+                    "queued": p.queued(),
+                    "latency_us": s.quantiles(),
+                })
+            })
+            .collect();
+        let pipelines: Vec<Value> = state
+            .pipelines
+            .iter()
+            .map(|p| {
+                json!({
+                    "name": p.name,
+                    "feed": p.feed,
+                    "model": p.model,
+                    "results": p.stats.results.load(Ordering::Relaxed),
+                    "errors": p.stats.errors.load(Ordering::Relaxed),
+                })
+            })
+            .collect();
+        let backlog = self
+            .inner
+            .store
+            .call(|c| Ok(crate::outbox::backlog(c)?))
+            .await?;
+        Ok(json!({
+            "version": crate::VERSION,
+            "device": state.config.fleet.as_ref().map(|f| f.device.clone()),
+            "uptime_s": self.uptime_s(),
+            "status": state.summary,
+            "models": models,
+            "pipelines": pipelines,
+            "outbox": backlog,
+            "fleet": {
+                "connected": self.inner.fleet_connected.load(Ordering::Relaxed),
+                "session": self.inner.fleet_session.load(Ordering::Relaxed),
+            },
+        }))
+    }
+
+    async fn results(&self, since_ms: i64, limit: u32) -> Result<Value, CmdError> {
+        let rows = self
+            .inner
+            .store
+            .call(move |c| {
+                let mut stmt = c.prepare(
+                    "SELECT id, ts_ms, pipeline, source, model, version, label, score, top, latency_us
+                     FROM results WHERE ts_ms >= ?1 ORDER BY ts_ms, id LIMIT ?2",
+                )?;
+                let rows = stmt
+                    .query_map(rusqlite::params![since_ms, limit], |r| {
+                        let top: String = r.get(8)?;
+                        Ok(json!({
+                            "id": r.get::<_, i64>(0)?,
+                            "ts_ms": r.get::<_, i64>(1)?,
+                            "pipeline": r.get::<_, String>(2)?,
+                            "source": r.get::<_, String>(3)?,
+                            "model": r.get::<_, String>(4)?,
+                            "version": r.get::<_, String>(5)?,
+                            "label": r.get::<_, Option<String>>(6)?,
+                            "score": r.get::<_, Option<f64>>(7)?,
+                            "top": serde_json::from_str::<Value>(&top).unwrap_or(Value::Null),
+                            "latency_us": r.get::<_, i64>(9)?,
+                        }))
+                    })?
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(rows)
+            })
+            .await?;
+        Ok(json!({"results": rows}))
+    }
+}

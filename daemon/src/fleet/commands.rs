@@ -1,0 +1,259 @@
+//! Fleet commands: bounded before parsing, checked (signature, target, freshness, replay),
+//! answered once per id, and carried out by [`Control`].
+//!
+//! ```text
+//!  payload ─► size bound ─► envelope {id, args, auth} ─► known name? ─► signed if required
+//!          ─► id seen? ─► first reply again          (nothing runs twice)
+//!          ─► nonce seen? ─► unauthorized            (replay)
+//!          ─► Control::execute ─► reply + id + nonce in one transaction ─► publish reply
+//! ```
+
+use serde_json::{Value, json};
+
+use crate::config::{CommandsConfig, SignPolicy};
+use crate::control::{CmdError, Code, Command, Control, NAMES};
+use crate::store::now_ms;
+use tern_update::command::{self as signing, Auth};
+
+/// How long replies are remembered for idempotency, and at most how many.
+pub const REPLY_WINDOW_MS: i64 = 24 * 3600 * 1000;
+pub const REPLY_WINDOW_COUNT: i64 = 10_000;
+pub const MAX_ID_LEN: usize = 128;
+
+/// A command as it arrived: which command, to whom, and the raw payload.
+pub struct Incoming {
+    pub name: String,
+    /// The device id for a device topic, `group:<name>` for a group topic.
+    pub target: String,
+    pub payload: bytes::Bytes,
+}
+
+/// The id of a command if it can be read at all; replies to unreadable ones use `invalid`.
+pub fn peek_id(payload: &[u8], max: usize) -> Option<String> {
+    if payload.len() > max {
+        return None;
+    }
+    let v: Value = serde_json::from_slice(payload).ok()?;
+    let id = v.get("id")?.as_str()?;
+    valid_id(id).then(|| id.to_string())
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+}
+
+pub fn reply_ok(id: &str, result: Value) -> Value {
+    json!({"id": id, "ok": true, "result": result})
+}
+
+pub fn reply_err(id: Option<&str>, e: &CmdError) -> Value {
+    json!({"id": id, "ok": false, "error": {"code": e.code.as_str(), "message": e.message}})
+}
+
+struct Envelope {
+    id: String,
+    args: Value,
+    auth: Option<Auth>,
+}
+
+fn envelope(payload: &[u8], max: usize) -> Result<Envelope, (Option<String>, CmdError)> {
+    if payload.len() > max {
+        return Err((
+            None,
+            CmdError::new(
+                Code::BadRequest,
+                format!(
+                    "payload is {} bytes, more than the {max} allowed",
+                    payload.len()
+                ),
+            ),
+        ));
+    }
+    let bad = |id: Option<String>, m: String| (id, CmdError::new(Code::BadRequest, m));
+    let v: Value = serde_json::from_slice(payload)
+        .map_err(|e| bad(None, format!("payload is not JSON: {e}")))?;
+    let Value::Object(mut map) = v else {
+        return Err(bad(None, "payload must be a JSON object".into()));
+    };
+    let id = match map.remove("id") {
+        Some(Value::String(s)) if valid_id(&s) => s,
+        Some(Value::String(_)) => {
+            return Err(bad(
+                None,
+                format!("`id` must be 1 to {MAX_ID_LEN} characters of A-Z a-z 0-9 - _ . :"),
+            ));
+        }
+        Some(_) => return Err(bad(None, "`id` must be a string".into())),
+        None => return Err(bad(None, "`id` is missing".into())),
+    };
+    let args = map.remove("args").unwrap_or(Value::Null);
+    if !(args.is_object() || args.is_null()) {
+        return Err(bad(Some(id), "`args` must be a JSON object".into()));
+    }
+    let auth = match map.remove("auth") {
+        None => None,
+        Some(a) => Some(serde_json::from_value::<Auth>(a).map_err(|e| {
+            (
+                Some(id.clone()),
+                CmdError::new(Code::Unauthorized, format!("`auth` is malformed: {e}")),
+            )
+        })?),
+    };
+    if let Some(k) = map.keys().next() {
+        return Err(bad(
+            Some(id),
+            format!("unknown field `{k}`; a command has `id`, `args` and optionally `auth`"),
+        ));
+    }
+    Ok(Envelope { id, args, auth })
+}
+
+/// Handle one command to the end; returns the id (if readable) and the reply to publish.
+pub async fn handle(
+    control: &Control,
+    cfg: &CommandsConfig,
+    cmd: Incoming,
+) -> (Option<String>, Value) {
+    let env = match envelope(&cmd.payload, cfg.max_payload_bytes) {
+        Ok(e) => e,
+        Err((id, e)) => return (id.clone(), reply_err(id.as_deref(), &e)),
+    };
+    let id = env.id.clone();
+    match run(control, cfg, &cmd, env).await {
+        Ok(reply) => (Some(id), reply),
+        Err(e) => (Some(id.clone()), reply_err(Some(&id), &e)),
+    }
+}
+
+async fn run(
+    control: &Control,
+    cfg: &CommandsConfig,
+    cmd: &Incoming,
+    env: Envelope,
+) -> Result<Value, CmdError> {
+    if !NAMES.contains(&cmd.name.as_str()) {
+        return Err(CmdError::new(
+            Code::UnknownCommand,
+            format!("no command `{}`; known: {}", cmd.name, NAMES.join(", ")),
+        ));
+    }
+    let must_sign = match cfg.require_signed {
+        SignPolicy::None => false,
+        SignPolicy::StateChanging => Command::changes_state(&cmd.name),
+        SignPolicy::All => true,
+    };
+    let nonce = if must_sign {
+        let auth = env.auth.as_ref().ok_or_else(|| {
+            CmdError::new(Code::Unauthorized, signing::AuthError::Missing.to_string())
+        })?;
+        signing::verify(
+            &cfg.keys,
+            signing::Signed {
+                name: &cmd.name,
+                target: &cmd.target,
+                id: &env.id,
+                args: &env.args,
+            },
+            auth,
+            now_ms() / 1000,
+            cfg.max_skew_secs,
+        )
+        .map_err(|e| CmdError::new(Code::Unauthorized, e.to_string()))?;
+        Some(auth.nonce.clone())
+    } else {
+        None
+    };
+
+    // A repeated id gets the first reply, whatever else it carries; nothing runs again.
+    let (id, n) = (env.id.clone(), nonce.clone());
+    let earlier = control
+        .store()
+        .call(move |c| {
+            let reply: Option<String> = rusqlite::OptionalExtension::optional(c.query_row(
+                "SELECT reply FROM command_replies WHERE id = ?1",
+                [&id],
+                |r| r.get(0),
+            ))?;
+            let replayed = match (&reply, &n) {
+                (None, Some(n)) => c
+                    .query_row("SELECT 1 FROM command_nonces WHERE nonce = ?1", [n], |_| {
+                        Ok(())
+                    })
+                    .map(|_| true)
+                    .or_else(|e| match e {
+                        rusqlite::Error::QueryReturnedNoRows => Ok(false),
+                        e => Err(e),
+                    })?,
+                _ => false,
+            };
+            Ok((reply, replayed))
+        })
+        .await?;
+    match earlier {
+        (Some(reply), _) => {
+            tracing::info!(id = %env.id, command = %cmd.name, "repeated command id: first reply sent again");
+            return Ok(serde_json::from_str(&reply).unwrap_or(Value::Null));
+        }
+        (None, true) => {
+            return Err(CmdError::new(
+                Code::Unauthorized,
+                "nonce was already used: replayed command",
+            ));
+        }
+        (None, false) => {}
+    }
+
+    let result = match Command::parse(&cmd.name, env.args) {
+        Ok(c) => {
+            if Command::changes_state(&cmd.name) {
+                tracing::info!(id = %env.id, command = %cmd.name, target = %cmd.target, signed = nonce.is_some(), "command");
+            }
+            control.execute(c).await
+        }
+        Err(e) => Err(e),
+    };
+    let reply = match &result {
+        Ok(v) => reply_ok(&env.id, v.clone()),
+        Err(e) => reply_err(Some(&env.id), e),
+    };
+    // A busy engine is a moment, not an answer: do not pin it to the id.
+    let remember = !matches!(&result, Err(e) if e.code == Code::Busy);
+    let (id, text, skew_ms) = (env.id.clone(), reply.to_string(), cfg.max_skew_secs * 2000);
+    if remember {
+        control
+            .store()
+            .call(move |c| {
+                let now = now_ms();
+                let tx = c.transaction()?;
+                tx.execute(
+                    "INSERT OR REPLACE INTO command_replies (id, reply, ts_ms) VALUES (?1, ?2, ?3)",
+                    rusqlite::params![id, text, now],
+                )?;
+                if let Some(n) = nonce {
+                    tx.execute(
+                        "INSERT OR IGNORE INTO command_nonces (nonce, ts_ms) VALUES (?1, ?2)",
+                        rusqlite::params![n, now],
+                    )?;
+                }
+                tx.execute(
+                    "DELETE FROM command_replies WHERE ts_ms < ?1
+                     OR id IN (SELECT id FROM command_replies ORDER BY ts_ms DESC LIMIT -1 OFFSET ?2)",
+                    rusqlite::params![now - REPLY_WINDOW_MS, REPLY_WINDOW_COUNT],
+                )?;
+                // A nonce older than the skew window cannot verify again (its timestamp is
+                // too old), so it need not be remembered longer.
+                tx.execute(
+                    "DELETE FROM command_nonces WHERE ts_ms < ?1",
+                    [now - skew_ms],
+                )?;
+                tx.commit()?;
+                Ok(())
+            })
+            .await?;
+    }
+    Ok(reply)
+}

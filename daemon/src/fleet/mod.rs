@@ -1,0 +1,581 @@
+//! The fleet link: one MQTT session to the fleet broker.
+//!
+//! ```text
+//!  session task ── polls rumqttc, nothing else (keep-alive is never starved)
+//!      ├─ ConnAck ─► subscribe, session counter +1, wake presence and drain
+//!      ├─ cmd/<name> ─► bounded command queue (full: `busy` at once)
+//!      ├─ fleet/announce ─► wake presence
+//!      └─ PUBACK of an outbox row ─► ack list, wake drain
+//!  drain task ── outbox rows ─► publish (window of WINDOW rows), acked rows deleted in batches
+//!  command task ── commands::handle ─► reply (MQTT 5 response topic, else <base>/reply/<id>)
+//!  presence task ── retained birth on <base>/state on connect, on change, on announce
+//!  telemetry task ── every N s a telemetry message through the outbox
+//! ```
+//!
+//! Topics (prefix `tern` by default): `<prefix>/<device>/{state,telemetry,events,results/<p>,
+//! cmd/<name>,reply/<id>}`, `<prefix>/fleet/<group>/cmd/<name>`, `<prefix>/fleet/announce`.
+
+pub mod commands;
+pub mod mqtt;
+pub mod telemetry;
+pub mod tls;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::FleetConfig;
+use crate::control::{CmdError, Code, Control};
+use crate::outbox::{self, Class, Outbox};
+use mqtt::{Event, Link, Tag};
+
+/// Outbox rows queued or awaiting their PUBACK at once.
+const WINDOW: usize = 128;
+/// How long a graceful stop waits for the `offline` message and DISCONNECT to go out.
+const STOP_DEADLINE: Duration = Duration::from_secs(3);
+
+/// Topic names for one device.
+#[derive(Debug, Clone)]
+pub struct Topics {
+    pub prefix: String,
+    pub device: String,
+    pub base: String,
+    pub groups: Vec<String>,
+}
+
+impl Topics {
+    pub fn new(cfg: &FleetConfig) -> Topics {
+        Topics {
+            prefix: cfg.prefix.clone(),
+            device: cfg.device.clone(),
+            base: format!("{}/{}", cfg.prefix, cfg.device),
+            groups: cfg.groups.clone(),
+        }
+    }
+
+    pub fn state(&self) -> String {
+        format!("{}/state", self.base)
+    }
+
+    pub fn announce(&self) -> String {
+        format!("{}/fleet/announce", self.prefix)
+    }
+
+    pub fn reply(&self, id: &str) -> String {
+        format!("{}/reply/{id}", self.base)
+    }
+
+    fn filters(&self) -> Vec<String> {
+        let mut f = vec![format!("{}/cmd/+", self.base), self.announce()];
+        for g in &self.groups {
+            f.push(format!("{}/fleet/{g}/cmd/+", self.prefix));
+        }
+        f
+    }
+
+    /// What a delivered topic is to us.
+    fn route(&self, topic: &str) -> Route {
+        if topic == self.announce() {
+            return Route::Announce;
+        }
+        if let Some(name) = topic
+            .strip_prefix(&self.base)
+            .and_then(|t| t.strip_prefix("/cmd/"))
+        {
+            return Route::Command {
+                name: name.to_string(),
+                target: self.device.clone(),
+            };
+        }
+        if let Some(rest) = topic
+            .strip_prefix(&self.prefix)
+            .and_then(|t| t.strip_prefix("/fleet/"))
+            && let Some((group, name)) = rest.split_once("/cmd/")
+            && self.groups.iter().any(|g| g == group)
+        {
+            return Route::Command {
+                name: name.to_string(),
+                target: format!("group:{group}"),
+            };
+        }
+        Route::Other
+    }
+}
+
+enum Route {
+    Command { name: String, target: String },
+    Announce,
+    Other,
+}
+
+/// A command waiting for the command task, with where its reply goes.
+struct Queued {
+    cmd: commands::Incoming,
+    reply_to: Option<(String, Option<bytes::Bytes>)>,
+}
+
+/// The running fleet link.
+pub struct Fleet {
+    link: Link,
+    topics: Topics,
+    control: Control,
+    session: JoinHandle<()>,
+    tasks: Vec<JoinHandle<()>>,
+    cancel: CancellationToken,
+}
+
+struct Shared {
+    acks: Mutex<Vec<i64>>,
+    drain: Notify,
+    presence: Notify,
+}
+
+pub fn spawn(cfg: &FleetConfig, control: Control, outbox: Outbox) -> Result<Fleet, String> {
+    let topics = Topics::new(cfg);
+    let will = offline(&topics, false);
+    let (link, session) = mqtt::connect(
+        cfg,
+        &topics.state(),
+        will.to_string().as_bytes(),
+        cfg.commands.max_payload_bytes,
+    )?;
+    let cancel = CancellationToken::new();
+    let shared = Arc::new(Shared {
+        acks: Mutex::new(Vec::new()),
+        drain: Notify::new(),
+        presence: Notify::new(),
+    });
+    let (cmd_tx, cmd_rx) = mpsc::channel::<Queued>(cfg.commands.queue.get());
+
+    let session = tokio::spawn(session_task(
+        session,
+        link.clone(),
+        topics.clone(),
+        cfg.clone(),
+        control.clone(),
+        shared.clone(),
+        cmd_tx,
+        cancel.clone(),
+    ));
+    let tasks = vec![
+        tokio::spawn(drain_task(
+            link.clone(),
+            control.clone(),
+            outbox.clone(),
+            shared.clone(),
+            cancel.clone(),
+        )),
+        tokio::spawn(command_task(
+            link.clone(),
+            topics.clone(),
+            cfg.commands.clone(),
+            control.clone(),
+            cmd_rx,
+        )),
+        tokio::spawn(presence_task(
+            link.clone(),
+            topics.clone(),
+            control.clone(),
+            shared.clone(),
+            cancel.clone(),
+        )),
+        tokio::spawn(telemetry_task(
+            control.clone(),
+            outbox,
+            cfg.telemetry_every,
+            cancel.clone(),
+        )),
+    ];
+    Ok(Fleet {
+        link,
+        topics,
+        control,
+        session,
+        tasks,
+        cancel,
+    })
+}
+
+impl Fleet {
+    /// Say `offline` (retained) and disconnect cleanly, so the broker does not fire the last
+    /// will; then end every task.
+    pub async fn stop(mut self) {
+        self.cancel.cancel();
+        for t in &self.tasks {
+            t.abort();
+        }
+        if self.link.is_connected() {
+            let msg = offline(&self.topics, true).to_string().into_bytes();
+            let _ = self
+                .link
+                .publish(&self.topics.state(), msg, true, Tag::Plain, None);
+            self.link.disconnect().await;
+        }
+        if tokio::time::timeout(STOP_DEADLINE, &mut self.session)
+            .await
+            .is_err()
+        {
+            self.session.abort();
+            tracing::warn!("fleet link did not close within {STOP_DEADLINE:?}");
+        }
+        self.control.set_fleet(false, 0);
+    }
+}
+
+fn offline(t: &Topics, graceful: bool) -> Value {
+    json!({"state": "offline", "device": t.device, "graceful": graceful})
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn session_task(
+    mut session: mqtt::Session,
+    link: Link,
+    topics: Topics,
+    cfg: FleetConfig,
+    control: Control,
+    shared: Arc<Shared>,
+    cmd_tx: mpsc::Sender<Queued>,
+    cancel: CancellationToken,
+) {
+    let mut failures = 0u32;
+    let broker = format!("{}:{}", cfg.host, cfg.port);
+    loop {
+        match session.poll().await {
+            Ok(Event::Connected) => {
+                failures = 0;
+                for f in topics.filters() {
+                    if let Err(e) = link.subscribe(&f) {
+                        tracing::error!(filter = %f, error = %e, "subscribe not queued");
+                    }
+                }
+                tracing::info!(%broker, "fleet link connected");
+                shared.presence.notify_one();
+                shared.drain.notify_one();
+            }
+            Ok(Event::Message(m)) => match topics.route(&m.topic) {
+                Route::Announce => shared.presence.notify_one(),
+                Route::Command { name, target } => {
+                    let reply_to = m.response_topic.map(|t| (t, m.correlation));
+                    let q = Queued {
+                        cmd: commands::Incoming {
+                            name,
+                            target,
+                            payload: m.payload,
+                        },
+                        reply_to,
+                    };
+                    if let Err(mpsc::error::TrySendError::Full(q)) = cmd_tx.try_send(q) {
+                        let id = commands::peek_id(&q.cmd.payload, cfg.commands.max_payload_bytes);
+                        let e = CmdError::new(
+                            Code::Busy,
+                            "too many commands waiting; try again with the same id",
+                        );
+                        let reply = commands::reply_err(id.as_deref(), &e);
+                        send_reply(&link, &topics, id.as_deref(), q.reply_to, &reply);
+                    }
+                }
+                Route::Other => {}
+            },
+            Ok(Event::Acked(id, refused)) => {
+                if let Some(reason) = refused {
+                    tracing::error!(row = id, %reason, "broker refused an outbox message; dropped");
+                }
+                shared.acks.lock().expect("acks lock").push(id);
+                shared.drain.notify_one();
+            }
+            Ok(Event::Disconnected) => return,
+            Ok(Event::Other) => {}
+            Err(e) => {
+                control.set_fleet(false, 0);
+                if cancel.is_cancelled() {
+                    return;
+                }
+                let delay = mqtt::backoff(failures, cfg.reconnect_max);
+                if failures == 0 {
+                    tracing::warn!(%broker, error = %e, retry_in = ?delay, "fleet link down");
+                } else {
+                    tracing::debug!(%broker, error = %e, retry_in = ?delay, "fleet link still down");
+                }
+                failures = failures.saturating_add(1);
+                shared.drain.notify_one();
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+fn send_reply(
+    link: &Link,
+    topics: &Topics,
+    id: Option<&str>,
+    reply_to: Option<(String, Option<bytes::Bytes>)>,
+    reply: &Value,
+) {
+    let (topic, correlation) = match reply_to {
+        Some((t, c)) => (t, c),
+        None => (topics.reply(id.unwrap_or("invalid")), None),
+    };
+    if let Err(e) = link.publish(
+        &topic,
+        reply.to_string().into_bytes(),
+        false,
+        Tag::Plain,
+        correlation,
+    ) {
+        tracing::warn!(%topic, error = ?e, "reply not sent; the requester may repeat the id");
+    }
+}
+
+async fn command_task(
+    link: Link,
+    topics: Topics,
+    cfg: crate::config::CommandsConfig,
+    control: Control,
+    mut rx: mpsc::Receiver<Queued>,
+) {
+    while let Some(q) = rx.recv().await {
+        let (id, reply) = commands::handle(&control, &cfg, q.cmd).await;
+        send_reply(&link, &topics, id.as_deref(), q.reply_to, &reply);
+    }
+}
+
+async fn presence_task(
+    link: Link,
+    topics: Topics,
+    control: Control,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+) {
+    let (mut seen_connects, mut session) = (0u64, 0u64);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = shared.presence.notified() => {}
+            _ = control.changed() => {}
+        }
+        if !link.is_connected() {
+            continue;
+        }
+        let connects = link.epoch();
+        if connects != seen_connects {
+            seen_connects = connects;
+            match control
+                .store()
+                .call(|c| {
+                    Ok(c.query_row(
+                        "UPDATE fleet_sessions SET counter = counter + 1 RETURNING counter",
+                        [],
+                        |r| r.get::<_, i64>(0),
+                    )?)
+                })
+                .await
+            {
+                Ok(n) => session = n as u64,
+                Err(e) => tracing::error!(error = %e, "session counter not updated"),
+            }
+        }
+        control.set_fleet(true, session);
+        let state = control.state();
+        let birth = json!({
+            "state": "online",
+            "device": topics.device,
+            "groups": topics.groups,
+            "version": crate::VERSION,
+            "uptime_s": control.uptime_s(),
+            "session": session,
+            "models": control.active_models().await,
+            "feeds": state.config.feeds.iter().map(|f| f.name()).collect::<Vec<_>>(),
+            "pipelines": state.pipelines.iter().map(|p| json!({"name": p.name, "feed": p.feed, "model": p.model})).collect::<Vec<_>>(),
+            "status": state.summary,
+        });
+        if let Err(e) = link.publish(
+            &topics.state(),
+            birth.to_string().into_bytes(),
+            true,
+            Tag::Plain,
+            None,
+        ) {
+            tracing::warn!(error = ?e, "presence not sent");
+        }
+    }
+}
+
+async fn drain_task(
+    link: Link,
+    control: Control,
+    outbox: Outbox,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+) {
+    let store = control.store().clone();
+    // Ids sent on this connection, per lane (0: events and telemetry, 1: results).
+    let mut cursors = [0i64; 2];
+    let mut seen_connects = 0u64;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = outbox.woken() => {}
+            _ = shared.drain.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        let acked = std::mem::take(&mut *shared.acks.lock().expect("acks lock"));
+        tracing::trace!(?acked, connected = link.is_connected(), "drain woke");
+        if !acked.is_empty()
+            && let Err(e) = store
+                .call(move |c| Ok(outbox::delete_acked(c, &acked)?))
+                .await
+        {
+            // The rows stay and are sent again: a duplicate, never a loss.
+            tracing::error!(error = %e, "acknowledged rows not deleted");
+        }
+        if !link.is_connected() {
+            continue;
+        }
+        let connects = link.epoch();
+        if connects != seen_connects {
+            // A new session: everything still in the outbox goes again, from the start.
+            seen_connects = connects;
+            cursors = [0, 0];
+            let o = outbox.clone();
+            match store.call(move |c| Ok(outbox::report_drops(&o, c)?)).await {
+                Ok(n) if n > 0 => tracing::warn!(streams = n, "reported dropped messages"),
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "drop report not queued"),
+            }
+        }
+        loop {
+            let room = WINDOW.saturating_sub(link.rows_outstanding());
+            tracing::trace!(room, ?cursors, "drain fill");
+            if room == 0 {
+                break;
+            }
+            let c = cursors;
+            let rows = match store
+                .call(move |conn| {
+                    let mut rows = outbox::fetch(conn, 0, c[0], room)?;
+                    let live = rows.len();
+                    if live < room {
+                        rows.extend(outbox::fetch(conn, 1, c[1], room - live)?);
+                    }
+                    Ok((rows, live))
+                })
+                .await
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, "outbox not readable");
+                    break;
+                }
+            };
+            let (rows, live) = rows;
+            tracing::trace!(n = rows.len(), live, "drain fetched");
+            if rows.is_empty() {
+                break;
+            }
+            let mut stopped = false;
+            for (i, row) in rows.into_iter().enumerate() {
+                let lane = usize::from(i >= live);
+                match link.publish(&row.topic, row.payload, false, Tag::Row(row.id), None) {
+                    Ok(()) => cursors[lane] = row.id,
+                    Err(_) => {
+                        stopped = true;
+                        break;
+                    }
+                }
+            }
+            if stopped {
+                break;
+            }
+        }
+    }
+}
+
+async fn telemetry_task(
+    control: Control,
+    outbox: Outbox,
+    every: Duration,
+    cancel: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut cpu = telemetry::cpu_sample();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now_cpu = telemetry::cpu_sample();
+        let cpu_pct = match (&cpu, &now_cpu) {
+            (Some(a), Some(b)) => Some(telemetry::cpu_percent(a, b)),
+            _ => None,
+        };
+        cpu = now_cpu;
+        let mut body = match control.status().await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %e, "telemetry not gathered");
+                continue;
+            }
+        };
+        let state_dir = control.state().config.state_dir;
+        if let Value::Object(m) = &mut body {
+            m.remove("status");
+            m.insert("ts_ms".into(), crate::store::now_ms().into());
+            m.insert("rss_bytes".into(), telemetry::rss_bytes().into());
+            m.insert("cpu_percent".into(), cpu_pct.into());
+            m.insert(
+                "disk_free_bytes".into(),
+                telemetry::disk_free_bytes(&state_dir).into(),
+            );
+        }
+        let o = outbox.clone();
+        let topic = format!("{}/telemetry", outbox.base);
+        let queued = control
+            .store()
+            .call(move |c| {
+                let tx = c.transaction()?;
+                o.enqueue(&tx, "telemetry", Class::Telemetry, &topic, body)?;
+                tx.commit()?;
+                Ok(())
+            })
+            .await;
+        match queued {
+            Ok(()) => outbox.wake(),
+            Err(e) => tracing::error!(error = %e, "telemetry not queued"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_device_group_and_announce_topics() {
+        let t = Topics {
+            prefix: "tern".into(),
+            device: "b1".into(),
+            base: "tern/b1".into(),
+            groups: vec!["g".into()],
+        };
+        assert!(
+            matches!(t.route("tern/b1/cmd/ping"), Route::Command { name, target } if name == "ping" && target == "b1")
+        );
+        assert!(
+            matches!(t.route("tern/fleet/g/cmd/status"), Route::Command { name, target } if name == "status" && target == "group:g")
+        );
+        assert!(matches!(
+            t.route("tern/fleet/other/cmd/status"),
+            Route::Other
+        ));
+        assert!(matches!(t.route("tern/b2/cmd/ping"), Route::Other));
+        assert!(matches!(t.route("tern/fleet/announce"), Route::Announce));
+    }
+}

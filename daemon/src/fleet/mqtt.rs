@@ -1,0 +1,391 @@
+//! One face over rumqttc's MQTT 3.1.1 and MQTT 5 clients, so the fleet link is written once.
+//!
+//! Beyond hiding the two type families this tracks which of *our* publishes got which packet
+//! id, so that a PUBACK can be matched to the outbox row it acknowledges. rumqttc reports a
+//! publish's packet id only as an `Outgoing::Publish(pkid)` event when it writes it, in the
+//! order requests were queued; [`Link`] keeps a FIFO of what was queued and pops it on each
+//! such event. Sessions are clean (a broker keeps nothing for us between connections; the
+//! outbox is our memory), so rumqttc drops its unsent queue on reconnect and so do we.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::config::{FleetConfig, Protocol};
+
+/// What a publish was, so its acknowledgement can be routed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tag {
+    /// A reply, a presence message: nobody waits for its PUBACK.
+    Plain,
+    /// An outbox row.
+    Row(i64),
+}
+
+/// A message the broker delivered to us.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub topic: String,
+    pub payload: Bytes,
+    /// MQTT 5 request/response properties.
+    pub response_topic: Option<String>,
+    pub correlation: Option<Bytes>,
+}
+
+/// What one poll of the event loop produced, reduced to what the link acts on.
+#[derive(Debug)]
+pub enum Event {
+    Connected,
+    Message(Message),
+    /// The broker acknowledged an outbox row (or refused it with a reason code).
+    Acked(i64, Option<String>),
+    /// Our DISCONNECT went out: the session is over.
+    Disconnected,
+    Other,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendError {
+    /// Not connected: the outbox will send it after the next connect.
+    Offline,
+    /// rumqttc's request queue is full: try again after some acknowledgements.
+    Full,
+}
+
+#[derive(Clone)]
+enum Client {
+    V4(rumqttc::AsyncClient),
+    V5(rumqttc::v5::AsyncClient),
+}
+
+enum Loop {
+    V4(Box<rumqttc::EventLoop>),
+    V5(Box<rumqttc::v5::EventLoop>),
+}
+
+#[derive(Default)]
+struct Track {
+    connected: bool,
+    /// Connections made so far; a new value means everything unacknowledged must go again.
+    epoch: u64,
+    queued: VecDeque<Tag>,
+    in_flight: HashMap<u16, Tag>,
+}
+
+/// The sending half; cheap to clone, safe to use from any task.
+#[derive(Clone)]
+pub struct Link {
+    client: Client,
+    track: Arc<Mutex<Track>>,
+}
+
+/// The receiving half: poll it from one task, always, or keep-alive stops.
+pub struct Session {
+    event_loop: Loop,
+    track: Arc<Mutex<Track>>,
+}
+
+/// rumqttc's request queue; our own window of rows in flight stays well below it.
+const REQUEST_CAPACITY: usize = 512;
+/// Publishes rumqttc may have unacknowledged at once (MQTT "receive maximum").
+pub const MAX_INFLIGHT: u16 = 256;
+
+pub fn connect(
+    cfg: &FleetConfig,
+    will_topic: &str,
+    will_payload: &[u8],
+    max_incoming: usize,
+) -> Result<(Link, Session), String> {
+    let transport = match &cfg.tls {
+        None => rumqttc::Transport::Tcp,
+        Some(t) => {
+            let c = super::tls::client_config(t).map_err(|(k, e)| format!("fleet.{k}: {e}"))?;
+            rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(c))
+        }
+    };
+    // Room for the largest command we accept plus its topic and properties; anything bigger
+    // is refused by rumqttc before it is buffered.
+    let max_packet = max_incoming + 64 * 1024;
+    let track = Arc::new(Mutex::new(Track::default()));
+    let (client, event_loop) = match cfg.protocol {
+        Protocol::V311 => {
+            let mut o = rumqttc::MqttOptions::new(&cfg.client_id, &cfg.host, cfg.port);
+            o.set_keep_alive(cfg.keep_alive)
+                .set_clean_session(true)
+                .set_transport(transport)
+                .set_inflight(MAX_INFLIGHT)
+                .set_request_channel_capacity(REQUEST_CAPACITY)
+                .set_max_packet_size(max_packet, max_packet)
+                .set_last_will(rumqttc::LastWill::new(
+                    will_topic,
+                    will_payload.to_vec(),
+                    rumqttc::QoS::AtLeastOnce,
+                    true,
+                ));
+            if let Some((u, p)) = &cfg.credentials {
+                o.set_credentials(u, p);
+            }
+            let (c, l) = rumqttc::AsyncClient::new(o, REQUEST_CAPACITY);
+            (Client::V4(c), Loop::V4(Box::new(l)))
+        }
+        Protocol::V5 => {
+            let mut o = rumqttc::v5::MqttOptions::new(&cfg.client_id, &cfg.host, cfg.port);
+            o.set_keep_alive(cfg.keep_alive)
+                .set_clean_start(true)
+                .set_transport(transport)
+                .set_outgoing_inflight_upper_limit(MAX_INFLIGHT)
+                .set_request_channel_capacity(REQUEST_CAPACITY)
+                .set_max_packet_size(Some(max_packet as u32))
+                .set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
+                    will_topic,
+                    will_payload.to_vec(),
+                    rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                    true,
+                    None,
+                ));
+            if let Some((u, p)) = &cfg.credentials {
+                o.set_credentials(u, p);
+            }
+            let (c, l) = rumqttc::v5::AsyncClient::new(o, REQUEST_CAPACITY);
+            (Client::V5(c), Loop::V5(Box::new(l)))
+        }
+    };
+    Ok((
+        Link {
+            client,
+            track: track.clone(),
+        },
+        Session { event_loop, track },
+    ))
+}
+
+impl Link {
+    /// Queue a QoS 1 publish. `reply` is an MQTT 5 correlation datum (ignored on 3.1.1).
+    pub fn publish(
+        &self,
+        topic: &str,
+        payload: Vec<u8>,
+        retain: bool,
+        tag: Tag,
+        correlation: Option<Bytes>,
+    ) -> Result<(), SendError> {
+        let mut t = self.track.lock().expect("link lock");
+        if !t.connected {
+            return Err(SendError::Offline);
+        }
+        let sent = match &self.client {
+            Client::V4(c) => c
+                .try_publish(topic, rumqttc::QoS::AtLeastOnce, retain, payload)
+                .map_err(|e| e.to_string()),
+            Client::V5(c) => {
+                let qos = rumqttc::v5::mqttbytes::QoS::AtLeastOnce;
+                match correlation {
+                    Some(data) => {
+                        let props = rumqttc::v5::mqttbytes::v5::PublishProperties {
+                            correlation_data: Some(data),
+                            ..Default::default()
+                        };
+                        c.try_publish_with_properties(topic, qos, retain, payload, props)
+                    }
+                    None => c.try_publish(topic, qos, retain, payload),
+                }
+                .map_err(|e| e.to_string())
+            }
+        };
+        match sent {
+            Ok(()) => {
+                t.queued.push_back(tag);
+                Ok(())
+            }
+            Err(_) => Err(SendError::Full),
+        }
+    }
+
+    pub fn subscribe(&self, filter: &str) -> Result<(), String> {
+        match &self.client {
+            Client::V4(c) => c
+                .try_subscribe(filter, rumqttc::QoS::AtLeastOnce)
+                .map_err(|e| e.to_string()),
+            Client::V5(c) => c
+                .try_subscribe(filter, rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Rows queued or in flight: the outbox keeps its window below a bound with this.
+    pub fn rows_outstanding(&self) -> usize {
+        let t = self.track.lock().expect("link lock");
+        t.queued.iter().filter(|t| matches!(t, Tag::Row(_))).count()
+            + t.in_flight
+                .values()
+                .filter(|t| matches!(t, Tag::Row(_)))
+                .count()
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.track.lock().expect("link lock").connected
+    }
+
+    /// The current connection's number (0 before the first); see [`Track::epoch`].
+    pub fn epoch(&self) -> u64 {
+        self.track.lock().expect("link lock").epoch
+    }
+
+    /// Ask for a clean DISCONNECT (which, unlike a dropped connection, fires no last will).
+    pub async fn disconnect(&self) {
+        let _ = match &self.client {
+            Client::V4(c) => c.disconnect().await.map_err(|e| e.to_string()),
+            Client::V5(c) => c.disconnect().await.map_err(|e| e.to_string()),
+        };
+    }
+}
+
+impl Session {
+    /// The next event; on error the connection is gone and the next call reconnects.
+    pub async fn poll(&mut self) -> Result<Event, String> {
+        let ev = match &mut self.event_loop {
+            Loop::V4(l) => l.poll().await.map(v4_event).map_err(|e| e.to_string()),
+            Loop::V5(l) => l.poll().await.map(v5_event).map_err(|e| e.to_string()),
+        };
+        let mut t = self.track.lock().expect("link lock");
+        tracing::trace!(event = ?ev.as_ref().map(|r| r.describe()), queued = ?t.queued, in_flight = ?t.in_flight, "mqtt event");
+        match ev {
+            Ok(Raw::ConnAck) => {
+                // rumqttc drops its unsent queue on a clean session, so whatever we had queued
+                // before is gone too.
+                t.queued.clear();
+                t.in_flight.clear();
+                t.connected = true;
+                t.epoch += 1;
+                Ok(Event::Connected)
+            }
+            Ok(Raw::Sent(pkid)) => {
+                if let Some(tag) = t.queued.pop_front()
+                    && pkid != 0
+                {
+                    t.in_flight.insert(pkid, tag);
+                }
+                Ok(Event::Other)
+            }
+            Ok(Raw::Acked(pkid, refused)) => match t.in_flight.remove(&pkid) {
+                Some(Tag::Row(id)) => Ok(Event::Acked(id, refused)),
+                _ => Ok(Event::Other),
+            },
+            Ok(Raw::Message(m)) => Ok(Event::Message(m)),
+            Ok(Raw::Disconnected) => {
+                t.connected = false;
+                Ok(Event::Disconnected)
+            }
+            Ok(Raw::Other) => Ok(Event::Other),
+            Err(e) => {
+                // rumqttc has moved requests still in its channel into its pending list, which
+                // the next clean session discards. Those are the oldest of our queued tags;
+                // anything queued after that will still be written after the reconnect.
+                let unsent = self.unsent_publishes();
+                let drop = unsent.min(t.queued.len());
+                t.queued.drain(..drop);
+                t.in_flight.clear();
+                t.connected = false;
+                Err(e)
+            }
+        }
+    }
+
+    fn unsent_publishes(&self) -> usize {
+        match &self.event_loop {
+            Loop::V4(l) => l
+                .pending
+                .iter()
+                .filter(|r| matches!(r, rumqttc::Request::Publish(p) if p.pkid == 0))
+                .count(),
+            Loop::V5(l) => l
+                .pending
+                .iter()
+                .filter(|r| matches!(r, rumqttc::v5::Request::Publish(p) if p.pkid == 0))
+                .count(),
+        }
+    }
+}
+
+impl Raw {
+    fn describe(&self) -> String {
+        match self {
+            Raw::ConnAck => "connack".into(),
+            Raw::Sent(p) => format!("sent {p}"),
+            Raw::Acked(p, r) => format!("acked {p} {r:?}"),
+            Raw::Message(m) => format!("message {}", m.topic),
+            Raw::Disconnected => "disconnected".into(),
+            Raw::Other => "other".into(),
+        }
+    }
+}
+
+enum Raw {
+    ConnAck,
+    Sent(u16),
+    Acked(u16, Option<String>),
+    Message(Message),
+    Disconnected,
+    Other,
+}
+
+fn v4_event(e: rumqttc::Event) -> Raw {
+    use rumqttc::{Event as E, Outgoing, Packet};
+    match e {
+        E::Incoming(Packet::ConnAck(_)) => Raw::ConnAck,
+        E::Incoming(Packet::PubAck(a)) => Raw::Acked(a.pkid, None),
+        E::Incoming(Packet::Publish(p)) => Raw::Message(Message {
+            topic: p.topic,
+            payload: p.payload,
+            response_topic: None,
+            correlation: None,
+        }),
+        E::Outgoing(Outgoing::Publish(pkid)) => Raw::Sent(pkid),
+        E::Outgoing(Outgoing::Disconnect) => Raw::Disconnected,
+        _ => Raw::Other,
+    }
+}
+
+fn v5_event(e: rumqttc::v5::Event) -> Raw {
+    use rumqttc::Outgoing;
+    use rumqttc::v5::Event as E;
+    use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
+    match e {
+        E::Incoming(Packet::ConnAck(_)) => Raw::ConnAck,
+        E::Incoming(Packet::PubAck(a)) => {
+            let refused = match a.reason {
+                PubAckReason::Success | PubAckReason::NoMatchingSubscribers => None,
+                other => Some(format!("{other:?}")),
+            };
+            Raw::Acked(a.pkid, refused)
+        }
+        E::Incoming(Packet::Publish(p)) => {
+            let (response_topic, correlation) = p
+                .properties
+                .map(|pr| (pr.response_topic, pr.correlation_data))
+                .unwrap_or_default();
+            Raw::Message(Message {
+                topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                payload: p.payload,
+                response_topic,
+                correlation,
+            })
+        }
+        E::Outgoing(Outgoing::Publish(pkid)) => Raw::Sent(pkid),
+        E::Outgoing(Outgoing::Disconnect) => Raw::Disconnected,
+        _ => Raw::Other,
+    }
+}
+
+/// Jittered exponential back-off between reconnects: 0.5–1.5 × min(1 s × 2ⁿ, max).
+pub fn backoff(attempt: u32, max: Duration) -> Duration {
+    let base = Duration::from_secs(1)
+        .saturating_mul(1u32 << attempt.min(16))
+        .min(max);
+    let mut b = [0u8; 2];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+    let jitter = 0.5 + u16::from_le_bytes(b) as f64 / u16::MAX as f64;
+    base.mul_f64(jitter)
+}
