@@ -103,8 +103,8 @@ pub enum SignPolicy {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawOutbox {
-    /// Disk budget for messages waiting for the broker, in MiB.
-    pub budget_mib: Option<u64>,
+    /// Disk budget for messages waiting for the broker, in MiB (fractions allowed).
+    pub budget_mib: Option<f64>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -219,7 +219,7 @@ pub const DEFAULT_RECONNECT_MAX_SECS: u64 = 60;
 pub const DEFAULT_MAX_SKEW_SECS: u64 = 300;
 pub const DEFAULT_MAX_COMMAND_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_COMMAND_QUEUE: usize = 32;
-pub const DEFAULT_OUTBOX_BUDGET_MIB: u64 = 64;
+pub const DEFAULT_OUTBOX_BUDGET_MIB: f64 = 64.0;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
@@ -747,11 +747,14 @@ fn validate(raw: RawConfig, base: &Path, sources: &[Source]) -> Result<Config, C
         .as_ref()
         .and_then(|f| validate_fleet(f, &resolve, &mut report));
     let budget_mib = raw.outbox.budget_mib.unwrap_or(DEFAULT_OUTBOX_BUDGET_MIB);
-    if budget_mib == 0 {
-        report("outbox.budget_mib".into(), "must be above 0".into());
+    if !(budget_mib.is_finite() && budget_mib >= 0.01) {
+        report(
+            "outbox.budget_mib".into(),
+            format!("{budget_mib} is not a budget: give at least 0.01 (MiB)"),
+        );
     }
     let outbox = OutboxConfig {
-        budget_bytes: budget_mib.saturating_mul(1024 * 1024),
+        budget_bytes: (budget_mib.max(0.0) * 1024.0 * 1024.0) as u64,
     };
 
     if problems.is_empty() {

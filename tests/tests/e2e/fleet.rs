@@ -19,6 +19,16 @@ pub struct FleetBox {
 
 /// A box with the int8 digits CNN on a watched inbox and the fleet link to `broker_url`.
 pub fn fleet_box(device: &str, broker_url: &str, fleet_extra: &str, extra: &str) -> FleetBox {
+    fleet_box_with("digits-cnn-int8", device, broker_url, fleet_extra, extra)
+}
+
+pub fn fleet_box_with(
+    model: &str,
+    device: &str,
+    broker_url: &str,
+    fleet_extra: &str,
+    extra: &str,
+) -> FleetBox {
     let dir = tempfile::tempdir().unwrap();
     let inbox = dir.path().join("inbox");
     std::fs::create_dir_all(&inbox).unwrap();
@@ -34,16 +44,22 @@ path = "inbox"
 [[pipelines]]
 name = "digits"
 feed = "inbox"
-model = "digits-cnn-int8"
+model = "{model}"
 {extra}
 [fleet]
 broker = "{broker_url}"
 device = "{device}"
 groups = ["lab"]
-telemetry_secs = 3600
+{telemetry}
 {fleet_extra}
 "#,
-        pkg = package("digits-cnn-int8").display()
+        pkg = package(model).display(),
+        // Quiet unless a test asks for telemetry.
+        telemetry = if fleet_extra.contains("telemetry_secs") {
+            ""
+        } else {
+            "telemetry_secs = 3600"
+        }
     );
     std::fs::write(&config, text).unwrap();
     FleetBox {
@@ -606,5 +622,403 @@ fn a_command_flood_is_bounded_by_the_queue_and_answered_busy() {
             &json!({"id": id, "args": {"model": "digits-cnn-int8", "input": b64}}),
         );
         assert_eq!(r["ok"], true, "{r}");
+    }
+}
+
+mod signed {
+    use super::*;
+    use tern_update::command::{self as signing, SigningKey};
+
+    fn now() -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+    }
+
+    fn key() -> SigningKey {
+        SigningKey::from_pkcs8(&signing::generate_pkcs8()).unwrap()
+    }
+
+    /// A signed payload with a chosen nonce (the operator tool always picks a fresh one).
+    fn with_nonce(
+        k: &SigningKey,
+        name: &str,
+        target: &str,
+        id: &str,
+        args: Value,
+        nonce: &str,
+    ) -> Value {
+        use base64::Engine as _;
+        let ts = now();
+        let sig = k.sign(&signing::signed_bytes(name, target, ts, nonce, id, &args));
+        json!({"id": id, "args": args, "auth": {"target": target, "ts": ts, "nonce": nonce,
+            "sig": base64::engine::general_purpose::STANDARD.encode(sig)}})
+    }
+
+    #[test]
+    fn signed_command_matrix_refuses_everything_but_a_good_signature_and_changes_nothing() {
+        let broker = Broker::embedded().unwrap();
+        let trusted = key();
+        let stranger = key();
+        let fleet_extra = format!(
+            "[fleet.commands]\nkeys = [\"{}\"]\nmax_skew_secs = 60",
+            trusted.public().to_base64()
+        );
+        let b = fleet_box("sig-1", &broker.url(true), &fleet_extra, "");
+        let v2 = package_version(b.dir.path(), "1.1.0");
+        let mut c = client(
+            &broker,
+            true,
+            "sig-c",
+            &["tern/sig-1/state", "tern/sig-1/reply/+"],
+        );
+        let d = Daemon::spawn(&b.config, None, &[]).unwrap();
+        wait_online(&mut c, "sig-1");
+        // 1.1.0 active with 1.0.0 as previous, through SIGHUP (config.reload must be signed).
+        let text = std::fs::read_to_string(&b.config).unwrap().replace(
+            &package("digits-cnn-int8").display().to_string(),
+            &v2.display().to_string(),
+        );
+        std::fs::write(&b.config, text).unwrap();
+        d.signal("HUP").unwrap();
+        wait_for("1.1.0 to be active", T, || {
+            (active_version(&b.state)? == "1.1.0").then_some(())
+        })
+        .unwrap();
+
+        let rb = json!({"name": "digits-cnn-int8"});
+        let sign = |k: &SigningKey, target: &str, id: &str, ts: i64| {
+            signing::sign(k, "models.rollback", target, id, rb.clone(), ts)
+        };
+        let mut tampered = sign(&trusted, "sig-1", "bad-sig", now());
+        let sig = tampered["auth"]["sig"].as_str().unwrap().to_string();
+        let flipped = if sig.starts_with('A') { "B" } else { "A" }.to_string() + &sig[1..];
+        tampered["auth"]["sig"] = json!(flipped);
+        let mut other_args = sign(&trusted, "sig-1", "other-args", now());
+        other_args["args"] = json!({"name": "something-else"});
+
+        let refusals: Vec<(&str, Value, &str)> = vec![
+            (
+                "unsigned",
+                json!({"id": "unsigned", "args": rb}),
+                "not signed",
+            ),
+            ("bad signature", tampered, "does not verify"),
+            (
+                "untrusted key",
+                sign(&stranger, "sig-1", "stranger", now()),
+                "does not verify",
+            ),
+            (
+                "arguments changed after signing",
+                other_args,
+                "does not verify",
+            ),
+            (
+                "expired",
+                sign(&trusted, "sig-1", "old", now() - 3600),
+                "clock skew",
+            ),
+            (
+                "from the future",
+                sign(&trusted, "sig-1", "future", now() + 3600),
+                "clock skew",
+            ),
+            (
+                "another device",
+                sign(&trusted, "box-2", "elsewhere", now()),
+                "addressed to `box-2`",
+            ),
+            (
+                "malformed auth",
+                json!({"id": "mal", "args": rb, "auth": {"sig": 1}}),
+                "malformed",
+            ),
+        ];
+        for (case, payload, says) in &refusals {
+            let r = command(&mut c, "sig-1", "models.rollback", payload);
+            assert_eq!(r["ok"], false, "{case}: {r}");
+            assert_eq!(r["error"]["code"], "unauthorized", "{case}: {r}");
+            let msg = r["error"]["message"].as_str().unwrap();
+            assert!(msg.contains(says), "{case}: {msg:?} should say {says:?}");
+            assert_eq!(
+                active_version(&b.state).as_deref(),
+                Some("1.1.0"),
+                "{case} changed state"
+            );
+        }
+        // A device command signed for this device but sent to its group is refused too.
+        let dev_signed = sign(&trusted, "sig-1", "wrong-topic", now());
+        c.publish(
+            "tern/fleet/lab/cmd/models.rollback",
+            dev_signed.to_string().as_bytes(),
+            None,
+        )
+        .unwrap();
+        let r = c.recv_on("tern/sig-1/reply/wrong-topic", T).unwrap().json();
+        assert_eq!(r["error"]["code"], "unauthorized", "{r}");
+        assert_eq!(active_version(&b.state).as_deref(), Some("1.1.0"));
+
+        // Read-only commands stay unsigned by default.
+        let st = command(&mut c, "sig-1", "status", &json!({"id": "st"}));
+        assert_eq!(st["ok"], true, "{st}");
+
+        // The good one acts once; its exact replay gets the first reply and acts not again.
+        let good = with_nonce(
+            &trusted,
+            "models.rollback",
+            "sig-1",
+            "good",
+            rb.clone(),
+            "0123456789abcdef0123",
+        );
+        let r = command(&mut c, "sig-1", "models.rollback", &good);
+        assert_eq!(r["ok"], true, "{r}");
+        assert_eq!(active_version(&b.state).as_deref(), Some("1.0.0"));
+        let again = command(&mut c, "sig-1", "models.rollback", &good);
+        assert_eq!(again, r);
+        assert_eq!(active_version(&b.state).as_deref(), Some("1.0.0"));
+        // The same nonce under a new id (validly signed) is a replay.
+        let reuse = with_nonce(
+            &trusted,
+            "models.rollback",
+            "sig-1",
+            "reuse",
+            rb.clone(),
+            "0123456789abcdef0123",
+        );
+        let r = command(&mut c, "sig-1", "models.rollback", &reuse);
+        assert_eq!(r["error"]["code"], "unauthorized", "{r}");
+        assert!(
+            r["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("nonce was already used"),
+            "{r}"
+        );
+        assert_eq!(active_version(&b.state).as_deref(), Some("1.0.0"));
+        // A group command signed for the group works on the group topic.
+        let grp = signing::sign(
+            &trusted,
+            "models.rollback",
+            "group:lab",
+            "grp",
+            rb.clone(),
+            now(),
+        );
+        c.publish(
+            "tern/fleet/lab/cmd/models.rollback",
+            grp.to_string().as_bytes(),
+            None,
+        )
+        .unwrap();
+        let r = c.recv_on("tern/sig-1/reply/grp", T).unwrap().json();
+        assert_eq!(r["ok"], true, "{r}");
+        assert_eq!(active_version(&b.state).as_deref(), Some("1.1.0"));
+    }
+}
+
+#[test]
+fn presence_birth_on_connect_offline_on_stop_last_will_on_kill_and_announce() {
+    let Some(broker) = Broker::mosquitto().unwrap() else {
+        return;
+    };
+    let b = fleet_box("pres-1", &broker.url(true), "keep_alive_secs = 5", "");
+    let mut c = client(&broker, false, "pres-c", &["tern/pres-1/state"]);
+    let mut d = Daemon::spawn(&b.config, None, &[]).unwrap();
+    let s1 = wait_online(&mut c, "pres-1")["session"].as_u64().unwrap();
+
+    // The fleet asks everyone to announce: the box repeats its birth.
+    let asker = client(&broker, true, "pres-asker", &[]);
+    asker.publish("tern/fleet/announce", b"{}", None).unwrap();
+    let again = wait_online(&mut c, "pres-1");
+    assert_eq!(
+        again["session"].as_u64(),
+        Some(s1),
+        "announce is not a new session"
+    );
+
+    d.signal("TERM").unwrap();
+    let off = c.recv_on("tern/pres-1/state", T).unwrap();
+    assert_eq!(
+        off.json(),
+        json!({"state": "offline", "device": "pres-1", "graceful": true})
+    );
+    assert!(d.wait(T).unwrap().success());
+
+    let mut d = Daemon::spawn(&b.config, None, &[]).unwrap();
+    let s2 = wait_online(&mut c, "pres-1")["session"].as_u64().unwrap();
+    assert!(
+        s2 > s1,
+        "session counter must increase on every connect: {s1} then {s2}"
+    );
+    d.signal("KILL").unwrap();
+    d.wait(T).unwrap();
+    // The broker publishes the last will once the connection is gone.
+    let will = c.recv_on("tern/pres-1/state", T).unwrap();
+    assert_eq!(
+        will.json(),
+        json!({"state": "offline", "device": "pres-1", "graceful": false})
+    );
+    // And it is retained: a newcomer learns the box is offline.
+    let mut late = client(&broker, false, "pres-late", &["tern/pres-1/state"]);
+    let m = late.recv_on("tern/pres-1/state", T).unwrap();
+    assert!(m.retain, "state must be retained");
+    assert_eq!(m.json()["state"], "offline");
+}
+
+#[test]
+fn telemetry_reports_process_models_and_backlog() {
+    let broker = Broker::embedded().unwrap();
+    let b = fleet_box("tele-1", &broker.url(true), "telemetry_secs = 1", "");
+    let mut c = client(&broker, true, "tele-c", &["tern/tele-1/telemetry"]);
+    let _d = Daemon::spawn(&b.config, None, &[]).unwrap();
+    std::fs::copy(
+        root().join("configs/demo/inbox/digit-4.png"),
+        b.inbox.join("x.png"),
+    )
+    .unwrap();
+    let t = c
+        .recv_match("telemetry after a result", T, |m| {
+            m.topic == "tern/tele-1/telemetry" && m.json()["models"][0]["requests"] == 1
+        })
+        .unwrap()
+        .json();
+    assert!(t["rss_bytes"].as_u64().unwrap() > 1 << 20, "{t}");
+    assert!(t["disk_free_bytes"].as_u64().unwrap() > 0, "{t}");
+    assert!(t["cpu_percent"].as_f64().is_some(), "{t}");
+    let m = &t["models"][0];
+    assert_eq!(m["name"], "digits-cnn-int8");
+    assert_eq!(m["errors"], 0);
+    assert_eq!(m["latency_us"]["samples"], 1);
+    let p50 = m["latency_us"]["p50"].as_u64().unwrap();
+    assert!(
+        p50 > 0 && p50 == m["latency_us"]["p99"].as_u64().unwrap(),
+        "{m}"
+    );
+    assert_eq!(t["pipelines"][0]["results"], 1, "{t}");
+    assert!(t["outbox"]["rows"].as_i64().is_some(), "{t}");
+    assert!(t["seq"].as_i64().unwrap() >= 1);
+}
+
+mod loss {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn results(state: &Path) -> i64 {
+        count(state, "SELECT count(*) FROM results").unwrap_or(0)
+    }
+
+    /// 10,000 results while the broker is stopped and restarted 5 times and ternd is killed
+    /// with SIGKILL twice: a subscriber must see every sequence number.
+    #[test]
+    fn ten_thousand_results_through_five_broker_restarts_and_two_kill_9_lose_nothing() {
+        let Some(mut broker) = Broker::mosquitto_with(tern_tests::mqtt::MosquittoOptions {
+            persistent: true,
+            tls: None,
+        })
+        .unwrap() else {
+            return;
+        };
+        const N: i64 = 10_000;
+        let b = fleet_box_with(
+            "digits-mlp-int8",
+            "loss-1",
+            &broker.url(true),
+            "keep_alive_secs = 5",
+            "",
+        );
+        let digits: Vec<Vec<u8>> = (0..10)
+            .map(|i| {
+                std::fs::read(root().join(format!("configs/demo/inbox/digit-{i}.png"))).unwrap()
+            })
+            .collect();
+        for i in 0..N as usize {
+            std::fs::write(b.inbox.join(format!("{i:05}.png")), &digits[i % 10]).unwrap();
+        }
+        // A persistent session: the broker keeps the subscription and queues for it while it
+        // is away, and (with persistence) across its own restarts.
+        let mut sub = Client::connect(
+            &broker,
+            ClientOptions {
+                v5: false,
+                id: "loss-sub",
+                subscribe: &["tern/loss-1/results/+"],
+                persistent: true,
+            },
+        )
+        .unwrap();
+        let mut seen: HashMap<i64, u32> = HashMap::new();
+        let mut take = |sub: &mut Client, seen: &mut HashMap<i64, u32>| {
+            while let Some(m) = sub.recv_any(Duration::from_millis(1)) {
+                let seq = m.json()["seq"].as_i64().expect("every result has a seq");
+                *seen.entry(seq).or_default() += 1;
+            }
+        };
+
+        let mut d = Daemon::spawn(&b.config, None, &[]).unwrap();
+        // Outages and kills at points spread over the run, chosen by results stored so far.
+        let mut plan: Vec<(i64, &str)> = vec![
+            (800, "broker"),
+            (1800, "kill"),
+            (2800, "broker"),
+            (4000, "broker"),
+            (5200, "kill"),
+            (6400, "broker"),
+            (7600, "broker"),
+        ];
+        plan.reverse();
+        let long = Duration::from_secs(600);
+        while let Some((at, what)) = plan.pop() {
+            wait_for(&format!("{at} results"), long, || {
+                take(&mut sub, &mut seen);
+                (results(&b.state) >= at).then_some(())
+            })
+            .unwrap();
+            match what {
+                "broker" => {
+                    broker.stop().unwrap();
+                    // Results keep coming while the broker is away; they wait in the outbox.
+                    let during = results(&b.state) + 300;
+                    wait_for("results during the outage", long, || {
+                        (results(&b.state) >= during.min(N)).then_some(())
+                    })
+                    .unwrap();
+                    let waiting = count(&b.state, "SELECT count(*) FROM outbox").unwrap();
+                    assert!(waiting > 0, "nothing waited in the outbox during an outage");
+                    broker.start().unwrap();
+                }
+                _ => {
+                    d.signal("KILL").unwrap();
+                    d.wait(T).unwrap();
+                    d = Daemon::spawn(&b.config, None, &[]).unwrap();
+                }
+            }
+        }
+        wait_for("every sequence number at the subscriber", long, || {
+            take(&mut sub, &mut seen);
+            (seen.len() as i64 >= N).then_some(())
+        })
+        .unwrap();
+        let missing: Vec<i64> = (1..=N).filter(|s| !seen.contains_key(s)).collect();
+        let beyond: Vec<i64> = seen.keys().copied().filter(|s| *s > N || *s < 1).collect();
+        let duplicates: u32 = seen.values().map(|c| c - 1).sum();
+        eprintln!(
+            "loss test: {} distinct results, {duplicates} duplicates (resent after an outage or a kill), {} missing",
+            seen.len(),
+            missing.len()
+        );
+        assert!(
+            missing.is_empty(),
+            "missing sequence numbers: {:?}",
+            &missing[..missing.len().min(20)]
+        );
+        assert!(beyond.is_empty(), "unexpected sequence numbers: {beyond:?}");
+        assert_eq!(results(&b.state), N, "one result per file");
+        wait_for("the outbox to drain", T, || {
+            (count(&b.state, "SELECT count(*) FROM outbox")? == 0).then_some(())
+        })
+        .unwrap();
     }
 }
