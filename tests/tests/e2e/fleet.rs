@@ -950,7 +950,7 @@ mod loss {
         )
         .unwrap();
         let mut seen: HashMap<i64, u32> = HashMap::new();
-        let mut take = |sub: &mut Client, seen: &mut HashMap<i64, u32>| {
+        let take = |sub: &mut Client, seen: &mut HashMap<i64, u32>| {
             while let Some(m) = sub.recv_any(Duration::from_millis(1)) {
                 let seq = m.json()["seq"].as_i64().expect("every result has a seq");
                 *seen.entry(seq).or_default() += 1;
