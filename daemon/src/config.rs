@@ -879,7 +879,12 @@ fn validate_fleet(
     let credentials = match (&f.username, password) {
         (Some(u), p) => Some((u.clone(), p.unwrap_or_default())),
         (None, Some(_)) => {
-            bad("username", "a password is set but no username".into());
+            let key = if f.password.is_some() {
+                "password"
+            } else {
+                "password_file"
+            };
+            bad(key, "a password is set but no username".into());
             None
         }
         (None, None) => None,
@@ -888,12 +893,13 @@ fn validate_fleet(
         let client = match (&f.cert_file, &f.key_file) {
             (Some(c), Some(k)) => Some((resolve(c), resolve(k))),
             (None, None) => None,
+            // Named at the key that is there, so the problem has a line.
             (Some(_), None) => {
-                bad("key_file", "cert_file is set but key_file is not".into());
+                bad("cert_file", "is set but key_file is not".into());
                 None
             }
             (None, Some(_)) => {
-                bad("cert_file", "key_file is set but cert_file is not".into());
+                bad("key_file", "is set but cert_file is not".into());
                 None
             }
         };

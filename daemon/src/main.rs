@@ -79,6 +79,17 @@ fn check_config(path: &Path) -> ExitCode {
                 c.pipelines.len(),
                 c.state_dir.display()
             );
+            match &c.fleet {
+                Some(f) => println!(
+                    "fleet: {} at {}:{}{}, {} command key(s)",
+                    f.device,
+                    f.host,
+                    f.port,
+                    if f.tls.is_some() { " (TLS)" } else { "" },
+                    f.commands.keys.len()
+                ),
+                None => println!("fleet: none (no [fleet] table)"),
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -37,6 +37,8 @@ pub struct Broker {
     pub port: u16,
     /// The MQTT 5 port (the same as `port` for mosquitto).
     pub port_v5: u16,
+    /// mosquitto's TLS listener, when asked for (test clients use the plain `port`).
+    pub tls_port: Option<u16>,
     conf: Option<PathBuf>,
     child: Option<Child>,
     _dir: Option<tempfile::TempDir>,
@@ -47,7 +49,7 @@ pub struct Broker {
 pub struct MosquittoOptions {
     /// Keep sessions and queued messages across restarts (in the broker's temp dir).
     pub persistent: bool,
-    /// A TLS listener instead of plain TCP: (ca, cert, key, require client certificates).
+    /// A TLS listener besides the plain one: (ca, cert, key, require client certificates).
     pub tls: Option<(PathBuf, PathBuf, PathBuf, bool)>,
 }
 
@@ -73,9 +75,10 @@ impl Broker {
                 dir.path().display()
             );
         }
-        if let Some((ca, cert, key, require)) = &o.tls {
+        let tls_port = o.tls.as_ref().map(|_| free_port());
+        if let (Some((ca, cert, key, require)), Some(tp)) = (&o.tls, tls_port) {
             conf += &format!(
-                "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate {require}\n",
+                "listener {tp} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate {require}\n",
                 ca.display(),
                 cert.display(),
                 key.display()
@@ -87,6 +90,7 @@ impl Broker {
             kind: Kind::Mosquitto,
             port,
             port_v5: port,
+            tls_port,
             conf: Some(path),
             child: None,
             _dir: Some(dir),
@@ -142,6 +146,7 @@ next_connection_delay_ms = 1
             kind: Kind::Embedded,
             port,
             port_v5,
+            tls_port: None,
             conf: None,
             child: None,
             _dir: None,
@@ -176,6 +181,9 @@ next_connection_delay_ms = 1
             .spawn()
             .context("spawning mosquitto")?;
         self.child = Some(child);
+        if let Some(tp) = self.tls_port {
+            wait_port(tp, true)?;
+        }
         wait_port(self.port, true)
     }
 

@@ -322,6 +322,7 @@ fn send_reply(
         Some((t, c)) => (t, c),
         None => (topics.reply(id.unwrap_or("invalid")), None),
     };
+    tracing::debug!(%topic, id = id.unwrap_or("-"), "reply");
     if let Err(e) = link.publish(
         &topic,
         reply.to_string().into_bytes(),

@@ -1022,3 +1022,233 @@ mod loss {
         .unwrap();
     }
 }
+
+#[test]
+fn tls_with_a_client_certificate_connects_and_a_wrong_ca_does_not() {
+    if !need("openssl") {
+        return;
+    }
+    let certs_dir = tempfile::tempdir().unwrap();
+    let [ca, server_cert, server_key, client_cert, client_key] =
+        tern_tests::mqtt::make_certs(certs_dir.path()).unwrap();
+    let Some(broker) = Broker::mosquitto_with(tern_tests::mqtt::MosquittoOptions {
+        persistent: false,
+        tls: Some((ca.clone(), server_cert, server_key, true)),
+    })
+    .unwrap() else {
+        return;
+    };
+    let tls_port = broker.tls_port.unwrap();
+    let fleet = format!(
+        "ca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"",
+        ca.display(),
+        client_cert.display(),
+        client_key.display()
+    );
+    let b = fleet_box(
+        "tls-1",
+        &format!("mqtts://localhost:{tls_port}"),
+        &fleet,
+        "",
+    );
+    let mut c = client(
+        &broker,
+        false,
+        "tls-c",
+        &["tern/tls-1/state", "tern/tls-1/reply/+"],
+    );
+    let _d = Daemon::spawn(&b.config, None, &[]).unwrap();
+    wait_online(&mut c, "tls-1");
+    let r = command(&mut c, "tls-1", "ping", &json!({"id": "tls-ping"}));
+    assert_eq!(r["ok"], true, "{r}");
+
+    // A box that trusts another CA refuses the broker's certificate and says why.
+    let other_dir = tempfile::tempdir().unwrap();
+    let [other_ca, ..] = tern_tests::mqtt::make_certs(other_dir.path()).unwrap();
+    let fleet = format!(
+        "ca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"",
+        other_ca.display(),
+        client_cert.display(),
+        client_key.display()
+    );
+    let b2 = fleet_box(
+        "tls-2",
+        &format!("mqtts://localhost:{tls_port}"),
+        &fleet,
+        "",
+    );
+    let d2 = Daemon::spawn(&b2.config, None, &[]).unwrap();
+    wait_for("a certificate error in the log", T, || {
+        let log = d2.stderr();
+        (log.contains("fleet link down") && log.to_lowercase().contains("certificate"))
+            .then_some(())
+    })
+    .unwrap();
+    assert!(!d2.stderr().contains("fleet link connected"));
+}
+
+#[test]
+fn past_the_disk_budget_the_oldest_results_are_dropped_and_the_drop_is_reported() {
+    let Some(mut broker) = Broker::mosquitto_with(tern_tests::mqtt::MosquittoOptions {
+        persistent: true,
+        tls: None,
+    })
+    .unwrap() else {
+        return;
+    };
+    const N: i64 = 200;
+    let budget = 0.02; // MiB: room for a few dozen results
+    let b = fleet_box_with(
+        "digits-mlp-int8",
+        "budget-1",
+        &broker.url(true),
+        "",
+        &format!("[outbox]\nbudget_mib = {budget}"),
+    );
+    let mut sub = Client::connect(
+        &broker,
+        ClientOptions {
+            v5: false,
+            id: "budget-sub",
+            subscribe: &["tern/budget-1/results/+", "tern/budget-1/events"],
+            persistent: true,
+        },
+    )
+    .unwrap();
+    broker.stop().unwrap();
+    let png = std::fs::read(root().join("configs/demo/inbox/digit-2.png")).unwrap();
+    for i in 0..N {
+        std::fs::write(b.inbox.join(format!("{i:04}.png")), &png).unwrap();
+    }
+    let _d = Daemon::spawn(&b.config, None, &[]).unwrap();
+    wait_for("all results stored", T, || {
+        (count(&b.state, "SELECT count(*) FROM results")? >= N).then_some(())
+    })
+    .unwrap();
+    let bytes = count(&b.state, "SELECT bytes FROM outbox_totals").unwrap();
+    assert!(
+        bytes as f64 <= budget * 1024.0 * 1024.0,
+        "outbox holds {bytes} bytes, over its budget"
+    );
+    broker.start().unwrap();
+
+    let drop = sub
+        .recv_match("the drop report", T, |m| {
+            m.topic == "tern/budget-1/events" && m.json()["stream"] == "results/digits"
+        })
+        .unwrap()
+        .json();
+    assert_eq!(drop["event"], "outbox.dropped", "{drop}");
+    let (first, last, dropped) = (
+        drop["first_seq"].as_i64().unwrap(),
+        drop["last_seq"].as_i64().unwrap(),
+        drop["count"].as_i64().unwrap(),
+    );
+    // The oldest went first, as one run of sequence numbers.
+    assert_eq!((first, last - first + 1), (1, dropped), "{drop}");
+    let mut got = std::collections::BTreeSet::new();
+    wait_for("every result that was kept", T, || {
+        while let Some(m) = sub.recv_any(Duration::from_millis(1)) {
+            if m.topic.contains("/results/") {
+                got.insert(m.json()["seq"].as_i64().unwrap());
+            }
+        }
+        (got.len() as i64 >= N - dropped).then_some(())
+    })
+    .unwrap();
+    let want: std::collections::BTreeSet<i64> = (last + 1..=N).collect();
+    assert_eq!(got, want, "kept results must arrive, dropped ones must not");
+}
+
+/// The README's "Talking to a box" commands, run as written (plus the test broker's port).
+#[test]
+fn readme_mosquitto_client_commands_work_as_documented() {
+    if !need("mosquitto_rr") || !need("mosquitto_sub") || !need("mosquitto_pub") {
+        return;
+    }
+    let Some(broker) = Broker::mosquitto().unwrap() else {
+        return;
+    };
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let section = readme
+        .split("### Talking to a box")
+        .nth(1)
+        .expect("README has a Talking to a box section");
+    let lines: Vec<&str> = section
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("## "))
+        .filter(|l| l.starts_with("mosquitto_"))
+        .collect();
+    assert!(
+        lines.len() >= 3,
+        "expected the documented commands, got {lines:?}"
+    );
+    let b = fleet_box("demo-1", &broker.url(true), "", "");
+    let mut watcher = client(&broker, false, "readme-c", &["tern/demo-1/state"]);
+    let _d = Daemon::spawn(&b.config, None, &[]).unwrap();
+    wait_online(&mut watcher, "demo-1");
+    let port = format!(" -p {}", broker.port);
+    let mut background = Vec::new();
+    for line in &lines {
+        if let Some(cmd) = line.strip_suffix('&') {
+            // A listener: start it (with -d, which prints SUBACK; line-buffered, as a pipe
+            // would otherwise hold the line back) and wait until it is subscribed.
+            let mut child = std::process::Command::new("stdbuf")
+                .args(["-oL", "sh", "-c"])
+                .arg(format!("{}{port} -d", cmd.trim()))
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let out = child.stdout.take().unwrap();
+            let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+            let s2 = seen.clone();
+            std::thread::spawn(move || {
+                use std::io::BufRead;
+                for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                    let mut s = s2.lock().unwrap();
+                    s.push_str(&l);
+                    s.push('\n');
+                }
+            });
+            wait_for("the listener to subscribe", T, || {
+                seen.lock().unwrap().contains("SUBACK").then_some(())
+            })
+            .unwrap();
+            background.push((line.to_string(), child, seen));
+            continue;
+        }
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("{line}{port}"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{line}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        eprintln!("ran `{line}{port}`: {stdout}");
+        if line.starts_with("mosquitto_rr") {
+            let v: Value = serde_json::from_str(stdout.trim())
+                .unwrap_or_else(|e| panic!("{line}: {e}: {stdout}"));
+            assert_eq!(v["ok"], true, "{v}");
+            assert_eq!(v["result"]["device"], "demo-1", "{v}");
+        }
+    }
+    assert!(!background.is_empty(), "the README shows a 3.1.1 listener");
+    // Each listener exits by itself after one message (-C 1): the reply.
+    for (line, mut child, seen) in background {
+        let status = wait_for("the listener to get its reply", T, || {
+            child.try_wait().ok().flatten()
+        })
+        .unwrap();
+        let text = seen.lock().unwrap().clone();
+        assert!(status.success(), "{line}: {text}");
+        assert!(
+            text.contains("\"ok\":true") && text.contains("\"device\":\"demo-1\""),
+            "{line}: {text}"
+        );
+    }
+}
