@@ -66,7 +66,7 @@ impl Broker {
         let dir = tempfile::tempdir()?;
         let port = free_port();
         let mut conf = format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\nuser root\n\
+            "listener {port} 127.0.0.1\nallow_anonymous true\nuser root\nset_tcp_nodelay true\n\
              max_queued_messages 0\nmax_inflight_messages 0\nlog_dest stderr\n"
         );
         if o.persistent {
@@ -210,6 +210,12 @@ impl Drop for Broker {
     }
 }
 
+fn nodelay() -> rumqttc::NetworkOptions {
+    let mut n = rumqttc::NetworkOptions::new();
+    n.set_tcp_nodelay(true);
+    n
+}
+
 /// A message a test client received.
 #[derive(Debug, Clone)]
 pub struct Msg {
@@ -258,6 +264,7 @@ impl Client {
             if o.persistent {
                 opts.set_session_expiry_interval(Some(3600));
             }
+            opts.set_network_options(nodelay());
             let (client, mut conn) = rumqttc::v5::Client::new(opts, 10_000);
             let subs: Vec<String> = o.subscribe.iter().map(|s| s.to_string()).collect();
             let c2 = client.clone();
@@ -301,6 +308,7 @@ impl Client {
                 .set_clean_session(!o.persistent)
                 .set_max_packet_size(64 * 1024 * 1024, 64 * 1024 * 1024);
             let (client, mut conn) = rumqttc::Client::new(opts, 10_000);
+            conn.eventloop.set_network_options(nodelay());
             let subs: Vec<String> = o.subscribe.iter().map(|s| s.to_string()).collect();
             let c2 = client.clone();
             std::thread::spawn(move || {

@@ -1252,3 +1252,52 @@ fn readme_mosquitto_client_commands_work_as_documented() {
         );
     }
 }
+
+/// The session task only polls MQTT: a wedged inference must not starve keep-alive, so the
+/// broker never fires the last will and commands are still answered.
+#[test]
+fn a_hung_inference_does_not_starve_keep_alive() {
+    let Some(broker) = Broker::mosquitto().unwrap() else {
+        return;
+    };
+    let b = fleet_box("ka-1", &broker.url(true), "keep_alive_secs = 5", "");
+    let mut c = client(
+        &broker,
+        false,
+        "ka-c",
+        &["tern/ka-1/state", "tern/ka-1/reply/+"],
+    );
+    let _d = Daemon::spawn(&b.config, None, &[("TERN_CRASH_AT", "infer:hang")]).unwrap();
+    wait_online(&mut c, "ka-1");
+    std::fs::copy(
+        root().join("configs/demo/inbox/digit-1.png"),
+        b.inbox.join("x.png"),
+    )
+    .unwrap();
+    wait_for("the inference to start and hang", T, || {
+        (count(&b.state, "SELECT attempts FROM feed_files")? == 1).then_some(())
+    })
+    .unwrap();
+    // Three keep-alive periods with the only worker stuck: every ping is answered and the
+    // state topic never says offline (mosquitto drops a client after 1.5 silent periods).
+    let start = std::time::Instant::now();
+    let mut i = 0;
+    while start.elapsed() < Duration::from_secs(16) {
+        let r = command(&mut c, "ka-1", "ping", &json!({"id": format!("ka-{i}")}));
+        assert_eq!(r["ok"], true, "{r}");
+        i += 1;
+    }
+    let offline: Vec<_> = c
+        .drain()
+        .into_iter()
+        .filter(|m| m.topic == "tern/ka-1/state" && m.json()["state"] == "offline")
+        .collect();
+    assert!(
+        offline.is_empty(),
+        "the broker gave up on the box: {offline:?}"
+    );
+    // One session all along: a reconnect would have bumped the counter past the first.
+    let st = command(&mut c, "ka-1", "status", &json!({"id": "ka-status"}));
+    assert_eq!(st["result"]["fleet"]["connected"], true, "{st}");
+    assert_eq!(st["result"]["fleet"]["session"], 1, "{st}");
+}
