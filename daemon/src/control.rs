@@ -491,23 +491,11 @@ impl Control {
     }
 
     async fn event(&self, body: Value) {
-        let Some(ob) = self.inner.outbox.clone() else {
+        let Some(ob) = &self.inner.outbox else {
             return;
         };
-        let o = ob.clone();
-        let r = self
-            .inner
-            .store
-            .call(move |c| {
-                let tx = c.transaction()?;
-                o.event(&tx, body)?;
-                tx.commit()?;
-                Ok(())
-            })
-            .await;
-        match r {
-            Ok(()) => ob.wake(),
-            Err(e) => tracing::error!(error = %e, "event not queued"),
+        if let Err(e) = ob.send_event(&self.inner.store, body).await {
+            tracing::error!(error = %e, "event not queued");
         }
     }
 

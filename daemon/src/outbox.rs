@@ -117,6 +117,29 @@ impl Outbox {
         Ok(seq)
     }
 
+    /// Queue one message in a transaction of its own and wake the fleet link: for messages
+    /// that are not part of another state change (telemetry, events after the fact).
+    pub async fn send(
+        &self,
+        store: &crate::store::Store,
+        stream: &'static str,
+        class: Class,
+        topic: String,
+        body: Value,
+    ) -> Result<i64, crate::store::StoreError> {
+        let o = self.clone();
+        let seq = store
+            .call(move |c| {
+                let tx = c.transaction()?;
+                let seq = o.enqueue(&tx, stream, class, &topic, body)?;
+                tx.commit()?;
+                Ok(seq)
+            })
+            .await?;
+        self.wake();
+        Ok(seq)
+    }
+
     /// Tell the fleet link that rows are waiting.
     pub fn wake(&self) {
         self.notify.notify_one();
@@ -260,13 +283,29 @@ pub fn report_drops(outbox: &Outbox, c: &mut rusqlite::Connection) -> rusqlite::
 
 impl Outbox {
     /// Queue an event (update progress, activations, feed failures, drops).
-    pub fn event(&self, tx: &Transaction<'_>, mut body: Value) -> rusqlite::Result<i64> {
-        if let Value::Object(m) = &mut body {
-            m.entry("ts_ms").or_insert(now_ms().into());
-        }
+    pub fn event(&self, tx: &Transaction<'_>, body: Value) -> rusqlite::Result<i64> {
         let topic = format!("{}/events", self.base);
-        self.enqueue(tx, "events", Class::Event, &topic, body)
+        self.enqueue(tx, "events", Class::Event, &topic, stamped(body))
     }
+
+    /// Queue an event in a transaction of its own.
+    pub async fn send_event(
+        &self,
+        store: &crate::store::Store,
+        body: Value,
+    ) -> Result<i64, crate::store::StoreError> {
+        let topic = format!("{}/events", self.base);
+        self.send(store, "events", Class::Event, topic, stamped(body))
+            .await
+    }
+}
+
+/// Events say when they happened, not only when they were sent.
+fn stamped(mut body: Value) -> Value {
+    if let Value::Object(m) = &mut body {
+        m.entry("ts_ms").or_insert(now_ms().into());
+    }
+    body
 }
 
 #[cfg(test)]

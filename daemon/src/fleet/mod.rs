@@ -536,20 +536,12 @@ async fn telemetry_task(
                 telemetry::disk_free_bytes(&state_dir).into(),
             );
         }
-        let o = outbox.clone();
         let topic = format!("{}/telemetry", outbox.base);
-        let queued = control
-            .store()
-            .call(move |c| {
-                let tx = c.transaction()?;
-                o.enqueue(&tx, "telemetry", Class::Telemetry, &topic, body)?;
-                tx.commit()?;
-                Ok(())
-            })
-            .await;
-        match queued {
-            Ok(()) => outbox.wake(),
-            Err(e) => tracing::error!(error = %e, "telemetry not queued"),
+        if let Err(e) = outbox
+            .send(control.store(), "telemetry", Class::Telemetry, topic, body)
+            .await
+        {
+            tracing::error!(error = %e, "telemetry not queued");
         }
     }
 }
