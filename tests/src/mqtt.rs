@@ -39,6 +39,8 @@ pub struct Broker {
     pub port_v5: u16,
     /// mosquitto's TLS listener, when asked for (test clients use the plain `port`).
     pub tls_port: Option<u16>,
+    /// mosquitto's password-checked listener, when asked for.
+    pub auth_port: Option<u16>,
     conf: Option<PathBuf>,
     child: Option<Child>,
     _dir: Option<tempfile::TempDir>,
@@ -51,6 +53,8 @@ pub struct MosquittoOptions {
     pub persistent: bool,
     /// A TLS listener besides the plain one: (ca, cert, key, require client certificates).
     pub tls: Option<(PathBuf, PathBuf, PathBuf, bool)>,
+    /// A listener that takes only the logins in this mosquitto_passwd file.
+    pub password_file: Option<PathBuf>,
 }
 
 impl Broker {
@@ -65,9 +69,12 @@ impl Broker {
         }
         let dir = tempfile::tempdir()?;
         let port = free_port();
+        // Listener settings are per listener, so a password-checked listener can sit beside
+        // the anonymous one the test's own clients use.
         let mut conf = format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\nuser root\nset_tcp_nodelay true\n\
-             max_queued_messages 0\nmax_inflight_messages 0\nlog_dest stderr\n"
+            "per_listener_settings true\nuser root\nset_tcp_nodelay true\n\
+             max_queued_messages 0\nmax_inflight_messages 0\nlog_dest stderr\n\
+             listener {port} 127.0.0.1\nallow_anonymous true\n"
         );
         if o.persistent {
             conf += &format!(
@@ -78,10 +85,17 @@ impl Broker {
         let tls_port = o.tls.as_ref().map(|_| free_port());
         if let (Some((ca, cert, key, require)), Some(tp)) = (&o.tls, tls_port) {
             conf += &format!(
-                "listener {tp} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate {require}\n",
+                "listener {tp} 127.0.0.1\nallow_anonymous true\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate {require}\n",
                 ca.display(),
                 cert.display(),
                 key.display()
+            );
+        }
+        let auth_port = o.password_file.as_ref().map(|_| free_port());
+        if let (Some(pw), Some(ap)) = (&o.password_file, auth_port) {
+            conf += &format!(
+                "listener {ap} 127.0.0.1\nallow_anonymous false\npassword_file {}\n",
+                pw.display()
             );
         }
         let path = dir.path().join("mosquitto.conf");
@@ -91,6 +105,7 @@ impl Broker {
             port,
             port_v5: port,
             tls_port,
+            auth_port,
             conf: Some(path),
             child: None,
             _dir: Some(dir),
@@ -147,6 +162,7 @@ next_connection_delay_ms = 1
             port,
             port_v5,
             tls_port: None,
+            auth_port: None,
             conf: None,
             child: None,
             _dir: None,
@@ -181,8 +197,8 @@ next_connection_delay_ms = 1
             .spawn()
             .context("spawning mosquitto")?;
         self.child = Some(child);
-        if let Some(tp) = self.tls_port {
-            wait_port(tp, true)?;
+        for p in [self.tls_port, self.auth_port].into_iter().flatten() {
+            wait_port(p, true)?;
         }
         wait_port(self.port, true)
     }

@@ -916,7 +916,7 @@ mod loss {
     fn ten_thousand_results_through_five_broker_restarts_and_two_kill_9_lose_nothing() {
         let Some(mut broker) = Broker::mosquitto_with(tern_tests::mqtt::MosquittoOptions {
             persistent: true,
-            tls: None,
+            ..Default::default()
         })
         .unwrap() else {
             return;
@@ -950,10 +950,19 @@ mod loss {
         )
         .unwrap();
         let mut seen: HashMap<i64, u32> = HashMap::new();
-        let take = |sub: &mut Client, seen: &mut HashMap<i64, u32>| {
+        // Order: a sequence number seen for the first time must be above every one seen
+        // before it (resends after an outage repeat old numbers; they never jump ahead).
+        let mut out_of_order = Vec::new();
+        let mut max_seen = 0i64;
+        let mut take = |sub: &mut Client, seen: &mut HashMap<i64, u32>| {
             while let Some(m) = sub.recv_any(Duration::from_millis(1)) {
                 let seq = m.json()["seq"].as_i64().expect("every result has a seq");
-                *seen.entry(seq).or_default() += 1;
+                let n = seen.entry(seq).or_default();
+                if *n == 0 && seq < max_seen {
+                    out_of_order.push((seq, max_seen));
+                }
+                max_seen = max_seen.max(seq);
+                *n += 1;
             }
         };
 
@@ -1001,6 +1010,12 @@ mod loss {
             (seen.len() as i64 >= N).then_some(())
         })
         .unwrap();
+        drop(take);
+        assert!(
+            out_of_order.is_empty(),
+            "first seen after a later one: {:?}",
+            &out_of_order[..out_of_order.len().min(10)]
+        );
         let missing: Vec<i64> = (1..=N).filter(|s| !seen.contains_key(s)).collect();
         let beyond: Vec<i64> = seen.keys().copied().filter(|s| *s > N || *s < 1).collect();
         let duplicates: u32 = seen.values().map(|c| c - 1).sum();
@@ -1032,8 +1047,8 @@ fn tls_with_a_client_certificate_connects_and_a_wrong_ca_does_not() {
     let [ca, server_cert, server_key, client_cert, client_key] =
         tern_tests::mqtt::make_certs(certs_dir.path()).unwrap();
     let Some(broker) = Broker::mosquitto_with(tern_tests::mqtt::MosquittoOptions {
-        persistent: false,
         tls: Some((ca.clone(), server_cert, server_key, true)),
+        ..Default::default()
     })
     .unwrap() else {
         return;
@@ -1091,7 +1106,7 @@ fn tls_with_a_client_certificate_connects_and_a_wrong_ca_does_not() {
 fn past_the_disk_budget_the_oldest_results_are_dropped_and_the_drop_is_reported() {
     let Some(mut broker) = Broker::mosquitto_with(tern_tests::mqtt::MosquittoOptions {
         persistent: true,
-        tls: None,
+        ..Default::default()
     })
     .unwrap() else {
         return;
@@ -1300,4 +1315,65 @@ fn a_hung_inference_does_not_starve_keep_alive() {
     let st = command(&mut c, "ka-1", "status", &json!({"id": "ka-status"}));
     assert_eq!(st["result"]["fleet"]["connected"], true, "{st}");
     assert_eq!(st["result"]["fleet"]["session"], 1, "{st}");
+}
+
+#[test]
+fn broker_login_with_a_password_file_and_a_wrong_password_is_refused() {
+    if !need("mosquitto_passwd") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let passwd = dir.path().join("passwd");
+    let out = std::process::Command::new("mosquitto_passwd")
+        .args(["-c", "-b"])
+        .arg(&passwd)
+        .args(["box-user", "s3cret"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Two listeners: an authenticated one for the box, the test's own anonymous one.
+    let Some(broker) = Broker::mosquitto_with(tern_tests::mqtt::MosquittoOptions {
+        persistent: false,
+        tls: None,
+        password_file: Some(passwd.clone()),
+    })
+    .unwrap() else {
+        return;
+    };
+    let auth_port = broker.auth_port.unwrap();
+    std::fs::write(dir.path().join("pw"), "s3cret\n").unwrap();
+    let fleet = format!(
+        "username = \"box-user\"\npassword_file = \"{}\"",
+        dir.path().join("pw").display()
+    );
+    let b = fleet_box(
+        "auth-1",
+        &format!("mqtt://127.0.0.1:{auth_port}"),
+        &fleet,
+        "",
+    );
+    let mut c = client(&broker, false, "auth-c", &["tern/auth-1/state"]);
+    let _d = Daemon::spawn(&b.config, None, &[]).unwrap();
+    wait_online(&mut c, "auth-1");
+
+    let b2 = fleet_box(
+        "auth-2",
+        &format!("mqtt://127.0.0.1:{auth_port}"),
+        "username = \"box-user\"\npassword = \"wrong\"",
+        "",
+    );
+    let d2 = Daemon::spawn(&b2.config, None, &[]).unwrap();
+    wait_for("the refusal in the log", T, || {
+        let log = d2.stderr();
+        let refused = ["NotAuthorized", "BadUserNamePassword"]
+            .iter()
+            .any(|w| log.contains(w));
+        (log.contains("fleet link down") && refused).then_some(())
+    })
+    .unwrap();
+    assert!(!d2.stderr().contains("fleet link connected"));
 }
