@@ -695,6 +695,13 @@ fn validate(raw: RawConfig, base: &Path, sources: &[Source]) -> Result<Config, C
     let mut pipelines = Vec::new();
     let mut pipeline_names = HashSet::new();
     for (i, p) in raw.pipelines.iter().enumerate() {
+        if let Some(why) = topic_level_problem(&p.name) {
+            // The name is a topic level: tern/<device>/results/<pipeline>.
+            report(
+                format!("pipelines[{i}].name"),
+                format!("`{}` {why}", p.name),
+            );
+        }
         if !pipeline_names.insert(p.name.clone()) {
             report(
                 format!("pipelines[{i}].name"),
@@ -944,6 +951,13 @@ fn validate_fleet(
             "commands must be signed but no commands.keys are configured".into(),
         );
     }
+    let skew = f.commands.max_skew_secs.unwrap_or(DEFAULT_MAX_SKEW_SECS);
+    if !(1..=86_400).contains(&skew) {
+        bad(
+            "commands.max_skew_secs",
+            "must be between 1 and 86400".into(),
+        );
+    }
     let max_payload_bytes = f
         .commands
         .max_payload_bytes
@@ -973,7 +987,7 @@ fn validate_fleet(
         commands: CommandsConfig {
             keys,
             require_signed,
-            max_skew_secs: f.commands.max_skew_secs.unwrap_or(DEFAULT_MAX_SKEW_SECS) as i64,
+            max_skew_secs: skew.min(86_400) as i64,
             max_payload_bytes,
             queue: f.commands.queue.unwrap_or(nz(DEFAULT_COMMAND_QUEUE)),
         },

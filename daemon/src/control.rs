@@ -101,6 +101,10 @@ impl From<StoreError> for CmdError {
 
 /// Most rows one `results.query` returns.
 pub const MAX_QUERY_LIMIT: u32 = 1000;
+/// `results.query` stops adding rows past this many bytes of JSON and says so.
+pub const MAX_QUERY_BYTES: usize = 192 * 1024;
+/// How long an `infer` command waits for its model.
+pub const INFER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 pub enum Command {
@@ -450,7 +454,15 @@ impl Control {
                             format!("model `{model}` has no active version"),
                         )
                     })?;
-                let pred = pool.infer(input).await?;
+                // The engine's own queue bounds waiting; this bounds a wedged worker.
+                let pred = tokio::time::timeout(INFER_TIMEOUT, pool.infer(input))
+                    .await
+                    .map_err(|_| {
+                        CmdError::new(
+                            Code::Busy,
+                            format!("model `{model}` did not answer within {INFER_TIMEOUT:?}"),
+                        )
+                    })??;
                 Ok(serde_json::to_value(pred).expect("predictions serialise"))
             }
             Command::ResultsQuery { since_ms, limit } => self.results(since_ms, limit).await,
@@ -580,6 +592,20 @@ impl Control {
                 Ok(rows)
             })
             .await?;
-        Ok(json!({"results": rows}))
+        // Bounded in bytes too, so a reply always fits a broker's packet limit; `next_since`
+        // continues where this page stopped.
+        let mut kept = Vec::new();
+        let mut bytes = 0;
+        let mut truncated = false;
+        for r in rows {
+            bytes += r.to_string().len();
+            if bytes > MAX_QUERY_BYTES && !kept.is_empty() {
+                truncated = true;
+                break;
+            }
+            kept.push(r);
+        }
+        let next_since = kept.last().and_then(|r| r["ts_ms"].as_i64());
+        Ok(json!({"results": kept, "truncated": truncated, "next_since": next_since}))
     }
 }

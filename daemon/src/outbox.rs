@@ -172,20 +172,9 @@ impl Outbox {
         }
         let mut freed = 0i64;
         for (id, stream, seq, size) in &victims {
-            tx.execute("DELETE FROM outbox WHERE id = ?1", [id])?;
-            tx.execute(
-                "UPDATE outbox_streams SET dropped = dropped + 1,
-                     dropped_first = min(coalesce(dropped_first, ?2), ?2),
-                     dropped_last = max(coalesce(dropped_last, ?2), ?2)
-                 WHERE stream = ?1",
-                params![stream, seq],
-            )?;
+            drop_row(tx, *id, stream, *seq, *size, "disk budget")?;
             freed += size;
         }
-        tx.execute(
-            "UPDATE outbox_totals SET rows = rows - ?1, bytes = bytes - ?2",
-            params![victims.len() as i64, freed],
-        )?;
         tracing::warn!(
             dropped = victims.len(),
             bytes = freed,
@@ -225,6 +214,52 @@ pub fn fetch(
     .collect()
 }
 
+/// Delete one row that will never be sent, counting it against its stream for the next drop
+/// report.
+fn drop_row(
+    tx: &Transaction<'_>,
+    id: i64,
+    stream: &str,
+    seq: i64,
+    size: i64,
+    why: &str,
+) -> rusqlite::Result<()> {
+    tx.execute("DELETE FROM outbox WHERE id = ?1", [id])?;
+    tx.execute(
+        "UPDATE outbox_streams SET dropped = dropped + 1,
+             dropped_first = min(coalesce(dropped_first, ?2), ?2),
+             dropped_last = max(coalesce(dropped_last, ?2), ?2),
+             dropped_why = ?3
+         WHERE stream = ?1",
+        params![stream, seq, why],
+    )?;
+    tx.execute(
+        "UPDATE outbox_totals SET rows = rows - 1, bytes = bytes - ?1",
+        [size],
+    )?;
+    Ok(())
+}
+
+/// Give up on rows that cannot be delivered (the broker refused them, or their topic is one no
+/// broker takes): they are dropped and reported like rows over the disk budget, never retried
+/// forever in front of the rows behind them.
+pub fn discard(c: &mut rusqlite::Connection, ids: &[(i64, String)]) -> rusqlite::Result<()> {
+    let tx = c.transaction()?;
+    for (id, why) in ids {
+        let row: Option<(String, i64, i64)> = tx
+            .query_row(
+                "SELECT stream, seq, size FROM outbox WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        if let Some((stream, seq, size)) = row {
+            drop_row(&tx, *id, &stream, seq, size, why)?;
+        }
+    }
+    tx.commit()
+}
+
 /// Delete rows the broker has acknowledged, in one transaction.
 pub fn delete_acked(c: &mut rusqlite::Connection, ids: &[i64]) -> rusqlite::Result<()> {
     let tx = c.transaction()?;
@@ -251,17 +286,25 @@ pub fn delete_acked(c: &mut rusqlite::Connection, ids: &[i64]) -> rusqlite::Resu
 /// them, so a drop is reported exactly once). Returns how many streams had drops.
 pub fn report_drops(outbox: &Outbox, c: &mut rusqlite::Connection) -> rusqlite::Result<usize> {
     let tx = c.transaction()?;
-    let drops: Vec<(String, i64, Option<i64>, Option<i64>)> = {
+    type Drop = (String, i64, Option<i64>, Option<i64>, Option<String>);
+    let drops: Vec<Drop> = {
         let mut stmt = tx.prepare(
-            "SELECT stream, dropped, dropped_first, dropped_last FROM outbox_streams
+            "SELECT stream, dropped, dropped_first, dropped_last, dropped_why FROM outbox_streams
              WHERE dropped > 0 ORDER BY stream",
         )?;
-        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
-            .collect::<Result<_, _>>()?
+        stmt.query_map([], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })?
+        .collect::<Result<_, _>>()?
     };
-    for (stream, count, first, last) in &drops {
+    if drops.is_empty() {
+        // Nothing written: no commit, no fsync; this runs on every drain pass.
+        return Ok(0);
+    }
+    for (stream, count, first, last, why) in &drops {
         tx.execute(
-            "UPDATE outbox_streams SET dropped = 0, dropped_first = NULL, dropped_last = NULL
+            "UPDATE outbox_streams SET dropped = 0, dropped_first = NULL, dropped_last = NULL,
+                 dropped_why = NULL
              WHERE stream = ?1",
             [stream],
         )?;
@@ -273,7 +316,7 @@ pub fn report_drops(outbox: &Outbox, c: &mut rusqlite::Connection) -> rusqlite::
                 "count": count,
                 "first_seq": first,
                 "last_seq": last,
-                "reason": "disk budget",
+                "reason": why,
             }),
         )?;
     }

@@ -107,7 +107,8 @@ CREATE TABLE outbox_streams (
     next_seq      INTEGER NOT NULL,
     dropped       INTEGER NOT NULL DEFAULT 0,
     dropped_first INTEGER,
-    dropped_last  INTEGER
+    dropped_last  INTEGER,
+    dropped_why   TEXT
 );
 CREATE TABLE outbox_totals (
     one   INTEGER PRIMARY KEY CHECK (one = 1),
@@ -118,10 +119,14 @@ INSERT INTO outbox_totals VALUES (1, 0, 0);
 
 -- Replies to fleet commands by id, so a repeated id gets the first reply and does nothing
 -- twice, across restarts; and the nonces of signed commands, so none is accepted twice.
+-- `reply` is NULL from just before a command runs until its reply is stored: an id found
+-- that way was interrupted and is never run again. `fingerprint` (SHA-256 of name, target and
+-- arguments) keeps an id from answering for a different command.
 CREATE TABLE command_replies (
-    id    TEXT PRIMARY KEY,
-    reply TEXT NOT NULL,
-    ts_ms INTEGER NOT NULL
+    id          TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    reply       TEXT,
+    ts_ms       INTEGER NOT NULL
 );
 CREATE INDEX command_replies_ts ON command_replies (ts_ms);
 CREATE TABLE command_nonces (

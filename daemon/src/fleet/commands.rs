@@ -8,6 +8,7 @@
 //!          ─► Control::execute ─► reply + id + nonce in one transaction ─► publish reply
 //! ```
 
+use rusqlite::OptionalExtension as _;
 use serde_json::{Value, json};
 
 use crate::config::{CommandsConfig, SignPolicy};
@@ -19,6 +20,26 @@ use tern_update::command::{self as signing, Auth};
 pub const REPLY_WINDOW_MS: i64 = 24 * 3600 * 1000;
 pub const REPLY_WINDOW_COUNT: i64 = 10_000;
 pub const MAX_ID_LEN: usize = 128;
+
+enum Claim {
+    /// The id was seen before: its fingerprint and reply (None: never finished).
+    Earlier((String, Option<String>)),
+    Replayed,
+    Mine,
+}
+
+/// What an id is bound to: the command, its target and its arguments.
+fn fingerprint(name: &str, target: &str, args: &Value) -> String {
+    let text = format!(
+        "{name}\n{target}\n{}",
+        tern_update::command::canonical_json(args)
+    );
+    ring::digest::digest(&ring::digest::SHA256, text.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
 
 /// A command as it arrived: which command, to whom, and the raw payload.
 pub struct Incoming {
@@ -168,43 +189,78 @@ async fn run(
         None
     };
 
-    // A repeated id gets the first reply, whatever else it carries; nothing runs again.
-    let (id, n) = (env.id.clone(), nonce.clone());
-    let earlier = control
+    // A repeated id gets the first reply and nothing runs again. The id is claimed (with the
+    // command's fingerprint and its nonce) in one transaction before anything runs, so a crash
+    // mid-command, or the same id arriving twice at once, can never run it twice.
+    let fingerprint = fingerprint(&cmd.name, &cmd.target, &env.args);
+    let (id, n, fp) = (env.id.clone(), nonce.clone(), fingerprint.clone());
+    let claim = control
         .store()
         .call(move |c| {
-            let reply: Option<String> = rusqlite::OptionalExtension::optional(c.query_row(
-                "SELECT reply FROM command_replies WHERE id = ?1",
-                [&id],
-                |r| r.get(0),
-            ))?;
-            let replayed = match (&reply, &n) {
-                (None, Some(n)) => c
-                    .query_row("SELECT 1 FROM command_nonces WHERE nonce = ?1", [n], |_| {
-                        Ok(())
+            let tx = c.transaction()?;
+            let earlier: Option<(String, Option<String>)> = tx
+                .query_row(
+                    "SELECT fingerprint, reply FROM command_replies WHERE id = ?1",
+                    [&id],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            if let Some(e) = earlier {
+                return Ok(Claim::Earlier(e));
+            }
+            if let Some(n) = &n {
+                let seen: Option<i64> = tx
+                    .query_row("SELECT 1 FROM command_nonces WHERE nonce = ?1", [n], |r| {
+                        r.get(0)
                     })
-                    .map(|_| true)
-                    .or_else(|e| match e {
-                        rusqlite::Error::QueryReturnedNoRows => Ok(false),
-                        e => Err(e),
-                    })?,
-                _ => false,
-            };
-            Ok((reply, replayed))
+                    .optional()?;
+                if seen.is_some() {
+                    return Ok(Claim::Replayed);
+                }
+                tx.execute(
+                    "INSERT INTO command_nonces (nonce, ts_ms) VALUES (?1, ?2)",
+                    rusqlite::params![n, now_ms()],
+                )?;
+            }
+            tx.execute(
+                "INSERT INTO command_replies (id, fingerprint, reply, ts_ms) VALUES (?1, ?2, NULL, ?3)",
+                rusqlite::params![id, fp, now_ms()],
+            )?;
+            tx.commit()?;
+            Ok(Claim::Mine)
         })
         .await?;
-    match earlier {
-        (Some(reply), _) => {
+    match claim {
+        Claim::Earlier((fp, _)) if fp != fingerprint => {
+            return Err(CmdError::new(
+                Code::Conflict,
+                format!(
+                    "id `{}` was already used for a different command; use a new id",
+                    env.id
+                ),
+            ));
+        }
+        Claim::Earlier((_, Some(reply))) => {
             tracing::info!(id = %env.id, command = %cmd.name, "repeated command id: first reply sent again");
             return Ok(serde_json::from_str(&reply).unwrap_or(Value::Null));
         }
-        (None, true) => {
+        Claim::Earlier((_, None)) => {
+            return Err(CmdError::new(
+                Code::Conflict,
+                format!(
+                    "command `{}` is running or was interrupted (its outcome is unknown); \
+                     check `status` and use a new id",
+                    env.id
+                ),
+            ));
+        }
+        Claim::Replayed => {
             return Err(CmdError::new(
                 Code::Unauthorized,
                 "nonce was already used: replayed command",
             ));
         }
-        (None, false) => {}
+        Claim::Mine => {}
     }
 
     let result = match Command::parse(&cmd.name, env.args) {
@@ -220,40 +276,37 @@ async fn run(
         Ok(v) => reply_ok(&env.id, v.clone()),
         Err(e) => reply_err(Some(&env.id), e),
     };
-    // A busy engine is a moment, not an answer: do not pin it to the id.
-    let remember = !matches!(&result, Err(e) if e.code == Code::Busy);
+    // A busy engine is a moment, not an answer: release the id so the same command can be
+    // sent again.
+    let busy = matches!(&result, Err(e) if e.code == Code::Busy);
     let (id, text, skew_ms) = (env.id.clone(), reply.to_string(), cfg.max_skew_secs * 2000);
-    if remember {
-        control
-            .store()
-            .call(move |c| {
-                let now = now_ms();
-                let tx = c.transaction()?;
+    control
+        .store()
+        .call(move |c| {
+            let now = now_ms();
+            let tx = c.transaction()?;
+            if busy {
+                tx.execute("DELETE FROM command_replies WHERE id = ?1", [&id])?;
+            } else {
                 tx.execute(
-                    "INSERT OR REPLACE INTO command_replies (id, reply, ts_ms) VALUES (?1, ?2, ?3)",
+                    "UPDATE command_replies SET reply = ?2, ts_ms = ?3 WHERE id = ?1",
                     rusqlite::params![id, text, now],
                 )?;
-                if let Some(n) = nonce {
-                    tx.execute(
-                        "INSERT OR IGNORE INTO command_nonces (nonce, ts_ms) VALUES (?1, ?2)",
-                        rusqlite::params![n, now],
-                    )?;
-                }
-                tx.execute(
-                    "DELETE FROM command_replies WHERE ts_ms < ?1
-                     OR id IN (SELECT id FROM command_replies ORDER BY ts_ms DESC LIMIT -1 OFFSET ?2)",
-                    rusqlite::params![now - REPLY_WINDOW_MS, REPLY_WINDOW_COUNT],
-                )?;
-                // A nonce older than the skew window cannot verify again (its timestamp is
-                // too old), so it need not be remembered longer.
-                tx.execute(
-                    "DELETE FROM command_nonces WHERE ts_ms < ?1",
-                    [now - skew_ms],
-                )?;
-                tx.commit()?;
-                Ok(())
-            })
-            .await?;
-    }
+            }
+            tx.execute(
+                "DELETE FROM command_replies WHERE ts_ms < ?1
+                 OR id IN (SELECT id FROM command_replies ORDER BY ts_ms DESC LIMIT -1 OFFSET ?2)",
+                rusqlite::params![now - REPLY_WINDOW_MS, REPLY_WINDOW_COUNT],
+            )?;
+            // A nonce older than twice the skew window cannot verify again (its timestamp is
+            // too old), so it need not be remembered longer.
+            tx.execute(
+                "DELETE FROM command_nonces WHERE ts_ms < ?1",
+                [now - skew_ms],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await?;
     Ok(reply)
 }

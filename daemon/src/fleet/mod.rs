@@ -35,8 +35,14 @@ use mqtt::{Event, Link, Tag};
 
 /// Outbox rows queued or awaiting their PUBACK at once.
 const WINDOW: usize = 128;
-/// How long a graceful stop waits for the `offline` message and DISCONNECT to go out.
+/// How long a graceful stop waits for the `offline` message and DISCONNECT to go out, and for
+/// commands already running to finish.
 const STOP_DEADLINE: Duration = Duration::from_secs(3);
+/// Commands carried out at the same time.
+const COMMANDS_AT_ONCE: usize = 4;
+/// Replies larger than this are replaced by an error saying so (a broker may refuse them, and
+/// a box should not flood its uplink answering one question).
+pub const MAX_REPLY_BYTES: usize = 256 * 1024;
 
 /// Topic names for one device.
 #[derive(Debug, Clone)]
@@ -67,6 +73,14 @@ impl Topics {
 
     pub fn reply(&self, id: &str) -> String {
         format!("{}/reply/{id}", self.base)
+    }
+
+    /// An MQTT 5 response topic the box will publish a reply on: anything outside tern's own
+    /// topics, or this box's reply topics. A requester cannot make the box publish onto
+    /// another box's command topics or its own state, events or results.
+    fn may_answer_on(&self, topic: &str) -> bool {
+        let ours = format!("{}/", self.prefix);
+        !topic.starts_with(&ours) || topic.starts_with(&format!("{}/reply/", self.base))
     }
 
     fn filters(&self) -> Vec<String> {
@@ -124,12 +138,15 @@ pub struct Fleet {
     topics: Topics,
     control: Control,
     session: JoinHandle<()>,
+    commands: JoinHandle<()>,
     tasks: Vec<JoinHandle<()>>,
     cancel: CancellationToken,
 }
 
 struct Shared {
     acks: Mutex<Vec<i64>>,
+    /// Rows the broker refused (MQTT 5 reason codes), with the reason.
+    refused: Mutex<Vec<(i64, String)>>,
     drain: Notify,
     presence: Notify,
 }
@@ -146,6 +163,7 @@ pub fn spawn(cfg: &FleetConfig, control: Control, outbox: Outbox) -> Result<Flee
     let cancel = CancellationToken::new();
     let shared = Arc::new(Shared {
         acks: Mutex::new(Vec::new()),
+        refused: Mutex::new(Vec::new()),
         drain: Notify::new(),
         presence: Notify::new(),
     });
@@ -161,6 +179,13 @@ pub fn spawn(cfg: &FleetConfig, control: Control, outbox: Outbox) -> Result<Flee
         cmd_tx,
         cancel.clone(),
     ));
+    let commands = tokio::spawn(command_task(
+        link.clone(),
+        topics.clone(),
+        cfg.commands.clone(),
+        control.clone(),
+        cmd_rx,
+    ));
     let tasks = vec![
         tokio::spawn(drain_task(
             link.clone(),
@@ -168,13 +193,6 @@ pub fn spawn(cfg: &FleetConfig, control: Control, outbox: Outbox) -> Result<Flee
             outbox.clone(),
             shared.clone(),
             cancel.clone(),
-        )),
-        tokio::spawn(command_task(
-            link.clone(),
-            topics.clone(),
-            cfg.commands.clone(),
-            control.clone(),
-            cmd_rx,
         )),
         tokio::spawn(presence_task(
             link.clone(),
@@ -195,6 +213,7 @@ pub fn spawn(cfg: &FleetConfig, control: Control, outbox: Outbox) -> Result<Flee
         topics,
         control,
         session,
+        commands,
         tasks,
         cancel,
     })
@@ -221,6 +240,15 @@ impl Fleet {
         {
             self.session.abort();
             tracing::warn!("fleet link did not close within {STOP_DEADLINE:?}");
+        }
+        // The session task held the command queue's sender: the command task now finishes
+        // what is running. Cut short, a command's id stays claimed and never runs twice.
+        if tokio::time::timeout(STOP_DEADLINE, &mut self.commands)
+            .await
+            .is_err()
+        {
+            self.commands.abort();
+            tracing::warn!("commands still running after {STOP_DEADLINE:?} were stopped");
         }
         self.control.set_fleet(false, 0);
     }
@@ -281,10 +309,16 @@ async fn session_task(
                 Route::Other => {}
             },
             Ok(Event::Acked(id, refused)) => {
-                if let Some(reason) = refused {
-                    tracing::error!(row = id, %reason, "broker refused an outbox message; dropped");
+                match refused {
+                    // Retrying a message the broker refuses (not authorised, over quota)
+                    // would block every message behind it: it is dropped and reported.
+                    Some(reason) => {
+                        tracing::error!(row = id, %reason, "broker refused an outbox message; dropped");
+                        let why = format!("refused by the broker: {reason}");
+                        shared.refused.lock().expect("acks lock").push((id, why));
+                    }
+                    None => shared.acks.lock().expect("acks lock").push(id),
                 }
-                shared.acks.lock().expect("acks lock").push(id);
                 shared.drain.notify_one();
             }
             Ok(Event::Disconnected) => return,
@@ -319,17 +353,26 @@ fn send_reply(
     reply: &Value,
 ) {
     let (topic, correlation) = match reply_to {
-        Some((t, c)) => (t, c),
+        Some((t, c)) if topics.may_answer_on(&t) => (t, c),
+        Some((t, _)) => {
+            tracing::warn!(response_topic = %t, "a response topic inside tern's own topics is not answered on; replying on the reply topic");
+            (topics.reply(id.unwrap_or("invalid")), None)
+        }
         None => (topics.reply(id.unwrap_or("invalid")), None),
     };
     tracing::debug!(%topic, id = id.unwrap_or("-"), "reply");
-    if let Err(e) = link.publish(
-        &topic,
-        reply.to_string().into_bytes(),
-        false,
-        Tag::Plain,
-        correlation,
-    ) {
+    let mut payload = reply.to_string().into_bytes();
+    if payload.len() > MAX_REPLY_BYTES {
+        let e = CmdError::new(
+            Code::Internal,
+            format!(
+                "the reply is {} bytes, over the {MAX_REPLY_BYTES}-byte limit; ask for less",
+                payload.len()
+            ),
+        );
+        payload = commands::reply_err(id, &e).to_string().into_bytes();
+    }
+    if let Err(e) = link.publish(&topic, payload, false, Tag::Plain, correlation) {
         tracing::warn!(%topic, error = ?e, "reply not sent; the requester may repeat the id");
     }
 }
@@ -341,10 +384,24 @@ async fn command_task(
     control: Control,
     mut rx: mpsc::Receiver<Queued>,
 ) {
+    // A few commands run at once, so one slow or wedged inference cannot hold up a rollback;
+    // the queue in front of them stays bounded and answers `busy` when full.
+    let slots = Arc::new(tokio::sync::Semaphore::new(COMMANDS_AT_ONCE));
+    let mut running = tokio::task::JoinSet::new();
     while let Some(q) = rx.recv().await {
-        let (id, reply) = commands::handle(&control, &cfg, q.cmd).await;
-        send_reply(&link, &topics, id.as_deref(), q.reply_to, &reply);
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            break;
+        };
+        let (link, topics, cfg, control) =
+            (link.clone(), topics.clone(), cfg.clone(), control.clone());
+        running.spawn(async move {
+            let (id, reply) = commands::handle(&control, &cfg, q.cmd).await;
+            send_reply(&link, &topics, id.as_deref(), q.reply_to, &reply);
+            drop(slot);
+        });
+        while running.try_join_next().is_some() {}
     }
+    while running.join_next().await.is_some() {}
 }
 
 async fn presence_task(
@@ -419,6 +476,7 @@ async fn drain_task(
     // Ids sent on this connection, per lane (0: events and telemetry, 1: results).
     let mut cursors = [0i64; 2];
     let mut seen_connects = 0u64;
+    let mut last_report = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -427,10 +485,14 @@ async fn drain_task(
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
         let acked = std::mem::take(&mut *shared.acks.lock().expect("acks lock"));
-        tracing::trace!(?acked, connected = link.is_connected(), "drain woke");
-        if !acked.is_empty()
+        let refused = std::mem::take(&mut *shared.refused.lock().expect("acks lock"));
+        if !(acked.is_empty() && refused.is_empty())
             && let Err(e) = store
-                .call(move |c| Ok(outbox::delete_acked(c, &acked)?))
+                .call(move |c| {
+                    outbox::delete_acked(c, &acked)?;
+                    outbox::discard(c, &refused)?;
+                    Ok(())
+                })
                 .await
         {
             // The rows stay and are sent again: a duplicate, never a loss.
@@ -439,11 +501,15 @@ async fn drain_task(
         if !link.is_connected() {
             continue;
         }
-        let connects = link.epoch();
-        if connects != seen_connects {
+        let epoch = link.epoch();
+        let new_session = epoch != seen_connects;
+        if new_session {
             // A new session: everything still in the outbox goes again, from the start.
-            seen_connects = connects;
+            seen_connects = epoch;
             cursors = [0, 0];
+        }
+        if new_session || last_report.elapsed() >= Duration::from_secs(1) {
+            last_report = tokio::time::Instant::now();
             let o = outbox.clone();
             match store.call(move |c| Ok(outbox::report_drops(&o, c)?)).await {
                 Ok(n) if n > 0 => tracing::warn!(streams = n, "reported dropped messages"),
@@ -451,49 +517,67 @@ async fn drain_task(
                 Err(e) => tracing::error!(error = %e, "drop report not queued"),
             }
         }
-        loop {
-            let room = WINDOW.saturating_sub(link.rows_outstanding());
-            tracing::trace!(room, ?cursors, "drain fill");
-            if room == 0 {
-                break;
+        fill(&link, &store, epoch, &mut cursors).await;
+    }
+}
+
+/// Publish outbox rows after `cursors` until the window is full, the outbox is empty, or the
+/// connection `epoch` is gone.
+async fn fill(link: &Link, store: &crate::store::Store, epoch: u64, cursors: &mut [i64; 2]) {
+    loop {
+        let room = WINDOW.saturating_sub(link.rows_outstanding());
+        if room == 0 {
+            return;
+        }
+        let c = *cursors;
+        let fetched = store
+            .call(move |conn| {
+                let mut rows = outbox::fetch(conn, 0, c[0], room)?;
+                let live = rows.len();
+                if live < room {
+                    rows.extend(outbox::fetch(conn, 1, c[1], room - live)?);
+                }
+                Ok((rows, live))
+            })
+            .await;
+        let (rows, live) = match fetched {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "outbox not readable");
+                return;
             }
-            let c = cursors;
-            let rows = match store
-                .call(move |conn| {
-                    let mut rows = outbox::fetch(conn, 0, c[0], room)?;
-                    let live = rows.len();
-                    if live < room {
-                        rows.extend(outbox::fetch(conn, 1, c[1], room - live)?);
-                    }
-                    Ok((rows, live))
-                })
-                .await
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::error!(error = %e, "outbox not readable");
+        };
+        if rows.is_empty() {
+            return;
+        }
+        let mut unsendable = Vec::new();
+        let mut stopped = false;
+        for (i, row) in rows.into_iter().enumerate() {
+            let lane = usize::from(i >= live);
+            match link.publish_row(epoch, &row.topic, row.payload, row.id) {
+                Ok(()) => cursors[lane] = row.id,
+                Err(mqtt::SendError::BadTopic) => {
+                    tracing::error!(topic = %row.topic, row = row.id, "no broker takes this topic; message dropped");
+                    unsendable.push((row.id, "topic no broker accepts".to_string()));
+                    cursors[lane] = row.id;
+                }
+                // Full: the acknowledgements will wake us. Offline or a new connection: the
+                // next pass starts that connection from the oldest row.
+                Err(mqtt::SendError::Full | mqtt::SendError::Offline) => {
+                    stopped = true;
                     break;
                 }
-            };
-            let (rows, live) = rows;
-            tracing::trace!(n = rows.len(), live, "drain fetched");
-            if rows.is_empty() {
-                break;
             }
-            let mut stopped = false;
-            for (i, row) in rows.into_iter().enumerate() {
-                let lane = usize::from(i >= live);
-                match link.publish(&row.topic, row.payload, false, Tag::Row(row.id), None) {
-                    Ok(()) => cursors[lane] = row.id,
-                    Err(_) => {
-                        stopped = true;
-                        break;
-                    }
-                }
-            }
-            if stopped {
-                break;
-            }
+        }
+        if !unsendable.is_empty()
+            && let Err(e) = store
+                .call(move |c| Ok(outbox::discard(c, &unsendable)?))
+                .await
+        {
+            tracing::error!(error = %e, "unsendable rows not dropped");
+        }
+        if stopped {
+            return;
         }
     }
 }
@@ -570,5 +654,9 @@ mod tests {
         ));
         assert!(matches!(t.route("tern/b2/cmd/ping"), Route::Other));
         assert!(matches!(t.route("tern/fleet/announce"), Route::Announce));
+        assert!(t.may_answer_on("apps/dashboard/answers"));
+        assert!(t.may_answer_on("tern/b1/reply/x"));
+        assert!(!t.may_answer_on("tern/b2/cmd/models.rollback"));
+        assert!(!t.may_answer_on("tern/b1/state"));
     }
 }

@@ -5,7 +5,9 @@
 //! publish's packet id only as an `Outgoing::Publish(pkid)` event when it writes it, in the
 //! order requests were queued; [`Link`] keeps a FIFO of what was queued and pops it on each
 //! such event. Sessions are clean (a broker keeps nothing for us between connections; the
-//! outbox is our memory), so rumqttc drops its unsent queue on reconnect and so do we.
+//! outbox is our memory), and every connection gets a fresh rumqttc client and event loop:
+//! nothing (queued requests, buffered events, packet ids, a pending collision) carries over
+//! from one connection to the next, so the FIFO can never be shifted by a leftover.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -48,10 +50,13 @@ pub enum Event {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SendError {
-    /// Not connected: the outbox will send it after the next connect.
+    /// Not connected, or not the connection the caller started on: the outbox sends it
+    /// again from the start of the next connection.
     Offline,
     /// rumqttc's request queue is full: try again after some acknowledgements.
     Full,
+    /// A topic no broker accepts (empty, or with a wildcard): retrying cannot help.
+    BadTopic,
 }
 
 #[derive(Clone)]
@@ -65,8 +70,9 @@ enum Loop {
     V5(Box<rumqttc::v5::EventLoop>),
 }
 
-#[derive(Default)]
 struct Track {
+    /// The current connection's client; replaced together with the event loop.
+    client: Client,
     connected: bool,
     /// Connections made so far; a new value means everything unacknowledged must go again.
     epoch: u64,
@@ -77,7 +83,6 @@ struct Track {
 /// The sending half; cheap to clone, safe to use from any task.
 #[derive(Clone)]
 pub struct Link {
-    client: Client,
     track: Arc<Mutex<Track>>,
 }
 
@@ -85,12 +90,15 @@ pub struct Link {
 pub struct Session {
     event_loop: Loop,
     track: Arc<Mutex<Track>>,
+    fresh: Box<dyn Fn() -> (Client, Loop) + Send>,
 }
 
 /// rumqttc's request queue; our own window of rows in flight stays well below it.
 const REQUEST_CAPACITY: usize = 512;
 /// Publishes rumqttc may have unacknowledged at once (MQTT "receive maximum").
 pub const MAX_INFLIGHT: u16 = 256;
+/// Largest packet we send; replies and rows are capped well below it where they are made.
+const MAX_OUTGOING: usize = 16 * 1024 * 1024;
 
 pub fn connect(
     cfg: &FleetConfig,
@@ -108,8 +116,7 @@ pub fn connect(
     // Room for the largest command we accept plus its topic and properties; anything bigger
     // is refused by rumqttc before it is buffered.
     let max_packet = max_incoming + 64 * 1024;
-    let track = Arc::new(Mutex::new(Track::default()));
-    let (client, event_loop) = match cfg.protocol {
+    let fresh: Box<dyn Fn() -> (Client, Loop) + Send> = match cfg.protocol {
         Protocol::V311 => {
             let mut o = rumqttc::MqttOptions::new(&cfg.client_id, &cfg.host, cfg.port);
             o.set_keep_alive(cfg.keep_alive)
@@ -117,7 +124,9 @@ pub fn connect(
                 .set_transport(transport)
                 .set_inflight(MAX_INFLIGHT)
                 .set_request_channel_capacity(REQUEST_CAPACITY)
-                .set_max_packet_size(max_packet, max_packet)
+                // Our own messages are bounded where they are made (replies, rows); only
+                // what comes in is bounded here.
+                .set_max_packet_size(max_packet, MAX_OUTGOING)
                 .set_last_will(rumqttc::LastWill::new(
                     will_topic,
                     will_payload.to_vec(),
@@ -127,9 +136,11 @@ pub fn connect(
             if let Some((u, p)) = &cfg.credentials {
                 o.set_credentials(u, p);
             }
-            let (c, mut l) = rumqttc::AsyncClient::new(o, REQUEST_CAPACITY);
-            l.set_network_options(network_options());
-            (Client::V4(c), Loop::V4(Box::new(l)))
+            Box::new(move || {
+                let (c, mut l) = rumqttc::AsyncClient::new(o.clone(), REQUEST_CAPACITY);
+                l.set_network_options(network_options());
+                (Client::V4(c), Loop::V4(Box::new(l)))
+            })
         }
         Protocol::V5 => {
             let mut o = rumqttc::v5::MqttOptions::new(&cfg.client_id, &cfg.host, cfg.port);
@@ -138,6 +149,7 @@ pub fn connect(
                 .set_transport(transport)
                 .set_outgoing_inflight_upper_limit(MAX_INFLIGHT)
                 .set_request_channel_capacity(REQUEST_CAPACITY)
+                // MQTT 5 tells the broker, which then never sends us anything larger.
                 .set_max_packet_size(Some(max_packet as u32))
                 .set_network_options(network_options())
                 .set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
@@ -150,16 +162,29 @@ pub fn connect(
             if let Some((u, p)) = &cfg.credentials {
                 o.set_credentials(u, p);
             }
-            let (c, l) = rumqttc::v5::AsyncClient::new(o, REQUEST_CAPACITY);
-            (Client::V5(c), Loop::V5(Box::new(l)))
+            Box::new(move || {
+                let (c, l) = rumqttc::v5::AsyncClient::new(o.clone(), REQUEST_CAPACITY);
+                (Client::V5(c), Loop::V5(Box::new(l)))
+            })
         }
     };
+    let (client, event_loop) = fresh();
+    let track = Arc::new(Mutex::new(Track {
+        client,
+        connected: false,
+        epoch: 0,
+        queued: VecDeque::new(),
+        in_flight: HashMap::new(),
+    }));
     Ok((
         Link {
-            client,
             track: track.clone(),
         },
-        Session { event_loop, track },
+        Session {
+            event_loop,
+            track,
+            fresh,
+        },
     ))
 }
 
@@ -173,7 +198,7 @@ fn network_options() -> rumqttc::NetworkOptions {
 }
 
 impl Link {
-    /// Queue a QoS 1 publish. `reply` is an MQTT 5 correlation datum (ignored on 3.1.1).
+    /// Queue a QoS 1 publish. `correlation` is MQTT 5 correlation data (ignored on 3.1.1).
     pub fn publish(
         &self,
         topic: &str,
@@ -182,11 +207,38 @@ impl Link {
         tag: Tag,
         correlation: Option<Bytes>,
     ) -> Result<(), SendError> {
+        self.publish_on(None, topic, payload, retain, tag, correlation)
+    }
+
+    /// Queue an outbox row, but only on connection `epoch`: after a reconnect the caller must
+    /// start over from the oldest row, not carry on where it was.
+    pub fn publish_row(
+        &self,
+        epoch: u64,
+        topic: &str,
+        payload: Vec<u8>,
+        id: i64,
+    ) -> Result<(), SendError> {
+        self.publish_on(Some(epoch), topic, payload, false, Tag::Row(id), None)
+    }
+
+    fn publish_on(
+        &self,
+        epoch: Option<u64>,
+        topic: &str,
+        payload: Vec<u8>,
+        retain: bool,
+        tag: Tag,
+        correlation: Option<Bytes>,
+    ) -> Result<(), SendError> {
+        if topic.is_empty() || topic.contains(['+', '#', '\0']) {
+            return Err(SendError::BadTopic);
+        }
         let mut t = self.track.lock().expect("link lock");
-        if !t.connected {
+        if !t.connected || epoch.is_some_and(|e| e != t.epoch) {
             return Err(SendError::Offline);
         }
-        let sent = match &self.client {
+        let sent = match &t.client {
             Client::V4(c) => c
                 .try_publish(topic, rumqttc::QoS::AtLeastOnce, retain, payload)
                 .map_err(|e| e.to_string()),
@@ -215,7 +267,7 @@ impl Link {
     }
 
     pub fn subscribe(&self, filter: &str) -> Result<(), String> {
-        match &self.client {
+        match &self.track.lock().expect("link lock").client {
             Client::V4(c) => c
                 .try_subscribe(filter, rumqttc::QoS::AtLeastOnce)
                 .map_err(|e| e.to_string()),
@@ -246,7 +298,8 @@ impl Link {
 
     /// Ask for a clean DISCONNECT (which, unlike a dropped connection, fires no last will).
     pub async fn disconnect(&self) {
-        let _ = match &self.client {
+        let client = self.track.lock().expect("link lock").client.clone();
+        let _ = match &client {
             Client::V4(c) => c.disconnect().await.map_err(|e| e.to_string()),
             Client::V5(c) => c.disconnect().await.map_err(|e| e.to_string()),
         };
@@ -291,31 +344,16 @@ impl Session {
             }
             Ok(Raw::Other) => Ok(Event::Other),
             Err(e) => {
-                // rumqttc has moved requests still in its channel into its pending list, which
-                // the next clean session discards. Those are the oldest of our queued tags;
-                // anything queued after that will still be written after the reconnect.
-                let unsent = self.unsent_publishes();
-                let drop = unsent.min(t.queued.len());
-                t.queued.drain(..drop);
+                // The next attempt starts from nothing: a new client (whose channel nobody
+                // has written to) and a new event loop (no buffered events, no packet ids).
+                let (client, event_loop) = (self.fresh)();
+                self.event_loop = event_loop;
+                t.client = client;
+                t.queued.clear();
                 t.in_flight.clear();
                 t.connected = false;
                 Err(e)
             }
-        }
-    }
-
-    fn unsent_publishes(&self) -> usize {
-        match &self.event_loop {
-            Loop::V4(l) => l
-                .pending
-                .iter()
-                .filter(|r| matches!(r, rumqttc::Request::Publish(p) if p.pkid == 0))
-                .count(),
-            Loop::V5(l) => l
-                .pending
-                .iter()
-                .filter(|r| matches!(r, rumqttc::v5::Request::Publish(p) if p.pkid == 0))
-                .count(),
         }
     }
 }

@@ -370,6 +370,16 @@ fn repeated_command_ids_get_the_first_reply_and_act_once_even_after_restart() {
     );
     assert_eq!(after, first);
     assert_eq!(active_version(&b.state).as_deref(), Some("1.0.0"));
+    // The id cannot be reused for another command, which would then go unanswered.
+    let reuse = command(&mut c, "idem-1", "ping", &json!({"id": "rb-1"}));
+    assert_eq!(reuse["error"]["code"], "conflict", "{reuse}");
+    assert!(
+        reuse["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("different command"),
+        "{reuse}"
+    );
     // A new id does act.
     let other = command(
         &mut c,
