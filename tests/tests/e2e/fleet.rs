@@ -1020,7 +1020,6 @@ mod loss {
             (seen.len() as i64 >= N).then_some(())
         })
         .unwrap();
-        drop(take);
         assert!(
             out_of_order.is_empty(),
             "first seen after a later one: {:?}",
