@@ -102,7 +102,7 @@ impl From<StoreError> for CmdError {
 /// Most rows one `results.query` returns.
 pub const MAX_QUERY_LIMIT: u32 = 1000;
 /// `results.query` stops adding rows past this many bytes of JSON and says so.
-pub const MAX_QUERY_BYTES: usize = 192 * 1024;
+pub const MAX_QUERY_BYTES: usize = 96 * 1024;
 /// How long an `infer` command waits for its model.
 pub const INFER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 

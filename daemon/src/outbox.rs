@@ -301,13 +301,16 @@ pub fn report_drops(outbox: &Outbox, c: &mut rusqlite::Connection) -> rusqlite::
         // Nothing written: no commit, no fsync; this runs on every drain pass.
         return Ok(0);
     }
+    // Every counter read is reset before any report is queued: queuing a report may push the
+    // outbox over its budget and drop more, and those drops must count for the next round,
+    // not be wiped by a reset that comes after them.
+    tx.execute(
+        "UPDATE outbox_streams SET dropped = 0, dropped_first = NULL, dropped_last = NULL,
+             dropped_why = NULL
+         WHERE dropped > 0",
+        [],
+    )?;
     for (stream, count, first, last, why) in &drops {
-        tx.execute(
-            "UPDATE outbox_streams SET dropped = 0, dropped_first = NULL, dropped_last = NULL,
-                 dropped_why = NULL
-             WHERE stream = ?1",
-            [stream],
-        )?;
         outbox.event(
             &tx,
             serde_json::json!({

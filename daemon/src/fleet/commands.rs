@@ -21,6 +21,25 @@ pub const REPLY_WINDOW_MS: i64 = 24 * 3600 * 1000;
 pub const REPLY_WINDOW_COUNT: i64 = 10_000;
 pub const MAX_ID_LEN: usize = 128;
 
+/// Ids of commands being carried out right now, so a repeat that arrives meanwhile is told to
+/// wait, not that the command was lost.
+#[derive(Clone, Default)]
+pub struct Running(std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>);
+
+impl Running {
+    fn contains(&self, id: &str) -> bool {
+        self.0.lock().expect("running lock").contains(id)
+    }
+
+    fn insert(&self, id: &str) {
+        self.0.lock().expect("running lock").insert(id.to_string());
+    }
+
+    fn remove(&self, id: &str) {
+        self.0.lock().expect("running lock").remove(id);
+    }
+}
+
 enum Claim {
     /// The id was seen before: its fingerprint and reply (None: never finished).
     Earlier((String, Option<String>)),
@@ -137,6 +156,7 @@ fn envelope(payload: &[u8], max: usize) -> Result<Envelope, (Option<String>, Cmd
 pub async fn handle(
     control: &Control,
     cfg: &CommandsConfig,
+    running: &Running,
     cmd: Incoming,
 ) -> (Option<String>, Value) {
     let env = match envelope(&cmd.payload, cfg.max_payload_bytes) {
@@ -144,7 +164,7 @@ pub async fn handle(
         Err((id, e)) => return (id.clone(), reply_err(id.as_deref(), &e)),
     };
     let id = env.id.clone();
-    match run(control, cfg, &cmd, env).await {
+    match run(control, cfg, running, &cmd, env).await {
         Ok(reply) => (Some(id), reply),
         Err(e) => (Some(id.clone()), reply_err(Some(&id), &e)),
     }
@@ -153,6 +173,7 @@ pub async fn handle(
 async fn run(
     control: &Control,
     cfg: &CommandsConfig,
+    running: &Running,
     cmd: &Incoming,
     env: Envelope,
 ) -> Result<Value, CmdError> {
@@ -244,6 +265,15 @@ async fn run(
             tracing::info!(id = %env.id, command = %cmd.name, "repeated command id: first reply sent again");
             return Ok(serde_json::from_str(&reply).unwrap_or(Value::Null));
         }
+        Claim::Earlier((_, None)) if running.contains(&env.id) => {
+            return Err(CmdError::new(
+                Code::Busy,
+                format!(
+                    "command `{}` is still running; send the same id again later",
+                    env.id
+                ),
+            ));
+        }
         Claim::Earlier((_, None)) => {
             return Err(CmdError::new(
                 Code::Conflict,
@@ -260,7 +290,7 @@ async fn run(
                 "nonce was already used: replayed command",
             ));
         }
-        Claim::Mine => {}
+        Claim::Mine => running.insert(&env.id),
     }
 
     let result = match Command::parse(&cmd.name, env.args) {
@@ -279,34 +309,48 @@ async fn run(
     // A busy engine is a moment, not an answer: release the id so the same command can be
     // sent again.
     let busy = matches!(&result, Err(e) if e.code == Code::Busy);
-    let (id, text, skew_ms) = (env.id.clone(), reply.to_string(), cfg.max_skew_secs * 2000);
-    control
+    let (id, text, nonce_keep_ms) = (
+        env.id.clone(),
+        reply.to_string(),
+        (cfg.max_skew_secs * 2 + 1) * 1000,
+    );
+    let stored = control
         .store()
         .call(move |c| {
             let now = now_ms();
             let tx = c.transaction()?;
             if busy {
                 tx.execute("DELETE FROM command_replies WHERE id = ?1", [&id])?;
+                if let Some(n) = &nonce {
+                    tx.execute("DELETE FROM command_nonces WHERE nonce = ?1", [n])?;
+                }
             } else {
                 tx.execute(
                     "UPDATE command_replies SET reply = ?2, ts_ms = ?3 WHERE id = ?1",
                     rusqlite::params![id, text, now],
                 )?;
             }
+            // Claims still running (NULL reply) are never evicted by count.
             tx.execute(
                 "DELETE FROM command_replies WHERE ts_ms < ?1
-                 OR id IN (SELECT id FROM command_replies ORDER BY ts_ms DESC LIMIT -1 OFFSET ?2)",
+                 OR id IN (SELECT id FROM command_replies WHERE reply IS NOT NULL
+                           ORDER BY ts_ms DESC LIMIT -1 OFFSET ?2)",
                 rusqlite::params![now - REPLY_WINDOW_MS, REPLY_WINDOW_COUNT],
             )?;
-            // A nonce older than twice the skew window cannot verify again (its timestamp is
-            // too old), so it need not be remembered longer.
+            // A nonce older than twice the skew window (plus the second timestamps are
+            // rounded to) cannot verify again, so it need not be remembered longer.
             tx.execute(
                 "DELETE FROM command_nonces WHERE ts_ms < ?1",
-                [now - skew_ms],
+                [now - nonce_keep_ms],
             )?;
             tx.commit()?;
             Ok(())
         })
-        .await?;
+        .await;
+    running.remove(&env.id);
+    if let Err(e) = stored {
+        // The command has run; its real reply goes out even if it could not be remembered.
+        tracing::error!(id = %env.id, error = %e, "command reply not stored");
+    }
     Ok(reply)
 }

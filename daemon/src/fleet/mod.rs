@@ -42,7 +42,7 @@ const STOP_DEADLINE: Duration = Duration::from_secs(3);
 const COMMANDS_AT_ONCE: usize = 4;
 /// Replies larger than this are replaced by an error saying so (a broker may refuse them, and
 /// a box should not flood its uplink answering one question).
-pub const MAX_REPLY_BYTES: usize = 256 * 1024;
+pub const MAX_REPLY_BYTES: usize = 120 * 1024;
 
 /// Topic names for one device.
 #[derive(Debug, Clone)]
@@ -185,6 +185,7 @@ pub fn spawn(cfg: &FleetConfig, control: Control, outbox: Outbox) -> Result<Flee
         cfg.commands.clone(),
         control.clone(),
         cmd_rx,
+        cancel.clone(),
     ));
     let tasks = vec![
         tokio::spawn(drain_task(
@@ -232,7 +233,7 @@ impl Fleet {
             let _ = self
                 .link
                 .publish(&self.topics.state(), msg, true, Tag::Plain, None);
-            self.link.disconnect().await;
+            self.link.disconnect();
         }
         if tokio::time::timeout(STOP_DEADLINE, &mut self.session)
             .await
@@ -241,8 +242,8 @@ impl Fleet {
             self.session.abort();
             tracing::warn!("fleet link did not close within {STOP_DEADLINE:?}");
         }
-        // The session task held the command queue's sender: the command task now finishes
-        // what is running. Cut short, a command's id stays claimed and never runs twice.
+        // The command task stopped taking commands at the cancel and now finishes what is
+        // running. Cut short, a command's id stays claimed and never runs twice.
         if tokio::time::timeout(STOP_DEADLINE, &mut self.commands)
             .await
             .is_err()
@@ -321,7 +322,10 @@ async fn session_task(
                 }
                 shared.drain.notify_one();
             }
-            Ok(Event::Disconnected) => return,
+            // Ours, at a stop. rumqttc also reports a protocol error this way; then the next
+            // poll fails and reconnects.
+            Ok(Event::Disconnected) if cancel.is_cancelled() => return,
+            Ok(Event::Disconnected) => {}
             Ok(Event::Other) => {}
             Err(e) => {
                 control.set_fleet(false, 0);
@@ -372,7 +376,18 @@ fn send_reply(
         );
         payload = commands::reply_err(id, &e).to_string().into_bytes();
     }
-    if let Err(e) = link.publish(&topic, payload, false, Tag::Plain, correlation) {
+    let sent = match link.publish(&topic, payload, false, Tag::Plain, correlation.clone()) {
+        Err(mqtt::SendError::TooLarge(max)) => {
+            let e = CmdError::new(
+                Code::Internal,
+                format!("the reply is over the broker's {max}-byte packet limit; ask for less"),
+            );
+            let small = commands::reply_err(id, &e).to_string().into_bytes();
+            link.publish(&topic, small, false, Tag::Plain, correlation)
+        }
+        other => other,
+    };
+    if let Err(e) = sent {
         tracing::warn!(%topic, error = ?e, "reply not sent; the requester may repeat the id");
     }
 }
@@ -383,19 +398,41 @@ async fn command_task(
     cfg: crate::config::CommandsConfig,
     control: Control,
     mut rx: mpsc::Receiver<Queued>,
+    cancel: CancellationToken,
 ) {
     // A few commands run at once, so one slow or wedged inference cannot hold up a rollback;
     // the queue in front of them stays bounded and answers `busy` when full.
     let slots = Arc::new(tokio::sync::Semaphore::new(COMMANDS_AT_ONCE));
+    let ids = commands::Running::default();
     let mut running = tokio::task::JoinSet::new();
-    while let Some(q) = rx.recv().await {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            break;
+    loop {
+        // On stop, commands still queued are not started (their ids were never claimed, so
+        // the requester can send them again); those already running finish.
+        let q = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            q = rx.recv() => match q {
+                Some(q) => q,
+                None => break,
+            },
         };
-        let (link, topics, cfg, control) =
-            (link.clone(), topics.clone(), cfg.clone(), control.clone());
+        let slot = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(s) => s,
+                Err(_) => break,
+            },
+        };
+        let (link, topics, cfg, control, ids) = (
+            link.clone(),
+            topics.clone(),
+            cfg.clone(),
+            control.clone(),
+            ids.clone(),
+        );
         running.spawn(async move {
-            let (id, reply) = commands::handle(&control, &cfg, q.cmd).await;
+            let (id, reply) = commands::handle(&control, &cfg, &ids, q.cmd).await;
             send_reply(&link, &topics, id.as_deref(), q.reply_to, &reply);
             drop(slot);
         });
@@ -559,6 +596,15 @@ async fn fill(link: &Link, store: &crate::store::Store, epoch: u64, cursors: &mu
                 Err(mqtt::SendError::BadTopic) => {
                     tracing::error!(topic = %row.topic, row = row.id, "no broker takes this topic; message dropped");
                     unsendable.push((row.id, "topic no broker accepts".to_string()));
+                    cursors[lane] = row.id;
+                }
+                Err(mqtt::SendError::TooLarge(max)) => {
+                    tracing::error!(
+                        row = row.id,
+                        max,
+                        "message over the broker's packet limit; dropped"
+                    );
+                    unsendable.push((row.id, format!("over the broker's {max}-byte packet limit")));
                     cursors[lane] = row.id;
                 }
                 // Full: the acknowledgements will wake us. Offline or a new connection: the

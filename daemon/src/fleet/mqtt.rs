@@ -57,6 +57,8 @@ pub enum SendError {
     Full,
     /// A topic no broker accepts (empty, or with a wildcard): retrying cannot help.
     BadTopic,
+    /// Larger than the broker's maximum packet size (MQTT 5 CONNACK): retrying cannot help.
+    TooLarge(usize),
 }
 
 #[derive(Clone)]
@@ -76,6 +78,9 @@ struct Track {
     connected: bool,
     /// Connections made so far; a new value means everything unacknowledged must go again.
     epoch: u64,
+    /// The broker's maximum packet size, if it said (MQTT 5); a larger publish would make
+    /// rumqttc drop the connection.
+    max_packet: Option<usize>,
     queued: VecDeque<Tag>,
     in_flight: HashMap<u16, Tag>,
 }
@@ -173,6 +178,7 @@ pub fn connect(
         client,
         connected: false,
         epoch: 0,
+        max_packet: None,
         queued: VecDeque::new(),
         in_flight: HashMap::new(),
     }));
@@ -238,6 +244,12 @@ impl Link {
         if !t.connected || epoch.is_some_and(|e| e != t.epoch) {
             return Err(SendError::Offline);
         }
+        // Fixed header, topic and properties are well under 1 KiB for our topics.
+        if let Some(max) = t.max_packet
+            && payload.len() + topic.len() + 1024 > max
+        {
+            return Err(SendError::TooLarge(max));
+        }
         let sent = match &t.client {
             Client::V4(c) => c
                 .try_publish(topic, rumqttc::QoS::AtLeastOnce, retain, payload)
@@ -297,11 +309,13 @@ impl Link {
     }
 
     /// Ask for a clean DISCONNECT (which, unlike a dropped connection, fires no last will).
-    pub async fn disconnect(&self) {
-        let client = self.track.lock().expect("link lock").client.clone();
-        let _ = match &client {
-            Client::V4(c) => c.disconnect().await.map_err(|e| e.to_string()),
-            Client::V5(c) => c.disconnect().await.map_err(|e| e.to_string()),
+    /// Never waits: with rumqttc's queue full, the stop goes ahead and the broker fires the
+    /// will instead.
+    pub fn disconnect(&self) {
+        let t = self.track.lock().expect("link lock");
+        let _ = match &t.client {
+            Client::V4(c) => c.try_disconnect().map_err(|e| e.to_string()),
+            Client::V5(c) => c.try_disconnect().map_err(|e| e.to_string()),
         };
     }
 }
@@ -316,7 +330,8 @@ impl Session {
         let mut t = self.track.lock().expect("link lock");
         tracing::trace!(event = ?ev.as_ref().map(|r| r.describe()), queued = ?t.queued, in_flight = ?t.in_flight, "mqtt event");
         match ev {
-            Ok(Raw::ConnAck) => {
+            Ok(Raw::ConnAck(max_packet)) => {
+                t.max_packet = max_packet;
                 // rumqttc drops its unsent queue on a clean session, so whatever we had queued
                 // before is gone too.
                 t.queued.clear();
@@ -361,7 +376,7 @@ impl Session {
 impl Raw {
     fn describe(&self) -> String {
         match self {
-            Raw::ConnAck => "connack".into(),
+            Raw::ConnAck(m) => format!("connack max_packet={m:?}"),
             Raw::Sent(p) => format!("sent {p}"),
             Raw::Acked(p, r) => format!("acked {p} {r:?}"),
             Raw::Message(m) => format!("message {}", m.topic),
@@ -372,7 +387,8 @@ impl Raw {
 }
 
 enum Raw {
-    ConnAck,
+    /// With the broker's maximum packet size, when it gives one.
+    ConnAck(Option<usize>),
     Sent(u16),
     Acked(u16, Option<String>),
     Message(Message),
@@ -383,7 +399,7 @@ enum Raw {
 fn v4_event(e: rumqttc::Event) -> Raw {
     use rumqttc::{Event as E, Outgoing, Packet};
     match e {
-        E::Incoming(Packet::ConnAck(_)) => Raw::ConnAck,
+        E::Incoming(Packet::ConnAck(_)) => Raw::ConnAck(None),
         E::Incoming(Packet::PubAck(a)) => Raw::Acked(a.pkid, None),
         E::Incoming(Packet::Publish(p)) => Raw::Message(Message {
             topic: p.topic,
@@ -402,7 +418,11 @@ fn v5_event(e: rumqttc::v5::Event) -> Raw {
     use rumqttc::v5::Event as E;
     use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
     match e {
-        E::Incoming(Packet::ConnAck(_)) => Raw::ConnAck,
+        E::Incoming(Packet::ConnAck(c)) => Raw::ConnAck(
+            c.properties
+                .and_then(|p| p.max_packet_size)
+                .map(|m| m as usize),
+        ),
         E::Incoming(Packet::PubAck(a)) => {
             let refused = match a.reason {
                 PubAckReason::Success | PubAckReason::NoMatchingSubscribers => None,
