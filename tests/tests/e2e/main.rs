@@ -4,3 +4,4 @@ mod check_config;
 mod daemon;
 mod fleet;
 mod infer;
+mod systemd;
