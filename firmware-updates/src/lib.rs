@@ -4,4 +4,5 @@
 //! Bundles (model packages with signed manifests) land with the over-the-air update work; the
 //! signed-command scheme used by the fleet link is here now.
 
+pub mod bundle;
 pub mod command;
