@@ -449,12 +449,15 @@ async fn presence_task(
     cancel: CancellationToken,
 ) {
     let (mut seen_connects, mut session) = (0u64, 0u64);
+    // What the last birth said, minus its uptime: a change notice that changes nothing
+    // (the service's first status racing the connect) repeats no birth.
+    let mut last_said: Option<Value> = None;
     loop {
-        tokio::select! {
+        let asked = tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = shared.presence.notified() => {}
-            _ = control.changed() => {}
-        }
+            _ = shared.presence.notified() => true,
+            _ = control.changed() => false,
+        };
         if !link.is_connected() {
             continue;
         }
@@ -478,18 +481,22 @@ async fn presence_task(
         }
         control.set_fleet(true, session);
         let state = control.state();
-        let birth = json!({
+        let mut birth = json!({
             "state": "online",
             "device": topics.device,
             "groups": topics.groups,
             "version": crate::VERSION,
-            "uptime_s": control.uptime_s(),
             "session": session,
             "models": control.active_models().await,
             "feeds": state.config.feeds.iter().map(|f| f.name()).collect::<Vec<_>>(),
             "pipelines": state.pipelines.iter().map(|p| json!({"name": p.name, "feed": p.feed, "model": p.model})).collect::<Vec<_>>(),
             "status": state.summary,
         });
+        if !asked && last_said.as_ref() == Some(&birth) {
+            continue;
+        }
+        last_said = Some(birth.clone());
+        birth["uptime_s"] = control.uptime_s().into();
         if let Err(e) = link.publish(
             &topics.state(),
             birth.to_string().into_bytes(),
