@@ -610,12 +610,7 @@ pub fn package_digest(root: &Path) -> Result<String, RegistryError> {
             });
         }
     }
-    Ok(ctx
-        .finish()
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    Ok(tern_update::hex(ctx.finish().as_ref()))
 }
 
 /// Copy a package to `dest` so that a crash at any instant leaves either nothing at `dest` or

@@ -153,14 +153,6 @@ pub fn safe_name(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
-fn hex_digest(bytes: &[u8]) -> String {
-    ring::digest::digest(&ring::digest::SHA256, bytes)
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 fn is_hex_digest(s: &str) -> bool {
     s.len() == 64
         && s.bytes()
@@ -332,10 +324,13 @@ impl Artifact {
     /// Describe `bytes` as an artifact in chunks of `chunk_size`.
     pub fn describe(bytes: &[u8], chunk_size: u64) -> Artifact {
         Artifact {
-            sha256: hex_digest(bytes),
+            sha256: crate::sha256_hex(bytes),
             size: bytes.len() as u64,
             chunk_size,
-            chunks: bytes.chunks(chunk_size as usize).map(hex_digest).collect(),
+            chunks: bytes
+                .chunks(chunk_size as usize)
+                .map(crate::sha256_hex)
+                .collect(),
         }
     }
 
@@ -350,7 +345,7 @@ impl Artifact {
         if bytes.len() as u64 != len {
             return Err(err(format!("{} bytes, expected {len}", bytes.len())));
         }
-        if hex_digest(bytes) != *want {
+        if crate::sha256_hex(bytes) != *want {
             return Err(err("hash does not match the manifest".into()));
         }
         Ok(())
@@ -365,7 +360,7 @@ impl Artifact {
                 self.size
             )));
         }
-        if hex_digest(bytes) != self.sha256 {
+        if crate::sha256_hex(bytes) != self.sha256 {
             return Err(RefusalError::BadArtifact(
                 "hash does not match the manifest".into(),
             ));

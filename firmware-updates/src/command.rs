@@ -169,7 +169,7 @@ pub fn sign(key: &SigningKey, name: &str, target: &str, id: &str, args: Value, t
     let mut nonce = [0u8; 16];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
         .expect("the system random generator works");
-    let nonce: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
+    let nonce = crate::hex(&nonce);
     let sig = key.sign(&signed_bytes(name, target, ts, &nonce, id, &args));
     serde_json::json!({
         "id": id,

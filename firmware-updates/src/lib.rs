@@ -6,3 +6,13 @@
 
 pub mod bundle;
 pub mod command;
+
+/// Lower-case hex, the form digests and nonces take in manifests, commands and the database.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// SHA-256 of `bytes`, lower-case hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
+}

@@ -53,11 +53,7 @@ fn fingerprint(name: &str, target: &str, args: &Value) -> String {
         "{name}\n{target}\n{}",
         tern_update::command::canonical_json(args)
     );
-    ring::digest::digest(&ring::digest::SHA256, text.as_bytes())
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    tern_update::sha256_hex(text.as_bytes())
 }
 
 /// A command as it arrived: which command, to whom, and the raw payload.
