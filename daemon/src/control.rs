@@ -327,8 +327,8 @@ struct Inner {
     started: Instant,
     /// Presence must be re-announced (models or pipelines changed).
     changed: Notify,
-    pub fleet_connected: AtomicBool,
-    pub fleet_session: AtomicU64,
+    fleet_connected: AtomicBool,
+    fleet_session: AtomicU64,
 }
 
 impl Control {

@@ -69,7 +69,7 @@ struct Daemon {
     pools_tx: watch::Sender<Vec<ModelPool>>,
     cancel: CancellationToken,
     outbox: Option<Outbox>,
-    control: Option<Control>,
+    control: Control,
 }
 
 /// Run the daemon until SIGTERM or SIGINT.
@@ -130,7 +130,7 @@ pub async fn run(
         pools_tx,
         cancel: cancel.clone(),
         outbox: outbox.clone(),
-        control: Some(control.clone()),
+        control: control.clone(),
     };
     let problems = daemon.apply(config.clone()).await;
     let summary = daemon.summary(problems);
@@ -235,22 +235,20 @@ impl Daemon {
 
     /// Tell the command side what is running now.
     fn publish_state(&self, summary: &str) {
-        if let Some(c) = &self.control {
-            c.set_state(DaemonState {
-                config: self.config.clone(),
-                pipelines: self
-                    .pipelines
-                    .iter()
-                    .map(|p| PipelineInfo {
-                        name: p.name.clone(),
-                        feed: p.feed.clone(),
-                        model: p.model.clone(),
-                        stats: p.stats.clone(),
-                    })
-                    .collect(),
-                summary: summary.to_string(),
-            });
-        }
+        self.control.set_state(DaemonState {
+            config: self.config.clone(),
+            pipelines: self
+                .pipelines
+                .iter()
+                .map(|p| PipelineInfo {
+                    name: p.name.clone(),
+                    feed: p.feed.clone(),
+                    model: p.model.clone(),
+                    stats: p.stats.clone(),
+                })
+                .collect(),
+            summary: summary.to_string(),
+        });
     }
 
     /// Reload the configuration: the new status, or why the new configuration was refused.
@@ -293,9 +291,7 @@ impl Daemon {
                     new.fleet = self.config.fleet.clone();
                     new.outbox = self.config.outbox;
                 }
-                if let Some(c) = &self.control
-                    && let Err(e) = c.set_log_level(&new.log_level)
-                {
+                if let Err(e) = self.control.set_log_level(&new.log_level) {
                     tracing::warn!(error = %e, "log level not changed");
                 }
                 let problems = self.apply(new).await;

@@ -467,42 +467,34 @@ pub fn make_certs(dir: &Path) -> Result<[PathBuf; 5]> {
         }
         Ok(())
     };
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=tern test CA",
-    ])?;
-    std::fs::write(
-        dir.join("san.ext"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
-    )?;
-    for name in ["server", "client"] {
-        run(&[
-            "req",
+    // A new P-256 key and a request for it (self-signed with `-x509`).
+    let new_key = |x509: bool, key: &str, out: &str, subject: &str| {
+        let mut args = vec!["req"];
+        if x509 {
+            args.extend(["-x509", "-days", "2"]);
+        }
+        args.extend([
             "-newkey",
             "ec",
             "-pkeyopt",
             "ec_paramgen_curve:P-256",
             "-nodes",
-            "-keyout",
+        ]);
+        args.extend(["-keyout", key, "-out", out, "-subj", subject]);
+        run(&args)
+    };
+    new_key(true, "ca.key", "ca.pem", "/CN=tern test CA")?;
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )?;
+    for name in ["server", "client"] {
+        new_key(
+            false,
             &format!("{name}.key"),
-            "-out",
             &format!("{name}.csr"),
-            "-subj",
             &format!("/CN={name}"),
-        ])?;
+        )?;
         run(&[
             "x509",
             "-req",

@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::FleetConfig;
 use crate::control::{CmdError, Code, Control};
 use crate::outbox::{self, Class, Outbox};
-use mqtt::{Event, Link, Tag};
+use mqtt::{Event, Link};
 
 /// Outbox rows queued or awaiting their PUBACK at once.
 const WINDOW: usize = 128;
@@ -230,9 +230,7 @@ impl Fleet {
         }
         if self.link.is_connected() {
             let msg = offline(&self.topics, true).to_string().into_bytes();
-            let _ = self
-                .link
-                .publish(&self.topics.state(), msg, true, Tag::Plain, None);
+            let _ = self.link.publish(&self.topics.state(), msg, true, None);
             self.link.disconnect();
         }
         if tokio::time::timeout(STOP_DEADLINE, &mut self.session)
@@ -376,14 +374,14 @@ fn send_reply(
         );
         payload = commands::reply_err(id, &e).to_string().into_bytes();
     }
-    let sent = match link.publish(&topic, payload, false, Tag::Plain, correlation.clone()) {
+    let sent = match link.publish(&topic, payload, false, correlation.clone()) {
         Err(mqtt::SendError::TooLarge(max)) => {
             let e = CmdError::new(
                 Code::Internal,
                 format!("the reply is over the broker's {max}-byte packet limit; ask for less"),
             );
             let small = commands::reply_err(id, &e).to_string().into_bytes();
-            link.publish(&topic, small, false, Tag::Plain, correlation)
+            link.publish(&topic, small, false, correlation)
         }
         other => other,
     };
@@ -497,13 +495,7 @@ async fn presence_task(
         }
         last_said = Some(birth.clone());
         birth["uptime_s"] = control.uptime_s().into();
-        if let Err(e) = link.publish(
-            &topics.state(),
-            birth.to_string().into_bytes(),
-            true,
-            Tag::Plain,
-            None,
-        ) {
+        if let Err(e) = link.publish(&topics.state(), birth.to_string().into_bytes(), true, None) {
             tracing::warn!(error = ?e, "presence not sent");
         }
     }

@@ -19,7 +19,7 @@ use crate::config::{FleetConfig, Protocol};
 
 /// What a publish was, so its acknowledgement can be routed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Tag {
+enum Tag {
     /// A reply, a presence message: nobody waits for its PUBACK.
     Plain,
     /// An outbox row.
@@ -204,16 +204,16 @@ fn network_options() -> rumqttc::NetworkOptions {
 }
 
 impl Link {
-    /// Queue a QoS 1 publish. `correlation` is MQTT 5 correlation data (ignored on 3.1.1).
+    /// Queue a QoS 1 publish nobody waits on (a reply, presence). `correlation` is MQTT 5
+    /// correlation data (ignored on 3.1.1).
     pub fn publish(
         &self,
         topic: &str,
         payload: Vec<u8>,
         retain: bool,
-        tag: Tag,
         correlation: Option<Bytes>,
     ) -> Result<(), SendError> {
-        self.publish_on(None, topic, payload, retain, tag, correlation)
+        self.publish_on(None, topic, payload, retain, Tag::Plain, correlation)
     }
 
     /// Queue an outbox row, but only on connection `epoch`: after a reconnect the caller must
