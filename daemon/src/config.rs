@@ -44,6 +44,26 @@ pub struct RawConfig {
     pub fleet: Option<RawFleet>,
     #[serde(default)]
     pub outbox: RawOutbox,
+    #[serde(default)]
+    pub updates: RawUpdates,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpdates {
+    /// Ed25519 public keys (base64) trusted to sign update manifests; none: updates off.
+    #[serde(default)]
+    pub keys: Vec<String>,
+    /// Valid signatures from distinct trusted keys a manifest needs.
+    pub threshold: Option<usize>,
+    /// How long a new version is watched after activation before it is committed.
+    pub health_window_secs: Option<u64>,
+    /// Inference errors in the health window that roll the new version back.
+    pub health_max_errors: Option<u64>,
+    /// Chunks asked for at once while downloading.
+    pub window: Option<usize>,
+    /// Free disk space (MiB) an update must leave on the state directory's file system.
+    pub min_free_mib: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -172,7 +192,29 @@ pub struct Config {
     pub pipelines: Vec<PipelineConfig>,
     pub fleet: Option<FleetConfig>,
     pub outbox: OutboxConfig,
+    pub updates: UpdatesConfig,
 }
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpdatesConfig {
+    pub keys: Vec<tern_update::command::PublicKey>,
+    pub threshold: usize,
+    pub health_window: std::time::Duration,
+    pub health_max_errors: u64,
+    pub window: usize,
+    pub min_free_bytes: u64,
+}
+
+impl UpdatesConfig {
+    pub fn enabled(&self) -> bool {
+        !self.keys.is_empty()
+    }
+}
+
+pub const DEFAULT_HEALTH_WINDOW_SECS: u64 = 60;
+pub const DEFAULT_HEALTH_MAX_ERRORS: u64 = 3;
+pub const DEFAULT_UPDATE_WINDOW: usize = 4;
+pub const DEFAULT_MIN_FREE_MIB: u64 = 16;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct FleetConfig {
@@ -763,6 +805,7 @@ fn validate(raw: RawConfig, base: &Path, sources: &[Source]) -> Result<Config, C
     let outbox = OutboxConfig {
         budget_bytes: (budget_mib.max(0.0) * 1024.0 * 1024.0) as u64,
     };
+    let updates = validate_updates(&raw.updates, &mut report);
 
     if problems.is_empty() {
         Ok(Config {
@@ -773,9 +816,59 @@ fn validate(raw: RawConfig, base: &Path, sources: &[Source]) -> Result<Config, C
             pipelines,
             fleet,
             outbox,
+            updates,
         })
     } else {
         Err(ConfigError(problems))
+    }
+}
+
+fn validate_updates(u: &RawUpdates, report: &mut dyn FnMut(String, String)) -> UpdatesConfig {
+    let mut keys = Vec::new();
+    for (i, k) in u.keys.iter().enumerate() {
+        match tern_update::command::PublicKey::parse(k) {
+            Ok(k) if keys.contains(&k) => {
+                report(format!("updates.keys[{i}]"), "the same key twice".into())
+            }
+            Ok(k) => keys.push(k),
+            Err(e) => report(format!("updates.keys[{i}]"), e.to_string()),
+        }
+    }
+    let threshold = u.threshold.unwrap_or(1);
+    if threshold == 0 || (!u.keys.is_empty() && threshold > u.keys.len()) {
+        report(
+            "updates.threshold".into(),
+            format!(
+                "{threshold} signatures can never be met by {} key(s); give 1..={}",
+                u.keys.len(),
+                u.keys.len().max(1)
+            ),
+        );
+    }
+    let health = u.health_window_secs.unwrap_or(DEFAULT_HEALTH_WINDOW_SECS);
+    if health > 86_400 {
+        report(
+            "updates.health_window_secs".into(),
+            format!("{health} is more than a day (86400)"),
+        );
+    }
+    let window = u.window.unwrap_or(DEFAULT_UPDATE_WINDOW);
+    if !(1..=64).contains(&window) {
+        report(
+            "updates.window".into(),
+            format!("{window} is outside 1..=64"),
+        );
+    }
+    UpdatesConfig {
+        keys,
+        threshold,
+        health_window: std::time::Duration::from_secs(health),
+        health_max_errors: u
+            .health_max_errors
+            .unwrap_or(DEFAULT_HEALTH_MAX_ERRORS)
+            .max(1),
+        window,
+        min_free_bytes: u.min_free_mib.unwrap_or(DEFAULT_MIN_FREE_MIB) * 1024 * 1024,
     }
 }
 
@@ -792,6 +885,32 @@ fn topic_level_problem(s: &str) -> Option<&'static str> {
     }
 }
 
+/// `mqtt://host[:port]` or `mqtts://host[:port]` as (host, port, TLS?).
+pub fn parse_broker(url: &str) -> Result<(String, u16, bool), String> {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let tls = match scheme {
+        "mqtt" | "tcp" => false,
+        "mqtts" | "ssl" => true,
+        _ => {
+            return Err(format!(
+                "`{url}` is not a broker URL: expected mqtt://host[:port] or mqtts://host[:port]"
+            ));
+        }
+    };
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => match p.parse::<u16>() {
+            Ok(p) if p > 0 => (h.trim_matches(['[', ']']).to_string(), p),
+            _ => return Err(format!("`{p}` is not a port number")),
+        },
+        _ => (rest.to_string(), if tls { 8883 } else { 1883 }),
+    };
+    if host.is_empty() || host.contains('/') {
+        return Err(format!("`{url}` names no host"));
+    }
+    Ok((host, port, tls))
+}
+
 fn validate_fleet(
     f: &RawFleet,
     resolve: &dyn Fn(&Path) -> PathBuf,
@@ -802,35 +921,17 @@ fn validate_fleet(
         found.set(found.get() + 1);
         report(format!("fleet.{key}"), message);
     };
-    let (scheme, rest) = f.broker.split_once("://").unwrap_or(("", &f.broker));
-    let tls = match scheme {
-        "mqtt" | "tcp" => false,
-        "mqtts" | "ssl" => true,
-        _ => {
-            bad(
-                "broker",
-                format!(
-                    "`{}` is not a broker URL: expected mqtt://host[:port] or mqtts://host[:port]",
-                    f.broker
-                ),
-            );
-            false
+    let (host, port, tls) = match parse_broker(&f.broker) {
+        Ok(b) => b,
+        Err(e) => {
+            bad("broker", e);
+            (
+                String::new(),
+                0,
+                f.broker.starts_with("mqtts") || f.broker.starts_with("ssl"),
+            )
         }
     };
-    let rest = rest.trim_end_matches('/');
-    let (host, port) = match rest.rsplit_once(':') {
-        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => match p.parse::<u16>() {
-            Ok(p) if p > 0 => (h.trim_matches(['[', ']']).to_string(), p),
-            _ => {
-                bad("broker", format!("`{p}` is not a port number"));
-                (h.to_string(), 0)
-            }
-        },
-        _ => (rest.to_string(), if tls { 8883 } else { 1883 }),
-    };
-    if host.is_empty() || host.contains('/') {
-        bad("broker", format!("`{}` names no host", f.broker));
-    }
     if let Some(why) = topic_level_problem(&f.device) {
         bad("device", format!("`{}` {why}", f.device));
     }

@@ -378,6 +378,11 @@ impl Control {
         self.inner.changed.notify_one();
     }
 
+    /// Something others report changed (an update activated a model): say so again.
+    pub fn touch(&self) {
+        self.inner.changed.notify_one();
+    }
+
     pub async fn changed(&self) {
         self.inner.changed.notified().await;
     }

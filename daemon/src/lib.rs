@@ -11,6 +11,7 @@ pub mod pipeline;
 pub mod registry;
 pub mod service;
 pub mod store;
+pub mod update;
 
 /// ternd's version, as reported by `ternd version`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -46,6 +46,17 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         threads: usize,
     },
+    /// Install a signed update bundle (a `tern-update bundle` file) with the same checks as an
+    /// update from the fleet: here if no ternd runs on the state directory, else through it.
+    Install {
+        #[arg(long, short, default_value = "/etc/tern/ternd.toml")]
+        config: PathBuf,
+        /// The bundle file.
+        bundle: PathBuf,
+        /// How long to wait for a running ternd to finish the update (health window included).
+        #[arg(long, default_value_t = 600)]
+        wait_secs: u64,
+    },
     /// Print the version of ternd and of its inference engine.
     Version,
 }
@@ -61,6 +72,11 @@ fn main() -> ExitCode {
             json,
             threads,
         } => infer(&model, &input, json, threads),
+        Command::Install {
+            config,
+            bundle,
+            wait_secs,
+        } => install(&config, &bundle, wait_secs),
         Command::Version => {
             println!("ternd {} (tract-onnx 0.23)", ternd::VERSION);
             ExitCode::SUCCESS
@@ -142,6 +158,51 @@ fn run(path: &Path) -> ExitCode {
             tracing::error!("{e}");
             eprintln!("ternd: {e}");
             ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}
+
+fn install(path: &Path, bundle: &Path, wait_secs: u64) -> ExitCode {
+    let config = match config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ternd: {e}");
+            return ExitCode::from(EXIT_CONFIG as u8);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::new(
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        ))
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("ternd: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let wait = std::time::Duration::from_secs(wait_secs);
+    match runtime.block_on(ternd::update::install(&config, bundle, wait)) {
+        Ok(row) => {
+            println!("{row}");
+            match row.get("state").and_then(|s| s.as_str()) {
+                Some("health" | "committed") => ExitCode::SUCCESS,
+                _ => ExitCode::from(EXIT_DATA),
+            }
+        }
+        Err(e) => {
+            eprintln!("ternd install: {e}");
+            if e.starts_with("refused") {
+                ExitCode::from(EXIT_DATA)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -472,6 +472,80 @@ impl Registry {
         Ok((from, to))
     }
 
+    /// The version of `name` now serving requests.
+    pub fn active_version(&self, name: &str) -> Option<semver::Version> {
+        self.pools.get(name).map(|p| p.active().version().clone())
+    }
+
+    /// The highest version of `name` ever installed, whatever became of it: an update must
+    /// go above it (anti-rollback). Version rows are never deleted, so this is durable.
+    pub async fn highest(&self, name: &str) -> Result<Option<semver::Version>, RegistryError> {
+        let n = name.to_string();
+        let versions: Vec<String> = self
+            .store
+            .call(move |c| {
+                let mut stmt = c.prepare("SELECT version FROM model_versions WHERE name = ?1")?;
+                let v = stmt
+                    .query_map([n], |r| r.get(0))?
+                    .collect::<Result<Vec<String>, _>>()?;
+                Ok(v)
+            })
+            .await?;
+        Ok(versions
+            .iter()
+            .filter_map(|v| semver::Version::parse(v).ok())
+            .max())
+    }
+
+    /// Take the active `version` of `name` out of service for `reason`: it is marked failed
+    /// (an operator's rollback can never bring it back) and the previous version serves again,
+    /// in one transaction and an in-place swap. Returns the version now active.
+    pub async fn reject_active(
+        &mut self,
+        name: &str,
+        version: &semver::Version,
+        reason: &str,
+    ) -> Result<String, RegistryError> {
+        let active = self.active_version(name);
+        let cfg = self.pools.get(name).map(|p| p.config()).unwrap_or_default();
+        if active.as_ref() != Some(version) {
+            // Already replaced (a restart fell back, or an operator moved on): only mark it.
+            self.mark_failed(name, &version.to_string(), reason).await?;
+            return Ok(active.map(|v| v.to_string()).unwrap_or_default());
+        }
+        let prev = self
+            .previous(name)
+            .await?
+            .ok_or_else(|| RegistryError::NoPrevious {
+                name: name.to_string(),
+            })?;
+        let model = load(prev.path.clone(), cfg).await?;
+        let (n, v, p, r) = (
+            name.to_string(),
+            version.to_string(),
+            prev.version.clone(),
+            reason.to_string(),
+        );
+        self.store
+            .call(move |c| {
+                let tx = c.transaction()?;
+                tx.execute(
+                    "UPDATE model_versions SET state = 'failed', failure = ?3 WHERE name = ?1 AND version = ?2",
+                    params![n, v, r],
+                )?;
+                tx.execute(
+                    "UPDATE model_versions SET state = 'active', activated_at = ?3 WHERE name = ?1 AND version = ?2",
+                    params![n, p, now_ms()],
+                )?;
+                tx.commit()?;
+                Ok(())
+            })
+            .await?;
+        self.switch(name, model, cfg);
+        tracing::warn!(model = name, from = %version, to = %prev.version, %reason, "new version rejected; previous version active again");
+        Ok(prev.version)
+    }
+
     fn switch(&mut self, name: &str, model: Arc<Model>, cfg: PoolConfig) {
         match self.pools.get(name) {
             Some(pool) if pool.config() == cfg => {

@@ -29,6 +29,7 @@ use crate::outbox::Outbox;
 use crate::pipeline;
 use crate::registry::{self, Registry};
 use crate::store::Store;
+use crate::update;
 
 /// How long SIGTERM waits for pipelines to drain before giving up on them.
 pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
@@ -46,6 +47,11 @@ pub enum ServiceError {
     },
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    #[error("{path} is locked: another ternd runs on this state directory ({source})")]
+    Locked {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
     #[error("shutdown deadline passed with tasks still running: {0}")]
@@ -87,6 +93,7 @@ pub async fn run(
         path: config.state_dir.clone(),
         source,
     })?;
+    let _lock = lock_state_dir(&config.state_dir)?;
     registry::clean_temp(&config.state_dir);
     let db = config.state_dir.join("tern.db");
     let store = tokio::task::spawn_blocking(move || Store::open(&db))
@@ -136,8 +143,41 @@ pub async fn run(
     let summary = daemon.summary(problems);
     daemon.publish_state(&summary);
 
+    let updater = if config.updates.enabled() {
+        let (u, task) = update::spawn(
+            update::Deps {
+                store: daemon.store.clone(),
+                registry: daemon.registry.clone(),
+                outbox: outbox.clone(),
+                control: Some(control.clone()),
+                cfg: config.updates.clone(),
+                state_dir: config.state_dir.clone(),
+                device: config
+                    .fleet
+                    .as_ref()
+                    .map(|f| f.device.clone())
+                    .unwrap_or_default(),
+                groups: config
+                    .fleet
+                    .as_ref()
+                    .map(|f| f.groups.clone())
+                    .unwrap_or_default(),
+                prefix: config.fleet.as_ref().map(|f| f.prefix.clone()),
+                pools: pool_configs(&config),
+            },
+            cancel.child_token(),
+        );
+        Some((u, task))
+    } else {
+        None
+    };
     let fleet = match (&config.fleet, outbox) {
-        (Some(f), Some(ob)) => match fleet::spawn(f, control.clone(), ob) {
+        (Some(f), Some(ob)) => match fleet::spawn(
+            f,
+            control.clone(),
+            ob,
+            updater.as_ref().map(|(u, _)| u.clone()),
+        ) {
             Ok(fl) => Some(fl),
             Err(e) => {
                 // check-config builds the same TLS setup, so this is a file changed since.
@@ -176,6 +216,9 @@ pub async fn run(
         f.stop().await;
     }
     cancel.cancel();
+    if let Some((_, task)) = updater {
+        let _ = task.await;
+    }
     let _ = watchdog.await;
     result.map_err(ServiceError::Hung)
 }
@@ -349,7 +392,29 @@ impl Daemon {
     }
 }
 
-fn pool_configs(c: &Config) -> HashMap<String, PoolConfig> {
+/// Hold `<state_dir>/ternd.lock` for as long as the daemon runs: two daemons on one state
+/// directory would fight over its database and models, and `ternd install` uses the lock to
+/// tell whether a daemon is there to hand a bundle to.
+pub fn lock_state_dir(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, ServiceError> {
+    let path = dir.join("ternd.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| ServiceError::StateDir {
+            path: path.clone(),
+            source,
+        })?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        ServiceError::Locked {
+            path,
+            source: std::io::Error::from(e),
+        }
+    })
+}
+
+pub fn pool_configs(c: &Config) -> HashMap<String, PoolConfig> {
     c.models.iter().map(|m| (m.name.clone(), m.pool)).collect()
 }
 

@@ -139,6 +139,41 @@ CREATE TABLE fleet_sessions (
 );
 INSERT INTO fleet_sessions VALUES (1, 0);
 "#,
+    // 4: over-the-air updates. One row per accepted manifest, moved through its states one
+    // transaction at a time; the chunks held so far (written and fsynced before their row);
+    // the trusted update keys once a rotation has replaced the configured ones.
+    r#"
+CREATE TABLE updates (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    model TEXT NOT NULL,
+    version TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    manifest BLOB NOT NULL,
+    source TEXT NOT NULL,
+    state TEXT NOT NULL,
+    code TEXT,
+    reason TEXT,
+    previous TEXT,
+    health_until_ms INTEGER,
+    received_bytes INTEGER NOT NULL DEFAULT 0,
+    created_ms INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL
+);
+CREATE INDEX updates_by_model ON updates (model, id);
+CREATE TABLE update_chunks (
+    update_id INTEGER NOT NULL REFERENCES updates (id) ON DELETE CASCADE,
+    idx INTEGER NOT NULL,
+    PRIMARY KEY (update_id, idx)
+) WITHOUT ROWID;
+CREATE TABLE update_trust (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    version INTEGER NOT NULL,
+    keys TEXT NOT NULL,
+    threshold INTEGER NOT NULL,
+    retired TEXT NOT NULL,
+    doc BLOB NOT NULL
+);
+"#,
 ];
 
 /// Handle to the database thread; cheap to clone.

@@ -91,8 +91,12 @@ pub struct Manifest {
 /// Why a manifest, a key set or a chunk was refused; `code()` is the stable event code.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RefusalError {
-    #[error("manifest is {0} bytes, more than {MAX_MANIFEST_BYTES}")]
-    TooLarge(usize),
+    #[error("{what} is {got} bytes, more than {max}")]
+    TooLarge {
+        what: &'static str,
+        got: usize,
+        max: usize,
+    },
     #[error("manifest is malformed: {0}")]
     Malformed(String),
     #[error("manifest carries no signature")]
@@ -107,8 +111,28 @@ pub enum RefusalError {
     BelowThreshold { valid: usize, threshold: usize },
     #[error("manifest expired at {expires} (now {now})")]
     Expired { expires: i64, now: i64 },
-    #[error("version {offered} is not newer than installed {installed}")]
-    NotNewer { offered: String, installed: String },
+    #[error("version {offered} is older than installed {installed}")]
+    Downgrade { offered: String, installed: String },
+    #[error("version {0} is already installed")]
+    Replay(String),
+    #[error("key {0} was rotated out")]
+    RevokedKey(String),
+    #[error("name `{0}` is not a plain file name")]
+    BadName(String),
+    #[error("artifact hash {got} does not match the manifest's {want}")]
+    BadHash { got: String, want: String },
+    #[error("artifact is {got} bytes, the manifest says {want}")]
+    BadSize { got: u64, want: u64 },
+    #[error("chunk {index} is truncated: {got} bytes of {want}")]
+    TruncatedChunk {
+        index: usize,
+        got: usize,
+        want: usize,
+    },
+    #[error("chunk {index}: {message}")]
+    ForeignChunk { index: usize, message: String },
+    #[error("the package inside does not match the manifest: {0}")]
+    PackageMismatch(String),
     #[error("not for this box: {0}")]
     WrongTarget(String),
     #[error("artifact: {0}")]
@@ -120,7 +144,7 @@ pub enum RefusalError {
 impl RefusalError {
     pub fn code(&self) -> &'static str {
         match self {
-            RefusalError::TooLarge(_) => "oversize",
+            RefusalError::TooLarge { .. } => "oversize",
             RefusalError::Malformed(_) => "malformed",
             RefusalError::Unsigned => "unsigned",
             RefusalError::BadSignature(_) => "bad_signature",
@@ -128,7 +152,15 @@ impl RefusalError {
             RefusalError::DuplicateSignature(_) => "duplicate_signature",
             RefusalError::BelowThreshold { .. } => "below_threshold",
             RefusalError::Expired { .. } => "expired",
-            RefusalError::NotNewer { .. } => "not_newer",
+            RefusalError::Downgrade { .. } => "downgrade",
+            RefusalError::Replay(_) => "replay",
+            RefusalError::RevokedKey(_) => "revoked_key",
+            RefusalError::BadName(_) => "bad_name",
+            RefusalError::BadHash { .. } => "bad_hash",
+            RefusalError::BadSize { .. } => "bad_size",
+            RefusalError::TruncatedChunk { .. } => "truncated_chunk",
+            RefusalError::ForeignChunk { .. } => "foreign_chunk",
+            RefusalError::PackageMismatch(_) => "package_mismatch",
             RefusalError::WrongTarget(_) => "wrong_target",
             RefusalError::BadArtifact(_) => "bad_artifact",
             RefusalError::BadChunk { .. } => "bad_chunk",
@@ -141,6 +173,8 @@ impl RefusalError {
 pub struct KeySet {
     pub keys: Vec<PublicKey>,
     pub threshold: usize,
+    /// Keys rotated out: a signature by one is refused as `revoked_key`, not merely unknown.
+    pub retired: Vec<PublicKey>,
 }
 
 /// A name that is one plain path component: it cannot escape the folder it is joined to.
@@ -162,7 +196,11 @@ fn is_hex_digest(s: &str) -> bool {
 /// Parse a manifest, bounded before parsing.
 pub fn parse(bytes: &[u8]) -> Result<Manifest, RefusalError> {
     if bytes.len() > MAX_MANIFEST_BYTES {
-        return Err(RefusalError::TooLarge(bytes.len()));
+        return Err(RefusalError::TooLarge {
+            what: "manifest",
+            got: bytes.len(),
+            max: MAX_MANIFEST_BYTES,
+        });
     }
     serde_json::from_slice(bytes).map_err(|e| RefusalError::Malformed(e.to_string()))
 }
@@ -181,6 +219,9 @@ fn check_signatures(set: &KeySet, msg: &[u8], sigs: &[Signature]) -> Result<(), 
             .map_err(|e| RefusalError::Malformed(format!("signature key: {e}")))?;
         if !seen.insert(key.to_base64()) {
             return Err(RefusalError::DuplicateSignature(s.key.clone()));
+        }
+        if set.retired.contains(&key) && !set.keys.contains(&key) {
+            return Err(RefusalError::RevokedKey(s.key.clone()));
         }
         if !set.keys.contains(&key) {
             return Err(RefusalError::UnknownKey(s.key.clone()));
@@ -240,10 +281,7 @@ pub fn verify(
         )));
     }
     if !safe_name(&s.name) {
-        return Err(RefusalError::Malformed(format!(
-            "name `{}` is not a plain file name",
-            s.name
-        )));
+        return Err(RefusalError::BadName(s.name.clone()));
     }
     let version = semver::Version::parse(&s.version)
         .map_err(|e| RefusalError::Malformed(format!("version `{}`: {e}", s.version)))?;
@@ -282,13 +320,16 @@ pub fn verify(
             )));
         }
     }
-    if let Some(installed) = installed
-        && version <= *installed
-    {
-        return Err(RefusalError::NotNewer {
-            offered: version.to_string(),
-            installed: installed.to_string(),
-        });
+    if let Some(installed) = installed {
+        if version < *installed {
+            return Err(RefusalError::Downgrade {
+                offered: version.to_string(),
+                installed: installed.to_string(),
+            });
+        }
+        if version == *installed {
+            return Err(RefusalError::Replay(version.to_string()));
+        }
     }
     Ok(s)
 }
@@ -334,39 +375,125 @@ impl Artifact {
         }
     }
 
-    /// Check one chunk as it arrives: in range, the right length, the right hash.
+    /// The length chunk `index` must have, if the artifact has such a chunk.
+    pub fn chunk_len(&self, index: usize) -> Option<usize> {
+        (index < self.chunks.len()).then(|| {
+            let start = index as u64 * self.chunk_size;
+            self.chunk_size.min(self.size - start) as usize
+        })
+    }
+
+    /// Check one chunk's data as it arrives: in range, the right length, the right hash.
     pub fn check_chunk(&self, index: usize, bytes: &[u8]) -> Result<(), RefusalError> {
-        let err = |message: String| RefusalError::BadChunk { index, message };
-        let Some(want) = self.chunks.get(index) else {
-            return Err(err(format!("there are only {} chunks", self.chunks.len())));
+        let Some(want) = self.chunk_len(index) else {
+            return Err(RefusalError::BadChunk {
+                index,
+                message: format!("there are only {} chunks", self.chunks.len()),
+            });
         };
-        let start = index as u64 * self.chunk_size;
-        let len = self.chunk_size.min(self.size - start);
-        if bytes.len() as u64 != len {
-            return Err(err(format!("{} bytes, expected {len}", bytes.len())));
+        if bytes.len() < want {
+            return Err(RefusalError::TruncatedChunk {
+                index,
+                got: bytes.len(),
+                want,
+            });
         }
-        if crate::sha256_hex(bytes) != *want {
-            return Err(err("hash does not match the manifest".into()));
+        if bytes.len() > want {
+            // Only a manifest whose size disagrees with the artifact it was made from (or a
+            // sender that pads) gets here: the chunk is longer than the manifest allows.
+            return Err(RefusalError::BadSize {
+                got: index as u64 * self.chunk_size + bytes.len() as u64,
+                want: self.size,
+            });
+        }
+        if crate::sha256_hex(bytes) != self.chunks[index] {
+            return Err(RefusalError::BadChunk {
+                index,
+                message: "hash does not match the manifest".into(),
+            });
         }
         Ok(())
     }
 
-    /// Check the assembled artifact.
-    pub fn check_whole(&self, bytes: &[u8]) -> Result<(), RefusalError> {
-        if bytes.len() as u64 != self.size {
-            return Err(RefusalError::BadArtifact(format!(
-                "{} bytes, expected {}",
-                bytes.len(),
-                self.size
-            )));
+    /// The data of a chunk message for chunk `index` of this artifact, checked: bounded before
+    /// anything else, then its header (the artifact and index it claims), then length and hash.
+    pub fn open_chunk<'a>(&self, index: usize, msg: &'a [u8]) -> Result<&'a [u8], RefusalError> {
+        let max = CHUNK_HEADER + self.chunk_size as usize;
+        if msg.len() > max {
+            return Err(RefusalError::TooLarge {
+                what: "chunk message",
+                got: msg.len(),
+                max,
+            });
         }
-        if crate::sha256_hex(bytes) != self.sha256 {
-            return Err(RefusalError::BadArtifact(
-                "hash does not match the manifest".into(),
-            ));
+        if msg.len() < CHUNK_HEADER || &msg[..8] != CHUNK_MAGIC {
+            return Err(RefusalError::BadChunk {
+                index,
+                message: "not a tern chunk message".into(),
+            });
+        }
+        let artifact = crate::hex(&msg[8..40]);
+        if artifact != self.sha256 {
+            return Err(RefusalError::ForeignChunk {
+                index,
+                message: format!("belongs to artifact {artifact}, not {}", self.sha256),
+            });
+        }
+        let claimed = u32::from_be_bytes(msg[40..44].try_into().expect("4 bytes")) as usize;
+        if claimed != index {
+            return Err(RefusalError::ForeignChunk {
+                index,
+                message: format!("says it is chunk {claimed}"),
+            });
+        }
+        let data = &msg[CHUNK_HEADER..];
+        self.check_chunk(index, data)?;
+        Ok(data)
+    }
+
+    /// Check the assembled artifact's size and hash.
+    pub fn check_whole(&self, size: u64, sha256: &str) -> Result<(), RefusalError> {
+        if size != self.size {
+            return Err(RefusalError::BadSize {
+                got: size,
+                want: self.size,
+            });
+        }
+        if sha256 != self.sha256 {
+            return Err(RefusalError::BadHash {
+                got: sha256.to_string(),
+                want: self.sha256.clone(),
+            });
         }
         Ok(())
     }
+}
+
+/// Chunk messages start with this, then the artifact's SHA-256 (32 bytes) and the chunk's
+/// index (u32, big-endian), then the data: a chunk says what it is, so one published on the
+/// wrong topic is named for what it is instead of failing as garbage.
+pub const CHUNK_MAGIC: &[u8; 8] = b"TERNCHK1";
+pub const CHUNK_HEADER: usize = 8 + 32 + 4;
+
+/// The chunk message for chunk `index` of `artifact`, whose data is `data`.
+pub fn chunk_message(artifact_sha256: &str, index: usize, data: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(CHUNK_HEADER + data.len());
+    m.extend_from_slice(CHUNK_MAGIC);
+    m.extend_from_slice(&unhex32(artifact_sha256));
+    m.extend_from_slice(&(index as u32).to_be_bytes());
+    m.extend_from_slice(data);
+    m
+}
+
+fn unhex32(s: &str) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = s
+            .get(2 * i..2 * i + 2)
+            .and_then(|h| u8::from_str_radix(h, 16).ok())
+            .unwrap_or(0);
+    }
+    out
 }
 
 /// Sign `signed` with each key (the operator's tool).
@@ -422,11 +549,14 @@ pub fn verify_rotation(
     )?;
     let doc: KeysDoc = serde_json::from_value(m.signed.clone())
         .map_err(|e| RefusalError::Malformed(e.to_string()))?;
-    if doc.version <= current_version {
-        return Err(RefusalError::NotNewer {
+    if doc.version < current_version {
+        return Err(RefusalError::Downgrade {
             offered: doc.version.to_string(),
             installed: current_version.to_string(),
         });
+    }
+    if doc.version == current_version {
+        return Err(RefusalError::Replay(doc.version.to_string()));
     }
     let keys = doc
         .keys
@@ -440,10 +570,15 @@ pub fn verify_rotation(
             keys.len()
         )));
     }
+    let mut retired: Vec<PublicKey> = current.retired.clone();
+    retired.extend(current.keys.iter().cloned());
+    retired.retain(|k| !keys.contains(k));
+    retired.dedup();
     Ok((
         KeySet {
             keys,
             threshold: doc.threshold,
+            retired,
         },
         doc.version,
     ))
@@ -494,6 +629,7 @@ mod tests {
         let set = KeySet {
             keys: vec![a.public(), b.public()],
             threshold: 2,
+            retired: vec![],
         };
         let groups = vec!["lab".to_string()];
         let v = semver::Version::new(0, 1, 0);
@@ -531,10 +667,10 @@ mod tests {
         s.expires = NOW - 1;
         assert_eq!(check(&sign(&s, &[&a, &b])), Err("expired"));
 
-        for old in ["0.9.0", "1.0.0"] {
+        for (old, code) in [("0.9.0", "downgrade"), ("1.0.0", "replay")] {
             let mut s = signed(&data);
             s.version = old.into();
-            assert_eq!(check(&sign(&s, &[&a, &b])), Err("not_newer"), "{old}");
+            assert_eq!(check(&sign(&s, &[&a, &b])), Err(code), "{old}");
         }
         let mut s = signed(&data);
         s.targets.groups = vec!["other".into()];
@@ -549,7 +685,7 @@ mod tests {
         for name in ["../etc", "a/b", "..", ""] {
             let mut s = signed(&data);
             s.name = name.into();
-            assert_eq!(check(&sign(&s, &[&a, &b])), Err("malformed"), "{name:?}");
+            assert_eq!(check(&sign(&s, &[&a, &b])), Err("bad_name"), "{name:?}");
         }
         let mut s = signed(&data);
         s.artifact.size = MAX_ARTIFACT_BYTES + 1;
@@ -567,29 +703,48 @@ mod tests {
     }
 
     #[test]
-    fn chunks_are_checked_for_range_length_and_hash() {
+    fn chunks_are_checked_for_header_range_length_and_hash() {
         let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
         let art = Artifact::describe(&data, MIN_CHUNK);
         assert_eq!(art.chunks.len(), 3);
-        for (i, c) in data.chunks(MIN_CHUNK as usize).enumerate() {
-            art.check_chunk(i, c).unwrap();
+        let msgs: Vec<Vec<u8>> = data
+            .chunks(MIN_CHUNK as usize)
+            .enumerate()
+            .map(|(i, c)| chunk_message(&art.sha256, i, c))
+            .collect();
+        for (i, m) in msgs.iter().enumerate() {
+            let got = art.open_chunk(i, m).unwrap();
+            assert_eq!(got, &data[i * 4096..(i * 4096 + got.len())]);
         }
-        art.check_whole(&data).unwrap();
-        let code = |r: Result<(), RefusalError>| r.map_err(|e| e.code());
-        // Truncated, out of range, from another artifact, altered whole.
-        assert_eq!(
-            code(art.check_chunk(2, &data[8192..9000])),
-            Err("bad_chunk")
-        );
-        assert_eq!(code(art.check_chunk(3, &data[..10])), Err("bad_chunk"));
+        art.check_whole(data.len() as u64, &crate::sha256_hex(&data))
+            .unwrap();
+        let code = |r: Result<&[u8], RefusalError>| r.map(|_| ()).map_err(|e| e.code());
+
+        let truncated = chunk_message(&art.sha256, 2, &data[8192..9000]);
+        assert_eq!(code(art.open_chunk(2, &truncated)), Err("truncated_chunk"));
+        let padded = chunk_message(&art.sha256, 2, &[&data[8192..], &[0u8; 5]].concat());
+        assert_eq!(code(art.open_chunk(2, &padded)), Err("bad_size"));
+        let mut flipped = msgs[1].clone();
+        *flipped.last_mut().unwrap() ^= 1;
+        assert_eq!(code(art.open_chunk(1, &flipped)), Err("bad_chunk"));
+        assert_eq!(code(art.open_chunk(1, &msgs[0])), Err("foreign_chunk"));
+        assert_eq!(code(art.open_chunk(3, &msgs[0])), Err("foreign_chunk"));
+        assert_eq!(code(art.open_chunk(0, b"garbage")), Err("bad_chunk"));
         let other = Artifact::describe(&[1u8; 10_000], MIN_CHUNK);
-        let foreign = &[1u8; 4096][..];
-        other.check_chunk(0, foreign).unwrap();
-        assert_eq!(code(art.check_chunk(0, foreign)), Err("bad_chunk"));
+        let foreign = chunk_message(&other.sha256, 0, &[1u8; 4096]);
+        other.open_chunk(0, &foreign).unwrap();
+        assert_eq!(code(art.open_chunk(0, &foreign)), Err("foreign_chunk"));
+        let endless = vec![0u8; CHUNK_HEADER + MIN_CHUNK as usize + 1];
+        assert_eq!(code(art.open_chunk(0, &endless)), Err("oversize"));
+
+        let whole = |size: u64, sha: &str| art.check_whole(size, sha).map_err(|e| e.code());
         let mut altered = data.clone();
         altered[5] ^= 1;
-        assert_eq!(code(art.check_whole(&altered)), Err("bad_artifact"));
-        assert_eq!(code(art.check_whole(&data[..9999])), Err("bad_artifact"));
+        assert_eq!(
+            whole(altered.len() as u64, &crate::sha256_hex(&altered)),
+            Err("bad_hash")
+        );
+        assert_eq!(whole(9999, &art.sha256), Err("bad_size"));
     }
 
     #[test]
@@ -598,6 +753,7 @@ mod tests {
         let current = KeySet {
             keys: vec![a.public(), b.public()],
             threshold: 2,
+            retired: vec![],
         };
         let doc = KeysDoc {
             version: 2,
@@ -611,7 +767,11 @@ mod tests {
         );
         assert_eq!(
             code(verify_rotation(&sign_keys(&doc, &[&a, &b]), &current, 2)),
-            Err("not_newer")
+            Err("replay")
+        );
+        assert_eq!(
+            code(verify_rotation(&sign_keys(&doc, &[&a, &b]), &current, 3)),
+            Err("downgrade")
         );
         let (new, version) = verify_rotation(&sign_keys(&doc, &[&a, &b]), &current, 1).unwrap();
         assert_eq!((new.threshold, version), (1, 2));
@@ -626,7 +786,7 @@ mod tests {
             verify(&by_old, &new, NOW, &me, None)
                 .map(|_| ())
                 .map_err(|e| e.code()),
-            Err("unknown_key")
+            Err("revoked_key")
         );
         assert!(verify(&sign(&s, &[&c]), &new, NOW, &me, None).is_ok());
         // A rotation document is not a manifest and the other way round.

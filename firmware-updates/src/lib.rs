@@ -1,9 +1,10 @@
 //! tern update bundles and signed commands: the formats, signing and verification shared by the
 //! `tern-update` operator tool and the daemon.
 //!
-//! Bundles (model packages with signed manifests) land with the over-the-air update work; the
-//! signed-command scheme used by the fleet link is here now.
+//! `bundle`: signed update manifests and chunk messages; `artifact`: the package as a tar
+//! archive and the bundle file; `command`: signed fleet commands.
 
+pub mod artifact;
 pub mod bundle;
 pub mod command;
 

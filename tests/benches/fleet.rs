@@ -129,7 +129,7 @@ fn in_process(broker: &Broker) -> InProcess {
     );
     let fleet = {
         let _g = rt.enter();
-        ternd::fleet::spawn(&fleet_cfg, control, outbox.clone()).unwrap()
+        ternd::fleet::spawn(&fleet_cfg, control, outbox.clone(), None).unwrap()
     };
     InProcess {
         rt,

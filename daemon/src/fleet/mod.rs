@@ -13,7 +13,9 @@
 //! ```
 //!
 //! Topics (prefix `tern` by default): `<prefix>/<device>/{state,telemetry,events,results/<p>,
-//! cmd/<name>,reply/<id>}`, `<prefix>/fleet/<group>/cmd/<name>`, `<prefix>/fleet/announce`.
+//! cmd/<name>,reply/<id>,update/<model>,updates/<model>}`, `<prefix>/fleet/<group>/{cmd/<name>,
+//! update/<model>}`, `<prefix>/fleet/{announce,keys}`, `<prefix>/artifacts/<sha256>/<index>`
+//! (update delivery is described in `crate::update`).
 
 pub mod commands;
 pub mod mqtt;
@@ -31,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::FleetConfig;
 use crate::control::{CmdError, Code, Control};
 use crate::outbox::{self, Class, Outbox};
+use crate::update::{self, Updater};
 use mqtt::{Event, Link};
 
 /// Outbox rows queued or awaiting their PUBACK at once.
@@ -83,10 +86,21 @@ impl Topics {
         !topic.starts_with(&ours) || topic.starts_with(&format!("{}/reply/", self.base))
     }
 
-    fn filters(&self) -> Vec<String> {
+    fn keys(&self) -> String {
+        format!("{}/fleet/keys", self.prefix)
+    }
+
+    fn filters(&self, updates: bool) -> Vec<String> {
         let mut f = vec![format!("{}/cmd/+", self.base), self.announce()];
         for g in &self.groups {
             f.push(format!("{}/fleet/{g}/cmd/+", self.prefix));
+        }
+        if updates {
+            f.push(format!("{}/update/+", self.base));
+            for g in &self.groups {
+                f.push(format!("{}/fleet/{g}/update/+", self.prefix));
+            }
+            f.push(self.keys());
         }
         f
     }
@@ -116,6 +130,32 @@ impl Topics {
                 target: format!("group:{group}"),
             };
         }
+        if topic == self.keys() {
+            return Route::Keys;
+        }
+        let manifest = topic
+            .strip_prefix(&self.base)
+            .and_then(|t| t.strip_prefix("/update/"))
+            .is_some()
+            || topic
+                .strip_prefix(&self.prefix)
+                .and_then(|t| t.strip_prefix("/fleet/"))
+                .and_then(|r| r.split_once("/update/"))
+                .is_some_and(|(g, _)| self.groups.iter().any(|x| x == g));
+        if manifest {
+            return Route::Manifest;
+        }
+        if let Some(rest) = topic
+            .strip_prefix(&self.prefix)
+            .and_then(|t| t.strip_prefix("/artifacts/"))
+            && let Some((sha, index)) = rest.split_once('/')
+            && let Ok(index) = index.parse::<usize>()
+        {
+            return Route::Chunk {
+                sha256: sha.to_string(),
+                index,
+            };
+        }
         Route::Other
     }
 }
@@ -123,6 +163,9 @@ impl Topics {
 enum Route {
     Command { name: String, target: String },
     Announce,
+    Manifest,
+    Keys,
+    Chunk { sha256: String, index: usize },
     Other,
 }
 
@@ -151,14 +194,24 @@ struct Shared {
     presence: Notify,
 }
 
-pub fn spawn(cfg: &FleetConfig, control: Control, outbox: Outbox) -> Result<Fleet, String> {
+pub fn spawn(
+    cfg: &FleetConfig,
+    control: Control,
+    outbox: Outbox,
+    updater: Option<Updater>,
+) -> Result<Fleet, String> {
     let topics = Topics::new(cfg);
     let will = offline(&topics, false);
+    // Chunk messages must fit through the same bound as commands.
+    let max_incoming = cfg
+        .commands
+        .max_payload_bytes
+        .max(tern_update::bundle::CHUNK_HEADER + tern_update::bundle::MAX_CHUNK as usize);
     let (link, session) = mqtt::connect(
         cfg,
         &topics.state(),
         will.to_string().as_bytes(),
-        cfg.commands.max_payload_bytes,
+        max_incoming,
     )?;
     let cancel = CancellationToken::new();
     let shared = Arc::new(Shared {
@@ -177,6 +230,7 @@ pub fn spawn(cfg: &FleetConfig, control: Control, outbox: Outbox) -> Result<Flee
         control.clone(),
         shared.clone(),
         cmd_tx,
+        updater,
         cancel.clone(),
     ));
     let commands = tokio::spawn(command_task(
@@ -266,6 +320,7 @@ async fn session_task(
     control: Control,
     shared: Arc<Shared>,
     cmd_tx: mpsc::Sender<Queued>,
+    updater: Option<Updater>,
     cancel: CancellationToken,
 ) {
     let mut failures = 0u32;
@@ -274,12 +329,15 @@ async fn session_task(
         match session.poll().await {
             Ok(Event::Connected) => {
                 failures = 0;
-                for f in topics.filters() {
+                for f in topics.filters(updater.is_some()) {
                     if let Err(e) = link.subscribe(&f) {
                         tracing::error!(filter = %f, error = %e, "subscribe not queued");
                     }
                 }
                 tracing::info!(%broker, "fleet link connected");
+                if let Some(u) = &updater {
+                    u.offer(update::Input::Online(link.clone()));
+                }
                 shared.presence.notify_one();
                 shared.drain.notify_one();
             }
@@ -305,6 +363,28 @@ async fn session_task(
                         send_reply(&link, &topics, id.as_deref(), q.reply_to, &reply);
                     }
                 }
+                Route::Manifest => {
+                    if let Some(u) = &updater {
+                        u.offer(update::Input::Manifest {
+                            source: m.topic,
+                            payload: m.payload,
+                        });
+                    }
+                }
+                Route::Keys => {
+                    if let Some(u) = &updater {
+                        u.offer(update::Input::Keys { payload: m.payload });
+                    }
+                }
+                Route::Chunk { sha256, index } => {
+                    if let Some(u) = &updater {
+                        u.offer(update::Input::Chunk {
+                            sha256,
+                            index,
+                            payload: m.payload,
+                        });
+                    }
+                }
                 Route::Other => {}
             },
             Ok(Event::Acked(id, refused)) => {
@@ -327,6 +407,9 @@ async fn session_task(
             Ok(Event::Other) => {}
             Err(e) => {
                 control.set_fleet(false, 0);
+                if let Some(u) = &updater {
+                    u.offer(update::Input::Offline);
+                }
                 if cancel.is_cancelled() {
                     return;
                 }

@@ -289,6 +289,13 @@ impl Link {
         }
     }
 
+    pub fn unsubscribe(&self, filter: &str) -> Result<(), String> {
+        match &self.track.lock().expect("link lock").client {
+            Client::V4(c) => c.try_unsubscribe(filter).map_err(|e| e.to_string()),
+            Client::V5(c) => c.try_unsubscribe(filter).map_err(|e| e.to_string()),
+        }
+    }
+
     /// Rows queued or in flight: the outbox keeps its window below a bound with this.
     pub fn rows_outstanding(&self) -> usize {
         let t = self.track.lock().expect("link lock");

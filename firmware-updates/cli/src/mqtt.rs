@@ -1,0 +1,474 @@
+//! `publish` and `status`: the rollout over MQTT.
+
+use std::collections::BTreeMap;
+use std::io::Read as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
+use serde_json::{Value, json};
+use tern_update::artifact::BundleFile;
+use tern_update::bundle::{self, Signed};
+use tern_update::command::{self, SigningKey};
+use tokio::sync::mpsc;
+
+use crate::BrokerArgs;
+
+pub struct PublishArgs {
+    pub broker: BrokerArgs,
+    pub group: Option<String>,
+    pub device: Option<String>,
+    pub canary: Option<usize>,
+    pub abort_above: f64,
+    pub wait: Duration,
+    pub command_key: Option<SigningKey>,
+    pub bundle: PathBuf,
+}
+
+/// A connection: the client, messages delivered to us, and a count of PUBACKs.
+struct Conn {
+    client: AsyncClient,
+    messages: mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+    acked: Arc<AtomicU64>,
+    sent: u64,
+}
+
+async fn connect(b: &BrokerArgs) -> anyhow::Result<Conn> {
+    let (host, port, tls) = ternd::config::parse_broker(&b.broker).map_err(anyhow::Error::msg)?;
+    let mut o = MqttOptions::new(format!("tern-update-{}", std::process::id()), host, port);
+    o.set_keep_alive(Duration::from_secs(30))
+        .set_clean_session(true)
+        .set_max_packet_size(16 * 1024 * 1024, 16 * 1024 * 1024)
+        .set_inflight(64);
+    if tls {
+        let t = ternd::config::TlsConfig {
+            ca_file: b.ca_file.clone(),
+            client: None,
+        };
+        let c =
+            ternd::fleet::tls::client_config(&t).map_err(|(k, e)| anyhow::anyhow!("{k}: {e}"))?;
+        o.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(c),
+        ));
+    }
+    if let Some(u) = &b.username {
+        let p = match &b.password_file {
+            Some(f) => std::fs::read_to_string(f)
+                .with_context(|| format!("reading {}", f.display()))?
+                .trim_end_matches(['\r', '\n'])
+                .to_string(),
+            None => String::new(),
+        };
+        o.set_credentials(u, p);
+    }
+    let (client, mut el) = AsyncClient::new(o, 256);
+    let (tx, messages) = mpsc::unbounded_channel();
+    let acked = Arc::new(AtomicU64::new(0));
+    let (ready_tx, ready) = tokio::sync::oneshot::channel::<Result<(), String>>();
+    let count = acked.clone();
+    tokio::spawn(async move {
+        let mut ready_tx = Some(ready_tx);
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Incoming::ConnAck(_))) => {
+                    if let Some(r) = ready_tx.take() {
+                        let _ = r.send(Ok(()));
+                    }
+                }
+                Ok(Event::Incoming(Incoming::PubAck(_))) => {
+                    count.fetch_add(1, Ordering::SeqCst);
+                }
+                Ok(Event::Incoming(Incoming::Publish(p))) => {
+                    let _ = tx.send((p.topic, p.payload.to_vec()));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    match ready_tx.take() {
+                        Some(r) => {
+                            let _ = r.send(Err(e.to_string()));
+                        }
+                        None => eprintln!("tern-update: broker connection lost: {e}"),
+                    }
+                    return;
+                }
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(15), ready)
+        .await
+        .map_err(|_| anyhow::anyhow!("{}: no answer within 15 s", b.broker))?
+        .map_err(|_| anyhow::anyhow!("{}: connection closed", b.broker))?
+        .map_err(|e| anyhow::anyhow!("{}: {e}", b.broker))?;
+    Ok(Conn {
+        client,
+        messages,
+        acked,
+        sent: 0,
+    })
+}
+
+impl Conn {
+    async fn publish(&mut self, topic: &str, payload: Vec<u8>, retain: bool) -> anyhow::Result<()> {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, retain, payload)
+            .await
+            .with_context(|| format!("publishing to {topic}"))?;
+        self.sent += 1;
+        Ok(())
+    }
+
+    /// Wait until the broker acknowledged everything published so far.
+    async fn settle(&self, within: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + within;
+        while self.acked.load(Ordering::SeqCst) < self.sent {
+            if Instant::now() > deadline {
+                bail!(
+                    "the broker acknowledged {} of {} messages within {within:?}",
+                    self.acked.load(Ordering::SeqCst),
+                    self.sent
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(())
+    }
+
+    /// Messages until `quiet` passes with none (retained messages arrive right after SUBACK).
+    async fn gather(&mut self, quiet: Duration, max: Duration) -> Vec<(String, Vec<u8>)> {
+        let end = Instant::now() + max;
+        let mut out = Vec::new();
+        while let Ok(Some(m)) = tokio::time::timeout(
+            quiet.min(end.saturating_duration_since(Instant::now())),
+            self.messages.recv(),
+        )
+        .await
+        {
+            out.push(m);
+        }
+        out
+    }
+}
+
+pub async fn publish(a: PublishArgs) -> anyhow::Result<ExitCode> {
+    let b =
+        BundleFile::open(&a.bundle).map_err(|e| anyhow::anyhow!("{}: {e}", a.bundle.display()))?;
+    let signed: Signed = serde_json::from_value(b.manifest.signed.clone())
+        .with_context(|| format!("{}: manifest", a.bundle.display()))?;
+    if b.manifest.signatures.is_empty() {
+        bail!(
+            "{} is not signed; `tern-update sign` it first",
+            a.bundle.display()
+        );
+    }
+    let mut bytes = Vec::new();
+    b.artifact()?.read_to_end(&mut bytes)?;
+    let art = &signed.artifact;
+    let prefix = a.broker.prefix.clone();
+    let mut conn = connect(&a.broker).await?;
+    let started = Instant::now();
+    for (i, c) in bytes.chunks(art.chunk_size as usize).enumerate() {
+        art.check_chunk(i, c).with_context(|| {
+            format!(
+                "{}: the bundle does not match its manifest",
+                a.bundle.display()
+            )
+        })?;
+        let topic = format!("{prefix}/artifacts/{}/{i}", art.sha256);
+        conn.publish(&topic, bundle::chunk_message(&art.sha256, i, c), true)
+            .await?;
+    }
+    conn.settle(Duration::from_secs(300)).await?;
+    let took = started.elapsed();
+    eprintln!(
+        "chunks: {} × {} bytes retained under {prefix}/artifacts/{} in {:.2} s ({:.1} MiB/s)",
+        art.chunks.len(),
+        art.chunk_size,
+        art.sha256,
+        took.as_secs_f64(),
+        art.size as f64 / 1048576.0 / took.as_secs_f64().max(1e-9)
+    );
+    let manifest = b.manifest_bytes.clone();
+    let topic_for = |target: &str| match target.strip_prefix("group:") {
+        Some(g) => format!("{prefix}/fleet/{g}/update/{}", signed.name),
+        None => format!("{prefix}/{target}/update/{}", signed.name),
+    };
+    let target = match (&a.group, &a.device) {
+        (Some(g), _) => format!("group:{g}"),
+        (None, Some(d)) => d.clone(),
+        (None, None) => bail!("give --group or --device"),
+    };
+    if let (Some(n), Some(group)) = (a.canary, &a.group) {
+        let ok = canary(&mut conn, &a, &signed, &manifest, group, n, &topic_for).await?;
+        if !ok {
+            return Ok(ExitCode::FAILURE);
+        }
+    }
+    let topic = topic_for(&target);
+    conn.publish(&topic, manifest, true).await?;
+    conn.settle(Duration::from_secs(30)).await?;
+    println!(
+        "published {} {} to {topic} ({} bytes, {} chunks)",
+        signed.name,
+        signed.version,
+        art.size,
+        art.chunks.len()
+    );
+    let _ = conn.client.disconnect().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Online members of `group`, from the retained births on `<prefix>/+/state`.
+async fn members(
+    conn: &mut Conn,
+    prefix: &str,
+    group: &str,
+) -> anyhow::Result<BTreeMap<String, bool>> {
+    conn.client
+        .subscribe(format!("{prefix}/+/state"), QoS::AtLeastOnce)
+        .await?;
+    let mut out = BTreeMap::new();
+    for (_, payload) in conn
+        .gather(Duration::from_millis(700), Duration::from_secs(5))
+        .await
+    {
+        let Ok(v) = serde_json::from_slice::<Value>(&payload) else {
+            continue;
+        };
+        let Some(dev) = v.get("device").and_then(Value::as_str) else {
+            continue;
+        };
+        let online = v.get("state").and_then(Value::as_str) == Some("online");
+        let in_group = v
+            .get("groups")
+            .and_then(Value::as_array)
+            .is_some_and(|g| g.iter().any(|x| x.as_str() == Some(group)));
+        if in_group {
+            out.insert(dev.to_string(), online);
+        } else if !online {
+            // An offline message carries no groups: keep what the birth said.
+            if let Some(o) = out.get_mut(dev) {
+                *o = false;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Send to `n` canaries, wait for them, and say whether the rollout may go on. On abort the
+/// canaries' manifests are withdrawn and those that committed are rolled back.
+async fn canary(
+    conn: &mut Conn,
+    a: &PublishArgs,
+    signed: &Signed,
+    manifest: &[u8],
+    group: &str,
+    n: usize,
+    topic_for: &dyn Fn(&str) -> String,
+) -> anyhow::Result<bool> {
+    let prefix = &a.broker.prefix;
+    let all = members(conn, prefix, group).await?;
+    let canaries: Vec<String> = all
+        .iter()
+        .filter(|(_, on)| **on)
+        .map(|(d, _)| d.clone())
+        .take(n)
+        .collect();
+    if canaries.is_empty() {
+        bail!("no online device of group `{group}` announced itself on {prefix}/+/state");
+    }
+    eprintln!("canaries: {}", canaries.join(", "));
+    conn.client
+        .subscribe(
+            format!("{prefix}/+/updates/{}", signed.name),
+            QoS::AtLeastOnce,
+        )
+        .await?;
+    for d in &canaries {
+        conn.publish(&topic_for(d), manifest.to_vec(), true).await?;
+    }
+    conn.settle(Duration::from_secs(30)).await?;
+    let mut outcome: BTreeMap<String, Value> = BTreeMap::new();
+    let deadline = Instant::now() + a.wait;
+    while outcome.len() < canaries.len() && Instant::now() < deadline {
+        let Ok(Some((topic, payload))) = tokio::time::timeout(
+            deadline.saturating_duration_since(Instant::now()),
+            conn.messages.recv(),
+        )
+        .await
+        else {
+            break;
+        };
+        let Ok(v) = serde_json::from_slice::<Value>(&payload) else {
+            continue;
+        };
+        let dev = topic
+            .strip_prefix(&format!("{prefix}/"))
+            .and_then(|t| t.split('/').next())
+            .unwrap_or("");
+        if !canaries.iter().any(|c| c == dev)
+            || v.get("version").and_then(Value::as_str) != Some(&signed.version)
+        {
+            continue;
+        }
+        let state = v.get("state").and_then(Value::as_str).unwrap_or("");
+        eprintln!(
+            "  {dev}: {state} {}",
+            v.get("percent")
+                .map(|p| format!("{p}%"))
+                .unwrap_or_default()
+        );
+        if matches!(state, "committed" | "failed" | "rolled_back") {
+            outcome.insert(dev.to_string(), v);
+        }
+    }
+    let failed: Vec<&String> = canaries
+        .iter()
+        .filter(|d| outcome.get(*d).and_then(|v| v["state"].as_str()) != Some("committed"))
+        .collect();
+    let share = failed.len() as f64 * 100.0 / canaries.len() as f64;
+    for d in &canaries {
+        let v = outcome.get(d);
+        println!(
+            "{d:<24} {:<12} {}",
+            v.and_then(|v| v["state"].as_str()).unwrap_or("no answer"),
+            v.and_then(|v| v["reason"].as_str()).unwrap_or("")
+        );
+    }
+    // The canaries' own manifests go either way: on success the group's takes over.
+    for d in &canaries {
+        conn.publish(&topic_for(d), Vec::new(), true).await?;
+    }
+    if share <= a.abort_above {
+        eprintln!(
+            "canaries: {:.0}% failed (limit {}%): rolling out to group {group}",
+            share, a.abort_above
+        );
+        return Ok(true);
+    }
+    eprintln!(
+        "canaries: {:.0}% failed, above {}%: rollout stopped",
+        share, a.abort_above
+    );
+    for d in &canaries {
+        if outcome.get(d).and_then(|v| v["state"].as_str()) != Some("committed") {
+            continue;
+        }
+        let id = format!("rollout-abort-{}-{d}", &signed.artifact.sha256[..12]);
+        let args = json!({"name": signed.name});
+        let body = match &a.command_key {
+            Some(k) => command::sign(k, "models.rollback", d, &id, args, super::now()),
+            None => json!({"id": id, "args": args}),
+        };
+        conn.publish(
+            &format!("{prefix}/{d}/cmd/models.rollback"),
+            body.to_string().into_bytes(),
+            false,
+        )
+        .await?;
+        eprintln!("  {d}: rollback sent (id {id})");
+    }
+    conn.settle(Duration::from_secs(30)).await?;
+    Ok(false)
+}
+
+pub async fn status(b: BrokerArgs, group: &str, once: bool, as_json: bool) -> anyhow::Result<()> {
+    let prefix = b.prefix.clone();
+    let mut conn = connect(&b).await?;
+    let mut groups: BTreeMap<String, (bool, bool)> = BTreeMap::new();
+    let mut updates: BTreeMap<(String, String), Value> = BTreeMap::new();
+    conn.client
+        .subscribe(format!("{prefix}/+/state"), QoS::AtLeastOnce)
+        .await?;
+    conn.client
+        .subscribe(format!("{prefix}/+/updates/+"), QoS::AtLeastOnce)
+        .await?;
+    let take = |groups: &mut BTreeMap<String, (bool, bool)>,
+                updates: &mut BTreeMap<(String, String), Value>,
+                topic: &str,
+                payload: &[u8]| {
+        let Ok(v) = serde_json::from_slice::<Value>(payload) else {
+            return;
+        };
+        let Some(rest) = topic.strip_prefix(&format!("{prefix}/")) else {
+            return;
+        };
+        let mut parts = rest.split('/');
+        let dev = parts.next().unwrap_or("").to_string();
+        match (parts.next(), parts.next()) {
+            (Some("state"), None) => {
+                let online = v["state"] == "online";
+                let e = groups.entry(dev).or_insert((false, false));
+                e.0 = online;
+                if let Some(g) = v["groups"].as_array() {
+                    e.1 = g.iter().any(|x| x.as_str() == Some(group));
+                }
+            }
+            (Some("updates"), Some(model)) => {
+                updates.insert((dev, model.to_string()), v);
+            }
+            _ => {}
+        }
+    };
+    loop {
+        for (t, p) in conn
+            .gather(Duration::from_millis(500), Duration::from_secs(3))
+            .await
+        {
+            take(&mut groups, &mut updates, &t, &p);
+        }
+        let rows: Vec<Value> = groups
+            .iter()
+            .filter(|(_, (_, member))| *member)
+            .flat_map(|(dev, (online, _))| {
+                let mine: Vec<&Value> = updates
+                    .iter()
+                    .filter(|((d, _), _)| d == dev)
+                    .map(|(_, v)| v)
+                    .collect();
+                if mine.is_empty() {
+                    vec![json!({"device": dev, "online": online})]
+                } else {
+                    mine.into_iter()
+                        .map(|v| {
+                            let mut r = v.clone();
+                            r["online"] = (*online).into();
+                            r
+                        })
+                        .collect()
+                }
+            })
+            .collect();
+        if as_json {
+            println!("{}", Value::Array(rows.clone()));
+        } else {
+            println!(
+                "{:<20} {:<7} {:<18} {:<10} {:<13} {:>5}  reason",
+                "device", "online", "model", "version", "state", "%"
+            );
+            for r in &rows {
+                println!(
+                    "{:<20} {:<7} {:<18} {:<10} {:<13} {:>5}  {}",
+                    r["device"].as_str().unwrap_or(""),
+                    r["online"],
+                    r["model"].as_str().unwrap_or("-"),
+                    r["version"].as_str().unwrap_or("-"),
+                    r["state"].as_str().unwrap_or("-"),
+                    r["percent"],
+                    r["reason"].as_str().unwrap_or("")
+                );
+            }
+        }
+        if once {
+            let _ = conn.client.disconnect().await;
+            return Ok(());
+        }
+        match conn.messages.recv().await {
+            Some((t, p)) => take(&mut groups, &mut updates, &t, &p),
+            None => bail!("broker connection lost"),
+        }
+    }
+}
