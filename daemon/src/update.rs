@@ -113,7 +113,16 @@ impl State {
 
 /// Failure codes after which the same manifest may be tried again when it is delivered again
 /// (the box's own trouble, not the update's).
-const RETRYABLE: &[&str] = &["no_space", "io"];
+/// Chunk-level codes count too: a bundle file damaged in transit (or a chunk cut short) says
+/// nothing against the manifest itself.
+const RETRYABLE: &[&str] = &[
+    "no_space",
+    "io",
+    "bad_chunk",
+    "bad_size",
+    "truncated_chunk",
+    "foreign_chunk",
+];
 
 /// What the updater is told.
 pub enum Input {
@@ -310,9 +319,7 @@ impl Machine {
                      WHERE state NOT IN ('committed', 'failed', 'rolled_back') ORDER BY id",
                 )?;
                 let rows = stmt
-                    .query_map([], |r| {
-                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-                    })?
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
                     .collect::<Result<Vec<_>, _>>()?;
                 Ok(rows)
             })
@@ -519,7 +526,23 @@ impl Machine {
             self.seen.insert(digest);
             return Offer::Known;
         }
-        if let Some(a) = &self.current {
+        self.offer_new(source, payload, digest).await
+    }
+
+    /// Verify and take a manifest not handled before.
+    async fn offer_new(&mut self, source: &str, payload: Bytes, digest: String) -> Offer {
+        // A download may be replaced by a newer manifest for the same model (the operator
+        // fixed a bad publish); any later step runs to its end first.
+        let replaceable = self.current.as_ref().is_some_and(|a| {
+            a.state == State::Downloading
+                && serde_json::from_slice::<Value>(&payload)
+                    .ok()
+                    .and_then(|v| v.pointer("/signed/name").cloned())
+                    .is_some_and(|n| n == a.signed.name.as_str())
+        });
+        if let Some(a) = &self.current
+            && !replaceable
+        {
             tracing::info!(%source, running = a.id, "an update is in progress; this manifest waits");
             self.waiting.retain(|(s, _)| s != source);
             self.waiting.push((source.to_string(), payload));
@@ -533,6 +556,14 @@ impl Machine {
                 return Offer::Refused(e);
             }
         };
+        if let Some(a) = &self.current {
+            let why = format!(
+                "replaced by {} {} from {source}",
+                signed.name, signed.version
+            );
+            tracing::info!(update = a.id, "{why}");
+            self.finish(State::Failed, "superseded", &why).await;
+        }
         match self.accept(source, &payload, signed).await {
             Ok(id) => Offer::Accepted(id),
             Err(e) => {
@@ -1202,9 +1233,21 @@ impl Machine {
         }
     }
 
-    /// After a final state: staging goes, the spool file (if any) gets its answer, and the
-    /// next waiting manifest is taken.
+    /// After a final state: the next waiting manifest is taken.
     async fn end(&mut self) {
+        self.close().await;
+        while self.current.is_none() && !self.waiting.is_empty() {
+            let (source, payload) = self.waiting.remove(0);
+            Box::pin(self.offer(&source, payload)).await;
+        }
+        if self.current.is_some() {
+            Box::pin(self.advance()).await;
+        }
+    }
+
+    /// Let go of the current update: its staging, its chunk subscriptions, and the answer to
+    /// `ternd install` if it came from the spool.
+    async fn close(&mut self) {
         let Some(a) = self.current.take() else { return };
         let _ = std::fs::remove_dir_all(&a.dir);
         if let Some(link) = &self.link
@@ -1220,16 +1263,6 @@ impl Machine {
         if let Some(spool) = self.spooled.remove(&a.id) {
             let row = self.row(a.id).await;
             answer_spool(&spool, &row.unwrap_or(json!({"update": a.id})));
-        }
-        let waiting = std::mem::take(&mut self.waiting);
-        for (source, payload) in waiting {
-            Box::pin(self.offer(&source, payload)).await;
-            if self.current.is_some() {
-                break;
-            }
-        }
-        if self.current.is_some() {
-            Box::pin(self.advance()).await;
         }
     }
 
@@ -1409,32 +1442,25 @@ impl Machine {
         };
         let source = format!("file:{}", path.display());
         let payload = Bytes::from(bundle.manifest_bytes.clone());
-        self.seen.remove(&tern_update::sha256_hex(&payload));
-        let id = match self.offer(&source, payload.clone()).await {
+        // The same bundle again, installed and serving: nothing to do. Anything else (an
+        // older bundle installed once and since replaced) is judged afresh, as a downgrade
+        // or a replay.
+        if let Some(id) = self.serving(&payload).await {
+            return Ok(id);
+        }
+        if self.current.is_some() {
+            return Err(RefusalError::Malformed(
+                "another update is in progress; try again when it ends".into(),
+            ));
+        }
+        let digest = tern_update::sha256_hex(&payload);
+        let id = match self.offer_new(&source, payload, digest).await {
             Offer::Accepted(id) => id,
             Offer::Refused(e) => return Err(e),
-            Offer::Queued => {
+            Offer::Queued | Offer::Known => {
                 return Err(RefusalError::Malformed(
                     "another update is in progress; try again when it ends".into(),
                 ));
-            }
-            Offer::Known => {
-                let p = payload.to_vec();
-                let id: Option<i64> = self
-                    .d
-                    .store
-                    .call(move |c| {
-                        Ok(c.query_row(
-                            "SELECT id FROM updates WHERE manifest = ?1 ORDER BY id DESC LIMIT 1",
-                            [p],
-                            |r| r.get(0),
-                        )
-                        .optional()?)
-                    })
-                    .await
-                    .ok()
-                    .flatten();
-                return id.ok_or_else(|| RefusalError::Malformed("already handled".into()));
             }
         };
         if !self
@@ -1513,6 +1539,29 @@ impl Machine {
         }
         self.advance().await;
         Ok(id)
+    }
+
+    /// The update this exact manifest made, if it ended well (or is in its health window) and
+    /// its version is the one serving now.
+    async fn serving(&self, payload: &[u8]) -> Option<i64> {
+        let p = payload.to_vec();
+        let (id, model, version): (i64, String, String) = self
+            .d
+            .store
+            .call(move |c| {
+                Ok(c.query_row(
+                    "SELECT id, model, version FROM updates WHERE manifest = ?1
+                     AND state IN ('health', 'committed') ORDER BY id DESC LIMIT 1",
+                    [p],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()?)
+            })
+            .await
+            .ok()
+            .flatten()?;
+        let active = self.d.registry.lock().await.active_version(&model)?;
+        (active.to_string() == version).then_some(id)
     }
 
     /// The update in progress, if any, with its state.

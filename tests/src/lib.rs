@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 pub use anyhow::{Context, Result, anyhow, bail, ensure};
 
 pub mod mqtt;
+pub mod updates;
 
 /// The workspace root (this crate lives in `<root>/tests`).
 pub fn root() -> PathBuf {
@@ -265,4 +266,14 @@ pub fn infer(pkg: &Path, input: &Path, extra: &[&str]) -> Result<(ExitStatus, St
 fn path_str(p: &Path) -> Result<&str> {
     p.to_str()
         .ok_or_else(|| anyhow!("{} is not UTF-8", p.display()))
+}
+
+/// The name and version a model package declares.
+pub fn read_manifest(pkg: &Path) -> (String, String) {
+    let text = std::fs::read_to_string(pkg.join("tern-model.toml")).expect("tern-model.toml");
+    let v: toml::Table = text.parse().expect("tern-model.toml parses");
+    (
+        v["name"].as_str().expect("name").to_string(),
+        v["version"].as_str().expect("version").to_string(),
+    )
 }

@@ -403,6 +403,39 @@ impl Client {
         Ok(())
     }
 
+    /// Publish retained at QoS 1 (an empty payload clears the topic).
+    pub fn publish_retained(&self, topic: &str, payload: &[u8]) -> Result<()> {
+        match &self.handle {
+            Handle::V4(c) => {
+                c.publish(topic, rumqttc::QoS::AtLeastOnce, true, payload.to_vec())?;
+            }
+            Handle::V5(c) => c.publish(
+                topic,
+                rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                true,
+                payload.to_vec(),
+            )?,
+        }
+        Ok(())
+    }
+
+    /// Wait until the broker has handled everything this client published so far: publish a
+    /// marker on `topic` (which this client must be subscribed to) and wait for it to come
+    /// back; a broker handles one client's messages in order.
+    pub fn sync(&mut self, topic: &str) -> Result<()> {
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let marker = format!(
+            "sync-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        self.publish(topic, marker.as_bytes(), None)?;
+        self.recv_match("the sync marker", Duration::from_secs(60), |m| {
+            m.topic == topic && m.payload == marker.as_bytes()
+        })
+        .map(drop)
+    }
+
     /// The first message (received now or later) for which `pred` holds, before `timeout`.
     /// Messages that do not match stay queued for later calls.
     pub fn recv_match(

@@ -5,3 +5,4 @@ mod daemon;
 mod fleet;
 mod infer;
 mod systemd;
+mod updates;

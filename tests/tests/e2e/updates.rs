@@ -1,0 +1,673 @@
+//! Signed model updates end to end: the operator's tool and hand-made hostile bundles,
+//! mosquitto, the real ternd, real packages run by tract.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+use tern_tests::mqtt::{Broker, Client};
+use tern_tests::updates::{self, Built, build, key, variant};
+use tern_tests::*;
+use tern_update::command::SigningKey;
+
+use crate::fleet::{FleetBox, client, fleet_box_with, wait_online};
+
+const T: Duration = Duration::from_secs(60);
+const MODEL: &str = "digits-mlp-int8";
+const SYNC: &str = "tern-test/sync";
+const CHUNK: u64 = 4096;
+
+fn mosquitto() -> Option<Broker> {
+    Broker::mosquitto().unwrap()
+}
+
+fn keys_toml(keys: &[&SigningKey], threshold: usize, extra: &str) -> String {
+    let list: Vec<String> = keys
+        .iter()
+        .map(|k| format!("\"{}\"", k.public().to_base64()))
+        .collect();
+    let window = if extra.contains("health_window_secs") {
+        ""
+    } else {
+        "health_window_secs = 1\n"
+    };
+    format!(
+        "[updates]\nkeys = [{}]\nthreshold = {threshold}\n{window}{extra}\n",
+        list.join(", ")
+    )
+}
+
+fn update_box(
+    device: &str,
+    broker: &Broker,
+    keys: &[&SigningKey],
+    threshold: usize,
+    extra: &str,
+) -> FleetBox {
+    fleet_box_with(
+        MODEL,
+        device,
+        &broker.url(true),
+        "",
+        &keys_toml(keys, threshold, extra),
+    )
+}
+
+/// The model's next version, packaged under `dir`; `edit` changes its tern-model.toml.
+fn next(dir: &Path, version: &str, edit: impl Fn(String) -> String) -> PathBuf {
+    variant(
+        &package(MODEL),
+        &dir.join(format!("{MODEL}-{version}")),
+        MODEL,
+        version,
+        edit,
+    )
+}
+
+fn same(s: String) -> String {
+    s
+}
+
+/// The events a test watches, and the sync marker.
+fn watcher(broker: &Broker, device: &str) -> Client {
+    let events = format!("tern/{device}/events");
+    let state = format!("tern/{device}/state");
+    let status = format!("tern/{device}/updates/+");
+    client(
+        broker,
+        false,
+        &format!("watch-{device}-{}", std::process::id()),
+        &[&events, &state, &status, SYNC],
+    )
+}
+
+fn event(c: &mut Client, device: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let topic = format!("tern/{device}/events");
+    c.recv_match(what, T, |m| m.topic == topic && pred(&m.json()))
+        .unwrap()
+        .json()
+}
+
+fn active(state: &Path) -> Option<(String, String)> {
+    db(state)
+        .ok()?
+        .query_row(
+            "SELECT version, sha256 FROM model_versions WHERE name = ?1 AND state = 'active'",
+            [MODEL],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .ok()
+}
+
+fn versions(state: &Path) -> Vec<(String, String)> {
+    let c = db(state).unwrap();
+    let mut s = c
+        .prepare("SELECT version, state FROM model_versions WHERE name = ?1 ORDER BY version")
+        .unwrap();
+    s.query_map([MODEL], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+fn staging_empty(state: &Path) -> bool {
+    std::fs::read_dir(state.join("updates")).map_or(true, |mut d| d.next().is_none())
+}
+
+fn update_rows(state: &Path) -> i64 {
+    count(state, "SELECT count(*) FROM updates").unwrap_or(0)
+}
+
+/// The operator's path: `tern-update bundle` and `publish` to a group, the publisher gone
+/// before the box starts; the box still gets every chunk, self-tests, activates, passes its
+/// health window and commits; `tern-update status` shows it.
+#[test]
+fn late_joiner_gets_the_update_published_by_the_tool() {
+    let Some(broker) = mosquitto() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let tool = bin("tern-update");
+    let run = |args: &[&str]| {
+        let o = std::process::Command::new(&tool)
+            .args(args)
+            .current_dir(d.path())
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "tern-update {args:?}: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let public = run(&["keygen", "--out", "op.key"]).trim().to_string();
+    let pkg = next(d.path(), "1.1.0", same);
+    run(&[
+        "bundle",
+        "--package",
+        pkg.to_str().unwrap(),
+        "--out",
+        "u.bundle",
+        "--key",
+        "op.key",
+        "--group",
+        "lab",
+        "--chunk-size",
+        "4096",
+    ]);
+    let url = broker.url(false);
+    let out = run(&["publish", "--broker", &url, "--group", "lab", "u.bundle"]);
+    assert!(
+        out.contains("published digits-mlp-int8 1.1.0 to tern/fleet/lab/update/digits-mlp-int8"),
+        "{out}"
+    );
+
+    let b = fleet_box_with(
+        MODEL,
+        "late-1",
+        &broker.url(true),
+        "",
+        &format!("[updates]\nkeys = [\"{public}\"]\nhealth_window_secs = 1\n"),
+    );
+    let mut w = watcher(&broker, "late-1");
+    let _d = Daemon::spawn(&b.config, None, &[]).unwrap();
+    let first = event(&mut w, "late-1", "update.downloading", |e| {
+        e["event"] == "update.downloading"
+    });
+    assert_eq!(first["version"], "1.1.0");
+    let done = event(&mut w, "late-1", "the update's end", |e| {
+        matches!(
+            e["event"].as_str(),
+            Some("update.committed" | "update.failed" | "update.rolled_back")
+        )
+    });
+    assert_eq!(done["event"], "update.committed", "{done}");
+    assert_eq!(active(&b.state).unwrap().0, "1.1.0");
+    assert!(staging_empty(&b.state));
+    // Every step was said, in order.
+    let steps: Vec<String> = w
+        .drain()
+        .into_iter()
+        .filter(|m| m.topic == "tern/late-1/events")
+        .map(|m| m.json()["event"].as_str().unwrap_or("").to_string())
+        .filter(|e| e.starts_with("update.") && e != "update.progress")
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            "update.verifying",
+            "update.staged",
+            "update.self_testing",
+            "update.activating",
+            "update.health"
+        ],
+        "{steps:?}"
+    );
+
+    let st = run(&[
+        "status", "--broker", &url, "--group", "lab", "--once", "--json",
+    ]);
+    let rows: Value = serde_json::from_str(st.trim()).unwrap();
+    let row = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["device"] == "late-1")
+        .expect("the box is listed");
+    assert_eq!(
+        (
+            row["version"].as_str(),
+            row["state"].as_str(),
+            row["percent"].as_u64()
+        ),
+        (Some("1.1.0"), Some("committed"), Some(100)),
+        "{row}"
+    );
+}
+
+/// Every attack on the manifest and the artifact, each refused with its own code and no
+/// change to the active model; each manifest refused again after a restart; chunk attacks
+/// do not stop the download, which completes once good chunks are published.
+#[test]
+fn attack_matrix_each_refused_with_its_own_code_before_and_after_restart() {
+    let Some(broker) = mosquitto() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let (a, b, stranger) = (key(), key(), key());
+    let bx = update_box("atk-1", &broker, &[&a, &b], 2, "");
+    let mut w = watcher(&broker, "atk-1");
+    let mut daemon = Daemon::spawn(&bx.config, None, &[]).unwrap();
+    wait_online(&mut w, "atk-1");
+    let before = active(&bx.state).unwrap();
+    assert_eq!(before.0, "1.0.0");
+
+    let good = build(&next(d.path(), "1.1.0", same), CHUNK, &[&a, &b], |_| {});
+    let huge = vec![b' '; 300 * 1024];
+    let mut attacks: Vec<(&str, Vec<u8>)> = vec![
+        ("unsigned", good.resigned(&[], |_| {}).manifest),
+        ("bad_signature", {
+            let mut m = good.manifest_value();
+            m.signed["expires"] = (updates::now() + 7200).into();
+            serde_json::to_vec(&m).unwrap()
+        }),
+        (
+            "unknown_key",
+            good.resigned(&[&a, &stranger], |_| {}).manifest,
+        ),
+        ("below_threshold", good.resigned(&[&a], |_| {}).manifest),
+        (
+            "duplicate_signature",
+            good.resigned(&[&a, &a], |_| {}).manifest,
+        ),
+        (
+            "expired",
+            good.resigned(&[&a, &b], |s| s.expires = updates::now() - 10)
+                .manifest,
+        ),
+        (
+            "downgrade",
+            good.resigned(&[&a, &b], |s| s.version = "0.9.0".into())
+                .manifest,
+        ),
+        (
+            "replay",
+            good.resigned(&[&a, &b], |s| s.version = "1.0.0".into())
+                .manifest,
+        ),
+        (
+            "wrong_target",
+            good.resigned(&[&a, &b], |s| s.targets.groups = vec!["elsewhere".into()])
+                .manifest,
+        ),
+        (
+            "bad_name",
+            good.resigned(&[&a, &b], |s| s.name = "../etc".into())
+                .manifest,
+        ),
+        (
+            "bad_artifact",
+            good.resigned(&[&a, &b], |s| s.artifact.size = (1 << 30) + 1)
+                .manifest,
+        ),
+        ("malformed", b"{\"signed\": 1".to_vec()),
+        ("oversize", huge),
+    ];
+    // Wrong hardware: an architecture this box is not.
+    attacks.push((
+        "wrong_target",
+        good.resigned(&[&a, &b], |s| s.targets.arch = vec!["riscv64".into()])
+            .manifest,
+    ));
+    let topic = |i: usize| format!("tern/atk-1/update/attack-{i}");
+    for round in ["fresh", "after restart"] {
+        if round == "after restart" {
+            daemon.signal("TERM").unwrap();
+            daemon.wait(T).unwrap();
+            daemon = Daemon::spawn(&bx.config, None, &[]).unwrap();
+        }
+        for (i, (code, payload)) in attacks.iter().enumerate() {
+            if round == "fresh" {
+                w.publish_retained(&topic(i), payload).unwrap();
+            }
+            let source = topic(i);
+            let e = event(&mut w, "atk-1", &format!("refusal {code} ({round})"), |e| {
+                e["event"] == "update.refused" && e["source"] == source.as_str()
+            });
+            assert_eq!(e["code"], *code, "attack {i} ({round}): {e}");
+        }
+        assert_eq!(active(&bx.state).unwrap(), before, "{round}");
+        assert_eq!(
+            update_rows(&bx.state),
+            0,
+            "a refused manifest records nothing ({round})"
+        );
+        assert!(staging_empty(&bx.state));
+    }
+    for i in 0..attacks.len() {
+        w.publish_retained(&topic(i), b"").unwrap();
+    }
+
+    // Artifact attacks, each signed and so accepted for download, then caught.
+    let mut failed = |built: &Built, name: &str, code: &str| {
+        built.publish(&mut w, &format!("tern/atk-1/update/{name}"), SYNC);
+        let e = event(&mut w, "atk-1", code, |e| {
+            e["event"] == "update.failed" && e["version"] == built.signed.version.as_str()
+        });
+        assert_eq!(e["code"], code, "{e}");
+        assert_eq!(active(&bx.state).unwrap(), before);
+        w.publish_retained(&format!("tern/atk-1/update/{name}"), b"")
+            .unwrap();
+    };
+    // The whole artifact's hash differs from the one signed (the chunks match their list).
+    let wrong_sha = good.resigned(&[&a, &b], |s| {
+        s.version = "1.1.1".into();
+        s.artifact.sha256 = "0".repeat(64);
+    });
+    failed(&wrong_sha, "hash", "bad_hash");
+    // The package inside is another version than the manifest says.
+    let mismatch = build(&next(d.path(), "1.1.2", same), CHUNK, &[&a, &b], |s| {
+        s.version = "1.1.3".into()
+    });
+    failed(&mismatch, "mismatch", "package_mismatch");
+    // A `../` path inside the artifact.
+    let evil = {
+        let mut tar = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(1);
+        h.set_mode(0o644);
+        h.as_old_mut().name[..9].copy_from_slice(b"../escape");
+        h.set_cksum();
+        tar.append(&h, &b"x"[..]).unwrap();
+        let bytes = tar.into_inner().unwrap();
+        let mut s = good.signed.clone();
+        s.version = "1.1.4".into();
+        s.artifact = tern_update::bundle::Artifact::describe(&bytes, CHUNK);
+        Built {
+            manifest: serde_json::to_vec(&tern_update::bundle::sign(&s, &[&a, &b])).unwrap(),
+            signed: s,
+            artifact: bytes,
+        }
+    };
+    failed(&evil, "evil", "bad_name");
+    assert!(!bx.state.join("escape").exists() && !bx.state.join("updates/escape").exists());
+
+    // Chunk attacks on a good update: a truncated chunk, a chunk of another artifact, a
+    // manifest whose size disagrees with its chunks. Each refused; nothing else changes.
+    let v12 = build(&next(d.path(), "1.2.0", same), CHUNK, &[&a, &b], |_| {});
+    let chunks = v12.chunks();
+    let n = chunks.len();
+    assert!(n >= 3, "{n} chunks");
+    let other = &mismatch.chunks()[1];
+    w.publish_retained(
+        &v12.chunk_topic("tern", 0),
+        &chunks[0][..chunks[0].len() - 100],
+    )
+    .unwrap();
+    w.publish_retained(&v12.chunk_topic("tern", 1), other)
+        .unwrap();
+    for (i, c) in chunks.iter().enumerate().skip(2) {
+        w.publish_retained(&v12.chunk_topic("tern", i), c).unwrap();
+    }
+    w.publish_retained("tern/atk-1/update/v12", &v12.manifest)
+        .unwrap();
+    for code in ["truncated_chunk", "foreign_chunk"] {
+        let e = event(&mut w, "atk-1", code, |e| {
+            e["event"] == "update.refused" && e["code"] == code
+        });
+        assert_eq!(e["version"], "1.2.0", "{e}");
+    }
+    assert_eq!(active(&bx.state).unwrap(), before);
+    // The operator republishes the good chunks: the box asks again and completes.
+    w.publish_retained(&v12.chunk_topic("tern", 0), &chunks[0])
+        .unwrap();
+    w.publish_retained(&v12.chunk_topic("tern", 1), &chunks[1])
+        .unwrap();
+    let e = event(&mut w, "atk-1", "v1.2.0 committed", |e| {
+        e["version"] == "1.2.0"
+            && matches!(
+                e["event"].as_str(),
+                Some("update.committed" | "update.failed")
+            )
+    });
+    assert_eq!(e["event"], "update.committed", "{e}");
+    assert_eq!(active(&bx.state).unwrap().0, "1.2.0");
+    let size_lie = build(&next(d.path(), "1.3.0", same), CHUNK, &[&a, &b], |s| {
+        let short = s.artifact.size - 100;
+        s.artifact.size = short;
+        s.artifact.chunks.truncate(short.div_ceil(CHUNK) as usize);
+    });
+    for (i, c) in size_lie.chunks().iter().enumerate() {
+        w.publish_retained(&size_lie.chunk_topic("tern", i), c)
+            .unwrap();
+    }
+    w.publish_retained("tern/atk-1/update/size", &size_lie.manifest)
+        .unwrap();
+    let e = event(&mut w, "atk-1", "bad_size", |e| {
+        e["event"] == "update.refused" && e["version"] == "1.3.0"
+    });
+    assert_eq!(e["code"], "bad_size", "{e}");
+    assert_eq!(active(&bx.state).unwrap().0, "1.2.0");
+    w.publish_retained("tern/atk-1/update/size", b"").unwrap();
+
+    // Rotation to a new key, signed by the current threshold; then the old keys are refused
+    // as rotated out, and the new one is obeyed.
+    let c = key();
+    let doc = tern_update::bundle::KeysDoc {
+        version: 1,
+        keys: vec![c.public().to_base64()],
+        threshold: 1,
+    };
+    let only_a = serde_json::to_vec(&tern_update::bundle::sign_keys(&doc, &[&a])).unwrap();
+    w.publish_retained("tern/fleet/keys", &only_a).unwrap();
+    let e = event(&mut w, "atk-1", "rotation refused", |e| {
+        e["event"] == "update.refused" && e["source"] == "keys"
+    });
+    assert_eq!(e["code"], "below_threshold");
+    let rotation = serde_json::to_vec(&tern_update::bundle::sign_keys(&doc, &[&a, &b])).unwrap();
+    w.publish_retained("tern/fleet/keys", &rotation).unwrap();
+    event(&mut w, "atk-1", "keys rotated", |e| {
+        e["event"] == "update.keys_rotated"
+    });
+    let v14 = build(&next(d.path(), "1.4.0", same), CHUNK, &[&a, &b], |_| {});
+    v14.publish(&mut w, "tern/atk-1/update/old-keys", SYNC);
+    let e = event(&mut w, "atk-1", "revoked_key", |e| {
+        e["event"] == "update.refused" && e["version"] == "1.4.0"
+    });
+    assert_eq!(e["code"], "revoked_key", "{e}");
+    let v14c = v14.resigned(&[&c], |_| {});
+    w.publish_retained("tern/atk-1/update/new-keys", &v14c.manifest)
+        .unwrap();
+    let e = event(&mut w, "atk-1", "1.4.0 by the new key", |e| {
+        e["version"] == "1.4.0"
+            && matches!(
+                e["event"].as_str(),
+                Some("update.committed" | "update.failed")
+            )
+    });
+    assert_eq!(e["event"], "update.committed", "{e}");
+    // The rotation survives a restart.
+    daemon.signal("TERM").unwrap();
+    daemon.wait(T).unwrap();
+    let _daemon = Daemon::spawn(&bx.config, None, &[]).unwrap();
+    let e = event(&mut w, "atk-1", "old keys refused after restart", |e| {
+        e["event"] == "update.refused" && e["source"] == "tern/atk-1/update/old-keys"
+    });
+    assert_eq!(e["code"], "revoked_key");
+    let ok: String = db(&bx.state)
+        .unwrap()
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(ok, "ok");
+    for t in ["old-keys", "new-keys", "v12"] {
+        w.publish_retained(&format!("tern/atk-1/update/{t}"), b"")
+            .unwrap();
+    }
+    w.publish_retained("tern/fleet/keys", b"").unwrap();
+}
+
+/// A new version that fails its self-test (the silently wrong int8 form; a model file cut
+/// short) is never activated, and one whose preprocessing fails on the box's real inputs is
+/// rolled back by the health window: 20 of 20 trials each.
+#[test]
+fn self_test_failures_never_activate_and_health_failures_roll_back() {
+    let Some(broker) = mosquitto() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let k = key();
+    let bx = update_box(
+        "st-1",
+        &broker,
+        &[&k],
+        1,
+        "health_max_errors = 2\nhealth_window_secs = 30",
+    );
+    let mut w = watcher(&broker, "st-1");
+    let _daemon = Daemon::spawn(&bx.config, None, &[]).unwrap();
+    wait_online(&mut w, "st-1");
+    let before = active(&bx.state).unwrap();
+    let topic = "tern/st-1/update/digits-mlp-int8";
+
+    let broken = variant(
+        &package("digits-mlp-int8-broken"),
+        &d.path().join("broken"),
+        MODEL,
+        "2.0.0",
+        same,
+    );
+    let cut = next(d.path(), "2.0.0", same);
+    let onnx = cut.join("model.onnx");
+    let len = std::fs::metadata(&onnx).unwrap().len();
+    std::fs::File::options()
+        .write(true)
+        .open(&onnx)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    for trial in 0..20 {
+        let pkg = if trial % 2 == 0 { &broken } else { &cut };
+        // A new signature each time: a byte-identical manifest would be known already.
+        let bad = build(pkg, CHUNK, &[&k], |s| {
+            s.expires = updates::now() + 3600 + trial
+        });
+        bad.publish(&mut w, topic, SYNC);
+        let e = event(&mut w, "st-1", "self-test failure", |e| {
+            e["version"] == "2.0.0"
+                && matches!(
+                    e["event"].as_str(),
+                    Some("update.failed" | "update.committed" | "update.health")
+                )
+        });
+        assert_eq!(
+            (e["event"].as_str(), e["code"].as_str()),
+            (Some("update.failed"), Some("self_test")),
+            "trial {trial}: {e}"
+        );
+        assert_eq!(active(&bx.state).unwrap(), before, "trial {trial}");
+    }
+    assert!(!versions(&bx.state).iter().any(|(v, _)| v == "2.0.0"));
+
+    // Health: the new version drops `resize`, so the 32×32 images the inbox gets fail.
+    let sample = root().join("configs/demo/inbox/digit-3.png");
+    for trial in 0..20u64 {
+        let version = format!("1.{}.0", trial + 1);
+        let pkg = next(d.path(), &version, |t| t.replace("resize = [8, 8]\n", ""));
+        let bad = build(&pkg, CHUNK, &[&k], |_| {});
+        bad.publish(&mut w, topic, SYNC);
+        event(&mut w, "st-1", "health window", |e| {
+            e["event"] == "update.health" && e["version"] == version.as_str()
+        });
+        assert_eq!(active(&bx.state).unwrap().0, version);
+        for i in 0..2 {
+            std::fs::copy(&sample, bx.inbox.join(format!("t{trial}-{i}.png"))).unwrap();
+        }
+        let e = event(&mut w, "st-1", "rollback", |e| {
+            e["version"] == version.as_str()
+                && matches!(
+                    e["event"].as_str(),
+                    Some("update.rolled_back" | "update.committed" | "update.failed")
+                )
+        });
+        assert_eq!(
+            (e["event"].as_str(), e["code"].as_str()),
+            (Some("update.rolled_back"), Some("health")),
+            "trial {trial}: {e}"
+        );
+        assert_eq!(active(&bx.state).unwrap(), before, "trial {trial}");
+        // The rejected version is failed, not `previous`: an operator's rollback cannot bring
+        // it back.
+        assert!(versions(&bx.state).contains(&(version.clone(), "failed".into())));
+    }
+    w.publish_retained(topic, b"").unwrap();
+}
+
+/// `ternd install`: with the daemon stopped it drives the update itself (health window when
+/// the daemon starts); with the daemon running it hands the bundle over and reports; a
+/// tampered bundle is refused the same way either way.
+#[test]
+fn ternd_install_offline_and_through_the_running_daemon() {
+    let d = tempfile::tempdir().unwrap();
+    let k = key();
+    let bx = fleet_box_with(
+        MODEL,
+        "inst-1",
+        "mqtt://127.0.0.1:9",
+        "reconnect_max_secs = 1",
+        &keys_toml(&[&k], 1, ""),
+    );
+    let install = |bundle: &Path| {
+        let o = std::process::Command::new(bin("ternd"))
+            .args(["install", "--config"])
+            .arg(&bx.config)
+            .arg(bundle)
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr),
+        )
+    };
+    let v11 = build(&next(d.path(), "1.1.0", same), CHUNK, &[&k], |_| {});
+    let f11 = d.path().join("v11.bundle");
+    v11.write(&f11);
+    let mut tampered = std::fs::read(&f11).unwrap();
+    let at = tampered.len() / 2;
+    tampered[at] ^= 1;
+    let bad = d.path().join("bad.bundle");
+    std::fs::write(&bad, &tampered).unwrap();
+
+    // Offline.
+    let (code, out) = install(&bad);
+    assert_eq!(code, Some(65), "{out}");
+    assert!(out.contains("bad_chunk"), "{out}");
+    let (code, out) = install(&f11);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("\"state\":\"health\""), "{out}");
+    assert_eq!(active(&bx.state).unwrap().0, "1.1.0");
+    let (code, out) = install(&f11);
+    assert_eq!(
+        code,
+        Some(0),
+        "installing the same bundle again changes nothing: {out}"
+    );
+    assert!(staging_empty(&bx.state));
+
+    // The daemon starts the health window and commits.
+    let _daemon = Daemon::spawn(&bx.config, None, &[]).unwrap();
+    let state = bx.state.clone();
+    wait_for("the offline install committed", T, || {
+        (count(
+            &state,
+            "SELECT count(*) FROM updates WHERE state = 'committed'",
+        ) == Some(1))
+        .then_some(())
+    })
+    .unwrap();
+
+    // Through the running daemon: a damaged copy is refused, a good one goes through.
+    let v12 = build(&next(d.path(), "1.2.0", same), CHUNK, &[&k], |_| {});
+    let f12 = d.path().join("v12.bundle");
+    v12.write(&f12);
+    let mut damaged = std::fs::read(&f12).unwrap();
+    let at = damaged.len() / 2;
+    damaged[at] ^= 1;
+    let bad12 = d.path().join("bad12.bundle");
+    std::fs::write(&bad12, &damaged).unwrap();
+    let (code, out) = install(&bad12);
+    assert_eq!(code, Some(65), "{out}");
+    assert!(out.contains("bad_chunk"), "{out}");
+    assert_eq!(active(&bx.state).unwrap().0, "1.1.0");
+    let (code, out) = install(&f12);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("\"state\":\"committed\""), "{out}");
+    assert_eq!(active(&bx.state).unwrap().0, "1.2.0");
+    // An older one is refused as a downgrade.
+    let (code, out) = install(&f11);
+    assert_eq!(code, Some(65), "{out}");
+    assert!(out.contains("downgrade"), "{out}");
+    assert_eq!(active(&bx.state).unwrap().0, "1.2.0");
+    assert!(
+        std::fs::read_dir(bx.state.join("spool"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "spool left empty"
+    );
+}
