@@ -132,6 +132,8 @@ fn run(path: &Path) -> ExitCode {
         .with(
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
+                // Colour only for a person at a terminal, not in the journal or a log file.
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .with_target(false),
         )
         .init();
@@ -175,6 +177,7 @@ fn install(path: &Path, bundle: &Path, wait_secs: u64) -> ExitCode {
             std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
         ))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -384,6 +384,12 @@ impl Machine {
                     let _ = self.forget_chunks(id).await;
                     a.held.iter_mut().for_each(|h| *h = false);
                     a.nheld = 0;
+                    self.current = Some(a);
+                    if let Err(e) = self.create_staging() {
+                        self.fail("io", &format!("staging: {e}")).await;
+                        continue;
+                    }
+                    a = self.current.take().expect("just set");
                 }
             }
             if state == State::Health {
@@ -782,6 +788,7 @@ impl Machine {
             return;
         }
         crate::crash_point("update:chunk-written");
+        crate::crash_point(&format!("update:chunk-written-{}", a.nheld + 1));
         let (id, len) = (a.id, data.len() as i64);
         let r = self
             .d
@@ -808,6 +815,7 @@ impl Machine {
         let a = self.current.as_mut().expect("checked");
         a.held[index] = true;
         a.nheld += 1;
+        crate::crash_point(&format!("update:chunk-{}", a.nheld));
         a.received += len as u64;
         a.retry_at.remove(&index);
         let percent = (a.nheld * 100 / a.held.len().max(1)) as u64;
@@ -860,9 +868,6 @@ impl Machine {
                     match r {
                         Ok(_) => {
                             crate::crash_point("update:installed");
-                            // The registry holds its own copy now; the staging is not needed
-                            // again, whatever happens next.
-                            let _ = std::fs::remove_dir_all(&a.dir);
                             let previous = self.d.registry.lock().await.active_version(&name);
                             let prev = previous.map(|v| v.to_string());
                             let id = a.id;
@@ -878,6 +883,11 @@ impl Machine {
                                 })
                                 .await;
                             self.set_state(State::Activating, json!({})).await;
+                            // The registry holds its own copy now; the staging is not needed
+                            // again, whatever happens next.
+                            if let Some(a) = &self.current {
+                                let _ = std::fs::remove_dir_all(&a.dir);
+                            }
                         }
                         Err(e) => {
                             let code = match e.code() {
@@ -1181,6 +1191,9 @@ impl Machine {
         if state == State::Failed || state == State::RolledBack {
             tracing::warn!(update = id, model = %a.signed.name, version = %a.signed.version, code, reason, "update {}", state.as_str());
         }
+        // Staging goes first: a crash before the row commits resumes a state that needs
+        // none (or makes it again), and once the row says it ended nothing is left behind.
+        let _ = std::fs::remove_dir_all(&a.dir);
         self.finish_row(id, state, code, reason).await;
         if let Some(a) = &mut self.current {
             a.state = state;

@@ -671,3 +671,369 @@ fn ternd_install_offline_and_through_the_running_daemon() {
         "spool left empty"
     );
 }
+
+fn integrity_ok(state: &Path) -> bool {
+    db(state)
+        .and_then(|c| Ok(c.query_row("PRAGMA integrity_check", [], |r| r.get::<_, String>(0))?))
+        .is_ok_and(|s| s == "ok")
+}
+
+/// The state of the update to `version`, if it has a row.
+fn update_state(state: &Path, version: &str) -> Option<String> {
+    db(state)
+        .ok()?
+        .query_row(
+            "SELECT state FROM updates WHERE version = ?1 ORDER BY id DESC LIMIT 1",
+            [version],
+            |r| r.get(0),
+        )
+        .ok()
+}
+
+/// A small xorshift, seeded from the clock and printed, so a failing run can be replayed with
+/// TERN_TEST_SEED.
+fn rng() -> impl FnMut() -> u64 {
+    let seed = std::env::var("TERN_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| updates::now() as u64 ^ u64::from(std::process::id()));
+    eprintln!("TERN_TEST_SEED={seed}");
+    let mut x = seed | 1;
+    move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    }
+}
+
+/// Power cut at 50 instants spread over download → verify → stage → self-test → activate →
+/// health (every named step once, the rest at random moments by SIGKILL): after each, the
+/// database is intact, the active version is the old or the new one, and a restart finishes
+/// the update with no staging left behind.
+#[test]
+fn power_cut_at_50_points_leaves_old_or_new_and_the_restart_finishes() {
+    let Some(broker) = mosquitto() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let k = key();
+    let bx = update_box("cr-1", &broker, &[&k], 1, "");
+    let mut w = watcher(&broker, "cr-1");
+    let topic = "tern/cr-1/update/digits-mlp-int8";
+    const POINTS: &[&str] = &[
+        "update:accepted",
+        "update:chunk-written",
+        "update:verifying",
+        "update:unpacked",
+        "update:staged",
+        "update:self_testing",
+        "install:copied",
+        "install:recorded",
+        "update:installed",
+        "update:activating",
+        "activate:committed",
+        "update:activated",
+        "update:health",
+        "update:health-passed",
+    ];
+    let mut next_rand = rng();
+    let mut old = "1.0.0".to_string();
+    // How long an update takes here, measured on the first (uninterrupted) one: random kills
+    // land within it.
+    let mut span_ms = 0u64;
+    // scripts: tests/bench/crash_campaign.sh runs 1,000.
+    let points: usize = std::env::var("TERN_CRASH_POINTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50);
+    for i in 0..=points {
+        let version = format!("1.{}.0", i + 1);
+        let built = build(&next(d.path(), &version, same), CHUNK, &[&k], |_| {});
+        let how = match i {
+            0 => "calibration".to_string(),
+            i if i <= POINTS.len() => POINTS[i - 1].to_string(),
+            _ => format!("kill after {} ms", next_rand() % (span_ms + 300)),
+        };
+        let crash_at = how.starts_with("update:")
+            || how.starts_with("install:")
+            || how.starts_with("activate:");
+        let envs: Vec<(&str, &str)> = if crash_at {
+            vec![("TERN_CRASH_AT", how.as_str())]
+        } else {
+            vec![]
+        };
+        let mut daemon = Daemon::spawn(&bx.config, None, &envs).unwrap();
+        wait_online(&mut w, "cr-1");
+        let started = std::time::Instant::now();
+        built.publish(&mut w, topic, SYNC);
+        if i == 0 {
+            // Up to activation; the health window after it is mostly waiting.
+            event(&mut w, "cr-1", "calibration update", |e| {
+                e["event"] == "update.health" && e["version"] == version.as_str()
+            });
+            span_ms = started.elapsed().as_millis() as u64;
+            eprintln!("an update takes {span_ms} ms here up to its health window");
+            event(&mut w, "cr-1", "calibration commit", |e| {
+                e["event"] == "update.committed" && e["version"] == version.as_str()
+            });
+            daemon.signal("TERM").unwrap();
+            daemon.wait(T).unwrap();
+            old = version;
+            continue;
+        }
+        if crash_at {
+            let status = daemon.wait(T).unwrap_or_else(|e| panic!("{how}: {e}"));
+            assert!(
+                !status.success(),
+                "{how}: the crash point was never reached"
+            );
+        } else {
+            let ms: u64 = how.split(' ').nth(2).unwrap().parse().unwrap();
+            let until = started + Duration::from_millis(ms);
+            std::thread::sleep(until.saturating_duration_since(std::time::Instant::now()));
+            daemon.signal("KILL").unwrap();
+            daemon.wait(T).unwrap();
+        }
+        assert!(integrity_ok(&bx.state), "{how}: integrity_check");
+        let (now, _) = active(&bx.state).unwrap();
+        assert!(
+            now == old || now == version,
+            "{how}: active {now}, expected {old} or {version}"
+        );
+
+        let _daemon = Daemon::spawn(&bx.config, None, &[]).unwrap();
+        let state = bx.state.clone();
+        let end = wait_for(
+            &format!("{how}: the update to end after the restart"),
+            T,
+            || {
+                update_state(&state, &version)
+                    .filter(|s| matches!(s.as_str(), "committed" | "failed" | "rolled_back"))
+            },
+        )
+        .unwrap();
+        assert_eq!(end, "committed", "{how}");
+        assert_eq!(active(&bx.state).unwrap().0, version, "{how}");
+        assert!(staging_empty(&bx.state), "{how}: staging left behind");
+        assert!(integrity_ok(&bx.state), "{how}");
+        // No half-copied model directory either.
+        let models = bx.state.join("models").join(MODEL);
+        for e in std::fs::read_dir(&models).unwrap() {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            assert!(
+                semver::Version::parse(&name).is_ok(),
+                "{how}: stray {name} in {}",
+                models.display()
+            );
+        }
+        drop(_daemon);
+        old = version;
+        w.drain();
+    }
+}
+
+/// A download killed at 10%, 20% … 90% resumes: across all the restarts no chunk is received
+/// more than once beyond the one being written at the kill, and the result is whole.
+#[test]
+fn resume_fetches_only_missing_chunks() {
+    let Some(broker) = mosquitto() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let k = key();
+    // One chunk asked for at a time: at a kill nothing else is on the wire, so what the box
+    // logs as received is what crossed the network.
+    let bx = fleet_box_with(
+        "digits-cnn-int8",
+        "rs-1",
+        &broker.url(true),
+        "",
+        &format!(
+            "[updates]\nkeys = [\"{}\"]\nhealth_window_secs = 1\nwindow = 1\n",
+            k.public().to_base64()
+        ),
+    );
+    let mut w = watcher(&broker, "rs-1");
+    let pkg = variant(
+        &package("digits-cnn-int8"),
+        &d.path().join("cnn"),
+        "digits-cnn-int8",
+        "1.1.0",
+        same,
+    );
+    let built = build(&pkg, 16 * 1024, &[&k], |_| {});
+    let n = built.signed.artifact.chunks.len();
+    built.publish(&mut w, "tern/rs-1/update/digits-cnn-int8", SYNC);
+    let log_env = ("RUST_LOG", "info,ternd::update=debug");
+    let mut logs = Vec::new();
+    let mut kills = 0;
+    for p in (10..=90).step_by(10) {
+        let at = n * p / 100;
+        // Every other kill lands between writing a chunk and recording it.
+        let point = if p % 20 == 0 {
+            format!("update:chunk-written-{at}")
+        } else {
+            format!("update:chunk-{at}")
+        };
+        let mut daemon = Daemon::spawn(
+            &bx.config,
+            None,
+            &[("TERN_CRASH_AT", point.as_str()), log_env],
+        )
+        .unwrap();
+        let status = daemon.wait(T).unwrap();
+        assert!(!status.success(), "{point} not reached");
+        kills += 1;
+        logs.push(daemon.stderr());
+        assert_eq!(
+            update_state(&bx.state, "1.1.0").as_deref(),
+            Some("downloading"),
+            "{point}"
+        );
+    }
+    let daemon = Daemon::spawn(&bx.config, None, &[log_env]).unwrap();
+    let state = bx.state.clone();
+    wait_for("the resumed update committed", T, || {
+        (update_state(&state, "1.1.0").as_deref() == Some("committed")).then_some(())
+    })
+    .unwrap();
+    logs.push(daemon.stderr());
+    drop(daemon);
+
+    let mut seen = vec![0u32; n];
+    let mut refetched_per_run = Vec::new();
+    for log in &logs {
+        let mut again = 0;
+        for line in log.lines().filter(|l| l.contains("chunk received")) {
+            let i: usize = line
+                .split_whitespace()
+                .find_map(|f| f.strip_prefix("chunk="))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no chunk index in {line:?}"));
+            if seen[i] > 0 {
+                again += 1;
+            }
+            seen[i] += 1;
+        }
+        refetched_per_run.push(again);
+    }
+    assert!(
+        seen.iter().all(|&c| c >= 1),
+        "every chunk arrived: {seen:?}"
+    );
+    assert!(
+        refetched_per_run.iter().all(|&a| a <= 1),
+        "at most one chunk fetched again per restart: {refetched_per_run:?}"
+    );
+    let total: u32 = seen.iter().sum();
+    assert!(
+        total as usize <= n + kills,
+        "{total} receptions for {n} chunks and {kills} kills"
+    );
+    assert_eq!(
+        active_of(&bx.state, "digits-cnn-int8").as_deref(),
+        Some("1.1.0")
+    );
+    let installed = bx.state.join("models/digits-cnn-int8/1.1.0/model.onnx");
+    assert_eq!(
+        std::fs::read(installed).unwrap(),
+        std::fs::read(pkg.join("model.onnx")).unwrap()
+    );
+}
+
+fn active_of(state: &Path, model: &str) -> Option<String> {
+    db(state)
+        .ok()?
+        .query_row(
+            "SELECT version FROM model_versions WHERE name = ?1 AND state = 'active'",
+            [model],
+            |r| r.get(0),
+        )
+        .ok()
+}
+
+/// Staged rollout with the tool: a canary that fails stops the rollout before the rest of the
+/// group sees the update; a healthy canary lets it go on to the whole group.
+#[test]
+fn canary_failure_stops_the_rollout_and_success_lets_it_go_on() {
+    let Some(broker) = mosquitto() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let k = key();
+    let boxes: Vec<FleetBox> = ["can-1", "can-2"]
+        .iter()
+        .map(|dev| update_box(dev, &broker, &[&k], 1, ""))
+        .collect();
+    let mut w = client(
+        &broker,
+        false,
+        "can-watch",
+        &["tern/+/state", "tern/+/events", SYNC],
+    );
+    let _daemons: Vec<Daemon> = boxes
+        .iter()
+        .map(|b| Daemon::spawn(&b.config, None, &[]).unwrap())
+        .collect();
+    wait_online(&mut w, "can-1");
+    wait_online(&mut w, "can-2");
+    let publish = |bundle: &Path| {
+        let o = std::process::Command::new(bin("tern-update"))
+            .args([
+                "publish",
+                "--broker",
+                &broker.url(false),
+                "--group",
+                "lab",
+                "--canary",
+                "1",
+                "--abort-above",
+                "0",
+                "--wait-secs",
+                "60",
+            ])
+            .arg(bundle)
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr),
+        )
+    };
+
+    let broken = variant(
+        &package("digits-mlp-int8-broken"),
+        &d.path().join("broken"),
+        MODEL,
+        "2.0.0",
+        same,
+    );
+    let bad = build(&broken, CHUNK, &[&k], |_| {});
+    let bad_file = d.path().join("bad.bundle");
+    bad.write(&bad_file);
+    let (ok, out) = publish(&bad_file);
+    assert!(!ok, "a failed canary must stop the rollout: {out}");
+    assert!(
+        out.contains("can-1") && out.contains("failed") && out.contains("rollout stopped"),
+        "{out}"
+    );
+    assert_eq!(
+        update_state(&boxes[0].state, "2.0.0").as_deref(),
+        Some("failed")
+    );
+    assert_eq!(
+        update_state(&boxes[1].state, "2.0.0"),
+        None,
+        "the rest of the group never saw it"
+    );
+
+    let good = build(&next(d.path(), "1.1.0", same), CHUNK, &[&k], |_| {});
+    let good_file = d.path().join("good.bundle");
+    good.write(&good_file);
+    let (ok, out) = publish(&good_file);
+    assert!(ok, "{out}");
+    assert!(out.contains("rolling out to group lab"), "{out}");
+    for b in &boxes {
+        let state = b.state.clone();
+        wait_for("the group update committed", T, || {
+            (update_state(&state, "1.1.0").as_deref() == Some("committed")).then_some(())
+        })
+        .unwrap();
+        assert_eq!(active(&b.state).unwrap().0, "1.1.0");
+    }
+}
