@@ -106,6 +106,16 @@ fn check_config(path: &Path) -> ExitCode {
                 ),
                 None => println!("fleet: none (no [fleet] table)"),
             }
+            if c.updates.enabled() {
+                println!(
+                    "updates: {} trusted key(s), threshold {}, health window {} s",
+                    c.updates.keys.len(),
+                    c.updates.threshold,
+                    c.updates.health_window.as_secs()
+                );
+            } else {
+                println!("updates: off (no updates.keys)");
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -149,6 +149,34 @@ fn the_commented_production_example_stays_valid() {
         out.contains("fleet: box-0001 at mqtt.example.com:8883 (TLS)"),
         "{out}"
     );
+    assert!(
+        out.contains("updates: 1 trusted key(s), threshold 1, health window 60 s"),
+        "{out}"
+    );
+}
+
+#[test]
+fn update_problems_are_each_named_by_key_and_line() {
+    let d = tempfile::tempdir().unwrap();
+    let updates = "\n[updates]\nkeys = [\"c2hvcnQ=\"]\nthreshold = 3\nwindow = 0\n\
+        health_window_secs = 100000\n";
+    let text = base(d.path()) + updates;
+    let (code, _, err) = check(d.path(), &text);
+    assert_eq!(code, 64, "{err}");
+    for (key, needle, says) in [
+        ("updates.keys[0]", "keys =", "must be 32 bytes"),
+        ("updates.threshold", "threshold =", "can never be met"),
+        ("updates.window", "window =", "outside 1..=64"),
+        ("updates.health_window_secs", "health_window_secs", "more than a day"),
+    ] {
+        let line = line_of(&text, needle);
+        let want = format!("ternd.toml:{line}: {key}: ");
+        let found = err.lines().find(|l| l.contains(&want));
+        assert!(
+            found.is_some_and(|l| l.contains(says)),
+            "want `{want}…{says}` in:\n{err}"
+        );
+    }
 }
 
 #[test]
