@@ -155,6 +155,7 @@ CREATE TABLE updates (
     reason TEXT,
     previous TEXT,
     health_until_ms INTEGER,
+    health_restarts INTEGER NOT NULL DEFAULT 0,
     received_bytes INTEGER NOT NULL DEFAULT 0,
     created_ms INTEGER NOT NULL,
     updated_ms INTEGER NOT NULL

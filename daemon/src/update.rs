@@ -60,6 +60,13 @@ const STALL: Duration = Duration::from_secs(20);
 const RETRY_BAD_CHUNK: Duration = Duration::from_secs(10);
 /// An inference stuck this long during the health window rolls the new version back.
 const HUNG: Duration = Duration::from_secs(30);
+/// A daemon that restarts this often inside one health window rolls the new version back.
+const MAX_HEALTH_RESTARTS: u64 = 3;
+/// A download that stalls this many times in a row (no chunk for STALL each time) fails as
+/// `stalled`; the manifest is taken again when it is delivered again.
+const MAX_STALLS: u32 = 30;
+/// Manifests kept waiting while another update runs.
+const MAX_WAITING: usize = 16;
 /// Retained status messages at most this often while downloading.
 const STATUS_EVERY: Duration = Duration::from_secs(1);
 
@@ -118,6 +125,9 @@ impl State {
 const RETRYABLE: &[&str] = &[
     "no_space",
     "io",
+    "interrupted",
+    "stalled",
+    "withdrawn",
     "bad_chunk",
     "bad_size",
     "truncated_chunk",
@@ -172,8 +182,21 @@ impl Updater {
     /// Hand a message to the updater without waiting (the MQTT session never blocks on it).
     /// A chunk lost to a full queue is asked for again when the download stalls.
     pub fn offer(&self, input: Input) {
-        if let Err(e) = self.tx.try_send(input) {
-            tracing::warn!(error = %e, "updater busy; message dropped (it is asked for again)");
+        match self.tx.try_send(input) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(Input::Chunk { index, .. })) => {
+                // Asked for again when the download stalls.
+                tracing::warn!(chunk = index, "updater busy; chunk dropped");
+            }
+            Err(mpsc::error::TrySendError::Full(input)) => {
+                // Manifests, key rotations and link changes must not be lost: wait for room
+                // off the caller's task.
+                let tx = self.tx.clone();
+                tokio::spawn(async move {
+                    let _ = tx.send(input).await;
+                });
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
     }
 }
@@ -207,6 +230,15 @@ struct Active {
     signed: Signed,
     version: semver::Version,
     state: State,
+    /// Where the manifest came from: its topic, or `file:<path>`.
+    source: String,
+    /// SHA-256 of the manifest as delivered, in status messages so a rollout tool can tell
+    /// this update from an older one of the same version.
+    manifest_sha256: String,
+    /// Stall rounds in a row without a chunk.
+    stalls: u32,
+    /// Chunks already reported as refused (one event per chunk, not per retry).
+    reported: HashSet<usize>,
     /// Code and reason of a failed or rolled back end, for the status message.
     outcome: Option<(String, String)>,
     dir: PathBuf,
@@ -223,9 +255,9 @@ struct Active {
 }
 
 struct HealthWatch {
-    until_ms: i64,
-    completed: u64,
-    failed: u64,
+    deadline: Instant,
+    /// Restarts of the daemon inside this update's health window so far.
+    restarts: u64,
 }
 
 /// The outcome of a manifest offered to the box.
@@ -309,17 +341,19 @@ impl Machine {
     /// Pick up where the last run stopped: clear staging left by updates that ended (or never
     /// began), then carry the open update on.
     pub async fn resume(&mut self) {
-        type OpenRow = (i64, String, Vec<u8>, Option<i64>);
+        type OpenRow = (i64, String, String, Vec<u8>, Option<i64>);
         let open: Vec<OpenRow> = match self
             .d
             .store
             .call(|c| {
                 let mut stmt = c.prepare(
-                    "SELECT id, state, manifest, health_until_ms FROM updates
+                    "SELECT id, state, source, manifest, health_until_ms FROM updates
                      WHERE state NOT IN ('committed', 'failed', 'rolled_back') ORDER BY id",
                 )?;
                 let rows = stmt
-                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+                    .query_map([], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                    })?
                     .collect::<Result<Vec<_>, _>>()?;
                 Ok(rows)
             })
@@ -334,7 +368,7 @@ impl Machine {
         let keep: HashSet<String> = open.iter().map(|o| o.0.to_string()).collect();
         self.clean_staging(&keep);
         let n = open.len();
-        for (i, (id, state, manifest, until)) in open.into_iter().enumerate() {
+        for (i, (id, state, source, manifest, until)) in open.into_iter().enumerate() {
             // Only one update runs at a time; more open rows would be a bug, but they must not
             // block the box forever: all but the newest end here.
             if i + 1 < n {
@@ -364,7 +398,20 @@ impl Machine {
                 }
             };
             let state = State::parse(&state).unwrap_or(State::Failed);
-            let mut a = self.active(id, signed, state);
+            let mut a = self.active(id, signed, state, &source, &manifest);
+            if state == State::Downloading && source.starts_with("file:") {
+                // A bundle file's copy was cut short; `ternd install` (or the spool, which
+                // still holds the file) starts it again.
+                self.finish_row(
+                    id,
+                    State::Failed,
+                    "interrupted",
+                    "the copy from the bundle file was interrupted",
+                )
+                .await;
+                let _ = std::fs::remove_dir_all(&a.dir);
+                continue;
+            }
             if state == State::Downloading {
                 match self.held_chunks(id).await {
                     Ok(held) => {
@@ -393,7 +440,8 @@ impl Machine {
                 }
             }
             if state == State::Health {
-                a.health = Some(self.watch(&a, until).await);
+                // `until` set means a daemon had started this window before: a restart.
+                a.health = self.watch(&a, until.is_some()).await;
             }
             tracing::info!(update = id, model = %a.signed.name, version = %a.version, state = state.as_str(), held = a.nheld, "resuming update");
             self.current = Some(a);
@@ -401,7 +449,14 @@ impl Machine {
         }
     }
 
-    fn active(&self, id: i64, signed: Signed, state: State) -> Active {
+    fn active(
+        &self,
+        id: i64,
+        signed: Signed,
+        state: State,
+        source: &str,
+        manifest: &[u8],
+    ) -> Active {
         let n = signed.artifact.chunks.len();
         Active {
             id,
@@ -409,6 +464,10 @@ impl Machine {
                 .unwrap_or(semver::Version::new(0, 0, 0)),
             signed,
             state,
+            source: source.to_string(),
+            manifest_sha256: tern_update::sha256_hex(manifest),
+            stalls: 0,
+            reported: HashSet::new(),
             outcome: None,
             dir: self.updates_dir().join(id.to_string()),
             held: vec![false; n],
@@ -522,7 +581,8 @@ impl Machine {
     /// new, record it as an update in `downloading`.
     pub async fn offer(&mut self, source: &str, payload: Bytes) -> Offer {
         if payload.is_empty() {
-            return Offer::Known; // a retained message being cleared
+            self.withdraw(source).await;
+            return Offer::Known;
         }
         let digest = tern_update::sha256_hex(&payload);
         if self.seen.contains(&digest) {
@@ -535,22 +595,62 @@ impl Machine {
         self.offer_new(source, payload, digest).await
     }
 
+    /// The operator cleared a retained manifest: whatever it started and has not finished
+    /// downloading stops, and a copy waiting its turn is forgotten.
+    async fn withdraw(&mut self, source: &str) {
+        self.waiting.retain(|(s, _)| s != source);
+        if let Some(a) = &self.current
+            && a.state == State::Downloading
+            && a.source == source
+        {
+            tracing::info!(update = a.id, %source, "manifest withdrawn; download stopped");
+            self.finish(State::Failed, "withdrawn", &format!("{source} was cleared"))
+                .await;
+        }
+    }
+
     /// Verify and take a manifest not handled before.
     async fn offer_new(&mut self, source: &str, payload: Bytes, digest: String) -> Offer {
-        // A download may be replaced by a newer manifest for the same model (the operator
-        // fixed a bad publish); any later step runs to its end first.
-        let replaceable = self.current.as_ref().is_some_and(|a| {
+        if payload.len() > bundle::MAX_MANIFEST_BYTES {
+            // Refused at once, never kept waiting: the bound holds before anything is stored.
+            let e = bundle::parse(&payload).expect_err("over the bound");
+            self.seen.insert(digest);
+            self.refused(source, &payload, &e).await;
+            return Offer::Refused(e);
+        }
+        // What it claims to be, unverified: only used to decide whether it waits.
+        let claim = serde_json::from_slice::<Value>(&payload).ok().map(|v| {
+            let name = v
+                .pointer("/signed/name")
+                .and_then(Value::as_str)
+                .map(str::to_string);
+            let version = v
+                .pointer("/signed/version")
+                .and_then(Value::as_str)
+                .and_then(|v| semver::Version::parse(v).ok());
+            (name, version)
+        });
+        let (claimed_name, claimed_version) = claim.unwrap_or((None, None));
+        // A download may be replaced by a newer version of the same model (the operator fixed
+        // a bad publish); an older or equal one, or any later step, waits its turn.
+        let replaces = self.current.as_ref().is_some_and(|a| {
             a.state == State::Downloading
-                && serde_json::from_slice::<Value>(&payload)
-                    .ok()
-                    .and_then(|v| v.pointer("/signed/name").cloned())
-                    .is_some_and(|n| n == a.signed.name.as_str())
+                && claimed_name.as_deref() == Some(a.signed.name.as_str())
+                && claimed_version.as_ref().is_some_and(|v| *v > a.version)
         });
         if let Some(a) = &self.current
-            && !replaceable
+            && !replaces
         {
             tracing::info!(%source, running = a.id, "an update is in progress; this manifest waits");
-            self.waiting.retain(|(s, _)| s != source);
+            self.waiting.retain(|(s, p)| {
+                s != source
+                    && (claimed_name.is_none()
+                        || claimed_name.as_deref() != peek_name(p).as_deref())
+            });
+            if self.waiting.len() >= MAX_WAITING {
+                let (dropped, _) = self.waiting.remove(0);
+                tracing::warn!(source = %dropped, "too many manifests waiting; the oldest is dropped (it comes again on reconnect)");
+            }
             self.waiting.push((source.to_string(), payload));
             return Offer::Queued;
         }
@@ -568,7 +668,11 @@ impl Machine {
                 signed.name, signed.version
             );
             tracing::info!(update = a.id, "{why}");
-            self.finish(State::Failed, "superseded", &why).await;
+            // Not `finish`: that would take a waiting manifest before this one.
+            let _ = std::fs::remove_dir_all(&a.dir);
+            self.finish_row(a.id, State::Failed, "superseded", &why)
+                .await;
+            self.close().await;
         }
         match self.accept(source, &payload, signed).await {
             Ok(id) => Offer::Accepted(id),
@@ -607,12 +711,27 @@ impl Machine {
         }
     }
 
-    async fn refused(&self, source: &str, payload: &[u8], e: &RefusalError) {
+    async fn refused(&mut self, source: &str, payload: &[u8], e: &RefusalError) {
         let peek: Value = serde_json::from_slice::<Value>(payload)
             .ok()
             .and_then(|v| v.get("signed").cloned())
             .unwrap_or(Value::Null);
         tracing::warn!(%source, code = e.code(), error = %e, "update refused");
+        // Said on the status topic too, under the model the update topic names, so a rollout
+        // tool sees a refusal at once instead of waiting for an outcome that never comes.
+        if let Some(model) = source
+            .contains("/update/")
+            .then(|| source.rsplit('/').next())
+            .flatten()
+        {
+            let body = json!({
+                "device": self.d.device, "model": model, "version": peek.get("version"),
+                "state": "refused", "code": e.code(), "reason": e.to_string(),
+                "manifest_sha256": tern_update::sha256_hex(payload), "ts_ms": now_ms(),
+            });
+            self.statuses.insert(model.to_string(), body);
+            self.say_status(Some(model));
+        }
         self.event(json!({
             "event": "update.refused",
             "code": e.code(),
@@ -658,7 +777,7 @@ impl Machine {
             .await?;
         self.wake();
         tracing::info!(update = id, model = %signed.name, version = %signed.version, size = signed.artifact.size, %source, "update accepted");
-        let a = self.active(id, signed, State::Downloading);
+        let a = self.active(id, signed, State::Downloading, source, payload);
         crate::crash_point("update:accepted");
         // Room for the staging file, the unpacked package and the installed copy.
         let free = crate::fleet::telemetry::disk_free_bytes(&self.d.state_dir).unwrap_or(u64::MAX);
@@ -754,6 +873,7 @@ impl Machine {
         );
         a.asked.remove(&index);
         a.last_chunk = Instant::now();
+        a.stalls = 0;
         let sha = sha.to_string();
         self.unsubscribe(&sha, index);
         let a = self.current.as_mut().expect("checked");
@@ -764,13 +884,17 @@ impl Machine {
             Ok(d) => d,
             Err(e) => {
                 a.retry_at.insert(index, Instant::now() + RETRY_BAD_CHUNK);
+                // Said once per chunk: a bad chunk left retained is asked for again and again.
+                let first = a.reported.insert(index);
                 let (id, name, version) = (a.id, a.signed.name.clone(), a.signed.version.clone());
                 tracing::warn!(update = id, chunk = index, code = e.code(), error = %e, "chunk refused");
-                self.event(json!({
-                    "event": "update.refused", "code": e.code(), "reason": e.to_string(),
-                    "update": id, "model": name, "version": version, "chunk": index,
-                }))
-                .await;
+                if first {
+                    self.event(json!({
+                        "event": "update.refused", "code": e.code(), "reason": e.to_string(),
+                        "update": id, "model": name, "version": version, "chunk": index,
+                    }))
+                    .await;
+                }
                 self.request_chunks();
                 return;
             }
@@ -795,13 +919,13 @@ impl Machine {
             .store
             .call(move |c| {
                 let tx = c.transaction()?;
-                tx.execute(
+                let new = tx.execute(
                     "INSERT OR IGNORE INTO update_chunks (update_id, idx) VALUES (?1, ?2)",
                     params![id, index as i64],
                 )?;
                 tx.execute(
                     "UPDATE updates SET received_bytes = received_bytes + ?2, updated_ms = ?3 WHERE id = ?1",
-                    params![id, len, now_ms()],
+                    params![id, len * new as i64, now_ms()],
                 )?;
                 tx.commit()?;
                 Ok(())
@@ -850,7 +974,9 @@ impl Machine {
                         self.request_chunks();
                         return;
                     }
-                    self.set_state(State::Verifying, json!({})).await;
+                    if self.set_state(State::Verifying, json!({})).await.is_err() {
+                        return;
+                    }
                 }
                 State::Verifying => {
                     if let Err((code, reason)) = self.verify_and_stage().await {
@@ -858,9 +984,15 @@ impl Machine {
                         continue;
                     }
                     crate::crash_point("update:unpacked");
-                    self.set_state(State::Staged, json!({})).await;
+                    if self.set_state(State::Staged, json!({})).await.is_err() {
+                        return;
+                    }
                 }
-                State::Staged => self.set_state(State::SelfTesting, json!({})).await,
+                State::Staged => {
+                    if self.set_state(State::SelfTesting, json!({})).await.is_err() {
+                        return;
+                    }
+                }
                 State::SelfTesting => {
                     let package = a.dir.join("package");
                     let name = a.signed.name.clone();
@@ -882,7 +1014,9 @@ impl Machine {
                                     Ok(())
                                 })
                                 .await;
-                            self.set_state(State::Activating, json!({})).await;
+                            if self.set_state(State::Activating, json!({})).await.is_err() {
+                                return;
+                            }
                             // The registry holds its own copy now; the staging is not needed
                             // again, whatever happens next.
                             if let Some(a) = &self.current {
@@ -900,7 +1034,12 @@ impl Machine {
                 }
                 State::Activating => {
                     let (name, version) = (a.signed.name.clone(), a.version.clone());
-                    let cfg = self.d.pools.get(&name).copied().unwrap_or_default();
+                    // The running pool's settings (a reload may have changed them since this
+                    // task started): the new version swaps into the pool pipelines use.
+                    let live = self.d.registry.lock().await.pool(&name).map(|p| p.config());
+                    let cfg = live
+                        .or_else(|| self.d.pools.get(&name).copied())
+                        .unwrap_or_default();
                     let r = self
                         .d
                         .registry
@@ -912,35 +1051,23 @@ impl Machine {
                         Ok(()) => {
                             crate::crash_point("update:activated");
                             self.touch();
-                            // With the daemon stopped (`ternd install`) nothing runs yet: the
-                            // window starts when the daemon does.
-                            let until = self
-                                .in_daemon()
-                                .then(|| now_ms() + self.d.cfg.health_window.as_millis() as i64);
                             let a = self.current.as_ref().expect("current");
-                            let w = self.watch(a, until).await;
-                            let until_json = until.map(Value::from).unwrap_or(Value::Null);
-                            let id = a.id;
-                            let _ = self
-                                .d
-                                .store
-                                .call(move |c| {
-                                    c.execute(
-                                        "UPDATE updates SET health_until_ms = ?2 WHERE id = ?1",
-                                        params![id, until],
-                                    )?;
-                                    Ok(())
-                                })
-                                .await;
-                            self.current.as_mut().expect("current").health = Some(w);
-                            self.set_state(State::Health, json!({"until_ms": until_json}))
-                                .await;
+                            let w = self.watch(a, false).await;
+                            let window = w.as_ref().map(|_| self.d.cfg.health_window.as_secs());
+                            self.current.as_mut().expect("current").health = w;
+                            if self
+                                .set_state(State::Health, json!({"window_secs": window}))
+                                .await
+                                .is_err()
+                            {
+                                return;
+                            }
                         }
                         Err(e) => self.fail("activation", &e.to_string()).await,
                     }
                 }
                 State::Health => {
-                    if a.health.as_ref().is_some_and(|h| h.until_ms > 0) {
+                    if a.health.is_some() {
                         self.check_health().await;
                     }
                     return;
@@ -1003,71 +1130,61 @@ impl Machine {
         .unwrap_or_else(|e| Err(("internal", format!("verification panicked: {e}"))))
     }
 
-    /// Start (or resume) watching the pool of the new version.
-    async fn watch(&self, a: &Active, until: Option<i64>) -> HealthWatch {
-        let pool = self.d.registry.lock().await.pool(&a.signed.name);
-        let (completed, failed) = pool
-            .map(|p| {
-                let s = p.stats();
-                (
-                    s.completed.load(std::sync::atomic::Ordering::Relaxed),
-                    s.failed.load(std::sync::atomic::Ordering::Relaxed),
-                )
-            })
-            .unwrap_or((0, 0));
-        let until_ms = match until {
-            Some(u) => u,
-            None if self.in_daemon() => {
-                // Installed while the daemon was stopped: the window starts now.
-                let u = now_ms() + self.d.cfg.health_window.as_millis() as i64;
-                let id = a.id;
-                let _ = self
-                    .d
-                    .store
-                    .call(move |c| {
-                        c.execute(
-                            "UPDATE updates SET health_until_ms = ?2 WHERE id = ?1",
-                            params![id, u],
-                        )?;
-                        Ok(())
-                    })
-                    .await;
-                u
-            }
-            None => 0,
-        };
-        HealthWatch {
-            until_ms,
-            completed,
-            failed,
+    /// Start watching the new version: the window runs on this process's monotonic clock from
+    /// now (a restart starts it again rather than trusting a wall clock that may have jumped).
+    /// A daemon that keeps restarting inside the window counts against the new version. With
+    /// the daemon stopped (`ternd install`) there is nothing to watch yet.
+    async fn watch(&self, a: &Active, resumed: bool) -> Option<HealthWatch> {
+        if !self.in_daemon() {
+            return None;
         }
+        let window = self.d.cfg.health_window;
+        let until = now_ms() + window.as_millis() as i64;
+        let id = a.id;
+        let restarts: i64 = self
+            .d
+            .store
+            .call(move |c| {
+                c.execute(
+                    "UPDATE updates SET health_until_ms = ?2,
+                       health_restarts = health_restarts + ?3 WHERE id = ?1",
+                    params![id, until, resumed as i64],
+                )?;
+                Ok(c.query_row(
+                    "SELECT health_restarts FROM updates WHERE id = ?1",
+                    [id],
+                    |r| r.get(0),
+                )?)
+            })
+            .await
+            .unwrap_or(0);
+        Some(HealthWatch {
+            deadline: Instant::now() + window,
+            restarts: restarts as u64,
+        })
     }
 
-    /// During the health window: roll back on errors or a hung inference; commit at its end.
+    /// During the health window: roll back on errors, a hung inference or a daemon that keeps
+    /// restarting; commit at its end.
     async fn check_health(&mut self) {
         let Some(a) = &self.current else { return };
         let Some(h) = &a.health else { return };
-        if h.until_ms == 0 {
-            return;
-        }
         let pool = self.d.registry.lock().await.pool(&a.signed.name);
-        let serving = pool
-            .as_ref()
-            .is_some_and(|p| p.active().version() == &a.version);
+        let active = pool.as_ref().map(|p| p.active());
         let mut problem = None;
-        if !serving {
+        if h.restarts >= MAX_HEALTH_RESTARTS {
+            problem = Some(format!(
+                "ternd restarted {} times within the health window",
+                h.restarts
+            ));
+        } else if active.as_ref().is_none_or(|m| m.version() != &a.version) {
             problem = Some("the new version is no longer the active one".to_string());
-        } else if let Some(p) = &pool {
-            let s = p.stats();
-            let ok = s
-                .completed
-                .load(std::sync::atomic::Ordering::Relaxed)
-                .saturating_sub(h.completed);
-            let bad = s
-                .failed
-                .load(std::sync::atomic::Ordering::Relaxed)
-                .saturating_sub(h.failed);
-            if bad >= self.d.cfg.health_max_errors && bad >= ok {
+        } else if let (Some(p), Some(m)) = (&pool, &active) {
+            // The new version's own outcomes: requests queued before the switch ran on the
+            // old one and do not count.
+            let ok = m.outcomes.ok.load(std::sync::atomic::Ordering::Relaxed);
+            let bad = m.outcomes.failed.load(std::sync::atomic::Ordering::Relaxed);
+            if bad >= self.d.cfg.health_max_errors && bad * 10 >= ok + bad {
                 problem = Some(format!(
                     "{bad} inference error(s) and {ok} success(es) in the health window"
                 ));
@@ -1107,7 +1224,7 @@ impl Machine {
             }
             return;
         }
-        if now_ms() >= h.until_ms {
+        if Instant::now() >= h.deadline {
             crate::crash_point("update:health-passed");
             self.finish(State::Committed, "", "").await;
         }
@@ -1121,7 +1238,21 @@ impl Machine {
         match a.state {
             State::Downloading => {
                 let now = Instant::now();
+                if now_ms() / 1000 > a.signed.expires {
+                    let why = format!(
+                        "the manifest expired at {} before the download finished",
+                        a.signed.expires
+                    );
+                    self.fail("expired", &why).await;
+                    return;
+                }
                 if !a.asked.is_empty() && now.duration_since(a.last_chunk) > STALL {
+                    a.stalls += 1;
+                    if a.stalls >= MAX_STALLS {
+                        let why = format!("no chunk arrived in {:?}", STALL * MAX_STALLS);
+                        self.fail("stalled", &why).await;
+                        return;
+                    }
                     // Nothing for a while: a lost subscription, a chunk not (yet) published.
                     tracing::info!(
                         update = a.id,
@@ -1139,13 +1270,16 @@ impl Machine {
                 self.publish_status(false);
             }
             State::Health => self.check_health().await,
-            _ => {}
+            // A step whose record failed: try it again.
+            _ => self.advance().await,
         }
     }
 
-    async fn set_state(&mut self, state: State, extra: Value) {
-        let a = self.current.as_mut().expect("an update");
-        a.state = state;
+    /// Record the next state with its event; only once that committed does the update move
+    /// on (a database that refuses the write, a full disk, stops it where it was, and the next
+    /// tick tries again).
+    async fn set_state(&mut self, state: State, extra: Value) -> Result<(), StoreError> {
+        let a = self.current.as_ref().expect("an update");
         let (id, name, version) = (a.id, a.signed.name.clone(), a.signed.version.clone());
         let ob = self.d.outbox.clone();
         let mut ev = json!({
@@ -1172,12 +1306,15 @@ impl Machine {
             })
             .await;
         if let Err(e) = r {
-            tracing::error!(update = id, error = %e, "update state not recorded");
+            tracing::error!(update = id, state = state.as_str(), error = %e, "update state not recorded; trying again");
+            return Err(e);
         }
+        self.current.as_mut().expect("an update").state = state;
         self.wake();
         crate::crash_point(&format!("update:{}", state.as_str()));
         tracing::info!(update = id, model = %name, %version, state = state.as_str(), "update");
         self.publish_status(true);
+        Ok(())
     }
 
     async fn fail(&mut self, code: &str, reason: &str) {
@@ -1194,6 +1331,11 @@ impl Machine {
         // Staging goes first: a crash before the row commits resumes a state that needs
         // none (or makes it again), and once the row says it ended nothing is left behind.
         let _ = std::fs::remove_dir_all(&a.dir);
+        if RETRYABLE.contains(&code) {
+            // The same manifest, delivered again (a reconnect, a restart), is taken again.
+            let digest = a.manifest_sha256.clone();
+            self.seen.remove(&digest);
+        }
         self.finish_row(id, state, code, reason).await;
         if let Some(a) = &mut self.current {
             a.state = state;
@@ -1298,6 +1440,7 @@ impl Machine {
             .store
             .call(move |c| {
                 c.execute("DELETE FROM update_chunks WHERE update_id = ?1", [id])?;
+                c.execute("UPDATE updates SET received_bytes = 0 WHERE id = ?1", [id])?;
                 Ok(())
             })
             .await
@@ -1392,11 +1535,33 @@ impl Machine {
                     })
                     .await;
                 match r {
-                    Ok(()) => tracing::info!(version, "update keys rotated"),
+                    Ok(()) => {
+                        tracing::info!(version, "update keys rotated");
+                        // Manifests refused under the old keys may be good under the new
+                        // ones: have the broker deliver the retained ones again.
+                        self.seen.clear();
+                        self.redeliver_manifests();
+                    }
                     Err(e) => tracing::error!(error = %e, "key rotation not recorded"),
                 }
                 self.wake();
             }
+        }
+    }
+
+    /// Subscribe to the update topics again, which makes the broker send their retained
+    /// manifests again.
+    fn redeliver_manifests(&self) {
+        let (Some(link), Some(prefix)) = (&self.link, &self.d.prefix) else {
+            return;
+        };
+        let mut filters = vec![format!("{prefix}/{}/update/+", self.d.device)];
+        for g in &self.d.groups {
+            filters.push(format!("{prefix}/fleet/{g}/update/+"));
+        }
+        for f in filters {
+            let _ = link.unsubscribe(&f);
+            let _ = link.subscribe(&f);
         }
     }
 
@@ -1619,6 +1784,7 @@ impl Machine {
             "device": self.d.device, "update": a.id, "model": a.signed.name,
             "version": a.signed.version, "state": a.state.as_str(),
             "percent": (a.nheld * 100 / a.held.len().max(1)), "ts_ms": now_ms(),
+            "manifest_sha256": a.manifest_sha256,
         });
         if let Some((code, reason)) = &a.outcome {
             body["code"] = code.clone().into();
@@ -1641,6 +1807,15 @@ impl Machine {
             let _ = link.publish(&topic, body.to_string().into_bytes(), true, None);
         }
     }
+}
+
+/// The model name a manifest claims (unverified).
+fn peek_name(payload: &[u8]) -> Option<String> {
+    serde_json::from_slice::<Value>(payload)
+        .ok()?
+        .pointer("/signed/name")?
+        .as_str()
+        .map(str::to_string)
 }
 
 /// Tell `ternd install` how its bundle ended: `<spool>/<name>.result`, written whole.
@@ -1726,18 +1901,19 @@ async fn install_here(config: &crate::config::Config, bundle: &Path) -> Result<V
         pools,
     });
     m.resume().await;
-    if let Some((id, state)) = m.current_state()
-        && state != State::Health
-    {
-        return Err(format!(
-            "update {id} is still in progress ({}); start ternd to let it finish",
-            state.as_str()
-        ));
-    }
-    let id = m
-        .install_file(bundle)
-        .await
-        .map_err(|e| format!("refused ({}): {e}", e.code()))?;
+    let open = m.current_state();
+    let id = match m.install_file(bundle).await {
+        Ok(id) => id,
+        // Installed already and serving is fine (above); anything else waits for the open
+        // update, which only a running daemon can finish.
+        Err(_) if let Some((id, state)) = open => {
+            return Err(format!(
+                "update {id} is still open ({}): start ternd to let it finish first",
+                state.as_str()
+            ));
+        }
+        Err(e) => return Err(format!("refused ({}): {e}", e.code())),
+    };
     m.row(id)
         .await
         .ok_or_else(|| format!("update {id} not found"))

@@ -563,6 +563,17 @@ pub fn verify_rotation(
         .iter()
         .map(|k| PublicKey::parse(k).map_err(|e| RefusalError::Malformed(e.to_string())))
         .collect::<Result<Vec<_>, _>>()?;
+    if let Some(k) = keys
+        .iter()
+        .enumerate()
+        .find_map(|(i, k)| keys[..i].contains(k).then_some(k))
+    {
+        // A threshold counted over a key listed twice could never be met again.
+        return Err(RefusalError::Malformed(format!(
+            "key {} is listed twice",
+            k.to_base64()
+        )));
+    }
     if doc.threshold == 0 || doc.threshold > keys.len() {
         return Err(RefusalError::Malformed(format!(
             "threshold {} for {} keys",
@@ -772,6 +783,15 @@ mod tests {
         assert_eq!(
             code(verify_rotation(&sign_keys(&doc, &[&a, &b]), &current, 3)),
             Err("downgrade")
+        );
+        let twice = KeysDoc {
+            version: 2,
+            keys: vec![c.public().to_base64(), c.public().to_base64()],
+            threshold: 2,
+        };
+        assert_eq!(
+            code(verify_rotation(&sign_keys(&twice, &[&a, &b]), &current, 1)),
+            Err("malformed")
         );
         let (new, version) = verify_rotation(&sign_keys(&doc, &[&a, &b]), &current, 1).unwrap();
         assert_eq!((new.threshold, version), (1, 2));

@@ -25,6 +25,15 @@ pub struct Model {
     pub dir: PathBuf,
     runnable: Arc<TypedRunnableModel>,
     output_index: usize,
+    /// Requests this loaded version answered and failed, wherever it ran: an update's health
+    /// window judges the new version by its own outcomes, not its pool's.
+    pub outcomes: Outcomes,
+}
+
+#[derive(Debug, Default)]
+pub struct Outcomes {
+    pub ok: std::sync::atomic::AtomicU64,
+    pub failed: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Model {
@@ -189,6 +198,7 @@ impl Model {
             dir: dir.to_path_buf(),
             runnable,
             output_index,
+            outcomes: Outcomes::default(),
         };
         model.self_test()?;
         Ok(model)

@@ -270,9 +270,11 @@ fn worker(w: usize, rx: crossbeam_channel::Receiver<Job>, pool: std::sync::Weak<
             Ok(p) => {
                 inner.stats.completed.fetch_add(1, Ordering::Relaxed);
                 inner.stats.record(p.latency_us);
+                job.model.outcomes.ok.fetch_add(1, Ordering::Relaxed);
             }
             Err(_) => {
                 inner.stats.failed.fetch_add(1, Ordering::Relaxed);
+                job.model.outcomes.failed.fetch_add(1, Ordering::Relaxed);
             }
         }
         drop(inner);

@@ -91,7 +91,13 @@ impl Topics {
     }
 
     fn filters(&self, updates: bool) -> Vec<String> {
-        let mut f = vec![format!("{}/cmd/+", self.base), self.announce()];
+        let mut f = Vec::new();
+        if updates {
+            // Keys first: the broker sends retained messages per subscription in order, and a
+            // rotation must be in force before the manifests signed with the new keys arrive.
+            f.push(self.keys());
+        }
+        f.extend([format!("{}/cmd/+", self.base), self.announce()]);
         for g in &self.groups {
             f.push(format!("{}/fleet/{g}/cmd/+", self.prefix));
         }
@@ -100,7 +106,6 @@ impl Topics {
             for g in &self.groups {
                 f.push(format!("{}/fleet/{g}/update/+", self.prefix));
             }
-            f.push(self.keys());
         }
         f
     }

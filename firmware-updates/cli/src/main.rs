@@ -150,7 +150,8 @@ enum Cmd {
         /// Send to this many devices of the group first and wait for them to commit.
         #[arg(long, requires = "group")]
         canary: Option<usize>,
-        /// Stop the rollout (rolling the canaries back) if more than this share failed.
+        /// Stop the rollout (rolling back canaries that committed) if more than this percentage
+        /// of the canaries failed, were refused or did not answer in time.
         #[arg(long, default_value_t = 0.0)]
         abort_above: f64,
         /// How long to wait for the canaries.
@@ -299,8 +300,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             threshold,
             key,
         } => {
-            for k in &new_keys {
+            for (i, k) in new_keys.iter().enumerate() {
                 PublicKey::parse(k).with_context(|| format!("--new-key {k}"))?;
+                if new_keys[..i].contains(k) {
+                    bail!("--new-key {k} is given twice");
+                }
             }
             if threshold == 0 || threshold > new_keys.len() {
                 bail!("--threshold {threshold} for {} key(s)", new_keys.len());

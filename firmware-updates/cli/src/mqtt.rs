@@ -270,6 +270,7 @@ async fn canary(
     topic_for: &dyn Fn(&str) -> String,
 ) -> anyhow::Result<bool> {
     let prefix = &a.broker.prefix;
+    let manifest_sha = tern_update::sha256_hex(manifest);
     let all = members(conn, prefix, group).await?;
     let canaries: Vec<String> = all
         .iter()
@@ -309,8 +310,10 @@ async fn canary(
             .strip_prefix(&format!("{prefix}/"))
             .and_then(|t| t.split('/').next())
             .unwrap_or("");
+        // This very manifest: a retained status of an older update (even of the same
+        // version) says nothing about this one.
         if !canaries.iter().any(|c| c == dev)
-            || v.get("version").and_then(Value::as_str) != Some(&signed.version)
+            || v.get("manifest_sha256").and_then(Value::as_str) != Some(manifest_sha.as_str())
         {
             continue;
         }
@@ -321,7 +324,7 @@ async fn canary(
                 .map(|p| format!("{p}%"))
                 .unwrap_or_default()
         );
-        if matches!(state, "committed" | "failed" | "rolled_back") {
+        if matches!(state, "committed" | "failed" | "rolled_back" | "refused") {
             outcome.insert(dev.to_string(), v);
         }
     }

@@ -167,7 +167,11 @@ fn update_problems_are_each_named_by_key_and_line() {
         ("updates.keys[0]", "keys =", "must be 32 bytes"),
         ("updates.threshold", "threshold =", "can never be met"),
         ("updates.window", "window =", "outside 1..=64"),
-        ("updates.health_window_secs", "health_window_secs", "more than a day"),
+        (
+            "updates.health_window_secs",
+            "health_window_secs",
+            "more than a day",
+        ),
     ] {
         let line = line_of(&text, needle);
         let want = format!("ternd.toml:{line}: {key}: ");

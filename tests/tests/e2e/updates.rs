@@ -1037,3 +1037,64 @@ fn canary_failure_stops_the_rollout_and_success_lets_it_go_on() {
         assert_eq!(active(&b.state).unwrap().0, "1.1.0");
     }
 }
+
+/// A daemon that keeps dying inside the health window (a model that crashes it, say) gets the
+/// new version rolled back, and an operator who clears a manifest stops its download.
+#[test]
+fn restarts_in_the_health_window_roll_back_and_a_cleared_manifest_stops_its_download() {
+    let Some(broker) = mosquitto() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let k = key();
+    let bx = update_box("hr-1", &broker, &[&k], 1, "health_window_secs = 600");
+    let mut w = watcher(&broker, "hr-1");
+    let topic = "tern/hr-1/update/digits-mlp-int8";
+    let mut daemon = Daemon::spawn(&bx.config, None, &[]).unwrap();
+    wait_online(&mut w, "hr-1");
+    let v11 = build(&next(d.path(), "1.1.0", same), CHUNK, &[&k], |_| {});
+    v11.publish(&mut w, topic, SYNC);
+    event(&mut w, "hr-1", "health window", |e| {
+        e["event"] == "update.health"
+    });
+    for n in 1..=3 {
+        daemon.signal("KILL").unwrap();
+        daemon.wait(T).unwrap();
+        assert_eq!(active(&bx.state).unwrap().0, "1.1.0");
+        daemon = Daemon::spawn(&bx.config, None, &[]).unwrap();
+        // The restart has been counted before the next kill.
+        let state = bx.state.clone();
+        wait_for("the restart counted", T, || {
+            (count(
+                &state,
+                "SELECT health_restarts FROM updates WHERE version = '1.1.0'",
+            ) >= Some(n))
+            .then_some(())
+        })
+        .unwrap();
+    }
+    let e = event(&mut w, "hr-1", "rollback after restarts", |e| {
+        matches!(
+            e["event"].as_str(),
+            Some("update.rolled_back" | "update.committed")
+        )
+    });
+    assert_eq!(e["event"], "update.rolled_back", "{e}");
+    assert!(
+        e["reason"].as_str().unwrap().contains("restarted 3 times"),
+        "{e}"
+    );
+    assert_eq!(active(&bx.state).unwrap().0, "1.0.0");
+
+    // A manifest whose chunks never come, then cleared by the operator.
+    let v12 = build(&next(d.path(), "1.2.0", same), CHUNK, &[&k], |_| {});
+    w.publish_retained(topic, &v12.manifest).unwrap();
+    event(&mut w, "hr-1", "download started", |e| {
+        e["event"] == "update.downloading" && e["version"] == "1.2.0"
+    });
+    w.publish_retained(topic, b"").unwrap();
+    let e = event(&mut w, "hr-1", "download withdrawn", |e| {
+        e["event"] == "update.failed" && e["version"] == "1.2.0"
+    });
+    assert_eq!(e["code"], "withdrawn", "{e}");
+    assert!(staging_empty(&bx.state));
+    drop(daemon);
+}
