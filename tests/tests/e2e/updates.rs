@@ -1098,3 +1098,36 @@ fn restarts_in_the_health_window_roll_back_and_a_cleared_manifest_stops_its_down
     assert!(staging_empty(&bx.state));
     drop(daemon);
 }
+
+/// An update that would not leave the configured free space is a clear failure before a byte
+/// is staged, and changes nothing.
+#[test]
+fn a_full_disk_is_a_clear_failure() {
+    let d = tempfile::tempdir().unwrap();
+    let k = key();
+    // More free space asked for than any disk here has.
+    let bx = fleet_box_with(
+        MODEL,
+        "full-1",
+        "mqtt://127.0.0.1:9",
+        "",
+        &keys_toml(&[&k], 1, "min_free_mib = 1000000000"),
+    );
+    let v11 = build(&next(d.path(), "1.1.0", same), CHUNK, &[&k], |_| {});
+    let f = d.path().join("v11.bundle");
+    v11.write(&f);
+    let o = std::process::Command::new(bin("ternd"))
+        .args(["install", "--config"])
+        .arg(&bx.config)
+        .arg(&f)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(65), "{out}");
+    assert!(
+        out.contains("\"code\":\"no_space\"") && out.contains("bytes free"),
+        "{out}"
+    );
+    assert_eq!(active(&bx.state).unwrap().0, "1.0.0");
+    assert!(staging_empty(&bx.state));
+}
