@@ -156,6 +156,7 @@ CREATE TABLE updates (
     previous TEXT,
     health_until_ms INTEGER,
     health_restarts INTEGER NOT NULL DEFAULT 0,
+    health_clean_stop INTEGER NOT NULL DEFAULT 0,
     received_bytes INTEGER NOT NULL DEFAULT 0,
     created_ms INTEGER NOT NULL,
     updated_ms INTEGER NOT NULL

@@ -65,6 +65,8 @@ const MAX_HEALTH_RESTARTS: u64 = 3;
 /// A download that stalls this many times in a row (no chunk for STALL each time) fails as
 /// `stalled`; the manifest is taken again when it is delivered again.
 const MAX_STALLS: u32 = 30;
+/// A step whose state could not be recorded is tried again after this long.
+const STEP_RETRY: Duration = Duration::from_secs(5);
 /// Manifests kept waiting while another update runs.
 const MAX_WAITING: usize = 16;
 /// Retained status messages at most this often while downloading.
@@ -212,6 +214,8 @@ pub fn spawn(deps: Deps, cancel: CancellationToken) -> (Updater, tokio::task::Jo
 async fn run(mut m: Machine, mut rx: mpsc::Receiver<Input>, cancel: CancellationToken) {
     m.resume().await;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
+    // After a long step (hashing, a self-test) one tick, not a burst of missed ones.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = cancel.cancelled() => break,
@@ -222,6 +226,7 @@ async fn run(mut m: Machine, mut rx: mpsc::Receiver<Input>, cancel: Cancellation
             _ = tick.tick() => m.tick().await,
         }
     }
+    m.stopping().await;
 }
 
 /// The update being worked on.
@@ -235,8 +240,10 @@ struct Active {
     /// SHA-256 of the manifest as delivered, in status messages so a rollout tool can tell
     /// this update from an older one of the same version.
     manifest_sha256: String,
-    /// Stall rounds in a row without a chunk.
+    /// Stall rounds in a row without a stored chunk.
     stalls: u32,
+    /// When a step whose record failed may be tried again.
+    retry_at_step: Option<Instant>,
     /// Chunks already reported as refused (one event per chunk, not per retry).
     reported: HashSet<usize>,
     /// Code and reason of a failed or rolled back end, for the status message.
@@ -467,6 +474,7 @@ impl Machine {
             source: source.to_string(),
             manifest_sha256: tern_update::sha256_hex(manifest),
             stalls: 0,
+            retry_at_step: None,
             reported: HashSet::new(),
             outcome: None,
             dir: self.updates_dir().join(id.to_string()),
@@ -619,18 +627,7 @@ impl Machine {
             return Offer::Refused(e);
         }
         // What it claims to be, unverified: only used to decide whether it waits.
-        let claim = serde_json::from_slice::<Value>(&payload).ok().map(|v| {
-            let name = v
-                .pointer("/signed/name")
-                .and_then(Value::as_str)
-                .map(str::to_string);
-            let version = v
-                .pointer("/signed/version")
-                .and_then(Value::as_str)
-                .and_then(|v| semver::Version::parse(v).ok());
-            (name, version)
-        });
-        let (claimed_name, claimed_version) = claim.unwrap_or((None, None));
+        let (claimed_name, claimed_version) = peek(&payload);
         // A download may be replaced by a newer version of the same model (the operator fixed
         // a bad publish); an older or equal one, or any later step, waits its turn.
         let replaces = self.current.as_ref().is_some_and(|a| {
@@ -642,11 +639,20 @@ impl Machine {
             && !replaces
         {
             tracing::info!(%source, running = a.id, "an update is in progress; this manifest waits");
-            self.waiting.retain(|(s, p)| {
+            // One waiting manifest per model: the highest version claimed.
+            let same_model = |p: &Bytes| {
+                claimed_name.is_some() && peek(p).0.as_deref() == claimed_name.as_deref()
+            };
+            if self.waiting.iter().any(|(s, p)| {
                 s != source
-                    && (claimed_name.is_none()
-                        || claimed_name.as_deref() != peek_name(p).as_deref())
-            });
+                    && same_model(p)
+                    && peek(p).1 >= claimed_version
+                    && claimed_version.is_some()
+            }) {
+                tracing::info!(%source, "a higher version of this model is already waiting; this one is dropped");
+                return Offer::Queued;
+            }
+            self.waiting.retain(|(s, p)| s != source && !same_model(p));
             if self.waiting.len() >= MAX_WAITING {
                 let (dropped, _) = self.waiting.remove(0);
                 tracing::warn!(source = %dropped, "too many manifests waiting; the oldest is dropped (it comes again on reconnect)");
@@ -719,11 +725,15 @@ impl Machine {
         tracing::warn!(%source, code = e.code(), error = %e, "update refused");
         // Said on the status topic too, under the model the update topic names, so a rollout
         // tool sees a refusal at once instead of waiting for an outcome that never comes.
-        if let Some(model) = source
-            .contains("/update/")
-            .then(|| source.rsplit('/').next())
-            .flatten()
-        {
+        // Not for an older or the same version: the box has something newer, and its status
+        // (committed, say) must not be hidden by a stale manifest on another topic.
+        let topic_model = self
+            .d
+            .prefix
+            .as_ref()
+            .filter(|p| source.starts_with(&format!("{p}/")) && source.contains("/update/"))
+            .and_then(|_| source.rsplit('/').next());
+        if let Some(model) = topic_model.filter(|_| !matches!(e.code(), "downgrade" | "replay")) {
             let body = json!({
                 "device": self.d.device, "model": model, "version": peek.get("version"),
                 "state": "refused", "code": e.code(), "reason": e.to_string(),
@@ -873,7 +883,6 @@ impl Machine {
         );
         a.asked.remove(&index);
         a.last_chunk = Instant::now();
-        a.stalls = 0;
         let sha = sha.to_string();
         self.unsubscribe(&sha, index);
         let a = self.current.as_mut().expect("checked");
@@ -942,6 +951,7 @@ impl Machine {
         crate::crash_point(&format!("update:chunk-{}", a.nheld));
         a.received += len as u64;
         a.retry_at.remove(&index);
+        a.stalls = 0;
         let percent = (a.nheld * 100 / a.held.len().max(1)) as u64;
         if percent / 10 > a.last_percent / 10 && a.nheld < a.held.len() {
             a.last_percent = percent;
@@ -1130,38 +1140,82 @@ impl Machine {
         .unwrap_or_else(|e| Err(("internal", format!("verification panicked: {e}"))))
     }
 
-    /// Start watching the new version: the window runs on this process's monotonic clock from
-    /// now (a restart starts it again rather than trusting a wall clock that may have jumped).
-    /// A daemon that keeps restarting inside the window counts against the new version. With
+    /// Start watching the new version. A window runs on this process's monotonic clock. After
+    /// a clean stop it goes on where it was (the recorded end, but never more than a whole
+    /// window away, whatever the wall clock did); after a crash it starts again from now, and
+    /// the crash counts: a daemon that keeps dying in the window rolls the version back. With
     /// the daemon stopped (`ternd install`) there is nothing to watch yet.
     async fn watch(&self, a: &Active, resumed: bool) -> Option<HealthWatch> {
         if !self.in_daemon() {
             return None;
         }
         let window = self.d.cfg.health_window;
-        let until = now_ms() + window.as_millis() as i64;
+        let window_ms = window.as_millis() as i64;
         let id = a.id;
-        let restarts: i64 = self
+        let r = self
+            .d
+            .store
+            .call(move |c| {
+                let tx = c.transaction()?;
+                let (until, clean): (Option<i64>, i64) = tx.query_row(
+                    "SELECT health_until_ms, health_clean_stop FROM updates WHERE id = ?1",
+                    [id],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )?;
+                let now = now_ms();
+                let (until, crashed) = match until {
+                    Some(u) if resumed && clean == 1 => (u.clamp(now, now + window_ms), false),
+                    _ => (now + window_ms, resumed),
+                };
+                tx.execute(
+                    "UPDATE updates SET health_until_ms = ?2, health_clean_stop = 0,
+                       health_restarts = health_restarts + ?3 WHERE id = ?1",
+                    params![id, until, crashed as i64],
+                )?;
+                let restarts: i64 = tx.query_row(
+                    "SELECT health_restarts FROM updates WHERE id = ?1",
+                    [id],
+                    |r| r.get(0),
+                )?;
+                tx.commit()?;
+                Ok((until - now, restarts))
+            })
+            .await;
+        let (left_ms, restarts) = match r {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!(update = id, error = %e, "health window not recorded; watching from now");
+                (window_ms, 0)
+            }
+        };
+        Some(HealthWatch {
+            deadline: Instant::now() + Duration::from_millis(left_ms.max(0) as u64),
+            restarts: restarts as u64,
+        })
+    }
+
+    /// The daemon stops cleanly: a health window in progress is marked so, so the restart
+    /// neither counts as a crash nor starts the window over.
+    async fn stopping(&self) {
+        let Some(a) = &self.current else { return };
+        if a.state != State::Health || a.health.is_none() {
+            return;
+        }
+        let id = a.id;
+        let r = self
             .d
             .store
             .call(move |c| {
                 c.execute(
-                    "UPDATE updates SET health_until_ms = ?2,
-                       health_restarts = health_restarts + ?3 WHERE id = ?1",
-                    params![id, until, resumed as i64],
-                )?;
-                Ok(c.query_row(
-                    "SELECT health_restarts FROM updates WHERE id = ?1",
+                    "UPDATE updates SET health_clean_stop = 1 WHERE id = ?1",
                     [id],
-                    |r| r.get(0),
-                )?)
+                )?;
+                Ok(())
             })
-            .await
-            .unwrap_or(0);
-        Some(HealthWatch {
-            deadline: Instant::now() + window,
-            restarts: restarts as u64,
-        })
+            .await;
+        if let Err(e) = r {
+            tracing::warn!(update = id, error = %e, "clean stop not recorded");
+        }
     }
 
     /// During the health window: roll back on errors, a hung inference or a daemon that keeps
@@ -1236,6 +1290,12 @@ impl Machine {
             return;
         };
         match a.state {
+            State::Downloading if a.nheld == a.held.len() => {
+                // Everything is here but the step on was not recorded: try it again.
+                if a.retry_at_step.is_none_or(|t| Instant::now() >= t) {
+                    self.advance().await;
+                }
+            }
             State::Downloading => {
                 let now = Instant::now();
                 if now_ms() / 1000 > a.signed.expires {
@@ -1270,8 +1330,12 @@ impl Machine {
                 self.publish_status(false);
             }
             State::Health => self.check_health().await,
-            // A step whose record failed: try it again.
-            _ => self.advance().await,
+            // A step whose record failed: try it again, not on every tick.
+            _ => {
+                if a.retry_at_step.is_none_or(|t| Instant::now() >= t) {
+                    self.advance().await;
+                }
+            }
         }
     }
 
@@ -1306,7 +1370,9 @@ impl Machine {
             })
             .await;
         if let Err(e) = r {
-            tracing::error!(update = id, state = state.as_str(), error = %e, "update state not recorded; trying again");
+            tracing::error!(update = id, state = state.as_str(), error = %e, "update state not recorded; trying again in {STEP_RETRY:?}");
+            self.current.as_mut().expect("an update").retry_at_step =
+                Some(Instant::now() + STEP_RETRY);
             return Err(e);
         }
         self.current.as_mut().expect("an update").state = state;
@@ -1601,21 +1667,21 @@ impl Machine {
 
     /// Install from a bundle file: the same verification as over MQTT, the artifact copied
     /// from the file (each chunk checked) instead of fetched. Returns the update's id.
-    pub async fn install_file(&mut self, path: &Path) -> Result<i64, RefusalError> {
+    pub async fn install_file(&mut self, path: &Path) -> Result<i64, InstallError> {
         let bundle = {
             let p = path.to_path_buf();
             tokio::task::spawn_blocking(move || BundleFile::open(&p))
                 .await
-                .map_err(|e| RefusalError::Malformed(e.to_string()))?
+                .map_err(|e| InstallError::Refused(RefusalError::Malformed(e.to_string())))?
         };
         let bundle = match bundle {
             Ok(b) => b,
             Err(UnpackError::Refused(e)) => {
                 self.refused(&path.display().to_string(), b"", &e).await;
-                return Err(e);
+                return Err(e.into());
             }
             Err(e @ UnpackError::Io { .. }) => {
-                return Err(RefusalError::Malformed(e.to_string()));
+                return Err(RefusalError::Malformed(e.to_string()).into());
             }
         };
         let source = format!("file:{}", path.display());
@@ -1626,19 +1692,16 @@ impl Machine {
         if let Some(id) = self.serving(&payload).await {
             return Ok(id);
         }
-        if self.current.is_some() {
-            return Err(RefusalError::Malformed(
-                "another update is in progress; try again when it ends".into(),
-            ));
+        if let Some((id, state)) = self.current_state() {
+            return Err(InstallError::Busy { id, state });
         }
         let digest = tern_update::sha256_hex(&payload);
         let id = match self.offer_new(&source, payload, digest).await {
             Offer::Accepted(id) => id,
-            Offer::Refused(e) => return Err(e),
+            Offer::Refused(e) => return Err(e.into()),
             Offer::Queued | Offer::Known => {
-                return Err(RefusalError::Malformed(
-                    "another update is in progress; try again when it ends".into(),
-                ));
+                let (id, state) = self.current_state().unwrap_or((0, State::Downloading));
+                return Err(InstallError::Busy { id, state });
             }
         };
         if !self
@@ -1809,13 +1872,37 @@ impl Machine {
     }
 }
 
-/// The model name a manifest claims (unverified).
-fn peek_name(payload: &[u8]) -> Option<String> {
-    serde_json::from_slice::<Value>(payload)
-        .ok()?
-        .pointer("/signed/name")?
-        .as_str()
-        .map(str::to_string)
+/// Why a bundle file was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    #[error("update {id} is still open ({}); it must end first", state.as_str())]
+    Busy { id: i64, state: State },
+    #[error(transparent)]
+    Refused(#[from] RefusalError),
+}
+
+impl InstallError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            InstallError::Busy { .. } => "busy",
+            InstallError::Refused(r) => r.code(),
+        }
+    }
+}
+
+/// The model name and version a manifest claims (unverified).
+fn peek(payload: &[u8]) -> (Option<String>, Option<semver::Version>) {
+    let Ok(v) = serde_json::from_slice::<Value>(payload) else {
+        return (None, None);
+    };
+    (
+        v.pointer("/signed/name")
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        v.pointer("/signed/version")
+            .and_then(Value::as_str)
+            .and_then(|v| semver::Version::parse(v).ok()),
+    )
 }
 
 /// Tell `ternd install` how its bundle ended: `<spool>/<name>.result`, written whole.
@@ -1901,12 +1988,10 @@ async fn install_here(config: &crate::config::Config, bundle: &Path) -> Result<V
         pools,
     });
     m.resume().await;
-    let open = m.current_state();
     let id = match m.install_file(bundle).await {
         Ok(id) => id,
-        // Installed already and serving is fine (above); anything else waits for the open
-        // update, which only a running daemon can finish.
-        Err(_) if let Some((id, state)) = open => {
+        // Only a running daemon can finish the open update (its health window, say).
+        Err(InstallError::Busy { id, state }) => {
             return Err(format!(
                 "update {id} is still open ({}): start ternd to let it finish first",
                 state.as_str()

@@ -300,11 +300,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             threshold,
             key,
         } => {
-            for (i, k) in new_keys.iter().enumerate() {
-                PublicKey::parse(k).with_context(|| format!("--new-key {k}"))?;
-                if new_keys[..i].contains(k) {
+            let mut parsed = Vec::new();
+            for k in &new_keys {
+                let p = PublicKey::parse(k).with_context(|| format!("--new-key {k}"))?;
+                if parsed.contains(&p) {
                     bail!("--new-key {k} is given twice");
                 }
+                parsed.push(p);
             }
             if threshold == 0 || threshold > new_keys.len() {
                 bail!("--threshold {threshold} for {} key(s)", new_keys.len());

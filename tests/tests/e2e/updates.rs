@@ -1055,6 +1055,24 @@ fn restarts_in_the_health_window_roll_back_and_a_cleared_manifest_stops_its_down
     event(&mut w, "hr-1", "health window", |e| {
         e["event"] == "update.health"
     });
+    // A clean stop and start (an upgrade, a reboot) is not held against the new version.
+    daemon.signal("TERM").unwrap();
+    assert!(daemon.wait(T).unwrap().success());
+    let flag = "SELECT health_clean_stop FROM updates WHERE version = '1.1.0'";
+    assert_eq!(count(&bx.state, flag), Some(1));
+    daemon = Daemon::spawn(&bx.config, None, &[]).unwrap();
+    let state = bx.state.clone();
+    wait_for("the clean restart resumed the window", T, || {
+        (count(&state, flag) == Some(0)).then_some(())
+    })
+    .unwrap();
+    assert_eq!(
+        count(
+            &bx.state,
+            "SELECT health_restarts FROM updates WHERE version = '1.1.0'"
+        ),
+        Some(0)
+    );
     for n in 1..=3 {
         daemon.signal("KILL").unwrap();
         daemon.wait(T).unwrap();
