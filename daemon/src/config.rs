@@ -46,6 +46,23 @@ pub struct RawConfig {
     pub outbox: RawOutbox,
     #[serde(default)]
     pub updates: RawUpdates,
+    #[serde(default)]
+    pub dbus: RawDbus,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDbus {
+    /// `system` (default), `session`, `none`, or a D-Bus address (`unix:path=...`).
+    pub bus: Option<String>,
+}
+
+/// Where the local API is served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Bus {
+    System,
+    Session,
+    Address(String),
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -193,6 +210,8 @@ pub struct Config {
     pub fleet: Option<FleetConfig>,
     pub outbox: OutboxConfig,
     pub updates: UpdatesConfig,
+    /// None: no D-Bus interface.
+    pub dbus: Option<Bus>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -806,6 +825,19 @@ fn validate(raw: RawConfig, base: &Path, sources: &[Source]) -> Result<Config, C
         budget_bytes: (budget_mib.max(0.0) * 1024.0 * 1024.0) as u64,
     };
     let updates = validate_updates(&raw.updates, &mut report);
+    let dbus = match raw.dbus.bus.as_deref().unwrap_or("system") {
+        "system" => Some(Bus::System),
+        "session" => Some(Bus::Session),
+        "none" => None,
+        a if a.contains(':') && a.contains('=') => Some(Bus::Address(a.to_string())),
+        other => {
+            report(
+                "dbus.bus".into(),
+                format!("`{other}` is not `system`, `session`, `none` or a D-Bus address"),
+            );
+            None
+        }
+    };
 
     if problems.is_empty() {
         Ok(Config {
@@ -817,6 +849,7 @@ fn validate(raw: RawConfig, base: &Path, sources: &[Source]) -> Result<Config, C
             fleet,
             outbox,
             updates,
+            dbus,
         })
     } else {
         Err(ConfigError(problems))

@@ -6,6 +6,7 @@ pub mod control;
 pub mod engine;
 pub mod feeds;
 pub mod fleet;
+pub mod local;
 pub mod outbox;
 pub mod pipeline;
 pub mod registry;

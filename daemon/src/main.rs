@@ -116,6 +116,12 @@ fn check_config(path: &Path) -> ExitCode {
             } else {
                 println!("updates: off (no updates.keys)");
             }
+            match &c.dbus {
+                Some(config::Bus::System) => println!("dbus: io.tern.Daemon1 on the system bus"),
+                Some(config::Bus::Session) => println!("dbus: io.tern.Daemon1 on the session bus"),
+                Some(config::Bus::Address(a)) => println!("dbus: io.tern.Daemon1 at {a}"),
+                None => println!("dbus: off"),
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -187,6 +187,23 @@ pub async fn run(
         },
         _ => None,
     };
+    // The local API. A box without the bus (a container, a developer's laptop) runs on
+    // without it: say so once.
+    let _dbus = match &config.dbus {
+        Some(bus) => {
+            match crate::local::serve(bus, control.clone(), config.state_dir.clone()).await {
+                Ok(conn) => {
+                    tracing::info!(bus = ?bus, "D-Bus interface io.tern.Daemon1 served");
+                    Some(conn)
+                }
+                Err(e) => {
+                    tracing::warn!(bus = ?bus, error = %e, "D-Bus interface not served (set dbus.bus = \"none\" to silence this)");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
     tracing::info!(status = %summary, "ready");
     notify(&[NotifyState::Ready, NotifyState::Status(&summary)]);
 

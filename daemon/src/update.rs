@@ -1938,7 +1938,10 @@ pub async fn install(
     match crate::service::lock_state_dir(&config.state_dir) {
         Ok(_lock) => install_here(config, bundle).await,
         Err(crate::service::ServiceError::Locked { .. }) => {
-            install_via_daemon(&config.state_dir, bundle, wait).await
+            eprintln!(
+                "ternd install: handing the bundle to the running ternd; waiting for the update to end"
+            );
+            hand_over(&config.state_dir, bundle, wait).await
         }
         Err(e) => Err(e.to_string()),
     }
@@ -2004,11 +2007,9 @@ async fn install_here(config: &crate::config::Config, bundle: &Path) -> Result<V
         .ok_or_else(|| format!("update {id} not found"))
 }
 
-async fn install_via_daemon(
-    state_dir: &Path,
-    bundle: &Path,
-    wait: Duration,
-) -> Result<Value, String> {
+/// Hand a bundle to the running daemon through its spool directory and wait up to `wait` for
+/// the outcome (`ternd install` with a daemon running, and D-Bus `InstallBundle`).
+pub async fn hand_over(state_dir: &Path, bundle: &Path, wait: Duration) -> Result<Value, String> {
     let spool = Machine::spool_dir(state_dir);
     std::fs::create_dir_all(&spool).map_err(|e| format!("{}: {e}", spool.display()))?;
     let stem = format!("{}-{}", now_ms(), std::process::id());
@@ -2021,7 +2022,6 @@ async fn install_via_daemon(
         File::open(&spool)?.sync_all()
     };
     copy().map_err(|e| format!("handing {} to the running ternd: {e}", bundle.display()))?;
-    eprintln!("ternd install: handed to the running ternd; waiting for the update to end");
     let result = spool.join(format!("{stem}.result"));
     let deadline = Instant::now() + wait;
     loop {

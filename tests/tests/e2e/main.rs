@@ -2,6 +2,7 @@
 
 mod check_config;
 mod daemon;
+mod dbus;
 mod fleet;
 mod infer;
 mod systemd;

@@ -1,0 +1,241 @@
+//! The local API on a real dbus-daemon, started by the test with a system-type configuration
+//! that includes `configs/io.tern.Daemon1.conf`, driven with `busctl` as root and as `nobody`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use tern_tests::*;
+
+const T: Duration = Duration::from_secs(60);
+
+struct Bus {
+    child: Child,
+    address: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Bus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A private system-type bus with the system bus's default rules and our policy.
+fn system_bus() -> Option<Bus> {
+    if !need("dbus-daemon") || !need("busctl") {
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // `nobody` must reach the socket.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let socket = dir.path().join("system_bus_socket");
+    let conf = dir.path().join("system.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <listen>unix:path={socket}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/>
+    <deny own="*"/>
+    <deny send_type="method_call"/>
+    <allow send_type="signal"/>
+    <allow send_requested_reply="true" send_type="method_return"/>
+    <allow send_requested_reply="true" send_type="error"/>
+    <allow receive_type="method_call"/>
+    <allow receive_type="method_return"/>
+    <allow receive_type="error"/>
+    <allow receive_type="signal"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Peer"/>
+  </policy>
+  <include>{policy}</include>
+</busconfig>
+"#,
+            socket = socket.display(),
+            policy = root().join("configs/io.tern.Daemon1.conf").display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new("dbus-daemon")
+        .arg(format!("--config-file={}", conf.display()))
+        .args(["--nofork", "--nopidfile"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let s = socket.clone();
+    wait_for("the bus socket", T, || s.exists().then_some(())).unwrap();
+    Some(Bus {
+        child,
+        address: format!("unix:path={}", socket.display()),
+        _dir: dir,
+    })
+}
+
+fn busctl(bus: &Bus, as_nobody: bool, args: &[&str]) -> Output {
+    let mut cmd = if as_nobody {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "busctl"]);
+        c
+    } else {
+        Command::new("busctl")
+    };
+    cmd.arg(format!("--address={}", bus.address))
+        .args(["--json=short"])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn call(bus: &Bus, as_nobody: bool, method: &str, sig_args: &[&str]) -> Output {
+    let mut a = vec![
+        "call",
+        "io.tern.Daemon1",
+        "/io/tern/Daemon1",
+        "io.tern.Daemon1",
+        method,
+    ];
+    a.extend_from_slice(sig_args);
+    busctl(bus, as_nobody, &a)
+}
+
+/// The JSON document a method returned (busctl wraps it as `{"type":"s","data":["..."]}`).
+fn reply(o: &Output) -> serde_json::Value {
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    serde_json::from_str(v["data"][0].as_str().unwrap()).unwrap()
+}
+
+fn error_of(o: &Output) -> String {
+    assert!(
+        !o.status.success(),
+        "expected an error: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+fn config(dir: &Path, address: &str) -> PathBuf {
+    let inbox = dir.join("inbox");
+    std::fs::create_dir_all(&inbox).unwrap();
+    let p = dir.join("ternd.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "state_dir = \"state\"\n[[models]]\npackage = \"{}\"\n[[feeds]]\nkind = \"directory\"\nname = \"inbox\"\npath = \"inbox\"\n[[pipelines]]\nname = \"digits\"\nfeed = \"inbox\"\nmodel = \"digits-mlp-int8\"\n[dbus]\nbus = \"{address}\"\n",
+            package("digits-mlp-int8").display()
+        ),
+    )
+    .unwrap();
+    p
+}
+
+#[test]
+fn local_api_on_a_system_bus_with_the_policy() {
+    let Some(bus) = system_bus() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config(d.path(), &bus.address);
+    let _daemon = Daemon::spawn(&cfg, None, &[]).unwrap();
+    wait_for("io.tern.Daemon1 on the bus", T, || {
+        call(&bus, false, "Status", &[])
+            .status
+            .success()
+            .then_some(())
+    })
+    .unwrap();
+
+    let status = reply(&call(&bus, false, "Status", &[]));
+    assert!(
+        status["status"].as_str().unwrap().starts_with("ready"),
+        "{status}"
+    );
+    assert_eq!(status["models"][0]["name"], "digits-mlp-int8");
+    let models = reply(&call(&bus, false, "ListModels", &[]));
+    assert!(models.to_string().contains("\"1.0.0\""), "{models}");
+    let pipelines = reply(&call(&bus, false, "ListPipelines", &[]));
+    assert_eq!(pipelines[0]["name"], "digits", "{pipelines}");
+
+    // An image as bytes: busctl takes `ay N b1 b2 ...`.
+    let png = std::fs::read(root().join("configs/demo/inbox/digit-3.png")).unwrap();
+    let mut args: Vec<String> = vec![
+        "say".into(),
+        "digits-mlp-int8".into(),
+        png.len().to_string(),
+    ];
+    args.extend(png.iter().map(|b| b.to_string()));
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let pred = reply(&call(&bus, false, "Infer", &argv));
+    assert_eq!(pred["top"][0]["label"], "3", "{pred}");
+
+    // Named errors, the same codes as over MQTT.
+    let e = error_of(&call(
+        &bus,
+        false,
+        "Activate",
+        &["ss", "digits-mlp-int8", "9.9.9"],
+    ));
+    assert!(e.contains("not installed"), "{e}");
+    let e = error_of(&call(&bus, false, "Rollback", &["s", "digits-mlp-int8"]));
+    assert!(e.contains("no previous version"), "{e}");
+    let e = error_of(&call(
+        &bus,
+        false,
+        "Infer",
+        &["say", "no-such-model", "1", "0"],
+    ));
+    assert!(e.contains("no-such-model"), "{e}");
+
+    let o = busctl(
+        &bus,
+        false,
+        &[
+            "get-property",
+            "io.tern.Daemon1",
+            "/io/tern/Daemon1",
+            "io.tern.Daemon1",
+            "ActiveModels",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["data"]["digits-mlp-int8"], "1.0.0", "{v}");
+
+    // Someone else on the box: reads and inferences, not state changes.
+    if !need("setpriv") {
+        return;
+    }
+    let status = reply(&call(&bus, true, "Status", &[]));
+    assert!(status["status"].is_string());
+    let e = error_of(&call(&bus, true, "Rollback", &["s", "digits-mlp-int8"]));
+    assert!(
+        e.contains("Access denied") || e.contains("AccessDenied"),
+        "{e}"
+    );
+    let e = error_of(&call(
+        &bus,
+        true,
+        "Activate",
+        &["ss", "digits-mlp-int8", "1.0.0"],
+    ));
+    assert!(
+        e.contains("Access denied") || e.contains("AccessDenied"),
+        "{e}"
+    );
+    let e = error_of(&call(&bus, true, "InstallBundle", &["s", "/tmp/x.bundle"]));
+    assert!(
+        e.contains("Access denied") || e.contains("AccessDenied"),
+        "{e}"
+    );
+}
