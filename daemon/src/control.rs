@@ -106,6 +106,28 @@ pub const MAX_QUERY_BYTES: usize = 96 * 1024;
 /// How long an `infer` command waits for its model.
 pub const INFER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// What the local API (D-Bus) says as signals, fed by whoever did it.
+#[derive(Debug, Clone)]
+pub enum LocalEvent {
+    /// A pipeline stored a result (the same JSON as its MQTT message).
+    Result {
+        pipeline: String,
+        json: String,
+    },
+    ModelActivated {
+        model: String,
+        version: String,
+    },
+    Update {
+        model: String,
+        version: String,
+        state: String,
+        percent: u32,
+    },
+    /// The daemon's state or its active models changed.
+    StateChanged,
+}
+
 #[derive(Debug, Clone)]
 pub enum Command {
     Ping,
@@ -329,6 +351,7 @@ struct Inner {
     changed: Notify,
     fleet_connected: AtomicBool,
     fleet_session: AtomicU64,
+    local: tokio::sync::broadcast::Sender<LocalEvent>,
 }
 
 impl Control {
@@ -352,6 +375,7 @@ impl Control {
                 changed: Notify::new(),
                 fleet_connected: AtomicBool::new(false),
                 fleet_session: AtomicU64::new(0),
+                local: tokio::sync::broadcast::channel(256).0,
             }),
         }
     }
@@ -376,11 +400,27 @@ impl Control {
     pub fn set_state(&self, s: DaemonState) {
         *self.inner.state.write().expect("state lock") = s;
         self.inner.changed.notify_one();
+        self.local(LocalEvent::StateChanged);
     }
 
     /// Something others report changed (an update activated a model): say so again.
     pub fn touch(&self) {
         self.inner.changed.notify_one();
+        self.local(LocalEvent::StateChanged);
+    }
+
+    /// Tell local listeners (D-Bus signals); nobody listening is fine.
+    pub fn local(&self, e: LocalEvent) {
+        let _ = self.inner.local.send(e);
+    }
+
+    /// The sender pipelines report results on.
+    pub fn local_sender(&self) -> tokio::sync::broadcast::Sender<LocalEvent> {
+        self.inner.local.clone()
+    }
+
+    pub fn subscribe_local(&self) -> tokio::sync::broadcast::Receiver<LocalEvent> {
+        self.inner.local.subscribe()
     }
 
     pub async fn changed(&self) {
@@ -436,14 +476,22 @@ impl Control {
                     .await?;
                 self.event(json!({"event": "model.activated", "model": name, "version": version.to_string(), "by": "command"}))
                     .await;
-                self.inner.changed.notify_one();
+                self.local(LocalEvent::ModelActivated {
+                    model: name.clone(),
+                    version: version.to_string(),
+                });
+                self.touch();
                 Ok(json!({"model": name, "active": version.to_string()}))
             }
             Command::Rollback { name } => {
                 let (from, to) = self.inner.registry.lock().await.rollback(&name).await?;
                 self.event(json!({"event": "model.rolled_back", "model": name, "from": from, "to": to, "by": "command"}))
                     .await;
-                self.inner.changed.notify_one();
+                self.local(LocalEvent::ModelActivated {
+                    model: name.clone(),
+                    version: to.clone(),
+                });
+                self.touch();
                 Ok(json!({"model": name, "from": from, "active": to}))
             }
             Command::Infer { model, input } => {

@@ -10,8 +10,9 @@ use std::path::PathBuf;
 
 use serde_json::{Value, json};
 use zbus::interface;
+use zbus::object_server::SignalEmitter;
 
-use crate::control::{CmdError, Code, Command, Control};
+use crate::control::{CmdError, Code, Command, Control, LocalEvent};
 
 /// The D-Bus errors, one per reply code.
 #[derive(Debug, zbus::DBusError)]
@@ -142,6 +143,32 @@ impl Daemon1 {
         }
     }
 
+    /// A pipeline stored a result: its JSON (the same document as its MQTT message).
+    #[zbus(signal)]
+    async fn result_ready(
+        emitter: &SignalEmitter<'_>,
+        pipeline: &str,
+        json: &str,
+    ) -> zbus::Result<()>;
+
+    /// A version of a model became the active one (activation, rollback, update).
+    #[zbus(signal)]
+    async fn model_activated(
+        emitter: &SignalEmitter<'_>,
+        model: &str,
+        version: &str,
+    ) -> zbus::Result<()>;
+
+    /// An update moved on: its state (`downloading`, ..., `committed`) and percent downloaded.
+    #[zbus(signal)]
+    async fn update_progress(
+        emitter: &SignalEmitter<'_>,
+        model: &str,
+        version: &str,
+        state: &str,
+        percent: u32,
+    ) -> zbus::Result<()>;
+
     /// The daemon's one-line state (`ready: ...`, `degraded: ...`).
     #[zbus(property)]
     async fn state(&self) -> String {
@@ -176,9 +203,60 @@ pub async fn serve(
         crate::config::Bus::Session => zbus::connection::Builder::session()?,
         crate::config::Bus::Address(a) => zbus::connection::Builder::address(a.as_str())?,
     };
-    builder
+    let events = control.subscribe_local();
+    let conn = builder
         .name("io.tern.Daemon1")?
-        .serve_at("/io/tern/Daemon1", Daemon1::new(control, state_dir))?
+        .serve_at(PATH, Daemon1::new(control, state_dir))?
         .build()
-        .await
+        .await?;
+    tokio::spawn(signals(conn.clone(), events));
+    Ok(conn)
+}
+
+const PATH: &str = "/io/tern/Daemon1";
+
+/// Say what happens as signals and property changes, for as long as the connection lives.
+async fn signals(conn: zbus::Connection, mut events: tokio::sync::broadcast::Receiver<LocalEvent>) {
+    let iface = match conn.object_server().interface::<_, Daemon1>(PATH).await {
+        Ok(i) => i,
+        Err(e) => {
+            tracing::error!(error = %e, "D-Bus signals not sent");
+            return;
+        }
+    };
+    loop {
+        let e = match events.recv().await {
+            Ok(e) => e,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(missed = n, "D-Bus signals fell behind; some were not sent");
+                continue;
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        };
+        let em = iface.signal_emitter();
+        let sent = match &e {
+            LocalEvent::Result { pipeline, json } => {
+                Daemon1::result_ready(em, pipeline, json).await
+            }
+            LocalEvent::ModelActivated { model, version } => {
+                Daemon1::model_activated(em, model, version).await
+            }
+            LocalEvent::Update {
+                model,
+                version,
+                state,
+                percent,
+            } => Daemon1::update_progress(em, model, version, state, *percent).await,
+            LocalEvent::StateChanged => {
+                let d = iface.get().await;
+                match d.state_changed(em).await {
+                    Ok(()) => d.active_models_changed(em).await,
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        if let Err(err) = sent {
+            tracing::debug!(error = %err, "D-Bus signal not sent");
+        }
+    }
 }

@@ -12,11 +12,12 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{FeedConfig, PipelineConfig};
+use crate::control::LocalEvent;
 use crate::engine::{EngineError, ModelPool, Prediction};
 use crate::feeds::Sample;
 use crate::feeds::directory::{DirectoryFeed, Outcome};
@@ -52,6 +53,7 @@ pub fn spawn(
     pool: ModelPool,
     store: Store,
     outbox: Option<Outbox>,
+    local: Option<broadcast::Sender<LocalEvent>>,
     cancel: CancellationToken,
 ) -> Running {
     let (tx, rx) = mpsc::channel(SAMPLE_QUEUE);
@@ -101,6 +103,7 @@ pub fn spawn(
         pool,
         store,
         outbox,
+        local,
         rx,
         stats.clone(),
     ));
@@ -120,6 +123,7 @@ async fn serve(
     pool: ModelPool,
     store: Store,
     outbox: Option<Outbox>,
+    local: Option<broadcast::Sender<LocalEvent>>,
     mut rx: mpsc::Receiver<Sample>,
     stats: Arc<PipelineStats>,
 ) {
@@ -174,24 +178,29 @@ async fn serve(
         let record = done.clone();
         let ob = outbox.clone();
         let published = outcome.is_some() && outbox.is_some();
+        let signal = local.as_ref().filter(|l| l.receiver_count() > 0).is_some();
         let stored = store
             .call(move |c| {
                 let tx = c.transaction()?;
+                let mut said = None;
                 if let Some(pred) = outcome {
                     let id = insert_result(&tx, &pname, &source, ts, &pred)?;
+                    let body = serde_json::json!({
+                        "id": id,
+                        "pipeline": pname,
+                        "source": source,
+                        "ts_ms": ts,
+                        "model": pred.model,
+                        "version": pred.version,
+                        "top": pred.top,
+                        "latency_us": pred.latency_us,
+                    });
+                    if signal {
+                        said = Some(body.to_string());
+                    }
                     // The result and its upstream message commit together: a result is never
                     // stored without being on its way to the fleet, nor sent without being stored.
                     if let Some(ob) = &ob {
-                        let body = serde_json::json!({
-                            "id": id,
-                            "pipeline": pname,
-                            "source": source,
-                            "ts_ms": ts,
-                            "model": pred.model,
-                            "version": pred.version,
-                            "top": pred.top,
-                            "latency_us": pred.latency_us,
-                        });
                         let topic = format!("{}/results/{pname}", ob.base);
                         ob.enqueue(
                             &tx,
@@ -213,12 +222,18 @@ async fn serve(
                     )?;
                 }
                 tx.commit()?;
-                Ok(())
+                Ok(said)
             })
             .await;
         crate::crash_point("result:committed");
         match stored {
-            Ok(()) => {
+            Ok(said) => {
+                if let (Some(l), Some(json)) = (&local, said) {
+                    let _ = l.send(LocalEvent::Result {
+                        pipeline: name.clone(),
+                        json,
+                    });
+                }
                 if let Some(ob) = outbox.as_ref().filter(|_| published) {
                     ob.wake();
                 }

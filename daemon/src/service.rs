@@ -272,6 +272,7 @@ impl Daemon {
                         pool,
                         self.store.clone(),
                         self.outbox.clone(),
+                        Some(self.control.local_sender()),
                         self.cancel.child_token(),
                     );
                     self.pipelines.push(run);

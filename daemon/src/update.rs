@@ -1060,6 +1060,12 @@ impl Machine {
                     match r {
                         Ok(()) => {
                             crate::crash_point("update:activated");
+                            if let Some(c) = &self.d.control {
+                                c.local(crate::control::LocalEvent::ModelActivated {
+                                    model: name.clone(),
+                                    version: version.to_string(),
+                                });
+                            }
                             self.touch();
                             let a = self.current.as_ref().expect("current");
                             let w = self.watch(a, false).await;
@@ -1259,6 +1265,12 @@ impl Machine {
                 .await;
             match r {
                 Ok(to) => {
+                    if let Some(c) = &self.d.control {
+                        c.local(crate::control::LocalEvent::ModelActivated {
+                            model: name.clone(),
+                            version: to.clone(),
+                        });
+                    }
                     self.touch();
                     self.finish(
                         State::RolledBack,
@@ -1852,6 +1864,14 @@ impl Machine {
         if let Some((code, reason)) = &a.outcome {
             body["code"] = code.clone().into();
             body["reason"] = reason.clone().into();
+        }
+        if let Some(c) = &self.d.control {
+            c.local(crate::control::LocalEvent::Update {
+                model: a.signed.name.clone(),
+                version: a.signed.version.clone(),
+                state: a.state.as_str().to_string(),
+                percent: (a.nheld * 100 / a.held.len().max(1)) as u32,
+            });
         }
         self.statuses.insert(a.signed.name.clone(), body);
         self.say_status(Some(&a.signed.name.clone()));

@@ -212,6 +212,62 @@ fn local_api_on_a_system_bus_with_the_policy() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["data"]["digits-mlp-int8"], "1.0.0", "{v}");
 
+    // Signals, received by a plain client: a result stored by the pipeline, an activation.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (result, activated) = rt.block_on(async {
+        use futures_util::StreamExt as _;
+        let conn = zbus::connection::Builder::address(bus.address.as_str())
+            .unwrap()
+            .build()
+            .await
+            .unwrap();
+        let proxy = zbus::Proxy::new(
+            &conn,
+            "io.tern.Daemon1",
+            "/io/tern/Daemon1",
+            "io.tern.Daemon1",
+        )
+        .await
+        .unwrap();
+        let mut results = proxy.receive_signal("ResultReady").await.unwrap();
+        let mut activations = proxy.receive_signal("ModelActivated").await.unwrap();
+        std::fs::copy(
+            root().join("configs/demo/inbox/digit-7.png"),
+            d.path().join("inbox/seven.png"),
+        )
+        .unwrap();
+        let r = tokio::time::timeout(T, results.next())
+            .await
+            .expect("ResultReady within the deadline")
+            .unwrap();
+        let (pipeline, json): (String, String) = r.body().deserialize().unwrap();
+        let _: serde_json::Value = proxy
+            .call("Activate", &("digits-mlp-int8", "1.0.0"))
+            .await
+            .map(|s: String| serde_json::from_str(&s).unwrap())
+            .unwrap();
+        let a = tokio::time::timeout(T, activations.next())
+            .await
+            .expect("ModelActivated within the deadline")
+            .unwrap();
+        let (model, version): (String, String) = a.body().deserialize().unwrap();
+        ((pipeline, json), (model, version))
+    });
+    assert_eq!(result.0, "digits");
+    let v: serde_json::Value = serde_json::from_str(&result.1).unwrap();
+    assert_eq!(
+        (
+            v["source"].as_str().map(|s| s.ends_with("seven.png")),
+            v["top"][0]["label"].as_str()
+        ),
+        (Some(true), Some("7")),
+        "{v}"
+    );
+    assert_eq!(
+        activated,
+        ("digits-mlp-int8".to_string(), "1.0.0".to_string())
+    );
+
     // Someone else on the box: reads and inferences, not state changes.
     if !need("setpriv") {
         return;
