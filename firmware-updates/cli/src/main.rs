@@ -162,6 +162,17 @@ enum Cmd {
         command_key: Option<PathBuf>,
         bundle: PathBuf,
     },
+    /// Take a published bundle off the broker: clear its retained manifest on the group's or
+    /// device's update topic (boxes stop a download of it in progress) and its retained chunks.
+    Withdraw {
+        #[command(flatten)]
+        broker: BrokerArgs,
+        #[arg(long, conflicts_with = "device", required_unless_present = "device")]
+        group: Option<String>,
+        #[arg(long)]
+        device: Option<String>,
+        bundle: PathBuf,
+    },
     /// Show the rollout in a group: each device's update state, live (or once).
     Status {
         #[command(flatten)]
@@ -344,6 +355,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 command_key: command_key.map(|k| load_key(&k)).transpose()?,
                 bundle: path,
             }));
+        }
+        Cmd::Withdraw {
+            broker,
+            group,
+            device,
+            bundle: path,
+        } => {
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(mqtt::withdraw(broker, group, device, &path))?;
         }
         Cmd::Status {
             broker,

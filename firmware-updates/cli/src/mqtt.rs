@@ -378,6 +378,43 @@ async fn canary(
     Ok(false)
 }
 
+/// Clear a bundle's retained manifest and chunks.
+pub async fn withdraw(
+    b: BrokerArgs,
+    group: Option<String>,
+    device: Option<String>,
+    path: &std::path::Path,
+) -> anyhow::Result<()> {
+    let bundle = BundleFile::open(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let signed: Signed = serde_json::from_value(bundle.manifest.signed.clone())
+        .with_context(|| format!("{}: manifest", path.display()))?;
+    let prefix = b.prefix.clone();
+    let topic = match (&group, &device) {
+        (Some(g), _) => format!("{prefix}/fleet/{g}/update/{}", signed.name),
+        (None, Some(d)) => format!("{prefix}/{d}/update/{}", signed.name),
+        (None, None) => bail!("give --group or --device"),
+    };
+    let mut conn = connect(&b).await?;
+    conn.publish(&topic, Vec::new(), true).await?;
+    let a = &signed.artifact;
+    for i in 0..a.chunks.len() {
+        conn.publish(
+            &format!("{prefix}/artifacts/{}/{i}", a.sha256),
+            Vec::new(),
+            true,
+        )
+        .await?;
+    }
+    conn.settle(Duration::from_secs(60)).await?;
+    println!(
+        "withdrawn: {topic} and {} chunks under {prefix}/artifacts/{}",
+        a.chunks.len(),
+        a.sha256
+    );
+    let _ = conn.client.disconnect().await;
+    Ok(())
+}
+
 pub async fn status(b: BrokerArgs, group: &str, once: bool, as_json: bool) -> anyhow::Result<()> {
     let prefix = b.prefix.clone();
     let mut conn = connect(&b).await?;

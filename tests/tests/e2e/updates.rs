@@ -223,6 +223,24 @@ fn late_joiner_gets_the_update_published_by_the_tool() {
         (Some("1.1.0"), Some("committed"), Some(100)),
         "{row}"
     );
+
+    // Withdrawn: the broker keeps neither the manifest nor any chunk.
+    let out = run(&["withdraw", "--broker", &url, "--group", "lab", "u.bundle"]);
+    assert!(out.starts_with("withdrawn:"), "{out}");
+    let mut c = client(
+        &broker,
+        false,
+        "after-withdraw",
+        &["tern/fleet/lab/update/+", "tern/artifacts/#", SYNC],
+    );
+    c.sync(SYNC).unwrap();
+    let left: Vec<String> = c
+        .drain()
+        .into_iter()
+        .filter(|m| m.topic != SYNC)
+        .map(|m| m.topic)
+        .collect();
+    assert!(left.is_empty(), "still retained: {left:?}");
 }
 
 /// Every attack on the manifest and the artifact, each refused with its own code and no
