@@ -58,6 +58,17 @@ pub struct Backlog {
 }
 
 impl Outbox {
+    /// The outbox of a configured box: only with a fleet link (without a broker to send to, it
+    /// would grow to its budget and then drop).
+    pub fn for_config(config: &crate::config::Config) -> Option<Outbox> {
+        config.fleet.as_ref().map(|f| {
+            Outbox::new(
+                format!("{}/{}", f.prefix, f.device),
+                config.outbox.budget_bytes,
+            )
+        })
+    }
+
     pub fn new(base: String, budget_bytes: u64) -> Outbox {
         Outbox {
             base,

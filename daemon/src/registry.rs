@@ -160,7 +160,6 @@ impl Registry {
         cfg: PoolConfig,
     ) -> Result<(), RegistryError> {
         let previous = self.previous(name).await?;
-        let (n, v, r) = (name.to_string(), version.to_string(), reason.to_string());
         match previous {
             Some(prev) => {
                 let model = match load(prev.path.clone(), cfg).await {
@@ -170,21 +169,7 @@ impl Registry {
                         return Err(e.into());
                     }
                 };
-                let p = prev.version.clone();
-                self.store
-                    .call(move |c| {
-                        let tx = c.transaction()?;
-                        tx.execute(
-                            "UPDATE model_versions SET state = 'failed', failure = ?3 WHERE name = ?1 AND version = ?2",
-                            params![n, v, r],
-                        )?;
-                        tx.execute(
-                            "UPDATE model_versions SET state = 'active', activated_at = ?3 WHERE name = ?1 AND version = ?2",
-                            params![n, p, now_ms()],
-                        )?;
-                        tx.commit()?;
-                        Ok(())
-                    })
+                self.replace_failed(name, version, reason, &prev.version)
                     .await?;
                 tracing::warn!(model = name, from = version, to = %prev.version, "rolled back to the previous version");
                 self.pools
@@ -192,6 +177,38 @@ impl Registry {
             }
             None => self.mark_failed(name, version, reason).await?,
         }
+        Ok(())
+    }
+
+    /// One transaction: `version` failed for `reason`, `previous` active again.
+    async fn replace_failed(
+        &self,
+        name: &str,
+        version: &str,
+        reason: &str,
+        previous: &str,
+    ) -> Result<(), RegistryError> {
+        let (n, v, r, p) = (
+            name.to_string(),
+            version.to_string(),
+            reason.to_string(),
+            previous.to_string(),
+        );
+        self.store
+            .call(move |c| {
+                let tx = c.transaction()?;
+                tx.execute(
+                    "UPDATE model_versions SET state = 'failed', failure = ?3 WHERE name = ?1 AND version = ?2",
+                    params![n, v, r],
+                )?;
+                tx.execute(
+                    "UPDATE model_versions SET state = 'active', activated_at = ?3 WHERE name = ?1 AND version = ?2",
+                    params![n, p, now_ms()],
+                )?;
+                tx.commit()?;
+                Ok(())
+            })
+            .await?;
         Ok(())
     }
 
@@ -520,26 +537,7 @@ impl Registry {
                 name: name.to_string(),
             })?;
         let model = load(prev.path.clone(), cfg).await?;
-        let (n, v, p, r) = (
-            name.to_string(),
-            version.to_string(),
-            prev.version.clone(),
-            reason.to_string(),
-        );
-        self.store
-            .call(move |c| {
-                let tx = c.transaction()?;
-                tx.execute(
-                    "UPDATE model_versions SET state = 'failed', failure = ?3 WHERE name = ?1 AND version = ?2",
-                    params![n, v, r],
-                )?;
-                tx.execute(
-                    "UPDATE model_versions SET state = 'active', activated_at = ?3 WHERE name = ?1 AND version = ?2",
-                    params![n, p, now_ms()],
-                )?;
-                tx.commit()?;
-                Ok(())
-            })
+        self.replace_failed(name, &version.to_string(), reason, &prev.version)
             .await?;
         self.switch(name, model, cfg);
         tracing::warn!(model = name, from = %version, to = %prev.version, %reason, "new version rejected; previous version active again");

@@ -107,14 +107,7 @@ pub async fn run(
     }
     let (pools_tx, pools_rx) = watch::channel(Vec::new());
     let cancel = CancellationToken::new();
-    // Upstream messages are only kept while there is a broker to send them to; without one
-    // the outbox would grow until its budget and then drop.
-    let outbox = config.fleet.as_ref().map(|f| {
-        Outbox::new(
-            format!("{}/{}", f.prefix, f.device),
-            config.outbox.budget_bytes,
-        )
-    });
+    let outbox = Outbox::for_config(&config);
     let registry = Arc::new(Mutex::new(reg));
     let (reload_tx, mut reload_rx) = mpsc::channel::<ReloadRequest>(4);
     let control = Control::new(
@@ -145,26 +138,13 @@ pub async fn run(
 
     let updater = if config.updates.enabled() {
         let (u, task) = update::spawn(
-            update::Deps {
-                store: daemon.store.clone(),
-                registry: daemon.registry.clone(),
-                outbox: outbox.clone(),
-                control: Some(control.clone()),
-                cfg: config.updates.clone(),
-                state_dir: config.state_dir.clone(),
-                device: config
-                    .fleet
-                    .as_ref()
-                    .map(|f| f.device.clone())
-                    .unwrap_or_default(),
-                groups: config
-                    .fleet
-                    .as_ref()
-                    .map(|f| f.groups.clone())
-                    .unwrap_or_default(),
-                prefix: config.fleet.as_ref().map(|f| f.prefix.clone()),
-                pools: pool_configs(&config),
-            },
+            update::Deps::new(
+                &config,
+                daemon.store.clone(),
+                daemon.registry.clone(),
+                outbox.clone(),
+                Some(control.clone()),
+            ),
             cancel.child_token(),
         );
         Some((u, task))

@@ -174,6 +174,31 @@ pub struct Deps {
     pub pools: HashMap<String, PoolConfig>,
 }
 
+impl Deps {
+    /// What a box configured as `config` updates with; `control` only inside the daemon.
+    pub fn new(
+        config: &crate::config::Config,
+        store: Store,
+        registry: Arc<Mutex<Registry>>,
+        outbox: Option<Outbox>,
+        control: Option<Control>,
+    ) -> Deps {
+        let fleet = config.fleet.as_ref();
+        Deps {
+            store,
+            registry,
+            outbox,
+            control,
+            cfg: config.updates.clone(),
+            state_dir: config.state_dir.clone(),
+            device: fleet.map(|f| f.device.clone()).unwrap_or_default(),
+            groups: fleet.map(|f| f.groups.clone()).unwrap_or_default(),
+            prefix: fleet.map(|f| f.prefix.clone()),
+            pools: crate::service::pool_configs(config),
+        }
+    }
+}
+
 /// Handle to the running updater.
 #[derive(Clone)]
 pub struct Updater {
@@ -1984,32 +2009,14 @@ async fn install_here(config: &crate::config::Config, bundle: &Path) -> Result<V
         tracing::warn!(error = %e, "configured model");
     }
     // Events are kept for the fleet link to send when the daemon next runs.
-    let outbox = config.fleet.as_ref().map(|f| {
-        Outbox::new(
-            format!("{}/{}", f.prefix, f.device),
-            config.outbox.budget_bytes,
-        )
-    });
-    let mut m = Machine::new(Deps {
+    let outbox = Outbox::for_config(config);
+    let mut m = Machine::new(Deps::new(
+        config,
         store,
-        registry: Arc::new(Mutex::new(reg)),
+        Arc::new(Mutex::new(reg)),
         outbox,
-        control: None,
-        cfg: config.updates.clone(),
-        state_dir: config.state_dir.clone(),
-        device: config
-            .fleet
-            .as_ref()
-            .map(|f| f.device.clone())
-            .unwrap_or_default(),
-        groups: config
-            .fleet
-            .as_ref()
-            .map(|f| f.groups.clone())
-            .unwrap_or_default(),
-        prefix: None,
-        pools,
-    });
+        None,
+    ));
     m.resume().await;
     let id = match m.install_file(bundle).await {
         Ok(id) => id,
