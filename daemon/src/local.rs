@@ -112,7 +112,8 @@ impl Daemon1 {
         Ok(status["pipelines"].to_string())
     }
 
-    /// Stored results after `since` (a result id), at most `limit`, as JSON.
+    /// Stored results with a feed timestamp at or after `since` (ms since the epoch), oldest
+    /// first, at most `limit`, as JSON.
     async fn query_results(&self, since: i64, limit: u32) -> Result<String, TernError> {
         self.run("results.query", json!({"since": since, "limit": limit}))
             .await
@@ -258,5 +259,43 @@ async fn signals(conn: zbus::Connection, mut events: tokio::sync::broadcast::Rec
         if let Err(err) = sent {
             tracing::debug!(error = %err, "D-Bus signal not sent");
         }
+    }
+}
+
+/// A client of `io.tern.Daemon1` (used by `ternctl` and by tests): `client::Daemon1Proxy`.
+pub mod client {
+    #[zbus::proxy(
+        interface = "io.tern.Daemon1",
+        default_service = "io.tern.Daemon1",
+        default_path = "/io/tern/Daemon1"
+    )]
+    pub trait Daemon1 {
+        fn status(&self) -> zbus::Result<String>;
+        fn list_models(&self) -> zbus::Result<String>;
+        fn infer(&self, model: &str, input: &[u8]) -> zbus::Result<String>;
+        fn infer_tensor(&self, model: &str, tensor_json: &str) -> zbus::Result<String>;
+        fn activate(&self, model: &str, version: &str) -> zbus::Result<String>;
+        fn rollback(&self, model: &str) -> zbus::Result<String>;
+        fn list_pipelines(&self) -> zbus::Result<String>;
+        fn query_results(&self, since: i64, limit: u32) -> zbus::Result<String>;
+        fn install_bundle(&self, path: &str) -> zbus::Result<String>;
+
+        #[zbus(signal)]
+        fn result_ready(&self, pipeline: String, json: String) -> zbus::Result<()>;
+        #[zbus(signal)]
+        fn model_activated(&self, model: String, version: String) -> zbus::Result<()>;
+        #[zbus(signal)]
+        fn update_progress(
+            &self,
+            model: String,
+            version: String,
+            state: String,
+            percent: u32,
+        ) -> zbus::Result<()>;
+
+        #[zbus(property)]
+        fn state(&self) -> zbus::Result<String>;
+        #[zbus(property)]
+        fn active_models(&self) -> zbus::Result<std::collections::HashMap<String, String>>;
     }
 }

@@ -286,24 +286,14 @@ impl DirectoryFeed {
         if !self.wanted(path) {
             return true;
         }
-        let Ok(meta) = std::fs::metadata(path) else {
+        let Some((size, mtime_ns)) = stamp(path) else {
             return true;
         };
-        if !meta.is_file() {
-            return true;
-        }
         let name = path
             .file_name()
             .expect("a file has a name")
             .to_string_lossy()
             .to_string();
-        let size = meta.len() as i64;
-        let mtime_ns = meta
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-            .map(|d| d.as_nanos() as i64)
-            .unwrap_or(0);
         let known = seen
             .get(&name)
             .copied()
@@ -370,6 +360,13 @@ impl DirectoryFeed {
                 .await
                 .expect("file read task panicked")
         };
+        // A scan can find a file its writer has not finished: if it changed while it was read,
+        // what was read may be half of it. Its writer's close (or the next scan) offers it again.
+        if stamp(path) != Some((size, mtime_ns)) {
+            tracing::debug!(pipeline = %self.pipeline, file = %name, "file changed while read; waiting for its writer");
+            seen.remove(&name);
+            return true;
+        }
         if let Err(e @ EngineError::Unreadable { .. }) = &input {
             // Not the content's fault (permissions, a file replaced mid-read): try again at the
             // next event or rescan rather than refusing it.
@@ -391,6 +388,18 @@ impl DirectoryFeed {
             sent = tx.send(sample) => sent.is_ok(),
         }
     }
+}
+
+/// A regular file's size and modification time (ns), which say whether it changed.
+fn stamp(path: &Path) -> Option<(i64, i64)> {
+    let meta = std::fs::metadata(path).ok().filter(|m| m.is_file())?;
+    let mtime_ns = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0);
+    Some((meta.len() as i64, mtime_ns))
 }
 
 #[derive(Debug, thiserror::Error)]

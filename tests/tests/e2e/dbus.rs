@@ -2,87 +2,13 @@
 //! that includes `configs/io.tern.Daemon1.conf`, driven with `busctl` as root and as `nobody`.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::Duration;
 
+use tern_tests::dbus::{Bus, system_bus};
 use tern_tests::*;
 
 const T: Duration = Duration::from_secs(60);
-
-struct Bus {
-    child: Child,
-    address: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Bus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A private system-type bus with the system bus's default rules and our policy.
-fn system_bus() -> Option<Bus> {
-    if !need("dbus-daemon") || !need("busctl") {
-        return None;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    // `nobody` must reach the socket.
-    std::fs::set_permissions(
-        dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
-    let socket = dir.path().join("system_bus_socket");
-    let conf = dir.path().join("system.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>system</type>
-  <listen>unix:path={socket}</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/>
-    <deny own="*"/>
-    <deny send_type="method_call"/>
-    <allow send_type="signal"/>
-    <allow send_requested_reply="true" send_type="method_return"/>
-    <allow send_requested_reply="true" send_type="error"/>
-    <allow receive_type="method_call"/>
-    <allow receive_type="method_return"/>
-    <allow receive_type="error"/>
-    <allow receive_type="signal"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Peer"/>
-  </policy>
-  <include>{policy}</include>
-</busconfig>
-"#,
-            socket = socket.display(),
-            policy = root().join("configs/io.tern.Daemon1.conf").display()
-        ),
-    )
-    .unwrap();
-    let child = Command::new("dbus-daemon")
-        .arg(format!("--config-file={}", conf.display()))
-        .args(["--nofork", "--nopidfile"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let s = socket.clone();
-    wait_for("the bus socket", T, || s.exists().then_some(())).unwrap();
-    Some(Bus {
-        child,
-        address: format!("unix:path={}", socket.display()),
-        _dir: dir,
-    })
-}
 
 fn busctl(bus: &Bus, as_nobody: bool, args: &[&str]) -> Output {
     let mut cmd = if as_nobody {

@@ -6,4 +6,5 @@ mod dbus;
 mod fleet;
 mod infer;
 mod systemd;
+mod ternctl;
 mod updates;
