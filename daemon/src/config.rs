@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::engine::Manifest;
+use crate::engine::{Manifest, Runtime};
 
 /// Exit code for a configuration error (EX_USAGE), so that systemd's
 /// `RestartPreventExitStatus=64` stops a restart loop on a typo.
@@ -156,6 +156,7 @@ pub struct RawEngine {
     pub threads: Option<NonZeroUsize>,
     pub workers: Option<NonZeroUsize>,
     pub queue: Option<NonZeroUsize>,
+    pub runtime: Option<Runtime>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -166,6 +167,7 @@ pub struct RawModel {
     pub threads: Option<NonZeroUsize>,
     pub workers: Option<NonZeroUsize>,
     pub queue: Option<NonZeroUsize>,
+    pub runtime: Option<Runtime>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -298,6 +300,8 @@ pub struct PoolConfig {
     pub workers: NonZeroUsize,
     /// Requests that may wait; one more is answered `busy` at once.
     pub queue: NonZeroUsize,
+    /// Where the model runs.
+    pub runtime: Runtime,
 }
 
 impl Default for PoolConfig {
@@ -306,6 +310,7 @@ impl Default for PoolConfig {
             threads: NonZeroUsize::MIN,
             workers: NonZeroUsize::MIN,
             queue: nz(16),
+            runtime: Runtime::Cpu,
         }
     }
 }
@@ -676,6 +681,7 @@ fn validate(raw: RawConfig, base: &Path, sources: &[Source]) -> Result<Config, C
         threads: raw.engine.threads.unwrap_or(defaults.threads),
         workers: raw.engine.workers.unwrap_or(defaults.workers),
         queue: raw.engine.queue.unwrap_or(defaults.queue),
+        runtime: raw.engine.runtime.unwrap_or(defaults.runtime),
     };
 
     let mut models = Vec::new();
@@ -698,6 +704,7 @@ fn validate(raw: RawConfig, base: &Path, sources: &[Source]) -> Result<Config, C
                         threads: m.threads.unwrap_or(engine_pool.threads),
                         workers: m.workers.unwrap_or(engine_pool.workers),
                         queue: m.queue.unwrap_or(engine_pool.queue),
+                        runtime: m.runtime.unwrap_or(engine_pool.runtime),
                     },
                 });
             }

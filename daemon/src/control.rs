@@ -572,9 +572,12 @@ impl Control {
             .iter()
             .map(|p| {
                 let s = p.stats();
+                let m = p.active();
                 json!({
                     "name": p.name(),
-                    "version": p.active().version().to_string(),
+                    "version": m.version().to_string(),
+                    "runtime": m.runtime,
+                    "runtime_note": m.fallback,
                     "requests": s.completed.load(Ordering::Relaxed),
                     "errors": s.failed.load(Ordering::Relaxed),
                     "busy": s.rejected_busy.load(Ordering::Relaxed),

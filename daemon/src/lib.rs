@@ -1,8 +1,13 @@
 //! ternd: the tern edge inference daemon, as a library so that tests, benches and the
 //! binaries share one implementation. `main.rs` only parses arguments and wires these up.
 
+// Linked in for its runtime, which tract finds by name ("cuda"): nothing calls it directly.
+#[cfg(feature = "cuda")]
+use tract_cuda as _;
+
 pub mod config;
 pub mod control;
+pub mod ctl;
 pub mod engine;
 pub mod feeds;
 pub mod fleet;

@@ -204,9 +204,30 @@ pub async fn serve(
         crate::config::Bus::Session => zbus::connection::Builder::session()?,
         crate::config::Bus::Address(a) => zbus::connection::Builder::address(a.as_str())?,
     };
+    finish(builder.name("io.tern.Daemon1")?, control, state_dir).await
+}
+
+/// Serve one peer directly on `stream`, with no bus in between (the tests' fast path; also
+/// how an app could embed the interface on a private socket).
+pub async fn serve_p2p(
+    stream: tokio::net::UnixStream,
+    guid: zbus::Guid<'static>,
+    control: Control,
+    state_dir: PathBuf,
+) -> zbus::Result<zbus::Connection> {
+    let builder = zbus::connection::Builder::unix_stream(stream)
+        .server(guid)?
+        .p2p();
+    finish(builder, control, state_dir).await
+}
+
+async fn finish(
+    builder: zbus::connection::Builder<'_>,
+    control: Control,
+    state_dir: PathBuf,
+) -> zbus::Result<zbus::Connection> {
     let events = control.subscribe_local();
     let conn = builder
-        .name("io.tern.Daemon1")?
         .serve_at(PATH, Daemon1::new(control, state_dir))?
         .build()
         .await?;

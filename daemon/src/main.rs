@@ -62,6 +62,11 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Installed as one executable with a `ternctl` symlink: tract is stored once on the box.
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    if Path::new(&argv0).file_name() == Some("ternctl".as_ref()) {
+        return ternd::ctl::main();
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Run { config } => run(&config),

@@ -604,9 +604,13 @@ fn row_to_version(r: &rusqlite::Row<'_>) -> rusqlite::Result<VersionRow> {
 }
 
 async fn load(path: PathBuf, cfg: PoolConfig) -> Result<Arc<Model>, EngineError> {
-    tokio::task::spawn_blocking(move || Model::load(&path, cfg.threads).map(Arc::new))
+    let m = tokio::task::spawn_blocking(move || Model::load_on(&path, cfg.threads, cfg.runtime))
         .await
-        .expect("model load task panicked")
+        .expect("model load task panicked")?;
+    if let Some(why) = &m.fallback {
+        tracing::warn!(model = %m.name(), "{why}");
+    }
+    Ok(Arc::new(m))
 }
 
 /// The files of a package, relative paths sorted; symlinks and special files are refused so

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use ternd::config::PoolConfig;
-use ternd::engine::{EngineError, Input, Model, ModelPool, PixelFormat};
+use ternd::engine::{EngineError, Input, Model, ModelPool, PixelFormat, Runtime};
 use ternd::registry::Registry;
 use ternd::store::Store;
 
@@ -247,6 +247,7 @@ async fn a_full_queue_answers_busy_at_once() {
         threads: NonZeroUsize::MIN,
         workers: NonZeroUsize::MIN,
         queue: NonZeroUsize::MIN,
+        ..PoolConfig::default()
     };
     let pool = ModelPool::spawn(m, cfg);
     let input = Input::Encoded(png());
@@ -482,4 +483,50 @@ fn a_raw_frame_and_its_png_give_the_same_tensor() {
     let t = gray.prepare(&load("digits-mlp-f32").manifest).unwrap();
     assert_eq!(t.shape, [1, 64]);
     assert!((t.data[63] - 63.0 / 255.0).abs() < 1e-6, "{}", t.data[63]);
+}
+
+/// `auto` runs on the GPU when `cuda` can, else on the CPU and says why; `cuda` without a
+/// usable GPU (or without the feature) refuses the model with the reason, never falls back.
+#[test]
+fn runtime_auto_falls_back_and_cuda_refuses_clearly() {
+    let dir = models().join("digits-cnn-int8");
+    let cpu = Model::load_on(&dir, NonZeroUsize::MIN, Runtime::Cpu).unwrap();
+    assert_eq!((cpu.runtime, cpu.fallback.as_deref()), ("cpu", None));
+    let auto = Model::load_on(&dir, NonZeroUsize::MIN, Runtime::Auto).unwrap();
+    match Model::load_on(&dir, NonZeroUsize::MIN, Runtime::Cuda) {
+        // A machine with a GPU and the feature: auto must take it too.
+        Ok(gpu) => {
+            assert_eq!(gpu.runtime, "cuda");
+            assert_eq!((auto.runtime, auto.fallback.as_deref()), ("cuda", None));
+        }
+        Err(e) => {
+            let EngineError::Load { message, .. } = &e else {
+                panic!("not a load error: {e}");
+            };
+            assert!(
+                message.starts_with("runtime `cuda` was asked for, but "),
+                "{message}"
+            );
+            let why = if cfg!(feature = "cuda") {
+                "no usable CUDA device"
+            } else {
+                "built without the `cuda` feature"
+            };
+            assert!(message.contains(why), "{message}");
+            assert_eq!(auto.runtime, "cpu");
+            let note = auto.fallback.as_deref().unwrap_or_default();
+            assert!(
+                note.starts_with("auto: on the CPU, ") && note.contains(why),
+                "{note}"
+            );
+        }
+    }
+    // Wherever it runs, it answers as on the CPU (the self-test ran there too).
+    let png = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/demo/inbox/digit-3.png"),
+    )
+    .unwrap();
+    let a = auto.infer(&Input::Encoded(png.clone())).unwrap();
+    let c = cpu.infer(&Input::Encoded(png)).unwrap();
+    assert_eq!(a.top[0].label, c.top[0].label);
 }

@@ -19,6 +19,19 @@ pub use manifest::{MANIFEST_FILE, MODEL_FILE, Manifest, is_inside};
 pub use model::{Class, Model, Prediction};
 pub use pool::{ModelPool, PoolStats, panic_message};
 
+/// Where models run (`engine.runtime`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Runtime {
+    /// tract on the CPU.
+    #[default]
+    Cpu,
+    /// tract-cuda on an NVIDIA GPU; a model fails to load without one.
+    Cuda,
+    /// The GPU if there is a usable one, else the CPU (and the status says why).
+    Auto,
+}
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum EngineError {
     #[error("model package manifest {path}: {message}")]

@@ -10,11 +10,11 @@ use std::time::Instant;
 use serde::Serialize;
 use tract_linalg::multithread::Executor;
 use tract_onnx::prelude::*;
-use tract_onnx::tract_core::runtime::RunOptions;
+use tract_onnx::tract_core::runtime::{RunOptions, Runnable, runtime_for_name};
 
-use super::EngineError;
 use super::input::{Input, Prepared, read_npy_f32};
 use super::manifest::{Dim, MODEL_FILE, Manifest};
+use super::{EngineError, Runtime};
 
 /// ONNX files bigger than this are refused before tract reads them.
 pub const MAX_MODEL_BYTES: u64 = 512 * 1024 * 1024;
@@ -23,8 +23,12 @@ pub const MAX_MODEL_BYTES: u64 = 512 * 1024 * 1024;
 pub struct Model {
     pub manifest: Manifest,
     pub dir: PathBuf,
-    runnable: Arc<TypedRunnableModel>,
+    runnable: Arc<dyn Runnable>,
     output_index: usize,
+    /// Where it runs: `cpu` or `cuda`.
+    pub runtime: &'static str,
+    /// Why it runs on the CPU although `auto` was asked for (no GPU, no cuda in this build).
+    pub fallback: Option<String>,
     /// Requests this loaded version answered and failed, wherever it ran: an update's health
     /// window judges the new version by its own outcomes, not its pool's.
     pub outcomes: Outcomes,
@@ -69,20 +73,36 @@ impl Model {
     /// `threads` threads for one inference, then run its golden vectors. A model that loads
     /// but answers differently from its reference outputs is refused here.
     pub fn load(dir: &Path, threads: NonZeroUsize) -> Result<Model, EngineError> {
-        // A malformed model must not take the daemon down if tract panics on it.
-        std::panic::catch_unwind(|| Self::load_inner(dir, threads)).unwrap_or_else(|panic| {
-            Err(EngineError::Load {
-                model: dir
-                    .file_name()
-                    .map(|n| n.to_string_lossy().to_string())
-                    .unwrap_or_default(),
-                path: dir.join(MODEL_FILE),
-                message: super::panic_message(&*panic),
-            })
-        })
+        Self::load_on(dir, threads, Runtime::Cpu)
     }
 
-    fn load_inner(dir: &Path, threads: NonZeroUsize) -> Result<Model, EngineError> {
+    /// [`Model::load`] on a chosen runtime; the golden vectors run there too, so a backend
+    /// that computes differently is caught before it serves.
+    pub fn load_on(
+        dir: &Path,
+        threads: NonZeroUsize,
+        runtime: Runtime,
+    ) -> Result<Model, EngineError> {
+        // A malformed model must not take the daemon down if tract panics on it.
+        std::panic::catch_unwind(|| Self::load_inner(dir, threads, runtime)).unwrap_or_else(
+            |panic| {
+                Err(EngineError::Load {
+                    model: dir
+                        .file_name()
+                        .map(|n| n.to_string_lossy().to_string())
+                        .unwrap_or_default(),
+                    path: dir.join(MODEL_FILE),
+                    message: super::panic_message(&*panic),
+                })
+            },
+        )
+    }
+
+    fn load_inner(
+        dir: &Path,
+        threads: NonZeroUsize,
+        runtime: Runtime,
+    ) -> Result<Model, EngineError> {
         let manifest = Manifest::read(dir)?;
         let path = dir.join(MODEL_FILE);
         let load_err = |message: String| EngineError::Load {
@@ -144,11 +164,11 @@ impl Model {
                     names.join(", ")
                 ))
             })?;
+        // Optimising is the runtime's job: each backend rewrites the graph for itself.
         let typed = model
             .into_typed()
             .and_then(|m| m.into_decluttered())
-            .and_then(|m| m.into_optimized())
-            .map_err(|e| load_err(format!("cannot be optimised: {e:#}")))?;
+            .map_err(|e| load_err(format!("cannot be typed: {e:#}")))?;
         let fact = typed
             .input_fact(0)
             .map_err(|e| load_err(format!("{e:#}")))?;
@@ -190,14 +210,18 @@ impl Model {
             executor: Some(executor),
             ..RunOptions::default()
         };
-        let runnable = typed
-            .into_runnable_with_options(&options)
-            .map_err(|e| load_err(format!("cannot be planned: {e:#}")))?;
+        let (rt, fallback) = pick(runtime).map_err(load_err)?;
+        let runnable: Arc<dyn Runnable> = rt
+            .prepare_with_options(typed, &options)
+            .map_err(|e| load_err(format!("cannot be planned on {}: {e:#}", rt.name())))?
+            .into();
         let model = Model {
             manifest,
             dir: dir.to_path_buf(),
             runnable,
             output_index,
+            runtime: if rt.name() == "cpu" { "cpu" } else { "cuda" },
+            fallback,
             outcomes: Outcomes::default(),
         };
         model.self_test()?;
@@ -362,5 +386,39 @@ impl Model {
                 score: out[i],
             })
             .collect()
+    }
+}
+
+/// The tract runtime for a choice, and why `auto` fell back to the CPU if it did.
+fn pick(
+    choice: Runtime,
+) -> Result<
+    (
+        &'static dyn tract_onnx::tract_core::runtime::Runtime,
+        Option<String>,
+    ),
+    String,
+> {
+    let cpu = || {
+        runtime_for_name("cpu")
+            .ok()
+            .flatten()
+            .expect("tract always has its cpu runtime")
+    };
+    // Ok(None): no such runtime linked in; Err: linked in but no usable device.
+    let cuda = || match runtime_for_name("cuda") {
+        Ok(Some(rt)) => Ok(rt),
+        Ok(None) => Err("this ternd was built without the `cuda` feature".to_string()),
+        Err(e) => Err(format!("no usable CUDA device: {e:#}")),
+    };
+    match choice {
+        Runtime::Cpu => Ok((cpu(), None)),
+        Runtime::Cuda => cuda()
+            .map(|rt| (rt, None))
+            .map_err(|why| format!("runtime `cuda` was asked for, but {why}")),
+        Runtime::Auto => Ok(match cuda() {
+            Ok(rt) => (rt, None),
+            Err(why) => (cpu(), Some(format!("auto: on the CPU, {why}"))),
+        }),
     }
 }

@@ -165,6 +165,16 @@ fn every_subcommand_against_a_running_ternd() {
         );
     }
     let sj = ctl(&bus, &["--json", "status"]).json();
+    // The packages install ternctl as a symlink to ternd: the same program answers.
+    let link = d.path().join("ternctl");
+    std::os::unix::fs::symlink(bin("ternd"), &link).unwrap();
+    let o = Command::new(&link)
+        .args(["--bus", &bus.address, "--json", "models"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let via_link: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(via_link, ctl(&bus, &["--json", "models"]).json());
     assert!(sj["status"].as_str().unwrap().starts_with("ready"), "{sj}");
     assert_eq!(sj["models"].as_array().map(Vec::len), Some(2), "{sj}");
 
@@ -452,4 +462,52 @@ fn every_subcommand_against_a_running_ternd() {
     let gone = ctl(&bus, &["status"]);
     assert_eq!(gone.code, Some(69), "{}", gone.stderr);
     assert!(state.join("tern.db").exists());
+}
+
+/// `engine.runtime = "auto"` on a box with no GPU serves on the CPU and says why in the
+/// status (which is also the telemetry body); a model asked to run on `cuda` does not load,
+/// and the daemon says which and why.
+#[test]
+fn runtime_auto_falls_back_to_the_cpu_and_cuda_fails_the_model() {
+    let Some(bus) = system_bus() else { return };
+    let d = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(d.path().join("inbox")).unwrap();
+    let cfg = d.path().join("ternd.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "state_dir = \"state\"\n[engine]\nruntime = \"auto\"\n\
+             [[models]]\npackage = \"{}\"\n\
+             [[models]]\npackage = \"{}\"\nruntime = \"cuda\"\n\
+             [dbus]\nbus = \"{}\"\n",
+            package(MODEL).display(),
+            package("iris-mlp-int8").display(),
+            bus.address
+        ),
+    )
+    .unwrap();
+    let mut daemon = Daemon::spawn(&cfg, None, &[]).unwrap();
+    let s = wait_for("ternctl status", T, || {
+        let o = ctl(&bus, &["--json", "status"]);
+        (o.code == Some(0)).then(|| o.json())
+    })
+    .unwrap();
+    let models = s["models"].as_array().unwrap();
+    // On a machine with a GPU and the cuda feature, both would run there: not this test's box.
+    assert_eq!(models.len(), 1, "{s}");
+    assert_eq!(models[0]["name"], MODEL);
+    assert_eq!(models[0]["runtime"], "cpu", "{s}");
+    let note = models[0]["runtime_note"].as_str().unwrap_or_default();
+    assert!(note.starts_with("auto: on the CPU, "), "{s}");
+    assert!(
+        s["status"].as_str().unwrap().contains("; degraded: "),
+        "{s}"
+    );
+    let log = daemon.stderr();
+    assert!(
+        log.contains("iris-mlp-int8") && log.contains("runtime `cuda` was asked for, but "),
+        "{log}"
+    );
+    daemon.signal("TERM").unwrap();
+    daemon.wait(T).unwrap();
 }

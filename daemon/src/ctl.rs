@@ -1,0 +1,813 @@
+//! `ternctl`: look inside and steer the box's ternd over its D-Bus interface.
+//!
+//! Tables for people, `--json` for scripts (the daemon's own documents, one per line). Exit
+//! codes say what went wrong so that scripts can branch on them; see [`Exit`].
+//!
+//! It lives in the library so that one executable can be both programs: `ternd` run under
+//! the name `ternctl` (the packages' symlink) is ternctl, and the box stores tract once.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use futures_util::StreamExt as _;
+use serde_json::{Value, json};
+
+use crate::config;
+use crate::engine::Input;
+use crate::local::client::Daemon1Proxy;
+
+/// What an exit status means (sysexits where one fits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Exit {
+    Ok = 0,
+    /// The daemon refused or the operation failed (conflict, internal error, a failed check).
+    Failed = 1,
+    /// No such model, version or file.
+    NotFound = 3,
+    /// The request or input was malformed (EX_DATAERR).
+    BadInput = 65,
+    /// ternd is not reachable: no bus, or not running on it (EX_UNAVAILABLE).
+    Unavailable = 69,
+    /// The model is busy; try again later (EX_TEMPFAIL).
+    Busy = 75,
+    /// The bus policy or the daemon refused this caller (EX_NOPERM).
+    Denied = 77,
+}
+
+#[derive(Parser)]
+#[command(name = "ternctl", version = crate::VERSION, about = "look inside and steer ternd over D-Bus")]
+struct Cli {
+    /// The bus ternd serves on: `system`, `session` or a D-Bus address.
+    #[arg(long, global = true, env = "TERN_BUS", default_value = "system")]
+    bus: String,
+    /// Print the daemon's JSON documents (one per line) instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// The daemon's state, its models and pipelines, the outbox and the fleet link.
+    Status,
+    /// Every installed version of every model.
+    Models,
+    /// Make an installed version the active one.
+    Activate { model: String, version: String },
+    /// Go back to the version that was active before.
+    Rollback { model: String },
+    /// Run a model on a file: PNG or JPEG, a float32 .npy, or a JSON array.
+    Infer {
+        file: PathBuf,
+        /// The model to run; may be left out when exactly one model is active.
+        #[arg(long, short)]
+        model: Option<String>,
+    },
+    /// Pipelines with their counters.
+    Pipelines,
+    /// Stored results, oldest first; with --follow, then every new one as it is stored.
+    Results {
+        /// From when: ms since the epoch, or an age such as `90s`, `15m`, `2h`, `1d`.
+        #[arg(long, default_value = "1h")]
+        since: String,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Install a signed update bundle through the running daemon and wait for its outcome.
+    Install { bundle: PathBuf },
+    /// Check the box: configuration, store, broker, models, disk, daemon (exit 1 on a failure).
+    Check {
+        #[arg(long, short, default_value = "/etc/tern/ternd.toml")]
+        config: PathBuf,
+    },
+}
+
+/// A failure with its exit status.
+struct Fail(Exit, String);
+
+type Res<T> = Result<T, Fail>;
+
+/// ternctl's entry point: arguments from the command line, an exit status for it.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    match rt.block_on(run(cli)) {
+        Ok(e) => ExitCode::from(e as u8),
+        Err(Fail(code, message)) => {
+            eprintln!("ternctl: {message}");
+            ExitCode::from(code as u8)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Res<Exit> {
+    let json = cli.json;
+    if let Cmd::Check { config } = &cli.command {
+        return Ok(check(config, &cli.bus, json).await);
+    }
+    let d = connect(&cli.bus).await?;
+    match cli.command {
+        Cmd::Status => {
+            let s = doc(d.status().await)?;
+            print(json, &s, status_text);
+        }
+        Cmd::Models => {
+            let m = doc(d.list_models().await)?;
+            print(json, &m, models_text);
+        }
+        Cmd::Activate { model, version } => {
+            let r = doc(d.activate(&model, &version).await)?;
+            print(json, &r, |r| {
+                format!(
+                    "{}: {} is active\n",
+                    plain(&r["model"]),
+                    plain(&r["active"])
+                )
+            });
+        }
+        Cmd::Rollback { model } => {
+            let r = doc(d.rollback(&model).await)?;
+            print(json, &r, |r| {
+                format!(
+                    "{}: rolled back from {} to {}\n",
+                    plain(&r["model"]),
+                    plain(&r["from"]),
+                    plain(&r["active"])
+                )
+            });
+        }
+        Cmd::Infer { file, model } => {
+            let model = match model {
+                Some(m) => m,
+                None => only_model(&d).await?,
+            };
+            let input = Input::from_file(&file, MAX_INPUT_BYTES).map_err(|e| match e {
+                crate::engine::EngineError::Unreadable { .. } => {
+                    Fail(Exit::NotFound, e.to_string())
+                }
+                e => Fail(Exit::BadInput, e.to_string()),
+            })?;
+            let reply = match input {
+                Input::Encoded(bytes) => d.infer(&model, &bytes).await,
+                Input::Tensor { shape, data } => {
+                    d.infer_tensor(&model, &nest(&shape, &data).to_string())
+                        .await
+                }
+                Input::Frame { .. } => unreachable!("files are never raw frames"),
+            };
+            let p = doc(reply)?;
+            print(json, &p, prediction_text);
+        }
+        Cmd::Pipelines => {
+            let p = doc(d.list_pipelines().await)?;
+            print(json, &p, pipelines_text);
+        }
+        Cmd::Results {
+            since,
+            limit,
+            follow,
+        } => results(&d, &since, limit, follow, json).await?,
+        Cmd::Install { bundle } => install(&d, &bundle, json).await?,
+        Cmd::Check { .. } => unreachable!("handled above"),
+    }
+    Ok(Exit::Ok)
+}
+
+/// The largest input file sent to the daemon (its MQTT and D-Bus limits are of this order).
+const MAX_INPUT_BYTES: u64 = 8 << 20;
+
+async fn connect(bus: &str) -> Res<Daemon1Proxy<'static>> {
+    let builder = match bus {
+        "system" => zbus::connection::Builder::system(),
+        "session" => zbus::connection::Builder::session(),
+        a => zbus::connection::Builder::address(a),
+    }
+    .map_err(|e| Fail(Exit::Unavailable, format!("bus `{bus}`: {e}")))?;
+    let conn = builder.build().await.map_err(|e| {
+        Fail(
+            Exit::Unavailable,
+            format!("cannot reach the {bus} bus: {e}"),
+        )
+    })?;
+    Daemon1Proxy::new(&conn).await.map_err(failure)
+}
+
+/// A method's JSON reply, or why there is none.
+fn doc(r: zbus::Result<String>) -> Res<Value> {
+    let s = r.map_err(failure)?;
+    serde_json::from_str(&s).map_err(|e| Fail(Exit::Failed, format!("reply is not JSON: {e}")))
+}
+
+fn failure(e: zbus::Error) -> Fail {
+    let zbus::Error::MethodError(name, message, _) = &e else {
+        return Fail(Exit::Unavailable, format!("D-Bus: {e}"));
+    };
+    let message = message.clone().unwrap_or_default();
+    let code = match name.as_str() {
+        "io.tern.Error.NotFound" => Exit::NotFound,
+        "io.tern.Error.BadRequest" => Exit::BadInput,
+        "io.tern.Error.Busy" => Exit::Busy,
+        "io.tern.Error.Unauthorized" | "org.freedesktop.DBus.Error.AccessDenied" => Exit::Denied,
+        "org.freedesktop.DBus.Error.ServiceUnknown"
+        | "org.freedesktop.DBus.Error.NameHasNoOwner"
+        | "org.freedesktop.DBus.Error.NoReply" => {
+            return Fail(
+                Exit::Unavailable,
+                format!("ternd is not running on this bus ({name}: {message})"),
+            );
+        }
+        _ => Exit::Failed,
+    };
+    let short = name.as_str().rsplit('.').next().unwrap_or(name.as_str());
+    Fail(code, format!("{short}: {message}"))
+}
+
+fn print(json: bool, v: &Value, text: impl Fn(&Value) -> String) {
+    if json {
+        println!("{v}");
+    } else {
+        print!("{}", text(v));
+    }
+}
+
+/// The one active model, for `infer` without `--model`.
+async fn only_model(d: &Daemon1Proxy<'_>) -> Res<String> {
+    let active = d.active_models().await.map_err(failure)?;
+    let mut names: Vec<_> = active.into_keys().collect();
+    names.sort();
+    match names.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => Err(Fail(Exit::NotFound, "no model is active".into())),
+        many => Err(Fail(
+            Exit::BadInput,
+            format!(
+                "several models are active ({}); pick one with --model",
+                many.join(", ")
+            ),
+        )),
+    }
+}
+
+/// Row-major values as nested JSON arrays of `shape`.
+fn nest(shape: &[usize], data: &[f32]) -> Value {
+    match shape {
+        [] => json!(data.first().copied().unwrap_or(0.0)),
+        [n] => json!(&data[..*n]),
+        [n, rest @ ..] => {
+            let step: usize = rest.iter().product();
+            Value::Array(
+                (0..*n)
+                    .map(|i| nest(rest, &data[i * step..(i + 1) * step]))
+                    .collect(),
+            )
+        }
+    }
+}
+
+/// `since` as ms since the epoch: a plain number is one already; `15m` is that long ago.
+fn since_ms(s: &str, now_ms: i64) -> Res<i64> {
+    if let Ok(ms) = s.parse::<i64>() {
+        return Ok(ms);
+    }
+    let bad = || {
+        Fail(
+            Exit::BadInput,
+            format!("--since `{s}`: give ms since the epoch or an age such as 90s, 15m, 2h, 1d"),
+        )
+    };
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?);
+    let n: i64 = n.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(bad()),
+    };
+    Ok(now_ms - n.saturating_mul(secs * 1000))
+}
+
+async fn results(
+    d: &Daemon1Proxy<'_>,
+    since: &str,
+    limit: u32,
+    follow: bool,
+    json: bool,
+) -> Res<()> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let since = since_ms(since, now)?;
+    // Listen before asking, so that no result falls between the query and the stream.
+    let mut stream = if follow {
+        Some(d.receive_result_ready().await.map_err(failure)?)
+    } else {
+        None
+    };
+    let page = doc(d.query_results(since, limit).await)?;
+    let rows = page["results"].as_array().cloned().unwrap_or_default();
+    let mut last = 0;
+    if !json {
+        println!("{}", RESULT_HEADER.join("  "));
+    }
+    for r in &rows {
+        last = last.max(r["id"].as_i64().unwrap_or(0));
+        print_result(r, json);
+    }
+    if page["truncated"] == true && !follow {
+        eprintln!(
+            "ternctl: more results follow; continue with --since {}",
+            page["next_since"]
+        );
+    }
+    let Some(stream) = stream.as_mut() else {
+        return Ok(());
+    };
+    while let Some(sig) = stream.next().await {
+        let Ok(args) = sig.args() else { continue };
+        let Ok(r) = serde_json::from_str::<Value>(args.json()) else {
+            continue;
+        };
+        if r["id"].as_i64().unwrap_or(i64::MAX) > last {
+            last = r["id"].as_i64().unwrap_or(last);
+            print_result(&r, json);
+        }
+    }
+    Err(Fail(Exit::Unavailable, "ternd left the bus".into()))
+}
+
+const RESULT_HEADER: [&str; 6] = ["ID", "TIME", "PIPELINE", "MODEL", "TOP", "LATENCY"];
+
+fn print_result(r: &Value, json: bool) {
+    use std::io::Write as _;
+    if json {
+        println!("{r}");
+    } else {
+        println!(
+            "{}  {}  {}  {}@{}  {}  {} µs",
+            r["id"],
+            r["ts_ms"],
+            plain(&r["pipeline"]),
+            plain(&r["model"]),
+            plain(&r["version"]),
+            top(&r["top"]),
+            r["latency_us"]
+        );
+    }
+    // A follower is often piped into another program: hand each line over as it comes.
+    let _ = std::io::stdout().flush();
+}
+
+fn top(t: &Value) -> String {
+    match t.get(0) {
+        Some(c) => format!(
+            "{} ({:.2})",
+            plain(&c["label"]),
+            c["score"].as_f64().unwrap_or(f64::NAN)
+        ),
+        None => "-".into(),
+    }
+}
+
+/// A JSON value as text people read: strings without quotes, null as `-`.
+fn plain(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        v => v.to_string(),
+    }
+}
+
+async fn install(d: &Daemon1Proxy<'_>, bundle: &Path, json: bool) -> Res<()> {
+    let path = std::fs::canonicalize(bundle)
+        .map_err(|e| Fail(Exit::NotFound, format!("{}: {e}", bundle.display())))?;
+    let mut progress = d.receive_update_progress().await.map_err(failure)?;
+    let call = d.install_bundle(path.to_str().ok_or_else(|| {
+        Fail(
+            Exit::BadInput,
+            format!("{}: not a UTF-8 path", path.display()),
+        )
+    })?);
+    tokio::pin!(call);
+    let outcome = loop {
+        tokio::select! {
+            r = &mut call => break r,
+            Some(p) = progress.next() => {
+                if let (Ok(a), false) = (p.args(), json) {
+                    eprintln!("{} {}: {} {}%", a.model(), a.version(), a.state(), a.percent());
+                }
+            }
+        }
+    };
+    let r = match outcome {
+        Ok(s) => s,
+        // A refused or failed update comes back as a conflict carrying its outcome.
+        Err(zbus::Error::MethodError(name, Some(m), _))
+            if name.as_str() == "io.tern.Error.Conflict" && m.starts_with('{') =>
+        {
+            let v: Value = serde_json::from_str(&m).unwrap_or(Value::String(m));
+            print(json, &v, update_text);
+            return Err(Fail(Exit::Failed, "the update did not go through".into()));
+        }
+        Err(e) => return Err(failure(e)),
+    };
+    let v: Value = serde_json::from_str(&r).unwrap_or(Value::String(r));
+    print(json, &v, update_text);
+    Ok(())
+}
+
+fn update_text(v: &Value) -> String {
+    let mut s = format!(
+        "{} {}: {}",
+        plain(&v["model"]),
+        plain(&v["version"]),
+        plain(&v["state"])
+    );
+    for k in ["code", "reason", "message"] {
+        if let Some(x) = v.get(k).filter(|x| !x.is_null()) {
+            s += &format!(" ({k}: {})", plain(x));
+        }
+    }
+    s + "\n"
+}
+
+/// Columns padded to their widest cell.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut w: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                s += c;
+            } else {
+                s += &format!("{c:<width$}  ", width = w[i]);
+            }
+        }
+        s.trim_end().to_string() + "\n"
+    };
+    let mut out = line(header.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        out += &line(r.clone());
+    }
+    out
+}
+
+fn status_text(s: &Value) -> String {
+    let mut out = format!(
+        "ternd {}  {}\nuptime {} s  device {}  fleet {}  outbox {} message(s)\n\n",
+        plain(&s["version"]),
+        plain(&s["status"]),
+        s["uptime_s"],
+        plain(&s["device"]),
+        match (s["device"].is_null(), s["fleet"]["connected"] == true) {
+            (true, _) => "off",
+            (false, true) => "connected",
+            (false, false) => "disconnected",
+        },
+        plain(&s["outbox"]["rows"]),
+    );
+    let rows: Vec<Vec<String>> = s["models"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| {
+            vec![
+                plain(&m["name"]),
+                plain(&m["version"]),
+                plain(&m["requests"]),
+                plain(&m["errors"]),
+                plain(&m["busy"]),
+                plain(&m["queued"]),
+                plain(&m["latency_us"]["p50"]),
+                plain(&m["latency_us"]["p99"]),
+            ]
+        })
+        .collect();
+    out += &table(
+        &[
+            "MODEL", "VERSION", "REQUESTS", "ERRORS", "BUSY", "QUEUED", "P50 µs", "P99 µs",
+        ],
+        &rows,
+    );
+    out += "\n";
+    out += &pipelines_text(&s["pipelines"]);
+    out
+}
+
+fn models_text(m: &Value) -> String {
+    let rows: Vec<Vec<String>> = m
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|v| {
+            vec![
+                plain(&v["name"]),
+                plain(&v["version"]),
+                plain(&v["state"]),
+                plain(&v["form"]),
+                plain(&v["sha256"]).chars().take(12).collect(),
+                plain(&v["failure"]),
+            ]
+        })
+        .collect();
+    table(
+        &["MODEL", "VERSION", "STATE", "FORM", "SHA256", "FAILURE"],
+        &rows,
+    )
+}
+
+fn pipelines_text(p: &Value) -> String {
+    let rows: Vec<Vec<String>> = p
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|v| {
+            vec![
+                plain(&v["name"]),
+                plain(&v["feed"]),
+                plain(&v["model"]),
+                plain(&v["results"]),
+                plain(&v["errors"]),
+            ]
+        })
+        .collect();
+    table(&["PIPELINE", "FEED", "MODEL", "RESULTS", "ERRORS"], &rows)
+}
+
+fn prediction_text(p: &Value) -> String {
+    let mut out = format!(
+        "{} {}  {} µs\n",
+        plain(&p["model"]),
+        plain(&p["version"]),
+        p["latency_us"]
+    );
+    let rows: Vec<Vec<String>> = p["top"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            vec![
+                plain(&c["label"]),
+                format!("{:.4}", c["score"].as_f64().unwrap_or(f64::NAN)),
+            ]
+        })
+        .collect();
+    out += &table(&["LABEL", "SCORE"], &rows);
+    out
+}
+
+/// One line of `ternctl check`.
+struct Check {
+    name: &'static str,
+    level: Level,
+    detail: String,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Level {
+    Ok,
+    Warning,
+    Error,
+}
+
+impl Level {
+    fn word(self) -> &'static str {
+        match self {
+            Level::Ok => "ok",
+            Level::Warning => "warning",
+            Level::Error => "error",
+        }
+    }
+}
+
+/// Checks that need no running daemon come first, so a box that will not start can still be
+/// diagnosed; the daemon's own view is added when it answers.
+async fn check(path: &Path, bus: &str, json: bool) -> Exit {
+    let mut out = Vec::new();
+    let mut add = |name, level, detail: String| {
+        let c = Check {
+            name,
+            level,
+            detail,
+        };
+        if json {
+            println!(
+                "{}",
+                json!({"check": c.name, "status": c.level.word(), "detail": c.detail})
+            );
+        } else {
+            let mark = match c.level {
+                Level::Ok => "✔",
+                Level::Warning => "‼",
+                Level::Error => "✘",
+            };
+            println!("{mark} {:<8} {}", c.name, c.detail);
+        }
+        out.push(c);
+    };
+    match config::load(path) {
+        Err(e) => add("config", Level::Error, format!("{}: {e}", path.display())),
+        Ok(c) => {
+            add("config", Level::Ok, format!("{}: valid", path.display()));
+            for (name, level, detail) in box_checks(&c).await {
+                add(name, level, detail);
+            }
+        }
+    }
+    match connect(bus).await {
+        Ok(d) => match doc(d.status().await) {
+            Ok(s) => {
+                let summary = plain(&s["status"]);
+                let level = if summary.starts_with("ready") {
+                    Level::Ok
+                } else {
+                    Level::Warning
+                };
+                add(
+                    "daemon",
+                    level,
+                    format!("ternd {}: {summary}", plain(&s["version"])),
+                );
+            }
+            Err(Fail(_, m)) => add("daemon", Level::Warning, format!("not answering: {m}")),
+        },
+        Err(Fail(_, m)) => add("daemon", Level::Warning, m),
+    }
+    if out.iter().any(|c| c.level == Level::Error) {
+        Exit::Failed
+    } else {
+        Exit::Ok
+    }
+}
+
+async fn box_checks(c: &config::Config) -> Vec<(&'static str, Level, String)> {
+    let mut v = Vec::new();
+    let db = c.state_dir.join("tern.db");
+    let active = if db.exists() {
+        match store_check(&db) {
+            Ok(active) => {
+                v.push((
+                    "store",
+                    Level::Ok,
+                    format!("{}: integrity ok", db.display()),
+                ));
+                active
+            }
+            Err(e) => {
+                v.push(("store", Level::Error, format!("{}: {e}", db.display())));
+                Vec::new()
+            }
+        }
+    } else {
+        v.push((
+            "store",
+            Level::Warning,
+            format!(
+                "{}: not created yet (ternd makes it on first start)",
+                db.display()
+            ),
+        ));
+        Vec::new()
+    };
+    match &c.fleet {
+        None => v.push(("broker", Level::Ok, "no fleet configured".into())),
+        Some(f) => {
+            let addr = format!("{}:{}", f.host, f.port);
+            let r = tokio::time::timeout(
+                Duration::from_secs(5),
+                tokio::net::TcpStream::connect(&addr),
+            )
+            .await;
+            v.push(match r {
+                Ok(Ok(_)) => ("broker", Level::Ok, format!("{addr} accepts connections")),
+                Ok(Err(e)) => ("broker", Level::Error, format!("{addr}: {e}")),
+                Err(_) => ("broker", Level::Error, format!("{addr}: no answer in 5 s")),
+            });
+        }
+    }
+    // The versions the daemon would run: the active ones recorded in the store, else the
+    // configured packages.
+    let packages: Vec<(String, PathBuf)> = if active.is_empty() {
+        c.models
+            .iter()
+            .map(|m| (format!("{} {}", m.name, m.version), m.package.clone()))
+            .collect()
+    } else {
+        active
+    };
+    for (name, dir) in packages {
+        let r = tokio::task::spawn_blocking(move || {
+            crate::engine::Model::load(&dir, std::num::NonZeroUsize::MIN)
+        })
+        .await;
+        v.push(match r {
+            Ok(Ok(_)) => (
+                "model",
+                Level::Ok,
+                format!("{name}: loads and passes its self-test"),
+            ),
+            Ok(Err(e)) => ("model", Level::Error, format!("{name}: {e}")),
+            Err(e) => ("model", Level::Error, format!("{name}: {e}")),
+        });
+    }
+    let need = c.updates.min_free_bytes;
+    match crate::fleet::telemetry::disk_free_bytes(&c.state_dir) {
+        Some(free) => {
+            let mib = |b: u64| b / (1024 * 1024);
+            let level = if free < need { Level::Error } else { Level::Ok };
+            v.push((
+                "disk",
+                level,
+                format!(
+                    "{} MiB free for {} (updates need {} MiB; outbox budget {} MiB)",
+                    mib(free),
+                    c.state_dir.display(),
+                    mib(need),
+                    mib(c.outbox.budget_bytes)
+                ),
+            ));
+        }
+        None => v.push((
+            "disk",
+            Level::Warning,
+            format!("{}: free space unknown", c.state_dir.display()),
+        )),
+    }
+    v
+}
+
+/// Integrity of the store, read-only, and its active versions' package directories.
+fn store_check(db: &Path) -> Result<Vec<(String, PathBuf)>, String> {
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(|e| e.to_string())?;
+    let r: String = conn
+        .query_row("PRAGMA quick_check", [], |r| r.get(0))
+        .map_err(|e| e.to_string())?;
+    if r != "ok" {
+        return Err(format!("integrity check: {r}"));
+    }
+    let mut stmt = conn
+        .prepare(
+            "SELECT name, version, path FROM model_versions WHERE state = 'active' ORDER BY name",
+        )
+        .map_err(|e| e.to_string())?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok((
+                format!("{} {}", r.get::<_, String>(0)?, r.get::<_, String>(1)?),
+                PathBuf::from(r.get::<_, String>(2)?),
+            ))
+        })
+        .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| e.to_string())?;
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nested_json_keeps_shape_and_order() {
+        let data: Vec<f32> = (0..6).map(|i| i as f32).collect();
+        assert_eq!(
+            nest(&[2, 3], &data),
+            json!([[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]])
+        );
+        assert_eq!(
+            nest(&[3, 2], &data),
+            json!([[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]])
+        );
+    }
+
+    #[test]
+    fn since_takes_ms_or_an_age() {
+        assert_eq!(since_ms("1700000000000", 5).ok(), Some(1_700_000_000_000));
+        assert_eq!(since_ms("15m", 1_000_000).ok(), Some(1_000_000 - 900_000));
+        assert_eq!(since_ms("2d", 0).ok(), Some(-172_800_000));
+        for bad in ["", "m", "15x", "-3h", "1.5h"] {
+            assert!(since_ms(bad, 0).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn tables_align_columns() {
+        let t = table(&["A", "LONGER"], &[vec!["wide cell".into(), "x".into()]]);
+        assert_eq!(t, "A          LONGER\nwide cell  x\n");
+    }
+}
