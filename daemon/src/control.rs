@@ -146,6 +146,7 @@ pub enum Command {
     },
     ResultsQuery {
         since_ms: i64,
+        after_id: Option<i64>,
         limit: u32,
     },
     Reload,
@@ -202,6 +203,9 @@ struct InferArgs {
 struct QueryArgs {
     #[serde(default)]
     since: i64,
+    /// With `since`: only results after the one with this id at that timestamp (a page's
+    /// `next_after`), so paging never repeats or skips rows that share a timestamp.
+    after: Option<i64>,
     #[serde(default = "default_limit")]
     limit: u32,
 }
@@ -282,6 +286,7 @@ impl Command {
                 }
                 Command::ResultsQuery {
                     since_ms: a.since,
+                    after_id: a.after,
                     limit: a.limit,
                 }
             }
@@ -518,7 +523,11 @@ impl Control {
                     })??;
                 Ok(serde_json::to_value(pred).expect("predictions serialise"))
             }
-            Command::ResultsQuery { since_ms, limit } => self.results(since_ms, limit).await,
+            Command::ResultsQuery {
+                since_ms,
+                after_id,
+                limit,
+            } => self.results(since_ms, after_id, limit).await,
             Command::Reload => {
                 let (tx, rx) = oneshot::channel();
                 self.inner
@@ -619,17 +628,24 @@ impl Control {
         }))
     }
 
-    async fn results(&self, since_ms: i64, limit: u32) -> Result<Value, CmdError> {
+    async fn results(
+        &self,
+        since_ms: i64,
+        after_id: Option<i64>,
+        limit: u32,
+    ) -> Result<Value, CmdError> {
         let rows = self
             .inner
             .store
             .call(move |c| {
                 let mut stmt = c.prepare(
                     "SELECT id, ts_ms, pipeline, source, model, version, label, score, top, latency_us
-                     FROM results WHERE ts_ms >= ?1 ORDER BY ts_ms, id LIMIT ?2",
+                     FROM results WHERE (ts_ms, id) > (?1, ?2) ORDER BY ts_ms, id LIMIT ?3",
                 )?;
+                // Without `after`, every row at `since` is wanted: ids start at 1.
+                let after = after_id.unwrap_or(0);
                 let rows = stmt
-                    .query_map(rusqlite::params![since_ms, limit], |r| {
+                    .query_map(rusqlite::params![since_ms, after, limit], |r| {
                         let top: String = r.get(8)?;
                         Ok(json!({
                             "id": r.get::<_, i64>(0)?,
@@ -662,6 +678,12 @@ impl Control {
             kept.push(r);
         }
         let next_since = kept.last().and_then(|r| r["ts_ms"].as_i64());
-        Ok(json!({"results": kept, "truncated": truncated, "next_since": next_since}))
+        let next_after = kept.last().and_then(|r| r["id"].as_i64());
+        Ok(json!({
+            "results": kept,
+            "truncated": truncated,
+            "next_since": next_since,
+            "next_after": next_after,
+        }))
     }
 }

@@ -208,3 +208,50 @@ async fn methods_errors_properties_and_signals_peer_to_peer() {
         ("digits-mlp-int8", "1.0.0")
     );
 }
+
+/// Paging through `results.query` with `next_since` and `next_after` returns every result
+/// once, even when more results than a page share one timestamp.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_pages_never_repeat_or_skip_rows_sharing_a_timestamp() {
+    use ternd::control::Command;
+    let d = tempfile::tempdir().unwrap();
+    let control = control(d.path()).await;
+    // 7 results at one instant, 3 at the next, 2 before `since`.
+    let stamps: Vec<i64> = [1000; 2]
+        .into_iter()
+        .chain([5000; 7])
+        .chain([5001; 3])
+        .collect();
+    let ids: Vec<i64> = control
+        .store()
+        .call(move |c| {
+            let mut ids = Vec::new();
+            for ts in stamps {
+                c.execute(
+                    "INSERT INTO results (ts_ms, pipeline, source, model, version, top, latency_us)
+                     VALUES (?1, 'p', 's', 'm', '1.0.0', '[]', 1)",
+                    [ts],
+                )?;
+                ids.push(c.last_insert_rowid());
+            }
+            Ok(ids)
+        })
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut args = serde_json::json!({"since": 5000, "limit": 3});
+    loop {
+        let page = control
+            .execute(Command::parse("results.query", args.clone()).unwrap())
+            .await
+            .unwrap();
+        let rows = page["results"].as_array().unwrap();
+        if rows.is_empty() {
+            break;
+        }
+        seen.extend(rows.iter().map(|r| r["id"].as_i64().unwrap()));
+        assert!(seen.len() <= ids.len(), "pages repeat rows: {seen:?}");
+        args = serde_json::json!({"since": page["next_since"], "after": page["next_after"], "limit": 3});
+    }
+    assert_eq!(seen, ids[2..].to_vec());
+}
