@@ -5,6 +5,7 @@ mod daemon;
 mod dbus;
 mod fleet;
 mod infer;
+mod package;
 mod systemd;
 mod ternctl;
 mod updates;
