@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 
 use crate::config;
 use crate::engine::Input;
-use crate::local::client::Daemon1Proxy;
+use crate::local::client::{Daemon1Proxy, UpdateProgress};
 
 /// What an exit status means (sysexits where one fits).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,9 +39,10 @@ enum Exit {
 #[derive(Parser)]
 #[command(name = "ternctl", version = crate::VERSION, about = "look inside and steer ternd over D-Bus")]
 struct Cli {
-    /// The bus ternd serves on: `system`, `session` or a D-Bus address.
-    #[arg(long, global = true, env = "TERN_BUS", default_value = "system")]
-    bus: String,
+    /// The bus ternd serves on: `system`, `session` or a D-Bus address [default: system; for
+    /// `check`, the configuration's `dbus.bus`].
+    #[arg(long, global = true, env = "TERN_BUS")]
+    bus: Option<String>,
     /// Print the daemon's JSON documents (one per line) instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -73,6 +74,10 @@ enum Cmd {
         /// From when: ms since the epoch, or an age such as `90s`, `15m`, `2h`, `1d`.
         #[arg(long, default_value = "1h")]
         since: String,
+        /// With --since as ms: only results after this result id (a previous run's hint).
+        #[arg(long)]
+        after: Option<i64>,
+        /// Stored results to show at most (pages of up to 1000 are fetched as needed).
         #[arg(long, default_value_t = 100)]
         limit: u32,
         #[arg(long, short)]
@@ -111,9 +116,16 @@ pub fn main() -> ExitCode {
 async fn run(cli: Cli) -> Res<Exit> {
     let json = cli.json;
     if let Cmd::Check { config } = &cli.command {
-        return Ok(check(config, &cli.bus, json).await);
+        return Ok(check(config, cli.bus.as_deref(), json).await);
     }
-    let d = connect(&cli.bus).await?;
+    let bus = cli.bus.as_deref().unwrap_or("system");
+    // Installing waits for the update's end, health window included; the rest answer at once
+    // or the daemon is wedged, which is worth saying rather than hanging.
+    let timeout = match cli.command {
+        Cmd::Install { .. } | Cmd::Results { follow: true, .. } => None,
+        _ => Some(CALL_TIMEOUT),
+    };
+    let d = connect(bus, timeout).await?;
     match cli.command {
         Cmd::Status => {
             let s = doc(d.status().await)?;
@@ -174,7 +186,8 @@ async fn run(cli: Cli) -> Res<Exit> {
             since,
             limit,
             follow,
-        } => results(&d, &since, limit, follow, json).await?,
+            after,
+        } => results(&d, &since, after, limit, follow, json).await?,
         Cmd::Install { bundle } => install(&d, &bundle, json).await?,
         Cmd::Check { .. } => unreachable!("handled above"),
     }
@@ -184,13 +197,20 @@ async fn run(cli: Cli) -> Res<Exit> {
 /// The largest input file sent to the daemon (its MQTT and D-Bus limits are of this order).
 const MAX_INPUT_BYTES: u64 = 8 << 20;
 
-async fn connect(bus: &str) -> Res<Daemon1Proxy<'static>> {
-    let builder = match bus {
+/// How long a call may take before ternd counts as not answering (inferences queue behind
+/// others; the daemon itself gives up on one after 30 s).
+const CALL_TIMEOUT: Duration = Duration::from_secs(45);
+
+async fn connect(bus: &str, timeout: Option<Duration>) -> Res<Daemon1Proxy<'static>> {
+    let mut builder = match bus {
         "system" => zbus::connection::Builder::system(),
         "session" => zbus::connection::Builder::session(),
         a => zbus::connection::Builder::address(a),
     }
     .map_err(|e| Fail(Exit::Unavailable, format!("bus `{bus}`: {e}")))?;
+    if let Some(t) = timeout {
+        builder = builder.method_timeout(t);
+    }
     let conn = builder.build().await.map_err(|e| {
         Fail(
             Exit::Unavailable,
@@ -207,6 +227,14 @@ fn doc(r: zbus::Result<String>) -> Res<Value> {
 }
 
 fn failure(e: zbus::Error) -> Fail {
+    if let zbus::Error::InputOutput(io) = &e
+        && io.kind() == std::io::ErrorKind::TimedOut
+    {
+        return Fail(
+            Exit::Unavailable,
+            format!("ternd did not answer within {CALL_TIMEOUT:?}"),
+        );
+    }
     let zbus::Error::MethodError(name, message, _) = &e else {
         return Fail(Exit::Unavailable, format!("D-Bus: {e}"));
     };
@@ -232,9 +260,23 @@ fn failure(e: zbus::Error) -> Fail {
 
 fn print(json: bool, v: &Value, text: impl Fn(&Value) -> String) {
     if json {
-        println!("{v}");
+        out(&format!("{v}\n"));
     } else {
-        print!("{}", text(v));
+        out(&text(v));
+    }
+}
+
+/// Write to stdout and flush (a follower is often piped into another program). A reader that
+/// went away (`ternctl results -f | head`) ends ternctl quietly, as it would a shell tool.
+fn out(s: &str) {
+    use std::io::Write as _;
+    let mut o = std::io::stdout().lock();
+    if let Err(e) = o.write_all(s.as_bytes()).and_then(|()| o.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("ternctl: stdout: {e}");
+        std::process::exit(Exit::Failed as i32);
     }
 }
 
@@ -298,6 +340,7 @@ fn since_ms(s: &str, now_ms: i64) -> Res<i64> {
 async fn results(
     d: &Daemon1Proxy<'_>,
     since: &str,
+    after: Option<i64>,
     limit: u32,
     follow: bool,
     json: bool,
@@ -306,65 +349,94 @@ async fn results(
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0);
-    let since = since_ms(since, now)?;
+    let mut cursor = (since_ms(since, now)?, after.unwrap_or(0));
     // Listen before asking, so that no result falls between the query and the stream.
     let mut stream = if follow {
         Some(d.receive_result_ready().await.map_err(failure)?)
     } else {
         None
     };
-    let page = doc(d.query_results(since, limit).await)?;
-    let rows = page["results"].as_array().cloned().unwrap_or_default();
-    let mut last = 0;
     if !json {
-        println!("{}", RESULT_HEADER.join("  "));
+        out(&result_line(RESULT_HEADER.map(String::from)));
     }
-    for r in &rows {
-        last = last.max(r["id"].as_i64().unwrap_or(0));
-        print_result(r, json);
+    let mut shown = std::collections::HashSet::new();
+    let mut more = false;
+    while shown.len() < limit as usize {
+        let want = (limit as usize - shown.len()).min(MAX_PAGE) as u32;
+        let page = doc(d.query_results_after(cursor.0, cursor.1, want).await)?;
+        let rows = page["results"].as_array().cloned().unwrap_or_default();
+        for r in &rows {
+            shown.insert(r["id"].as_i64().unwrap_or(0));
+            print_result(r, json);
+        }
+        match (page["next_since"].as_i64(), page["next_after"].as_i64()) {
+            (Some(ts), Some(id)) => cursor = (ts, id),
+            _ => break,
+        }
+        more = rows.len() == want as usize || page["truncated"] == true;
+        if !more {
+            break;
+        }
     }
-    if page["truncated"] == true && !follow {
+    if more {
         eprintln!(
-            "ternctl: more results follow; continue with --since {}",
-            page["next_since"]
+            "ternctl: {} result(s) shown and there may be more: continue with --since {} --after {}{}",
+            shown.len(),
+            cursor.0,
+            cursor.1,
+            if follow { " (new ones follow)" } else { "" }
         );
     }
     let Some(stream) = stream.as_mut() else {
         return Ok(());
     };
+    // Signals may arrive out of id order (pipelines commit independently): skip only what
+    // the query already printed.
     while let Some(sig) = stream.next().await {
         let Ok(args) = sig.args() else { continue };
         let Ok(r) = serde_json::from_str::<Value>(args.json()) else {
             continue;
         };
-        if r["id"].as_i64().unwrap_or(i64::MAX) > last {
-            last = r["id"].as_i64().unwrap_or(last);
+        if shown.insert(r["id"].as_i64().unwrap_or(-1)) {
             print_result(&r, json);
         }
     }
     Err(Fail(Exit::Unavailable, "ternd left the bus".into()))
 }
 
-const RESULT_HEADER: [&str; 6] = ["ID", "TIME", "PIPELINE", "MODEL", "TOP", "LATENCY"];
+/// The most results the daemon returns in one page.
+const MAX_PAGE: usize = 1000;
+
+const RESULT_HEADER: [&str; 6] = ["ID", "TIME (UTC)", "PIPELINE", "MODEL", "TOP", "LATENCY"];
+
+/// Fixed widths, so that rows printed as they come still line up under the header.
+fn result_line(c: [String; 6]) -> String {
+    format!(
+        "{:<6}  {:<24}  {:<14}  {:<24}  {:<14}  {}\n",
+        c[0], c[1], c[2], c[3], c[4], c[5]
+    )
+}
 
 fn print_result(r: &Value, json: bool) {
-    use std::io::Write as _;
     if json {
-        println!("{r}");
-    } else {
-        println!(
-            "{}  {}  {}  {}@{}  {}  {} µs",
-            r["id"],
-            r["ts_ms"],
-            plain(&r["pipeline"]),
-            plain(&r["model"]),
-            plain(&r["version"]),
-            top(&r["top"]),
-            r["latency_us"]
-        );
+        out(&format!("{r}\n"));
+        return;
     }
-    // A follower is often piped into another program: hand each line over as it comes.
-    let _ = std::io::stdout().flush();
+    let time = r["ts_ms"]
+        .as_u64()
+        .map(|ms| {
+            humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms))
+                .to_string()
+        })
+        .unwrap_or_else(|| plain(&r["ts_ms"]));
+    out(&result_line([
+        plain(&r["id"]),
+        time,
+        plain(&r["pipeline"]),
+        format!("{}@{}", plain(&r["model"]), plain(&r["version"])),
+        top(&r["top"]),
+        format!("{} µs", plain(&r["latency_us"])),
+    ]));
 }
 
 fn top(t: &Value) -> String {
@@ -390,6 +462,16 @@ fn plain(v: &Value) -> String {
 async fn install(d: &Daemon1Proxy<'_>, bundle: &Path, json: bool) -> Res<()> {
     let path = std::fs::canonicalize(bundle)
         .map_err(|e| Fail(Exit::NotFound, format!("{}: {e}", bundle.display())))?;
+    // Only this bundle's progress: a fleet update to another model may run meanwhile. A
+    // bundle whose manifest cannot be read is the daemon's to refuse, with its reason.
+    let this = tern_update::artifact::BundleFile::open(&path)
+        .ok()
+        .map(|b| {
+            (
+                b.manifest.signed["name"].clone(),
+                b.manifest.signed["version"].clone(),
+            )
+        });
     let mut progress = d.receive_update_progress().await.map_err(failure)?;
     let call = d.install_bundle(path.to_str().ok_or_else(|| {
         Fail(
@@ -397,15 +479,28 @@ async fn install(d: &Daemon1Proxy<'_>, bundle: &Path, json: bool) -> Res<()> {
             format!("{}: not a UTF-8 path", path.display()),
         )
     })?);
+    let say = |p: &UpdateProgress| {
+        let Ok(a) = p.args() else { return };
+        let ours = this
+            .as_ref()
+            .is_none_or(|(n, v)| n == a.model() && v == a.version());
+        if ours && !json {
+            eprintln!(
+                "{} {}: {} {}%",
+                a.model(),
+                a.version(),
+                a.state(),
+                a.percent()
+            );
+        }
+    };
     tokio::pin!(call);
     let outcome = loop {
         tokio::select! {
+            // Progress first: it was sent before the reply that ends the wait.
+            biased;
+            Some(p) = progress.next() => say(&p),
             r = &mut call => break r,
-            Some(p) = progress.next() => {
-                if let (Ok(a), false) = (p.args(), json) {
-                    eprintln!("{} {}: {} {}%", a.model(), a.version(), a.state(), a.percent());
-                }
-            }
         }
     };
     let r = match outcome {
@@ -596,8 +691,8 @@ impl Level {
 
 /// Checks that need no running daemon come first, so a box that will not start can still be
 /// diagnosed; the daemon's own view is added when it answers.
-async fn check(path: &Path, bus: &str, json: bool) -> Exit {
-    let mut out = Vec::new();
+async fn check(path: &Path, bus: Option<&str>, json: bool) -> Exit {
+    let mut checks = Vec::new();
     let mut add = |name, level, detail: String| {
         let c = Check {
             name,
@@ -605,20 +700,20 @@ async fn check(path: &Path, bus: &str, json: bool) -> Exit {
             detail,
         };
         if json {
-            println!(
-                "{}",
-                json!({"check": c.name, "status": c.level.word(), "detail": c.detail})
-            );
+            let v = json!({"check": c.name, "status": c.level.word(), "detail": c.detail});
+            out(&format!("{v}\n"));
         } else {
             let mark = match c.level {
                 Level::Ok => "✔",
                 Level::Warning => "‼",
                 Level::Error => "✘",
             };
-            println!("{mark} {:<8} {}", c.name, c.detail);
+            out(&format!("{mark} {:<8} {}\n", c.name, c.detail));
         }
-        out.push(c);
+        checks.push(c);
     };
+    // Where to find the daemon: as asked, else where its configuration serves it.
+    let mut served = Some(config::Bus::System);
     match config::load(path) {
         Err(e) => add("config", Level::Error, format!("{}: {e}", path.display())),
         Ok(c) => {
@@ -626,13 +721,30 @@ async fn check(path: &Path, bus: &str, json: bool) -> Exit {
             for (name, level, detail) in box_checks(&c).await {
                 add(name, level, detail);
             }
+            served = c.dbus.clone();
         }
     }
-    match connect(bus).await {
+    let bus = match (bus, &served) {
+        (Some(b), _) => b.to_string(),
+        (None, Some(config::Bus::System)) => "system".into(),
+        (None, Some(config::Bus::Session)) => "session".into(),
+        (None, Some(config::Bus::Address(a))) => a.clone(),
+        (None, None) => {
+            add(
+                "daemon",
+                Level::Warning,
+                "not asked: the configuration serves no D-Bus interface (dbus.bus = \"none\")"
+                    .into(),
+            );
+            return verdict(&checks);
+        }
+    };
+    match connect(&bus, Some(CALL_TIMEOUT)).await {
         Ok(d) => match doc(d.status().await) {
             Ok(s) => {
                 let summary = plain(&s["status"]);
-                let level = if summary.starts_with("ready") {
+                // The summary is `ready: ...`, with `; degraded: why` when something failed.
+                let level = if summary.starts_with("ready") && !summary.contains("degraded") {
                     Level::Ok
                 } else {
                     Level::Warning
@@ -647,7 +759,11 @@ async fn check(path: &Path, bus: &str, json: bool) -> Exit {
         },
         Err(Fail(_, m)) => add("daemon", Level::Warning, m),
     }
-    if out.iter().any(|c| c.level == Level::Error) {
+    verdict(&checks)
+}
+
+fn verdict(checks: &[Check]) -> Exit {
+    if checks.iter().any(|c| c.level == Level::Error) {
         Exit::Failed
     } else {
         Exit::Ok
@@ -657,8 +773,8 @@ async fn check(path: &Path, bus: &str, json: bool) -> Exit {
 async fn box_checks(c: &config::Config) -> Vec<(&'static str, Level, String)> {
     let mut v = Vec::new();
     let db = c.state_dir.join("tern.db");
-    let active = if db.exists() {
-        match store_check(&db) {
+    let active = match db.try_exists() {
+        Ok(true) => match store_check(&db) {
             Ok(active) => {
                 v.push((
                     "store",
@@ -667,26 +783,51 @@ async fn box_checks(c: &config::Config) -> Vec<(&'static str, Level, String)> {
                 ));
                 active
             }
-            Err(e) => {
+            // Not being allowed to look is not a broken store.
+            Err(StoreCheck::Unreadable(e)) => {
+                v.push((
+                    "store",
+                    Level::Warning,
+                    format!(
+                        "{}: cannot open it to check ({e}); run as root?",
+                        db.display()
+                    ),
+                ));
+                Vec::new()
+            }
+            Err(StoreCheck::Broken(e)) => {
                 v.push(("store", Level::Error, format!("{}: {e}", db.display())));
                 Vec::new()
             }
+        },
+        Ok(false) => {
+            v.push((
+                "store",
+                Level::Warning,
+                format!(
+                    "{}: not created yet (ternd makes it on first start)",
+                    db.display()
+                ),
+            ));
+            Vec::new()
         }
-    } else {
-        v.push((
-            "store",
-            Level::Warning,
-            format!(
-                "{}: not created yet (ternd makes it on first start)",
-                db.display()
-            ),
-        ));
-        Vec::new()
+        Err(e) => {
+            v.push((
+                "store",
+                Level::Warning,
+                format!("{}: cannot look ({e}); run as root?", db.display()),
+            ));
+            Vec::new()
+        }
     };
     match &c.fleet {
         None => v.push(("broker", Level::Ok, "no fleet configured".into())),
         Some(f) => {
-            let addr = format!("{}:{}", f.host, f.port);
+            let addr = if f.host.contains(':') {
+                format!("[{}]:{}", f.host, f.port)
+            } else {
+                format!("{}:{}", f.host, f.port)
+            };
             let r = tokio::time::timeout(
                 Duration::from_secs(5),
                 tokio::net::TcpStream::connect(&addr),
@@ -700,25 +841,36 @@ async fn box_checks(c: &config::Config) -> Vec<(&'static str, Level, String)> {
         }
     }
     // The versions the daemon would run: the active ones recorded in the store, else the
-    // configured packages.
-    let packages: Vec<(String, PathBuf)> = if active.is_empty() {
+    // configured packages; each on the runtime the configuration gives it.
+    let packages: Vec<(String, String, PathBuf)> = if active.is_empty() {
         c.models
             .iter()
-            .map(|m| (format!("{} {}", m.name, m.version), m.package.clone()))
+            .map(|m| (m.name.clone(), m.version.to_string(), m.package.clone()))
             .collect()
     } else {
         active
     };
-    for (name, dir) in packages {
+    for (model, version, dir) in packages {
+        let runtime = c
+            .models
+            .iter()
+            .find(|m| m.name == model)
+            .map(|m| m.pool.runtime)
+            .unwrap_or_default();
+        let name = format!("{model} {version}");
         let r = tokio::task::spawn_blocking(move || {
-            crate::engine::Model::load(&dir, std::num::NonZeroUsize::MIN)
+            crate::engine::Model::load_on(&dir, std::num::NonZeroUsize::MIN, runtime)
         })
         .await;
         v.push(match r {
-            Ok(Ok(_)) => (
+            Ok(Ok(m)) => (
                 "model",
                 Level::Ok,
-                format!("{name}: loads and passes its self-test"),
+                format!(
+                    "{name}: loads and passes its self-test on {}{}",
+                    m.runtime,
+                    m.fallback.map(|f| format!(" ({f})")).unwrap_or_default()
+                ),
             ),
             Ok(Err(e)) => ("model", Level::Error, format!("{name}: {e}")),
             Err(e) => ("model", Level::Error, format!("{name}: {e}")),
@@ -750,31 +902,45 @@ async fn box_checks(c: &config::Config) -> Vec<(&'static str, Level, String)> {
     v
 }
 
-/// Integrity of the store, read-only, and its active versions' package directories.
-fn store_check(db: &Path) -> Result<Vec<(String, PathBuf)>, String> {
+enum StoreCheck {
+    Unreadable(String),
+    Broken(String),
+}
+
+/// Integrity of the store, read-only, and its active versions: (name, version, directory).
+fn store_check(db: &Path) -> Result<Vec<(String, String, PathBuf)>, StoreCheck> {
     let conn =
         rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| StoreCheck::Unreadable(e.to_string()))?;
+    // Reading a WAL database needs its -shm file: a caller who may not create it cannot look.
     let r: String = conn
         .query_row("PRAGMA quick_check", [], |r| r.get(0))
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| match e.sqlite_error_code() {
+            Some(
+                rusqlite::ErrorCode::CannotOpen
+                | rusqlite::ErrorCode::PermissionDenied
+                | rusqlite::ErrorCode::ReadOnly,
+            ) => StoreCheck::Unreadable(e.to_string()),
+            _ => StoreCheck::Broken(e.to_string()),
+        })?;
     if r != "ok" {
-        return Err(format!("integrity check: {r}"));
+        return Err(StoreCheck::Broken(format!("integrity check: {r}")));
     }
     let mut stmt = conn
         .prepare(
             "SELECT name, version, path FROM model_versions WHERE state = 'active' ORDER BY name",
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| StoreCheck::Broken(e.to_string()))?;
     let rows = stmt
         .query_map([], |r| {
             Ok((
-                format!("{} {}", r.get::<_, String>(0)?, r.get::<_, String>(1)?),
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
                 PathBuf::from(r.get::<_, String>(2)?),
             ))
         })
         .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| StoreCheck::Broken(e.to_string()))?;
     Ok(rows)
 }
 

@@ -119,6 +119,21 @@ impl Daemon1 {
             .await
     }
 
+    /// The next page after a previous one: results from `since` on that come after result
+    /// `after` at that timestamp (a reply's `next_since` and `next_after`).
+    async fn query_results_after(
+        &self,
+        since: i64,
+        after: i64,
+        limit: u32,
+    ) -> Result<String, TernError> {
+        self.run(
+            "results.query",
+            json!({"since": since, "after": after, "limit": limit}),
+        )
+        .await
+    }
+
     /// Install a signed update bundle (a path readable by ternd) with the same checks as an
     /// update from the fleet; returns the update's outcome as JSON when it ends.
     async fn install_bundle(&self, path: String) -> Result<String, TernError> {
@@ -277,8 +292,13 @@ async fn signals(conn: zbus::Connection, mut events: tokio::sync::broadcast::Rec
                 }
             }
         };
-        if let Err(err) = sent {
-            tracing::debug!(error = %err, "D-Bus signal not sent");
+        match sent {
+            Ok(()) => {}
+            // The peer of a peer-to-peer connection is gone: nobody is left to tell.
+            Err(zbus::Error::InputOutput(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                return;
+            }
+            Err(err) => tracing::debug!(error = %err, "D-Bus signal not sent"),
         }
     }
 }
@@ -299,6 +319,7 @@ pub mod client {
         fn rollback(&self, model: &str) -> zbus::Result<String>;
         fn list_pipelines(&self) -> zbus::Result<String>;
         fn query_results(&self, since: i64, limit: u32) -> zbus::Result<String>;
+        fn query_results_after(&self, since: i64, after: i64, limit: u32) -> zbus::Result<String>;
         fn install_bundle(&self, path: &str) -> zbus::Result<String>;
 
         #[zbus(signal)]

@@ -66,6 +66,19 @@ pub fn need(program: &str) -> bool {
     found
 }
 
+/// Root, for tests that act as other users (`setpriv`) or monitor a bus. Otherwise SKIPPED
+/// loudly, or a failure under `TERN_TEST_STRICT=1`.
+pub fn need_root() -> bool {
+    let root = nix::unistd::Uid::effective().is_root();
+    if !root {
+        if std::env::var("TERN_TEST_STRICT").as_deref() == Ok("1") {
+            panic!("this test must run as root (TERN_TEST_STRICT=1)");
+        }
+        eprintln!("\n*** SKIPPED: not root ***\n");
+    }
+    root
+}
+
 /// Poll `f` until it returns `Some`, failing after `timeout` with `what` in the message.
 pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
     let deadline = Instant::now() + timeout;

@@ -10,7 +10,9 @@ use std::time::Instant;
 use serde::Serialize;
 use tract_linalg::multithread::Executor;
 use tract_onnx::prelude::*;
-use tract_onnx::tract_core::runtime::{RunOptions, Runnable, runtime_for_name};
+use tract_onnx::tract_core::runtime::{
+    RunOptions, Runnable, Runtime as TractRuntime, runtime_for_name,
+};
 
 use super::input::{Input, Prepared, read_npy_f32};
 use super::manifest::{Dim, MODEL_FILE, Manifest};
@@ -83,25 +85,49 @@ impl Model {
         threads: NonZeroUsize,
         runtime: Runtime,
     ) -> Result<Model, EngineError> {
-        // A malformed model must not take the daemon down if tract panics on it.
-        std::panic::catch_unwind(|| Self::load_inner(dir, threads, runtime)).unwrap_or_else(
-            |panic| {
-                Err(EngineError::Load {
-                    model: dir
-                        .file_name()
-                        .map(|n| n.to_string_lossy().to_string())
-                        .unwrap_or_default(),
-                    path: dir.join(MODEL_FILE),
-                    message: super::panic_message(&*panic),
-                })
-            },
-        )
+        let (rt, fallback) = pick(runtime);
+        let on_gpu = runtime == Runtime::Auto && fallback.is_none();
+        match Self::guarded(dir, threads, rt, fallback) {
+            // `auto` found a GPU, but the model would not load or pass its self-test there:
+            // the CPU serves it, and says why.
+            Err(e) if on_gpu => Self::guarded(
+                dir,
+                threads,
+                Ok(cpu()),
+                Some(format!("auto: on the CPU, it failed on cuda: {e}")),
+            ),
+            r => r,
+        }
+    }
+
+    fn guarded(
+        dir: &Path,
+        threads: NonZeroUsize,
+        rt: Result<&'static dyn TractRuntime, String>,
+        fallback: Option<String>,
+    ) -> Result<Model, EngineError> {
+        // A malformed model must not take the daemon down if tract panics on it. The runtime
+        // is tract's static, stateless entry point: a panic leaves nothing of it half-changed.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Self::load_inner(dir, threads, rt, fallback)
+        }))
+        .unwrap_or_else(|panic| {
+            Err(EngineError::Load {
+                model: dir
+                    .file_name()
+                    .map(|n| n.to_string_lossy().to_string())
+                    .unwrap_or_default(),
+                path: dir.join(MODEL_FILE),
+                message: super::panic_message(&*panic),
+            })
+        })
     }
 
     fn load_inner(
         dir: &Path,
         threads: NonZeroUsize,
-        runtime: Runtime,
+        rt: Result<&'static dyn TractRuntime, String>,
+        fallback: Option<String>,
     ) -> Result<Model, EngineError> {
         let manifest = Manifest::read(dir)?;
         let path = dir.join(MODEL_FILE);
@@ -210,7 +236,7 @@ impl Model {
             executor: Some(executor),
             ..RunOptions::default()
         };
-        let (rt, fallback) = pick(runtime).map_err(load_err)?;
+        let rt = rt.map_err(load_err)?;
         let runnable: Arc<dyn Runnable> = rt
             .prepare_with_options(typed, &options)
             .map_err(|e| load_err(format!("cannot be planned on {}: {e:#}", rt.name())))?
@@ -389,22 +415,9 @@ impl Model {
     }
 }
 
-/// The tract runtime for a choice, and why `auto` fell back to the CPU if it did.
-fn pick(
-    choice: Runtime,
-) -> Result<
-    (
-        &'static dyn tract_onnx::tract_core::runtime::Runtime,
-        Option<String>,
-    ),
-    String,
-> {
-    let cpu = || {
-        runtime_for_name("cpu")
-            .ok()
-            .flatten()
-            .expect("tract always has its cpu runtime")
-    };
+/// The tract runtime for a choice (or why there is none), and why `auto` chose the CPU if it
+/// did.
+fn pick(choice: Runtime) -> (Result<&'static dyn TractRuntime, String>, Option<String>) {
     // Ok(None): no such runtime linked in; Err: linked in but no usable device.
     let cuda = || match runtime_for_name("cuda") {
         Ok(Some(rt)) => Ok(rt),
@@ -412,13 +425,21 @@ fn pick(
         Err(e) => Err(format!("no usable CUDA device: {e:#}")),
     };
     match choice {
-        Runtime::Cpu => Ok((cpu(), None)),
-        Runtime::Cuda => cuda()
-            .map(|rt| (rt, None))
-            .map_err(|why| format!("runtime `cuda` was asked for, but {why}")),
-        Runtime::Auto => Ok(match cuda() {
-            Ok(rt) => (rt, None),
-            Err(why) => (cpu(), Some(format!("auto: on the CPU, {why}"))),
-        }),
+        Runtime::Cpu => (Ok(cpu()), None),
+        Runtime::Cuda => (
+            cuda().map_err(|why| format!("runtime `cuda` was asked for, but {why}")),
+            None,
+        ),
+        Runtime::Auto => match cuda() {
+            Ok(rt) => (Ok(rt), None),
+            Err(why) => (Ok(cpu()), Some(format!("auto: on the CPU, {why}"))),
+        },
     }
+}
+
+fn cpu() -> &'static dyn TractRuntime {
+    runtime_for_name("cpu")
+        .ok()
+        .flatten()
+        .expect("tract always has its cpu runtime")
 }

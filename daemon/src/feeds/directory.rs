@@ -343,7 +343,7 @@ impl DirectoryFeed {
             Some(k) => k.attempts,
             None => 0,
         };
-        seen.insert(
+        let before = seen.insert(
             name.clone(),
             Seen {
                 size,
@@ -352,6 +352,11 @@ impl DirectoryFeed {
                 state: FileState::Offered,
             },
         );
+        // Not offered after all: what was known of the file (its attempts) stays known.
+        let forget = |seen: &mut HashMap<String, Seen>| match before {
+            Some(b) => seen.insert(name.clone(), b),
+            None => seen.remove(&name),
+        };
         let ts_ms = now_ms();
         // Reading a file of up to max_file_bytes from flash can take a while: not on the runtime.
         let input = {
@@ -364,14 +369,14 @@ impl DirectoryFeed {
         // what was read may be half of it. Its writer's close (or the next scan) offers it again.
         if stamp(path) != Some((size, mtime_ns)) {
             tracing::debug!(pipeline = %self.pipeline, file = %name, "file changed while read; waiting for its writer");
-            seen.remove(&name);
+            forget(seen);
             return true;
         }
         if let Err(e @ EngineError::Unreadable { .. }) = &input {
             // Not the content's fault (permissions, a file replaced mid-read): try again at the
             // next event or rescan rather than refusing it.
             tracing::warn!(pipeline = %self.pipeline, error = %e, "file not readable yet");
-            seen.remove(&name);
+            forget(seen);
             return true;
         }
         let sample = Sample {
