@@ -97,3 +97,27 @@ fn the_installed_default_config_is_valid_with_the_shipped_models() {
         );
     }
 }
+
+/// The GPU path compiles: `--features cuda` links tract-cuda, which needs no CUDA toolkit to
+/// build (it loads the libraries at run time). There is no GPU here to run it on; the
+/// fallback without one is tested in daemon/tests/engine.rs and e2e/ternctl.rs.
+#[test]
+fn the_cuda_feature_compiles() {
+    // After the shared build, so that this is the only cargo using the target directory.
+    bin("ternd");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let o = std::process::Command::new(cargo)
+        .args([
+            "check",
+            "--quiet",
+            "-p",
+            "ternd",
+            "--features",
+            "cuda",
+            "--lib",
+        ])
+        .current_dir(root())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
