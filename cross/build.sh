@@ -74,7 +74,8 @@ top_class() {
     if ((code)); then
         echo "refused($code)"
     else
-        printf '%s\n' "$out" | grep -o '"label":"[^"]*"' | head -1
+        local re='"label":"([^"]*)"'
+        if [[ $out =~ $re ]]; then echo "${BASH_REMATCH[1]}"; else echo "no-label"; fi
     fi
 }
 
@@ -98,6 +99,10 @@ smoke() {
             checked=$((checked + 1))
         done
     done
+    if ((checked == 0)); then
+        echo "$t: no inputs were compared" >&2
+        return 1
+    fi
     echo "$t: ternd infer agrees with the host on $checked inputs"
     for c in configs/demo.toml configs/fleet-demo.toml; do
         $run "$bin/ternd" check-config --config "$c" >/dev/null
@@ -125,10 +130,12 @@ check_deb() {
     contents=$(dpkg-deb -c "$d")
     for want in './usr/bin/ternd' './usr/bin/ternctl -> ternd' './etc/tern/ternd.toml' \
         './usr/lib/systemd/system/ternd.service' './usr/share/dbus-1/system.d/io.tern.Daemon1.conf' \
-        './usr/share/tern/models/digits-cnn-int8/model.onnx'; do
+        './usr/share/tern/models/digits-cnn-int8/model.onnx' \
+        './usr/share/tern/models/iris-mlp-int8/model.onnx'; do
         grep -qF -- "$want" <<<"$contents" || { echo "$d: $want missing" >&2; return 1; }
     done
-    dpkg-deb --ctrl-tarfile "$d" | tar -xO ./conffiles | grep -qx /etc/tern/ternd.toml
+    dpkg-deb --ctrl-tarfile "$d" | tar -xO ./conffiles | grep -qx /etc/tern/ternd.toml ||
+        { echo "$d: /etc/tern/ternd.toml is not a conffile" >&2; return 1; }
     echo "$d: $(dpkg-deb -f "$d" Architecture), Depends: $(dpkg-deb -f "$d" Depends)"
 }
 

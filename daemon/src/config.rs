@@ -214,6 +214,36 @@ pub struct Config {
     pub updates: UpdatesConfig,
     /// None: no D-Bus interface.
     pub dbus: Option<Bus>,
+    /// `[engine]`: the pool settings of a model not listed in `[[models]]` (one an update
+    /// brought) and the defaults of those listed.
+    pub engine: PoolConfig,
+}
+
+impl Config {
+    /// Each model's pool settings: its own, else the engine's.
+    pub fn pools(&self) -> Pools {
+        Pools {
+            models: self
+                .models
+                .iter()
+                .map(|m| (m.name.clone(), m.pool))
+                .collect(),
+            engine: self.engine,
+        }
+    }
+}
+
+/// Pool settings by model name, with the engine's for any other model.
+#[derive(Debug, Clone, Default)]
+pub struct Pools {
+    pub models: std::collections::HashMap<String, PoolConfig>,
+    pub engine: PoolConfig,
+}
+
+impl Pools {
+    pub fn get(&self, name: &str) -> PoolConfig {
+        self.models.get(name).copied().unwrap_or(self.engine)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -857,6 +887,7 @@ fn validate(raw: RawConfig, base: &Path, sources: &[Source]) -> Result<Config, C
             outbox,
             updates,
             dbus,
+            engine: engine_pool,
         })
     } else {
         Err(ConfigError(problems))
@@ -1151,6 +1182,40 @@ mod tests {
             Ok(c) => panic!("expected problems, got {c:?}"),
             Err(e) => e.0,
         }
+    }
+
+    /// A model an update brought (not in `[[models]]`) runs with the engine's settings; a
+    /// listed one with its own over the engine's; a misspelt runtime is named at its key.
+    #[test]
+    fn engine_settings_are_every_model_s_default() {
+        let d = tempfile::tempdir().unwrap();
+        let pkg =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../firmware-updates/models/iris-mlp-int8");
+        let p = write(
+            d.path(),
+            "t.toml",
+            &format!(
+                "state_dir = \"s\"\n[engine]\nruntime = \"auto\"\nthreads = 2\n\
+                 [[models]]\npackage = \"{}\"\nruntime = \"cpu\"\n",
+                pkg.display()
+            ),
+        );
+        let c = load(&p).unwrap();
+        let pools = c.pools();
+        let listed = pools.get("iris-mlp-int8");
+        assert_eq!((listed.runtime, listed.threads.get()), (Runtime::Cpu, 2));
+        let other = pools.get("brought-by-an-update");
+        assert_eq!((other.runtime, other.threads.get()), (Runtime::Auto, 2));
+        let p = write(d.path(), "u.toml", "[engine]\nruntime = \"gpu\"\n");
+        let ps = problems(load(&p));
+        assert_eq!(ps[0].key, "engine.runtime", "{}", ps[0]);
+        assert!(
+            ps[0]
+                .message
+                .contains("unknown variant `gpu`, expected one of `cpu`, `cuda`, `auto`"),
+            "{}",
+            ps[0]
+        );
     }
 
     #[test]

@@ -556,12 +556,7 @@ impl Control {
 
     fn pool_config(&self, name: &str) -> crate::config::PoolConfig {
         let s = self.inner.state.read().expect("state lock");
-        s.config
-            .models
-            .iter()
-            .find(|m| m.name == name)
-            .map(|m| m.pool)
-            .unwrap_or_default()
+        s.config.pools().get(name)
     }
 
     async fn event(&self, body: Value) {

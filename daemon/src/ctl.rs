@@ -349,6 +349,12 @@ async fn results(
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0);
+    if after.is_some() && since.parse::<i64>().is_err() {
+        return Err(Fail(
+            Exit::BadInput,
+            "--after continues a page: give --since in ms, as the hint printed it".into(),
+        ));
+    }
     let mut cursor = (since_ms(since, now)?, after.unwrap_or(0));
     // Listen before asking, so that no result falls between the query and the stream.
     let mut stream = if follow {
@@ -397,7 +403,7 @@ async fn results(
         let Ok(r) = serde_json::from_str::<Value>(args.json()) else {
             continue;
         };
-        if shown.insert(r["id"].as_i64().unwrap_or(-1)) {
+        if !shown.contains(&r["id"].as_i64().unwrap_or(-1)) {
             print_result(&r, json);
         }
     }
@@ -851,12 +857,7 @@ async fn box_checks(c: &config::Config) -> Vec<(&'static str, Level, String)> {
         active
     };
     for (model, version, dir) in packages {
-        let runtime = c
-            .models
-            .iter()
-            .find(|m| m.name == model)
-            .map(|m| m.pool.runtime)
-            .unwrap_or_default();
+        let runtime = c.pools().get(&model).runtime;
         let name = format!("{model} {version}");
         let r = tokio::task::spawn_blocking(move || {
             crate::engine::Model::load_on(&dir, std::num::NonZeroUsize::MIN, runtime)

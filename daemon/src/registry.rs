@@ -125,14 +125,14 @@ impl Registry {
     /// Load every version recorded as active. One that no longer loads (damaged file, a tract
     /// that disagrees with its golden vectors) is marked failed and its previous version, if
     /// any, is activated instead. Returns the problems met.
-    pub async fn start(&mut self, pools: &HashMap<String, PoolConfig>) -> Vec<RegistryError> {
+    pub async fn start(&mut self, pools: &crate::config::Pools) -> Vec<RegistryError> {
         let mut problems = Vec::new();
         let rows = match self.list().await {
             Ok(rows) => rows,
             Err(e) => return vec![e],
         };
         for row in rows.into_iter().filter(|r| r.state == "active") {
-            let cfg = pools.get(&row.name).copied().unwrap_or_default();
+            let cfg = pools.get(&row.name);
             match load(row.path.clone(), cfg).await {
                 Ok(model) => {
                     self.pools

@@ -11,7 +11,6 @@
 //!
 //! Start and reload share [`Daemon::apply`], so a config that starts is a config that reloads.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +20,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{Mutex, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{self, Config, PoolConfig};
+use crate::config::{self, Config};
 use crate::control::{Control, DaemonState, PipelineInfo, ReloadRequest};
 use crate::engine::ModelPool;
 use crate::fleet;
@@ -102,7 +101,7 @@ pub async fn run(
 
     status("loading models");
     let mut reg = Registry::new(store.clone(), &config.state_dir);
-    for e in reg.start(&pool_configs(&config)).await {
+    for e in reg.start(&config.pools()).await {
         tracing::error!(error = %e, "at start");
     }
     let (pools_tx, pools_rx) = watch::channel(Vec::new());
@@ -410,10 +409,6 @@ pub fn lock_state_dir(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, Se
             source: std::io::Error::from(e),
         }
     })
-}
-
-pub fn pool_configs(c: &Config) -> HashMap<String, PoolConfig> {
-    c.models.iter().map(|m| (m.name.clone(), m.pool)).collect()
 }
 
 /// Feed the systemd watchdog at half its period, but only while no inference worker has been

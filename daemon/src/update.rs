@@ -47,7 +47,7 @@ use tern_update::command::PublicKey;
 use tokio::sync::{Mutex, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{PoolConfig, UpdatesConfig};
+use crate::config::UpdatesConfig;
 use crate::control::Control;
 use crate::fleet::mqtt::Link;
 use crate::outbox::Outbox;
@@ -171,7 +171,7 @@ pub struct Deps {
     pub groups: Vec<String>,
     /// `<prefix>` of the fleet topics, if there is a fleet link.
     pub prefix: Option<String>,
-    pub pools: HashMap<String, PoolConfig>,
+    pub pools: crate::config::Pools,
 }
 
 impl Deps {
@@ -194,7 +194,7 @@ impl Deps {
             device: fleet.map(|f| f.device.clone()).unwrap_or_default(),
             groups: fleet.map(|f| f.groups.clone()).unwrap_or_default(),
             prefix: fleet.map(|f| f.prefix.clone()),
-            pools: crate::service::pool_configs(config),
+            pools: config.pools(),
         }
     }
 }
@@ -1072,9 +1072,7 @@ impl Machine {
                     // The running pool's settings (a reload may have changed them since this
                     // task started): the new version swaps into the pool pipelines use.
                     let live = self.d.registry.lock().await.pool(&name).map(|p| p.config());
-                    let cfg = live
-                        .or_else(|| self.d.pools.get(&name).copied())
-                        .unwrap_or_default();
+                    let cfg = live.unwrap_or_else(|| self.d.pools.get(&name));
                     let r = self
                         .d
                         .registry
@@ -1999,7 +1997,7 @@ async fn install_here(config: &crate::config::Config, bundle: &Path) -> Result<V
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
-    let pools = crate::service::pool_configs(config);
+    let pools = config.pools();
     // The box as the daemon would bring it up: active versions, then the configured packages.
     let mut reg = Registry::new(store.clone(), &config.state_dir);
     for e in reg.start(&pools).await {

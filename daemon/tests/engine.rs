@@ -498,15 +498,34 @@ fn runtime_auto_falls_back_and_cuda_refuses_clearly() {
         Ok(gpu) => {
             assert_eq!(gpu.runtime, "cuda");
             assert_eq!((auto.runtime, auto.fallback.as_deref()), ("cuda", None));
+            // The GPU answers as the CPU does (its self-test already compared the numbers).
+            let png = std::fs::read(
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/demo/inbox/digit-3.png"),
+            )
+            .unwrap();
+            let on_gpu = gpu.infer(&Input::Encoded(png.clone())).unwrap();
+            let on_cpu = cpu.infer(&Input::Encoded(png)).unwrap();
+            assert_eq!(on_gpu.top[0].label, on_cpu.top[0].label);
+        }
+        // A usable GPU on which this model does not load or pass its self-test (only with
+        // the feature): auto must have fallen back to the CPU, saying so.
+        Err(EngineError::Load { message, .. })
+            if !message.starts_with("runtime `cuda` was asked for, but ") =>
+        {
+            if !cfg!(feature = "cuda") {
+                panic!("without the cuda feature, cuda must be refused as such: {message}");
+            }
+            assert_eq!(auto.runtime, "cpu");
+            let note = auto.fallback.as_deref().unwrap_or_default();
+            assert!(
+                note.starts_with("auto: on the CPU, it failed on cuda: "),
+                "{note}"
+            );
         }
         Err(e) => {
             let EngineError::Load { message, .. } = &e else {
                 panic!("not a load error: {e}");
             };
-            assert!(
-                message.starts_with("runtime `cuda` was asked for, but "),
-                "{message}"
-            );
             let why = if cfg!(feature = "cuda") {
                 "no usable CUDA device"
             } else {

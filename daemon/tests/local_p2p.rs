@@ -106,6 +106,9 @@ async fn methods_errors_properties_and_signals_peer_to_peer() {
         json(p.list_pipelines().await.unwrap()),
         Value::Array(vec![])
     );
+    let page = json(p.query_results_after(0, 0, 10).await.unwrap());
+    assert_eq!(page["results"], Value::Array(vec![]), "{page}");
+    assert_eq!(json(p.query_results(0, 10).await.unwrap()), page);
 
     let png = std::fs::read(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/demo/inbox/digit-7.png"),
@@ -145,6 +148,10 @@ async fn methods_errors_properties_and_signals_peer_to_peer() {
             "io.tern.Error.Conflict",
         ),
         (p.query_results(0, 0).await, "io.tern.Error.BadRequest"),
+        (
+            p.query_results_after(0, 0, 0).await,
+            "io.tern.Error.BadRequest",
+        ),
         (
             p.install_bundle("relative.bundle").await,
             "io.tern.Error.BadRequest",
