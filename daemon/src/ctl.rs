@@ -345,17 +345,13 @@ async fn results(
     follow: bool,
     json: bool,
 ) -> Res<()> {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0);
     if after.is_some() && since.parse::<i64>().is_err() {
         return Err(Fail(
             Exit::BadInput,
             "--after continues a page: give --since in ms, as the hint printed it".into(),
         ));
     }
-    let mut cursor = (since_ms(since, now)?, after.unwrap_or(0));
+    let mut cursor = (since_ms(since, crate::store::now_ms())?, after.unwrap_or(0));
     // Listen before asking, so that no result falls between the query and the stream.
     let mut stream = if follow {
         Some(d.receive_result_ready().await.map_err(failure)?)
@@ -541,6 +537,11 @@ fn update_text(v: &Value) -> String {
     s + "\n"
 }
 
+/// One row per element of the JSON array `v` (none if it is not an array).
+fn array_rows(v: &Value, row: impl Fn(&Value) -> Vec<String>) -> Vec<Vec<String>> {
+    v.as_array().into_iter().flatten().map(row).collect()
+}
+
 /// Columns padded to their widest cell.
 fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut w: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
@@ -581,23 +582,18 @@ fn status_text(s: &Value) -> String {
         },
         plain(&s["outbox"]["rows"]),
     );
-    let rows: Vec<Vec<String>> = s["models"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|m| {
-            vec![
-                plain(&m["name"]),
-                plain(&m["version"]),
-                plain(&m["requests"]),
-                plain(&m["errors"]),
-                plain(&m["busy"]),
-                plain(&m["queued"]),
-                plain(&m["latency_us"]["p50"]),
-                plain(&m["latency_us"]["p99"]),
-            ]
-        })
-        .collect();
+    let rows = array_rows(&s["models"], |m| {
+        vec![
+            plain(&m["name"]),
+            plain(&m["version"]),
+            plain(&m["requests"]),
+            plain(&m["errors"]),
+            plain(&m["busy"]),
+            plain(&m["queued"]),
+            plain(&m["latency_us"]["p50"]),
+            plain(&m["latency_us"]["p99"]),
+        ]
+    });
     out += &table(
         &[
             "MODEL", "VERSION", "REQUESTS", "ERRORS", "BUSY", "QUEUED", "P50 µs", "P99 µs",
@@ -610,21 +606,16 @@ fn status_text(s: &Value) -> String {
 }
 
 fn models_text(m: &Value) -> String {
-    let rows: Vec<Vec<String>> = m
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|v| {
-            vec![
-                plain(&v["name"]),
-                plain(&v["version"]),
-                plain(&v["state"]),
-                plain(&v["form"]),
-                plain(&v["sha256"]).chars().take(12).collect(),
-                plain(&v["failure"]),
-            ]
-        })
-        .collect();
+    let rows = array_rows(m, |v| {
+        vec![
+            plain(&v["name"]),
+            plain(&v["version"]),
+            plain(&v["state"]),
+            plain(&v["form"]),
+            plain(&v["sha256"]).chars().take(12).collect(),
+            plain(&v["failure"]),
+        ]
+    });
     table(
         &["MODEL", "VERSION", "STATE", "FORM", "SHA256", "FAILURE"],
         &rows,
@@ -632,20 +623,15 @@ fn models_text(m: &Value) -> String {
 }
 
 fn pipelines_text(p: &Value) -> String {
-    let rows: Vec<Vec<String>> = p
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|v| {
-            vec![
-                plain(&v["name"]),
-                plain(&v["feed"]),
-                plain(&v["model"]),
-                plain(&v["results"]),
-                plain(&v["errors"]),
-            ]
-        })
-        .collect();
+    let rows = array_rows(p, |v| {
+        vec![
+            plain(&v["name"]),
+            plain(&v["feed"]),
+            plain(&v["model"]),
+            plain(&v["results"]),
+            plain(&v["errors"]),
+        ]
+    });
     table(&["PIPELINE", "FEED", "MODEL", "RESULTS", "ERRORS"], &rows)
 }
 
@@ -656,17 +642,12 @@ fn prediction_text(p: &Value) -> String {
         plain(&p["version"]),
         p["latency_us"]
     );
-    let rows: Vec<Vec<String>> = p["top"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|c| {
-            vec![
-                plain(&c["label"]),
-                format!("{:.4}", c["score"].as_f64().unwrap_or(f64::NAN)),
-            ]
-        })
-        .collect();
+    let rows = array_rows(&p["top"], |c| {
+        vec![
+            plain(&c["label"]),
+            format!("{:.4}", c["score"].as_f64().unwrap_or(f64::NAN)),
+        ]
+    });
     out += &table(&["LABEL", "SCORE"], &rows);
     out
 }
@@ -856,8 +837,9 @@ async fn box_checks(c: &config::Config) -> Vec<(&'static str, Level, String)> {
     } else {
         active
     };
+    let pools = c.pools();
     for (model, version, dir) in packages {
-        let runtime = c.pools().get(&model).runtime;
+        let runtime = pools.get(&model).runtime;
         let name = format!("{model} {version}");
         let r = tokio::task::spawn_blocking(move || {
             crate::engine::Model::load_on(&dir, std::num::NonZeroUsize::MIN, runtime)

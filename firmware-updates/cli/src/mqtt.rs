@@ -153,11 +153,33 @@ impl Conn {
     }
 }
 
-pub async fn publish(a: PublishArgs) -> anyhow::Result<ExitCode> {
-    let b =
-        BundleFile::open(&a.bundle).map_err(|e| anyhow::anyhow!("{}: {e}", a.bundle.display()))?;
+/// A bundle file and its signed part, as publish and withdraw both read it.
+fn open_bundle(path: &std::path::Path) -> anyhow::Result<(BundleFile, Signed)> {
+    let b = BundleFile::open(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let signed: Signed = serde_json::from_value(b.manifest.signed.clone())
-        .with_context(|| format!("{}: manifest", a.bundle.display()))?;
+        .with_context(|| format!("{}: manifest", path.display()))?;
+    Ok((b, signed))
+}
+
+/// `group:<name>` for a group, else the device id: what [`manifest_topic`] takes.
+fn target(group: &Option<String>, device: &Option<String>) -> anyhow::Result<String> {
+    Ok(match (group, device) {
+        (Some(g), _) => format!("group:{g}"),
+        (None, Some(d)) => d.clone(),
+        (None, None) => bail!("give --group or --device"),
+    })
+}
+
+/// Where a model's manifest is retained for a target (`group:<name>` or a device id).
+fn manifest_topic(prefix: &str, target: &str, model: &str) -> String {
+    match target.strip_prefix("group:") {
+        Some(g) => format!("{prefix}/fleet/{g}/update/{model}"),
+        None => format!("{prefix}/{target}/update/{model}"),
+    }
+}
+
+pub async fn publish(a: PublishArgs) -> anyhow::Result<ExitCode> {
+    let (b, signed) = open_bundle(&a.bundle)?;
     if b.manifest.signatures.is_empty() {
         bail!(
             "{} is not signed; `tern-update sign` it first",
@@ -192,15 +214,8 @@ pub async fn publish(a: PublishArgs) -> anyhow::Result<ExitCode> {
         art.size as f64 / 1048576.0 / took.as_secs_f64().max(1e-9)
     );
     let manifest = b.manifest_bytes.clone();
-    let topic_for = |target: &str| match target.strip_prefix("group:") {
-        Some(g) => format!("{prefix}/fleet/{g}/update/{}", signed.name),
-        None => format!("{prefix}/{target}/update/{}", signed.name),
-    };
-    let target = match (&a.group, &a.device) {
-        (Some(g), _) => format!("group:{g}"),
-        (None, Some(d)) => d.clone(),
-        (None, None) => bail!("give --group or --device"),
-    };
+    let topic_for = |target: &str| manifest_topic(&prefix, target, &signed.name);
+    let target = target(&a.group, &a.device)?;
     if let (Some(n), Some(group)) = (a.canary, &a.group) {
         let ok = canary(&mut conn, &a, &signed, &manifest, group, n, &topic_for).await?;
         if !ok {
@@ -385,15 +400,9 @@ pub async fn withdraw(
     device: Option<String>,
     path: &std::path::Path,
 ) -> anyhow::Result<()> {
-    let bundle = BundleFile::open(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    let signed: Signed = serde_json::from_value(bundle.manifest.signed.clone())
-        .with_context(|| format!("{}: manifest", path.display()))?;
+    let (_, signed) = open_bundle(path)?;
     let prefix = b.prefix.clone();
-    let topic = match (&group, &device) {
-        (Some(g), _) => format!("{prefix}/fleet/{g}/update/{}", signed.name),
-        (None, Some(d)) => format!("{prefix}/{d}/update/{}", signed.name),
-        (None, None) => bail!("give --group or --device"),
-    };
+    let topic = manifest_topic(&prefix, &target(&group, &device)?, &signed.name);
     let mut conn = connect(&b).await?;
     conn.publish(&topic, Vec::new(), true).await?;
     let a = &signed.artifact;

@@ -227,35 +227,22 @@ fn every_subcommand_against_a_running_ternd() {
     let ij = ctl(&bus, &["--json", "infer", "-m", MODEL, png_s]).json();
     assert_eq!(ij["top"][0]["label"], want.as_str(), "{ij}");
     assert_eq!(ij["version"], "1.0.0");
-    let npy = package("iris-mlp-int8").join("golden/1-input.npy");
-    let want = offline_label(&package("iris-mlp-int8"), &npy);
-    let ij = ctl(
-        &bus,
-        &[
-            "--json",
-            "infer",
-            "-m",
-            "iris-mlp-int8",
-            npy.to_str().unwrap(),
-        ],
-    )
-    .json();
-    assert_eq!(ij["top"][0]["label"], want.as_str(), "{ij}");
+    let agrees = |model: &str, input: &Path| {
+        let want = offline_label(&package(model), input);
+        let ij = ctl(
+            &bus,
+            &["--json", "infer", "-m", model, input.to_str().unwrap()],
+        )
+        .json();
+        assert_eq!(ij["top"][0]["label"], want.as_str(), "{ij}");
+    };
+    agrees(
+        "iris-mlp-int8",
+        &package("iris-mlp-int8").join("golden/1-input.npy"),
+    );
     let tensor = d.path().join("flower.json");
     std::fs::write(&tensor, "[[6.7, 3.0, 5.2, 2.3]]").unwrap();
-    let want = offline_label(&package("iris-mlp-int8"), &tensor);
-    let ij = ctl(
-        &bus,
-        &[
-            "--json",
-            "infer",
-            "-m",
-            "iris-mlp-int8",
-            tensor.to_str().unwrap(),
-        ],
-    )
-    .json();
-    assert_eq!(ij["top"][0]["label"], want.as_str(), "{ij}");
+    agrees("iris-mlp-int8", &tensor);
     // ... and what goes wrong, with its own exit code.
     let two = ctl(&bus, &["infer", png_s]);
     assert_eq!(two.code, Some(65), "{}", two.stderr);
