@@ -12,7 +12,7 @@
 
 use std::collections::HashSet;
 use std::fmt;
-use std::num::NonZeroUsize;
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -48,6 +48,19 @@ pub struct RawConfig {
     pub updates: RawUpdates,
     #[serde(default)]
     pub dbus: RawDbus,
+    #[serde(default)]
+    pub store: RawStore,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStore {
+    /// Results older than this many days are deleted (fractions allowed); none: no age limit.
+    pub results_max_age_days: Option<f64>,
+    /// Disk budget for stored results, in MiB; the oldest go first.
+    pub results_budget_mib: Option<f64>,
+    /// Disk budget for samples captured for retraining, in MiB; the oldest go first.
+    pub capture_budget_mib: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -181,6 +194,83 @@ pub enum RawFeed {
         #[serde(default)]
         on_done: OnDone,
     },
+    Camera {
+        name: String,
+        /// What ffmpeg reads: `-i <input>` (a URL, `/dev/video0`, a file, a lavfi graph).
+        input: String,
+        /// ffmpeg's input format (`-f` before `-i`): `v4l2`, `lavfi`, `rtsp`, ...
+        format: Option<String>,
+        /// Passed to ffmpeg before `-i`, e.g. `["-hwaccel", "vaapi"]` or `["-re"]`.
+        #[serde(default)]
+        input_args: Vec<String>,
+        /// Frames per second to sample; none: every frame the source gives.
+        fps: Option<f64>,
+        /// No frame for this long means the source is stalled: ffmpeg is restarted.
+        stall_secs: Option<f64>,
+        /// The ffmpeg program; default `ffmpeg` on PATH.
+        ffmpeg: Option<PathBuf>,
+    },
+    Serial {
+        name: String,
+        path: PathBuf,
+        baud: Option<u32>,
+        data_bits: Option<u8>,
+        parity: Option<Parity>,
+        stop_bits: Option<u8>,
+        #[serde(default)]
+        format: LineFormat,
+        /// Names of the numbers on a line: CSV columns in order, or JSON keys.
+        fields: Vec<String>,
+        max_line_bytes: Option<usize>,
+    },
+    Mqtt {
+        name: String,
+        /// A topic filter; wildcards allowed.
+        topic: String,
+        /// `mqtt://host[:port]`; none: the fleet broker, with the fleet's TLS and credentials.
+        broker: Option<String>,
+        #[serde(default)]
+        format: PayloadFormat,
+        /// Names of the numbers in a JSON reading, in the order the model wants them.
+        #[serde(default)]
+        fields: Vec<String>,
+        max_payload_bytes: Option<usize>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Parity {
+    #[default]
+    None,
+    Odd,
+    Even,
+}
+
+/// How a serial line carries its numbers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LineFormat {
+    /// A line starting with `{` is JSON, any other CSV.
+    #[default]
+    Auto,
+    /// `5.1,3.5,1.4,0.2`, columns named by `fields` in order.
+    Csv,
+    /// `{"sepal_length": 5.1, ...}`, keys named by `fields`.
+    Json,
+}
+
+/// What an MQTT feed's messages hold.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PayloadFormat {
+    /// A JSON object is a reading, a JSON array a tensor, anything else an image.
+    #[default]
+    Auto,
+    /// PNG or JPEG bytes.
+    Image,
+    /// A JSON reading (object) or tensor (array).
+    Json,
 }
 
 /// What a directory feed does with a file once its result is stored.
@@ -199,6 +289,43 @@ pub struct RawPipeline {
     pub name: String,
     pub feed: String,
     pub model: String,
+    /// Run the model on one sample in every N.
+    pub every_nth: Option<NonZeroU32>,
+    /// Run the model at most this often per second; samples in between are skipped.
+    pub max_fps: Option<f64>,
+    /// Readings stacked into one input: the last N samples of the feed's fields.
+    pub window: Option<NonZeroUsize>,
+    /// New readings between two windows.
+    pub stride: Option<NonZeroUsize>,
+    /// Samples waiting for the model.
+    pub queue: Option<NonZeroUsize>,
+    /// What a full queue does; by default cameras drop the oldest sample, others wait.
+    pub on_full: Option<OnFull>,
+    /// Which results go upstream: `always`, `on_change` (of the top class) or `above`.
+    pub publish: Option<PublishMode>,
+    /// With `publish = "above"`: the top score a result needs to be published.
+    pub min_score: Option<f32>,
+    /// Keep results in the database (default true).
+    pub store: Option<bool>,
+    /// Keep inputs whose top score is below this, for retraining.
+    pub capture_below: Option<f32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFull {
+    /// Fresh samples beat stale ones: the oldest waiting sample is dropped (and counted).
+    DropOldest,
+    /// The feed waits for room: nothing is dropped.
+    Wait,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PublishMode {
+    Always,
+    OnChange,
+    Above,
 }
 
 /// A validated configuration: every path absolute, every reference resolved.
@@ -217,7 +344,19 @@ pub struct Config {
     /// `[engine]`: the pool settings of a model not listed in `[[models]]` (one an update
     /// brought) and the defaults of those listed.
     pub engine: PoolConfig,
+    pub store: StoreConfig,
 }
+
+/// `[store]`: how much of its own data the box keeps.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StoreConfig {
+    pub results_max_age: Option<std::time::Duration>,
+    pub results_budget_bytes: u64,
+    pub capture_budget_bytes: u64,
+}
+
+pub const DEFAULT_RESULTS_BUDGET_MIB: f64 = 256.0;
+pub const DEFAULT_CAPTURE_BUDGET_MIB: f64 = 64.0;
 
 impl Config {
     /// Each model's pool settings: its own, else the engine's.
@@ -354,12 +493,71 @@ pub enum FeedConfig {
         max_file_bytes: u64,
         on_done: OnDone,
     },
+    Camera(CameraConfig),
+    Serial(SerialConfig),
+    Mqtt(MqttFeedConfig),
 }
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CameraConfig {
+    pub name: String,
+    pub input: String,
+    pub format: Option<String>,
+    pub input_args: Vec<String>,
+    pub fps: Option<f64>,
+    pub stall: std::time::Duration,
+    pub ffmpeg: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SerialConfig {
+    pub name: String,
+    pub path: PathBuf,
+    pub baud: u32,
+    pub data_bits: u8,
+    pub parity: Parity,
+    pub stop_bits: u8,
+    pub format: LineFormat,
+    pub fields: Vec<String>,
+    pub max_line_bytes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct MqttFeedConfig {
+    pub name: String,
+    pub topic: String,
+    pub host: String,
+    pub port: u16,
+    pub tls: Option<TlsConfig>,
+    pub credentials: Option<(String, String)>,
+    pub client_id: String,
+    pub format: PayloadFormat,
+    pub fields: Vec<String>,
+    pub max_payload_bytes: usize,
+}
+
+pub const DEFAULT_STALL_SECS: f64 = 10.0;
+pub const DEFAULT_BAUD: u32 = 9600;
+pub const DEFAULT_MAX_LINE_BYTES: usize = 4096;
+pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 4 * 1024 * 1024;
+pub const DEFAULT_PIPELINE_QUEUE: usize = 8;
 
 impl FeedConfig {
     pub fn name(&self) -> &str {
         match self {
             FeedConfig::Directory { name, .. } => name,
+            FeedConfig::Camera(c) => &c.name,
+            FeedConfig::Serial(s) => &s.name,
+            FeedConfig::Mqtt(m) => &m.name,
+        }
+    }
+
+    /// The names of the numbers in this feed's readings; empty for image feeds.
+    pub fn fields(&self) -> &[String] {
+        match self {
+            FeedConfig::Serial(s) => &s.fields,
+            FeedConfig::Mqtt(m) => &m.fields,
+            _ => &[],
         }
     }
 }
@@ -369,6 +567,23 @@ pub struct PipelineConfig {
     pub name: String,
     pub feed: String,
     pub model: String,
+    pub every_nth: NonZeroU32,
+    pub max_fps: Option<f64>,
+    pub window: NonZeroUsize,
+    pub stride: NonZeroUsize,
+    pub queue: NonZeroUsize,
+    pub on_full: OnFull,
+    pub publish: Publish,
+    pub store: bool,
+    pub capture_below: Option<f32>,
+}
+
+/// Which results a pipeline sends upstream (all are stored unless `store = false`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Publish {
+    Always,
+    OnChange,
+    Above(f32),
 }
 
 const fn nz(n: usize) -> NonZeroUsize {
@@ -742,10 +957,185 @@ fn validate(raw: RawConfig, base: &Path, sources: &[Source]) -> Result<Config, C
         }
     }
 
+    let fleet = raw
+        .fleet
+        .as_ref()
+        .and_then(|f| validate_fleet(f, &resolve, &mut report));
+
     let mut feeds = Vec::new();
     let mut feed_names = HashSet::new();
     for (i, f) in raw.feeds.iter().enumerate() {
+        let name = match f {
+            RawFeed::Directory { name, .. }
+            | RawFeed::Camera { name, .. }
+            | RawFeed::Serial { name, .. }
+            | RawFeed::Mqtt { name, .. } => name,
+        };
+        if !feed_names.insert(name.clone()) {
+            report(
+                format!("feeds[{i}].name"),
+                format!("feed `{name}` is defined twice"),
+            );
+        }
         match f {
+            RawFeed::Camera {
+                name,
+                input,
+                format,
+                input_args,
+                fps,
+                stall_secs,
+                ffmpeg,
+            } => {
+                if input.is_empty() {
+                    report(format!("feeds[{i}].input"), "must not be empty".into());
+                }
+                if let Some(f) = fps
+                    && !(f.is_finite() && *f > 0.0 && *f <= 1000.0)
+                {
+                    report(
+                        format!("feeds[{i}].fps"),
+                        format!("{f} is not a frame rate: give 0 < fps <= 1000"),
+                    );
+                }
+                let stall = stall_secs.unwrap_or(DEFAULT_STALL_SECS);
+                if !(stall.is_finite() && (0.1..=3600.0).contains(&stall)) {
+                    report(
+                        format!("feeds[{i}].stall_secs"),
+                        format!("{stall} is not a timeout: give 0.1 to 3600 seconds"),
+                    );
+                }
+                feeds.push(FeedConfig::Camera(CameraConfig {
+                    name: name.clone(),
+                    input: input.clone(),
+                    format: format.clone(),
+                    input_args: input_args.clone(),
+                    fps: *fps,
+                    stall: std::time::Duration::from_secs_f64(stall.clamp(0.1, 3600.0)),
+                    ffmpeg: ffmpeg.clone().unwrap_or_else(|| PathBuf::from("ffmpeg")),
+                }));
+            }
+            RawFeed::Serial {
+                name,
+                path,
+                baud,
+                data_bits,
+                parity,
+                stop_bits,
+                format,
+                fields,
+                max_line_bytes,
+            } => {
+                let data_bits = data_bits.unwrap_or(8);
+                if !(5..=8).contains(&data_bits) {
+                    report(
+                        format!("feeds[{i}].data_bits"),
+                        format!("{data_bits} is not 5, 6, 7 or 8"),
+                    );
+                }
+                let stop_bits = stop_bits.unwrap_or(1);
+                if !(1..=2).contains(&stop_bits) {
+                    report(
+                        format!("feeds[{i}].stop_bits"),
+                        format!("{stop_bits} is not 1 or 2"),
+                    );
+                }
+                let baud = baud.unwrap_or(DEFAULT_BAUD);
+                if baud == 0 {
+                    report(format!("feeds[{i}].baud"), "must be above 0".into());
+                }
+                check_fields(fields, &format!("feeds[{i}].fields"), true, &mut report);
+                let max_line_bytes = max_line_bytes.unwrap_or(DEFAULT_MAX_LINE_BYTES);
+                if !(16..=1024 * 1024).contains(&max_line_bytes) {
+                    report(
+                        format!("feeds[{i}].max_line_bytes"),
+                        format!("{max_line_bytes} is not 16 to 1048576"),
+                    );
+                }
+                feeds.push(FeedConfig::Serial(SerialConfig {
+                    name: name.clone(),
+                    path: resolve(path),
+                    baud,
+                    data_bits,
+                    parity: parity.unwrap_or_default(),
+                    stop_bits,
+                    format: *format,
+                    fields: fields.clone(),
+                    max_line_bytes,
+                }));
+            }
+            RawFeed::Mqtt {
+                name,
+                topic,
+                broker,
+                format,
+                fields,
+                max_payload_bytes,
+            } => {
+                if topic.is_empty() || topic.contains('\0') {
+                    report(
+                        format!("feeds[{i}].topic"),
+                        "must be a non-empty topic filter".into(),
+                    );
+                }
+                check_fields(fields, &format!("feeds[{i}].fields"), false, &mut report);
+                let max_payload_bytes = max_payload_bytes.unwrap_or(DEFAULT_MAX_PAYLOAD_BYTES);
+                if !(1..=64 * 1024 * 1024).contains(&max_payload_bytes) {
+                    report(
+                        format!("feeds[{i}].max_payload_bytes"),
+                        format!("{max_payload_bytes} is not 1 to 67108864"),
+                    );
+                }
+                let suffix = format!("-feed-{name}");
+                let endpoint = match (broker, &fleet) {
+                    (Some(url), _) => match parse_broker(url) {
+                        Ok((host, port, tls)) => Some((
+                            host,
+                            port,
+                            tls.then_some(TlsConfig {
+                                ca_file: None,
+                                client: None,
+                            }),
+                            None,
+                            format!("tern-{}{suffix}", std::process::id()),
+                        )),
+                        Err(e) => {
+                            report(format!("feeds[{i}].broker"), e);
+                            None
+                        }
+                    },
+                    (None, Some(f)) => Some((
+                        f.host.clone(),
+                        f.port,
+                        f.tls.clone(),
+                        f.credentials.clone(),
+                        format!("{}{suffix}", f.client_id),
+                    )),
+                    (None, None) => {
+                        if raw.fleet.is_none() {
+                            report(
+                                format!("feeds[{i}].broker"),
+                                "no broker: give one, or configure [fleet]".into(),
+                            );
+                        }
+                        None
+                    }
+                };
+                if let Some((host, port, tls, credentials, client_id)) = endpoint {
+                    feeds.push(FeedConfig::Mqtt(MqttFeedConfig {
+                        name: name.clone(),
+                        topic: topic.clone(),
+                        host,
+                        port,
+                        tls,
+                        credentials,
+                        client_id,
+                        format: *format,
+                        fields: fields.clone(),
+                        max_payload_bytes,
+                    }));
+                }
+            }
             RawFeed::Directory {
                 name,
                 path,
@@ -753,12 +1143,6 @@ fn validate(raw: RawConfig, base: &Path, sources: &[Source]) -> Result<Config, C
                 max_file_bytes,
                 on_done,
             } => {
-                if !feed_names.insert(name.clone()) {
-                    report(
-                        format!("feeds[{i}].name"),
-                        format!("feed `{name}` is defined twice"),
-                    );
-                }
                 let path = resolve(path);
                 if !path.is_dir() {
                     report(
@@ -827,15 +1211,105 @@ fn validate(raw: RawConfig, base: &Path, sources: &[Source]) -> Result<Config, C
                 ),
             );
         }
+        let feed = feeds.iter().find(|f| f.name() == p.feed);
+        let key = |k: &str| format!("pipelines[{i}].{k}");
+        if let Some(fps) = p.max_fps
+            && !(fps.is_finite() && fps > 0.0)
+        {
+            report(key("max_fps"), format!("{fps} is not a rate above 0"));
+        }
+        let window = p.window.unwrap_or(NonZeroUsize::MIN);
+        let readings = feed.is_some_and(|f| !f.fields().is_empty());
+        if (p.window.is_some() || p.stride.is_some()) && feed.is_some() && !readings {
+            report(
+                key(if p.window.is_some() {
+                    "window"
+                } else {
+                    "stride"
+                }),
+                format!(
+                    "feed `{}` gives images or tensors, not readings with named fields: windows need a serial or MQTT feed with `fields`",
+                    p.feed
+                ),
+            );
+        }
+        let publish = match (p.publish, p.min_score) {
+            (None | Some(PublishMode::Always), None) => Publish::Always,
+            (Some(PublishMode::OnChange), None) => Publish::OnChange,
+            (Some(PublishMode::Above), Some(s)) if s.is_finite() => Publish::Above(s),
+            (Some(PublishMode::Above), _) => {
+                report(
+                    key("min_score"),
+                    "publish = \"above\" needs a min_score (a number)".into(),
+                );
+                Publish::Always
+            }
+            (_, Some(_)) => {
+                report(
+                    key("min_score"),
+                    "only used with publish = \"above\"".into(),
+                );
+                Publish::Always
+            }
+        };
+        if let Some(c) = p.capture_below
+            && !c.is_finite()
+        {
+            report(key("capture_below"), format!("{c} is not a score"));
+        }
+        if matches!(feed, Some(FeedConfig::Directory { .. }))
+            && (p.every_nth.is_some() || p.max_fps.is_some())
+        {
+            // Every file is a sample that must be done once; thinning would leave files
+            // undone, to be offered again at each start.
+            report(
+                key(if p.every_nth.is_some() {
+                    "every_nth"
+                } else {
+                    "max_fps"
+                }),
+                format!("feed `{}` is a directory: every file is processed", p.feed),
+            );
+        }
+        let camera = matches!(feed, Some(FeedConfig::Camera(_)));
         pipelines.push(PipelineConfig {
             name: p.name.clone(),
             feed: p.feed.clone(),
             model: p.model.clone(),
+            every_nth: p.every_nth.unwrap_or(NonZeroU32::MIN),
+            max_fps: p.max_fps,
+            window,
+            // Without a stride, windows do not overlap.
+            stride: p.stride.unwrap_or(window),
+            queue: p.queue.unwrap_or(nz(DEFAULT_PIPELINE_QUEUE)),
+            on_full: p.on_full.unwrap_or(if camera {
+                OnFull::DropOldest
+            } else {
+                OnFull::Wait
+            }),
+            publish,
+            store: p.store.unwrap_or(true),
+            capture_below: p.capture_below,
         });
     }
 
     for (i, f) in feeds.iter().enumerate() {
-        let FeedConfig::Directory { name, on_done, .. } = f;
+        let users = pipelines.iter().filter(|p| p.feed == f.name()).count();
+        if let FeedConfig::Serial(s) = f
+            && users > 1
+        {
+            // Each pipeline opens its feed, and a serial port opens once (exclusively).
+            report(
+                format!("feeds[{i}].path"),
+                format!(
+                    "serial feed `{}` is read by {users} pipelines; a port has one reader: give each pipeline its own port",
+                    s.name
+                ),
+            );
+        }
+        let FeedConfig::Directory { name, on_done, .. } = f else {
+            continue;
+        };
         let users = pipelines.iter().filter(|p| &p.feed == name).count();
         if *on_done == OnDone::Delete && users > 1 {
             report(
@@ -847,10 +1321,6 @@ fn validate(raw: RawConfig, base: &Path, sources: &[Source]) -> Result<Config, C
         }
     }
 
-    let fleet = raw
-        .fleet
-        .as_ref()
-        .and_then(|f| validate_fleet(f, &resolve, &mut report));
     let budget_mib = raw.outbox.budget_mib.unwrap_or(DEFAULT_OUTBOX_BUDGET_MIB);
     if !(budget_mib.is_finite() && budget_mib >= 0.01) {
         report(
@@ -860,6 +1330,43 @@ fn validate(raw: RawConfig, base: &Path, sources: &[Source]) -> Result<Config, C
     }
     let outbox = OutboxConfig {
         budget_bytes: (budget_mib.max(0.0) * 1024.0 * 1024.0) as u64,
+    };
+    let mib = |key: &str, v: Option<f64>, default: f64, report: &mut dyn FnMut(String, String)| {
+        let v = v.unwrap_or(default);
+        if !(v.is_finite() && v >= 0.01) {
+            report(
+                format!("store.{key}"),
+                format!("{v} is not a budget: give at least 0.01 (MiB)"),
+            );
+        }
+        (v.max(0.0) * 1024.0 * 1024.0) as u64
+    };
+    let store = StoreConfig {
+        results_max_age: match raw.store.results_max_age_days {
+            Some(d) if d.is_finite() && d > 0.0 && d < 100_000.0 => {
+                Some(std::time::Duration::from_secs_f64(d * 86400.0))
+            }
+            Some(d) => {
+                report(
+                    "store.results_max_age_days".into(),
+                    format!("{d} is not an age: give days above 0"),
+                );
+                None
+            }
+            None => None,
+        },
+        results_budget_bytes: mib(
+            "results_budget_mib",
+            raw.store.results_budget_mib,
+            DEFAULT_RESULTS_BUDGET_MIB,
+            &mut report,
+        ),
+        capture_budget_bytes: mib(
+            "capture_budget_mib",
+            raw.store.capture_budget_mib,
+            DEFAULT_CAPTURE_BUDGET_MIB,
+            &mut report,
+        ),
     };
     let updates = validate_updates(&raw.updates, &mut report);
     let dbus = match raw.dbus.bus.as_deref().unwrap_or("system") {
@@ -888,6 +1395,7 @@ fn validate(raw: RawConfig, base: &Path, sources: &[Source]) -> Result<Config, C
             updates,
             dbus,
             engine: engine_pool,
+            store,
         })
     } else {
         Err(ConfigError(problems))
@@ -953,6 +1461,30 @@ fn topic_level_problem(s: &str) -> Option<&'static str> {
         Some("must be at most 128 bytes")
     } else {
         None
+    }
+}
+
+/// Field names become JSON keys and column names in messages: plain, distinct and present.
+fn check_fields(
+    fields: &[String],
+    key: &str,
+    required: bool,
+    report: &mut dyn FnMut(String, String),
+) {
+    if required && fields.is_empty() {
+        report(
+            key.into(),
+            "name at least one field: the numbers on each line, in order".into(),
+        );
+    }
+    let mut seen = HashSet::new();
+    for f in fields {
+        if f.is_empty() || f.len() > 64 || f.contains(|c: char| c.is_control()) {
+            report(key.into(), format!("`{f}` is not a field name"));
+        }
+        if !seen.insert(f) {
+            report(key.into(), format!("field `{f}` is named twice"));
+        }
     }
 }
 
@@ -1218,6 +1750,84 @@ mod tests {
         );
     }
 
+    /// Every feed kind's settings reach the config, defaults filled in; each misfit between a
+    /// pipeline and its feed is named at its key.
+    #[test]
+    fn camera_serial_and_mqtt_feeds_validate_with_their_pipelines() {
+        let d = tempfile::tempdir().unwrap();
+        let pkg =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../firmware-updates/models/iris-mlp-int8");
+        let base = format!(
+            "state_dir = \"s\"\n[[models]]\npackage = \"{}\"\n\
+             [[feeds]]\nkind = \"camera\"\nname = \"cam\"\ninput = \"/dev/video0\"\nformat = \"v4l2\"\n\
+             [[feeds]]\nkind = \"serial\"\nname = \"tty\"\npath = \"/dev/ttyUSB0\"\nfields = [\"a\", \"b\"]\n\
+             [[feeds]]\nkind = \"mqtt\"\nname = \"site\"\ntopic = \"site/#\"\nbroker = \"mqtt://10.0.0.2\"\n",
+            pkg.display()
+        );
+        let pipe = |name: &str, feed: &str, extra: &str| {
+            format!(
+                "[[pipelines]]\nname = \"{name}\"\nfeed = \"{feed}\"\nmodel = \"iris-mlp-int8\"\n{extra}\n"
+            )
+        };
+        let ok = base.clone()
+            + &pipe("c", "cam", "max_fps = 2.5\ncapture_below = 0.4")
+            + &pipe(
+                "s",
+                "tty",
+                "window = 2\nstride = 1\npublish = \"above\"\nmin_score = 0.9",
+            );
+        let c = load(&write(d.path(), "ok.toml", &ok)).unwrap();
+        let FeedConfig::Camera(cam) = &c.feeds[0] else {
+            panic!("{:?}", c.feeds[0])
+        };
+        assert_eq!(cam.stall.as_secs_f64(), DEFAULT_STALL_SECS);
+        assert_eq!(cam.ffmpeg, Path::new("ffmpeg"));
+        let FeedConfig::Serial(tty) = &c.feeds[1] else {
+            panic!("{:?}", c.feeds[1])
+        };
+        assert_eq!(
+            (tty.baud, tty.data_bits, tty.stop_bits),
+            (DEFAULT_BAUD, 8, 1)
+        );
+        assert_eq!(tty.format, LineFormat::Auto);
+        let FeedConfig::Mqtt(site) = &c.feeds[2] else {
+            panic!("{:?}", c.feeds[2])
+        };
+        assert_eq!((site.host.as_str(), site.port), ("10.0.0.2", 1883));
+        let (cp, sp) = (&c.pipelines[0], &c.pipelines[1]);
+        assert_eq!((cp.on_full, sp.on_full), (OnFull::DropOldest, OnFull::Wait));
+        assert_eq!(cp.max_fps, Some(2.5));
+        assert_eq!((sp.window.get(), sp.stride.get()), (2, 1));
+        assert_eq!(sp.publish, Publish::Above(0.9));
+        assert_eq!(c.store.results_budget_bytes, 256 * 1024 * 1024);
+
+        let bad = base
+            .replace("fields = [\"a\", \"b\"]", "fields = []")
+            .replace("broker = \"mqtt://10.0.0.2\"\n", "")
+            + "[store]\nresults_budget_mib = 0\n"
+            + &pipe("c", "cam", "window = 4")
+            + &pipe("s", "tty", "publish = \"above\"")
+            + &pipe("t", "tty", "min_score = 0.5\nmax_fps = 0");
+        let ps = problems(load(&write(d.path(), "bad.toml", &bad)));
+        let keys: Vec<&str> = ps.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "feeds[1].fields",
+                "feeds[2].broker",
+                "pipelines[0].window",
+                "pipelines[1].min_score",
+                "pipelines[2].max_fps",
+                "pipelines[2].min_score",
+                "feeds[1].path",
+                "store.results_budget_mib",
+            ],
+            "{ps:#?}"
+        );
+        assert!(ps[2].message.contains("not readings"), "{}", ps[2]);
+        assert!(ps[6].message.contains("read by 2 pipelines"), "{}", ps[6]);
+    }
+
     #[test]
     fn unknown_key_names_key_and_line() {
         let d = tempfile::tempdir().unwrap();
@@ -1282,7 +1892,9 @@ mod tests {
         );
         let c = load(&p).unwrap();
         assert_eq!(c.state_dir, d.path().join("s"));
-        let FeedConfig::Directory { path, .. } = &c.feeds[0];
+        let FeedConfig::Directory { path, .. } = &c.feeds[0] else {
+            panic!("a directory feed")
+        };
         assert_eq!(path, &d.path().join("config.d/in"));
     }
 

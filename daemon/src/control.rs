@@ -153,6 +153,22 @@ pub enum Command {
     LogLevel {
         level: String,
     },
+    PipelinesList,
+    PipelineStart {
+        name: String,
+    },
+    PipelineStop {
+        name: String,
+    },
+    CaptureExport {
+        pipeline: String,
+        since_ms: i64,
+        limit: u32,
+    },
+    CaptureClear {
+        pipeline: Option<String>,
+        before_ms: Option<i64>,
+    },
 }
 
 /// Every command name, for `unknown_command` messages.
@@ -166,7 +182,17 @@ pub const NAMES: &[&str] = &[
     "results.query",
     "config.reload",
     "log.level",
+    "pipelines.list",
+    "pipelines.start",
+    "pipelines.stop",
+    "capture.export",
+    "capture.clear",
 ];
+
+/// Most samples one `capture.export` sends.
+pub const MAX_EXPORT_LIMIT: u32 = 10_000;
+/// Captured samples are sent in messages of about this many bytes (a larger sample goes alone).
+pub const EXPORT_CHUNK_BYTES: usize = 64 * 1024;
 
 fn args<T: for<'de> Deserialize<'de>>(name: &str, v: Value) -> Result<T, CmdError> {
     serde_json::from_value(v)
@@ -218,6 +244,24 @@ fn default_limit() -> u32 {
 #[serde(deny_unknown_fields)]
 struct LevelArgs {
     level: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExportArgs {
+    pipeline: String,
+    #[serde(default)]
+    since: i64,
+    #[serde(default = "default_limit")]
+    limit: u32,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClearArgs {
+    pipeline: Option<String>,
+    /// Only samples taken before this time (ms since the epoch).
+    before: Option<i64>,
 }
 
 impl Command {
@@ -297,6 +341,37 @@ impl Command {
             "log.level" => Command::LogLevel {
                 level: args::<LevelArgs>(name, v)?.level,
             },
+            "pipelines.list" => {
+                args::<NoArgs>(name, v)?;
+                Command::PipelinesList
+            }
+            "pipelines.start" => Command::PipelineStart {
+                name: args::<NameArgs>(name, v)?.name,
+            },
+            "pipelines.stop" => Command::PipelineStop {
+                name: args::<NameArgs>(name, v)?.name,
+            },
+            "capture.export" => {
+                let a: ExportArgs = args(name, v)?;
+                if a.limit == 0 || a.limit > MAX_EXPORT_LIMIT {
+                    return Err(CmdError::new(
+                        Code::BadRequest,
+                        format!("capture.export arguments: limit must be 1 to {MAX_EXPORT_LIMIT}"),
+                    ));
+                }
+                Command::CaptureExport {
+                    pipeline: a.pipeline,
+                    since_ms: a.since,
+                    limit: a.limit,
+                }
+            }
+            "capture.clear" => {
+                let a: ClearArgs = args(name, v)?;
+                Command::CaptureClear {
+                    pipeline: a.pipeline,
+                    before_ms: a.before,
+                }
+            }
             other => {
                 return Err(CmdError::new(
                     Code::UnknownCommand,
@@ -310,7 +385,14 @@ impl Command {
     pub fn changes_state(name: &str) -> bool {
         matches!(
             name,
-            "models.activate" | "models.rollback" | "config.reload" | "log.level"
+            "models.activate"
+                | "models.rollback"
+                | "config.reload"
+                | "log.level"
+                | "pipelines.start"
+                | "pipelines.stop"
+                | "capture.export"
+                | "capture.clear"
         )
     }
 }
@@ -332,8 +414,17 @@ pub struct DaemonState {
     pub summary: String,
 }
 
-/// A request to the service loop to reload the configuration; answered with the new summary.
-pub type ReloadRequest = oneshot::Sender<Result<String, String>>;
+/// What the command side asks of the service loop, which owns the running pipelines.
+pub enum ServiceRequest {
+    /// Reload the configuration; answered with the new summary.
+    Reload(oneshot::Sender<Result<String, String>>),
+    /// Start or stop a configured pipeline; answered with its new state.
+    Pipeline {
+        name: String,
+        start: bool,
+        reply: oneshot::Sender<Result<Value, CmdError>>,
+    },
+}
 
 /// Changes the log filter; `Err` says why the filter was refused.
 pub type LogReload = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
@@ -349,7 +440,7 @@ struct Inner {
     store: Store,
     outbox: Option<Outbox>,
     state: RwLock<DaemonState>,
-    reload: mpsc::Sender<ReloadRequest>,
+    service: mpsc::Sender<ServiceRequest>,
     log: LogReload,
     started: Instant,
     /// Presence must be re-announced (models or pipelines changed).
@@ -359,13 +450,39 @@ struct Inner {
     local: tokio::sync::broadcast::Sender<LocalEvent>,
 }
 
+/// Delete captured samples (of one pipeline, taken before a time); how many went.
+pub fn clear_captures(
+    c: &mut rusqlite::Connection,
+    pipeline: Option<&str>,
+    before_ms: Option<i64>,
+) -> rusqlite::Result<i64> {
+    let tx = c.transaction()?;
+    let filter = "(?1 IS NULL OR pipeline = ?1) AND ts_ms < ?2";
+    let before = before_ms.unwrap_or(i64::MAX);
+    let (rows, bytes): (i64, i64) = tx.query_row(
+        &format!("SELECT count(*), ifnull(sum(bytes), 0) FROM captures WHERE {filter}"),
+        rusqlite::params![pipeline, before],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    tx.execute(
+        &format!("DELETE FROM captures WHERE {filter}"),
+        rusqlite::params![pipeline, before],
+    )?;
+    tx.execute(
+        "UPDATE data_totals SET rows = rows - ?1, bytes = bytes - ?2 WHERE what = 'captures'",
+        [rows, bytes],
+    )?;
+    tx.commit()?;
+    Ok(rows)
+}
+
 impl Control {
     pub fn new(
         registry: Arc<Mutex<Registry>>,
         store: Store,
         outbox: Option<Outbox>,
         state: DaemonState,
-        reload: mpsc::Sender<ReloadRequest>,
+        service: mpsc::Sender<ServiceRequest>,
         log: LogReload,
     ) -> Control {
         Control {
@@ -374,7 +491,7 @@ impl Control {
                 store,
                 outbox,
                 state: RwLock::new(state),
-                reload,
+                service,
                 log,
                 started: Instant::now(),
                 changed: Notify::new(),
@@ -531,8 +648,8 @@ impl Control {
             Command::Reload => {
                 let (tx, rx) = oneshot::channel();
                 self.inner
-                    .reload
-                    .send(tx)
+                    .service
+                    .send(ServiceRequest::Reload(tx))
                     .await
                     .map_err(|_| CmdError::new(Code::Internal, "the service is stopping"))?;
                 match rx.await {
@@ -551,7 +668,137 @@ impl Control {
                 tracing::info!(%level, "log level changed by command");
                 Ok(json!({"level": level}))
             }
+            Command::PipelinesList => Ok(self.status().await?["pipelines"].take()),
+            Command::PipelineStart { name } => self.pipeline(name, true).await,
+            Command::PipelineStop { name } => self.pipeline(name, false).await,
+            Command::CaptureExport {
+                pipeline,
+                since_ms,
+                limit,
+            } => self.capture_export(pipeline, since_ms, limit).await,
+            Command::CaptureClear {
+                pipeline,
+                before_ms,
+            } => {
+                let deleted = self
+                    .inner
+                    .store
+                    .call(move |c| Ok(clear_captures(c, pipeline.as_deref(), before_ms)?))
+                    .await?;
+                Ok(json!({"deleted": deleted}))
+            }
         }
+    }
+
+    async fn pipeline(&self, name: String, start: bool) -> Result<Value, CmdError> {
+        let (reply, rx) = oneshot::channel();
+        let stopping = || CmdError::new(Code::Internal, "the service is stopping");
+        self.inner
+            .service
+            .send(ServiceRequest::Pipeline { name, start, reply })
+            .await
+            .map_err(|_| stopping())?;
+        rx.await.map_err(|_| stopping())?
+    }
+
+    /// Queue a pipeline's captured samples on the outbox, in chunks, in one transaction: an
+    /// export is on its way whole or not at all.
+    async fn capture_export(
+        &self,
+        pipeline: String,
+        since_ms: i64,
+        limit: u32,
+    ) -> Result<Value, CmdError> {
+        let ob = self.inner.outbox.clone().ok_or_else(|| {
+            CmdError::new(
+                Code::Conflict,
+                "no fleet link is configured: captured samples have nowhere to go",
+            )
+        })?;
+        let waker = ob.clone();
+        let result = self
+            .inner
+            .store
+            .call(move |c| {
+                let tx = c.transaction()?;
+                let samples: Vec<Value> = {
+                    let mut stmt = tx.prepare(
+                        "SELECT id, ts_ms, source, kind, meta, data, result FROM captures
+                         WHERE pipeline = ?1 AND ts_ms >= ?2 ORDER BY ts_ms, id LIMIT ?3",
+                    )?;
+                    stmt.query_map(rusqlite::params![pipeline, since_ms, limit], |r| {
+                        let meta: String = r.get(4)?;
+                        let result: String = r.get(6)?;
+                        Ok(json!({
+                            "id": r.get::<_, i64>(0)?,
+                            "ts_ms": r.get::<_, i64>(1)?,
+                            "source": r.get::<_, String>(2)?,
+                            "kind": r.get::<_, String>(3)?,
+                            "meta": serde_json::from_str::<Value>(&meta).unwrap_or(Value::Null),
+                            "data": base64::engine::general_purpose::STANDARD
+                                .encode(r.get::<_, Vec<u8>>(5)?),
+                            "result": serde_json::from_str::<Value>(&result).unwrap_or(Value::Null),
+                        }))
+                    })?
+                    .collect::<Result<_, _>>()?
+                };
+                let mut chunks: Vec<Vec<Value>> = Vec::new();
+                let mut size = 0;
+                let mut total = 0;
+                for s in samples {
+                    let n = s.to_string().len();
+                    total += n;
+                    match chunks.last_mut() {
+                        Some(c) if size + n <= EXPORT_CHUNK_BYTES => c.push(s),
+                        _ => {
+                            chunks.push(vec![s]);
+                            size = 0;
+                        }
+                    }
+                    size += n;
+                }
+                // Past half the outbox's budget, the export would push out other messages
+                // (or itself) before it is sent.
+                if total as u64 > ob.budget_bytes / 2 {
+                    return Ok(Err(CmdError::new(
+                        Code::Conflict,
+                        format!(
+                            "{total} bytes of samples is more than half the outbox budget ({} bytes): export fewer (limit) or later ones (since)",
+                            ob.budget_bytes
+                        ),
+                    )));
+                }
+                let export = crate::store::now_ms();
+                let count: usize = chunks.iter().map(|c| c.len()).sum();
+                let n = chunks.len();
+                let topic = format!("{}/capture/{pipeline}", ob.base);
+                for (i, chunk) in chunks.into_iter().enumerate() {
+                    ob.enqueue(
+                        &tx,
+                        &format!("capture/{pipeline}"),
+                        crate::outbox::Class::Result,
+                        &topic,
+                        json!({
+                            "export": export,
+                            "pipeline": pipeline,
+                            "chunk": i,
+                            "chunks": n,
+                            "samples": chunk,
+                        }),
+                    )?;
+                }
+                tx.commit()?;
+                Ok(Ok(json!({
+                    "export": export,
+                    "samples": count,
+                    "chunks": n,
+                    "bytes": total,
+                    "topic": topic,
+                })))
+            })
+            .await??;
+        waker.wake();
+        Ok(result)
     }
 
     fn pool_config(&self, name: &str) -> crate::config::PoolConfig {
@@ -594,13 +841,15 @@ impl Control {
             .pipelines
             .iter()
             .map(|p| {
-                json!({
+                let mut v = json!({
                     "name": p.name,
                     "feed": p.feed,
                     "model": p.model,
-                    "results": p.stats.results.load(Ordering::Relaxed),
-                    "errors": p.stats.errors.load(Ordering::Relaxed),
-                })
+                });
+                if let (Value::Object(m), Value::Object(s)) = (&mut v, p.stats.json()) {
+                    m.extend(s);
+                }
+                v
             })
             .collect();
         let backlog = self

@@ -628,11 +628,28 @@ fn pipelines_text(p: &Value) -> String {
             plain(&v["name"]),
             plain(&v["feed"]),
             plain(&v["model"]),
+            plain(&v["state"]),
             plain(&v["results"]),
             plain(&v["errors"]),
+            plain(&v["dropped"]),
+            plain(&v["e2e_latency_us"]["p50"]),
+            plain(&v["reason"]),
         ]
     });
-    table(&["PIPELINE", "FEED", "MODEL", "RESULTS", "ERRORS"], &rows)
+    table(
+        &[
+            "PIPELINE",
+            "FEED",
+            "MODEL",
+            "STATE",
+            "RESULTS",
+            "ERRORS",
+            "DROPPED",
+            "E2E P50 µs",
+            "REASON",
+        ],
+        &rows,
+    )
 }
 
 fn prediction_text(p: &Value) -> String {

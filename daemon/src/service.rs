@@ -21,13 +21,13 @@ use tokio::sync::{Mutex, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, Config};
-use crate::control::{Control, DaemonState, PipelineInfo, ReloadRequest};
+use crate::control::{CmdError, Code, Control, DaemonState, PipelineInfo, ServiceRequest};
 use crate::engine::ModelPool;
 use crate::fleet;
 use crate::outbox::Outbox;
 use crate::pipeline;
 use crate::registry::{self, Registry};
-use crate::store::Store;
+use crate::store::{Keeper, Store};
 use crate::update;
 
 /// How long SIGTERM waits for pipelines to drain before giving up on them.
@@ -70,11 +70,20 @@ struct Daemon {
     config: Config,
     store: Store,
     registry: Arc<Mutex<Registry>>,
-    pipelines: Vec<pipeline::Running>,
+    /// Every configured pipeline, running or not, in config order.
+    pipelines: Vec<Slot>,
+    keeper: Arc<Keeper>,
     pools_tx: watch::Sender<Vec<ModelPool>>,
     cancel: CancellationToken,
     outbox: Option<Outbox>,
     control: Control,
+}
+
+/// A configured pipeline: its counters and state, and its tasks while it runs.
+struct Slot {
+    config: config::PipelineConfig,
+    stats: Arc<pipeline::PipelineStats>,
+    run: Option<pipeline::Running>,
 }
 
 /// Run the daemon until SIGTERM or SIGINT.
@@ -108,7 +117,13 @@ pub async fn run(
     let cancel = CancellationToken::new();
     let outbox = Outbox::for_config(&config);
     let registry = Arc::new(Mutex::new(reg));
-    let (reload_tx, mut reload_rx) = mpsc::channel::<ReloadRequest>(4);
+    let (reload_tx, mut reload_rx) = mpsc::channel::<ServiceRequest>(4);
+    let keeper = Keeper::new(config.store.into());
+    let retention = tokio::spawn(crate::store::retention_task(
+        store.clone(),
+        keeper.clone(),
+        cancel.clone(),
+    ));
     let control = Control::new(
         registry.clone(),
         store.clone(),
@@ -126,6 +141,7 @@ pub async fn run(
         store,
         registry,
         pipelines: Vec::new(),
+        keeper,
         pools_tx,
         cancel: cancel.clone(),
         outbox: outbox.clone(),
@@ -193,10 +209,16 @@ pub async fn run(
             _ = hup.recv() => {
                 let _ = daemon.reload(config_path).await;
             }
-            Some(req) = reload_rx.recv() => {
-                let r = daemon.reload(config_path).await;
-                let _ = req.send(r);
-            }
+            Some(req) = reload_rx.recv() => match req {
+                ServiceRequest::Reload(reply) => {
+                    let r = daemon.reload(config_path).await;
+                    let _ = reply.send(r);
+                }
+                ServiceRequest::Pipeline { name, start, reply } => {
+                    let r = daemon.start_stop(&name, start).await;
+                    let _ = reply.send(r);
+                }
+            },
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -216,6 +238,7 @@ pub async fn run(
         let _ = task.await;
     }
     let _ = watchdog.await;
+    let _ = retention.await;
     result.map_err(ServiceError::Hung)
 }
 
@@ -236,41 +259,149 @@ impl Daemon {
         if let Err(e) = self.stop_pipelines().await {
             problems.push(e);
         }
-        let reg = self.registry.lock().await;
-        for p in &config.pipelines {
-            let feed = config
-                .feeds
-                .iter()
-                .find(|f| f.name() == p.feed)
-                .expect("validated");
-            match reg.pool(&p.model) {
-                Some(pool) => {
-                    let run = pipeline::spawn(
-                        p,
-                        feed,
-                        pool,
-                        self.store.clone(),
-                        self.outbox.clone(),
-                        Some(self.control.local_sender()),
-                        self.cancel.child_token(),
-                    );
-                    self.pipelines.push(run);
-                }
-                None => {
-                    let msg = format!(
-                        "pipeline `{}` not started: model `{}` has no active version",
-                        p.name, p.model
-                    );
-                    tracing::error!("{msg}");
-                    problems.push(msg);
-                }
+        self.keeper.set(config.store.into());
+        let stopped: std::collections::HashSet<String> = self
+            .store
+            .call(|c| {
+                let mut s = c.prepare("SELECT name FROM pipeline_stops")?;
+                let names = s.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+                Ok(names)
+            })
+            .await
+            .unwrap_or_else(|e| {
+                tracing::error!(error = %e, "stopped pipelines not read; starting all");
+                Default::default()
+            });
+        self.config = config;
+        self.pipelines = self
+            .config
+            .pipelines
+            .iter()
+            .map(|p| Slot {
+                config: p.clone(),
+                stats: Arc::default(),
+                run: None,
+            })
+            .collect();
+        for i in 0..self.pipelines.len() {
+            if stopped.contains(&self.pipelines[i].config.name) {
+                self.pipelines[i]
+                    .stats
+                    .set_state(pipeline::State::Stopped("stopped by command".into()));
+                continue;
+            }
+            if let Err(msg) = self.start_pipeline(i).await {
+                problems.push(msg);
             }
         }
-        let pools: Vec<ModelPool> = reg.pools().cloned().collect();
-        drop(reg);
+        let pools: Vec<ModelPool> = self.registry.lock().await.pools().cloned().collect();
         self.pools_tx.send_replace(pools);
-        self.config = config;
         problems
+    }
+
+    /// Start the pipeline in slot `i`; on failure its state says why, and so does the error.
+    async fn start_pipeline(&mut self, i: usize) -> Result<(), String> {
+        let pool = self
+            .registry
+            .lock()
+            .await
+            .pool(&self.pipelines[i].config.model);
+        let slot = &mut self.pipelines[i];
+        let p = &slot.config;
+        let feed = self
+            .config
+            .feeds
+            .iter()
+            .find(|f| f.name() == p.feed)
+            .expect("validated");
+        let started = match pool {
+            None => Err(format!("model `{}` has no active version", p.model)),
+            Some(pool) => pipeline::spawn(
+                p,
+                feed,
+                pool,
+                pipeline::Sinks {
+                    store: self.store.clone(),
+                    outbox: self.outbox.clone(),
+                    local: Some(self.control.local_sender()),
+                    keeper: self.keeper.clone(),
+                },
+                slot.stats.clone(),
+                self.cancel.child_token(),
+            ),
+        };
+        match started {
+            Ok(run) => {
+                slot.run = Some(run);
+                Ok(())
+            }
+            Err(why) => {
+                let msg = format!("pipeline `{}` not started: {why}", p.name);
+                tracing::error!("{msg}");
+                slot.stats.set_state(pipeline::State::Stopped(why));
+                Err(msg)
+            }
+        }
+    }
+
+    /// `pipelines.start` / `pipelines.stop`: the choice is kept in the database, so a stopped
+    /// pipeline stays stopped across restarts and reloads until it is started again.
+    async fn start_stop(&mut self, name: &str, start: bool) -> Result<serde_json::Value, CmdError> {
+        let i = self
+            .pipelines
+            .iter()
+            .position(|s| s.config.name == name)
+            .ok_or_else(|| {
+                let known: Vec<&str> = self
+                    .pipelines
+                    .iter()
+                    .map(|s| s.config.name.as_str())
+                    .collect();
+                CmdError::new(
+                    Code::NotFound,
+                    format!(
+                        "no pipeline `{name}` is configured (configured: {})",
+                        known.join(", ")
+                    ),
+                )
+            })?;
+        let owned = name.to_string();
+        self.store
+            .call(move |c| {
+                if start {
+                    c.execute("DELETE FROM pipeline_stops WHERE name = ?1", [&owned])?;
+                } else {
+                    c.execute(
+                        "INSERT OR REPLACE INTO pipeline_stops (name, ts_ms) VALUES (?1, ?2)",
+                        rusqlite::params![owned, crate::store::now_ms()],
+                    )?;
+                }
+                Ok(())
+            })
+            .await?;
+        let mut failed = None;
+        if start {
+            if self.pipelines[i].run.is_none() {
+                failed = self.start_pipeline(i).await.err();
+            }
+        } else if let Some(run) = self.pipelines[i].run.take() {
+            if let Err(hung) = stop_all(vec![(name.to_string(), run)]).await {
+                failed = Some(format!("{hung} did not stop in time; aborted"));
+            }
+            self.pipelines[i]
+                .stats
+                .set_state(pipeline::State::Stopped("stopped by command".into()));
+        }
+        tracing::info!(pipeline = %name, start, "pipeline {} by command", if start { "started" } else { "stopped" });
+        let summary = self.summary(Vec::new());
+        self.publish_state(&summary);
+        let state = self.pipelines[i].stats.state();
+        match failed {
+            Some(why) => Err(CmdError::new(Code::Conflict, why)),
+            None => Ok(
+                serde_json::json!({"pipeline": name, "state": state.name(), "reason": state.reason()}),
+            ),
+        }
     }
 
     /// Tell the command side what is running now.
@@ -281,9 +412,9 @@ impl Daemon {
                 .pipelines
                 .iter()
                 .map(|p| PipelineInfo {
-                    name: p.name.clone(),
-                    feed: p.feed.clone(),
-                    model: p.model.clone(),
+                    name: p.config.name.clone(),
+                    feed: p.config.feed.clone(),
+                    model: p.config.model.clone(),
                     stats: p.stats.clone(),
                 })
                 .collect(),
@@ -350,42 +481,50 @@ impl Daemon {
 
     /// Stop every pipeline: feeds first, then let each pipeline drain what is queued.
     async fn stop_pipelines(&mut self) -> Result<(), String> {
-        let running = std::mem::take(&mut self.pipelines);
-        for p in &running {
-            p.cancel.cancel();
-        }
-        let deadline = tokio::time::Instant::now() + SHUTDOWN_DEADLINE;
-        let mut hung = Vec::new();
-        for mut p in running {
-            let feed_done = tokio::time::timeout_at(deadline, &mut p.feed_task)
-                .await
-                .is_ok();
-            let task_done = tokio::time::timeout_at(deadline, &mut p.task).await.is_ok();
-            if !(feed_done && task_done) {
-                // Abort what overran so that a reload never runs two copies of a pipeline.
-                p.feed_task.abort();
-                p.task.abort();
-                tracing::error!(pipeline = %p.name, "did not stop within {SHUTDOWN_DEADLINE:?}; aborted");
-                hung.push(format!("pipeline `{}`", p.name));
-            }
-        }
-        if hung.is_empty() {
-            Ok(())
-        } else {
-            Err(hung.join(", "))
-        }
+        let running = self
+            .pipelines
+            .iter_mut()
+            .filter_map(|s| Some((s.config.name.clone(), s.run.take()?)))
+            .collect();
+        stop_all(running).await
     }
 
     fn summary(&self, problems: Vec<String>) -> String {
         let models = self.pools_tx.borrow().len();
-        let mut s = format!(
-            "ready: {models} model(s) active, {} pipeline(s) running",
-            self.pipelines.len()
-        );
+        let running = self.pipelines.iter().filter(|s| s.run.is_some()).count();
+        let mut s = format!("ready: {models} model(s) active, {running} pipeline(s) running");
         if !problems.is_empty() {
             s += &format!("; degraded: {}", problems.join("; "));
         }
         s
+    }
+}
+
+/// Stop pipelines: feeds first, then let each pipeline drain what is queued; names what
+/// overran the deadline (and was aborted).
+async fn stop_all(running: Vec<(String, pipeline::Running)>) -> Result<(), String> {
+    for (_, p) in &running {
+        p.cancel.cancel();
+    }
+    let deadline = tokio::time::Instant::now() + SHUTDOWN_DEADLINE;
+    let mut hung = Vec::new();
+    for (name, mut p) in running {
+        let feed_done = tokio::time::timeout_at(deadline, &mut p.feed_task)
+            .await
+            .is_ok();
+        let task_done = tokio::time::timeout_at(deadline, &mut p.task).await.is_ok();
+        if !(feed_done && task_done) {
+            // Abort what overran so that a reload never runs two copies of a pipeline.
+            p.feed_task.abort();
+            p.task.abort();
+            tracing::error!(pipeline = %name, "did not stop within {SHUTDOWN_DEADLINE:?}; aborted");
+            hung.push(format!("pipeline `{name}`"));
+        }
+    }
+    if hung.is_empty() {
+        Ok(())
+    } else {
+        Err(hung.join(", "))
     }
 }
 

@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use rusqlite::Connection;
+use rusqlite::{Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
 type Job = Box<dyn FnOnce(&mut Connection) + Send>;
@@ -176,7 +176,227 @@ CREATE TABLE update_trust (
     doc BLOB NOT NULL
 );
 "#,
+    // Retention by disk budget needs each row's size without scanning the table, and a
+    // running total per table, kept in the transaction that adds or deletes rows.
+    r#"
+ALTER TABLE results ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0;
+UPDATE results SET bytes = length(pipeline) + length(source) + length(model) + length(version)
+    + ifnull(length(label), 0) + length(top) + 48;
+CREATE TABLE captures (
+    id       INTEGER PRIMARY KEY,
+    ts_ms    INTEGER NOT NULL,
+    pipeline TEXT NOT NULL,
+    source   TEXT NOT NULL,
+    kind     TEXT NOT NULL,
+    meta     TEXT NOT NULL,
+    data     BLOB NOT NULL,
+    result   TEXT NOT NULL,
+    bytes    INTEGER NOT NULL
+);
+CREATE INDEX captures_by_pipeline ON captures (pipeline, ts_ms);
+CREATE TABLE data_totals (
+    what  TEXT PRIMARY KEY,
+    rows  INTEGER NOT NULL,
+    bytes INTEGER NOT NULL
+);
+INSERT INTO data_totals SELECT 'results', count(*), ifnull(sum(bytes), 0) FROM results;
+INSERT INTO data_totals VALUES ('captures', 0, 0);
+CREATE TABLE pipeline_stops (
+    name  TEXT PRIMARY KEY,
+    ts_ms INTEGER NOT NULL
+);
+"#,
 ];
+
+/// What retention keeps: results and captures within their budgets, results within an age.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Retention {
+    pub results_max_age: Option<std::time::Duration>,
+    pub results_budget_bytes: u64,
+    pub capture_budget_bytes: u64,
+}
+
+impl From<crate::config::StoreConfig> for Retention {
+    fn from(s: crate::config::StoreConfig) -> Retention {
+        Retention {
+            results_max_age: s.results_max_age,
+            results_budget_bytes: s.results_budget_bytes,
+            capture_budget_bytes: s.capture_budget_bytes,
+        }
+    }
+}
+
+/// Rows deleted by one round of retention.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub results: u64,
+    pub captures: u64,
+}
+
+/// The retention limits in force (a reload may change them) and the bell writers ring when a
+/// table went over its budget.
+#[derive(Debug)]
+pub struct Keeper {
+    limits: std::sync::RwLock<Retention>,
+    wake: tokio::sync::Notify,
+}
+
+impl Keeper {
+    pub fn new(r: Retention) -> std::sync::Arc<Keeper> {
+        std::sync::Arc::new(Keeper {
+            limits: std::sync::RwLock::new(r),
+            wake: tokio::sync::Notify::new(),
+        })
+    }
+
+    pub fn limits(&self) -> Retention {
+        *self.limits.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn set(&self, r: Retention) {
+        *self.limits.write().unwrap_or_else(|e| e.into_inner()) = r;
+        self.wake.notify_one();
+    }
+
+    /// Account for a row added to `what` (`results` or `captures`) inside the caller's
+    /// transaction; true if the table is now over its budget (call [`Keeper::ring`] after
+    /// the commit).
+    pub fn count_added(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        what: &str,
+        bytes: i64,
+    ) -> rusqlite::Result<bool> {
+        let total: i64 = tx.query_row(
+            "UPDATE data_totals SET rows = rows + 1, bytes = bytes + ?2 WHERE what = ?1
+             RETURNING bytes",
+            rusqlite::params![what, bytes],
+            |r| r.get(0),
+        )?;
+        let l = self.limits();
+        let budget = if what == "results" {
+            l.results_budget_bytes
+        } else {
+            l.capture_budget_bytes
+        };
+        Ok(total as u64 > budget)
+    }
+
+    pub fn ring(&self) {
+        self.wake.notify_one();
+    }
+}
+
+/// Delete rows of `table` with `id <= last` and take them off its total.
+fn delete_through(tx: &rusqlite::Transaction<'_>, table: &str, last: i64) -> rusqlite::Result<u64> {
+    let (rows, bytes): (i64, i64) = tx.query_row(
+        &format!("SELECT count(*), ifnull(sum(bytes), 0) FROM {table} WHERE id <= ?1"),
+        [last],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    tx.execute(&format!("DELETE FROM {table} WHERE id <= ?1"), [last])?;
+    tx.execute(
+        "UPDATE data_totals SET rows = rows - ?2, bytes = bytes - ?3 WHERE what = ?1",
+        rusqlite::params![table, rows, bytes],
+    )?;
+    Ok(rows as u64)
+}
+
+/// Bring `table` within `budget` bytes: past it, the oldest rows go until 90% of it is used,
+/// so pruning does not run again for every new row.
+fn enforce(tx: &rusqlite::Transaction<'_>, table: &str, budget: u64) -> rusqlite::Result<u64> {
+    let bytes: i64 = tx.query_row(
+        "SELECT bytes FROM data_totals WHERE what = ?1",
+        [table],
+        |r| r.get(0),
+    )?;
+    if bytes as u64 <= budget {
+        return Ok(0);
+    }
+    let to_free = bytes - (budget * 9 / 10) as i64;
+    // Walks the oldest rows only as far as needed.
+    let last: Option<i64> = tx
+        .query_row(
+            &format!(
+                "SELECT id FROM (SELECT id, sum(bytes) OVER (ORDER BY id) AS run FROM {table})
+                 WHERE run >= ?1 LIMIT 1"
+            ),
+            [to_free],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let last = match last {
+        Some(id) => id,
+        None => tx.query_row(
+            &format!("SELECT ifnull(max(id), 0) FROM {table}"),
+            [],
+            |r| r.get(0),
+        )?,
+    };
+    delete_through(tx, table, last)
+}
+
+/// One round of retention, in one transaction.
+pub fn prune(c: &mut Connection, r: &Retention) -> rusqlite::Result<Pruned> {
+    let tx = c.transaction()?;
+    let mut pruned = Pruned::default();
+    if let Some(age) = r.results_max_age {
+        let cutoff = now_ms() - age.as_millis() as i64;
+        // Results are inserted in time order, so the old ones are a prefix of the ids.
+        let last: Option<i64> = tx.query_row(
+            "SELECT max(id) FROM results WHERE ts_ms < ?1",
+            [cutoff],
+            |r| r.get(0),
+        )?;
+        if let Some(last) = last {
+            pruned.results += delete_through(&tx, "results", last)?;
+        }
+    }
+    pruned.results += enforce(&tx, "results", r.results_budget_bytes)?;
+    pruned.captures += enforce(&tx, "captures", r.capture_budget_bytes)?;
+    tx.commit()?;
+    Ok(pruned)
+}
+
+/// Bytes and rows now counted for `what`.
+pub fn totals(c: &Connection, what: &str) -> rusqlite::Result<(i64, i64)> {
+    c.query_row(
+        "SELECT rows, bytes FROM data_totals WHERE what = ?1",
+        [what],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+}
+
+/// Run retention now and then, and whenever a writer says it added data.
+pub async fn retention_task(
+    store: Store,
+    keeper: std::sync::Arc<Keeper>,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let round = keeper.limits();
+        match store.call(move |c| Ok(prune(c, &round)?)).await {
+            Ok(p) if p != Pruned::default() => {
+                tracing::info!(
+                    results = p.results,
+                    captures = p.captures,
+                    "retention deleted old rows"
+                )
+            }
+            Ok(_) => {}
+            Err(StoreError::Stopped) => return,
+            Err(e) => tracing::error!(error = %e, "retention failed"),
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = keeper.wake.notified() => {}
+            _ = tokio::time::sleep(RETENTION_EVERY) => {}
+        }
+    }
+}
+
+/// How often retention runs when no writer wakes it (age limits need the clock, not writes).
+const RETENTION_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Handle to the database thread; cheap to clone.
 #[derive(Clone)]

@@ -15,9 +15,9 @@ mod pool;
 use std::path::PathBuf;
 
 pub use input::{Input, PixelFormat, Prepared, read_npy_f32};
-pub use manifest::{MANIFEST_FILE, MODEL_FILE, Manifest, is_inside};
+pub use manifest::{Color, MANIFEST_FILE, MODEL_FILE, Manifest, is_inside};
 pub use model::{Class, Model, Prediction};
-pub use pool::{ModelPool, PoolStats, panic_message};
+pub use pool::{Latencies, ModelPool, PoolStats, Quantiles, panic_message};
 
 /// Where models run (`engine.runtime`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]

@@ -34,9 +34,12 @@ pub struct PoolStats {
     pub completed: AtomicU64,
     pub failed: AtomicU64,
     pub rejected_busy: AtomicU64,
-    /// The latest latencies (µs), for quantiles in telemetry; a fixed ring, so memory is flat.
-    latencies: std::sync::Mutex<LatencyRing>,
+    latencies: Latencies,
 }
+
+/// The latest latencies (µs), for quantiles in telemetry; a fixed ring, so memory is flat.
+#[derive(Debug, Default)]
+pub struct Latencies(std::sync::Mutex<LatencyRing>);
 
 #[derive(Debug, Default)]
 struct LatencyRing {
@@ -57,8 +60,14 @@ pub struct Quantiles {
 }
 
 impl PoolStats {
-    fn record(&self, latency_us: u64) {
-        let mut r = self.latencies.lock().unwrap_or_else(|e| e.into_inner());
+    pub fn quantiles(&self) -> Quantiles {
+        self.latencies.quantiles()
+    }
+}
+
+impl Latencies {
+    pub fn record(&self, latency_us: u64) {
+        let mut r = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if r.values.len() < LATENCY_WINDOW {
             r.values.push(latency_us);
         } else {
@@ -70,7 +79,7 @@ impl PoolStats {
 
     pub fn quantiles(&self) -> Quantiles {
         let mut v = self
-            .latencies
+            .0
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .values
@@ -269,7 +278,7 @@ fn worker(w: usize, rx: crossbeam_channel::Receiver<Job>, pool: std::sync::Weak<
         match &result {
             Ok(p) => {
                 inner.stats.completed.fetch_add(1, Ordering::Relaxed);
-                inner.stats.record(p.latency_us);
+                inner.stats.latencies.record(p.latency_us);
                 job.model.outcomes.ok.fetch_add(1, Ordering::Relaxed);
             }
             Err(_) => {

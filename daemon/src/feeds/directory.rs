@@ -18,7 +18,8 @@ use notify::{RecursiveMode, Watcher};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use super::Sample;
+use super::queue::Sender;
+use super::{Data, Sample};
 use crate::config::OnDone;
 use crate::engine::{EngineError, Input};
 use crate::store::{Store, StoreError, now_ms};
@@ -139,7 +140,7 @@ impl DirectoryFeed {
     pub async fn run(
         self,
         store: Store,
-        tx: mpsc::Sender<Sample>,
+        tx: Sender,
         cancel: CancellationToken,
     ) -> Result<(), FeedError> {
         let (ev_tx, mut ev_rx) = mpsc::channel::<PathBuf>(1024);
@@ -280,7 +281,7 @@ impl DirectoryFeed {
         path: &Path,
         store: &Store,
         seen: &mut HashMap<String, Seen>,
-        tx: &mpsc::Sender<Sample>,
+        tx: &Sender,
         cancel: &CancellationToken,
     ) -> bool {
         if !self.wanted(path) {
@@ -382,7 +383,8 @@ impl DirectoryFeed {
         let sample = Sample {
             source: name.clone(),
             ts_ms,
-            input,
+            taken: std::time::Instant::now(),
+            data: Data::Input(input),
             done: Some(FileDone {
                 attempts,
                 ..self.done(&name, size, mtime_ns, path)

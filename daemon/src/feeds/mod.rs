@@ -1,18 +1,155 @@
-//! Sources of samples: each feed yields timestamped inputs on a bounded channel and never
-//! runs a model itself.
+//! Sources of samples: each feed yields timestamped inputs into its pipeline's bounded queue
+//! and never runs a model itself.
+//!
+//! ```text
+//!  directory ─┐
+//!  camera ────┤  Sample ─► gate (every_nth, max_fps) ─► queue (drop oldest | wait) ─► pipeline
+//!  serial ────┤
+//!  mqtt ──────┘
+//! ```
+//!
+//! A feed that fails (ffmpeg died or stalled, a port was unplugged, the broker went away)
+//! restarts itself with back-off; the pipeline's state says `restarting` and why, and an
+//! event goes upstream. Only cancellation ends a feed.
 
+pub mod camera;
 pub mod directory;
+pub mod mqtt;
+pub mod queue;
+pub mod serial;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
 
 use crate::engine::Input;
+use crate::outbox::Outbox;
+use crate::pipeline::{PipelineStats, State};
+use crate::store::Store;
 
 /// One input from a feed.
 #[derive(Debug)]
 pub struct Sample {
-    /// Where it came from, e.g. the file name.
+    /// Where it came from, e.g. the file name, the camera, the topic.
     pub source: String,
     /// When the feed took it, milliseconds since the Unix epoch.
     pub ts_ms: i64,
-    pub input: Result<Input, crate::engine::EngineError>,
+    /// When the feed took it, for the end-to-end latency.
+    pub taken: Instant,
+    pub data: Data,
     /// What to record once the result is stored, so a restart does not redo the sample.
     pub done: Option<directory::FileDone>,
+}
+
+#[derive(Debug)]
+pub enum Data {
+    /// An input for the model as it is (or why the sample cannot be one).
+    Input(Result<Input, crate::engine::EngineError>),
+    /// One reading: the values of the feed's fields, in their configured order.
+    Reading(Vec<f32>),
+}
+
+impl Sample {
+    pub fn new(source: String, data: Data) -> Sample {
+        Sample {
+            source,
+            ts_ms: crate::store::now_ms(),
+            taken: Instant::now(),
+            data,
+            done: None,
+        }
+    }
+}
+
+/// What every feed needs besides its own settings.
+#[derive(Clone)]
+pub struct FeedCtx {
+    pub pipeline: String,
+    pub feed: String,
+    pub stats: Arc<PipelineStats>,
+    pub store: Store,
+    pub outbox: Option<Outbox>,
+    pub cancel: CancellationToken,
+}
+
+pub const RETRY_MIN: Duration = Duration::from_secs(1);
+pub const RETRY_MAX: Duration = Duration::from_secs(30);
+/// A source that ran this long before failing was healthy: the back-off starts over.
+const HEALTHY_RUN: Duration = Duration::from_secs(30);
+
+/// Why one run of a feed ended.
+pub enum Ended {
+    /// Cancelled, or the pipeline is gone: stop for good.
+    Stop,
+    /// The source failed; restart it.
+    Failed(String),
+}
+
+impl FeedCtx {
+    /// Run `once` until it stops, restarting it with back-off after each failure: the
+    /// pipeline says `restarting` with the reason, the log and an event say it too.
+    pub async fn supervise<F, Fut>(&self, mut once: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Ended>,
+    {
+        let mut delay = RETRY_MIN;
+        loop {
+            let started = Instant::now();
+            let why = tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                e = once() => match e {
+                    Ended::Stop => return,
+                    Ended::Failed(why) => why,
+                },
+            };
+            if started.elapsed() > HEALTHY_RUN {
+                delay = RETRY_MIN;
+            }
+            self.failed(&why, delay).await;
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(RETRY_MAX);
+        }
+    }
+
+    async fn failed(&self, why: &str, retry_in: Duration) {
+        use std::sync::atomic::Ordering;
+        self.stats.restarts.fetch_add(1, Ordering::Relaxed);
+        self.stats.set_state(State::Restarting(why.to_string()));
+        tracing::warn!(pipeline = %self.pipeline, feed = %self.feed, reason = %why, retry_in = ?retry_in, "feed failed; restarting");
+        if let Some(ob) = &self.outbox {
+            let body = serde_json::json!({
+                "event": "feed.restarting",
+                "pipeline": self.pipeline,
+                "feed": self.feed,
+                "reason": why,
+                "retry_in_ms": retry_in.as_millis() as u64,
+            });
+            if let Err(e) = ob.send_event(&self.store, body).await {
+                tracing::error!(error = %e, "event not queued");
+            }
+        }
+    }
+
+    /// The source delivers again.
+    pub fn running(&self) {
+        if !matches!(self.stats.state(), State::Running) {
+            tracing::info!(pipeline = %self.pipeline, feed = %self.feed, "feed running");
+            self.stats.set_state(State::Running);
+        }
+    }
+
+    /// Count a sample the feed could not use; say so in the log now and then, not for every
+    /// line a babbling sensor sends.
+    pub fn garbage(&self, what: &str) {
+        use std::sync::atomic::Ordering;
+        let n = self.stats.garbage.fetch_add(1, Ordering::Relaxed) + 1;
+        if n == 1 || n.is_multiple_of(100) {
+            tracing::warn!(pipeline = %self.pipeline, feed = %self.feed, count = n, "skipped unusable input: {what}");
+        }
+    }
 }

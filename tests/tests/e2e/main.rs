@@ -3,6 +3,7 @@
 mod check_config;
 mod daemon;
 mod dbus;
+mod feeds;
 mod fleet;
 mod infer;
 mod package;

@@ -1,0 +1,147 @@
+//! An MQTT topic as a feed: images or JSON readings that other devices on the site publish,
+//! on the fleet broker or a local one. Its own connection (MQTT 3.1.1, clean session), so a
+//! busy feed never delays fleet commands, and the fleet link's outbox is not involved.
+//!
+//! Payloads: PNG/JPEG bytes become images; a JSON object is a reading of the feed's fields; a
+//! JSON array is a tensor. What does not parse is counted and skipped. A lost connection is
+//! retried with back-off, and the subscription is made again on every connection.
+
+use rumqttc::{Event, Incoming, QoS};
+
+use super::queue::Sender;
+use super::serial::json_reading;
+use super::{Data, Ended, FeedCtx, Sample};
+use crate::config::{MqttFeedConfig, PayloadFormat};
+use crate::engine::Input;
+
+pub struct MqttFeed {
+    pub cfg: MqttFeedConfig,
+}
+
+impl MqttFeed {
+    pub async fn run(self, ctx: FeedCtx, tx: Sender) {
+        let this = std::sync::Arc::new(self);
+        ctx.supervise(|| {
+            let (this, ctx, tx) = (this.clone(), ctx.clone(), &tx);
+            async move { this.once(&ctx, tx).await }
+        })
+        .await;
+    }
+
+    /// One connection, from connect to its loss.
+    async fn once(&self, ctx: &FeedCtx, tx: &Sender) -> Ended {
+        let c = &self.cfg;
+        // One connection per pipeline reading the feed: brokers disconnect a client whose id
+        // another connection takes.
+        let id = format!("{}-{}", c.client_id, ctx.pipeline);
+        let mut o = rumqttc::MqttOptions::new(id, &c.host, c.port);
+        o.set_keep_alive(std::time::Duration::from_secs(30))
+            .set_clean_session(true)
+            // Larger messages are refused by rumqttc before they are buffered.
+            .set_max_packet_size(c.max_payload_bytes + c.topic.len() + 1024, 64 * 1024);
+        if let Some(t) = &c.tls {
+            match crate::fleet::tls::client_config(t) {
+                Ok(cfg) => {
+                    o.set_transport(rumqttc::Transport::tls_with_config(
+                        rumqttc::TlsConfiguration::Rustls(cfg),
+                    ));
+                }
+                Err((k, e)) => return Ended::Failed(format!("TLS {k}: {e}")),
+            }
+        }
+        if let Some((u, p)) = &c.credentials {
+            o.set_credentials(u, p);
+        }
+        let (client, mut events) = rumqttc::AsyncClient::new(o, 16);
+        let broker = format!("{}:{}", c.host, c.port);
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Incoming::ConnAck(_))) => {
+                    // Clean sessions: the broker forgot the subscription with the last one.
+                    if let Err(e) = client.try_subscribe(&c.topic, QoS::AtLeastOnce) {
+                        return Ended::Failed(format!("subscribing to `{}`: {e}", c.topic));
+                    }
+                }
+                Ok(Event::Incoming(Incoming::SubAck(ack))) => {
+                    if ack
+                        .return_codes
+                        .iter()
+                        .any(|r| matches!(r, rumqttc::SubscribeReasonCode::Failure))
+                    {
+                        return Ended::Failed(format!(
+                            "broker {broker} refused the subscription to `{}`",
+                            c.topic
+                        ));
+                    }
+                    tracing::info!(pipeline = %ctx.pipeline, topic = %c.topic, %broker, "subscribed");
+                    ctx.running();
+                }
+                Ok(Event::Incoming(Incoming::Publish(p))) => {
+                    let data = match parse(&p.payload, c.format, &c.fields) {
+                        Ok(d) => d,
+                        Err(why) => {
+                            ctx.garbage(&format!("message on `{}`: {why}", p.topic));
+                            continue;
+                        }
+                    };
+                    if tx.send(Sample::new(p.topic.clone(), data)).await.is_err() {
+                        let _ = client.try_disconnect();
+                        return Ended::Stop;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => return Ended::Failed(format!("broker {broker}: {e}")),
+            }
+        }
+    }
+}
+
+/// What one message holds, by the feed's format.
+pub fn parse(payload: &[u8], format: PayloadFormat, fields: &[String]) -> Result<Data, String> {
+    let first = payload.iter().find(|b| !b.is_ascii_whitespace()).copied();
+    let json = match format {
+        PayloadFormat::Image => false,
+        PayloadFormat::Json => true,
+        PayloadFormat::Auto => matches!(first, Some(b'{' | b'[')),
+    };
+    if !json {
+        if payload.is_empty() {
+            return Err("empty".into());
+        }
+        return Ok(Data::Input(Ok(Input::Encoded(payload.to_vec()))));
+    }
+    match first {
+        Some(b'{') if fields.is_empty() => {
+            Err("a JSON reading, but the feed names no `fields`".into())
+        }
+        Some(b'{') => json_reading(payload, fields).map(Data::Reading),
+        _ => Input::from_json(payload)
+            .map(|i| Data::Input(Ok(i)))
+            .map_err(|e| e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_are_told_apart_by_format() {
+        let f = vec!["x".to_string()];
+        assert!(matches!(
+            parse(b"\x89PNG....", PayloadFormat::Auto, &f),
+            Ok(Data::Input(Ok(Input::Encoded(_))))
+        ));
+        assert!(matches!(
+            parse(br#" {"x": 2}"#, PayloadFormat::Auto, &f),
+            Ok(Data::Reading(v)) if v == [2.0]
+        ));
+        assert!(matches!(
+            parse(b"[[1, 2]]", PayloadFormat::Json, &f),
+            Ok(Data::Input(Ok(Input::Tensor { .. })))
+        ));
+        assert!(parse(b"not json", PayloadFormat::Json, &f).is_err());
+        assert!(parse(br#"{"x": 1}"#, PayloadFormat::Auto, &[]).is_err());
+        assert!(parse(b"", PayloadFormat::Image, &f).is_err());
+    }
+}

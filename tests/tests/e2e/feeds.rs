@@ -1,0 +1,655 @@
+//! Camera, serial and MQTT feeds against real peers: ffmpeg (lavfi test sources), a socat
+//! pseudo-terminal pair, mosquitto and mosquitto_pub; with the pipelines' commands, drop
+//! policy, retention and capture export seen from the fleet side.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use base64::Engine as _;
+use serde_json::{Value, json};
+use tern_tests::mqtt::{Broker, Client};
+use tern_tests::*;
+
+use crate::fleet::{client, command, wait_online};
+
+const T: Duration = Duration::from_secs(60);
+
+/// A box with `body` (models, feeds, pipelines) and the fleet link to `broker`.
+fn feed_box(dir: &Path, device: &str, broker: &Broker, body: &str) -> PathBuf {
+    let config = dir.join("ternd.toml");
+    let text = format!(
+        r#"state_dir = "state"
+[dbus]
+bus = "none"
+{body}
+[fleet]
+broker = "{url}"
+device = "{device}"
+telemetry_secs = 3600
+"#,
+        url = broker.url(false),
+    );
+    std::fs::write(&config, text).unwrap();
+    config
+}
+
+fn digits() -> String {
+    format!(
+        "[[models]]\npackage = \"{}\"\n",
+        package("digits-cnn-int8").display()
+    )
+}
+
+fn cmd(c: &mut Client, device: &str, name: &str, args: Value) -> Value {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let id = format!("f{}", N.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    let mut payload = json!({"id": id});
+    if !args.is_null() {
+        payload["args"] = args;
+    }
+    command(c, device, name, &payload)
+}
+
+/// One pipeline's entry in `pipelines.list`.
+fn pipeline(c: &mut Client, device: &str, name: &str) -> Value {
+    let r = cmd(c, device, "pipelines.list", Value::Null);
+    assert_eq!(r["ok"], true, "{r}");
+    r["result"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == name)
+        .unwrap_or_else(|| panic!("{name} in {r}"))
+        .clone()
+}
+
+/// The ffmpeg processes ternd (`pid`) runs now.
+fn ffmpeg_children(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let children =
+            std::fs::read_to_string(task.unwrap().path().join("children")).unwrap_or_default();
+        for c in children.split_whitespace() {
+            let c: i32 = c.parse().unwrap();
+            let comm = std::fs::read_to_string(format!("/proc/{c}/comm")).unwrap_or_default();
+            if comm.trim() == "ffmpeg" {
+                out.push(c);
+            }
+        }
+    }
+    out
+}
+
+fn max_id(state: &Path, pipeline: &str) -> i64 {
+    count(
+        state,
+        &format!("SELECT ifnull(max(id), 0) FROM results WHERE pipeline = '{pipeline}'"),
+    )
+    .unwrap_or(0)
+}
+
+fn wait_rows(state: &Path, pipeline: &str, n: i64) {
+    let sql = format!("SELECT count(*) FROM results WHERE pipeline = '{pipeline}'");
+    wait_for(&format!("{n} results of {pipeline}"), T, || {
+        (count(state, &sql)? >= n).then_some(())
+    })
+    .unwrap();
+}
+
+fn mosquitto() -> Option<Broker> {
+    if !need("ffmpeg") {
+        return None;
+    }
+    Broker::mosquitto().unwrap()
+}
+
+#[test]
+fn a_camera_restarts_its_ffmpeg_and_pipelines_stop_and_start_by_command() {
+    let Some(broker) = mosquitto() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let body = format!(
+        r#"{models}
+[[feeds]]
+kind = "camera"
+name = "cam0"
+format = "lavfi"
+input = "testsrc2=size=96x64:rate=10"
+input_args = ["-re"]
+stall_secs = 5
+
+[[pipelines]]
+name = "cam"
+feed = "cam0"
+model = "digits-cnn-int8"
+"#,
+        models = digits()
+    );
+    let config = feed_box(dir.path(), "cam1", &broker, &body);
+    let state = dir.path().join("state");
+    let mut c = client(&broker, false, "cam-test", &["tern/cam1/#"]);
+    let mut d = Daemon::spawn(&config, None, &[]).unwrap();
+    wait_online(&mut c, "cam1");
+
+    // Results arrive from the camera in time order, and upstream with their sequence.
+    wait_rows(&state, "cam", 5);
+    let conn = db(&state).unwrap();
+    let ts: Vec<i64> = conn
+        .prepare("SELECT ts_ms FROM results WHERE pipeline = 'cam' ORDER BY id")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+    assert!(ts.windows(2).all(|w| w[0] < w[1]), "{ts:?}");
+    let first = c.recv_on("tern/cam1/results/cam", T).unwrap().json();
+    assert_eq!(first["model"], "digits-cnn-int8");
+    assert_eq!(first["version"], "1.0.0");
+    assert_eq!(first["source"], "cam0");
+    assert!(first["latency_us"].as_u64().unwrap() > 0, "{first}");
+    assert!(!first["top"].as_array().unwrap().is_empty(), "{first}");
+    let second = c.recv_on("tern/cam1/results/cam", T).unwrap().json();
+    assert!(
+        second["seq"].as_i64() > first["seq"].as_i64(),
+        "{first} {second}"
+    );
+    assert!(second["ts_ms"].as_i64() > first["ts_ms"].as_i64());
+
+    // Kill ffmpeg: the feed says why, restarts it, and results go on.
+    let before = ffmpeg_children(d.pid());
+    assert_eq!(before.len(), 1, "{before:?}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(before[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let ev = c
+        .recv_match("feed.restarting", T, |m| {
+            m.topic == "tern/cam1/events" && m.json()["event"] == "feed.restarting"
+        })
+        .unwrap()
+        .json();
+    assert_eq!(ev["pipeline"], "cam");
+    assert_eq!(ev["feed"], "cam0");
+    assert!(
+        ev["reason"].as_str().unwrap().contains("ffmpeg ended"),
+        "{ev}"
+    );
+    let at_kill = max_id(&state, "cam");
+    wait_for("results after the restart", T, || {
+        (max_id(&state, "cam") > at_kill + 5).then_some(())
+    })
+    .unwrap();
+    let after = ffmpeg_children(d.pid());
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert_ne!(after, before);
+    let p = pipeline(&mut c, "cam1", "cam");
+    assert_eq!(p["state"], "running", "{p}");
+    assert!(p["restarts"].as_u64().unwrap() >= 1, "{p}");
+    assert!(p["results"].as_u64().unwrap() > 5, "{p}");
+
+    // Stop by command: ffmpeg goes, and the choice survives a restart of the daemon.
+    let r = cmd(&mut c, "cam1", "pipelines.stop", json!({"name": "cam"}));
+    assert_eq!(r["result"]["state"], "stopped", "{r}");
+    wait_for("ffmpeg to go", T, || {
+        ffmpeg_children(d.pid()).is_empty().then_some(())
+    })
+    .unwrap();
+    let r = cmd(&mut c, "cam1", "pipelines.stop", json!({"name": "nope"}));
+    assert_eq!(r["error"]["code"], "not_found", "{r}");
+    d.signal("TERM").unwrap();
+    assert!(d.wait(T).unwrap().success());
+    c.drain();
+    let mut d = Daemon::spawn(&config, None, &[]).unwrap();
+    wait_online(&mut c, "cam1");
+    let p = pipeline(&mut c, "cam1", "cam");
+    assert_eq!(p["state"], "stopped", "{p}");
+    assert_eq!(p["reason"], "stopped by command", "{p}");
+    assert!(ffmpeg_children(d.pid()).is_empty());
+    let stopped_at = max_id(&state, "cam");
+    let r = cmd(&mut c, "cam1", "pipelines.start", json!({"name": "cam"}));
+    assert_eq!(r["ok"], true, "{r}");
+    wait_for("results after pipelines.start", T, || {
+        (max_id(&state, "cam") > stopped_at + 3).then_some(())
+    })
+    .unwrap();
+    assert_eq!(pipeline(&mut c, "cam1", "cam")["state"], "running");
+    d.signal("TERM").unwrap();
+    assert!(d.wait(T).unwrap().success());
+}
+
+/// `ternd infer` offline: the top label for one input file.
+fn offline_label(pkg: &str, input: &Path) -> String {
+    let (status, out, err) = infer(&package(pkg), input, &["--json"]).unwrap();
+    assert!(status.success(), "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    v["top"][0]["label"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn a_flooding_camera_drops_oldest_and_shares_its_model_with_an_mqtt_feed() {
+    let Some(broker) = mosquitto() else { return };
+    if !need("mosquitto_pub") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // No -re: ffmpeg draws frames as fast as it can, far faster than the model runs.
+    let body = format!(
+        r#"{models}
+[[feeds]]
+kind = "camera"
+name = "flood"
+format = "lavfi"
+input = "testsrc2=size=64x64:rate=1000"
+
+[[feeds]]
+kind = "mqtt"
+name = "site"
+topic = "site/+/image"
+
+[[pipelines]]
+name = "flood"
+feed = "flood"
+model = "digits-cnn-int8"
+queue = 4
+
+[[pipelines]]
+name = "images"
+feed = "site"
+model = "digits-cnn-int8"
+"#,
+        models = digits()
+    );
+    let config = feed_box(dir.path(), "cam2", &broker, &body);
+    let state = dir.path().join("state");
+    let mut c = client(&broker, false, "flood-test", &["tern/cam2/#"]);
+    let mut d = Daemon::spawn(&config, None, &[]).unwrap();
+    wait_online(&mut c, "cam2");
+    wait_rows(&state, "flood", 50);
+    wait_for("the MQTT feed subscribed", T, || {
+        (pipeline(&mut c, "cam2", "images")["state"] == "running").then_some(())
+    })
+    .unwrap();
+
+    // While the camera saturates the model, images published by another device get their
+    // results: the camera holds at most workers+1 places in the model's queue.
+    let mut images: Vec<PathBuf> = std::fs::read_dir(root().join("configs/demo/inbox"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    images.sort();
+    let port = broker.url(false).rsplit(':').next().unwrap().to_string();
+    for (i, img) in images.iter().enumerate() {
+        let st = Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &port, "-q", "1", "-t"])
+            .arg(format!("site/cam{i}/image"))
+            .arg("-f")
+            .arg(img)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    // A message that is no image is counted and skipped.
+    let st = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-t",
+            "site/x/image",
+            "-m",
+            "{\"not\": 1}",
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let flood_before = max_id(&state, "flood");
+    wait_rows(&state, "images", images.len() as i64);
+    let conn = db(&state).unwrap();
+    for (i, img) in images.iter().enumerate() {
+        let label: String = conn
+            .query_row(
+                "SELECT label FROM results WHERE pipeline = 'images' AND source = ?1",
+                [format!("site/cam{i}/image")],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(
+            label,
+            offline_label("digits-cnn-int8", img),
+            "{}",
+            img.display()
+        );
+    }
+    assert!(
+        max_id(&state, "flood") > flood_before,
+        "the camera went on too"
+    );
+    let p = wait_for("the bad message counted", T, || {
+        let p = pipeline(&mut c, "cam2", "images");
+        (p["garbage"] == 1).then_some(p)
+    })
+    .unwrap();
+    assert_eq!(p["errors"], 0, "{p}");
+
+    // Drop-oldest: frames were dropped and counted, and what was stored was fresh: the
+    // queue of 4 bounds the wait, where back-pressure would have let it grow for as long as
+    // ffmpeg ran ahead.
+    let p = pipeline(&mut c, "cam2", "flood");
+    assert!(p["dropped"].as_u64().unwrap() > 0, "{p}");
+    let p99 = p["e2e_latency_us"]["p99"].as_u64().unwrap();
+    assert!(p99 > 0 && p99 < 2_000_000, "{p}");
+    d.signal("TERM").unwrap();
+    assert!(d.wait(T).unwrap().success());
+}
+
+struct Socat {
+    child: Child,
+}
+
+impl Socat {
+    fn start(dev: &Path, writer: &Path) -> Socat {
+        let _ = std::fs::remove_file(dev);
+        let _ = std::fs::remove_file(writer);
+        let child = Command::new("socat")
+            .arg(format!("pty,raw,echo=0,link={}", dev.display()))
+            .arg(format!("pty,raw,echo=0,link={}", writer.display()))
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for("socat's pty links", T, || {
+            (dev.exists() && writer.exists()).then_some(())
+        })
+        .unwrap();
+        Socat { child }
+    }
+
+    fn stop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Socat {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_serial_sensor_on_a_pty_skips_garbage_and_survives_a_replug() {
+    if !need("socat") {
+        return;
+    }
+    let Some(broker) = Broker::mosquitto().unwrap() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let dev = dir.path().join("ttyIRIS");
+    let writer = dir.path().join("ttyWRITER");
+    let mut socat = Socat::start(&dev, &writer);
+    let body = format!(
+        r#"[[models]]
+package = "{pkg}"
+
+[[feeds]]
+kind = "serial"
+name = "iris"
+path = "{dev}"
+baud = 115200
+fields = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
+max_line_bytes = 256
+
+[[pipelines]]
+name = "flowers"
+feed = "iris"
+model = "iris-mlp-int8"
+"#,
+        pkg = package("iris-mlp-int8").display(),
+        dev = dev.display()
+    );
+    let config = feed_box(dir.path(), "sensor1", &broker, &body);
+    let state = dir.path().join("state");
+    let mut c = client(&broker, false, "serial-test", &["tern/sensor1/#"]);
+    let mut d = Daemon::spawn(&config, None, &[]).unwrap();
+    wait_online(&mut c, "sensor1");
+    wait_for("the port open", T, || {
+        (pipeline(&mut c, "sensor1", "flowers")["state"] == "running").then_some(())
+    })
+    .unwrap();
+
+    let readings = [
+        [5.1, 3.5, 1.4, 0.2],
+        [6.4, 3.2, 4.5, 1.5],
+        [6.9, 3.1, 5.4, 2.1],
+        [4.9, 3.0, 1.4, 0.2],
+        [5.7, 2.8, 4.1, 1.3],
+        [7.7, 2.6, 6.9, 2.3],
+    ];
+    let expected: Vec<String> = readings
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let f = dir.path().join(format!("r{i}.json"));
+            std::fs::write(&f, json!([r]).to_string()).unwrap();
+            offline_label("iris-mlp-int8", &f)
+        })
+        .collect();
+    assert!(
+        expected.iter().collect::<BTreeSet<_>>().len() == 3,
+        "the readings cover all three species: {expected:?}"
+    );
+    let keys = ["sepal_length", "sepal_width", "petal_length", "petal_width"];
+    let line = |i: usize| -> String {
+        let r = readings[i];
+        if i.is_multiple_of(2) {
+            format!("{},{},{},{}\r\n", r[0], r[1], r[2], r[3])
+        } else {
+            let obj: serde_json::Map<String, Value> = keys
+                .iter()
+                .zip(r)
+                .map(|(k, v)| (k.to_string(), json!(v)))
+                .collect();
+            format!("{}\n", Value::Object(obj))
+        }
+    };
+    let garbage = [
+        "iris sensor v1.2 ready\n".to_string(),
+        "1,2,3\n".to_string(),
+        format!("{}\n", "9".repeat(5000)),
+        "{\"sepal_length\": \"wide\"}\n".to_string(),
+        "\u{1b}[2J\u{0}\u{7f}\n".to_string(),
+    ];
+    let mut w = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&writer)
+        .unwrap();
+    for (i, g) in garbage.iter().take(4).enumerate() {
+        w.write_all(g.as_bytes()).unwrap();
+        w.write_all(line(i).as_bytes()).unwrap();
+    }
+    w.write_all(garbage[4].as_bytes()).unwrap();
+    w.flush().unwrap();
+    wait_rows(&state, "flowers", 4);
+    let p = wait_for("garbage counted", T, || {
+        let p = pipeline(&mut c, "sensor1", "flowers");
+        (p["garbage"] == 5).then_some(p)
+    })
+    .unwrap();
+    assert_eq!(p["results"], 4, "{p}");
+
+    // Unplug: the port's other end goes away; the feed says so and reopens it when it is
+    // back.
+    drop(w);
+    socat.stop();
+    let p = wait_for("the feed restarting", T, || {
+        let p = pipeline(&mut c, "sensor1", "flowers");
+        (p["state"] == "restarting").then_some(p)
+    })
+    .unwrap();
+    assert!(p["reason"].as_str().unwrap().contains("ttyIRIS"), "{p}");
+    let _socat = Socat::start(&dev, &writer);
+    wait_for("the port open again", T, || {
+        (pipeline(&mut c, "sensor1", "flowers")["state"] == "running").then_some(())
+    })
+    .unwrap();
+    let mut w = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&writer)
+        .unwrap();
+    for i in 4..6 {
+        w.write_all(line(i).as_bytes()).unwrap();
+    }
+    w.flush().unwrap();
+    wait_rows(&state, "flowers", 6);
+    let conn = db(&state).unwrap();
+    let labels: Vec<String> = conn
+        .prepare("SELECT label FROM results WHERE pipeline = 'flowers' ORDER BY id")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(labels, expected);
+    d.signal("TERM").unwrap();
+    assert!(d.wait(T).unwrap().success());
+}
+
+#[test]
+fn retention_keeps_the_budget_and_capture_export_delivers_every_sample() {
+    let Some(broker) = mosquitto() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let body = format!(
+        r#"{models}
+[store]
+results_budget_mib = 0.01
+capture_budget_mib = 0.2
+
+[[feeds]]
+kind = "camera"
+name = "cam0"
+format = "lavfi"
+input = "testsrc2=size=32x32:rate=200"
+input_args = ["-re"]
+
+[[pipelines]]
+name = "cam"
+feed = "cam0"
+model = "digits-cnn-int8"
+# Every frame is captured: the budget, not the score, decides what stays.
+capture_below = 2.0
+publish = "above"
+min_score = 2.0
+"#,
+        models = digits()
+    );
+    let config = feed_box(dir.path(), "cam3", &broker, &body);
+    let state = dir.path().join("state");
+    let mut c = client(&broker, false, "capture-test", &["tern/cam3/#"]);
+    let mut d = Daemon::spawn(&config, None, &[]).unwrap();
+    wait_online(&mut c, "cam3");
+    wait_for("400 results", T, || {
+        (max_id(&state, "cam") >= 400).then_some(())
+    })
+    .unwrap();
+    let r = cmd(&mut c, "cam3", "pipelines.stop", json!({"name": "cam"}));
+    assert_eq!(r["result"]["state"], "stopped", "{r}");
+    // Retention runs as soon as a table goes over: wait for its round after the last row.
+    let budget = (0.01f64 * 1024.0 * 1024.0) as i64;
+    let cap_budget = (0.2f64 * 1024.0 * 1024.0) as i64;
+    let conn = db(&state).unwrap();
+    let totals = |what: &str| -> (i64, i64) {
+        conn.query_row(
+            "SELECT rows, bytes FROM data_totals WHERE what = ?1",
+            [what],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap()
+    };
+    wait_for("results within budget", T, || {
+        (totals("results").1 <= budget && totals("captures").1 <= cap_budget).then_some(())
+    })
+    .unwrap();
+    // The running totals agree with the rows; the oldest rows went, the newest stayed.
+    let (rows, bytes): (i64, i64) = conn
+        .query_row("SELECT count(*), sum(bytes) FROM results", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    assert_eq!((rows, bytes), totals("results"));
+    assert!(rows > 10 && rows < 200, "{rows}");
+    let (lo, hi): (i64, i64) = conn
+        .query_row("SELECT min(id), max(id) FROM results", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    assert!(lo > 100 && hi >= 400, "{lo}..{hi}");
+    let (crows, cbytes): (i64, i64) = conn
+        .query_row(
+            "SELECT count(*), ifnull(sum(bytes), 0) FROM captures",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((crows, cbytes), totals("captures"));
+    assert!(crows >= 5, "{crows}");
+    let p = pipeline(&mut c, "cam3", "cam");
+    assert!(p["captured"].as_i64().unwrap() > crows, "{p}");
+    // publish = above 2.0: nothing went upstream.
+    assert_eq!(p["published"], 0, "{p}");
+    let ids: BTreeSet<i64> = conn
+        .prepare("SELECT id FROM captures")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+
+    // Export: every captured sample arrives upstream, in chunks, with its bytes.
+    let r = cmd(
+        &mut c,
+        "cam3",
+        "capture.export",
+        json!({"pipeline": "cam", "limit": 1000}),
+    );
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["result"]["samples"], crows, "{r}");
+    let chunks = r["result"]["chunks"].as_u64().unwrap();
+    assert!(chunks >= 2, "{r}");
+    let mut got = BTreeSet::new();
+    for _ in 0..chunks {
+        let m = c.recv_on("tern/cam3/capture/cam", T).unwrap().json();
+        assert_eq!(m["export"], r["result"]["export"]);
+        for s in m["samples"].as_array().unwrap() {
+            let data = base64::engine::general_purpose::STANDARD
+                .decode(s["data"].as_str().unwrap())
+                .unwrap();
+            assert_eq!(s["kind"], "frame");
+            assert_eq!(data.len(), 32 * 32 * 3, "{}", s["meta"]);
+            assert_eq!(s["meta"]["format"], "rgb24");
+            assert_eq!(s["result"]["model"], "digits-cnn-int8");
+            got.insert(s["id"].as_i64().unwrap());
+        }
+    }
+    assert_eq!(got, ids);
+    let r = cmd(
+        &mut c,
+        "cam3",
+        "capture.export",
+        json!({"pipeline": "cam", "limit": 0}),
+    );
+    assert_eq!(r["error"]["code"], "bad_request", "{r}");
+
+    let r = cmd(&mut c, "cam3", "capture.clear", json!({"pipeline": "cam"}));
+    assert_eq!(r["result"]["deleted"], crows, "{r}");
+    assert_eq!(totals("captures"), (0, 0));
+    d.signal("TERM").unwrap();
+    assert!(d.wait(T).unwrap().success());
+}
