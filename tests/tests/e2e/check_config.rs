@@ -142,7 +142,7 @@ fn the_commented_production_example_stays_valid() {
     let (code, out, err) = check(d.path(), &text);
     assert_eq!(code, 0, "{out}{err}");
     assert!(
-        out.contains("2 model(s), 1 feed(s), 1 pipeline(s)"),
+        out.contains("2 model(s), 4 feed(s), 4 pipeline(s)"),
         "{out}"
     );
     assert!(
