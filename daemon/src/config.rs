@@ -541,6 +541,8 @@ pub const DEFAULT_BAUD: u32 = 9600;
 pub const DEFAULT_MAX_LINE_BYTES: usize = 4096;
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 4 * 1024 * 1024;
 pub const DEFAULT_PIPELINE_QUEUE: usize = 8;
+/// A queue holds whole samples (camera frames): more than this is memory, not freshness.
+pub const MAX_PIPELINE_QUEUE: usize = 1024;
 
 impl FeedConfig {
     pub fn name(&self) -> &str {
@@ -998,11 +1000,25 @@ fn validate(raw: RawConfig, base: &Path, sources: &[Source]) -> Result<Config, C
                         format!("{f} is not a frame rate: give 0 < fps <= 1000"),
                     );
                 }
-                let stall = stall_secs.unwrap_or(DEFAULT_STALL_SECS);
+                // A slow sampling rate needs a longer wait for its frames.
+                let gap = fps.filter(|f| f.is_finite() && *f > 0.0).map(|f| 1.0 / f);
+                let default_stall = DEFAULT_STALL_SECS.max(gap.map_or(0.0, |g| 3.0 * g));
+                let mut stall = stall_secs.unwrap_or(default_stall);
                 if !(stall.is_finite() && (0.1..=3600.0).contains(&stall)) {
                     report(
                         format!("feeds[{i}].stall_secs"),
                         format!("{stall} is not a timeout: give 0.1 to 3600 seconds"),
+                    );
+                    stall = default_stall;
+                } else if let Some(g) = gap
+                    && stall <= 2.0 * g
+                {
+                    report(
+                        format!("feeds[{i}].stall_secs"),
+                        format!(
+                            "{stall} s is too short for frames every {g:.2} s (fps): give more than {:.2}",
+                            2.0 * g
+                        ),
                     );
                 }
                 feeds.push(FeedConfig::Camera(CameraConfig {
@@ -1012,7 +1028,12 @@ fn validate(raw: RawConfig, base: &Path, sources: &[Source]) -> Result<Config, C
                     input_args: input_args.clone(),
                     fps: *fps,
                     stall: std::time::Duration::from_secs_f64(stall.clamp(0.1, 3600.0)),
-                    ffmpeg: ffmpeg.clone().unwrap_or_else(|| PathBuf::from("ffmpeg")),
+                    // A bare name is looked up on PATH; a path is relative to this file.
+                    ffmpeg: match ffmpeg {
+                        Some(p) if p.components().count() > 1 => resolve(p),
+                        Some(p) => p.clone(),
+                        None => PathBuf::from("ffmpeg"),
+                    },
                 }));
             }
             RawFeed::Serial {
@@ -1072,11 +1093,8 @@ fn validate(raw: RawConfig, base: &Path, sources: &[Source]) -> Result<Config, C
                 fields,
                 max_payload_bytes,
             } => {
-                if topic.is_empty() || topic.contains('\0') {
-                    report(
-                        format!("feeds[{i}].topic"),
-                        "must be a non-empty topic filter".into(),
-                    );
+                if let Some(why) = topic_filter_problem(topic) {
+                    report(format!("feeds[{i}].topic"), format!("`{topic}` {why}"));
                 }
                 check_fields(fields, &format!("feeds[{i}].fields"), false, &mut report);
                 let max_payload_bytes = max_payload_bytes.unwrap_or(DEFAULT_MAX_PAYLOAD_BYTES);
@@ -1087,6 +1105,16 @@ fn validate(raw: RawConfig, base: &Path, sources: &[Source]) -> Result<Config, C
                     );
                 }
                 let suffix = format!("-feed-{name}");
+                // Unique per box on a shared broker: the fleet's client id, else the host's name.
+                let base_id = match &fleet {
+                    Some(f) => f.client_id.clone(),
+                    None => format!(
+                        "tern-{}",
+                        std::fs::read_to_string("/proc/sys/kernel/hostname")
+                            .unwrap_or_default()
+                            .trim()
+                    ),
+                };
                 let endpoint = match (broker, &fleet) {
                     (Some(url), _) => match parse_broker(url) {
                         Ok((host, port, tls)) => Some((
@@ -1097,7 +1125,7 @@ fn validate(raw: RawConfig, base: &Path, sources: &[Source]) -> Result<Config, C
                                 client: None,
                             }),
                             None,
-                            format!("tern-{}{suffix}", std::process::id()),
+                            format!("{base_id}{suffix}"),
                         )),
                         Err(e) => {
                             report(format!("feeds[{i}].broker"), e);
@@ -1271,6 +1299,25 @@ fn validate(raw: RawConfig, base: &Path, sources: &[Source]) -> Result<Config, C
                 format!("feed `{}` is a directory: every file is processed", p.feed),
             );
         }
+        if matches!(feed, Some(FeedConfig::Directory { .. }))
+            && p.on_full == Some(OnFull::DropOldest)
+        {
+            report(
+                key("on_full"),
+                format!(
+                    "feed `{}` is a directory: a dropped file would wait for the next start; use \"wait\"",
+                    p.feed
+                ),
+            );
+        }
+        if let Some(q) = p.queue
+            && q.get() > MAX_PIPELINE_QUEUE
+        {
+            report(
+                key("queue"),
+                format!("{q} is more than {MAX_PIPELINE_QUEUE} samples"),
+            );
+        }
         let camera = matches!(feed, Some(FeedConfig::Camera(_)));
         pipelines.push(PipelineConfig {
             name: p.name.clone(),
@@ -1281,7 +1328,10 @@ fn validate(raw: RawConfig, base: &Path, sources: &[Source]) -> Result<Config, C
             window,
             // Without a stride, windows do not overlap.
             stride: p.stride.unwrap_or(window),
-            queue: p.queue.unwrap_or(nz(DEFAULT_PIPELINE_QUEUE)),
+            queue: p
+                .queue
+                .filter(|q| q.get() <= MAX_PIPELINE_QUEUE)
+                .unwrap_or(nz(DEFAULT_PIPELINE_QUEUE)),
             on_full: p.on_full.unwrap_or(if camera {
                 OnFull::DropOldest
             } else {
@@ -1291,6 +1341,28 @@ fn validate(raw: RawConfig, base: &Path, sources: &[Source]) -> Result<Config, C
             store: p.store.unwrap_or(true),
             capture_below: p.capture_below,
         });
+    }
+
+    // Fair turns need room in each model's queue for every pipeline's requests at once: a
+    // pipeline that found the queue full would retry, and could lose each race to a camera.
+    let mut by_model: Vec<&str> = pipelines.iter().map(|p| p.model.as_str()).collect();
+    by_model.sort();
+    by_model.dedup();
+    for m in by_model {
+        let users = pipelines.iter().filter(|p| p.model == m).count();
+        let (key, pool) = match models.iter().position(|c| c.name == m) {
+            Some(i) => (format!("models[{i}].queue"), models[i].pool),
+            None => ("engine.queue".to_string(), engine_pool),
+        };
+        let needed = users * crate::pipeline::in_flight(pool.workers.get());
+        if pool.queue.get() < needed {
+            report(
+                key,
+                format!(
+                    "model `{m}` serves {users} pipeline(s), which may queue {needed} requests at once; make its queue at least {needed}"
+                ),
+            );
+        }
     }
 
     for (i, f) in feeds.iter().enumerate() {
@@ -1462,6 +1534,23 @@ fn topic_level_problem(s: &str) -> Option<&'static str> {
     } else {
         None
     }
+}
+
+/// Why an MQTT topic filter is not one a broker accepts, if it is not.
+fn topic_filter_problem(t: &str) -> Option<&'static str> {
+    if t.is_empty() || t.contains('\0') || t.len() > 1024 {
+        return Some("must be 1 to 1024 bytes, without NUL");
+    }
+    let levels: Vec<&str> = t.split('/').collect();
+    for (i, l) in levels.iter().enumerate() {
+        if l.contains('#') && (*l != "#" || i + 1 != levels.len()) {
+            return Some("has `#` other than as the whole last level");
+        }
+        if l.contains('+') && *l != "+" {
+            return Some("has `+` other than as a whole level");
+        }
+    }
+    None
 }
 
 /// Field names become JSON keys and column names in messages: plain, distinct and present.
@@ -1800,6 +1889,12 @@ mod tests {
         assert_eq!((sp.window.get(), sp.stride.get()), (2, 1));
         assert_eq!(sp.publish, Publish::Above(0.9));
         assert_eq!(c.store.results_budget_bytes, 256 * 1024 * 1024);
+        // Two pipelines on one model may queue 2 x 4 requests: a queue of 4 is too small.
+        let small = ok.clone() + "[engine]\nqueue = 4\n";
+        let ps = problems(load(&write(d.path(), "small.toml", &small)));
+        assert_eq!(ps.len(), 1, "{ps:#?}");
+        assert_eq!(ps[0].key, "models[0].queue");
+        assert!(ps[0].message.contains("at least 8"), "{}", ps[0]);
 
         let bad = base
             .replace("fields = [\"a\", \"b\"]", "fields = []")
@@ -1826,6 +1921,42 @@ mod tests {
         );
         assert!(ps[2].message.contains("not readings"), "{}", ps[2]);
         assert!(ps[6].message.contains("read by 2 pipelines"), "{}", ps[6]);
+    }
+
+    /// Values that would panic or loop at run time are refused up front.
+    #[test]
+    fn feed_values_that_cannot_work_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("in")).unwrap();
+        let text = "[[feeds]]\nkind = \"camera\"\nname = \"a\"\ninput = \"x\"\nstall_secs = nan\n\
+            [[feeds]]\nkind = \"camera\"\nname = \"b\"\ninput = \"x\"\nfps = 0.1\nstall_secs = 5\n\
+            [[feeds]]\nkind = \"mqtt\"\nname = \"c\"\ntopic = \"a/#/b\"\nbroker = \"mqtt://h\"\n\
+            [[feeds]]\nkind = \"mqtt\"\nname = \"e\"\ntopic = \"a+/b\"\nbroker = \"mqtt://h\"\n\
+            [[feeds]]\nkind = \"directory\"\nname = \"f\"\npath = \"in\"\n\
+            [[pipelines]]\nname = \"p\"\nfeed = \"f\"\nmodel = \"m\"\non_full = \"drop_oldest\"\nqueue = 100000\n";
+        let ps = problems(load(&write(d.path(), "t.toml", text)));
+        let keys: Vec<&str> = ps.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "feeds[0].stall_secs",
+                "feeds[1].stall_secs",
+                "feeds[2].topic",
+                "feeds[3].topic",
+                "pipelines[0].model",
+                "pipelines[0].on_full",
+                "pipelines[0].queue",
+            ],
+            "{ps:#?}"
+        );
+        assert!(ps[1].message.contains("too short"), "{}", ps[1]);
+        // Without a stall given, a slow camera waits three of its frame gaps.
+        let slow = "[[feeds]]\nkind = \"camera\"\nname = \"a\"\ninput = \"x\"\nfps = 0.05\n";
+        let c = load(&write(d.path(), "s.toml", slow)).unwrap();
+        let FeedConfig::Camera(cam) = &c.feeds[0] else {
+            panic!()
+        };
+        assert_eq!(cam.stall.as_secs(), 60);
     }
 
     #[test]

@@ -22,8 +22,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use futures_util::StreamExt as _;
 use futures_util::stream::FuturesOrdered;
+use futures_util::{FutureExt as _, StreamExt as _};
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
@@ -309,13 +309,21 @@ struct Serve {
 
 impl Serve {
     async fn run(mut self, mut rx: queue::Receiver) {
-        let cap = self.pool.config().workers.get() + 1;
+        let cap = in_flight(self.pool.config().workers.get());
         let mut flights: FuturesOrdered<Flight> = FuturesOrdered::new();
         let mut open = true;
         loop {
             tokio::select! {
                 biased;
-                Some(done) = flights.next(), if !flights.is_empty() => self.finish(done).await,
+                Some(done) = flights.next(), if !flights.is_empty() => {
+                    // Whatever else has finished meanwhile commits in the same transaction:
+                    // one fsync for all of them, while the next inferences run.
+                    let mut batch = vec![done];
+                    while let Some(Some(d)) = flights.next().now_or_never() {
+                        batch.push(d);
+                    }
+                    self.finish(batch).await;
+                }
                 s = rx.recv(), if open && flights.len() < cap => match s {
                     None => open = false,
                     Some(sample) => {
@@ -377,7 +385,9 @@ impl Serve {
         }))
     }
 
-    async fn finish(&mut self, d: Done) {
+    /// Decide what happens to one finished sample; `None` if it leaves no trace (the engine
+    /// failed: a file stays undone, to be tried again).
+    fn judge(&mut self, d: Done) -> Option<Verdict> {
         let name = &self.name;
         let pred = match d.result {
             Ok(pred) => {
@@ -403,37 +413,52 @@ impl Serve {
             Err(e) => {
                 tracing::error!(pipeline = %name, source = %d.source, error = %e, "sample not processed");
                 self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                return;
+                return None;
             }
         };
         let top = pred.as_ref().and_then(|p| p.top.first().cloned());
-        let publish = match (&pred, self.publish, &top) {
-            (None, ..) => false,
-            (_, Publish::Always, _) => true,
-            (_, Publish::OnChange, t) => t.as_ref().map(|c| &c.label) != self.last_label.as_ref(),
-            (_, Publish::Above(min), t) => t.as_ref().is_some_and(|c| c.score >= min),
-        } && self.sinks.outbox.is_some();
+        let publish = pred.is_some()
+            && self.sinks.outbox.is_some()
+            && publishes(self.publish, top.as_ref(), self.last_label.as_deref());
         if pred.is_some() {
             self.last_label = top.as_ref().map(|c| c.label.clone());
         }
         let capture = match (&pred, self.capture_below, d.input) {
+            // A NaN score is as unsure as a model gets: captured too.
             (Some(_), Some(below), Some(input))
-                // A NaN score is as unsure as a model gets: captured too.
-                if top.as_ref().is_none_or(|c| c.score < below || c.score.is_nan()) =>
+                if top
+                    .as_ref()
+                    .is_none_or(|c| c.score < below || c.score.is_nan()) =>
             {
                 Some(input)
             }
             _ => None,
         };
+        Some(Verdict {
+            pred,
+            publish,
+            capture,
+            source: d.source,
+            ts_ms: d.ts_ms,
+            taken: d.taken,
+            file: d.file,
+        })
+    }
+
+    /// Commit finished samples in one transaction (results, outbox messages, captures, done
+    /// files), then tell whoever listens.
+    async fn finish(&mut self, batch: Vec<Done>) {
+        let verdicts: Vec<Verdict> = batch.into_iter().filter_map(|d| self.judge(d)).collect();
+        if verdicts.is_empty() {
+            return;
+        }
         let signal = self
             .sinks
             .local
             .as_ref()
             .filter(|l| l.receiver_count() > 0)
             .is_some();
-        let delete_ok = pred.is_some();
-        let (pname, source, ts) = (name.clone(), d.source.clone(), d.ts_ms);
-        let record = d.file.clone();
+        let pname = self.name.clone();
         let ob = self.sinks.outbox.clone();
         let keeper = self.sinks.keeper.clone();
         let store_results = self.store_results;
@@ -442,89 +467,126 @@ impl Serve {
             .store
             .call(move |c| {
                 let tx = c.transaction()?;
-                let mut said = None;
                 let mut over = false;
-                let mut captured = false;
-                if let Some(pred) = &pred {
-                    let id = if store_results {
-                        let (id, bytes) = insert_result(&tx, &pname, &source, ts, pred)?;
-                        over |= keeper.count_added(&tx, "results", bytes)?;
-                        Some(id)
-                    } else {
-                        None
-                    };
-                    let body = json!({
-                        "id": id,
-                        "pipeline": pname,
-                        "source": source,
-                        "ts_ms": ts,
-                        "model": pred.model,
-                        "version": pred.version,
-                        "top": pred.top,
-                        "latency_us": pred.latency_us,
-                    });
-                    if let Some(input) = capture {
-                        let bytes = insert_capture(&tx, &pname, &source, ts, &input, &body)?;
-                        over |= keeper.count_added(&tx, "captures", bytes)?;
-                        captured = true;
+                let mut told = Vec::with_capacity(verdicts.len());
+                for v in verdicts {
+                    let mut said = None;
+                    let mut captured = false;
+                    if let Some(pred) = &v.pred {
+                        let id = if store_results {
+                            let (id, bytes) = insert_result(&tx, &pname, &v.source, v.ts_ms, pred)?;
+                            over |= keeper.count_added(&tx, "results", bytes)?;
+                            Some(id)
+                        } else {
+                            None
+                        };
+                        let body = json!({
+                            "id": id,
+                            "pipeline": pname,
+                            "source": v.source,
+                            "ts_ms": v.ts_ms,
+                            "model": pred.model,
+                            "version": pred.version,
+                            "top": pred.top,
+                            "latency_us": pred.latency_us,
+                        });
+                        if let Some(input) = &v.capture {
+                            let bytes =
+                                insert_capture(&tx, &pname, &v.source, v.ts_ms, input, &body)?;
+                            over |= keeper.count_added(&tx, "captures", bytes)?;
+                            captured = true;
+                        }
+                        // The result and its upstream message commit together: a result is
+                        // never stored without being on its way, nor sent without being stored.
+                        if let Some(ob) = ob.as_ref().filter(|_| v.publish) {
+                            let topic = format!("{}/results/{pname}", ob.base);
+                            ob.enqueue(
+                                &tx,
+                                &format!("results/{pname}"),
+                                Class::Result,
+                                &topic,
+                                body.clone(),
+                            )?;
+                        }
+                        if signal {
+                            said = Some(body.to_string());
+                        }
                     }
-                    // The result and its upstream message commit together: a result is never
-                    // stored without being on its way to the fleet, nor sent without being stored.
-                    if let Some(ob) = ob.as_ref().filter(|_| publish) {
-                        let topic = format!("{}/results/{pname}", ob.base);
-                        ob.enqueue(
-                            &tx,
-                            &format!("results/{pname}"),
-                            Class::Result,
-                            &topic,
-                            body.clone(),
-                        )?;
-                    }
-                    if signal {
-                        said = Some(body.to_string());
-                    }
-                }
-                if let Some(d) = &record {
-                    d.record(
-                        &tx,
-                        if delete_ok {
+                    if let Some(f) = &v.file {
+                        let outcome = if v.pred.is_some() {
                             Outcome::Result
                         } else {
                             Outcome::Refused
-                        },
-                    )?;
+                        };
+                        f.record(&tx, outcome)?;
+                    }
+                    told.push((v, said, captured));
                 }
                 tx.commit()?;
-                Ok((said, over, captured))
+                Ok((told, over))
             })
             .await;
         crate::crash_point("result:committed");
-        match stored {
-            Ok((said, over, captured)) => {
-                self.stats.e2e.record(d.taken.elapsed().as_micros() as u64);
-                if captured {
-                    self.stats.captured.fetch_add(1, Ordering::Relaxed);
-                }
-                if over {
-                    self.sinks.keeper.ring();
-                }
-                if let (Some(l), Some(json)) = (&self.sinks.local, said) {
-                    let _ = l.send(LocalEvent::Result {
-                        pipeline: name.clone(),
-                        json,
-                    });
-                }
-                if publish && let Some(ob) = &self.sinks.outbox {
-                    self.stats.published.fetch_add(1, Ordering::Relaxed);
-                    ob.wake();
-                }
-                if let Some(f) = d.file.filter(|_| delete_ok) {
-                    f.finish();
-                }
+        let (told, over) = match stored {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::error!(pipeline = %self.name, error = %e, "results not stored");
+                return;
             }
-            Err(e) => tracing::error!(pipeline = %name, error = %e, "result not stored"),
+        };
+        if over {
+            self.sinks.keeper.ring();
+        }
+        let mut woke = false;
+        for (v, said, captured) in told {
+            self.stats.e2e.record(v.taken.elapsed().as_micros() as u64);
+            if captured {
+                self.stats.captured.fetch_add(1, Ordering::Relaxed);
+            }
+            if let (Some(l), Some(json)) = (&self.sinks.local, said) {
+                let _ = l.send(LocalEvent::Result {
+                    pipeline: self.name.clone(),
+                    json,
+                });
+            }
+            if v.publish {
+                self.stats.published.fetch_add(1, Ordering::Relaxed);
+                woke = true;
+            }
+            if let Some(f) = v.file.filter(|_| v.pred.is_some()) {
+                f.finish();
+            }
+        }
+        if woke && let Some(ob) = &self.sinks.outbox {
+            ob.wake();
         }
     }
+}
+
+/// Whether a result with this top class goes upstream, after one whose top label was `last`.
+fn publishes(policy: Publish, top: Option<&crate::engine::Class>, last: Option<&str>) -> bool {
+    match policy {
+        Publish::Always => true,
+        Publish::OnChange => top.map(|c| c.label.as_str()) != last,
+        Publish::Above(min) => top.is_some_and(|c| c.score >= min),
+    }
+}
+
+/// Requests one pipeline may have in its model's queue: enough to keep the workers busy
+/// while results commit, few enough that pipelines sharing the model take turns.
+pub fn in_flight(workers: usize) -> usize {
+    2 * workers + 2
+}
+
+/// What becomes of one finished sample.
+struct Verdict {
+    pred: Option<Prediction>,
+    publish: bool,
+    capture: Option<Input>,
+    source: String,
+    ts_ms: i64,
+    taken: Instant,
+    file: Option<FileDone>,
 }
 
 /// Insert a result row; its id and the bytes it counts against the results budget.
@@ -611,6 +673,28 @@ fn insert_capture(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn publish_policies_pick_results() {
+        let c = |label: &str, score: f32| crate::engine::Class {
+            index: 0,
+            label: label.into(),
+            score,
+        };
+        assert!(publishes(Publish::Always, None, Some("a")));
+        // On change: the first result, then only a different top class.
+        assert!(publishes(Publish::OnChange, Some(&c("a", 0.9)), None));
+        assert!(!publishes(Publish::OnChange, Some(&c("a", 0.2)), Some("a")));
+        assert!(publishes(Publish::OnChange, Some(&c("b", 0.9)), Some("a")));
+        assert!(publishes(Publish::Above(0.8), Some(&c("a", 0.8)), None));
+        assert!(!publishes(Publish::Above(0.8), Some(&c("a", 0.79)), None));
+        assert!(!publishes(
+            Publish::Above(0.8),
+            Some(&c("a", f32::NAN)),
+            None
+        ));
+        assert!(!publishes(Publish::Above(0.8), None, None));
+    }
 
     #[test]
     fn windows_slide_by_their_stride() {

@@ -73,6 +73,8 @@ struct Daemon {
     /// Every configured pipeline, running or not, in config order.
     pipelines: Vec<Slot>,
     keeper: Arc<Keeper>,
+    /// What the last start or reload could not do; the status says "degraded" with these.
+    problems: Vec<String>,
     pools_tx: watch::Sender<Vec<ModelPool>>,
     cancel: CancellationToken,
     outbox: Option<Outbox>,
@@ -142,13 +144,14 @@ pub async fn run(
         registry,
         pipelines: Vec::new(),
         keeper,
+        problems: Vec::new(),
         pools_tx,
         cancel: cancel.clone(),
         outbox: outbox.clone(),
         control: control.clone(),
     };
-    let problems = daemon.apply(config.clone()).await;
-    let summary = daemon.summary(problems);
+    daemon.apply(config.clone()).await;
+    let summary = daemon.summary();
     daemon.publish_state(&summary);
 
     let updater = if config.updates.enabled() {
@@ -244,8 +247,8 @@ pub async fn run(
 
 impl Daemon {
     /// Bring running state in line with `config`: models first, then pipelines. Returns the
-    /// problems met; none of them stops the daemon.
-    async fn apply(&mut self, config: Config) -> Vec<String> {
+    /// problems met (kept for the status); none of them stops the daemon.
+    async fn apply(&mut self, config: Config) {
         let mut problems: Vec<String> = Vec::new();
         {
             let mut reg = self.registry.lock().await;
@@ -296,7 +299,7 @@ impl Daemon {
         }
         let pools: Vec<ModelPool> = self.registry.lock().await.pools().cloned().collect();
         self.pools_tx.send_replace(pools);
-        problems
+        self.problems = problems;
     }
 
     /// Start the pipeline in slot `i`; on failure its state says why, and so does the error.
@@ -380,9 +383,13 @@ impl Daemon {
             })
             .await?;
         let mut failed = None;
+        // Whatever the pipeline's last start said no longer holds.
+        let prefix = format!("pipeline `{name}` ");
+        self.problems.retain(|p| !p.starts_with(&prefix));
         if start {
             if self.pipelines[i].run.is_none() {
                 failed = self.start_pipeline(i).await.err();
+                self.problems.extend(failed.clone());
             }
         } else if let Some(run) = self.pipelines[i].run.take() {
             if let Err(hung) = stop_all(vec![(name.to_string(), run)]).await {
@@ -393,7 +400,7 @@ impl Daemon {
                 .set_state(pipeline::State::Stopped("stopped by command".into()));
         }
         tracing::info!(pipeline = %name, start, "pipeline {} by command", if start { "started" } else { "stopped" });
-        let summary = self.summary(Vec::new());
+        let summary = self.summary();
         self.publish_state(&summary);
         let state = self.pipelines[i].stats.state();
         match failed {
@@ -465,8 +472,8 @@ impl Daemon {
                 if let Err(e) = self.control.set_log_level(&new.log_level) {
                     tracing::warn!(error = %e, "log level not changed");
                 }
-                let problems = self.apply(new).await;
-                let summary = self.summary(problems);
+                self.apply(new).await;
+                let summary = self.summary();
                 self.publish_state(&summary);
                 Ok(summary)
             }
@@ -489,12 +496,12 @@ impl Daemon {
         stop_all(running).await
     }
 
-    fn summary(&self, problems: Vec<String>) -> String {
+    fn summary(&self) -> String {
         let models = self.pools_tx.borrow().len();
         let running = self.pipelines.iter().filter(|s| s.run.is_some()).count();
         let mut s = format!("ready: {models} model(s) active, {running} pipeline(s) running");
-        if !problems.is_empty() {
-            s += &format!("; degraded: {}", problems.join("; "));
+        if !self.problems.is_empty() {
+            s += &format!("; degraded: {}", self.problems.join("; "));
         }
         s
     }

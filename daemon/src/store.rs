@@ -188,10 +188,11 @@ CREATE TABLE captures (
     pipeline TEXT NOT NULL,
     source   TEXT NOT NULL,
     kind     TEXT NOT NULL,
+    bytes    INTEGER NOT NULL,
     meta     TEXT NOT NULL,
-    data     BLOB NOT NULL,
     result   TEXT NOT NULL,
-    bytes    INTEGER NOT NULL
+    -- Last: sums over `bytes` then never read the blob's overflow pages.
+    data     BLOB NOT NULL
 );
 CREATE INDEX captures_by_pipeline ON captures (pipeline, ts_ms);
 CREATE TABLE data_totals (
@@ -287,14 +288,20 @@ impl Keeper {
     }
 }
 
-/// Delete rows of `table` with `id <= last` and take them off its total.
-fn delete_through(tx: &rusqlite::Transaction<'_>, table: &str, last: i64) -> rusqlite::Result<u64> {
+/// Delete the rows of `table` that `filter` (with `?1` bound to `arg`) picks, and take them
+/// off its total.
+fn delete_where(
+    tx: &rusqlite::Transaction<'_>,
+    table: &str,
+    filter: &str,
+    arg: i64,
+) -> rusqlite::Result<u64> {
     let (rows, bytes): (i64, i64) = tx.query_row(
-        &format!("SELECT count(*), ifnull(sum(bytes), 0) FROM {table} WHERE id <= ?1"),
-        [last],
+        &format!("SELECT count(*), ifnull(sum(bytes), 0) FROM {table} WHERE {filter}"),
+        [arg],
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
-    tx.execute(&format!("DELETE FROM {table} WHERE id <= ?1"), [last])?;
+    tx.execute(&format!("DELETE FROM {table} WHERE {filter}"), [arg])?;
     tx.execute(
         "UPDATE data_totals SET rows = rows - ?2, bytes = bytes - ?3 WHERE what = ?1",
         rusqlite::params![table, rows, bytes],
@@ -333,7 +340,7 @@ fn enforce(tx: &rusqlite::Transaction<'_>, table: &str, budget: u64) -> rusqlite
             |r| r.get(0),
         )?,
     };
-    delete_through(tx, table, last)
+    delete_where(tx, table, "id <= ?1", last)
 }
 
 /// One round of retention, in one transaction.
@@ -342,15 +349,9 @@ pub fn prune(c: &mut Connection, r: &Retention) -> rusqlite::Result<Pruned> {
     let mut pruned = Pruned::default();
     if let Some(age) = r.results_max_age {
         let cutoff = now_ms() - age.as_millis() as i64;
-        // Results are inserted in time order, so the old ones are a prefix of the ids.
-        let last: Option<i64> = tx.query_row(
-            "SELECT max(id) FROM results WHERE ts_ms < ?1",
-            [cutoff],
-            |r| r.get(0),
-        )?;
-        if let Some(last) = last {
-            pruned.results += delete_through(&tx, "results", last)?;
-        }
+        // By timestamp, not id: a box whose clock was wrong at boot stored young results
+        // with old ids, and those must stay.
+        pruned.results += delete_where(&tx, "results", "ts_ms < ?1", cutoff)?;
     }
     pruned.results += enforce(&tx, "results", r.results_budget_bytes)?;
     pruned.captures += enforce(&tx, "captures", r.capture_budget_bytes)?;
@@ -495,6 +496,69 @@ pub fn now_ms() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Age goes by timestamp (a young result with an old id stays), the budget by id (oldest
+    /// first, down to 90%), and the running totals always equal the rows.
+    #[test]
+    fn retention_prunes_by_age_and_budget_and_keeps_totals_true() {
+        let d = tempfile::tempdir().unwrap();
+        let mut c = Connection::open(d.path().join("t.db")).unwrap();
+        migrate(&mut c, &d.path().join("t.db")).unwrap();
+        let keeper = Keeper::new(Retention {
+            results_max_age: Some(std::time::Duration::from_secs(3600)),
+            results_budget_bytes: 1000,
+            capture_budget_bytes: 1 << 20,
+        });
+        let now = now_ms();
+        let add = |c: &mut Connection, ts: i64| {
+            let tx = c.transaction().unwrap();
+            tx.execute(
+                "INSERT INTO results (ts_ms, pipeline, source, model, version, top, latency_us, bytes)
+                 VALUES (?1, 'p', 's', 'm', '1', '[]', 1, 100)",
+                [ts],
+            )
+            .unwrap();
+            let over = keeper.count_added(&tx, "results", 100).unwrap();
+            tx.commit().unwrap();
+            over
+        };
+        // Ids 1-3 written when the clock said now; id 4 when it was a day behind.
+        for _ in 0..3 {
+            assert!(!add(&mut c, now));
+        }
+        assert!(!add(&mut c, now - 86_400_000));
+        let p = prune(&mut c, &keeper.limits()).unwrap();
+        assert_eq!(p.results, 1);
+        let ids: Vec<i64> = c
+            .prepare("SELECT id FROM results ORDER BY id")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect();
+        assert_eq!(ids, [1, 2, 3]);
+        assert_eq!(totals(&c, "results").unwrap(), (3, 300));
+        // Over budget: the oldest go until 90% of it is left.
+        let mut over = false;
+        for _ in 0..8 {
+            over |= add(&mut c, now);
+        }
+        assert!(over, "11 rows of 100 bytes are over a 1000-byte budget");
+        let p = prune(&mut c, &keeper.limits()).unwrap();
+        assert_eq!(p.results, 2);
+        let (rows, bytes): (i64, i64) = c
+            .query_row("SELECT count(*), sum(bytes) FROM results", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        assert_eq!((rows, bytes), (9, 900));
+        assert_eq!(totals(&c, "results").unwrap(), (9, 900));
+        let first: i64 = c
+            .query_row("SELECT min(id) FROM results", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(first, 3);
+        assert_eq!(prune(&mut c, &keeper.limits()).unwrap(), Pruned::default());
+    }
 
     #[tokio::test]
     async fn migrates_once_and_refuses_newer_and_corrupt() {

@@ -119,9 +119,13 @@ impl FeedCtx {
     async fn failed(&self, why: &str, retry_in: Duration) {
         use std::sync::atomic::Ordering;
         self.stats.restarts.fetch_add(1, Ordering::Relaxed);
-        self.stats.set_state(State::Restarting(why.to_string()));
+        let new = State::Restarting(why.to_string());
+        // One event per new failure, not per retry: an unplugged camera would otherwise fill
+        // the outbox with the same news, at the expense of results.
+        let news = self.stats.state() != new;
+        self.stats.set_state(new);
         tracing::warn!(pipeline = %self.pipeline, feed = %self.feed, reason = %why, retry_in = ?retry_in, "feed failed; restarting");
-        if let Some(ob) = &self.outbox {
+        if let Some(ob) = self.outbox.as_ref().filter(|_| news) {
             let body = serde_json::json!({
                 "event": "feed.restarting",
                 "pipeline": self.pipeline,

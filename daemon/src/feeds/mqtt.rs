@@ -37,8 +37,12 @@ impl MqttFeed {
         let mut o = rumqttc::MqttOptions::new(id, &c.host, c.port);
         o.set_keep_alive(std::time::Duration::from_secs(30))
             .set_clean_session(true)
-            // Larger messages are refused by rumqttc before they are buffered.
-            .set_max_packet_size(c.max_payload_bytes + c.topic.len() + 1024, 64 * 1024);
+            // Messages over max_payload_bytes are counted and skipped here; rumqttc refuses
+            // far larger ones (twice that) before buffering them, which ends the connection.
+            .set_max_packet_size(
+                (2 * c.max_payload_bytes).max(1024 * 1024) + 64 * 1024,
+                64 * 1024,
+            );
         if let Some(t) = &c.tls {
             match crate::fleet::tls::client_config(t) {
                 Ok(cfg) => {
@@ -77,6 +81,15 @@ impl MqttFeed {
                     ctx.running();
                 }
                 Ok(Event::Incoming(Incoming::Publish(p))) => {
+                    if p.payload.len() > c.max_payload_bytes {
+                        ctx.garbage(&format!(
+                            "message on `{}`: {} bytes is over max_payload_bytes ({})",
+                            p.topic,
+                            p.payload.len(),
+                            c.max_payload_bytes
+                        ));
+                        continue;
+                    }
                     let data = match parse(&p.payload, c.format, &c.fields) {
                         Ok(d) => d,
                         Err(why) => {

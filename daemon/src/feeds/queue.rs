@@ -64,7 +64,7 @@ pub fn bounded(
 ) -> (Sender, Receiver) {
     let shared = Arc::new(Shared {
         state: Mutex::new(St {
-            items: VecDeque::with_capacity(cap),
+            items: VecDeque::new(),
             senders: 1,
             receiver: true,
             seen: 0,

@@ -143,7 +143,10 @@ model = "digits-cnn-int8"
         .unwrap()
         .map(|r| r.unwrap())
         .collect();
-    assert!(ts.windows(2).all(|w| w[0] < w[1]), "{ts:?}");
+    // Frames may wait in the pipe together when the box is busy, so two can share a
+    // millisecond; none is older than the one before it.
+    assert!(ts.windows(2).all(|w| w[0] <= w[1]), "{ts:?}");
+    assert!(ts.last() > ts.first(), "{ts:?}");
     let first = c.recv_on("tern/cam1/results/cam", T).unwrap().json();
     assert_eq!(first["model"], "digits-cnn-int8");
     assert_eq!(first["version"], "1.0.0");
@@ -155,7 +158,7 @@ model = "digits-cnn-int8"
         second["seq"].as_i64() > first["seq"].as_i64(),
         "{first} {second}"
     );
-    assert!(second["ts_ms"].as_i64() > first["ts_ms"].as_i64());
+    assert!(second["ts_ms"].as_i64() >= first["ts_ms"].as_i64());
 
     // Kill ffmpeg: the feed says why, restarts it, and results go on.
     let before = ffmpeg_children(d.pid());
