@@ -166,7 +166,7 @@ fn main() {
     for name in ["digits-cnn-int8", "digits-cnn-f32"] {
         let pkg = models.join(name);
         let raw_before = raw_tract_rate(&pkg, secs() / 2);
-        let flood = rt.block_on(pipeline_run(&pkg, (raw_before * 1.25) as u32, true, secs()));
+        let flood = rt.block_on(pipeline_run(&pkg, (raw_before * 1.25) as u32, secs()));
         let raw_after = raw_tract_rate(&pkg, secs() / 2);
         let raw = (raw_before + raw_after) / 2.0;
         let paced = rt.block_on(pipeline_run(&pkg, fps, secs()));
