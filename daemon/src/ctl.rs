@@ -67,8 +67,11 @@ enum Cmd {
         #[arg(long, short)]
         model: Option<String>,
     },
-    /// Pipelines with their counters.
-    Pipelines,
+    /// Pipelines with their state and counters; `start NAME` or `stop NAME` one.
+    Pipelines {
+        #[command(subcommand)]
+        action: Option<PipelineAction>,
+    },
     /// Stored results, oldest first; with --follow, then every new one as it is stored.
     Results {
         /// From when: ms since the epoch, or an age such as `90s`, `15m`, `2h`, `1d`.
@@ -90,6 +93,14 @@ enum Cmd {
         #[arg(long, short, default_value = "/etc/tern/ternd.toml")]
         config: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum PipelineAction {
+    /// Start a pipeline stopped by command (or one that failed to start).
+    Start { name: String },
+    /// Stop a pipeline; it stays stopped across restarts until started.
+    Stop { name: String },
 }
 
 /// A failure with its exit status.
@@ -178,9 +189,25 @@ async fn run(cli: Cli) -> Res<Exit> {
             let p = doc(reply)?;
             print(json, &p, prediction_text);
         }
-        Cmd::Pipelines => {
+        Cmd::Pipelines { action: None } => {
             let p = doc(d.list_pipelines().await)?;
             print(json, &p, pipelines_text);
+        }
+        Cmd::Pipelines {
+            action: Some(action),
+        } => {
+            let r = match &action {
+                PipelineAction::Start { name } => d.start_pipeline(name).await,
+                PipelineAction::Stop { name } => d.stop_pipeline(name).await,
+            };
+            let p = doc(r)?;
+            print(json, &p, |v| {
+                let mut s = format!("{}: {}", plain(&v["pipeline"]), plain(&v["state"]));
+                if let Some(r) = v["reason"].as_str() {
+                    s += &format!(" ({r})");
+                }
+                s + "\n"
+            });
         }
         Cmd::Results {
             since,

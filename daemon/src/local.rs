@@ -105,11 +105,19 @@ impl Daemon1 {
         self.run("models.rollback", json!({"name": model})).await
     }
 
-    /// Running pipelines with their counters, as JSON.
+    /// Every configured pipeline with its state and counters, as JSON.
     async fn list_pipelines(&self) -> Result<String, TernError> {
-        let status: Value = serde_json::from_str(&self.run("status", json!({})).await?)
-            .map_err(|e| TernError::Internal(e.to_string()))?;
-        Ok(status["pipelines"].to_string())
+        self.run("pipelines.list", json!({})).await
+    }
+
+    /// Start a configured pipeline (the choice survives restarts); its new state as JSON.
+    async fn start_pipeline(&self, name: String) -> Result<String, TernError> {
+        self.run("pipelines.start", json!({"name": name})).await
+    }
+
+    /// Stop a pipeline until it is started again (across restarts); its new state as JSON.
+    async fn stop_pipeline(&self, name: String) -> Result<String, TernError> {
+        self.run("pipelines.stop", json!({"name": name})).await
     }
 
     /// Stored results with a feed timestamp at or after `since` (ms since the epoch), oldest
@@ -318,6 +326,8 @@ pub mod client {
         fn activate(&self, model: &str, version: &str) -> zbus::Result<String>;
         fn rollback(&self, model: &str) -> zbus::Result<String>;
         fn list_pipelines(&self) -> zbus::Result<String>;
+        fn start_pipeline(&self, name: &str) -> zbus::Result<String>;
+        fn stop_pipeline(&self, name: &str) -> zbus::Result<String>;
         fn query_results(&self, since: i64, limit: u32) -> zbus::Result<String>;
         fn query_results_after(&self, since: i64, after: i64, limit: u32) -> zbus::Result<String>;
         fn install_bundle(&self, path: &str) -> zbus::Result<String>;

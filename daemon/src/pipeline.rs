@@ -3,14 +3,16 @@
 //!
 //! ```text
 //!  feed task ─► gate ─► queue (drop oldest | wait) ─► pipeline task ─► window ─► model pool
-//!                                                        │   (up to workers+1 in flight)
-//!                                                        └─► in order, one transaction each:
-//!                                                            result + outbox + capture + "file done"
+//!                                                        │   (up to 2×workers+2 in flight)
+//!                                                        └─► in order, what finished together
+//!                                                            in one transaction: results +
+//!                                                            outbox + captures + "file done"
 //! ```
 //!
-//! Fair sharing: a pipeline never has more than its model's `workers + 1` requests in the
-//! model's queue, and the queue is first come, first served, so pipelines sharing a model
-//! take turns: a camera that always has a frame ready cannot starve a sensor.
+//! Fair sharing: a pipeline never has more than [`in_flight`] requests in its model's queue,
+//! the configuration makes sure the queue has room for every pipeline's at once, and the
+//! queue is first come, first served, so pipelines sharing a model take turns: a camera that
+//! always has a frame ready cannot starve a sensor.
 //!
 //! Stopping: the feed stops on cancellation and drops its sender; the pipeline finishes the
 //! samples already queued and ends, so a SIGTERM drains instead of dropping work.

@@ -209,6 +209,25 @@ fn every_subcommand_against_a_running_ternd() {
         ctl(&bus, &["pipelines", "--json"]).json()[0]["feed"],
         "inbox"
     );
+    assert_eq!(row[3], "running", "{}", p.stdout);
+    // Stop and start by name; the table says so, with the reason.
+    let s = ctl(&bus, &["pipelines", "stop", "digits"]);
+    assert_eq!(s.code, Some(0), "{}{}", s.stdout, s.stderr);
+    assert_eq!(s.stdout, "digits: stopped (stopped by command)\n");
+    let p = ctl(&bus, &["pipelines"]);
+    assert!(
+        p.stdout
+            .lines()
+            .nth(1)
+            .unwrap()
+            .contains("stopped by command"),
+        "{}",
+        p.stdout
+    );
+    let unknown = ctl(&bus, &["pipelines", "start", "nope"]);
+    assert_eq!(unknown.code, Some(3), "{}", unknown.stderr);
+    let s = ctl(&bus, &["pipelines", "start", "digits", "--json"]).json();
+    assert_eq!(s["state"], "running", "{s}");
 
     // infer: an image, a .npy tensor, a JSON tensor; the same classes as `ternd infer` offline.
     let png = root().join("configs/demo/inbox/digit-3.png");
@@ -375,6 +394,8 @@ fn every_subcommand_against_a_running_ternd() {
     assert!(ok.stderr.contains("1.1.0: activating"), "{}", ok.stderr);
 
     // rollback and activate, and who may.
+    let stop = ctl_as(&bus.address, true, &["pipelines", "stop", "digits"]);
+    assert_eq!(stop.code, Some(77), "{}", stop.stderr);
     let denied = ctl_as(&bus.address, true, &["rollback", MODEL]);
     assert_eq!(denied.code, Some(77), "{}", denied.stderr);
     let readable = ctl_as(&bus.address, true, &["models"]);
