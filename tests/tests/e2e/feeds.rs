@@ -656,3 +656,94 @@ min_score = 2.0
     d.signal("TERM").unwrap();
     assert!(d.wait(T).unwrap().success());
 }
+
+/// The camera demo exactly as shipped, laid out like the repository: one command, results.
+#[test]
+fn the_camera_demo_runs_as_shipped() {
+    if !need("ffmpeg") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let configs = dir.path().join("configs");
+    std::fs::create_dir_all(&configs).unwrap();
+    copy_dir(
+        &package("digits-cnn-int8"),
+        &dir.path().join("firmware-updates/models/digits-cnn-int8"),
+    )
+    .unwrap();
+    let config = configs.join("camera-demo.toml");
+    std::fs::copy(root().join("configs/camera-demo.toml"), &config).unwrap();
+    let (st, out, err) = ternd(&["check-config", "--config", config.to_str().unwrap()]).unwrap();
+    assert!(st.success(), "{out}{err}");
+    let state = dir.path().join("var/camera-demo");
+    let mut d = Daemon::spawn(&config, None, &[]).unwrap();
+    wait_rows(&state, "camera", 3);
+    d.signal("TERM").unwrap();
+    assert!(d.wait(T).unwrap().success());
+    let models: i64 = count(&state, "SELECT count(DISTINCT model) FROM results").unwrap();
+    assert_eq!(models, 1);
+}
+
+/// A source that sends nothing is a stall: ffmpeg is restarted, and the state and an event
+/// say so.
+#[test]
+fn a_camera_that_sends_nothing_is_restarted_as_stalled() {
+    let Some(broker) = mosquitto() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    // ffmpeg blocks opening a FIFO nobody writes to: no frame ever comes.
+    let fifo = dir.path().join("never");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let body = format!(
+        r#"{models}
+[[feeds]]
+kind = "camera"
+name = "dead"
+format = "rawvideo"
+input = "{fifo}"
+input_args = ["-pixel_format", "rgb24", "-video_size", "32x32"]
+stall_secs = 1
+
+[[pipelines]]
+name = "dead"
+feed = "dead"
+model = "digits-cnn-int8"
+"#,
+        models = digits(),
+        fifo = fifo.display()
+    );
+    let config = feed_box(dir.path(), "cam4", &broker, &body);
+    let mut c = client(&broker, false, "stall-test", &["tern/cam4/#"]);
+    let mut d = Daemon::spawn(&config, None, &[]).unwrap();
+    wait_online(&mut c, "cam4");
+    let ev = c
+        .recv_match("feed.restarting", T, |m| {
+            m.topic == "tern/cam4/events" && m.json()["event"] == "feed.restarting"
+        })
+        .unwrap()
+        .json();
+    assert!(
+        ev["reason"]
+            .as_str()
+            .unwrap()
+            .contains("the source stalled"),
+        "{ev}"
+    );
+    let p = wait_for("a second stall", T, || {
+        let p = pipeline(&mut c, "cam4", "dead");
+        (p["restarts"].as_u64()? >= 2).then_some(p)
+    })
+    .unwrap();
+    assert_eq!(p["state"], "restarting", "{p}");
+    assert_eq!(p["results"], 0, "{p}");
+    // One event for the failure, not one per retry.
+    let again = c
+        .drain()
+        .into_iter()
+        .filter(|m| m.topic == "tern/cam4/events" && m.json()["event"] == "feed.restarting")
+        .count();
+    assert_eq!(again, 0);
+    // Each stalled ffmpeg was killed before the next one started.
+    assert!(ffmpeg_children(d.pid()).len() <= 1);
+    d.signal("TERM").unwrap();
+    assert!(d.wait(T).unwrap().success());
+}
