@@ -1,7 +1,8 @@
 //! `cargo bench -p ternd --bench camera` (needs ffmpeg)
 //!
 //! A camera pipeline end to end, in-process: an ffmpeg lavfi test source → raw frames →
-//! drop-oldest queue → model pool → one SQLite transaction per result (`synchronous=FULL`).
+//! drop-oldest queue → model pool → one SQLite transaction (`synchronous=FULL`) per batch of
+//! results that finished together.
 //! In one run, for the digits CNN (int8 and float):
 //!
 //! - **throughput**: a source paced at 1.25× raw tract's rate, so the pipeline runs flat out
@@ -119,7 +120,7 @@ async fn pipeline_run(pkg: &Path, fps: u32, for_: Duration) -> Run {
     };
     let stats = Arc::new(PipelineStats::default());
     let cancel = tokio_util::sync::CancellationToken::new();
-    let run = pipeline::spawn(&cfg, &feed, pool, sinks, stats.clone(), cancel.clone())
+    let run = pipeline::spawn(&cfg, &feed, pool, sinks, stats.clone(), 1, cancel.clone())
         .expect("pipeline starts");
     // Measure from the first result on: ffmpeg's start is not the pipeline's speed.
     while stats.results.load(Ordering::Relaxed) < 5 {

@@ -1343,28 +1343,6 @@ fn validate(raw: RawConfig, base: &Path, sources: &[Source]) -> Result<Config, C
         });
     }
 
-    // Fair turns need room in each model's queue for every pipeline's requests at once: a
-    // pipeline that found the queue full would retry, and could lose each race to a camera.
-    let mut by_model: Vec<&str> = pipelines.iter().map(|p| p.model.as_str()).collect();
-    by_model.sort();
-    by_model.dedup();
-    for m in by_model {
-        let users = pipelines.iter().filter(|p| p.model == m).count();
-        let (key, pool) = match models.iter().position(|c| c.name == m) {
-            Some(i) => (format!("models[{i}].queue"), models[i].pool),
-            None => ("engine.queue".to_string(), engine_pool),
-        };
-        let needed = users * crate::pipeline::in_flight(pool.workers.get());
-        if pool.queue.get() < needed {
-            report(
-                key,
-                format!(
-                    "model `{m}` serves {users} pipeline(s), which may queue {needed} requests at once; make its queue at least {needed}"
-                ),
-            );
-        }
-    }
-
     for (i, f) in feeds.iter().enumerate() {
         let users = pipelines.iter().filter(|p| p.feed == f.name()).count();
         if let FeedConfig::Serial(s) = f
@@ -1889,12 +1867,6 @@ mod tests {
         assert_eq!((sp.window.get(), sp.stride.get()), (2, 1));
         assert_eq!(sp.publish, Publish::Above(0.9));
         assert_eq!(c.store.results_budget_bytes, 256 * 1024 * 1024);
-        // Two pipelines on one model may queue 2 x 4 requests: a queue of 4 is too small.
-        let small = ok.clone() + "[engine]\nqueue = 4\n";
-        let ps = problems(load(&write(d.path(), "small.toml", &small)));
-        assert_eq!(ps.len(), 1, "{ps:#?}");
-        assert_eq!(ps[0].key, "models[0].queue");
-        assert!(ps[0].message.contains("at least 8"), "{}", ps[0]);
 
         let bad = base
             .replace("fields = [\"a\", \"b\"]", "fields = []")

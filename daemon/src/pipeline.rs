@@ -3,16 +3,17 @@
 //!
 //! ```text
 //!  feed task ─► gate ─► queue (drop oldest | wait) ─► pipeline task ─► window ─► model pool
-//!                                                        │   (up to 2×workers+2 in flight)
+//!                                                        │   (up to 2×workers+2 in flight;
+//!                                                        │    1 for directories)
 //!                                                        └─► in order, what finished together
 //!                                                            in one transaction: results +
 //!                                                            outbox + captures + "file done"
 //! ```
 //!
 //! Fair sharing: a pipeline never has more than [`in_flight`] requests in its model's queue,
-//! the configuration makes sure the queue has room for every pipeline's at once, and the
-//! queue is first come, first served, so pipelines sharing a model take turns: a camera that
-//! always has a frame ready cannot starve a sensor.
+//! which leaves room in the queue for every pipeline's at once, and the queue is first come,
+//! first served, so pipelines sharing a model take turns: a camera that always has a frame
+//! ready cannot starve a sensor.
 //!
 //! Stopping: the feed stops on cancellation and drops its sender; the pipeline finishes the
 //! samples already queued and ends, so a SIGTERM drains instead of dropping work.
@@ -145,9 +146,18 @@ pub fn spawn(
     pool: ModelPool,
     sinks: Sinks,
     stats: Arc<PipelineStats>,
+    share: usize,
     cancel: CancellationToken,
 ) -> Result<Running, String> {
     let manifest = pool.active().manifest.clone();
+    let pc = pool.config();
+    let cap = if matches!(feed, FeedConfig::Directory { .. }) {
+        // A file's attempt is counted when it is handed to the engine; one at a time, so a
+        // file that crashes the engine never costs the files behind it an attempt.
+        1
+    } else {
+        in_flight(pc.workers.get(), pc.queue.get(), share)
+    };
     let fields = feed.fields().len();
     let shaper = if fields > 0 {
         let shape = manifest.sample_shape();
@@ -229,6 +239,7 @@ pub fn spawn(
     };
     let serve = Serve {
         name: cfg.name.clone(),
+        cap,
         publish: cfg.publish,
         store_results: cfg.store,
         capture_below: cfg.capture_below,
@@ -298,6 +309,8 @@ type Flight = Pin<Box<dyn Future<Output = Done> + Send>>;
 
 struct Serve {
     name: String,
+    /// Requests this pipeline may have in the model's queue at once.
+    cap: usize,
     publish: Publish,
     store_results: bool,
     capture_below: Option<f32>,
@@ -311,7 +324,7 @@ struct Serve {
 
 impl Serve {
     async fn run(mut self, mut rx: queue::Receiver) {
-        let cap = in_flight(self.pool.config().workers.get());
+        let cap = self.cap;
         let mut flights: FuturesOrdered<Flight> = FuturesOrdered::new();
         let mut open = true;
         loop {
@@ -574,10 +587,12 @@ fn publishes(policy: Publish, top: Option<&crate::engine::Class>, last: Option<&
     }
 }
 
-/// Requests one pipeline may have in its model's queue: enough to keep the workers busy
-/// while results commit, few enough that pipelines sharing the model take turns.
-pub fn in_flight(workers: usize) -> usize {
-    2 * workers + 2
+/// Requests one of `share` pipelines on a model may have in its queue (of `queue`) at once:
+/// enough to keep the workers busy while results commit (`2 × workers + 2`), and no more than
+/// its share of the queue, so that every pipeline's requests fit at once and none has to
+/// retry against a full queue (where a camera could win every race).
+pub fn in_flight(workers: usize, queue: usize, share: usize) -> usize {
+    (2 * workers + 2).min(queue / share.max(1)).max(1)
 }
 
 /// What becomes of one finished sample.
@@ -675,6 +690,19 @@ fn insert_capture(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pipelines_sharing_a_model_fit_its_queue_together() {
+        assert_eq!(in_flight(1, 16, 1), 4);
+        assert_eq!(in_flight(1, 16, 5), 3);
+        assert_eq!(in_flight(8, 16, 1), 16);
+        assert_eq!(in_flight(2, 16, 3), 5);
+        // More pipelines than room: one each, the least that still runs.
+        assert_eq!(in_flight(1, 2, 5), 1);
+        for (w, q, s) in [(1, 16, 4), (2, 16, 3), (4, 64, 7), (1, 8, 8)] {
+            assert!(in_flight(w, q, s) * s <= q, "{w} {q} {s}");
+        }
+    }
 
     #[test]
     fn publish_policies_pick_results() {

@@ -309,6 +309,11 @@ impl Daemon {
             .lock()
             .await
             .pool(&self.pipelines[i].config.model);
+        let share = self
+            .pipelines
+            .iter()
+            .filter(|s| s.config.model == self.pipelines[i].config.model)
+            .count();
         let slot = &mut self.pipelines[i];
         let p = &slot.config;
         let feed = self
@@ -330,6 +335,7 @@ impl Daemon {
                     keeper: self.keeper.clone(),
                 },
                 slot.stats.clone(),
+                share,
                 self.cancel.child_token(),
             ),
         };

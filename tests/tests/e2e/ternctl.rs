@@ -227,7 +227,13 @@ fn every_subcommand_against_a_running_ternd() {
     let unknown = ctl(&bus, &["pipelines", "start", "nope"]);
     assert_eq!(unknown.code, Some(3), "{}", unknown.stderr);
     let s = ctl(&bus, &["pipelines", "start", "digits", "--json"]).json();
-    assert_eq!(s["state"], "running", "{s}");
+    // `starting` until its feed task has run once.
+    assert!(s["state"] == "running" || s["state"] == "starting", "{s}");
+    wait_for("the pipeline running again", T, || {
+        let p = ctl(&bus, &["pipelines", "--json"]).json();
+        (p[0]["state"] == "running").then_some(())
+    })
+    .unwrap();
 
     // infer: an image, a .npy tensor, a JSON tensor; the same classes as `ternd infer` offline.
     let png = root().join("configs/demo/inbox/digit-3.png");
