@@ -271,6 +271,13 @@ struct Shaper {
 }
 
 impl Shaper {
+    /// Forget the readings so far: the next window is made of readings after this.
+    fn reset(&mut self) {
+        self.readings.clear();
+        self.fresh = 0;
+        self.emitted = false;
+    }
+
     fn push(&mut self, values: Vec<f32>) -> Option<Input> {
         self.readings.push_back(values);
         if self.readings.len() > self.window {
@@ -364,6 +371,12 @@ impl Serve {
         let input = match data {
             Data::Input(i) => i,
             Data::Reading(v) => Ok(self.shaper.as_mut()?.push(v)?),
+            Data::Restart => {
+                if let Some(s) = self.shaper.as_mut() {
+                    s.reset();
+                }
+                return None;
+            }
         };
         let mut done = Done {
             source,
@@ -750,5 +763,10 @@ mod tests {
         }
         // The first window once three readings are in, then one every two new readings.
         assert_eq!(out, [vec![0, 1, 2], vec![2, 3, 4], vec![4, 5, 6]]);
+        // After a reopened port, a window is made of new readings only.
+        s.reset();
+        assert!(s.push(vec![10.0, 0.0]).is_none());
+        assert!(s.push(vec![11.0, 0.0]).is_none());
+        assert!(s.push(vec![12.0, 0.0]).is_some());
     }
 }

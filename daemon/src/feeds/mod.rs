@@ -48,6 +48,9 @@ pub enum Data {
     Input(Result<Input, crate::engine::EngineError>),
     /// One reading: the values of the feed's fields, in their configured order.
     Reading(Vec<f32>),
+    /// The source was (re)opened: readings before this do not continue into those after,
+    /// so a window starts over.
+    Restart,
 }
 
 impl Sample {

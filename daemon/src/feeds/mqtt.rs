@@ -79,6 +79,14 @@ impl MqttFeed {
                     }
                     tracing::info!(pipeline = %ctx.pipeline, topic = %c.topic, %broker, "subscribed");
                     ctx.running();
+                    // Readings missed while unsubscribed: a window starts over.
+                    if tx
+                        .send(Sample::new(c.topic.clone(), Data::Restart))
+                        .await
+                        .is_err()
+                    {
+                        return Ended::Stop;
+                    }
                 }
                 Ok(Event::Incoming(Incoming::Publish(p))) => {
                     if p.payload.len() > c.max_payload_bytes {

@@ -118,6 +118,10 @@ impl Sender {
     /// Offer a sample: it passes the gate or is skipped, then queues by the policy.
     pub async fn send(&self, sample: Sample) -> Result<(), Closed> {
         let s = &self.shared;
+        if matches!(sample.data, super::Data::Restart) {
+            // Not a sample: it neither counts for the gate nor may be thinned out.
+            return self.queue(sample).await;
+        }
         {
             let mut st = s.lock();
             if !st.receiver {
@@ -138,6 +142,12 @@ impl Sender {
             }
             st.last = Some(now);
         }
+        self.queue(sample).await
+    }
+
+    /// Put a sample in the queue by the policy.
+    async fn queue(&self, sample: Sample) -> Result<(), Closed> {
+        let s = &self.shared;
         let mut sample = Some(sample);
         loop {
             // Registered before the check, so a wake-up between the two is not lost.

@@ -53,6 +53,13 @@ impl SerialFeed {
             Err(e) => return Ended::Failed(format!("cannot open {path}: {e}")),
         };
         ctx.running();
+        if tx
+            .send(Sample::new(c.name.clone(), Data::Restart))
+            .await
+            .is_err()
+        {
+            return Ended::Stop;
+        }
         let mut lines = Lines::new(c.max_line_bytes);
         let mut buf = [0u8; 4096];
         loop {
