@@ -926,7 +926,61 @@ async fn box_checks(c: &config::Config) -> Vec<(&'static str, Level, String)> {
             format!("{}: free space unknown", c.state_dir.display()),
         )),
     }
+    // What the feeds need from the box; a directory was checked with the configuration.
+    for f in &c.feeds {
+        match f {
+            config::FeedConfig::Camera(cam) => v.push(match find_program(&cam.ffmpeg) {
+                Some(p) => (
+                    "feed",
+                    Level::Ok,
+                    format!("camera `{}`: {}", cam.name, p.display()),
+                ),
+                None => (
+                    "feed",
+                    Level::Error,
+                    format!(
+                        "camera `{}`: {} not found{}; install ffmpeg or set `ffmpeg`",
+                        cam.name,
+                        cam.ffmpeg.display(),
+                        if cam.ffmpeg.components().count() > 1 {
+                            ""
+                        } else {
+                            " on PATH"
+                        }
+                    ),
+                ),
+            }),
+            config::FeedConfig::Serial(s) => v.push(if s.path.exists() {
+                (
+                    "feed",
+                    Level::Ok,
+                    format!("serial `{}`: {} is there", s.name, s.path.display()),
+                )
+            } else {
+                (
+                    "feed",
+                    Level::Warning,
+                    format!(
+                        "serial `{}`: {} is missing (unplugged? ternd opens it when it appears)",
+                        s.name,
+                        s.path.display()
+                    ),
+                )
+            }),
+            config::FeedConfig::Directory { .. } | config::FeedConfig::Mqtt(_) => {}
+        }
+    }
     v
+}
+
+/// Where a program is: a path as given, a bare name on PATH.
+fn find_program(p: &Path) -> Option<PathBuf> {
+    if p.components().count() > 1 {
+        return p.is_file().then(|| p.to_path_buf());
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(p))
+        .find(|c| c.is_file())
 }
 
 enum StoreCheck {

@@ -461,6 +461,32 @@ fn every_subcommand_against_a_running_ternd() {
         "{}",
         c.stdout
     );
+    // A camera whose ffmpeg is not there fails; a serial port that is not plugged in warns.
+    let feeds = d.path().join("feeds.toml");
+    std::fs::write(
+        &feeds,
+        format!(
+            "{text}[[feeds]]\nkind = \"camera\"\nname = \"door\"\ninput = \"x\"\n\
+             ffmpeg = \"/nonexistent/ffmpeg\"\n\
+             [[feeds]]\nkind = \"serial\"\nname = \"probe\"\npath = \"/dev/ttyNOPE9\"\nfields = [\"t\"]\n"
+        ),
+    )
+    .unwrap();
+    let c = ctl(&bus, &["check", "--config", feeds.to_str().unwrap()]);
+    assert_eq!(c.code, Some(1), "{}", c.stdout);
+    assert!(
+        c.stdout.lines().any(|l| l.starts_with("✘ feed")
+            && l.contains("camera `door`: /nonexistent/ffmpeg not found")),
+        "{}",
+        c.stdout
+    );
+    assert!(
+        c.stdout
+            .lines()
+            .any(|l| l.starts_with("‼ feed") && l.contains("/dev/ttyNOPE9 is missing")),
+        "{}",
+        c.stdout
+    );
     let typo = d.path().join("typo.toml");
     std::fs::write(
         &typo,
