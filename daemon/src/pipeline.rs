@@ -11,7 +11,8 @@
 //! ```
 //!
 //! Fair sharing: a pipeline never has more than [`in_flight`] requests in its model's queue,
-//! which leaves room in the queue for every pipeline's at once, and the queue is first come,
+//! which leaves room in the queue for every pipeline's at once (as long as the queue is at
+//! least as long as the model has pipelines), and the queue is first come,
 //! first served, so pipelines sharing a model take turns: a camera that always has a frame
 //! ready cannot starve a sensor.
 //!

@@ -61,6 +61,15 @@ impl MqttFeed {
         loop {
             match events.poll().await {
                 Ok(Event::Incoming(Incoming::ConnAck(_))) => {
+                    // Readings missed while disconnected: a window starts over. Before the
+                    // subscription, since a broker may send retained messages ahead of SUBACK.
+                    if tx
+                        .send(Sample::new(c.topic.clone(), Data::Restart))
+                        .await
+                        .is_err()
+                    {
+                        return Ended::Stop;
+                    }
                     // Clean sessions: the broker forgot the subscription with the last one.
                     if let Err(e) = client.try_subscribe(&c.topic, QoS::AtLeastOnce) {
                         return Ended::Failed(format!("subscribing to `{}`: {e}", c.topic));
@@ -79,14 +88,6 @@ impl MqttFeed {
                     }
                     tracing::info!(pipeline = %ctx.pipeline, topic = %c.topic, %broker, "subscribed");
                     ctx.running();
-                    // Readings missed while unsubscribed: a window starts over.
-                    if tx
-                        .send(Sample::new(c.topic.clone(), Data::Restart))
-                        .await
-                        .is_err()
-                    {
-                        return Ended::Stop;
-                    }
                 }
                 Ok(Event::Incoming(Incoming::Publish(p))) => {
                     if p.payload.len() > c.max_payload_bytes {

@@ -159,8 +159,17 @@ impl Sender {
                 }
                 let full = st.items.len() >= s.cap;
                 if full && s.policy == OnFull::DropOldest {
-                    st.items.pop_front();
-                    s.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                    // The oldest sample, never a restart marker: a window must still start over.
+                    let i = st
+                        .items
+                        .iter()
+                        .position(|x| !matches!(x.data, super::Data::Restart));
+                    if let Some(i) = i {
+                        st.items.remove(i);
+                        s.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        st.items.pop_front();
+                    }
                 }
                 if !full || s.policy == OnFull::DropOldest {
                     st.items.push_back(sample.take().expect("sent once"));
@@ -239,6 +248,25 @@ mod tests {
         }
         assert_eq!(got, ["7", "8", "9"]);
         assert_eq!(stats.dropped.load(Ordering::Relaxed), 7);
+    }
+
+    #[tokio::test]
+    async fn drop_oldest_never_drops_a_restart_marker() {
+        let stats = Arc::new(PipelineStats::default());
+        let (tx, mut rx) = bounded(2, OnFull::DropOldest, gate(), stats.clone());
+        tx.send(Sample::new("r".into(), Data::Restart))
+            .await
+            .unwrap();
+        for i in 0..5 {
+            tx.send(sample(i)).await.unwrap();
+        }
+        drop(tx);
+        let mut got = Vec::new();
+        while let Some(s) = rx.recv().await {
+            got.push(s.source);
+        }
+        assert_eq!(got, ["r", "4"]);
+        assert_eq!(stats.dropped.load(Ordering::Relaxed), 4);
     }
 
     #[tokio::test]
