@@ -41,7 +41,7 @@ use crate::feeds::directory::{DirectoryFeed, FileDone, Outcome};
 use crate::feeds::mqtt::MqttFeed;
 use crate::feeds::queue::{self, Gate};
 use crate::feeds::serial::SerialFeed;
-use crate::feeds::{Data, FeedCtx, Sample};
+use crate::feeds::{self, Data, FeedCtx, Sample};
 use crate::outbox::{Class, Outbox};
 use crate::store::{Keeper, Store};
 
@@ -210,22 +210,7 @@ pub fn spawn(
                 max_file_bytes: *max_file_bytes,
                 on_done: *on_done,
             };
-            tokio::spawn(async move {
-                // A failed watch (directory removed, watch limit reached) is retried with
-                // back-off; only cancellation or a closed pipeline ends it.
-                let store = ctx.store.clone();
-                ctx.supervise(|| {
-                    let (dir, store, tx, ctx) = (dir.clone(), store.clone(), &tx, ctx.clone());
-                    async move {
-                        ctx.running();
-                        match dir.run(store, tx.clone(), ctx.cancel.clone()).await {
-                            Ok(()) => crate::feeds::Ended::Stop,
-                            Err(e) => crate::feeds::Ended::Failed(e.to_string()),
-                        }
-                    }
-                })
-                .await
-            })
+            tokio::spawn(feeds::run(dir, ctx, tx))
         }
         FeedConfig::Camera(c) => {
             let spec = FrameSpec::for_model(&manifest)?;
@@ -233,10 +218,10 @@ pub fn spawn(
                 cfg: c.clone(),
                 spec,
             };
-            tokio::spawn(cam.run(ctx, tx))
+            tokio::spawn(feeds::run(cam, ctx, tx))
         }
-        FeedConfig::Serial(s) => tokio::spawn(SerialFeed { cfg: s.clone() }.run(ctx, tx)),
-        FeedConfig::Mqtt(m) => tokio::spawn(MqttFeed { cfg: m.clone() }.run(ctx, tx)),
+        FeedConfig::Serial(s) => tokio::spawn(feeds::run(SerialFeed { cfg: s.clone() }, ctx, tx)),
+        FeedConfig::Mqtt(m) => tokio::spawn(feeds::run(MqttFeed { cfg: m.clone() }, ctx, tx)),
     };
     let serve = Serve {
         name: cfg.name.clone(),

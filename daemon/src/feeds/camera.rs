@@ -98,16 +98,7 @@ pub struct CameraFeed {
     pub spec: FrameSpec,
 }
 
-impl CameraFeed {
-    pub async fn run(self, ctx: FeedCtx, tx: Sender) {
-        let this = Arc::new(self);
-        ctx.supervise(|| {
-            let (this, ctx, tx) = (this.clone(), ctx.clone(), &tx);
-            async move { this.once(&ctx, tx).await }
-        })
-        .await;
-    }
-
+impl super::Source for CameraFeed {
     /// One ffmpeg process, from spawn to its end.
     async fn once(&self, ctx: &FeedCtx, tx: &Sender) -> Ended {
         let args = ffmpeg_args(&self.cfg, self.spec);

@@ -134,6 +134,22 @@ const MAX_ATTEMPTS: i64 = 3;
 /// not be read before.
 const RESCAN_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// A failed watch (directory removed, watch limit reached) is retried with back-off; only
+/// cancellation or a closed pipeline ends the feed.
+impl super::Source for DirectoryFeed {
+    async fn once(&self, ctx: &super::FeedCtx, tx: &Sender) -> super::Ended {
+        ctx.running();
+        match self
+            .clone()
+            .run(ctx.store.clone(), tx.clone(), ctx.cancel.clone())
+            .await
+        {
+            Ok(()) => super::Ended::Stop,
+            Err(e) => super::Ended::Failed(e.to_string()),
+        }
+    }
+}
+
 impl DirectoryFeed {
     /// Watch the directory until `cancel`, sending samples to `tx` (waiting when it is full:
     /// files can wait, nothing is dropped). Ends when cancelled or when the receiver is gone.

@@ -18,6 +18,7 @@ pub mod mqtt;
 pub mod queue;
 pub mod serial;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -89,13 +90,24 @@ pub enum Ended {
     Failed(String),
 }
 
+/// What a feed reads: one run of its source, from opening it to its end (a failure, or a
+/// stop); [`run`] starts it again after each failure.
+pub trait Source: Send + Sync + 'static {
+    fn once(&self, ctx: &FeedCtx, tx: &queue::Sender) -> impl Future<Output = Ended> + Send;
+}
+
+/// Run a feed's source under `ctx`'s supervision until the pipeline stops.
+pub async fn run<S: Source>(source: S, ctx: FeedCtx, tx: queue::Sender) {
+    ctx.supervise(|| source.once(&ctx, &tx)).await
+}
+
 impl FeedCtx {
     /// Run `once` until it stops, restarting it with back-off after each failure: the
     /// pipeline says `restarting` with the reason, the log and an event say it too.
     pub async fn supervise<F, Fut>(&self, mut once: F)
     where
         F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Ended>,
+        Fut: Future<Output = Ended>,
     {
         let mut delay = RETRY_MIN;
         loop {

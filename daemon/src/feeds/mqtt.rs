@@ -18,16 +18,7 @@ pub struct MqttFeed {
     pub cfg: MqttFeedConfig,
 }
 
-impl MqttFeed {
-    pub async fn run(self, ctx: FeedCtx, tx: Sender) {
-        let this = std::sync::Arc::new(self);
-        ctx.supervise(|| {
-            let (this, ctx, tx) = (this.clone(), ctx.clone(), &tx);
-            async move { this.once(&ctx, tx).await }
-        })
-        .await;
-    }
-
+impl super::Source for MqttFeed {
     /// One connection, from connect to its loss.
     async fn once(&self, ctx: &FeedCtx, tx: &Sender) -> Ended {
         let c = &self.cfg;

@@ -17,16 +17,7 @@ pub struct SerialFeed {
     pub cfg: SerialConfig,
 }
 
-impl SerialFeed {
-    pub async fn run(self, ctx: FeedCtx, tx: Sender) {
-        let this = std::sync::Arc::new(self);
-        ctx.supervise(|| {
-            let (this, ctx, tx) = (this.clone(), ctx.clone(), &tx);
-            async move { this.once(&ctx, tx).await }
-        })
-        .await;
-    }
-
+impl super::Source for SerialFeed {
     async fn once(&self, ctx: &FeedCtx, tx: &Sender) -> Ended {
         let c = &self.cfg;
         let path = c.path.to_string_lossy().to_string();
