@@ -450,32 +450,6 @@ struct Inner {
     local: tokio::sync::broadcast::Sender<LocalEvent>,
 }
 
-/// Delete captured samples (of one pipeline, taken before a time); how many went.
-pub fn clear_captures(
-    c: &mut rusqlite::Connection,
-    pipeline: Option<&str>,
-    before_ms: Option<i64>,
-) -> rusqlite::Result<i64> {
-    let tx = c.transaction()?;
-    let filter = "(?1 IS NULL OR pipeline = ?1) AND ts_ms < ?2";
-    let before = before_ms.unwrap_or(i64::MAX);
-    let (rows, bytes): (i64, i64) = tx.query_row(
-        &format!("SELECT count(*), ifnull(sum(bytes), 0) FROM captures WHERE {filter}"),
-        rusqlite::params![pipeline, before],
-        |r| Ok((r.get(0)?, r.get(1)?)),
-    )?;
-    tx.execute(
-        &format!("DELETE FROM captures WHERE {filter}"),
-        rusqlite::params![pipeline, before],
-    )?;
-    tx.execute(
-        "UPDATE data_totals SET rows = rows - ?1, bytes = bytes - ?2 WHERE what = 'captures'",
-        [rows, bytes],
-    )?;
-    tx.commit()?;
-    Ok(rows)
-}
-
 impl Control {
     pub fn new(
         registry: Arc<Mutex<Registry>>,
@@ -683,7 +657,13 @@ impl Control {
                 let deleted = self
                     .inner
                     .store
-                    .call(move |c| Ok(clear_captures(c, pipeline.as_deref(), before_ms)?))
+                    .call(move |c| {
+                        Ok(crate::store::clear_captures(
+                            c,
+                            pipeline.as_deref(),
+                            before_ms,
+                        )?)
+                    })
                     .await?;
                 Ok(json!({"deleted": deleted}))
             }

@@ -288,20 +288,20 @@ impl Keeper {
     }
 }
 
-/// Delete the rows of `table` that `filter` (with `?1` bound to `arg`) picks, and take them
-/// off its total.
+/// Delete the rows of `table` that `filter` (with `args` bound) picks, and take them off its
+/// total: every deletion from `results` and `captures` goes through here.
 fn delete_where(
     tx: &rusqlite::Transaction<'_>,
     table: &str,
     filter: &str,
-    arg: i64,
+    args: &[&dyn rusqlite::ToSql],
 ) -> rusqlite::Result<u64> {
     let (rows, bytes): (i64, i64) = tx.query_row(
         &format!("SELECT count(*), ifnull(sum(bytes), 0) FROM {table} WHERE {filter}"),
-        [arg],
+        args,
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
-    tx.execute(&format!("DELETE FROM {table} WHERE {filter}"), [arg])?;
+    tx.execute(&format!("DELETE FROM {table} WHERE {filter}"), args)?;
     tx.execute(
         "UPDATE data_totals SET rows = rows - ?2, bytes = bytes - ?3 WHERE what = ?1",
         rusqlite::params![table, rows, bytes],
@@ -340,7 +340,7 @@ fn enforce(tx: &rusqlite::Transaction<'_>, table: &str, budget: u64) -> rusqlite
             |r| r.get(0),
         )?,
     };
-    delete_where(tx, table, "id <= ?1", last)
+    delete_where(tx, table, "id <= ?1", &[&last])
 }
 
 /// One round of retention, in one transaction.
@@ -351,12 +351,31 @@ pub fn prune(c: &mut Connection, r: &Retention) -> rusqlite::Result<Pruned> {
         let cutoff = now_ms() - age.as_millis() as i64;
         // By timestamp, not id: a box whose clock was wrong at boot stored young results
         // with old ids, and those must stay.
-        pruned.results += delete_where(&tx, "results", "ts_ms < ?1", cutoff)?;
+        pruned.results += delete_where(&tx, "results", "ts_ms < ?1", &[&cutoff])?;
     }
     pruned.results += enforce(&tx, "results", r.results_budget_bytes)?;
     pruned.captures += enforce(&tx, "captures", r.capture_budget_bytes)?;
     tx.commit()?;
     Ok(pruned)
+}
+
+/// `capture.clear`: delete captured samples (of one pipeline, taken before a time); how many
+/// went.
+pub fn clear_captures(
+    c: &mut Connection,
+    pipeline: Option<&str>,
+    before_ms: Option<i64>,
+) -> rusqlite::Result<u64> {
+    let tx = c.transaction()?;
+    let before = before_ms.unwrap_or(i64::MAX);
+    let n = delete_where(
+        &tx,
+        "captures",
+        "(?1 IS NULL OR pipeline = ?1) AND ts_ms < ?2",
+        &[&pipeline, &before],
+    )?;
+    tx.commit()?;
+    Ok(n)
 }
 
 /// Bytes and rows now counted for `what`.
