@@ -259,6 +259,16 @@ pub fn db(state_dir: &Path) -> Result<rusqlite::Connection> {
     Ok(c)
 }
 
+/// Every value of the one column a query returns, in its order.
+pub fn column<T: rusqlite::types::FromSql>(state_dir: &Path, sql: &str) -> Vec<T> {
+    let c = db(state_dir).expect("the database");
+    let mut s = c.prepare(sql).expect("the query");
+    s.query_map([], |r| r.get(0))
+        .expect("the query runs")
+        .map(|r| r.expect("a row"))
+        .collect()
+}
+
 /// Count rows of a query returning one integer; `None` if the database is not there yet.
 pub fn count(state_dir: &Path, sql: &str) -> Option<i64> {
     db(state_dir).ok()?.query_row(sql, [], |r| r.get(0)).ok()

@@ -227,6 +227,15 @@ mod tests {
         Sample::new(i.to_string(), Data::Reading(vec![i as f32]))
     }
 
+    /// What is left in the queue, by source, once every sender is gone.
+    async fn sources(rx: &mut Receiver) -> Vec<String> {
+        let mut got = Vec::new();
+        while let Some(s) = rx.recv().await {
+            got.push(s.source);
+        }
+        got
+    }
+
     fn gate() -> Gate {
         Gate {
             every_nth: 1,
@@ -242,10 +251,7 @@ mod tests {
             tx.send(sample(i)).await.unwrap();
         }
         drop(tx);
-        let mut got = Vec::new();
-        while let Some(s) = rx.recv().await {
-            got.push(s.source);
-        }
+        let got = sources(&mut rx).await;
         assert_eq!(got, ["7", "8", "9"]);
         assert_eq!(stats.dropped.load(Ordering::Relaxed), 7);
     }
@@ -261,10 +267,7 @@ mod tests {
             tx.send(sample(i)).await.unwrap();
         }
         drop(tx);
-        let mut got = Vec::new();
-        while let Some(s) = rx.recv().await {
-            got.push(s.source);
-        }
+        let got = sources(&mut rx).await;
         assert_eq!(got, ["r", "4"]);
         assert_eq!(stats.dropped.load(Ordering::Relaxed), 4);
     }

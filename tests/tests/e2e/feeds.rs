@@ -17,6 +17,26 @@ use crate::fleet::{client, command, wait_online};
 
 const T: Duration = Duration::from_secs(60);
 
+/// A running box with `body`, online: its config, its state dir, a client watching all its
+/// topics, and the daemon.
+fn start(
+    dir: &Path,
+    device: &str,
+    broker: &Broker,
+    body: &str,
+) -> (PathBuf, PathBuf, Client, Daemon) {
+    let config = feed_box(dir, device, broker, body);
+    let mut c = client(
+        broker,
+        false,
+        &format!("{device}-test"),
+        &[&format!("tern/{device}/#")],
+    );
+    let d = Daemon::spawn(&config, None, &[]).unwrap();
+    wait_online(&mut c, device);
+    (config, dir.join("state"), c, d)
+}
+
 /// A box with `body` (models, feeds, pipelines) and the fleet link to `broker`.
 fn feed_box(dir: &Path, device: &str, broker: &Broker, body: &str) -> PathBuf {
     let config = dir.join("ternd.toml");
@@ -127,22 +147,14 @@ model = "digits-cnn-int8"
 "#,
         models = digits()
     );
-    let config = feed_box(dir.path(), "cam1", &broker, &body);
-    let state = dir.path().join("state");
-    let mut c = client(&broker, false, "cam-test", &["tern/cam1/#"]);
-    let mut d = Daemon::spawn(&config, None, &[]).unwrap();
-    wait_online(&mut c, "cam1");
+    let (config, state, mut c, mut d) = start(dir.path(), "cam1", &broker, &body);
 
     // Results arrive from the camera in time order, and upstream with their sequence.
     wait_rows(&state, "cam", 5);
-    let conn = db(&state).unwrap();
-    let ts: Vec<i64> = conn
-        .prepare("SELECT ts_ms FROM results WHERE pipeline = 'cam' ORDER BY id")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .map(|r| r.unwrap())
-        .collect();
+    let ts: Vec<i64> = column(
+        &state,
+        "SELECT ts_ms FROM results WHERE pipeline = 'cam' ORDER BY id",
+    );
     // Frames may wait in the pipe together when the box is busy, so two can share a
     // millisecond; none is older than the one before it.
     assert!(ts.windows(2).all(|w| w[0] <= w[1]), "{ts:?}");
@@ -268,11 +280,7 @@ model = "digits-cnn-int8"
 "#,
         models = digits()
     );
-    let config = feed_box(dir.path(), "cam2", &broker, &body);
-    let state = dir.path().join("state");
-    let mut c = client(&broker, false, "flood-test", &["tern/cam2/#"]);
-    let mut d = Daemon::spawn(&config, None, &[]).unwrap();
-    wait_online(&mut c, "cam2");
+    let (_, state, mut c, mut d) = start(dir.path(), "cam2", &broker, &body);
     wait_rows(&state, "flood", 50);
     wait_for("the MQTT feed subscribed", T, || {
         (pipeline(&mut c, "cam2", "images")["state"] == "running").then_some(())
@@ -421,11 +429,7 @@ model = "iris-mlp-int8"
         pkg = package("iris-mlp-int8").display(),
         dev = dev.display()
     );
-    let config = feed_box(dir.path(), "sensor1", &broker, &body);
-    let state = dir.path().join("state");
-    let mut c = client(&broker, false, "serial-test", &["tern/sensor1/#"]);
-    let mut d = Daemon::spawn(&config, None, &[]).unwrap();
-    wait_online(&mut c, "sensor1");
+    let (_, state, mut c, mut d) = start(dir.path(), "sensor1", &broker, &body);
     wait_for("the port open", T, || {
         (pipeline(&mut c, "sensor1", "flowers")["state"] == "running").then_some(())
     })
@@ -515,14 +519,10 @@ model = "iris-mlp-int8"
     }
     w.flush().unwrap();
     wait_rows(&state, "flowers", 6);
-    let conn = db(&state).unwrap();
-    let labels: Vec<String> = conn
-        .prepare("SELECT label FROM results WHERE pipeline = 'flowers' ORDER BY id")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .map(|r| r.unwrap())
-        .collect();
+    let labels: Vec<String> = column(
+        &state,
+        "SELECT label FROM results WHERE pipeline = 'flowers' ORDER BY id",
+    );
     assert_eq!(labels, expected);
     d.signal("TERM").unwrap();
     assert!(d.wait(T).unwrap().success());
@@ -556,11 +556,7 @@ min_score = 2.0
 "#,
         models = digits()
     );
-    let config = feed_box(dir.path(), "cam3", &broker, &body);
-    let state = dir.path().join("state");
-    let mut c = client(&broker, false, "capture-test", &["tern/cam3/#"]);
-    let mut d = Daemon::spawn(&config, None, &[]).unwrap();
-    wait_online(&mut c, "cam3");
+    let (_, state, mut c, mut d) = start(dir.path(), "cam3", &broker, &body);
     wait_for("400 results", T, || {
         (max_id(&state, "cam") >= 400).then_some(())
     })
@@ -610,12 +606,8 @@ min_score = 2.0
     assert!(p["captured"].as_i64().unwrap() > crows, "{p}");
     // publish = above 2.0: nothing went upstream.
     assert_eq!(p["published"], 0, "{p}");
-    let ids: BTreeSet<i64> = conn
-        .prepare("SELECT id FROM captures")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .map(|r| r.unwrap())
+    let ids: BTreeSet<i64> = column(&state, "SELECT id FROM captures")
+        .into_iter()
         .collect();
 
     // Export: every captured sample arrives upstream, in chunks, with its bytes.
@@ -714,10 +706,7 @@ model = "digits-cnn-int8"
         models = digits(),
         fifo = fifo.display()
     );
-    let config = feed_box(dir.path(), "cam4", &broker, &body);
-    let mut c = client(&broker, false, "stall-test", &["tern/cam4/#"]);
-    let mut d = Daemon::spawn(&config, None, &[]).unwrap();
-    wait_online(&mut c, "cam4");
+    let (_, state, mut c, mut d) = start(dir.path(), "cam4", &broker, &body);
     let ev = c
         .recv_match("feed.restarting", T, |m| {
             m.topic == "tern/cam4/events" && m.json()["event"] == "feed.restarting"
@@ -740,7 +729,6 @@ model = "digits-cnn-int8"
     assert_eq!(p["results"], 0, "{p}");
     // One event for the failure, not one per retry: a retry counts its restart before it
     // queues its event, so by the third restart the second one's event would be queued.
-    let state = dir.path().join("state");
     let next = count(
         &state,
         "SELECT next_seq FROM outbox_streams WHERE stream = 'events'",
