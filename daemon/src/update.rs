@@ -747,7 +747,7 @@ impl Machine {
             .ok()
             .and_then(|v| v.get("signed").cloned())
             .unwrap_or(Value::Null);
-        tracing::warn!(%source, code = e.code(), error = %e, "update refused");
+        tracing::warn!(%source, code = e.code().as_str(), error = %e, "update refused");
         // Said on the status topic too, under the model the update topic names, so a rollout
         // tool sees a refusal at once instead of waiting for an outcome that never comes.
         // Not for an older or the same version: the box has something newer, and its status
@@ -758,10 +758,12 @@ impl Machine {
             .as_ref()
             .filter(|p| source.starts_with(&format!("{p}/")) && source.contains("/update/"))
             .and_then(|_| source.rsplit('/').next());
-        if let Some(model) = topic_model.filter(|_| !matches!(e.code(), "downgrade" | "replay")) {
+        if let Some(model) =
+            topic_model.filter(|_| !matches!(e.code().as_str(), "downgrade" | "replay"))
+        {
             let body = json!({
                 "device": self.d.device, "model": model, "version": peek.get("version"),
-                "state": "refused", "code": e.code(), "reason": e.to_string(),
+                "state": "refused", "code": e.code().as_str(), "reason": e.to_string(),
                 "manifest_sha256": tern_update::sha256_hex(payload), "ts_ms": now_ms(),
             });
             self.statuses.insert(model.to_string(), body);
@@ -769,7 +771,7 @@ impl Machine {
         }
         self.event(json!({
             "event": "update.refused",
-            "code": e.code(),
+            "code": e.code().as_str(),
             "reason": e.to_string(),
             "source": source,
             "model": peek.get("name"),
@@ -921,10 +923,10 @@ impl Machine {
                 // Said once per chunk: a bad chunk left retained is asked for again and again.
                 let first = a.reported.insert(index);
                 let (id, name, version) = (a.id, a.signed.name.clone(), a.signed.version.clone());
-                tracing::warn!(update = id, chunk = index, code = e.code(), error = %e, "chunk refused");
+                tracing::warn!(update = id, chunk = index, code = e.code().as_str(), error = %e, "chunk refused");
                 if first {
                     self.event(json!({
-                        "event": "update.refused", "code": e.code(), "reason": e.to_string(),
+                        "event": "update.refused", "code": e.code().as_str(), "reason": e.to_string(),
                         "update": id, "model": name, "version": version, "chunk": index,
                     }))
                     .await;
@@ -1140,7 +1142,7 @@ impl Machine {
             }
             let sha = tern_update::hex(ctx.finish().as_ref());
             art.check_whole(size, &sha)
-                .map_err(|e| (e.code(), e.to_string()))?;
+                .map_err(|e| (e.code().as_str(), e.to_string()))?;
             let package = dir.join("package");
             if package.exists() {
                 return Ok(()); // unpacked before a restart; renamed into place whole
@@ -1149,7 +1151,7 @@ impl Machine {
             let _ = std::fs::remove_dir_all(&tmp);
             let f = File::open(&path).map_err(io)?;
             artifact::unpack(std::io::BufReader::new(f), &tmp).map_err(|e| match e {
-                UnpackError::Refused(r) => (r.code(), r.to_string()),
+                UnpackError::Refused(r) => (r.code().as_str(), r.to_string()),
                 UnpackError::Io { .. } => ("io", e.to_string()),
             })?;
             let m = crate::engine::Manifest::read(&tmp)
@@ -1159,7 +1161,7 @@ impl Machine {
                     "it holds {} {}, the manifest says {name} {version}",
                     m.name, m.version
                 ));
-                return Err((e.code(), e.to_string()));
+                return Err((e.code().as_str(), e.to_string()));
             }
             std::fs::rename(&tmp, &package).map_err(io)?;
             File::open(&dir).and_then(|d| d.sync_all()).map_err(io)?;
@@ -1607,8 +1609,8 @@ impl Machine {
         };
         match result {
             Err(e) => {
-                tracing::warn!(code = e.code(), error = %e, "key rotation refused");
-                self.event(json!({"event": "update.refused", "code": e.code(), "reason": e.to_string(), "source": "keys"})).await;
+                tracing::warn!(code = e.code().as_str(), error = %e, "key rotation refused");
+                self.event(json!({"event": "update.refused", "code": e.code().as_str(), "reason": e.to_string(), "source": "keys"})).await;
             }
             Ok((set, version)) => {
                 let keys: Vec<String> = set.keys.iter().map(|k| k.to_base64()).collect();
@@ -1752,7 +1754,7 @@ impl Machine {
                 got: bundle.artifact_len,
                 want: a.signed.artifact.size,
             };
-            self.fail(e.code(), &e.to_string()).await;
+            self.fail(e.code().as_str(), &e.to_string()).await;
             return Ok(id);
         }
         let (art, dest) = (a.signed.artifact.clone(), a.dir.join("artifact"));
@@ -1768,7 +1770,7 @@ impl Machine {
                 src.read_exact(&mut buf[..len])
                     .map_err(|e| ("bad_size", format!("chunk {i}: {e}")))?;
                 art.check_chunk(i, &buf[..len])
-                    .map_err(|e| (e.code(), e.to_string()))?;
+                    .map_err(|e| (e.code().as_str(), e.to_string()))?;
                 out.write_all(&buf[..len])
                     .map_err(|e| ("io", e.to_string()))?;
             }
@@ -1928,7 +1930,7 @@ impl InstallError {
     pub fn code(&self) -> &'static str {
         match self {
             InstallError::Busy { .. } => "busy",
-            InstallError::Refused(r) => r.code(),
+            InstallError::Refused(r) => r.code().as_str(),
         }
     }
 }

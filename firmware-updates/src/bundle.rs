@@ -19,6 +19,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::Code;
 use crate::command::{PublicKey, SigningKey, canonical_json};
 
 const CONTEXT: &str = "tern-bundle-v1\n";
@@ -142,28 +143,29 @@ pub enum RefusalError {
 }
 
 impl RefusalError {
-    pub fn code(&self) -> &'static str {
+    /// The stable code this refusal is reported under.
+    pub fn code(&self) -> Code {
         match self {
-            RefusalError::TooLarge { .. } => "oversize",
-            RefusalError::Malformed(_) => "malformed",
-            RefusalError::Unsigned => "unsigned",
-            RefusalError::BadSignature(_) => "bad_signature",
-            RefusalError::UnknownKey(_) => "unknown_key",
-            RefusalError::DuplicateSignature(_) => "duplicate_signature",
-            RefusalError::BelowThreshold { .. } => "below_threshold",
-            RefusalError::Expired { .. } => "expired",
-            RefusalError::Downgrade { .. } => "downgrade",
-            RefusalError::Replay(_) => "replay",
-            RefusalError::RevokedKey(_) => "revoked_key",
-            RefusalError::BadName(_) => "bad_name",
-            RefusalError::BadHash { .. } => "bad_hash",
-            RefusalError::BadSize { .. } => "bad_size",
-            RefusalError::TruncatedChunk { .. } => "truncated_chunk",
-            RefusalError::ForeignChunk { .. } => "foreign_chunk",
-            RefusalError::PackageMismatch(_) => "package_mismatch",
-            RefusalError::WrongTarget(_) => "wrong_target",
-            RefusalError::BadArtifact(_) => "bad_artifact",
-            RefusalError::BadChunk { .. } => "bad_chunk",
+            RefusalError::TooLarge { .. } => Code::Oversize,
+            RefusalError::Malformed(_) => Code::Malformed,
+            RefusalError::Unsigned => Code::Unsigned,
+            RefusalError::BadSignature(_) => Code::BadSignature,
+            RefusalError::UnknownKey(_) => Code::UnknownKey,
+            RefusalError::DuplicateSignature(_) => Code::DuplicateSignature,
+            RefusalError::BelowThreshold { .. } => Code::BelowThreshold,
+            RefusalError::Expired { .. } => Code::Expired,
+            RefusalError::Downgrade { .. } => Code::Downgrade,
+            RefusalError::Replay(_) => Code::Replay,
+            RefusalError::RevokedKey(_) => Code::RevokedKey,
+            RefusalError::BadName(_) => Code::BadName,
+            RefusalError::BadHash { .. } => Code::BadHash,
+            RefusalError::BadSize { .. } => Code::BadSize,
+            RefusalError::TruncatedChunk { .. } => Code::TruncatedChunk,
+            RefusalError::ForeignChunk { .. } => Code::ForeignChunk,
+            RefusalError::PackageMismatch(_) => Code::PackageMismatch,
+            RefusalError::WrongTarget(_) => Code::WrongTarget,
+            RefusalError::BadArtifact(_) => Code::BadArtifact,
+            RefusalError::BadChunk { .. } => Code::BadChunk,
         }
     }
 }
@@ -648,8 +650,9 @@ mod tests {
         let installed = semver::Version::new(1, 0, 0);
         let data = vec![7u8; 10_000];
         let good = sign(&signed(&data), &[&a, &b]);
-        let check =
-            |m: &Manifest| verify(m, &set, NOW, &me, Some(&installed)).map_err(|e| e.code());
+        let check = |m: &Manifest| {
+            verify(m, &set, NOW, &me, Some(&installed)).map_err(|e| e.code().as_str())
+        };
 
         assert_eq!(check(&good).unwrap().version, "1.1.0");
         // Round trip through bytes, as it travels.
@@ -710,7 +713,7 @@ mod tests {
 
         // Bounded before parsing.
         let huge = vec![b' '; MAX_MANIFEST_BYTES + 1];
-        assert_eq!(parse(&huge).map_err(|e| e.code()), Err("oversize"));
+        assert_eq!(parse(&huge).map_err(|e| e.code().as_str()), Err("oversize"));
     }
 
     #[test]
@@ -729,7 +732,7 @@ mod tests {
         }
         art.check_whole(data.len() as u64, &crate::sha256_hex(&data))
             .unwrap();
-        let code = |r: Result<&[u8], RefusalError>| r.map(|_| ()).map_err(|e| e.code());
+        let code = |r: Result<&[u8], RefusalError>| r.map(|_| ()).map_err(|e| e.code().as_str());
 
         let truncated = chunk_message(&art.sha256, 2, &data[8192..9000]);
         assert_eq!(code(art.open_chunk(2, &truncated)), Err("truncated_chunk"));
@@ -748,7 +751,8 @@ mod tests {
         let endless = vec![0u8; CHUNK_HEADER + MIN_CHUNK as usize + 1];
         assert_eq!(code(art.open_chunk(0, &endless)), Err("oversize"));
 
-        let whole = |size: u64, sha: &str| art.check_whole(size, sha).map_err(|e| e.code());
+        let whole =
+            |size: u64, sha: &str| art.check_whole(size, sha).map_err(|e| e.code().as_str());
         let mut altered = data.clone();
         altered[5] ^= 1;
         assert_eq!(
@@ -771,7 +775,8 @@ mod tests {
             keys: vec![c.public().to_base64()],
             threshold: 1,
         };
-        let code = |r: Result<(KeySet, u64), RefusalError>| r.map(|_| ()).map_err(|e| e.code());
+        let code =
+            |r: Result<(KeySet, u64), RefusalError>| r.map(|_| ()).map_err(|e| e.code().as_str());
         assert_eq!(
             code(verify_rotation(&sign_keys(&doc, &[&a]), &current, 1)),
             Err("below_threshold")
@@ -805,7 +810,7 @@ mod tests {
         assert_eq!(
             verify(&by_old, &new, NOW, &me, None)
                 .map(|_| ())
-                .map_err(|e| e.code()),
+                .map_err(|e| e.code().as_str()),
             Err("revoked_key")
         );
         assert!(verify(&sign(&s, &[&c]), &new, NOW, &me, None).is_ok());
@@ -813,7 +818,7 @@ mod tests {
         assert_eq!(
             verify(&sign_keys(&doc, &[&a, &b]), &current, NOW, &me, None)
                 .map(|_| ())
-                .map_err(|e| e.code()),
+                .map_err(|e| e.code().as_str()),
             Err("bad_signature")
         );
     }

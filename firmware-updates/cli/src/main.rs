@@ -388,7 +388,7 @@ fn verify(trust: &[String], threshold: usize, path: &Path) -> anyhow::Result<Exi
         threshold,
         retired: vec![],
     };
-    let refused = |code: &str, e: &dyn std::fmt::Display| {
+    let refused = |code: tern_update::Code, e: &dyn std::fmt::Display| {
         println!("REFUSED ({code}): {e}");
         Ok(ExitCode::from(65))
     };
@@ -400,7 +400,7 @@ fn verify(trust: &[String], threshold: usize, path: &Path) -> anyhow::Result<Exi
     // Targeting is the box's business; check everything else as a box in the target would.
     let signed: Signed = match serde_json::from_value(b.manifest.signed.clone()) {
         Ok(s) => s,
-        Err(e) => return refused("malformed", &e),
+        Err(e) => return refused(tern_update::Code::Malformed, &e),
     };
     let t = &signed.targets;
     let device = t.devices.first().cloned().unwrap_or_default();

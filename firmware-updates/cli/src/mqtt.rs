@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 use tern_update::artifact::BundleFile;
 use tern_update::bundle::{self, Signed};
 use tern_update::command::{self, SigningKey};
+use tern_update::topics::{DeviceTopic, Topics};
 use tokio::sync::mpsc;
 
 use crate::BrokerArgs;
@@ -161,21 +162,13 @@ fn open_bundle(path: &std::path::Path) -> anyhow::Result<(BundleFile, Signed)> {
     Ok((b, signed))
 }
 
-/// `group:<name>` for a group, else the device id: what [`manifest_topic`] takes.
+/// `group:<name>` for a group, else the device id: what [`Topics::manifest`] takes.
 fn target(group: &Option<String>, device: &Option<String>) -> anyhow::Result<String> {
     Ok(match (group, device) {
         (Some(g), _) => format!("group:{g}"),
         (None, Some(d)) => d.clone(),
         (None, None) => bail!("give --group or --device"),
     })
-}
-
-/// Where a model's manifest is retained for a target (`group:<name>` or a device id).
-fn manifest_topic(prefix: &str, target: &str, model: &str) -> String {
-    match target.strip_prefix("group:") {
-        Some(g) => format!("{prefix}/fleet/{g}/update/{model}"),
-        None => format!("{prefix}/{target}/update/{model}"),
-    }
 }
 
 pub async fn publish(a: PublishArgs) -> anyhow::Result<ExitCode> {
@@ -189,7 +182,7 @@ pub async fn publish(a: PublishArgs) -> anyhow::Result<ExitCode> {
     let mut bytes = Vec::new();
     b.artifact()?.read_to_end(&mut bytes)?;
     let art = &signed.artifact;
-    let prefix = a.broker.prefix.clone();
+    let topics = Topics::new(&a.broker.prefix);
     let mut conn = connect(&a.broker).await?;
     let started = Instant::now();
     for (i, c) in bytes.chunks(art.chunk_size as usize).enumerate() {
@@ -199,22 +192,22 @@ pub async fn publish(a: PublishArgs) -> anyhow::Result<ExitCode> {
                 a.bundle.display()
             )
         })?;
-        let topic = format!("{prefix}/artifacts/{}/{i}", art.sha256);
+        let topic = topics.chunk(&art.sha256, i);
         conn.publish(&topic, bundle::chunk_message(&art.sha256, i, c), true)
             .await?;
     }
     conn.settle(Duration::from_secs(300)).await?;
     let took = started.elapsed();
     eprintln!(
-        "chunks: {} × {} bytes retained under {prefix}/artifacts/{} in {:.2} s ({:.1} MiB/s)",
+        "chunks: {} × {} bytes retained under {} in {:.2} s ({:.1} MiB/s)",
         art.chunks.len(),
         art.chunk_size,
-        art.sha256,
+        topics.artifacts(&art.sha256),
         took.as_secs_f64(),
         art.size as f64 / 1048576.0 / took.as_secs_f64().max(1e-9)
     );
     let manifest = b.manifest_bytes.clone();
-    let topic_for = |target: &str| manifest_topic(&prefix, target, &signed.name);
+    let topic_for = |target: &str| topics.manifest(target, &signed.name);
     let target = target(&a.group, &a.device)?;
     if let (Some(n), Some(group)) = (a.canary, &a.group) {
         let ok = canary(&mut conn, &a, &signed, &manifest, group, n, &topic_for).await?;
@@ -236,14 +229,14 @@ pub async fn publish(a: PublishArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Online members of `group`, from the retained births on `<prefix>/+/state`.
+/// Online members of `group`, from the retained births on every box's state topic.
 async fn members(
     conn: &mut Conn,
-    prefix: &str,
+    topics: &Topics,
     group: &str,
 ) -> anyhow::Result<BTreeMap<String, bool>> {
     conn.client
-        .subscribe(format!("{prefix}/+/state"), QoS::AtLeastOnce)
+        .subscribe(topics.all_states(), QoS::AtLeastOnce)
         .await?;
     let mut out = BTreeMap::new();
     for (_, payload) in conn
@@ -284,9 +277,9 @@ async fn canary(
     n: usize,
     topic_for: &dyn Fn(&str) -> String,
 ) -> anyhow::Result<bool> {
-    let prefix = &a.broker.prefix;
+    let topics = Topics::new(&a.broker.prefix);
     let manifest_sha = tern_update::sha256_hex(manifest);
-    let all = members(conn, prefix, group).await?;
+    let all = members(conn, &topics, group).await?;
     let canaries: Vec<String> = all
         .iter()
         .filter(|(_, on)| **on)
@@ -294,14 +287,14 @@ async fn canary(
         .take(n)
         .collect();
     if canaries.is_empty() {
-        bail!("no online device of group `{group}` announced itself on {prefix}/+/state");
+        bail!(
+            "no online device of group `{group}` announced itself on {}",
+            topics.all_states()
+        );
     }
     eprintln!("canaries: {}", canaries.join(", "));
     conn.client
-        .subscribe(
-            format!("{prefix}/+/updates/{}", signed.name),
-            QoS::AtLeastOnce,
-        )
+        .subscribe(topics.update_status("+", &signed.name), QoS::AtLeastOnce)
         .await?;
     for d in &canaries {
         conn.publish(&topic_for(d), manifest.to_vec(), true).await?;
@@ -321,10 +314,10 @@ async fn canary(
         let Ok(v) = serde_json::from_slice::<Value>(&payload) else {
             continue;
         };
-        let dev = topic
-            .strip_prefix(&format!("{prefix}/"))
-            .and_then(|t| t.split('/').next())
-            .unwrap_or("");
+        let Some((dev, DeviceTopic::UpdateStatus(_))) = topics.parse_device(&topic) else {
+            continue;
+        };
+        let dev = dev.as_str();
         // This very manifest: a retained status of an older update (even of the same
         // version) says nothing about this one.
         if !canaries.iter().any(|c| c == dev)
@@ -382,7 +375,7 @@ async fn canary(
             None => json!({"id": id, "args": args}),
         };
         conn.publish(
-            &format!("{prefix}/{d}/cmd/models.rollback"),
+            &topics.command(d, "models.rollback"),
             body.to_string().into_bytes(),
             false,
         )
@@ -401,39 +394,35 @@ pub async fn withdraw(
     path: &std::path::Path,
 ) -> anyhow::Result<()> {
     let (_, signed) = open_bundle(path)?;
-    let prefix = b.prefix.clone();
-    let topic = manifest_topic(&prefix, &target(&group, &device)?, &signed.name);
+    let topics = Topics::new(&b.prefix);
+    let topic = topics.manifest(&target(&group, &device)?, &signed.name);
     let mut conn = connect(&b).await?;
     conn.publish(&topic, Vec::new(), true).await?;
     let a = &signed.artifact;
     for i in 0..a.chunks.len() {
-        conn.publish(
-            &format!("{prefix}/artifacts/{}/{i}", a.sha256),
-            Vec::new(),
-            true,
-        )
-        .await?;
+        conn.publish(&topics.chunk(&a.sha256, i), Vec::new(), true)
+            .await?;
     }
     conn.settle(Duration::from_secs(60)).await?;
     println!(
-        "withdrawn: {topic} and {} chunks under {prefix}/artifacts/{}",
+        "withdrawn: {topic} and {} chunks under {}",
         a.chunks.len(),
-        a.sha256
+        topics.artifacts(&a.sha256)
     );
     let _ = conn.client.disconnect().await;
     Ok(())
 }
 
 pub async fn status(b: BrokerArgs, group: &str, once: bool, as_json: bool) -> anyhow::Result<()> {
-    let prefix = b.prefix.clone();
+    let topics = Topics::new(&b.prefix);
     let mut conn = connect(&b).await?;
     let mut groups: BTreeMap<String, (bool, bool)> = BTreeMap::new();
     let mut updates: BTreeMap<(String, String), Value> = BTreeMap::new();
     conn.client
-        .subscribe(format!("{prefix}/+/state"), QoS::AtLeastOnce)
+        .subscribe(topics.all_states(), QoS::AtLeastOnce)
         .await?;
     conn.client
-        .subscribe(format!("{prefix}/+/updates/+"), QoS::AtLeastOnce)
+        .subscribe(topics.update_status("+", "+"), QoS::AtLeastOnce)
         .await?;
     let take = |groups: &mut BTreeMap<String, (bool, bool)>,
                 updates: &mut BTreeMap<(String, String), Value>,
@@ -442,13 +431,11 @@ pub async fn status(b: BrokerArgs, group: &str, once: bool, as_json: bool) -> an
         let Ok(v) = serde_json::from_slice::<Value>(payload) else {
             return;
         };
-        let Some(rest) = topic.strip_prefix(&format!("{prefix}/")) else {
+        let Some((dev, what)) = topics.parse_device(topic) else {
             return;
         };
-        let mut parts = rest.split('/');
-        let dev = parts.next().unwrap_or("").to_string();
-        match (parts.next(), parts.next()) {
-            (Some("state"), None) => {
+        match what {
+            DeviceTopic::State => {
                 let online = v["state"] == "online";
                 let e = groups.entry(dev).or_insert((false, false));
                 e.0 = online;
@@ -456,10 +443,9 @@ pub async fn status(b: BrokerArgs, group: &str, once: bool, as_json: bool) -> an
                     e.1 = g.iter().any(|x| x.as_str() == Some(group));
                 }
             }
-            (Some("updates"), Some(model)) => {
-                updates.insert((dev, model.to_string()), v);
+            DeviceTopic::UpdateStatus(model) => {
+                updates.insert((dev, model), v);
             }
-            _ => {}
         }
     };
     loop {
