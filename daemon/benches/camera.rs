@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 
 use tract_onnx::prelude::*;
 
-use ternd::config::{CameraConfig, FeedConfig, OnFull, PipelineConfig, PoolConfig, Publish};
+use ternd::config::{CameraConfig, FeedConfig, OnFull, PipelineConfig, Publish};
+use ternd::engine::PoolSettings;
 use ternd::engine::{Model, ModelPool, Runtime};
 use ternd::pipeline::{self, PipelineStats, Sinks};
 use ternd::store::{Keeper, Retention, Store};
@@ -77,7 +78,7 @@ async fn pipeline_run(pkg: &Path, fps: u32, for_: Duration) -> Run {
     let model = Model::load_on(pkg, NonZeroUsize::MIN, Runtime::Cpu).expect("model");
     let pool = ModelPool::spawn(
         Arc::new(model),
-        PoolConfig {
+        PoolSettings {
             threads: NonZeroUsize::MIN,
             workers: NonZeroUsize::MIN,
             queue: NonZeroUsize::new(16).unwrap(),
@@ -120,8 +121,9 @@ async fn pipeline_run(pkg: &Path, fps: u32, for_: Duration) -> Run {
     };
     let stats = Arc::new(PipelineStats::default());
     let cancel = tokio_util::sync::CancellationToken::new();
-    let run = pipeline::spawn(&cfg, &feed, pool, sinks, stats.clone(), 1, cancel.clone())
+    let run = pipeline::build(&cfg, &feed, pool, sinks, stats.clone(), 1, cancel.clone())
         .expect("pipeline starts");
+    let (feed, serve) = (tokio::spawn(run.feed), tokio::spawn(run.serve));
     // Measure from the first result on: ffmpeg's start is not the pipeline's speed.
     while stats.results.load(Ordering::Relaxed) < 5 {
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -131,13 +133,13 @@ async fn pipeline_run(pkg: &Path, fps: u32, for_: Duration) -> Run {
     let (n1, t1) = (stats.results.load(Ordering::Relaxed), Instant::now());
     let q = stats.e2e.quantiles();
     cancel.cancel();
-    let _ = run.feed_task.await;
-    let _ = run.task.await;
+    let _ = feed.await;
+    let _ = serve.await;
     Run {
         rate: (n1 - n0) as f64 / (t1 - t0).as_secs_f64(),
         p50_ms: q.p50 as f64 / 1000.0,
         p99_ms: q.p99 as f64 / 1000.0,
-        dropped: stats.dropped.load(Ordering::Relaxed),
+        dropped: stats.feed.dropped.load(Ordering::Relaxed),
     }
 }
 

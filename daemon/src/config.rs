@@ -17,7 +17,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::engine::{Manifest, Runtime};
+use crate::engine::{Manifest, PoolSettings, Pools, Runtime};
+pub use crate::tls::TlsConfig;
 
 /// Exit code for a configuration error (EX_USAGE), so that systemd's
 /// `RestartPreventExitStatus=64` stops a restart loop on a typo.
@@ -343,17 +344,12 @@ pub struct Config {
     pub dbus: Option<Bus>,
     /// `[engine]`: the pool settings of a model not listed in `[[models]]` (one an update
     /// brought) and the defaults of those listed.
-    pub engine: PoolConfig,
+    pub engine: PoolSettings,
     pub store: StoreConfig,
 }
 
 /// `[store]`: how much of its own data the box keeps.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct StoreConfig {
-    pub results_max_age: Option<std::time::Duration>,
-    pub results_budget_bytes: u64,
-    pub capture_budget_bytes: u64,
-}
+pub use crate::store::Retention as StoreConfig;
 
 pub const DEFAULT_RESULTS_BUDGET_MIB: f64 = 256.0;
 pub const DEFAULT_CAPTURE_BUDGET_MIB: f64 = 64.0;
@@ -367,21 +363,8 @@ impl Config {
                 .iter()
                 .map(|m| (m.name.clone(), m.pool))
                 .collect(),
-            engine: self.engine,
+            default: self.engine,
         }
-    }
-}
-
-/// Pool settings by model name, with the engine's for any other model.
-#[derive(Debug, Clone, Default)]
-pub struct Pools {
-    pub models: std::collections::HashMap<String, PoolConfig>,
-    pub engine: PoolConfig,
-}
-
-impl Pools {
-    pub fn get(&self, name: &str) -> PoolConfig {
-        self.models.get(name).copied().unwrap_or(self.engine)
     }
 }
 
@@ -424,13 +407,6 @@ pub struct FleetConfig {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct TlsConfig {
-    /// None: the system's trusted roots.
-    pub ca_file: Option<PathBuf>,
-    pub client: Option<(PathBuf, PathBuf)>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
 pub struct CommandsConfig {
     pub keys: Vec<tern_update::command::PublicKey>,
     pub require_signed: SignPolicy,
@@ -458,30 +434,7 @@ pub struct ModelConfig {
     pub package: PathBuf,
     pub name: String,
     pub version: semver::Version,
-    pub pool: PoolConfig,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PoolConfig {
-    /// Threads tract may use inside one inference.
-    pub threads: NonZeroUsize,
-    /// Inferences of this model that may run at once.
-    pub workers: NonZeroUsize,
-    /// Requests that may wait; one more is answered `busy` at once.
-    pub queue: NonZeroUsize,
-    /// Where the model runs.
-    pub runtime: Runtime,
-}
-
-impl Default for PoolConfig {
-    fn default() -> Self {
-        PoolConfig {
-            threads: NonZeroUsize::MIN,
-            workers: NonZeroUsize::MIN,
-            queue: nz(16),
-            runtime: Runtime::Cpu,
-        }
-    }
+    pub pool: PoolSettings,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -923,8 +876,8 @@ fn validate(raw: RawConfig, base: &Path, sources: &[Source]) -> Result<Config, C
             format!("`{log_level}` is not a log filter: {e}"),
         );
     }
-    let defaults = PoolConfig::default();
-    let engine_pool = PoolConfig {
+    let defaults = PoolSettings::default();
+    let engine_pool = PoolSettings {
         threads: raw.engine.threads.unwrap_or(defaults.threads),
         workers: raw.engine.workers.unwrap_or(defaults.workers),
         queue: raw.engine.queue.unwrap_or(defaults.queue),
@@ -947,7 +900,7 @@ fn validate(raw: RawConfig, base: &Path, sources: &[Source]) -> Result<Config, C
                     package,
                     name: manifest.name.clone(),
                     version: manifest.version.clone(),
-                    pool: PoolConfig {
+                    pool: PoolSettings {
                         threads: m.threads.unwrap_or(engine_pool.threads),
                         workers: m.workers.unwrap_or(engine_pool.workers),
                         queue: m.queue.unwrap_or(engine_pool.queue),
@@ -1685,7 +1638,7 @@ fn validate_fleet(
             ca_file: f.ca_file.as_deref().map(resolve),
             client,
         };
-        if let Err((key, e)) = crate::fleet::tls::client_config(&t) {
+        if let Err((key, e)) = crate::tls::client_config(&t) {
             bad(key, e);
         }
         Some(t)

@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 
 use crate::config;
 use crate::engine::Input;
-use crate::local::client::{Daemon1Proxy, UpdateProgress};
+use crate::local::client::{Daemon1Proxy, UpdateProgressArgs};
 
 /// What an exit status means (sysexits where one fits).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -489,31 +489,8 @@ fn plain(v: &Value) -> String {
 }
 
 async fn install(d: &Daemon1Proxy<'_>, bundle: &Path, json: bool) -> Res<()> {
-    let path = std::fs::canonicalize(bundle)
-        .map_err(|e| Fail(Exit::NotFound, format!("{}: {e}", bundle.display())))?;
-    // Only this bundle's progress: a fleet update to another model may run meanwhile. A
-    // bundle whose manifest cannot be read is the daemon's to refuse, with its reason.
-    let this = tern_update::artifact::BundleFile::open(&path)
-        .ok()
-        .map(|b| {
-            (
-                b.manifest.signed["name"].clone(),
-                b.manifest.signed["version"].clone(),
-            )
-        });
-    let mut progress = d.receive_update_progress().await.map_err(failure)?;
-    let call = d.install_bundle(path.to_str().ok_or_else(|| {
-        Fail(
-            Exit::BadInput,
-            format!("{}: not a UTF-8 path", path.display()),
-        )
-    })?);
-    let say = |p: &UpdateProgress| {
-        let Ok(a) = p.args() else { return };
-        let ours = this
-            .as_ref()
-            .is_none_or(|(n, v)| n == a.model() && v == a.version());
-        if ours && !json {
+    let say = |a: &UpdateProgressArgs<'_>| {
+        if !json {
             eprintln!(
                 "{} {}: {} {}%",
                 a.model(),
@@ -523,30 +500,93 @@ async fn install(d: &Daemon1Proxy<'_>, bundle: &Path, json: bool) -> Res<()> {
             );
         }
     };
-    tokio::pin!(call);
-    let outcome = loop {
-        tokio::select! {
-            // Progress first: it was sent before the reply that ends the wait.
-            biased;
-            Some(p) = progress.next() => say(&p),
-            r = &mut call => break r,
-        }
-    };
-    let r = match outcome {
-        Ok(s) => s,
+    let v = install_and_follow(d, bundle, say).await?;
+    print(json, &v, update_text);
+    if v["state"] == "committed" {
+        Ok(())
+    } else {
+        Err(Fail(Exit::Failed, "the update did not go through".into()))
+    }
+}
+
+/// Hand a bundle to the ternd on the other end of `d` and follow its update to the end,
+/// telling `say` of each step: the update's final document (`state` committed, failed,
+/// rolled_back, or refused with its `code` and `reason`).
+async fn install_and_follow(
+    d: &Daemon1Proxy<'_>,
+    bundle: &Path,
+    say: impl Fn(&UpdateProgressArgs<'_>),
+) -> Res<Value> {
+    let path = std::fs::canonicalize(bundle)
+        .map_err(|e| Fail(Exit::NotFound, format!("{}: {e}", bundle.display())))?;
+    let text = path.to_str().ok_or_else(|| {
+        Fail(
+            Exit::BadInput,
+            format!("{}: not a UTF-8 path", path.display()),
+        )
+    })?;
+    // Listening before asking: every step of this update after the answer is in the stream.
+    let mut progress = d.receive_update_progress().await.map_err(failure)?;
+    let answer = match d.install_bundle(text).await {
+        Ok(s) => serde_json::from_str::<Value>(&s).unwrap_or(Value::String(s)),
         // A refused or failed update comes back as a conflict carrying its outcome.
         Err(zbus::Error::MethodError(name, Some(m), _))
             if name.as_str() == "io.tern.Error.Conflict" && m.starts_with('{') =>
         {
-            let v: Value = serde_json::from_str(&m).unwrap_or(Value::String(m));
-            print(json, &v, update_text);
-            return Err(Fail(Exit::Failed, "the update did not go through".into()));
+            return Ok(serde_json::from_str(&m).unwrap_or(Value::String(m)));
         }
         Err(e) => return Err(failure(e)),
     };
-    let v: Value = serde_json::from_str(&r).unwrap_or(Value::String(r));
-    print(json, &v, update_text);
-    Ok(())
+    let Some(id) = answer["update"].as_i64() else {
+        return Err(Fail(
+            Exit::Failed,
+            format!("the daemon's answer has no update: {answer}"),
+        ));
+    };
+    let (model, version) = (answer["model"].clone(), answer["version"].clone());
+    let mut state = answer["state"].as_str().unwrap_or("").to_string();
+    // Only this update's progress: a fleet update to another model may run meanwhile.
+    while !matches!(state.as_str(), "committed" | "failed" | "rolled_back") {
+        let Some(p) = progress.next().await else {
+            return Err(Fail(Exit::Unavailable, "ternd left the bus".into()));
+        };
+        let Ok(a) = p.args() else { continue };
+        if model == a.model().as_str() && version == a.version().as_str() {
+            say(&a);
+            state = a.state().to_string();
+        }
+    }
+    doc(d.get_update(id).await)
+}
+
+/// `ternd install` while ternd runs: the bundle goes to it over its bus, and its update is
+/// followed for at most `wait`. The final document, or why there is none.
+pub async fn install_through_daemon(
+    bus: &config::Bus,
+    bundle: &Path,
+    wait: Duration,
+) -> Result<Value, String> {
+    let bus = match bus {
+        config::Bus::System => "system",
+        config::Bus::Session => "session",
+        config::Bus::Address(a) => a.as_str(),
+    };
+    let d = connect(bus, None).await.map_err(|Fail(_, m)| m)?;
+    let say = |a: &UpdateProgressArgs<'_>| {
+        eprintln!(
+            "{} {}: {} {}%",
+            a.model(),
+            a.version(),
+            a.state(),
+            a.percent()
+        );
+    };
+    match tokio::time::timeout(wait, install_and_follow(&d, bundle, say)).await {
+        Ok(r) => r.map_err(|Fail(_, m)| m),
+        Err(_) => Err(format!(
+            "no answer from the running ternd within {wait:?}; it carries on (see its events)"
+        )),
+    }
 }
 
 fn update_text(v: &Value) -> String {
@@ -904,7 +944,7 @@ async fn box_checks(c: &config::Config) -> Vec<(&'static str, Level, String)> {
         });
     }
     let need = c.updates.min_free_bytes;
-    match crate::fleet::telemetry::disk_free_bytes(&c.state_dir) {
+    match crate::store::disk_free_bytes(&c.state_dir) {
         Some(free) => {
             let mib = |b: u64| b / (1024 * 1024);
             let level = if free < need { Level::Error } else { Level::Ok };

@@ -9,6 +9,7 @@ pub mod config;
 pub mod control;
 pub mod ctl;
 pub mod engine;
+pub mod events;
 pub mod feeds;
 pub mod fleet;
 pub mod local;
@@ -17,6 +18,8 @@ pub mod pipeline;
 pub mod registry;
 pub mod service;
 pub mod store;
+pub mod tasks;
+pub mod tls;
 pub mod update;
 
 /// ternd's version, as reported by `ternd version`.

@@ -1,20 +1,20 @@
 //! The local API: `io.tern.Daemon1` at `/io/tern/Daemon1` on D-Bus (zbus), for apps on the box.
 //!
-//! Every method turns into the same typed [`Command`] the fleet link uses and runs through
-//! [`Control::execute`], so both surfaces behave identically; errors are named D-Bus errors
+//! Every method builds the same typed command the fleet link parses from JSON and runs it
+//! through [`Control::run`], so both surfaces behave identically; errors are named D-Bus errors
 //! (`io.tern.Error.NotFound`, ...) carrying the same message an MQTT reply would. Results come
 //! back as JSON strings (the same documents as the MQTT replies) so that a shell with `busctl`
 //! or `gdbus` and a program with any binding read them the same way.
 
-use std::path::PathBuf;
-
-use serde_json::{Value, json};
+use serde_json::Value;
 use zbus::interface;
 use zbus::object_server::SignalEmitter;
 
-use crate::control::{CmdError, Code, Command, Control, LocalEvent};
+use crate::control::commands as c;
+use crate::control::{CmdError, Code, Command, Control};
+use crate::events::LocalEvent;
 
-/// The D-Bus errors, one per reply code.
+/// The D-Bus errors, one per command reply code.
 #[derive(Debug, zbus::DBusError)]
 #[zbus(prefix = "io.tern.Error")]
 pub enum TernError {
@@ -38,25 +38,26 @@ impl From<CmdError> for TernError {
             Code::NotFound => TernError::NotFound(m),
             Code::Busy => TernError::Busy(m),
             Code::Unauthorized => TernError::Unauthorized(m),
-            Code::Conflict => TernError::Conflict(m),
             Code::Internal => TernError::Internal(m),
+            // Every other code is an update's or a model's outcome: the request met a state
+            // that refuses it.
+            _ => TernError::Conflict(m),
         }
     }
 }
 
 pub struct Daemon1 {
     control: Control,
-    state_dir: PathBuf,
 }
 
 impl Daemon1 {
-    pub fn new(control: Control, state_dir: PathBuf) -> Daemon1 {
-        Daemon1 { control, state_dir }
+    pub fn new(control: Control) -> Daemon1 {
+        Daemon1 { control }
     }
 
-    async fn run(&self, name: &str, args: Value) -> Result<String, TernError> {
-        let cmd = Command::parse(name, args)?;
-        Ok(self.control.execute(cmd).await?.to_string())
+    /// Run a command built from the method's arguments; its reply as JSON text.
+    async fn run<C: Command>(&self, cmd: C) -> Result<String, TernError> {
+        Ok(self.control.run(cmd).await?.to_string())
     }
 }
 
@@ -64,20 +65,18 @@ impl Daemon1 {
 impl Daemon1 {
     /// The daemon's status as JSON (the `status` command's reply).
     async fn status(&self) -> Result<String, TernError> {
-        self.run("status", json!({})).await
+        self.run(c::Status {}).await
     }
 
     /// Installed versions of every model, as JSON.
     async fn list_models(&self) -> Result<String, TernError> {
-        self.run("models.list", json!({})).await
+        self.run(c::ModelsList {}).await
     }
 
     /// Run `model` on `input`: PNG or JPEG bytes. Returns the prediction as JSON.
     async fn infer(&self, model: String, input: Vec<u8>) -> Result<String, TernError> {
-        use base64::Engine as _;
-        let b64 = base64::engine::general_purpose::STANDARD.encode(input);
-        self.run("infer", json!({"model": model, "input": b64}))
-            .await
+        let input = crate::engine::Input::Encoded(input);
+        self.run(c::Infer { model, input }).await
     }
 
     /// Run `model` on a tensor given as JSON (nested arrays of numbers).
@@ -89,42 +88,42 @@ impl Daemon1 {
                 "tensor must be a JSON array, not a string".into(),
             ));
         }
-        self.run("infer", json!({"model": model, "input": tensor}))
-            .await
+        self.run(c::Infer::tensor(model, &tensor)?).await
     }
 
     async fn activate(&self, model: String, version: String) -> Result<String, TernError> {
-        self.run(
-            "models.activate",
-            json!({"name": model, "version": version}),
-        )
-        .await
+        self.run(c::Activate::new(model, &version)?).await
     }
 
     async fn rollback(&self, model: String) -> Result<String, TernError> {
-        self.run("models.rollback", json!({"name": model})).await
+        self.run(c::Rollback { name: model }).await
     }
 
     /// Every configured pipeline with its state and counters, as JSON.
     async fn list_pipelines(&self) -> Result<String, TernError> {
-        self.run("pipelines.list", json!({})).await
+        self.run(c::PipelinesList {}).await
     }
 
     /// Start a configured pipeline (the choice survives restarts); its new state as JSON.
     async fn start_pipeline(&self, name: String) -> Result<String, TernError> {
-        self.run("pipelines.start", json!({"name": name})).await
+        self.run(c::PipelineStart { name }).await
     }
 
     /// Stop a pipeline until it is started again (across restarts); its new state as JSON.
     async fn stop_pipeline(&self, name: String) -> Result<String, TernError> {
-        self.run("pipelines.stop", json!({"name": name})).await
+        self.run(c::PipelineStop { name }).await
     }
 
     /// Stored results with a feed timestamp at or after `since` (ms since the epoch), oldest
     /// first, at most `limit`, as JSON.
     async fn query_results(&self, since: i64, limit: u32) -> Result<String, TernError> {
-        self.run("results.query", json!({"since": since, "limit": limit}))
-            .await
+        let after = None;
+        self.run(c::ResultsQuery {
+            since,
+            after,
+            limit,
+        })
+        .await
     }
 
     /// The next page after a previous one: results from `since` on that come after result
@@ -135,36 +134,28 @@ impl Daemon1 {
         after: i64,
         limit: u32,
     ) -> Result<String, TernError> {
-        self.run(
-            "results.query",
-            json!({"since": since, "after": after, "limit": limit}),
-        )
+        let after = Some(after);
+        self.run(c::ResultsQuery {
+            since,
+            after,
+            limit,
+        })
         .await
     }
 
     /// Install a signed update bundle (a path readable by ternd) with the same checks as an
-    /// update from the fleet; returns the update's outcome as JSON when it ends.
+    /// update from the fleet. Answered as soon as the bundle's bytes are staged, with the
+    /// update as JSON (`update` is its id); the update goes on and says how in
+    /// `UpdateProgress` signals, and `GetUpdate` reads it. A refused or failed bundle is
+    /// `io.tern.Error.Conflict` with the outcome as JSON.
     async fn install_bundle(&self, path: String) -> Result<String, TernError> {
-        let path = PathBuf::from(path);
-        if !path.is_absolute() {
-            return Err(TernError::BadRequest(format!(
-                "`{}` is not an absolute path",
-                path.display()
-            )));
-        }
-        if !self.control.state().config.updates.enabled() {
-            return Err(TernError::Conflict(
-                "updates.keys is empty in the configuration: no bundle can be trusted".into(),
-            ));
-        }
-        let state_dir = self.state_dir.clone();
-        let r = crate::update::hand_over(&state_dir, &path, std::time::Duration::from_secs(3600))
-            .await
-            .map_err(TernError::BadRequest)?;
-        match r.get("state").and_then(Value::as_str) {
-            Some("refused" | "failed" | "rolled_back") => Err(TernError::Conflict(r.to_string())),
-            _ => Ok(r.to_string()),
-        }
+        let path = std::path::PathBuf::from(path);
+        self.run(c::UpdateInstall { path }).await
+    }
+
+    /// An update as JSON: its model, version, state and, when it failed, code and reason.
+    async fn get_update(&self, id: i64) -> Result<String, TernError> {
+        self.run(c::UpdateGet { id }).await
     }
 
     /// A pipeline stored a result: its JSON (the same document as its MQTT message).
@@ -217,17 +208,13 @@ impl Daemon1 {
 }
 
 /// Where to serve: the system bus, the session bus, or an address.
-pub async fn serve(
-    bus: &crate::config::Bus,
-    control: Control,
-    state_dir: PathBuf,
-) -> zbus::Result<zbus::Connection> {
+pub async fn serve(bus: &crate::config::Bus, control: Control) -> zbus::Result<zbus::Connection> {
     let builder = match bus {
         crate::config::Bus::System => zbus::connection::Builder::system()?,
         crate::config::Bus::Session => zbus::connection::Builder::session()?,
         crate::config::Bus::Address(a) => zbus::connection::Builder::address(a.as_str())?,
     };
-    finish(builder.name("io.tern.Daemon1")?, control, state_dir).await
+    finish(builder.name("io.tern.Daemon1")?, control).await
 }
 
 /// Serve one peer directly on `stream`, with no bus in between (the tests' fast path; also
@@ -236,68 +223,108 @@ pub async fn serve_p2p(
     stream: tokio::net::UnixStream,
     guid: zbus::Guid<'static>,
     control: Control,
-    state_dir: PathBuf,
 ) -> zbus::Result<zbus::Connection> {
     let builder = zbus::connection::Builder::unix_stream(stream)
         .server(guid)?
         .p2p();
-    finish(builder, control, state_dir).await
+    let signals = Signals::new_unbound(&control);
+    let conn = finish(builder, control).await?;
+    let forever = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(self::signals(signals.bind(conn.clone()), forever));
+    Ok(conn)
 }
 
 async fn finish(
     builder: zbus::connection::Builder<'_>,
     control: Control,
-    state_dir: PathBuf,
 ) -> zbus::Result<zbus::Connection> {
-    let events = control.subscribe_local();
-    let conn = builder
-        .serve_at(PATH, Daemon1::new(control, state_dir))?
-        .build()
-        .await?;
-    tokio::spawn(signals(conn.clone(), events));
-    Ok(conn)
+    builder.serve_at(PATH, Daemon1::new(control))?.build().await
 }
 
 const PATH: &str = "/io/tern/Daemon1";
 
+/// The signals of one connection: news, and the two standing states behind the properties.
+/// Subscribed when made, so nothing said from then on is missed.
+pub struct Signals {
+    conn: zbus::Connection,
+    events: tokio::sync::broadcast::Receiver<LocalEvent>,
+    state: tokio::sync::watch::Receiver<crate::control::DaemonState>,
+    models: tokio::sync::watch::Receiver<std::sync::Arc<crate::registry::Snapshot>>,
+}
+
+impl Signals {
+    pub fn new(conn: zbus::Connection, control: &Control) -> Signals {
+        Signals::new_unbound(control).bind(conn)
+    }
+
+    fn new_unbound(control: &Control) -> Unbound {
+        Unbound {
+            events: control.events().subscribe(),
+            state: control.watch_state(),
+            models: control.registry().watch(),
+        }
+    }
+}
+
+/// Subscribed before the connection exists, so that a peer's first call cannot race it.
+struct Unbound {
+    events: tokio::sync::broadcast::Receiver<LocalEvent>,
+    state: tokio::sync::watch::Receiver<crate::control::DaemonState>,
+    models: tokio::sync::watch::Receiver<std::sync::Arc<crate::registry::Snapshot>>,
+}
+
+impl Unbound {
+    fn bind(self, conn: zbus::Connection) -> Signals {
+        Signals {
+            conn,
+            events: self.events,
+            state: self.state,
+            models: self.models,
+        }
+    }
+}
+
 /// Say what happens as signals and property changes, for as long as the connection lives.
-async fn signals(conn: zbus::Connection, mut events: tokio::sync::broadcast::Receiver<LocalEvent>) {
-    let iface = match conn.object_server().interface::<_, Daemon1>(PATH).await {
+pub async fn signals(mut w: Signals, cancel: tokio_util::sync::CancellationToken) {
+    let iface = match w.conn.object_server().interface::<_, Daemon1>(PATH).await {
         Ok(i) => i,
         Err(e) => {
             tracing::error!(error = %e, "D-Bus signals not sent");
             return;
         }
     };
+    use tokio::sync::broadcast::error::RecvError;
     loop {
-        let e = match events.recv().await {
-            Ok(e) => e,
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                tracing::warn!(missed = n, "D-Bus signals fell behind; some were not sent");
-                continue;
-            }
-            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-        };
         let em = iface.signal_emitter();
-        let sent = match &e {
-            LocalEvent::Result { pipeline, json } => {
-                Daemon1::result_ready(em, pipeline, json).await
-            }
-            LocalEvent::ModelActivated { model, version } => {
-                Daemon1::model_activated(em, model, version).await
-            }
-            LocalEvent::Update {
-                model,
-                version,
-                state,
-                percent,
-            } => Daemon1::update_progress(em, model, version, state, *percent).await,
-            LocalEvent::StateChanged => {
-                let d = iface.get().await;
-                match d.state_changed(em).await {
-                    Ok(()) => d.active_models_changed(em).await,
-                    Err(e) => Err(e),
+        let sent = tokio::select! {
+            _ = cancel.cancelled() => return,
+            e = w.events.recv() => match e {
+                Ok(LocalEvent::Result { pipeline, json }) => {
+                    Daemon1::result_ready(em, &pipeline, &json).await
                 }
+                Ok(LocalEvent::ModelActivated { model, version }) => {
+                    Daemon1::model_activated(em, &model, &version).await
+                }
+                Ok(LocalEvent::Update { model, version, state, percent }) => {
+                    Daemon1::update_progress(em, &model, &version, &state, percent).await
+                }
+                Err(RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, "D-Bus signals fell behind; some were not sent");
+                    continue;
+                }
+                Err(RecvError::Closed) => return,
+            },
+            changed = w.state.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                iface.get().await.state_changed(em).await
+            }
+            changed = w.models.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                iface.get().await.active_models_changed(em).await
             }
         };
         match sent {
@@ -331,6 +358,7 @@ pub mod client {
         fn query_results(&self, since: i64, limit: u32) -> zbus::Result<String>;
         fn query_results_after(&self, since: i64, after: i64, limit: u32) -> zbus::Result<String>;
         fn install_bundle(&self, path: &str) -> zbus::Result<String>;
+        fn get_update(&self, id: i64) -> zbus::Result<String>;
 
         #[zbus(signal)]
         fn result_ready(&self, pipeline: String, json: String) -> zbus::Result<()>;

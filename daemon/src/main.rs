@@ -158,12 +158,13 @@ fn run(path: &Path) -> ExitCode {
                 .with_target(false),
         )
         .init();
-    let log_reload: ternd::service::LogReload = Box::new(move |level: &str| {
+    let log_reload: ternd::control::LogReload = Box::new(move |level: &str| {
+        use ternd::control::BadFilter;
         if from_env.is_some() {
             return Ok(());
         }
-        let f = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
-        handle.reload(f).map_err(|e| e.to_string())
+        let f = EnvFilter::try_new(level).map_err(|e| BadFilter(e.to_string()))?;
+        handle.reload(f).map_err(|e| BadFilter(e.to_string()))
     });
     let Some(runtime) = runtime() else {
         return ExitCode::FAILURE;
@@ -198,22 +199,44 @@ fn install(path: &Path, bundle: &Path, wait_secs: u64) -> ExitCode {
         return ExitCode::FAILURE;
     };
     let wait = std::time::Duration::from_secs(wait_secs);
-    match runtime.block_on(ternd::update::install(&config, bundle, wait)) {
-        Ok(row) => {
-            println!("{row}");
-            match row.get("state").and_then(|s| s.as_str()) {
-                Some("health" | "committed") => ExitCode::SUCCESS,
-                _ => ExitCode::from(EXIT_DATA),
+    let fail = |e: &dyn std::fmt::Display, code: u8| {
+        eprintln!("ternd install: {e}");
+        ExitCode::from(code)
+    };
+    if !config.updates.enabled() {
+        let e = "updates.keys is empty in the configuration: no bundle can be trusted";
+        return fail(&e, 1);
+    }
+    if let Err(e) = std::fs::create_dir_all(&config.state_dir) {
+        return fail(&format!("{}: {e}", config.state_dir.display()), 1);
+    }
+    // The same checks either way: here with the daemon stopped, through it when it runs.
+    let row = match ternd::service::lock_state_dir(&config.state_dir) {
+        Ok(_lock) => match runtime.block_on(ternd::update::install_here(&config, bundle)) {
+            Ok(row) => row,
+            Err(e @ ternd::update::HereError::Refused { .. }) => return fail(&e, EXIT_DATA),
+            Err(e) => return fail(&e, 1),
+        },
+        Err(ternd::service::ServiceError::Locked { .. }) => {
+            let Some(bus) = &config.dbus else {
+                let e = "ternd runs on this state directory and serves no D-Bus interface \
+                         (dbus.bus = \"none\"): stop it, or let it serve [dbus], to install";
+                return fail(&e, 1);
+            };
+            eprintln!(
+                "ternd install: handing the bundle to the running ternd; waiting for the update to end"
+            );
+            match runtime.block_on(ternd::ctl::install_through_daemon(bus, bundle, wait)) {
+                Ok(row) => row,
+                Err(e) => return fail(&e, 1),
             }
         }
-        Err(e) => {
-            eprintln!("ternd install: {e}");
-            if e.starts_with("refused") {
-                ExitCode::from(EXIT_DATA)
-            } else {
-                ExitCode::FAILURE
-            }
-        }
+        Err(e) => return fail(&e, 1),
+    };
+    println!("{row}");
+    match row.get("state").and_then(|s| s.as_str()) {
+        Some("health" | "committed") => ExitCode::SUCCESS,
+        _ => ExitCode::from(EXIT_DATA),
     }
 }
 

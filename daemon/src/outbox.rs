@@ -13,6 +13,8 @@ use serde_json::Value;
 use std::sync::Arc;
 use tokio::sync::Notify;
 
+use tern_update::topics;
+
 use crate::store::now_ms;
 
 /// What a full disk budget drops first: the lowest class, oldest rows first.
@@ -36,8 +38,8 @@ impl Class {
 /// Where upstream messages go and how much disk they may take. Cheap to clone.
 #[derive(Clone)]
 pub struct Outbox {
-    /// `<prefix>/<device>`: every upstream topic starts with it.
-    pub base: String,
+    /// The box's topics: every upstream message goes to one of them.
+    topics: Arc<topics::Device>,
     pub budget_bytes: u64,
     notify: Arc<Notify>,
 }
@@ -63,15 +65,15 @@ impl Outbox {
     pub fn for_config(config: &crate::config::Config) -> Option<Outbox> {
         config.fleet.as_ref().map(|f| {
             Outbox::new(
-                format!("{}/{}", f.prefix, f.device),
+                topics::Device::new(&f.prefix, &f.device, &f.groups),
                 config.outbox.budget_bytes,
             )
         })
     }
 
-    pub fn new(base: String, budget_bytes: u64) -> Outbox {
+    pub fn new(topics: topics::Device, budget_bytes: u64) -> Outbox {
         Outbox {
-            base,
+            topics: Arc::new(topics),
             budget_bytes,
             notify: Arc::new(Notify::new()),
         }
@@ -149,6 +151,11 @@ impl Outbox {
             .await?;
         self.wake();
         Ok(seq)
+    }
+
+    /// The box's topics.
+    pub fn topics(&self) -> &topics::Device {
+        &self.topics
     }
 
     /// Tell the fleet link that rows are waiting.
@@ -341,7 +348,7 @@ pub fn report_drops(outbox: &Outbox, c: &mut rusqlite::Connection) -> rusqlite::
 impl Outbox {
     /// Queue an event (update progress, activations, feed failures, drops).
     pub fn event(&self, tx: &Transaction<'_>, body: Value) -> rusqlite::Result<i64> {
-        let topic = format!("{}/events", self.base);
+        let topic = self.topics.events();
         self.enqueue(tx, "events", Class::Event, &topic, stamped(body))
     }
 
@@ -351,7 +358,7 @@ impl Outbox {
         store: &crate::store::Store,
         body: Value,
     ) -> Result<i64, crate::store::StoreError> {
-        let topic = format!("{}/events", self.base);
+        let topic = self.topics.events();
         self.send(store, "events", Class::Event, topic, stamped(body))
             .await
     }
@@ -379,7 +386,7 @@ mod tests {
     #[tokio::test]
     async fn seq_per_stream_and_ack_deletes() {
         let (_d, s) = open().await;
-        let ob = Outbox::new("tern/b".into(), 1 << 20);
+        let ob = Outbox::new(topics::Device::new("tern", "b", &[]), 1 << 20);
         let o = ob.clone();
         let seqs = s
             .call(move |c| {
@@ -437,7 +444,7 @@ mod tests {
     #[tokio::test]
     async fn budget_drops_telemetry_then_results_and_reports_once() {
         let (_d, s) = open().await;
-        let ob = Outbox::new("tern/b".into(), 2000);
+        let ob = Outbox::new(topics::Device::new("tern", "b", &[]), 2000);
         let o = ob.clone();
         let report = s
             .call(move |c| {

@@ -22,100 +22,66 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use futures_util::stream::FuturesOrdered;
 use futures_util::{FutureExt as _, StreamExt as _};
 use serde_json::{Value, json};
-use tokio::sync::broadcast;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{FeedConfig, PipelineConfig, Publish};
-use crate::control::LocalEvent;
 use crate::engine::{EngineError, Input, Latencies, ModelPool, PixelFormat, Prediction};
+use crate::events::{Events, LocalEvent};
 use crate::feeds::camera::{CameraFeed, FrameSpec};
 use crate::feeds::directory::{DirectoryFeed, FileDone, Outcome};
 use crate::feeds::mqtt::MqttFeed;
 use crate::feeds::queue::{self, Gate};
 use crate::feeds::serial::SerialFeed;
-use crate::feeds::{self, Data, FeedCtx, Sample};
+use crate::feeds::{self, Data, FeedCtx, FeedStats, Sample};
 use crate::outbox::{Class, Outbox};
 use crate::store::{Keeper, Store};
 
-/// What a pipeline is doing, as `pipelines.list` and the status say.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub enum State {
-    #[default]
-    Starting,
-    Running,
-    /// Its feed failed and is being restarted; why.
-    Restarting(String),
-    /// Not running; why (stopped by command, no model, a model it cannot feed).
-    Stopped(String),
-}
+pub use crate::feeds::State;
 
-impl State {
-    pub fn name(&self) -> &'static str {
-        match self {
-            State::Starting => "starting",
-            State::Running => "running",
-            State::Restarting(_) => "restarting",
-            State::Stopped(_) => "stopped",
-        }
-    }
-
-    pub fn reason(&self) -> Option<&str> {
-        match self {
-            State::Restarting(r) | State::Stopped(r) => Some(r),
-            _ => None,
-        }
-    }
-}
-
+/// A pipeline's counters: its feed's and its own.
 #[derive(Debug, Default)]
 pub struct PipelineStats {
+    /// The feed's state and counters (queue drops, thinning, garbage, restarts): the
+    /// pipeline's state is its feed's.
+    pub feed: Arc<FeedStats>,
     pub results: AtomicU64,
     pub errors: AtomicU64,
-    /// Samples dropped by a full queue (drop-oldest pipelines).
-    pub dropped: AtomicU64,
-    /// Samples let go by `every_nth` or `max_fps`.
-    pub skipped: AtomicU64,
-    /// Lines or messages the feed could not use.
-    pub garbage: AtomicU64,
-    /// Times the feed failed and was restarted.
-    pub restarts: AtomicU64,
     pub published: AtomicU64,
     pub captured: AtomicU64,
     /// From the feed taking a sample to its result committed, µs.
     pub e2e: Latencies,
-    state: Mutex<State>,
 }
 
 impl PipelineStats {
     pub fn state(&self) -> State {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.feed.state()
     }
 
     pub fn set_state(&self, s: State) {
-        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = s;
+        self.feed.set_state(s)
     }
 
     /// The counters and state as status and telemetry show them.
     pub fn json(&self) -> Value {
         let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let state = self.state();
+        let f = &self.feed;
         json!({
             "state": state.name(),
             "reason": state.reason(),
             "results": n(&self.results),
             "errors": n(&self.errors),
-            "dropped": n(&self.dropped),
-            "skipped": n(&self.skipped),
-            "garbage": n(&self.garbage),
-            "restarts": n(&self.restarts),
+            "dropped": n(&f.dropped),
+            "skipped": n(&f.skipped),
+            "garbage": n(&f.garbage),
+            "restarts": n(&f.restarts),
             "published": n(&self.published),
             "captured": n(&self.captured),
             "e2e_latency_us": self.e2e.quantiles(),
@@ -128,20 +94,28 @@ impl PipelineStats {
 pub struct Sinks {
     pub store: Store,
     pub outbox: Option<Outbox>,
-    pub local: Option<broadcast::Sender<LocalEvent>>,
+    pub local: Option<Events>,
     pub keeper: Arc<Keeper>,
 }
 
-/// A running pipeline's two tasks.
+type Run = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// A pipeline made and ready to run: its two tasks, for whoever supervises them, and the
+/// token that stops it (the feed first, then the pipeline drains what is queued).
 pub struct Running {
     pub cancel: CancellationToken,
-    pub feed_task: JoinHandle<()>,
-    pub task: JoinHandle<()>,
+    pub feed: Run,
+    pub serve: Run,
 }
 
-/// Start a pipeline: its feed and the task that runs the model on each sample. Fails, with
-/// the reason, if the model cannot take what the feed gives.
-pub fn spawn(
+/// Why a pipeline cannot start: the model cannot take what the feed gives.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Unfit(pub String);
+
+/// Make a pipeline: its feed and the task that runs the model on each sample, to be run by
+/// the caller. Fails, with the reason, if the model cannot take what the feed gives.
+pub fn build(
     cfg: &PipelineConfig,
     feed: &FeedConfig,
     pool: ModelPool,
@@ -149,7 +123,7 @@ pub fn spawn(
     stats: Arc<PipelineStats>,
     share: usize,
     cancel: CancellationToken,
-) -> Result<Running, String> {
+) -> Result<Running, Unfit> {
     let manifest = pool.active().manifest.clone();
     let pc = pool.config();
     let cap = if matches!(feed, FeedConfig::Directory { .. }) {
@@ -165,10 +139,10 @@ pub fn spawn(
         let want: usize = shape.iter().product();
         let have = cfg.window.get() * fields;
         if want != have {
-            return Err(format!(
+            return Err(Unfit(format!(
                 "model `{}` takes {want} values ({shape:?}) but a window of {} readings of {fields} fields is {have}",
                 manifest.name, cfg.window
-            ));
+            )));
         }
         Some(Shaper {
             window: cfg.window.get(),
@@ -185,17 +159,17 @@ pub fn spawn(
         every_nth: cfg.every_nth.get(),
         min_gap_ms: cfg.max_fps.map(|f| 1000.0 / f),
     };
-    let (tx, rx) = queue::bounded(cfg.queue.get(), cfg.on_full, gate, stats.clone());
+    let (tx, rx) = queue::bounded(cfg.queue.get(), cfg.on_full, gate, stats.feed.clone());
     let ctx = FeedCtx {
         pipeline: cfg.name.clone(),
         feed: feed.name().to_string(),
-        stats: stats.clone(),
+        stats: stats.feed.clone(),
         store: sinks.store.clone(),
         outbox: sinks.outbox.clone(),
         cancel: cancel.clone(),
     };
     stats.set_state(State::Starting);
-    let feed_task = match feed {
+    let feed_run: Run = match feed {
         FeedConfig::Directory {
             path,
             extensions,
@@ -210,18 +184,18 @@ pub fn spawn(
                 max_file_bytes: *max_file_bytes,
                 on_done: *on_done,
             };
-            tokio::spawn(feeds::run(dir, ctx, tx))
+            Box::pin(feeds::run(dir, ctx, tx))
         }
         FeedConfig::Camera(c) => {
-            let spec = FrameSpec::for_model(&manifest)?;
+            let spec = FrameSpec::for_model(&manifest).map_err(|e| Unfit(e.to_string()))?;
             let cam = CameraFeed {
                 cfg: c.clone(),
                 spec,
             };
-            tokio::spawn(feeds::run(cam, ctx, tx))
+            Box::pin(feeds::run(cam, ctx, tx))
         }
-        FeedConfig::Serial(s) => tokio::spawn(feeds::run(SerialFeed { cfg: s.clone() }, ctx, tx)),
-        FeedConfig::Mqtt(m) => tokio::spawn(feeds::run(MqttFeed { cfg: m.clone() }, ctx, tx)),
+        FeedConfig::Serial(s) => Box::pin(feeds::run(SerialFeed { cfg: s.clone() }, ctx, tx)),
+        FeedConfig::Mqtt(m) => Box::pin(feeds::run(MqttFeed { cfg: m.clone() }, ctx, tx)),
     };
     let serve = Serve {
         name: cfg.name.clone(),
@@ -238,11 +212,10 @@ pub fn spawn(
         // second would drown the log, so those results are at debug level.
         log_results: matches!(feed, FeedConfig::Directory { .. }),
     };
-    let task = tokio::spawn(serve.run(rx));
     Ok(Running {
         cancel,
-        feed_task,
-        task,
+        feed: feed_run,
+        serve: Box::pin(serve.run(rx)),
     })
 }
 
@@ -466,12 +439,7 @@ impl Serve {
         if verdicts.is_empty() {
             return;
         }
-        let signal = self
-            .sinks
-            .local
-            .as_ref()
-            .filter(|l| l.receiver_count() > 0)
-            .is_some();
+        let signal = self.sinks.local.as_ref().filter(|l| l.listened()).is_some();
         let pname = self.name.clone();
         let ob = self.sinks.outbox.clone();
         let keeper = self.sinks.keeper.clone();
@@ -513,7 +481,7 @@ impl Serve {
                         // The result and its upstream message commit together: a result is
                         // never stored without being on its way, nor sent without being stored.
                         if let Some(ob) = ob.as_ref().filter(|_| v.publish) {
-                            let topic = format!("{}/results/{pname}", ob.base);
+                            let topic = ob.topics().results(&pname);
                             ob.enqueue(
                                 &tx,
                                 &format!("results/{pname}"),
@@ -558,7 +526,7 @@ impl Serve {
                 self.stats.captured.fetch_add(1, Ordering::Relaxed);
             }
             if let (Some(l), Some(json)) = (&self.sinks.local, said) {
-                let _ = l.send(LocalEvent::Result {
+                l.send(LocalEvent::Result {
                     pipeline: self.name.clone(),
                     json,
                 });

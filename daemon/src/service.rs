@@ -1,15 +1,20 @@
-//! Startup, reload, watchdog and graceful shutdown: the daemon as a systemd service.
+//! Startup, reload, supervision, watchdog and graceful shutdown: the daemon as a systemd
+//! service.
 //!
 //! ```text
 //!  config ─► store ─► registry (active versions, then configured packages) ─► pipelines
-//!                                                                  │
-//!                                              READY=1 ◄───────────┘
+//!                       ─► updater ─► fleet link ─► D-Bus ─► READY=1
 //!  SIGHUP  ─► load + validate config ─► same apply path as startup (bad config: keep old)
-//!  SIGTERM ─► STOPPING=1 ─► stop feeds ─► pipelines drain ─► exit 0 (or name what hung)
+//!  a task ends early ─► restart it, stop its pipeline, or stop the daemon (see `tasks`)
+//!  SIGTERM ─► STOPPING=1 ─► feeds stop ─► pipelines drain ─► fleet says offline ─► the rest
+//!             all by one deadline; whatever overran is aborted and named, exit 1
 //!  timer   ─► WATCHDOG=1, only while no inference has hung
 //! ```
 //!
 //! Start and reload share [`Daemon::apply`], so a config that starts is a config that reloads.
+//! Every long-running task is registered by name in one [`Tasks`]: `registry`, `updater`,
+//! `retention`, `watchdog`, `dbus.signals`, `fleet.*`, `pipeline.<name>` and
+//! `pipeline.<name>.feed`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -17,23 +22,24 @@ use std::time::Duration;
 
 use sd_notify::NotifyState;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::{Mutex, mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, Config};
-use crate::control::{CmdError, Code, Control, DaemonState, PipelineInfo, ServiceRequest};
-use crate::engine::ModelPool;
-use crate::fleet;
+use crate::control::{
+    CmdError, Code, Control, DaemonState, LogReload, PipelineInfo, ReloadRefused, ServiceRequest,
+};
+use crate::events::Events;
+use crate::fleet::{self, Fleet};
 use crate::outbox::Outbox;
 use crate::pipeline;
 use crate::registry::{self, Registry};
 use crate::store::{Keeper, Store};
+use crate::tasks::{Failed, Policy, Tasks};
 use crate::update;
 
-/// How long SIGTERM waits for pipelines to drain before giving up on them.
+/// How long SIGTERM waits for every task to end before aborting the rest.
 pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
-
-pub use crate::control::LogReload;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -53,6 +59,8 @@ pub enum ServiceError {
     },
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error(transparent)]
+    Task(#[from] Failed),
     #[error("shutdown deadline passed with tasks still running: {0}")]
     Hung(String),
 }
@@ -69,26 +77,33 @@ impl ServiceError {
 struct Daemon {
     config: Config,
     store: Store,
-    registry: Arc<Mutex<Registry>>,
+    registry: Registry,
     /// Every configured pipeline, running or not, in config order.
     pipelines: Vec<Slot>,
     keeper: Arc<Keeper>,
     /// What the last start or reload could not do; the status says "degraded" with these.
     problems: Vec<String>,
-    pools_tx: watch::Sender<Vec<ModelPool>>,
-    cancel: CancellationToken,
     outbox: Option<Outbox>,
     control: Control,
+    tasks: Tasks,
 }
 
-/// A configured pipeline: its counters and state, and its tasks while it runs.
+/// A configured pipeline: its counters and state, and its stop token while it runs.
 struct Slot {
     config: config::PipelineConfig,
     stats: Arc<pipeline::PipelineStats>,
-    run: Option<pipeline::Running>,
+    run: Option<CancellationToken>,
 }
 
-/// Run the daemon until SIGTERM or SIGINT.
+impl Slot {
+    /// The names its two tasks run under.
+    fn task_names(&self) -> [String; 2] {
+        let n = &self.config.name;
+        [format!("pipeline.{n}"), format!("pipeline.{n}.feed")]
+    }
+}
+
+/// Run the daemon until SIGTERM or SIGINT, or until a task it cannot do without fails.
 pub async fn run(
     config_path: &Path,
     config: Config,
@@ -110,33 +125,60 @@ pub async fn run(
         .await
         .expect("store open panicked")?;
 
+    let mut tasks = Tasks::default();
+    // Ends the tasks that are not stopped in their own order (the fleet's, pipelines').
+    let cancel = CancellationToken::new();
     status("loading models");
-    let mut reg = Registry::new(store.clone(), &config.state_dir);
-    for e in reg.start(&config.pools()).await {
+    let (registry, registry_task) = Registry::new(store.clone(), &config.state_dir);
+    tasks.fatal("registry", registry_task.run_until(cancel.clone()));
+    for e in registry.start(&config.pools()).await {
         tracing::error!(error = %e, "at start");
     }
-    let (pools_tx, pools_rx) = watch::channel(Vec::new());
-    let cancel = CancellationToken::new();
     let outbox = Outbox::for_config(&config);
-    let registry = Arc::new(Mutex::new(reg));
-    let (reload_tx, mut reload_rx) = mpsc::channel::<ServiceRequest>(4);
-    let keeper = Keeper::new(config.store.into());
-    let retention = tokio::spawn(crate::store::retention_task(
-        store.clone(),
-        keeper.clone(),
-        cancel.clone(),
-    ));
+    let events = Events::default();
+    let keeper = Keeper::new(config.store);
+    {
+        let (store, keeper, cancel) = (store.clone(), keeper.clone(), cancel.clone());
+        tasks.restart("retention", move || {
+            crate::store::retention_task(store.clone(), keeper.clone(), cancel.clone())
+        });
+    }
+    // The updater asks the fleet link for chunks and to say its status; without a link
+    // there is nobody to ask.
+    let (uplink_tx, uplink_rx) = match &config.fleet {
+        Some(_) => {
+            let (tx, rx) = mpsc::channel(1024);
+            (Some(tx), Some(rx))
+        }
+        None => (None, None),
+    };
+    let updater = if config.updates.enabled() {
+        let mut deps = update::Deps::new(&config, store.clone(), registry.clone(), outbox.clone());
+        deps.events = Some(events.clone());
+        deps.uplink = uplink_tx;
+        let (updater, task) = update::new(deps);
+        let cancel = cancel.clone();
+        tasks.restart("updater", move || task.run(cancel.clone()));
+        Some(updater)
+    } else {
+        None
+    };
+    let (service_tx, mut service_rx) = mpsc::channel::<ServiceRequest>(4);
     let control = Control::new(
-        registry.clone(),
-        store.clone(),
-        outbox.clone(),
+        crate::control::Deps {
+            registry: registry.clone(),
+            store: store.clone(),
+            outbox: outbox.clone(),
+            events: events.clone(),
+            service: service_tx,
+            log: log_reload,
+            updater: updater.clone(),
+        },
         DaemonState {
             config: config.clone(),
             pipelines: Vec::new(),
             summary: "starting".into(),
         },
-        reload_tx,
-        log_reload,
     );
     let mut daemon = Daemon {
         config: config.clone(),
@@ -145,74 +187,66 @@ pub async fn run(
         pipelines: Vec::new(),
         keeper,
         problems: Vec::new(),
-        pools_tx,
-        cancel: cancel.clone(),
         outbox: outbox.clone(),
         control: control.clone(),
+        tasks,
     };
     daemon.apply(config.clone()).await;
     let summary = daemon.summary();
     daemon.publish_state(&summary);
 
-    let updater = if config.updates.enabled() {
-        let (u, task) = update::spawn(
-            update::Deps::new(
-                &config,
-                daemon.store.clone(),
-                daemon.registry.clone(),
-                outbox.clone(),
-                Some(control.clone()),
-            ),
-            cancel.child_token(),
-        );
-        Some((u, task))
-    } else {
-        None
-    };
     let fleet = match (&config.fleet, outbox) {
-        (Some(f), Some(ob)) => match fleet::spawn(
-            f,
-            control.clone(),
-            ob,
-            updater.as_ref().map(|(u, _)| u.clone()),
-        ) {
-            Ok(fl) => Some(fl),
-            Err(e) => {
-                // check-config builds the same TLS setup, so this is a file changed since.
-                tracing::error!(error = %e, "fleet link not started");
-                None
+        (Some(f), Some(ob)) => {
+            let updates = match (updater, uplink_rx) {
+                (Some(updater), Some(uplink)) => Some(fleet::UpdaterLink { updater, uplink }),
+                _ => None,
+            };
+            match fleet::spawn(f, control.clone(), ob, updates, &mut daemon.tasks) {
+                Ok(fl) => Some(fl),
+                Err(e) => {
+                    // check-config builds the same TLS setup, so this is a file changed since.
+                    tracing::error!(error = %e, "fleet link not started");
+                    None
+                }
             }
-        },
+        }
         _ => None,
     };
     // The local API. A box without the bus (a container, a developer's laptop) runs on
     // without it: say so once.
     let _dbus = match &config.dbus {
-        Some(bus) => {
-            match crate::local::serve(bus, control.clone(), config.state_dir.clone()).await {
-                Ok(conn) => {
-                    tracing::info!(bus = ?bus, "D-Bus interface io.tern.Daemon1 served");
-                    Some(conn)
-                }
-                Err(e) => {
-                    tracing::warn!(bus = ?bus, error = %e, "D-Bus interface not served (set dbus.bus = \"none\" to silence this)");
-                    None
-                }
+        Some(bus) => match crate::local::serve(bus, control.clone()).await {
+            Ok(conn) => {
+                tracing::info!(bus = ?bus, "D-Bus interface io.tern.Daemon1 served");
+                let (c, control, cancel) = (conn.clone(), control.clone(), cancel.clone());
+                daemon.tasks.restart("dbus.signals", move || {
+                    let signals = crate::local::Signals::new(c.clone(), &control);
+                    crate::local::signals(signals, cancel.clone())
+                });
+                Some(conn)
             }
-        }
+            Err(e) => {
+                tracing::warn!(bus = ?bus, error = %e, "D-Bus interface not served (set dbus.bus = \"none\" to silence this)");
+                None
+            }
+        },
         None => None,
     };
     tracing::info!(status = %summary, "ready");
     notify(&[NotifyState::Ready, NotifyState::Status(&summary)]);
+    {
+        let (registry, cancel) = (daemon.registry.clone(), cancel.clone());
+        daemon.tasks.restart("watchdog", move || {
+            watchdog(registry.clone(), cancel.clone())
+        });
+    }
 
-    let watchdog = tokio::spawn(watchdog(pools_rx, cancel.clone()));
-
-    loop {
+    let failed = loop {
         tokio::select! {
             _ = hup.recv() => {
                 let _ = daemon.reload(config_path).await;
             }
-            Some(req) = reload_rx.recv() => match req {
+            Some(req) = service_rx.recv() => match req {
                 ServiceRequest::Reload(reply) => {
                     let r = daemon.reload(config_path).await;
                     let _ = reply.send(r);
@@ -222,47 +256,63 @@ pub async fn run(
                     let _ = reply.send(r);
                 }
             },
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+            f = daemon.tasks.failed() => match f.policy {
+                Policy::Fatal => break Some(f),
+                _ => daemon.pipeline_failed(&f),
+            },
+            _ = term.recv() => break None,
+            _ = int.recv() => break None,
         }
-    }
+    };
     tracing::info!("stopping");
     notify(&[
         NotifyState::Stopping,
         NotifyState::Status("stopping: draining pipelines"),
     ]);
-    let result = daemon.stop_pipelines().await;
-    // After the pipelines: results of the drain are in the outbox and go out next time.
-    if let Some(f) = fleet {
-        f.stop().await;
+    let overran = daemon.shutdown(fleet, cancel).await;
+    if let Some(f) = failed {
+        return Err(f.into());
     }
-    cancel.cancel();
-    if let Some((_, task)) = updater {
-        let _ = task.await;
+    if overran.is_empty() {
+        Ok(())
+    } else {
+        Err(ServiceError::Hung(overran.join(", ")))
     }
-    let _ = watchdog.await;
-    let _ = retention.await;
-    result.map_err(ServiceError::Hung)
 }
 
 impl Daemon {
-    /// Bring running state in line with `config`: models first, then pipelines. Returns the
-    /// problems met (kept for the status); none of them stops the daemon.
-    async fn apply(&mut self, config: Config) {
-        let mut problems: Vec<String> = Vec::new();
-        {
-            let mut reg = self.registry.lock().await;
-            problems.extend(
-                reg.apply(&config.models)
-                    .await
-                    .into_iter()
-                    .map(|e| e.to_string()),
-            );
+    /// Stop everything by one deadline: feeds and pipelines first (their results reach the
+    /// outbox), then the fleet link (it says `offline`), then the rest. Returns the tasks that
+    /// overran and were aborted.
+    async fn shutdown(&mut self, fleet: Option<Fleet>, cancel: CancellationToken) -> Vec<String> {
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_DEADLINE;
+        self.tasks.stopping();
+        let mut overran = self.stop_pipelines(deadline).await;
+        if let Some(f) = fleet {
+            // Named in the log; what the link could not send is in the outbox, so a link
+            // that hangs (a broker that stopped answering) does not fail the stop.
+            f.stop(&mut self.tasks, deadline).await;
         }
+        cancel.cancel();
+        overran.extend(self.tasks.join_all(deadline).await);
+        overran
+    }
+
+    /// Bring running state in line with `config`: models first, then pipelines. The
+    /// problems met are kept for the status; none of them stops the daemon.
+    async fn apply(&mut self, config: Config) {
+        let mut problems: Vec<String> = self
+            .registry
+            .apply(&config.models)
+            .await
+            .into_iter()
+            .map(|e| e.to_string())
+            .collect();
         // A pipeline that overran its stop was aborted and is logged by name; it starts afresh
         // below, so it is no standing problem of the new configuration.
-        let _ = self.stop_pipelines().await;
-        self.keeper.set(config.store.into());
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_DEADLINE;
+        let _ = self.stop_pipelines(deadline).await;
+        self.keeper.set(config.store);
         let stopped: std::collections::HashSet<String> = self
             .store
             .call(|c| {
@@ -293,27 +343,22 @@ impl Daemon {
                     .set_state(pipeline::State::Stopped("stopped by command".into()));
                 continue;
             }
-            if let Err(msg) = self.start_pipeline(i).await {
+            if let Err(msg) = self.start_pipeline(i) {
                 problems.push(msg);
             }
         }
-        let pools: Vec<ModelPool> = self.registry.lock().await.pools().cloned().collect();
-        self.pools_tx.send_replace(pools);
         self.problems = problems;
     }
 
     /// Start the pipeline in slot `i`; on failure its state says why, and so does the error.
-    async fn start_pipeline(&mut self, i: usize) -> Result<(), String> {
-        let pool = self
-            .registry
-            .lock()
-            .await
-            .pool(&self.pipelines[i].config.model);
+    fn start_pipeline(&mut self, i: usize) -> Result<(), String> {
+        let pool = self.registry.pool(&self.pipelines[i].config.model);
         let share = self
             .pipelines
             .iter()
             .filter(|s| s.config.model == self.pipelines[i].config.model)
             .count();
+        let names = self.pipelines[i].task_names();
         let slot = &mut self.pipelines[i];
         let p = &slot.config;
         let feed = self
@@ -322,26 +367,30 @@ impl Daemon {
             .iter()
             .find(|f| f.name() == p.feed)
             .expect("validated");
-        let started = match pool {
+        let built = match pool {
             None => Err(format!("model `{}` has no active version", p.model)),
-            Some(pool) => pipeline::spawn(
+            Some(pool) => pipeline::build(
                 p,
                 feed,
                 pool,
                 pipeline::Sinks {
                     store: self.store.clone(),
                     outbox: self.outbox.clone(),
-                    local: Some(self.control.local_sender()),
+                    local: Some(self.control.events().clone()),
                     keeper: self.keeper.clone(),
                 },
                 slot.stats.clone(),
                 share,
-                self.cancel.child_token(),
-            ),
+                CancellationToken::new(),
+            )
+            .map_err(|e| e.to_string()),
         };
-        match started {
+        match built {
             Ok(run) => {
-                slot.run = Some(run);
+                let [serve, feed] = names;
+                self.tasks.report(serve, run.serve);
+                self.tasks.report(feed, run.feed);
+                slot.run = Some(run.cancel);
                 Ok(())
             }
             Err(why) => {
@@ -351,6 +400,33 @@ impl Daemon {
                 Err(msg)
             }
         }
+    }
+
+    /// One of a pipeline's tasks ended by itself (a bug): the pipeline stops, and its state
+    /// and the status say why, until it is started again.
+    fn pipeline_failed(&mut self, f: &Failed) {
+        let Some(i) = self
+            .pipelines
+            .iter()
+            .position(|s| s.task_names().contains(&f.name))
+        else {
+            tracing::error!(task = %f.name, why = %f.why, "an unknown task ended");
+            return;
+        };
+        if let Some(cancel) = self.pipelines[i].run.take() {
+            // The other half follows: a feed with no pipeline, or a pipeline with no feed.
+            cancel.cancel();
+        }
+        let why = format!("its task {} {}", f.name, f.why);
+        let name = self.pipelines[i].config.name.clone();
+        tracing::error!(pipeline = %name, reason = %why, "pipeline stopped");
+        self.pipelines[i]
+            .stats
+            .set_state(pipeline::State::Stopped(why.clone()));
+        self.problems
+            .push(format!("pipeline `{name}` stopped: {why}"));
+        let summary = self.summary();
+        self.publish_state(&summary);
     }
 
     /// `pipelines.start` / `pipelines.stop`: the choice is kept in the database, so a stopped
@@ -394,12 +470,17 @@ impl Daemon {
         self.problems.retain(|p| !p.starts_with(&prefix));
         if start {
             if self.pipelines[i].run.is_none() {
-                failed = self.start_pipeline(i).await.err();
+                failed = self.start_pipeline(i).err();
                 self.problems.extend(failed.clone());
             }
-        } else if let Some(run) = self.pipelines[i].run.take() {
-            if let Err(hung) = stop_all(vec![(name.to_string(), run)]).await {
-                failed = Some(format!("{hung} did not stop in time; aborted"));
+        } else if let Some(cancel) = self.pipelines[i].run.take() {
+            cancel.cancel();
+            let deadline = tokio::time::Instant::now() + SHUTDOWN_DEADLINE;
+            let names = self.pipelines[i].task_names();
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            if !self.tasks.join(&names, deadline).await.is_empty() {
+                tracing::error!(pipeline = %name, "did not stop within {SHUTDOWN_DEADLINE:?}; aborted");
+                failed = Some(format!("pipeline `{name}` did not stop in time; aborted"));
             }
             self.pipelines[i]
                 .stats
@@ -436,7 +517,7 @@ impl Daemon {
     }
 
     /// Reload the configuration: the new status, or why the new configuration was refused.
-    async fn reload(&mut self, path: &Path) -> Result<String, String> {
+    async fn reload(&mut self, path: &Path) -> Result<String, ReloadRefused> {
         notify(&[
             NotifyState::Reloading,
             NotifyState::monotonic_usec_now().unwrap_or(NotifyState::Status("reloading")),
@@ -451,13 +532,13 @@ impl Daemon {
         let result = match loaded {
             Err(e) => {
                 tracing::error!("new configuration refused, keeping the running one: {e}");
-                Err(format!(
+                Err(ReloadRefused(format!(
                     "reload refused: {}",
                     e.0.iter()
                         .map(|p| p.to_string())
                         .collect::<Vec<_>>()
                         .join("; ")
-                ))
+                )))
             }
             Ok(mut new) => {
                 if new.state_dir != self.config.state_dir {
@@ -485,59 +566,36 @@ impl Daemon {
             }
         };
         let summary = match &result {
-            Ok(s) | Err(s) => s.clone(),
+            Ok(s) => s.clone(),
+            Err(e) => e.0.clone(),
         };
         tracing::info!(status = %summary, "reloaded");
         notify(&[NotifyState::Ready, NotifyState::Status(&summary)]);
         result
     }
 
-    /// Stop every pipeline: feeds first, then let each pipeline drain what is queued.
-    async fn stop_pipelines(&mut self) -> Result<(), String> {
-        let running = self
-            .pipelines
-            .iter_mut()
-            .filter_map(|s| Some((s.config.name.clone(), s.run.take()?)))
-            .collect();
-        stop_all(running).await
+    /// Stop every pipeline by `deadline`: feeds first, then let each pipeline drain what is
+    /// queued. Returns those that overran (and were aborted).
+    async fn stop_pipelines(&mut self, deadline: tokio::time::Instant) -> Vec<String> {
+        let mut names = Vec::new();
+        for s in &mut self.pipelines {
+            if let Some(cancel) = s.run.take() {
+                cancel.cancel();
+                names.extend(s.task_names());
+            }
+        }
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        self.tasks.join(&names, deadline).await
     }
 
     fn summary(&self) -> String {
-        let models = self.pools_tx.borrow().len();
+        let models = self.registry.snapshot().len();
         let running = self.pipelines.iter().filter(|s| s.run.is_some()).count();
         let mut s = format!("ready: {models} model(s) active, {running} pipeline(s) running");
         if !self.problems.is_empty() {
             s += &format!("; degraded: {}", self.problems.join("; "));
         }
         s
-    }
-}
-
-/// Stop pipelines: feeds first, then let each pipeline drain what is queued; names what
-/// overran the deadline (and was aborted).
-async fn stop_all(running: Vec<(String, pipeline::Running)>) -> Result<(), String> {
-    for (_, p) in &running {
-        p.cancel.cancel();
-    }
-    let deadline = tokio::time::Instant::now() + SHUTDOWN_DEADLINE;
-    let mut hung = Vec::new();
-    for (name, mut p) in running {
-        let feed_done = tokio::time::timeout_at(deadline, &mut p.feed_task)
-            .await
-            .is_ok();
-        let task_done = tokio::time::timeout_at(deadline, &mut p.task).await.is_ok();
-        if !(feed_done && task_done) {
-            // Abort what overran so that a reload never runs two copies of a pipeline.
-            p.feed_task.abort();
-            p.task.abort();
-            tracing::error!(pipeline = %name, "did not stop within {SHUTDOWN_DEADLINE:?}; aborted");
-            hung.push(format!("pipeline `{name}`"));
-        }
-    }
-    if hung.is_empty() {
-        Ok(())
-    } else {
-        Err(hung.join(", "))
     }
 }
 
@@ -564,10 +622,11 @@ pub fn lock_state_dir(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, Se
 }
 
 /// Feed the systemd watchdog at half its period, but only while no inference worker has been
-/// stuck in one job for a whole period: a hung engine must get the service restarted.
-async fn watchdog(pools: watch::Receiver<Vec<ModelPool>>, cancel: CancellationToken) {
+/// stuck in one job for a whole period: a hung engine must get the service restarted. Every
+/// tick reads the registry's snapshot, so a pool made at any time is watched at once.
+async fn watchdog(registry: Registry, cancel: CancellationToken) {
     let Some(period) = watchdog_period() else {
-        return;
+        return cancel.cancelled().await;
     };
     let mut tick = tokio::time::interval(period / 2);
     let mut was_healthy = true;
@@ -576,9 +635,9 @@ async fn watchdog(pools: watch::Receiver<Vec<ModelPool>>, cancel: CancellationTo
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let stuck: Vec<String> = pools
-            .borrow()
-            .iter()
+        let stuck: Vec<String> = registry
+            .snapshot()
+            .pools()
             .filter(|p| !p.healthy(period))
             .map(|p| p.name().to_string())
             .collect();

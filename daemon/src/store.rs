@@ -217,16 +217,6 @@ pub struct Retention {
     pub capture_budget_bytes: u64,
 }
 
-impl From<crate::config::StoreConfig> for Retention {
-    fn from(s: crate::config::StoreConfig) -> Retention {
-        Retention {
-            results_max_age: s.results_max_age,
-            results_budget_bytes: s.results_budget_bytes,
-            capture_budget_bytes: s.capture_budget_bytes,
-        }
-    }
-}
-
 /// Rows deleted by one round of retention.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Pruned {
@@ -510,6 +500,13 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+/// Bytes free for unprivileged use on the file system holding `path` (the state directory's
+/// disk, which updates and retention budget against).
+pub fn disk_free_bytes(path: &Path) -> Option<u64> {
+    let s = nix::sys::statvfs::statvfs(path).ok()?;
+    Some(s.blocks_available() as u64 * s.fragment_size() as u64)
 }
 
 #[cfg(test)]

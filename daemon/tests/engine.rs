@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use ternd::config::PoolConfig;
+use ternd::engine::PoolSettings;
 use ternd::engine::{EngineError, Input, Model, ModelPool, PixelFormat, Runtime};
 use ternd::registry::Registry;
 use ternd::store::Store;
@@ -243,11 +243,11 @@ fn bad_inputs_get_errors_that_say_what_is_wrong() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_answers_busy_at_once() {
     let m = Arc::new(load("digits-cnn-f32"));
-    let cfg = PoolConfig {
+    let cfg = PoolSettings {
         threads: NonZeroUsize::MIN,
         workers: NonZeroUsize::MIN,
         queue: NonZeroUsize::MIN,
-        ..PoolConfig::default()
+        ..PoolSettings::default()
     };
     let pool = ModelPool::spawn(m, cfg);
     let input = Input::Encoded(png());
@@ -302,7 +302,7 @@ fn version_of(src: &str, version: &str, dir: &Path) -> PathBuf {
 async fn a_hundred_hot_swaps_under_load_fail_no_request() {
     let d = tempfile::tempdir().unwrap();
     let store = Store::open(&d.path().join("tern.db")).unwrap();
-    let mut reg = Registry::new(store, d.path());
+    let reg = Registry::spawn(store, d.path());
     let v1 = reg
         .install(&version_of("digits-mlp-int8", "1.0.0", d.path()))
         .await
@@ -311,9 +311,9 @@ async fn a_hundred_hot_swaps_under_load_fail_no_request() {
         .install(&version_of("digits-mlp-int8", "1.1.0", d.path()))
         .await
         .unwrap();
-    let cfg = PoolConfig {
+    let cfg = PoolSettings {
         queue: NonZeroUsize::new(64).unwrap(),
-        ..PoolConfig::default()
+        ..PoolSettings::default()
     };
     reg.activate("digits-mlp-int8", &v1.version, cfg)
         .await

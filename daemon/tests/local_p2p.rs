@@ -3,14 +3,14 @@
 //! unit tests. The bus policy and dbus-daemon itself are covered by tests/e2e/dbus.rs.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use futures_util::StreamExt as _;
 use serde_json::Value;
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::mpsc;
 
 use ternd::config;
-use ternd::control::{Control, DaemonState, LocalEvent};
+use ternd::control::{Control, DaemonState};
+use ternd::events::LocalEvent;
 use ternd::local::client::Daemon1Proxy;
 use ternd::registry::Registry;
 use ternd::store::Store;
@@ -39,28 +39,32 @@ async fn control(dir: &Path) -> Control {
         .await
         .unwrap()
         .unwrap();
-    let mut reg = Registry::new(store.clone(), &cfg.state_dir);
-    assert!(reg.apply(&cfg.models).await.is_empty());
+    let registry = Registry::spawn(store.clone(), &cfg.state_dir);
+    assert!(registry.apply(&cfg.models).await.is_empty());
     let (reload, _) = mpsc::channel(1);
     Control::new(
-        Arc::new(Mutex::new(reg)),
-        store,
-        None,
+        ternd::control::Deps {
+            registry,
+            store,
+            outbox: None,
+            events: Default::default(),
+            service: reload,
+            log: Box::new(|_| Ok(())),
+            updater: None,
+        },
         DaemonState {
             config: cfg,
             pipelines: Vec::new(),
             summary: "ready: test".into(),
         },
-        reload,
-        Box::new(|_| Ok(())),
     )
 }
 
 /// The server side and a client proxy on the two ends of a socket pair.
-async fn pair(control: Control, state_dir: PathBuf) -> (zbus::Connection, Daemon1Proxy<'static>) {
+async fn pair(control: Control) -> (zbus::Connection, Daemon1Proxy<'static>) {
     let (a, b) = tokio::net::UnixStream::pair().unwrap();
     let guid = zbus::Guid::generate();
-    let server = ternd::local::serve_p2p(a, guid, control, state_dir);
+    let server = ternd::local::serve_p2p(a, guid, control);
     let client = async {
         zbus::connection::Builder::unix_stream(b)
             .p2p()
@@ -95,7 +99,7 @@ fn error_name(e: zbus::Error) -> String {
 async fn methods_errors_properties_and_signals_peer_to_peer() {
     let d = tempfile::tempdir().unwrap();
     let control = control(d.path()).await;
-    let (_server, p) = pair(control.clone(), d.path().join("state")).await;
+    let (_server, p) = pair(control.clone()).await;
 
     let s = json(p.status().await.unwrap());
     assert_eq!(s["status"], "ready: test");
@@ -220,7 +224,6 @@ async fn methods_errors_properties_and_signals_peer_to_peer() {
 /// once, even when more results than a page share one timestamp.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn results_pages_never_repeat_or_skip_rows_sharing_a_timestamp() {
-    use ternd::control::Command;
     let d = tempfile::tempdir().unwrap();
     let control = control(d.path()).await;
     // 7 results at one instant, 3 at the next, 2 before `since`.
@@ -249,7 +252,7 @@ async fn results_pages_never_repeat_or_skip_rows_sharing_a_timestamp() {
     let mut args = serde_json::json!({"since": 5000, "limit": 3});
     loop {
         let page = control
-            .execute(Command::parse("results.query", args.clone()).unwrap())
+            .dispatch("results.query", args.clone())
             .await
             .unwrap();
         let rows = page["results"].as_array().unwrap();

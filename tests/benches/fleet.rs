@@ -14,7 +14,6 @@
 //! Environment: `TERN_BENCH_MESSAGES` (default 20000), `TERN_BENCH_PINGS` (default 1000),
 //! `TERN_BENCH_BACKLOG` (default 100000).
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -90,6 +89,7 @@ struct InProcess {
     store: ternd::store::Store,
     outbox: ternd::outbox::Outbox,
     _fleet: ternd::fleet::Fleet,
+    _tasks: ternd::tasks::Tasks,
     _dir: tempfile::TempDir,
 }
 
@@ -108,34 +108,44 @@ fn in_process(broker: &Broker) -> InProcess {
     std::fs::create_dir_all(&config.state_dir).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let store = ternd::store::Store::open(&config.state_dir.join("tern.db")).unwrap();
-    let outbox = ternd::outbox::Outbox::new("tern/bench".into(), config.outbox.budget_bytes);
-    let registry = Arc::new(tokio::sync::Mutex::new(ternd::registry::Registry::new(
-        store.clone(),
-        &config.state_dir,
-    )));
+    let outbox = ternd::outbox::Outbox::new(
+        tern_update::topics::Device::new("tern", "bench", &[]),
+        config.outbox.budget_bytes,
+    );
+    let registry = {
+        let _g = rt.enter();
+        ternd::registry::Registry::spawn(store.clone(), &config.state_dir)
+    };
     let (reload_tx, _reload_rx) = tokio::sync::mpsc::channel(1);
     let fleet_cfg = config.fleet.clone().unwrap();
     let control = ternd::control::Control::new(
-        registry,
-        store.clone(),
-        Some(outbox.clone()),
+        ternd::control::Deps {
+            registry,
+            store: store.clone(),
+            outbox: Some(outbox.clone()),
+            events: Default::default(),
+            service: reload_tx,
+            log: Box::new(|_| Ok(())),
+            updater: None,
+        },
         ternd::control::DaemonState {
             config,
             pipelines: Vec::new(),
             summary: "bench".into(),
         },
-        reload_tx,
-        Box::new(|_| Ok(())),
     );
+    // The link's tasks live as long as this set does.
+    let mut tasks = ternd::tasks::Tasks::default();
     let fleet = {
         let _g = rt.enter();
-        ternd::fleet::spawn(&fleet_cfg, control, outbox.clone(), None).unwrap()
+        ternd::fleet::spawn(&fleet_cfg, control, outbox.clone(), None, &mut tasks).unwrap()
     };
     InProcess {
         rt,
         store,
         outbox,
         _fleet: fleet,
+        _tasks: tasks,
         _dir: dir,
     }
 }
@@ -225,7 +235,10 @@ fn daemon_with_backlog(rows: usize, port: u16) -> (tempfile::TempDir, Daemon, No
     std::fs::create_dir_all(&state).unwrap();
     {
         let store = ternd::store::Store::open(&state.join("tern.db")).unwrap();
-        let ob = ternd::outbox::Outbox::new("tern/bench".into(), u64::MAX);
+        let ob = ternd::outbox::Outbox::new(
+            tern_update::topics::Device::new("tern", "bench", &[]),
+            u64::MAX,
+        );
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(store.call(move |c| {
             let tx = c.transaction()?;

@@ -17,7 +17,7 @@ use std::path::PathBuf;
 pub use input::{Input, PixelFormat, Prepared, read_npy_f32};
 pub use manifest::{Color, MANIFEST_FILE, MODEL_FILE, Manifest, is_inside};
 pub use model::{Class, Model, Prediction};
-pub use pool::{Latencies, ModelPool, PoolStats, Quantiles, panic_message};
+pub use pool::{Latencies, ModelPool, PoolSettings, PoolStats, Pools, Quantiles, panic_message};
 
 /// Where models run (`engine.runtime`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
@@ -62,14 +62,15 @@ pub enum EngineError {
 
 impl EngineError {
     /// A stable code for replies to other programs.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> tern_update::Code {
+        use tern_update::Code;
         match self {
-            EngineError::Manifest { .. } | EngineError::Input { .. } => "bad_request",
-            EngineError::Load { .. } | EngineError::SelfTest { .. } => "bad_model",
+            EngineError::Manifest { .. } | EngineError::Input { .. } => Code::BadRequest,
+            EngineError::Load { .. } | EngineError::SelfTest { .. } => Code::BadModel,
             EngineError::Run { .. }
             | EngineError::Stopped { .. }
-            | EngineError::Unreadable { .. } => "internal",
-            EngineError::Busy { .. } => "busy",
+            | EngineError::Unreadable { .. } => Code::Internal,
+            EngineError::Busy { .. } => Code::Busy,
         }
     }
 }

@@ -12,6 +12,7 @@
 //! version is freed when its last request is done. Workers publish a heartbeat so the service
 //! can stop feeding the systemd watchdog when an inference hangs.
 
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -19,8 +20,44 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use tokio::sync::oneshot;
 
-use super::{EngineError, Input, Model, Prediction};
-use crate::config::PoolConfig;
+use super::{EngineError, Input, Model, Prediction, Runtime};
+
+/// How one model is served: the settings a pool is started with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolSettings {
+    /// Threads tract may use inside one inference.
+    pub threads: NonZeroUsize,
+    /// Inferences of this model that may run at once.
+    pub workers: NonZeroUsize,
+    /// Requests that may wait; one more is answered `busy` at once.
+    pub queue: NonZeroUsize,
+    /// Where the model runs.
+    pub runtime: Runtime,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        PoolSettings {
+            threads: NonZeroUsize::MIN,
+            workers: NonZeroUsize::MIN,
+            queue: NonZeroUsize::new(16).expect("not zero"),
+            runtime: Runtime::Cpu,
+        }
+    }
+}
+
+/// Pool settings by model name, with a default for any other model (one an update brought).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Pools {
+    pub models: std::collections::HashMap<String, PoolSettings>,
+    pub default: PoolSettings,
+}
+
+impl Pools {
+    pub fn get(&self, name: &str) -> PoolSettings {
+        self.models.get(name).copied().unwrap_or(self.default)
+    }
+}
 
 struct Job {
     model: Arc<Model>,
@@ -108,7 +145,7 @@ struct Inner {
     name: String,
     active: ArcSwap<Model>,
     tx: crossbeam_channel::Sender<Job>,
-    config: PoolConfig,
+    config: PoolSettings,
     /// Per worker: milliseconds since `epoch` when its current job started, 0 when idle.
     busy_since: Vec<AtomicU64>,
     epoch: Instant,
@@ -118,7 +155,7 @@ struct Inner {
 impl ModelPool {
     /// Start `config.workers` threads serving `model`. The threads end once the last handle
     /// is dropped; requests still queued then are answered `Stopped`.
-    pub fn spawn(model: Arc<Model>, config: PoolConfig) -> ModelPool {
+    pub fn spawn(model: Arc<Model>, config: PoolSettings) -> ModelPool {
         let (tx, rx) = crossbeam_channel::bounded::<Job>(config.queue.get());
         let inner = Arc::new(Inner {
             name: model.name().to_string(),
@@ -147,7 +184,7 @@ impl ModelPool {
         &self.inner.name
     }
 
-    pub fn config(&self) -> PoolConfig {
+    pub fn config(&self) -> PoolSettings {
         self.inner.config
     }
 

@@ -32,20 +32,26 @@ pub struct FrameSpec {
     pub format: PixelFormat,
 }
 
+/// A model a camera cannot feed, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct NoFrames(pub String);
+
 impl FrameSpec {
     /// The frame a model's image input takes, or why the model takes no images.
-    pub fn for_model(m: &Manifest) -> Result<FrameSpec, String> {
+    pub fn for_model(m: &Manifest) -> Result<FrameSpec, NoFrames> {
         let (h, w) = m.image_size().ok_or_else(|| {
-            format!(
+            NoFrames(format!(
                 "model `{}` takes no fixed-size image, so a camera cannot feed it",
                 m.name
-            )
+            ))
         })?;
-        let color = m
-            .preprocess
-            .as_ref()
-            .map(|p| p.color)
-            .ok_or_else(|| format!("model `{}` declares no image preprocessing", m.name))?;
+        let color = m.preprocess.as_ref().map(|p| p.color).ok_or_else(|| {
+            NoFrames(format!(
+                "model `{}` declares no image preprocessing",
+                m.name
+            ))
+        })?;
         Ok(FrameSpec {
             width: w as u32,
             height: h as u32,

@@ -19,15 +19,69 @@ pub mod queue;
 pub mod serial;
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::Input;
 use crate::outbox::Outbox;
-use crate::pipeline::{PipelineStats, State};
 use crate::store::Store;
+
+/// What a feed is doing, as `pipelines.list` and the status say.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum State {
+    #[default]
+    Starting,
+    Running,
+    /// Its source failed and is being restarted; why.
+    Restarting(String),
+    /// Not running; why (stopped by command, no model, a model it cannot feed).
+    Stopped(String),
+}
+
+impl State {
+    pub fn name(&self) -> &'static str {
+        match self {
+            State::Starting => "starting",
+            State::Running => "running",
+            State::Restarting(_) => "restarting",
+            State::Stopped(_) => "stopped",
+        }
+    }
+
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            State::Restarting(r) | State::Stopped(r) => Some(r),
+            _ => None,
+        }
+    }
+}
+
+/// A feed's state and counters, shared with whoever reports them.
+#[derive(Debug, Default)]
+pub struct FeedStats {
+    /// Samples dropped by a full queue (drop-oldest queues).
+    pub dropped: AtomicU64,
+    /// Samples let go by `every_nth` or `max_fps`.
+    pub skipped: AtomicU64,
+    /// Lines or messages the feed could not use.
+    pub garbage: AtomicU64,
+    /// Times the source failed and was restarted.
+    pub restarts: AtomicU64,
+    state: Mutex<State>,
+}
+
+impl FeedStats {
+    pub fn state(&self) -> State {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set_state(&self, s: State) {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = s;
+    }
+}
 
 /// One input from a feed.
 #[derive(Debug)]
@@ -69,9 +123,10 @@ impl Sample {
 /// What every feed needs besides its own settings.
 #[derive(Clone)]
 pub struct FeedCtx {
+    /// The name the feed's samples are taken for, in its log lines and events.
     pub pipeline: String,
     pub feed: String,
-    pub stats: Arc<PipelineStats>,
+    pub stats: Arc<FeedStats>,
     pub store: Store,
     pub outbox: Option<Outbox>,
     pub cancel: CancellationToken,

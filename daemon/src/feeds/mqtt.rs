@@ -35,7 +35,7 @@ impl super::Source for MqttFeed {
                 64 * 1024,
             );
         if let Some(t) = &c.tls {
-            match crate::fleet::tls::client_config(t) {
+            match crate::tls::client_config(t) {
                 Ok(cfg) => {
                     o.set_transport(rumqttc::Transport::tls_with_config(
                         rumqttc::TlsConfiguration::Rustls(cfg),

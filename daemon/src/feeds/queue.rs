@@ -12,9 +12,9 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
+use super::FeedStats;
 use super::Sample;
 use crate::config::OnFull;
-use crate::pipeline::PipelineStats;
 
 /// How a pipeline thins its samples before they queue.
 #[derive(Debug, Clone, Copy)]
@@ -33,7 +33,7 @@ struct Shared {
     cap: usize,
     policy: OnFull,
     gate: Gate,
-    stats: Arc<PipelineStats>,
+    stats: Arc<FeedStats>,
 }
 
 struct St {
@@ -60,7 +60,7 @@ pub fn bounded(
     cap: usize,
     policy: OnFull,
     gate: Gate,
-    stats: Arc<PipelineStats>,
+    stats: Arc<FeedStats>,
 ) -> (Sender, Receiver) {
     let shared = Arc::new(Shared {
         state: Mutex::new(St {
@@ -245,7 +245,7 @@ mod tests {
 
     #[tokio::test]
     async fn drop_oldest_keeps_the_newest_and_counts_drops() {
-        let stats = Arc::new(PipelineStats::default());
+        let stats = Arc::new(FeedStats::default());
         let (tx, mut rx) = bounded(3, OnFull::DropOldest, gate(), stats.clone());
         for i in 0..10 {
             tx.send(sample(i)).await.unwrap();
@@ -258,7 +258,7 @@ mod tests {
 
     #[tokio::test]
     async fn drop_oldest_never_drops_a_restart_marker() {
-        let stats = Arc::new(PipelineStats::default());
+        let stats = Arc::new(FeedStats::default());
         let (tx, mut rx) = bounded(2, OnFull::DropOldest, gate(), stats.clone());
         tx.send(Sample::new("r".into(), Data::Restart))
             .await
@@ -274,7 +274,7 @@ mod tests {
 
     #[tokio::test]
     async fn wait_applies_back_pressure_and_loses_nothing() {
-        let stats = Arc::new(PipelineStats::default());
+        let stats = Arc::new(FeedStats::default());
         let (tx, mut rx) = bounded(2, OnFull::Wait, gate(), stats.clone());
         let writer = tokio::spawn(async move {
             for i in 0..50 {
@@ -294,7 +294,7 @@ mod tests {
 
     #[tokio::test]
     async fn every_nth_lets_one_in_n_through_and_a_gone_receiver_closes() {
-        let stats = Arc::new(PipelineStats::default());
+        let stats = Arc::new(FeedStats::default());
         let g = Gate {
             every_nth: 3,
             min_gap_ms: None,
@@ -315,7 +315,7 @@ mod tests {
 
     #[tokio::test]
     async fn max_fps_skips_samples_closer_than_the_gap() {
-        let stats = Arc::new(PipelineStats::default());
+        let stats = Arc::new(FeedStats::default());
         let g = Gate {
             every_nth: 1,
             min_gap_ms: Some(60_000.0),

@@ -12,7 +12,7 @@ use rusqlite::OptionalExtension as _;
 use serde_json::{Value, json};
 
 use crate::config::{CommandsConfig, SignPolicy};
-use crate::control::{CmdError, Code, Command, Control, NAMES};
+use crate::control::{CmdError, Code, Control, commands};
 use crate::store::now_ms;
 use tern_update::command::{self as signing, Auth};
 
@@ -173,15 +173,13 @@ async fn run(
     cmd: &Incoming,
     env: Envelope,
 ) -> Result<Value, CmdError> {
-    if !NAMES.contains(&cmd.name.as_str()) {
-        return Err(CmdError::new(
-            Code::UnknownCommand,
-            format!("no command `{}`; known: {}", cmd.name, NAMES.join(", ")),
-        ));
-    }
+    let Some(entry) = commands::find(&cmd.name).filter(|e| e.spec.fleet) else {
+        return Err(crate::control::unknown(&cmd.name));
+    };
+    let changes_state = entry.spec.changes_state;
     let must_sign = match cfg.require_signed {
         SignPolicy::None => false,
-        SignPolicy::StateChanging => Command::changes_state(&cmd.name),
+        SignPolicy::StateChanging => changes_state,
         SignPolicy::All => true,
     };
     let nonce = if must_sign {
@@ -289,15 +287,10 @@ async fn run(
         Claim::Mine => running.insert(&env.id),
     }
 
-    let result = match Command::parse(&cmd.name, env.args) {
-        Ok(c) => {
-            if Command::changes_state(&cmd.name) {
-                tracing::info!(id = %env.id, command = %cmd.name, target = %cmd.target, signed = nonce.is_some(), "command");
-            }
-            control.execute(c).await
-        }
-        Err(e) => Err(e),
-    };
+    if changes_state {
+        tracing::info!(id = %env.id, command = %cmd.name, target = %cmd.target, signed = nonce.is_some(), "command");
+    }
+    let result = entry.run(control, env.args).await;
     let reply = match &result {
         Ok(v) => reply_ok(&env.id, v.clone()),
         Err(e) => reply_err(Some(&env.id), e),

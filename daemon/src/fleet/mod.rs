@@ -10,31 +10,35 @@
 //!  command task ── commands::handle ─► reply (MQTT 5 response topic, else <base>/reply/<id>)
 //!  presence task ── retained birth on <base>/state on connect, on change, on announce
 //!  telemetry task ── every N s a telemetry message through the outbox
+//!  updates task ── the updater's requests: chunk subscriptions, retained update statuses
+//!                   (kept, and said again on every connect), manifests asked for again
 //! ```
 //!
-//! Topics (prefix `tern` by default): `<prefix>/<device>/{state,telemetry,events,results/<p>,
-//! cmd/<name>,reply/<id>,update/<model>,updates/<model>}`, `<prefix>/fleet/<group>/{cmd/<name>,
-//! update/<model>}`, `<prefix>/fleet/{announce,keys}`, `<prefix>/artifacts/<sha256>/<index>`
-//! (update delivery is described in `crate::update`).
+//! Every topic is built in `tern_update::topics`, shared with the operator's tool. Manifests,
+//! key rotations and chunks go to the updater as they arrive; the updater never touches the
+//! link itself.
 
 pub mod commands;
 pub mod mqtt;
 pub mod telemetry;
-pub mod tls;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use tokio::sync::{Notify, mpsc};
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+use tern_update::topics::{self, Route};
 
 use crate::config::FleetConfig;
 use crate::control::{CmdError, Code, Control};
 use crate::outbox::{self, Class, Outbox};
-use crate::update::{self, Updater};
+use crate::tasks::Tasks;
+use crate::update::{Delivery, Updater, Uplink};
 use mqtt::{Event, Link};
+
+type Topics = topics::Device;
 
 /// Outbox rows queued or awaiting their PUBACK at once.
 const WINDOW: usize = 128;
@@ -47,147 +51,22 @@ const COMMANDS_AT_ONCE: usize = 4;
 /// a box should not flood its uplink answering one question).
 pub const MAX_REPLY_BYTES: usize = 120 * 1024;
 
-/// Topic names for one device.
-#[derive(Debug, Clone)]
-pub struct Topics {
-    pub prefix: String,
-    pub device: String,
-    pub base: String,
-    pub groups: Vec<String>,
-}
-
-impl Topics {
-    pub fn new(cfg: &FleetConfig) -> Topics {
-        Topics {
-            prefix: cfg.prefix.clone(),
-            device: cfg.device.clone(),
-            base: format!("{}/{}", cfg.prefix, cfg.device),
-            groups: cfg.groups.clone(),
-        }
-    }
-
-    pub fn state(&self) -> String {
-        format!("{}/state", self.base)
-    }
-
-    pub fn announce(&self) -> String {
-        format!("{}/fleet/announce", self.prefix)
-    }
-
-    pub fn reply(&self, id: &str) -> String {
-        format!("{}/reply/{id}", self.base)
-    }
-
-    /// An MQTT 5 response topic the box will publish a reply on: anything outside tern's own
-    /// topics, or this box's reply topics. A requester cannot make the box publish onto
-    /// another box's command topics or its own state, events or results.
-    fn may_answer_on(&self, topic: &str) -> bool {
-        let ours = format!("{}/", self.prefix);
-        !topic.starts_with(&ours) || topic.starts_with(&format!("{}/reply/", self.base))
-    }
-
-    fn keys(&self) -> String {
-        format!("{}/fleet/keys", self.prefix)
-    }
-
-    fn filters(&self, updates: bool) -> Vec<String> {
-        let mut f = Vec::new();
-        if updates {
-            // Keys first: the broker sends retained messages per subscription in order, and a
-            // rotation must be in force before the manifests signed with the new keys arrive.
-            f.push(self.keys());
-        }
-        f.extend([format!("{}/cmd/+", self.base), self.announce()]);
-        for g in &self.groups {
-            f.push(format!("{}/fleet/{g}/cmd/+", self.prefix));
-        }
-        if updates {
-            f.push(format!("{}/update/+", self.base));
-            for g in &self.groups {
-                f.push(format!("{}/fleet/{g}/update/+", self.prefix));
-            }
-        }
-        f
-    }
-
-    /// What a delivered topic is to us.
-    fn route(&self, topic: &str) -> Route {
-        if topic == self.announce() {
-            return Route::Announce;
-        }
-        if let Some(name) = topic
-            .strip_prefix(&self.base)
-            .and_then(|t| t.strip_prefix("/cmd/"))
-        {
-            return Route::Command {
-                name: name.to_string(),
-                target: self.device.clone(),
-            };
-        }
-        if let Some(rest) = topic
-            .strip_prefix(&self.prefix)
-            .and_then(|t| t.strip_prefix("/fleet/"))
-            && let Some((group, name)) = rest.split_once("/cmd/")
-            && self.groups.iter().any(|g| g == group)
-        {
-            return Route::Command {
-                name: name.to_string(),
-                target: format!("group:{group}"),
-            };
-        }
-        if topic == self.keys() {
-            return Route::Keys;
-        }
-        let manifest = topic
-            .strip_prefix(&self.base)
-            .and_then(|t| t.strip_prefix("/update/"))
-            .is_some()
-            || topic
-                .strip_prefix(&self.prefix)
-                .and_then(|t| t.strip_prefix("/fleet/"))
-                .and_then(|r| r.split_once("/update/"))
-                .is_some_and(|(g, _)| self.groups.iter().any(|x| x == g));
-        if manifest {
-            return Route::Manifest;
-        }
-        if let Some(rest) = topic
-            .strip_prefix(&self.prefix)
-            .and_then(|t| t.strip_prefix("/artifacts/"))
-            && let Some((sha, index)) = rest.split_once('/')
-            && let Ok(index) = index.parse::<usize>()
-        {
-            return Route::Chunk {
-                sha256: sha.to_string(),
-                index,
-            };
-        }
-        Route::Other
-    }
-}
-
-enum Route {
-    Command { name: String, target: String },
-    Announce,
-    Manifest,
-    Keys,
-    Chunk { sha256: String, index: usize },
-    Other,
-}
-
 /// A command waiting for the command task, with where its reply goes.
 struct Queued {
     cmd: commands::Incoming,
     reply_to: Option<(String, Option<bytes::Bytes>)>,
 }
 
-/// The running fleet link.
+/// The running fleet link: what a stop needs. Its tasks are the service's, by name
+/// (`fleet.session`, `fleet.commands`, `fleet.drain`, `fleet.presence`, `fleet.telemetry`,
+/// `fleet.updates`).
 pub struct Fleet {
     link: Link,
     topics: Topics,
     control: Control,
-    session: JoinHandle<()>,
-    commands: JoinHandle<()>,
-    tasks: Vec<JoinHandle<()>>,
+    /// Ends the tasks that only send (drain, presence, telemetry, updates).
+    senders: CancellationToken,
+    /// Ends the session (after our DISCONNECT) and the command task.
     cancel: CancellationToken,
 }
 
@@ -197,15 +76,29 @@ struct Shared {
     refused: Mutex<Vec<(i64, String)>>,
     drain: Notify,
     presence: Notify,
+    /// A connection was made: the update statuses are said again.
+    connected: Notify,
+}
+
+/// Why the fleet link could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("fleet link: {0}")]
+pub struct FleetError(pub String);
+
+/// The updater, seen from the link: where deliveries go and what it asks for.
+pub struct UpdaterLink {
+    pub updater: Updater,
+    pub uplink: mpsc::Receiver<Uplink>,
 }
 
 pub fn spawn(
     cfg: &FleetConfig,
     control: Control,
     outbox: Outbox,
-    updater: Option<Updater>,
-) -> Result<Fleet, String> {
-    let topics = Topics::new(cfg);
+    updates: Option<UpdaterLink>,
+    tasks: &mut Tasks,
+) -> Result<Fleet, FleetError> {
+    let topics = Topics::new(&cfg.prefix, &cfg.device, &cfg.groups);
     let will = offline(&topics, false);
     // Chunk messages must fit through the same bound as commands.
     let max_incoming = cfg
@@ -217,98 +110,144 @@ pub fn spawn(
         &topics.state(),
         will.to_string().as_bytes(),
         max_incoming,
-    )?;
+    )
+    .map_err(FleetError)?;
     let cancel = CancellationToken::new();
+    let senders = CancellationToken::new();
     let shared = Arc::new(Shared {
         acks: Mutex::new(Vec::new()),
         refused: Mutex::new(Vec::new()),
         drain: Notify::new(),
         presence: Notify::new(),
+        connected: Notify::new(),
     });
     let (cmd_tx, cmd_rx) = mpsc::channel::<Queued>(cfg.commands.queue.get());
-
-    let session = tokio::spawn(session_task(
+    let (updater, uplink) = match updates {
+        Some(u) => (Some(u.updater), Some(u.uplink)),
+        None => (None, None),
+    };
+    let session = Session {
         session,
-        link.clone(),
-        topics.clone(),
-        cfg.clone(),
-        control.clone(),
-        shared.clone(),
+        link: link.clone(),
+        topics: topics.clone(),
+        cfg: cfg.clone(),
+        control: control.clone(),
+        shared: shared.clone(),
         cmd_tx,
         updater,
-        cancel.clone(),
-    ));
-    let commands = tokio::spawn(command_task(
-        link.clone(),
-        topics.clone(),
-        cfg.commands.clone(),
-        control.clone(),
-        cmd_rx,
-        cancel.clone(),
-    ));
-    let tasks = vec![
-        tokio::spawn(drain_task(
+    };
+    tasks.fatal("fleet.session", session.run(cancel.clone()));
+    tasks.fatal(
+        "fleet.commands",
+        command_task(
+            link.clone(),
+            topics.clone(),
+            cfg.commands.clone(),
+            control.clone(),
+            cmd_rx,
+            cancel.clone(),
+        ),
+    );
+    {
+        let (link, control, outbox, shared, cancel) = (
             link.clone(),
             control.clone(),
             outbox.clone(),
             shared.clone(),
-            cancel.clone(),
-        )),
-        tokio::spawn(presence_task(
+            senders.clone(),
+        );
+        tasks.restart("fleet.drain", move || {
+            drain_task(
+                link.clone(),
+                control.clone(),
+                outbox.clone(),
+                shared.clone(),
+                cancel.clone(),
+            )
+        });
+    }
+    {
+        let (link, topics, control, shared, cancel) = (
             link.clone(),
             topics.clone(),
             control.clone(),
             shared.clone(),
-            cancel.clone(),
-        )),
-        tokio::spawn(telemetry_task(
-            control.clone(),
-            outbox,
-            cfg.telemetry_every,
-            cancel.clone(),
-        )),
-    ];
+            senders.clone(),
+        );
+        tasks.restart("fleet.presence", move || {
+            presence_task(
+                link.clone(),
+                topics.clone(),
+                control.clone(),
+                shared.clone(),
+                cancel.clone(),
+            )
+        });
+    }
+    {
+        let (control, every, cancel) = (control.clone(), cfg.telemetry_every, senders.clone());
+        tasks.restart("fleet.telemetry", move || {
+            telemetry_task(control.clone(), outbox.clone(), every, cancel.clone())
+        });
+    }
+    if let Some(rx) = uplink {
+        let state = Arc::new(tokio::sync::Mutex::new(UpdatesLink {
+            rx,
+            statuses: Default::default(),
+        }));
+        let (link, topics, shared, cancel) = (
+            link.clone(),
+            topics.clone(),
+            shared.clone(),
+            senders.clone(),
+        );
+        tasks.restart("fleet.updates", move || {
+            updates_task(
+                state.clone(),
+                link.clone(),
+                topics.clone(),
+                shared.clone(),
+                cancel.clone(),
+            )
+        });
+    }
     Ok(Fleet {
         link,
         topics,
         control,
-        session,
-        commands,
-        tasks,
+        senders,
         cancel,
     })
 }
 
 impl Fleet {
     /// Say `offline` (retained) and disconnect cleanly, so the broker does not fire the last
-    /// will; then end every task.
-    pub async fn stop(mut self) {
+    /// will; the session ends at our DISCONNECT, and commands already running finish, all by
+    /// `deadline` (the earlier of it and STOP_DEADLINE from now). Returns the tasks that
+    /// overran.
+    pub async fn stop(self, tasks: &mut Tasks, deadline: tokio::time::Instant) -> Vec<String> {
+        self.senders.cancel();
+        let deadline = deadline.min(tokio::time::Instant::now() + STOP_DEADLINE);
+        let mut overran = Vec::new();
+        let senders = [
+            "fleet.drain",
+            "fleet.presence",
+            "fleet.telemetry",
+            "fleet.updates",
+        ];
+        overran.extend(tasks.join(&senders, deadline).await);
         self.cancel.cancel();
-        for t in &self.tasks {
-            t.abort();
-        }
         if self.link.is_connected() {
             let msg = offline(&self.topics, true).to_string().into_bytes();
             let _ = self.link.publish(&self.topics.state(), msg, true, None);
             self.link.disconnect();
         }
-        if tokio::time::timeout(STOP_DEADLINE, &mut self.session)
-            .await
-            .is_err()
-        {
-            self.session.abort();
-            tracing::warn!("fleet link did not close within {STOP_DEADLINE:?}");
-        }
+        overran.extend(tasks.join(&["fleet.session"], deadline).await);
         // The command task stopped taking commands at the cancel and now finishes what is
         // running. Cut short, a command's id stays claimed and never runs twice.
-        if tokio::time::timeout(STOP_DEADLINE, &mut self.commands)
-            .await
-            .is_err()
-        {
-            self.commands.abort();
-            tracing::warn!("commands still running after {STOP_DEADLINE:?} were stopped");
-        }
+        overran.extend(tasks.join(&["fleet.commands"], deadline).await);
         self.control.set_fleet(false, 0);
+        overran
     }
 }
 
@@ -316,9 +255,9 @@ fn offline(t: &Topics, graceful: bool) -> Value {
     json!({"state": "offline", "device": t.device, "graceful": graceful})
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn session_task(
-    mut session: mqtt::Session,
+/// What the session task works with.
+struct Session {
+    session: mqtt::Session,
     link: Link,
     topics: Topics,
     cfg: FleetConfig,
@@ -326,109 +265,183 @@ async fn session_task(
     shared: Arc<Shared>,
     cmd_tx: mpsc::Sender<Queued>,
     updater: Option<Updater>,
+}
+
+impl Session {
+    async fn run(mut self, cancel: CancellationToken) {
+        let mut failures = 0u32;
+        let broker = format!("{}:{}", self.cfg.host, self.cfg.port);
+        loop {
+            match self.session.poll().await {
+                Ok(Event::Connected) => {
+                    failures = 0;
+                    for f in self.topics.filters(self.updater.is_some()) {
+                        if let Err(e) = self.link.subscribe(&f) {
+                            tracing::error!(filter = %f, error = %e, "subscribe not queued");
+                        }
+                    }
+                    tracing::info!(%broker, "fleet link connected");
+                    if let Some(u) = &self.updater {
+                        u.offer(Delivery::Online);
+                    }
+                    self.shared.connected.notify_one();
+                    self.shared.presence.notify_one();
+                    self.shared.drain.notify_one();
+                }
+                Ok(Event::Message(m)) => self.route(m),
+                Ok(Event::Acked(id, refused)) => {
+                    match refused {
+                        // Retrying a message the broker refuses (not authorised, over quota)
+                        // would block every message behind it: it is dropped and reported.
+                        Some(reason) => {
+                            tracing::error!(row = id, %reason, "broker refused an outbox message; dropped");
+                            let why = format!("refused by the broker: {reason}");
+                            self.shared
+                                .refused
+                                .lock()
+                                .expect("acks lock")
+                                .push((id, why));
+                        }
+                        None => self.shared.acks.lock().expect("acks lock").push(id),
+                    }
+                    self.shared.drain.notify_one();
+                }
+                // Ours, at a stop. rumqttc also reports a protocol error this way; then the
+                // next poll fails and reconnects.
+                Ok(Event::Disconnected) if cancel.is_cancelled() => return,
+                Ok(Event::Disconnected) => {}
+                Ok(Event::Other) => {}
+                Err(e) => {
+                    self.control.set_fleet(false, 0);
+                    if let Some(u) = &self.updater {
+                        u.offer(Delivery::Offline);
+                    }
+                    if cancel.is_cancelled() {
+                        return;
+                    }
+                    let delay = mqtt::backoff(failures, self.cfg.reconnect_max);
+                    if failures == 0 {
+                        tracing::warn!(%broker, error = %e, retry_in = ?delay, "fleet link down");
+                    } else {
+                        tracing::debug!(%broker, error = %e, retry_in = ?delay, "fleet link still down");
+                    }
+                    failures = failures.saturating_add(1);
+                    self.shared.drain.notify_one();
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// A delivered message to whoever takes it.
+    fn route(&self, m: mqtt::Message) {
+        let offer = |d: Delivery| {
+            if let Some(u) = &self.updater {
+                u.offer(d);
+            }
+        };
+        match self.topics.route(&m.topic) {
+            Route::Announce => self.shared.presence.notify_one(),
+            Route::Command { name, target } => {
+                let reply_to = m.response_topic.map(|t| (t, m.correlation));
+                let q = Queued {
+                    cmd: commands::Incoming {
+                        name,
+                        target,
+                        payload: m.payload,
+                    },
+                    reply_to,
+                };
+                if let Err(mpsc::error::TrySendError::Full(q)) = self.cmd_tx.try_send(q) {
+                    let max = self.cfg.commands.max_payload_bytes;
+                    let id = commands::peek_id(&q.cmd.payload, max);
+                    let e = CmdError::new(
+                        Code::Busy,
+                        "too many commands waiting; try again with the same id",
+                    );
+                    let reply = commands::reply_err(id.as_deref(), &e);
+                    send_reply(&self.link, &self.topics, id.as_deref(), q.reply_to, &reply);
+                }
+            }
+            Route::Manifest => offer(Delivery::Manifest {
+                source: m.topic,
+                payload: m.payload,
+            }),
+            Route::Keys => offer(Delivery::Keys { payload: m.payload }),
+            Route::Chunk { sha256, index } => offer(Delivery::Chunk {
+                sha256,
+                index,
+                payload: m.payload,
+            }),
+            Route::Other => {}
+        }
+    }
+}
+
+/// The updater's requests and the statuses it said, across restarts of the updates task.
+struct UpdatesLink {
+    rx: mpsc::Receiver<Uplink>,
+    /// The last status said per model, said again on every connect (retained, so a
+    /// `tern-update status` started later sees it).
+    statuses: std::collections::BTreeMap<String, Value>,
+}
+
+/// Carry out the updater's requests on the link.
+async fn updates_task(
+    state: Arc<tokio::sync::Mutex<UpdatesLink>>,
+    link: Link,
+    topics: Topics,
+    shared: Arc<Shared>,
     cancel: CancellationToken,
 ) {
-    let mut failures = 0u32;
-    let broker = format!("{}:{}", cfg.host, cfg.port);
+    let mut st = state.lock().await;
+    let say = |model: &str, body: &Value| {
+        if link.is_connected() {
+            let topic = topics.update_status(model);
+            let _ = link.publish(&topic, body.to_string().into_bytes(), true, None);
+        }
+    };
     loop {
-        match session.poll().await {
-            Ok(Event::Connected) => {
-                failures = 0;
-                for f in topics.filters(updater.is_some()) {
-                    if let Err(e) = link.subscribe(&f) {
-                        tracing::error!(filter = %f, error = %e, "subscribe not queued");
-                    }
+        let req = tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = shared.connected.notified() => {
+                for (model, body) in &st.statuses {
+                    say(model, body);
                 }
-                tracing::info!(%broker, "fleet link connected");
-                if let Some(u) = &updater {
-                    u.offer(update::Input::Online(link.clone()));
-                }
-                shared.presence.notify_one();
-                shared.drain.notify_one();
+                continue;
             }
-            Ok(Event::Message(m)) => match topics.route(&m.topic) {
-                Route::Announce => shared.presence.notify_one(),
-                Route::Command { name, target } => {
-                    let reply_to = m.response_topic.map(|t| (t, m.correlation));
-                    let q = Queued {
-                        cmd: commands::Incoming {
-                            name,
-                            target,
-                            payload: m.payload,
-                        },
-                        reply_to,
-                    };
-                    if let Err(mpsc::error::TrySendError::Full(q)) = cmd_tx.try_send(q) {
-                        let id = commands::peek_id(&q.cmd.payload, cfg.commands.max_payload_bytes);
-                        let e = CmdError::new(
-                            Code::Busy,
-                            "too many commands waiting; try again with the same id",
-                        );
-                        let reply = commands::reply_err(id.as_deref(), &e);
-                        send_reply(&link, &topics, id.as_deref(), q.reply_to, &reply);
-                    }
-                }
-                Route::Manifest => {
-                    if let Some(u) = &updater {
-                        u.offer(update::Input::Manifest {
-                            source: m.topic,
-                            payload: m.payload,
-                        });
-                    }
-                }
-                Route::Keys => {
-                    if let Some(u) = &updater {
-                        u.offer(update::Input::Keys { payload: m.payload });
-                    }
-                }
-                Route::Chunk { sha256, index } => {
-                    if let Some(u) = &updater {
-                        u.offer(update::Input::Chunk {
-                            sha256,
-                            index,
-                            payload: m.payload,
-                        });
-                    }
-                }
-                Route::Other => {}
+            req = st.rx.recv() => match req {
+                Some(r) => r,
+                None => return cancel.cancelled().await,
             },
-            Ok(Event::Acked(id, refused)) => {
-                match refused {
-                    // Retrying a message the broker refuses (not authorised, over quota)
-                    // would block every message behind it: it is dropped and reported.
-                    Some(reason) => {
-                        tracing::error!(row = id, %reason, "broker refused an outbox message; dropped");
-                        let why = format!("refused by the broker: {reason}");
-                        shared.refused.lock().expect("acks lock").push((id, why));
+        };
+        match req {
+            Uplink::Want { sha256, chunks } => {
+                for i in chunks {
+                    let topic = topics.fleet.chunk(&sha256, i);
+                    if let Err(e) = link.subscribe(&topic) {
+                        // Asked for again when the download stalls.
+                        tracing::debug!(%topic, error = %e, "chunk subscription not queued");
                     }
-                    None => shared.acks.lock().expect("acks lock").push(id),
                 }
-                shared.drain.notify_one();
             }
-            // Ours, at a stop. rumqttc also reports a protocol error this way; then the next
-            // poll fails and reconnects.
-            Ok(Event::Disconnected) if cancel.is_cancelled() => return,
-            Ok(Event::Disconnected) => {}
-            Ok(Event::Other) => {}
-            Err(e) => {
-                control.set_fleet(false, 0);
-                if let Some(u) = &updater {
-                    u.offer(update::Input::Offline);
+            Uplink::Unwant { sha256, chunks } => {
+                for i in chunks {
+                    let _ = link.unsubscribe(&topics.fleet.chunk(&sha256, i));
                 }
-                if cancel.is_cancelled() {
-                    return;
-                }
-                let delay = mqtt::backoff(failures, cfg.reconnect_max);
-                if failures == 0 {
-                    tracing::warn!(%broker, error = %e, retry_in = ?delay, "fleet link down");
-                } else {
-                    tracing::debug!(%broker, error = %e, retry_in = ?delay, "fleet link still down");
-                }
-                failures = failures.saturating_add(1);
-                shared.drain.notify_one();
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(delay) => {}
+            }
+            Uplink::Status { model, body } => {
+                say(&model, &body);
+                st.statuses.insert(model, body);
+            }
+            Uplink::Redeliver => {
+                // Subscribing again makes the broker send the retained manifests again.
+                for f in topics.manifest_filters() {
+                    let _ = link.unsubscribe(&f);
+                    let _ = link.subscribe(&f);
                 }
             }
         }
@@ -538,11 +551,13 @@ async fn presence_task(
     // What the last birth said, minus its uptime: a change notice that changes nothing
     // (the service's first status racing the connect) repeats no birth.
     let mut last_said: Option<Value> = None;
+    let (mut state, mut models) = (control.watch_state(), control.registry().watch());
     loop {
         let asked = tokio::select! {
             _ = cancel.cancelled() => return,
             _ = shared.presence.notified() => true,
-            _ = control.changed() => false,
+            _ = changed(&mut state) => false,
+            _ = changed(&mut models) => false,
         };
         if !link.is_connected() {
             continue;
@@ -586,6 +601,13 @@ async fn presence_task(
         if let Err(e) = link.publish(&topics.state(), birth.to_string().into_bytes(), true, None) {
             tracing::warn!(error = ?e, "presence not sent");
         }
+    }
+}
+
+/// A change of `rx`; a sender that is gone never changes again.
+async fn changed<T>(rx: &mut tokio::sync::watch::Receiver<T>) {
+    if rx.changed().await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 
@@ -753,43 +775,12 @@ async fn telemetry_task(
                 telemetry::disk_free_bytes(&state_dir).into(),
             );
         }
-        let topic = format!("{}/telemetry", outbox.base);
+        let topic = outbox.topics().telemetry();
         if let Err(e) = outbox
             .send(control.store(), "telemetry", Class::Telemetry, topic, body)
             .await
         {
             tracing::error!(error = %e, "telemetry not queued");
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn routes_device_group_and_announce_topics() {
-        let t = Topics {
-            prefix: "tern".into(),
-            device: "b1".into(),
-            base: "tern/b1".into(),
-            groups: vec!["g".into()],
-        };
-        assert!(
-            matches!(t.route("tern/b1/cmd/ping"), Route::Command { name, target } if name == "ping" && target == "b1")
-        );
-        assert!(
-            matches!(t.route("tern/fleet/g/cmd/status"), Route::Command { name, target } if name == "status" && target == "group:g")
-        );
-        assert!(matches!(
-            t.route("tern/fleet/other/cmd/status"),
-            Route::Other
-        ));
-        assert!(matches!(t.route("tern/b2/cmd/ping"), Route::Other));
-        assert!(matches!(t.route("tern/fleet/announce"), Route::Announce));
-        assert!(t.may_answer_on("apps/dashboard/answers"));
-        assert!(t.may_answer_on("tern/b1/reply/x"));
-        assert!(!t.may_answer_on("tern/b2/cmd/models.rollback"));
-        assert!(!t.may_answer_on("tern/b1/state"));
     }
 }

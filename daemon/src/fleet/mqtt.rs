@@ -114,7 +114,7 @@ pub fn connect(
     let transport = match &cfg.tls {
         None => rumqttc::Transport::Tcp,
         Some(t) => {
-            let c = super::tls::client_config(t).map_err(|(k, e)| format!("fleet.{k}: {e}"))?;
+            let c = crate::tls::client_config(t).map_err(|(k, e)| format!("fleet.{k}: {e}"))?;
             rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(c))
         }
     };

@@ -1,6 +1,5 @@
 //! Process and box figures for the telemetry stream, read from /proc and statvfs.
 
-use std::path::Path;
 use std::time::Instant;
 
 /// CPU time of this process at one instant, to turn two readings into a percentage.
@@ -43,15 +42,12 @@ pub fn rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// Bytes free for unprivileged use on the file system holding `path`.
-pub fn disk_free_bytes(path: &Path) -> Option<u64> {
-    let s = nix::sys::statvfs::statvfs(path).ok()?;
-    Some(s.blocks_available() as u64 * s.fragment_size() as u64)
-}
+pub use crate::store::disk_free_bytes;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn readings_are_plausible() {

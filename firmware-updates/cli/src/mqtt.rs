@@ -50,8 +50,7 @@ async fn connect(b: &BrokerArgs) -> anyhow::Result<Conn> {
             ca_file: b.ca_file.clone(),
             client: None,
         };
-        let c =
-            ternd::fleet::tls::client_config(&t).map_err(|(k, e)| anyhow::anyhow!("{k}: {e}"))?;
+        let c = ternd::tls::client_config(&t).map_err(|(k, e)| anyhow::anyhow!("{k}: {e}"))?;
         o.set_transport(rumqttc::Transport::tls_with_config(
             rumqttc::TlsConfiguration::Rustls(c),
         ));

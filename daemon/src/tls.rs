@@ -1,14 +1,21 @@
-//! TLS for the broker connection: rustls with the ring provider, roots from a CA file or the
+//! TLS for broker connections (the fleet link and MQTT feeds): rustls with the ring provider, roots from a CA file or the
 //! system, an optional client certificate. Built once by `check-config` (so a bad file is a
 //! config error naming the key) and again on every connect.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use rustls::ClientConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::config::TlsConfig;
+/// TLS settings for a broker connection.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsConfig {
+    /// None: the system's trusted roots.
+    pub ca_file: Option<PathBuf>,
+    pub client: Option<(PathBuf, PathBuf)>,
+}
 
 /// Build the client configuration, or name the config key whose file is wrong and why.
 pub fn client_config(t: &TlsConfig) -> Result<Arc<ClientConfig>, (&'static str, String)> {

@@ -1,0 +1,879 @@
+//! Installed model versions, on disk and in the database, and the active version per model.
+//!
+//! ```text
+//!  writers (service, control, update)          readers (status, presence, telemetry,
+//!    │ install: verify, copy (no lock held)     infer, pipelines, the watchdog)
+//!    │ activate / rollback / reject: load and          │
+//!    │   self-test the version (no lock held)          │  snapshot(): the active pools,
+//!    ▼                                                 │  never waits on a writer
+//!  registry task ── one change at a time: check, one transaction, swap, publish ──► watch
+//! ```
+//!
+//! On disk: `<state_dir>/models/<name>/<version>/`, each a complete copy of a model package,
+//! written under a temporary name, fsynced, renamed into place and the directory fsynced, so a
+//! crash leaves either no version or a whole one. In the database, one row per version with
+//! its state (`installed`, `active`, `previous`, `failed`); every state change is a single
+//! transaction, and the in-memory switch happens only after it commits.
+//!
+//! One task owns the running pools and is the only writer of version states. The slow part
+//! of a change (loading and self-testing a model, copying a package) is done by the caller
+//! before it asks, so the task's turn is a check, a transaction and a pointer swap: a slow
+//! self-test never holds up `status`, an inference or another model's rollback. A version
+//! that does not load never becomes active, and a swap never makes requests fail: requests
+//! already queued keep the version they took (see `engine::pool`). A pool made at any time
+//! (the first version of a model an update brought) is in the next snapshot, which the
+//! watchdog reads on every tick.
+
+mod files;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rusqlite::{OptionalExtension, params};
+use serde::Serialize;
+use tern_update::Code;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ModelConfig;
+use crate::engine::{EngineError, Manifest, Model, ModelPool, PoolSettings, Pools};
+use crate::store::{Store, StoreError, now_ms};
+
+pub use files::{clean_temp, package_digest};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("model `{name}` version {version} is already installed with different content")]
+    Conflict { name: String, version: String },
+    #[error("model `{name}` version {version} is not installed")]
+    NotInstalled { name: String, version: String },
+    #[error("model `{name}` has no previous version to roll back to")]
+    NoPrevious { name: String },
+    #[error("model `{name}` is not active")]
+    NotActive { name: String },
+    #[error("model `{name}` changed while this request ran ({what}); ask again")]
+    Moved { name: String, what: String },
+    #[error("installing into {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Package { path: PathBuf, message: String },
+    #[error("the registry has stopped")]
+    Stopped,
+}
+
+impl RegistryError {
+    pub fn code(&self) -> Code {
+        match self {
+            RegistryError::Engine(e) => e.code(),
+            RegistryError::Conflict { .. } | RegistryError::NoPrevious { .. } => Code::Conflict,
+            RegistryError::Moved { .. } => Code::Busy,
+            RegistryError::NotInstalled { .. } | RegistryError::NotActive { .. } => Code::NotFound,
+            RegistryError::Package { .. } => Code::BadRequest,
+            RegistryError::Store(_) | RegistryError::Io { .. } | RegistryError::Stopped => {
+                Code::Internal
+            }
+        }
+    }
+}
+
+/// What became of a version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VersionState {
+    Installed,
+    Active,
+    /// The one a rollback goes back to.
+    Previous,
+    /// Refused at load or rejected by an update's health window; never active again.
+    Failed,
+}
+
+impl VersionState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VersionState::Installed => "installed",
+            VersionState::Active => "active",
+            VersionState::Previous => "previous",
+            VersionState::Failed => "failed",
+        }
+    }
+
+    fn parse(s: &str) -> VersionState {
+        match s {
+            "active" => VersionState::Active,
+            "previous" => VersionState::Previous,
+            "failed" => VersionState::Failed,
+            _ => VersionState::Installed,
+        }
+    }
+}
+
+/// One installed version as recorded in the database.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct VersionRow {
+    pub name: String,
+    pub version: String,
+    pub state: VersionState,
+    pub path: PathBuf,
+    pub sha256: String,
+    pub form: String,
+    pub installed_at: i64,
+    pub activated_at: Option<i64>,
+    pub failure: Option<String>,
+}
+
+/// The result of an install.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Installed {
+    pub name: String,
+    pub version: semver::Version,
+    /// False if the identical version was already installed.
+    pub new: bool,
+    /// True if this version was active at some point (it may since have been replaced by an
+    /// operator's rollback or an update, which a restart must not undo).
+    pub ever_activated: bool,
+}
+
+/// The pools serving now, by model name: what every reader sees.
+#[derive(Default)]
+pub struct Snapshot {
+    pools: BTreeMap<String, ModelPool>,
+}
+
+impl Snapshot {
+    pub fn pool(&self, name: &str) -> Option<&ModelPool> {
+        self.pools.get(name)
+    }
+
+    /// In name order.
+    pub fn pools(&self) -> impl Iterator<Item = &ModelPool> {
+        self.pools.values()
+    }
+
+    pub fn len(&self) -> usize {
+        self.pools.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pools.is_empty()
+    }
+
+    /// `(name, active version)` in name order.
+    pub fn versions(&self) -> Vec<(String, String)> {
+        self.pools
+            .iter()
+            .map(|(n, p)| (n.clone(), p.active().version().to_string()))
+            .collect()
+    }
+}
+
+/// A change the registry task carries out: everything slow is done before it is sent.
+enum Change {
+    /// Serve `model` (a version already active in the database): at start, or after a
+    /// fallback found nothing to fall back to.
+    Serve {
+        model: Arc<Model>,
+        settings: PoolSettings,
+    },
+    /// Make `version` (loaded as `model`) the active one.
+    Activate {
+        version: String,
+        model: Arc<Model>,
+        settings: PoolSettings,
+    },
+    /// Swap the active version `from` with the previous one `to` (loaded as `model`).
+    Rollback {
+        from: String,
+        to: String,
+        model: Arc<Model>,
+    },
+    /// `version` failed for `reason`; `previous` (loaded as `model`) serves again, if given.
+    Fail {
+        version: String,
+        reason: String,
+        previous: Option<(String, Arc<Model>, PoolSettings)>,
+        /// Only if the version is not the active one (a failed activation).
+        unless_active: bool,
+    },
+    /// New pool settings for the running model (a reload changed them).
+    Settings(PoolSettings),
+}
+
+struct Request {
+    name: String,
+    change: Change,
+    reply: oneshot::Sender<Result<(), RegistryError>>,
+}
+
+/// Handle to the registry; cheap to clone.
+#[derive(Clone)]
+pub struct Registry {
+    tx: mpsc::Sender<Request>,
+    snapshot: watch::Receiver<Arc<Snapshot>>,
+    store: Store,
+    models_dir: PathBuf,
+    /// Installs copy one at a time: two of the same version would share a temporary name.
+    copying: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// The registry's task: run it (`run`) for as long as the handles are used.
+pub struct Task {
+    rx: mpsc::Receiver<Request>,
+    pools: BTreeMap<String, ModelPool>,
+    snapshot: watch::Sender<Arc<Snapshot>>,
+    store: Store,
+}
+
+impl Registry {
+    /// The handle and the task that owns the pools; the task must be run.
+    pub fn new(store: Store, state_dir: &Path) -> (Registry, Task) {
+        let (tx, rx) = mpsc::channel(16);
+        let (snap_tx, snap_rx) = watch::channel(Arc::new(Snapshot::default()));
+        (
+            Registry {
+                tx,
+                snapshot: snap_rx,
+                store: store.clone(),
+                models_dir: state_dir.join("models"),
+                copying: Arc::default(),
+            },
+            Task {
+                rx,
+                pools: BTreeMap::new(),
+                snapshot: snap_tx,
+                store,
+            },
+        )
+    }
+
+    /// A registry whose task runs on the current runtime, unsupervised: for tools and tests.
+    pub fn spawn(store: Store, state_dir: &Path) -> Registry {
+        let (r, task) = Registry::new(store, state_dir);
+        tokio::spawn(task.run());
+        r
+    }
+
+    /// The pools serving now.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.borrow().clone()
+    }
+
+    /// Changes to the snapshot: a new pool, a swapped version, new settings.
+    pub fn watch(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.snapshot.clone()
+    }
+
+    pub fn pool(&self, name: &str) -> Option<ModelPool> {
+        self.snapshot.borrow().pool(name).cloned()
+    }
+
+    /// The version of `name` now serving requests.
+    pub fn active_version(&self, name: &str) -> Option<semver::Version> {
+        self.pool(name).map(|p| p.active().version().clone())
+    }
+
+    async fn ask(&self, name: &str, change: Change) -> Result<(), RegistryError> {
+        let (reply, rx) = oneshot::channel();
+        let req = Request {
+            name: name.to_string(),
+            change,
+            reply,
+        };
+        self.tx
+            .send(req)
+            .await
+            .map_err(|_| RegistryError::Stopped)?;
+        rx.await.map_err(|_| RegistryError::Stopped)?
+    }
+
+    pub async fn list(&self) -> Result<Vec<VersionRow>, RegistryError> {
+        Ok(self
+            .store
+            .call(|c| {
+                let mut stmt = c.prepare(
+                    "SELECT name, version, state, path, sha256, form, installed_at, activated_at, failure
+                     FROM model_versions ORDER BY name, installed_at, version",
+                )?;
+                let rows = stmt.query_map([], row_to_version)?.collect::<Result<Vec<_>, _>>()?;
+                Ok(rows)
+            })
+            .await?)
+    }
+
+    /// Load every version recorded as active. One that no longer loads (damaged file, a tract
+    /// that disagrees with its golden vectors) is marked failed and its previous version, if
+    /// any, is activated instead. Returns the problems met.
+    pub async fn start(&self, pools: &Pools) -> Vec<RegistryError> {
+        let mut problems = Vec::new();
+        let rows = match self.list().await {
+            Ok(rows) => rows,
+            Err(e) => return vec![e],
+        };
+        for row in rows.into_iter().filter(|r| r.state == VersionState::Active) {
+            let settings = pools.get(&row.name);
+            let outcome = match load(row.path.clone(), settings).await {
+                Ok(model) => self.ask(&row.name, Change::Serve { model, settings }).await,
+                Err(e) => {
+                    tracing::error!(model = %row.name, version = %row.version, error = %e, "active version does not load");
+                    let reason = e.to_string();
+                    problems.push(e.into());
+                    self.fall_back(&row.name, &row.version, &reason, settings)
+                        .await
+                }
+            };
+            if let Err(e) = outcome {
+                problems.push(e);
+            }
+        }
+        problems
+    }
+
+    /// Mark `version` failed and activate the previous version, if there is one.
+    async fn fall_back(
+        &self,
+        name: &str,
+        version: &str,
+        reason: &str,
+        settings: PoolSettings,
+    ) -> Result<(), RegistryError> {
+        let fail = |previous| Change::Fail {
+            version: version.to_string(),
+            reason: reason.to_string(),
+            previous,
+            unless_active: false,
+        };
+        let Some(prev) = self.previous(name).await? else {
+            return self.ask(name, fail(None)).await;
+        };
+        let model = match load(prev.path.clone(), settings).await {
+            Ok(m) => m,
+            Err(e) => {
+                self.ask(name, fail(None)).await?;
+                return Err(e.into());
+            }
+        };
+        self.ask(name, fail(Some((prev.version.clone(), model, settings))))
+            .await?;
+        tracing::warn!(model = name, from = version, to = %prev.version, "rolled back to the previous version");
+        Ok(())
+    }
+
+    /// Bring the registry in line with the configured models: install each package if new,
+    /// and activate it if the model has no active version or this version was never active.
+    /// A version activated later by an operator (rollback, update) is left active across
+    /// restarts as long as the configured package does not change.
+    pub async fn apply(&self, models: &[ModelConfig]) -> Vec<RegistryError> {
+        let mut problems = Vec::new();
+        for m in models {
+            let installed = match self.install(&m.package).await {
+                Ok(i) => i,
+                Err(e) => {
+                    tracing::error!(model = %m.name, package = %m.package.display(), error = %e, "model not installed");
+                    problems.push(e);
+                    continue;
+                }
+            };
+            let active = self.pool(&m.name);
+            let active_version = active.as_ref().map(|p| p.active().version().clone());
+            // A configured version that was never active is one the operator has just put in
+            // the config (or one whose activation a crash interrupted): activate it. One that
+            // has been active and was replaced since stays replaced.
+            let needs = match &active_version {
+                None => true,
+                Some(a) => !installed.ever_activated && a != &installed.version,
+            };
+            if !needs
+                && let Some(a) = &active_version
+                && a != &installed.version
+            {
+                tracing::warn!(
+                    model = %m.name,
+                    configured = %installed.version,
+                    active = %a,
+                    "keeping the active version: the configured one was active before and was replaced since (rollback or update)"
+                );
+            }
+            let done = if needs {
+                self.activate(&m.name, &installed.version, m.pool).await
+            } else if active.is_some_and(|p| p.config() != m.pool) {
+                self.ask(&m.name, Change::Settings(m.pool)).await
+            } else {
+                Ok(())
+            };
+            if let Err(e) = done {
+                tracing::error!(model = %m.name, error = %e, "model not activated");
+                problems.push(e);
+            }
+        }
+        problems
+    }
+
+    /// Verify and copy a model package into the state directory. The package is loaded and
+    /// self-tested first: nothing is written for a package that would be refused.
+    pub async fn install(&self, package: &Path) -> Result<Installed, RegistryError> {
+        let package = package.to_path_buf();
+        // Hashing and the manifest are cheap; loading and self-testing the model is not, and
+        // an identical version already installed was verified when it was installed (and is
+        // self-tested again whenever it is loaded to run), so only a new version pays for it.
+        let (manifest, digest) = blocking(&package, "verification", {
+            let package = package.clone();
+            move || -> Result<(Manifest, String), RegistryError> {
+                Ok((Manifest::read(&package)?, package_digest(&package)?))
+            }
+        })
+        .await?;
+        let (name, version) = (manifest.name.clone(), manifest.version.to_string());
+        let existing = self.row(&name, &version).await?;
+        if let Some(row) = &existing {
+            if row.sha256 != digest {
+                return Err(RegistryError::Conflict { name, version });
+            }
+            // Recorded already. Make sure the copy is still whole (power lost before its
+            // directory entries reached the disk, or the flash rotted) and recopy it if not.
+            let path = row.path.clone();
+            let intact = tokio::task::spawn_blocking(move || package_digest(&path).ok())
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|d| d == digest);
+            if intact {
+                return Ok(Installed {
+                    name,
+                    version: manifest.version,
+                    new: false,
+                    ever_activated: row.activated_at.is_some(),
+                });
+            }
+            tracing::warn!(model = %name, %version, path = %row.path.display(), "installed copy is missing or damaged; copying it again");
+        }
+        // Verify before touching disk: a package that would be refused is never copied.
+        blocking(&package, "verification", {
+            let package = package.clone();
+            move || {
+                crate::crash_point("install:verifying");
+                Model::load(&package, std::num::NonZeroUsize::MIN)
+                    .map(drop)
+                    .map_err(RegistryError::from)
+            }
+        })
+        .await?;
+        let dest = match &existing {
+            Some(row) => row.path.clone(),
+            None => self.models_dir.join(&name).join(&version),
+        };
+        let _copying = self.copying.lock().await;
+        blocking(&dest, "copy", {
+            let dest = dest.clone();
+            move || files::copy_package(&package, &dest)
+        })
+        .await?;
+        crate::crash_point("install:copied");
+        if existing.is_none() {
+            let row = (
+                name.clone(),
+                version.clone(),
+                dest.display().to_string(),
+                digest,
+                manifest.form.clone(),
+            );
+            self.store
+                .call(move |c| {
+                    c.execute(
+                        "INSERT OR IGNORE INTO model_versions (name, version, state, path, sha256, form, installed_at)
+                         VALUES (?1, ?2, 'installed', ?3, ?4, ?5, ?6)",
+                        params![row.0, row.1, row.2, row.3, row.4, now_ms()],
+                    )?;
+                    Ok(())
+                })
+                .await?;
+            tracing::info!(model = %name, %version, path = %dest.display(), "installed");
+        }
+        crate::crash_point("install:recorded");
+        Ok(Installed {
+            name,
+            version: manifest.version,
+            new: existing.is_none(),
+            ever_activated: existing.is_some_and(|r| r.activated_at.is_some()),
+        })
+    }
+
+    /// Make an installed version the active one. It is loaded and self-tested first; the
+    /// database switch is one transaction; then new requests go to it while requests in
+    /// flight finish on the old one.
+    pub async fn activate(
+        &self,
+        name: &str,
+        version: &semver::Version,
+        settings: PoolSettings,
+    ) -> Result<(), RegistryError> {
+        let v = version.to_string();
+        let row = self
+            .row(name, &v)
+            .await?
+            .ok_or_else(|| RegistryError::NotInstalled {
+                name: name.to_string(),
+                version: v.clone(),
+            })?;
+        if row.state == VersionState::Active && self.active_version(name).as_ref() == Some(version)
+        {
+            return Ok(());
+        }
+        let model = match load(row.path.clone(), settings).await {
+            Ok(m) => m,
+            Err(e) => {
+                let fail = Change::Fail {
+                    version: v,
+                    reason: e.to_string(),
+                    previous: None,
+                    unless_active: true,
+                };
+                self.ask(name, fail).await?;
+                return Err(e.into());
+            }
+        };
+        let change = Change::Activate {
+            version: v,
+            model,
+            settings,
+        };
+        self.ask(name, change).await?;
+        tracing::info!(model = name, %version, "activated");
+        Ok(())
+    }
+
+    /// Swap the active and previous versions of `name`. Returns (from, to).
+    pub async fn rollback(&self, name: &str) -> Result<(String, String), RegistryError> {
+        let pool = self.pool(name).ok_or_else(|| RegistryError::NotActive {
+            name: name.to_string(),
+        })?;
+        let prev = self
+            .previous(name)
+            .await?
+            .ok_or_else(|| RegistryError::NoPrevious {
+                name: name.to_string(),
+            })?;
+        let model = load(prev.path.clone(), pool.config()).await?;
+        let (from, to) = (pool.active().version().to_string(), prev.version.clone());
+        let change = Change::Rollback {
+            from: from.clone(),
+            to: to.clone(),
+            model,
+        };
+        self.ask(name, change).await?;
+        tracing::info!(model = name, %from, %to, "rolled back");
+        Ok((from, to))
+    }
+
+    /// The highest version of `name` ever installed, whatever became of it: an update must
+    /// go above it (anti-rollback). Version rows are never deleted, so this is durable.
+    pub async fn highest(&self, name: &str) -> Result<Option<semver::Version>, RegistryError> {
+        let n = name.to_string();
+        let versions: Vec<String> = self
+            .store
+            .call(move |c| {
+                let mut stmt = c.prepare("SELECT version FROM model_versions WHERE name = ?1")?;
+                let v = stmt
+                    .query_map([n], |r| r.get(0))?
+                    .collect::<Result<Vec<String>, _>>()?;
+                Ok(v)
+            })
+            .await?;
+        Ok(versions
+            .iter()
+            .filter_map(|v| semver::Version::parse(v).ok())
+            .max())
+    }
+
+    /// Take the active `version` of `name` out of service for `reason`: it is marked failed
+    /// (an operator's rollback can never bring it back) and the previous version serves again,
+    /// in one transaction and an in-place swap. Returns the version now active.
+    pub async fn reject_active(
+        &self,
+        name: &str,
+        version: &semver::Version,
+        reason: &str,
+    ) -> Result<String, RegistryError> {
+        let pool = self.pool(name);
+        let active = pool.as_ref().map(|p| p.active().version().clone());
+        let fail = |previous| Change::Fail {
+            version: version.to_string(),
+            reason: reason.to_string(),
+            previous,
+            unless_active: false,
+        };
+        if active.as_ref() != Some(version) {
+            // Already replaced (a restart fell back, or an operator moved on): only mark it.
+            self.ask(name, fail(None)).await?;
+            return Ok(active.map(|v| v.to_string()).unwrap_or_default());
+        }
+        let prev = self
+            .previous(name)
+            .await?
+            .ok_or_else(|| RegistryError::NoPrevious {
+                name: name.to_string(),
+            })?;
+        let settings = pool.map(|p| p.config()).unwrap_or_default();
+        let model = load(prev.path.clone(), settings).await?;
+        self.ask(name, fail(Some((prev.version.clone(), model, settings))))
+            .await?;
+        tracing::warn!(model = name, from = %version, to = %prev.version, %reason, "new version rejected; previous version active again");
+        Ok(prev.version)
+    }
+
+    async fn row(&self, name: &str, version: &str) -> Result<Option<VersionRow>, RegistryError> {
+        let (n, v) = (name.to_string(), version.to_string());
+        Ok(self
+            .store
+            .call(move |c| Ok(version_row(c, &n, &v)?))
+            .await?)
+    }
+
+    async fn previous(&self, name: &str) -> Result<Option<VersionRow>, RegistryError> {
+        let n = name.to_string();
+        Ok(self.store.call(move |c| Ok(previous_row(c, &n)?)).await?)
+    }
+}
+
+impl Task {
+    /// Carry out changes until every handle is gone.
+    pub async fn run(self) {
+        self.run_until(CancellationToken::new()).await
+    }
+
+    /// Carry out changes until every handle is gone or `cancel`; a change begun is finished.
+    pub async fn run_until(mut self, cancel: CancellationToken) {
+        loop {
+            let req = tokio::select! {
+                _ = cancel.cancelled() => return,
+                req = self.rx.recv() => match req {
+                    Some(r) => r,
+                    None => return,
+                },
+            };
+            let r = self.apply(&req.name, req.change).await;
+            let _ = req.reply.send(r);
+        }
+    }
+
+    async fn apply(&mut self, name: &str, change: Change) -> Result<(), RegistryError> {
+        let n = name.to_string();
+        match change {
+            Change::Serve { model, settings } => {
+                self.switch(name, model, settings);
+            }
+            Change::Settings(settings) => {
+                if let Some(pool) = self.pools.get(name) {
+                    // Worker count and queue are fixed per pool: start a new pool on the same
+                    // model; the old one finishes its queue and ends.
+                    let pool = ModelPool::spawn(pool.active(), settings);
+                    self.pools.insert(n, pool);
+                    self.publish();
+                }
+            }
+            Change::Activate {
+                version,
+                model,
+                settings,
+            } => {
+                let v = version.clone();
+                self.store
+                    .call(move |c| {
+                        let tx = c.transaction()?;
+                        // Checked here, in the writer's turn: a version another request
+                        // failed meanwhile is not made active.
+                        match version_row(&tx, &n, &v)? {
+                            None => {
+                                return Ok(Err(RegistryError::NotInstalled { name: n, version: v }));
+                            }
+                            // Active in the database, not yet served (a start that fell
+                            // through): nothing to record, and its previous stays.
+                            Some(r) if r.state == VersionState::Active => return Ok(Ok(())),
+                            Some(_) => {}
+                        }
+                        tx.execute(
+                            "UPDATE model_versions SET state = 'installed' WHERE name = ?1 AND state = 'previous'",
+                            params![n],
+                        )?;
+                        tx.execute(
+                            "UPDATE model_versions SET state = 'previous' WHERE name = ?1 AND state = 'active' AND version != ?2",
+                            params![n, v],
+                        )?;
+                        tx.execute(
+                            "UPDATE model_versions SET state = 'active', activated_at = ?3, failure = NULL
+                             WHERE name = ?1 AND version = ?2",
+                            params![n, v, now_ms()],
+                        )?;
+                        tx.commit()?;
+                        Ok(Ok(()))
+                    })
+                    .await??;
+                crate::crash_point("activate:committed");
+                self.switch(name, model, settings);
+            }
+            Change::Rollback { from, to, model } => {
+                let active = self
+                    .pools
+                    .get(name)
+                    .map(|p| p.active().version().to_string());
+                if active.as_deref() != Some(from.as_str()) {
+                    return Err(RegistryError::Moved {
+                        name: n,
+                        what: format!("{from} is no longer the active version"),
+                    });
+                }
+                let settings = self.pools[name].config();
+                self.store
+                    .call(move |c| {
+                        let tx = c.transaction()?;
+                        if previous_row(&tx, &n)?.is_none_or(|p| p.version != to) {
+                            return Ok(Err(RegistryError::Moved {
+                                name: n,
+                                what: format!("{to} is no longer the previous version"),
+                            }));
+                        }
+                        tx.execute(
+                            "UPDATE model_versions SET state = 'installed' WHERE name = ?1 AND version = ?2",
+                            params![n, to],
+                        )?;
+                        tx.execute(
+                            "UPDATE model_versions SET state = 'previous' WHERE name = ?1 AND version = ?2",
+                            params![n, from],
+                        )?;
+                        tx.execute(
+                            "UPDATE model_versions SET state = 'active', activated_at = ?3 WHERE name = ?1 AND version = ?2",
+                            params![n, to, now_ms()],
+                        )?;
+                        tx.commit()?;
+                        Ok(Ok(()))
+                    })
+                    .await??;
+                self.switch(name, model, settings);
+            }
+            Change::Fail {
+                version,
+                reason,
+                previous,
+                unless_active,
+            } => {
+                let back = previous.as_ref().map(|(v, _, _)| v.clone());
+                self.store
+                    .call(move |c| {
+                        let tx = c.transaction()?;
+                        let guard = if unless_active { " AND state != 'active'" } else { "" };
+                        tx.execute(
+                            &format!(
+                                "UPDATE model_versions SET state = 'failed', failure = ?3
+                                 WHERE name = ?1 AND version = ?2{guard}"
+                            ),
+                            params![n, version, reason],
+                        )?;
+                        if let Some(p) = back {
+                            tx.execute(
+                                "UPDATE model_versions SET state = 'active', activated_at = ?3 WHERE name = ?1 AND version = ?2",
+                                params![n, p, now_ms()],
+                            )?;
+                        }
+                        tx.commit()?;
+                        Ok(())
+                    })
+                    .await?;
+                if let Some((_, model, settings)) = previous {
+                    self.switch(name, model, settings);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn switch(&mut self, name: &str, model: Arc<Model>, settings: PoolSettings) {
+        match self.pools.get(name) {
+            Some(pool) if pool.config() == settings => {
+                pool.swap(model);
+            }
+            _ => {
+                self.pools
+                    .insert(name.to_string(), ModelPool::spawn(model, settings));
+            }
+        }
+        self.publish();
+    }
+
+    fn publish(&self) {
+        self.snapshot.send_replace(Arc::new(Snapshot {
+            pools: self.pools.clone(),
+        }));
+    }
+}
+
+fn version_row(
+    c: &rusqlite::Connection,
+    name: &str,
+    version: &str,
+) -> rusqlite::Result<Option<VersionRow>> {
+    c.query_row(
+        "SELECT name, version, state, path, sha256, form, installed_at, activated_at, failure
+         FROM model_versions WHERE name = ?1 AND version = ?2",
+        params![name, version],
+        row_to_version,
+    )
+    .optional()
+}
+
+fn previous_row(c: &rusqlite::Connection, name: &str) -> rusqlite::Result<Option<VersionRow>> {
+    c.query_row(
+        "SELECT name, version, state, path, sha256, form, installed_at, activated_at, failure
+         FROM model_versions WHERE name = ?1 AND state = 'previous'",
+        params![name],
+        row_to_version,
+    )
+    .optional()
+}
+
+fn row_to_version(r: &rusqlite::Row<'_>) -> rusqlite::Result<VersionRow> {
+    Ok(VersionRow {
+        name: r.get(0)?,
+        version: r.get(1)?,
+        state: VersionState::parse(&r.get::<_, String>(2)?),
+        path: PathBuf::from(r.get::<_, String>(3)?),
+        sha256: r.get(4)?,
+        form: r.get(5)?,
+        installed_at: r.get(6)?,
+        activated_at: r.get(7)?,
+        failure: r.get(8)?,
+    })
+}
+
+/// Run blocking package work off the runtime; a panic in it is an error about `path`.
+async fn blocking<T: Send + 'static>(
+    path: &Path,
+    what: &str,
+    f: impl FnOnce() -> Result<T, RegistryError> + Send + 'static,
+) -> Result<T, RegistryError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| RegistryError::Package {
+            path: path.to_path_buf(),
+            message: format!("{what} failed: {e}"),
+        })?
+}
+
+async fn load(path: PathBuf, settings: PoolSettings) -> Result<Arc<Model>, EngineError> {
+    let m = tokio::task::spawn_blocking(move || {
+        crate::crash_point("load");
+        Model::load_on(&path, settings.threads, settings.runtime)
+    })
+    .await
+    .expect("model load task panicked")?;
+    if let Some(why) = &m.fallback {
+        tracing::warn!(model = %m.name(), "{why}");
+    }
+    Ok(Arc::new(m))
+}
