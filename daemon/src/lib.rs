@@ -28,7 +28,8 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Crash-point injection for the kill -9 tests: when `TERN_CRASH_AT` names this point, the
 /// process aborts here, as a power cut at exactly this instant would stop it; when it names
 /// `<point>:hang`, the calling thread stops here forever, as a wedged driver or kernel call
-/// would. Unset (always, outside tests) it costs one cached environment lookup.
+/// would; `<point>:panic` panics here, as a bug would (the supervision tests). Unset
+/// (always, outside tests) it costs one cached environment lookup.
 pub fn crash_point(name: &str) {
     static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     let Some(at) = AT
@@ -46,5 +47,8 @@ pub fn crash_point(name: &str) {
         loop {
             std::thread::park();
         }
+    }
+    if at.strip_suffix(":panic") == Some(name) {
+        panic!("TERN_CRASH_AT={name}:panic");
     }
 }

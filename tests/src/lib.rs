@@ -1,12 +1,12 @@
-//! Helpers for tern's end-to-end tests: build and spawn the real binaries, listen on a
-//! `NOTIFY_SOCKET` like systemd does, wait on events with deadlines, and print everything
-//! useful when something fails.
+//! Helpers for tern's end-to-end tests: find and spawn the real binaries, hand out ports
+//! without races, listen on a `NOTIFY_SOCKET` like systemd does, wait on events with
+//! deadlines, and print everything useful when something fails (the daemon's and the
+//! broker's logs).
 
 use std::io::Read;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 pub use anyhow::{Context, Result, anyhow, bail, ensure};
@@ -28,27 +28,80 @@ pub fn package(name: &str) -> PathBuf {
     root().join("firmware-updates/models").join(name)
 }
 
-/// Path to a workspace binary (debug profile), made up to date once per test process so a
-/// test never runs a stale binary. The build is `cargo test --workspace --no-run`, the same
-/// feature resolution as the README's test command: after that command has compiled, this is
-/// a no-op, where a plain `cargo build -p ternd` would resolve features differently and
-/// rebuild dependencies (tract among them) a second time.
+/// Path to a workspace binary (`ternd`, `ternctl`, `tern-update`), built by cargo before any
+/// test ran: `cargo test --workspace` (the README's test command) builds every binary of the
+/// workspace first. Looked up beside the running test executable (`<target>/<profile>/`);
+/// a binary that is missing, or older than the ternd library this test was built with (a
+/// `cargo test -p tern-tests` after a change to the daemon), fails the test with what to run,
+/// instead of testing yesterday's daemon.
 pub fn bin(name: &str) -> PathBuf {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["test", "--workspace", "--no-run", "--quiet"])
-            .current_dir(root())
-            .status()
-            .expect("running cargo");
-        assert!(status.success(), "cargo test --workspace --no-run failed");
-    });
-    // A relative CARGO_TARGET_DIR is relative to the workspace, where cargo ran.
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(|t| root().join(t))
-        .unwrap_or_else(|| root().join("target"));
-    target.join("debug").join(name)
+    let exe = std::env::current_exe().expect("the test executable's path");
+    // <target>/<profile>/deps/<test>: the binaries are in <target>/<profile>.
+    let profile = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("the test runs from <target>/<profile>/deps")
+        .to_path_buf();
+    let path = profile.join(name);
+    let build = "build the binaries first: `cargo test --workspace --no-run` (what `cargo test --workspace` does before testing)";
+    let built = std::fs::metadata(&path)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|e| panic!("{}: {e}; {build}", path.display()));
+    let newest_lib = std::fs::read_dir(profile.join("deps"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            n.starts_with("libternd-") && n.ends_with(".rlib")
+        })
+        .filter_map(|e| e.metadata().ok()?.modified().ok())
+        .max();
+    if let Some(lib) = newest_lib {
+        assert!(
+            lib <= built,
+            "{} is older than the ternd library it is built from; {build}",
+            path.display()
+        );
+    }
+    path
+}
+
+/// A TCP port on 127.0.0.1 for a test's broker, held by this process until it ends. Ports
+/// come from 20000..32000, below Linux's ephemeral range (so no outgoing connection is given
+/// one meanwhile); each is claimed by an exclusive lock on a file in the system's temporary
+/// directory, so test processes running at once (the e2e tests, benches, another checkout)
+/// never hand out the same port, and is checked free by binding it.
+pub fn free_port() -> u16 {
+    use std::sync::Mutex;
+    static HELD: Mutex<Vec<nix::fcntl::Flock<std::fs::File>>> = Mutex::new(Vec::new());
+    const FIRST: u16 = 20000;
+    const SPAN: u16 = 12000;
+    let dir = std::env::temp_dir().join("tern-test-ports");
+    std::fs::create_dir_all(&dir).expect("the port lock directory");
+    let start = (std::process::id() as u16).wrapping_mul(7919) % SPAN;
+    for i in 0..SPAN {
+        let port = FIRST + (start + i) % SPAN;
+        let Ok(file) = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(format!("{port}.lock")))
+        else {
+            continue;
+        };
+        let Ok(lock) = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        else {
+            continue;
+        };
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+            continue;
+        }
+        HELD.lock().unwrap_or_else(|e| e.into_inner()).push(lock);
+        return port;
+    }
+    panic!("no free port in {FIRST}..{}", FIRST + SPAN);
 }
 
 /// A program a test needs from the system. Missing: SKIPPED loudly, or a failure under

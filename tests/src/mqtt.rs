@@ -9,15 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+pub use crate::free_port;
 use crate::{Context, Result, bail, need, wait_for};
-
-/// A port nothing listens on right now.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("binding an ephemeral port")
-}
 
 fn wait_port(port: u16, up: bool) -> Result<()> {
     let what = format!("port {port} to {}", if up { "open" } else { "close" });
@@ -189,11 +182,16 @@ next_connection_delay_ms = 1
             .conf
             .as_ref()
             .context("only mosquitto can be restarted")?;
+        // Its log (`log_dest stderr`) is kept and printed if the test fails.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(conf.with_extension("log"))?;
         let child = Command::new("mosquitto")
             .arg("-c")
             .arg(conf)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .context("spawning mosquitto")?;
         self.child = Some(child);
@@ -222,6 +220,12 @@ impl Drop for Broker {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        if std::thread::panicking()
+            && let Some(conf) = &self.conf
+        {
+            let log = std::fs::read_to_string(conf.with_extension("log")).unwrap_or_default();
+            eprintln!("---- mosquitto log ({}) ----\n{log}", conf.display());
         }
     }
 }

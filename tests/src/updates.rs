@@ -117,7 +117,7 @@ impl Built {
     }
 
     pub fn chunk_topic(&self, prefix: &str, i: usize) -> String {
-        format!("{prefix}/artifacts/{}/{i}", self.signed.artifact.sha256)
+        tern_update::topics::Topics::new(prefix).chunk(&self.signed.artifact.sha256, i)
     }
 
     /// Publish every chunk retained, then the manifest retained on `topic`, and wait for the

@@ -196,6 +196,10 @@ pub enum InstallCallError {
 pub struct Task {
     deps: Deps,
     rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Msg>>>,
+    /// Whether the fleet link is up, as its deliveries said: a run after a restart starts
+    /// with it (the link does not say it again).
+    online: Arc<std::sync::atomic::AtomicBool>,
+    runs: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// The handle and the task that owns every update; the task must be run (with the cancel
@@ -207,6 +211,8 @@ pub fn new(deps: Deps) -> (Updater, Task) {
         Task {
             deps,
             rx: Arc::new(tokio::sync::Mutex::new(rx)),
+            online: Arc::default(),
+            runs: Arc::default(),
         },
     )
 }
@@ -215,11 +221,24 @@ impl Task {
     /// Resume whatever update was in progress, then serve deliveries and bundles until
     /// `cancel`.
     pub fn run(&self, cancel: CancellationToken) -> impl Future<Output = ()> + Send + use<> {
+        use std::sync::atomic::Ordering::SeqCst;
         let (deps, rx) = (self.deps.clone(), self.rx.clone());
+        let (online, runs) = (self.online.clone(), self.runs.clone());
         async move {
             let mut rx = rx.lock().await;
+            let uplink = deps.uplink.clone();
             let mut d = driver::Driver::new(deps);
             d.resume().await;
+            if runs.fetch_add(1, SeqCst) > 0 {
+                // A run after a failure: the link's state, and the retained manifests that
+                // came while the last run died, are asked for again.
+                if online.load(SeqCst) {
+                    d.deliver(Delivery::Online).await;
+                }
+                if let Some(u) = &uplink {
+                    let _ = u.try_send(Uplink::Redeliver);
+                }
+            }
             let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
             // After a long step (hashing, a self-test) one tick, not a burst of missed ones.
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -227,7 +246,14 @@ impl Task {
                 tokio::select! {
                     _ = cancel.cancelled() => break,
                     msg = rx.recv() => match msg {
-                        Some(Msg::Delivery(del)) => d.deliver(del).await,
+                        Some(Msg::Delivery(del)) => {
+                            match del {
+                                Delivery::Online => online.store(true, SeqCst),
+                                Delivery::Offline => online.store(false, SeqCst),
+                                _ => {}
+                            }
+                            d.deliver(del).await
+                        }
                         Some(Msg::Bundle { path, reply }) => d.bundle(&path, Some(reply)).await,
                         None => break,
                     },

@@ -1170,3 +1170,108 @@ fn a_full_disk_is_a_clear_failure() {
     assert_eq!(active(&bx.state).unwrap().0, "1.0.0");
     assert!(staging_empty(&bx.state));
 }
+
+/// No lock is held across a self-test: while an update's new version is stuck in its
+/// self-test (a crash point hangs the load), `status`, `ping` and an inference of another
+/// model are answered, and the box still says the old version serves.
+#[test]
+fn commands_answer_while_an_update_self_tests() {
+    let Some(broker) = mosquitto() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let k = key();
+    let iris = package("iris-mlp-int8");
+    let bx = update_box(
+        "slow-1",
+        &broker,
+        &[&k],
+        1,
+        &format!("[[models]]\npackage = \"{}\"\n", iris.display()),
+    );
+    let mut w = watcher(&broker, "slow-1");
+    let mut c = client(&broker, false, "slow-1-asker", &["tern/slow-1/reply/+"]);
+    // A first run installs both configured models; the second hangs any new version's
+    // self-test (configured packages installed already are not verified again).
+    {
+        let mut first = Daemon::spawn(&bx.config, None, &[]).unwrap();
+        wait_online(&mut w, "slow-1");
+        first.signal("TERM").unwrap();
+        assert!(first.wait(T).unwrap().success(), "{}", first.stderr());
+    }
+    let _daemon = Daemon::spawn(
+        &bx.config,
+        None,
+        &[("TERN_CRASH_AT", "install:verifying:hang")],
+    )
+    .unwrap();
+    wait_online(&mut w, "slow-1");
+    let v11 = build(&next(d.path(), "1.1.0", same), CHUNK, &[&k], |_| {});
+    v11.publish(&mut w, "tern/slow-1/update/digits-mlp-int8", SYNC);
+    event(&mut w, "slow-1", "the self-test", |e| {
+        e["event"] == "update.self_testing" && e["version"] == "1.1.0"
+    });
+    let asked = std::time::Instant::now();
+    let pong = crate::fleet::command(&mut c, "slow-1", "ping", &serde_json::json!({"id": "p1"}));
+    assert_eq!(pong["result"]["pong"], true, "{pong}");
+    let status =
+        crate::fleet::command(&mut c, "slow-1", "status", &serde_json::json!({"id": "s1"}));
+    let models = status["result"]["models"].as_array().unwrap().clone();
+    let digits = models.iter().find(|m| m["name"] == MODEL).unwrap();
+    assert_eq!(digits["version"], "1.0.0", "{status}");
+    let infer = serde_json::json!({"id": "i1", "args": {"model": "iris-mlp-int8", "input": [[5.1, 3.5, 1.4, 0.2]]}});
+    let r = crate::fleet::command(&mut c, "slow-1", "infer", &infer);
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["result"]["top"][0]["label"], "setosa", "{r}");
+    eprintln!(
+        "three commands answered in {:?} during the self-test",
+        asked.elapsed()
+    );
+    // The update is still in its self-test: nothing waited for it to end.
+    assert_eq!(
+        update_state(&bx.state, "1.1.0").as_deref(),
+        Some("self_testing")
+    );
+    w.publish_retained("tern/slow-1/update/digits-mlp-int8", b"")
+        .unwrap();
+}
+
+/// The updater is restarted when it panics (a bug): the daemon stays up, names the task in
+/// its log, and the update resumes from the database and commits.
+#[test]
+fn a_panicking_updater_is_restarted_and_its_update_goes_on() {
+    let Some(broker) = mosquitto() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let k = key();
+    let bx = update_box("panic-1", &broker, &[&k], 1, "");
+    let mut w = watcher(&broker, "panic-1");
+    let mut daemon = Daemon::spawn(
+        &bx.config,
+        None,
+        &[("TERN_CRASH_AT", "update:accepted:panic")],
+    )
+    .unwrap();
+    wait_online(&mut w, "panic-1");
+    let v11 = build(&next(d.path(), "1.1.0", same), CHUNK, &[&k], |_| {});
+    v11.publish(&mut w, "tern/panic-1/update/digits-mlp-int8", SYNC);
+    event(&mut w, "panic-1", "the commit", |e| {
+        e["event"] == "update.committed" && e["version"] == "1.1.0"
+    });
+    assert_eq!(active(&bx.state).unwrap().0, "1.1.0");
+    assert!(
+        daemon.child.try_wait().unwrap().is_none(),
+        "the daemon runs on"
+    );
+    let log = daemon.stderr();
+    assert!(
+        log.contains("task ended; restarting it") && log.contains("updater"),
+        "{log}"
+    );
+    assert_eq!(
+        count(&bx.state, "SELECT count(*) FROM updates").unwrap(),
+        1,
+        "one update, resumed, not a second one"
+    );
+    daemon.signal("TERM").unwrap();
+    assert!(daemon.wait(T).unwrap().success(), "{}", daemon.stderr());
+    w.publish_retained("tern/panic-1/update/digits-mlp-int8", b"")
+        .unwrap();
+}
