@@ -559,19 +559,26 @@ async fn install_and_follow(
     doc(d.get_update(id).await)
 }
 
+/// Why `ternd install` got no outcome from the running daemon.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct NoOutcome(String);
+
 /// `ternd install` while ternd runs: the bundle goes to it over its bus, and its update is
 /// followed for at most `wait`. The final document, or why there is none.
 pub async fn install_through_daemon(
     bus: &config::Bus,
     bundle: &Path,
     wait: Duration,
-) -> Result<Value, String> {
+) -> Result<Value, NoOutcome> {
     let bus = match bus {
         config::Bus::System => "system",
         config::Bus::Session => "session",
         config::Bus::Address(a) => a.as_str(),
     };
-    let d = connect(bus, None).await.map_err(|Fail(_, m)| m)?;
+    let d = connect(bus, None)
+        .await
+        .map_err(|Fail(_, m)| NoOutcome(m))?;
     let say = |a: &UpdateProgressArgs<'_>| {
         eprintln!(
             "{} {}: {} {}%",
@@ -582,10 +589,10 @@ pub async fn install_through_daemon(
         );
     };
     match tokio::time::timeout(wait, install_and_follow(&d, bundle, say)).await {
-        Ok(r) => r.map_err(|Fail(_, m)| m),
-        Err(_) => Err(format!(
+        Ok(r) => r.map_err(|Fail(_, m)| NoOutcome(m)),
+        Err(_) => Err(NoOutcome(format!(
             "no answer from the running ternd within {wait:?}; it carries on (see its events)"
-        )),
+        ))),
     }
 }
 

@@ -28,20 +28,20 @@ pub fn package(name: &str) -> PathBuf {
     root().join("firmware-updates/models").join(name)
 }
 
-/// Path to a workspace binary (`ternd`, `ternctl`, `tern-update`), built by cargo before any
-/// test ran: `cargo test --workspace` (the README's test command) builds every binary of the
-/// workspace first. Looked up beside the running test executable (`<target>/<profile>/`);
-/// a binary that is missing, or older than the ternd library this test was built with (a
-/// `cargo test -p tern-tests` after a change to the daemon), fails the test with what to run,
-/// instead of testing yesterday's daemon.
+/// Path to a workspace binary (`ternd`, `ternctl`, `tern-update`) in the debug profile, built
+/// by cargo before any test ran: `cargo test --workspace` (the README's test command) builds
+/// every binary of the workspace first. A binary that is missing, or older than the ternd
+/// library it is built from (a `cargo test -p tern-tests` after a change to the daemon), fails
+/// the test with what to run, instead of testing yesterday's daemon. Benches use the same
+/// binaries.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("the test executable's path");
-    // <target>/<profile>/deps/<test>: the binaries are in <target>/<profile>.
+    // <target>/<profile>/deps/<test>: the binaries are in <target>/debug.
     let profile = exe
-        .parent()
-        .and_then(Path::parent)
+        .ancestors()
+        .nth(3)
         .expect("the test runs from <target>/<profile>/deps")
-        .to_path_buf();
+        .join("debug");
     let path = profile.join(name);
     let build = "build the binaries first: `cargo test --workspace --no-run` (what `cargo test --workspace` does before testing)";
     let built = std::fs::metadata(&path)

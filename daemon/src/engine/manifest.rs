@@ -182,7 +182,7 @@ impl Manifest {
     }
 
     /// Parse and check a manifest's text; the error names the key and line.
-    pub fn parse(text: &str) -> Result<Manifest, String> {
+    pub(super) fn parse(text: &str) -> Result<Manifest, String> {
         let de = toml::Deserializer::parse(text).map_err(|e| describe(text, &e, ""))?;
         let m: Manifest = serde_path_to_error::deserialize(de).map_err(|e| {
             let key = e.path().to_string();

@@ -110,7 +110,11 @@ impl super::Source for MqttFeed {
 }
 
 /// What one message holds, by the feed's format.
-pub fn parse(payload: &[u8], format: PayloadFormat, fields: &[String]) -> Result<Data, String> {
+pub(super) fn parse(
+    payload: &[u8],
+    format: PayloadFormat,
+    fields: &[String],
+) -> Result<Data, String> {
     let first = payload.iter().find(|b| !b.is_ascii_whitespace()).copied();
     let json = match format {
         PayloadFormat::Image => false,
