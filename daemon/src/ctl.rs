@@ -488,16 +488,21 @@ fn plain(v: &Value) -> String {
     }
 }
 
+/// One step of an update, on stderr.
+fn say_progress(a: &UpdateProgressArgs<'_>) {
+    eprintln!(
+        "{} {}: {} {}%",
+        a.model(),
+        a.version(),
+        a.state(),
+        a.percent()
+    );
+}
+
 async fn install(d: &Daemon1Proxy<'_>, bundle: &Path, json: bool) -> Res<()> {
     let say = |a: &UpdateProgressArgs<'_>| {
         if !json {
-            eprintln!(
-                "{} {}: {} {}%",
-                a.model(),
-                a.version(),
-                a.state(),
-                a.percent()
-            );
+            say_progress(a);
         }
     };
     let v = install_and_follow(d, bundle, say).await?;
@@ -579,16 +584,7 @@ pub async fn install_through_daemon(
     let d = connect(bus, None)
         .await
         .map_err(|Fail(_, m)| NoOutcome(m))?;
-    let say = |a: &UpdateProgressArgs<'_>| {
-        eprintln!(
-            "{} {}: {} {}%",
-            a.model(),
-            a.version(),
-            a.state(),
-            a.percent()
-        );
-    };
-    match tokio::time::timeout(wait, install_and_follow(&d, bundle, say)).await {
+    match tokio::time::timeout(wait, install_and_follow(&d, bundle, say_progress)).await {
         Ok(r) => r.map_err(|Fail(_, m)| NoOutcome(m)),
         Err(_) => Err(NoOutcome(format!(
             "no answer from the running ternd within {wait:?}; it carries on (see its events)"

@@ -554,12 +554,7 @@ impl Registry {
         let pool = self.pool(name).ok_or_else(|| RegistryError::NotActive {
             name: name.to_string(),
         })?;
-        let prev = self
-            .previous(name)
-            .await?
-            .ok_or_else(|| RegistryError::NoPrevious {
-                name: name.to_string(),
-            })?;
+        let prev = self.previous_to_go_back_to(name).await?;
         let model = load(prev.path.clone(), pool.config()).await?;
         let (from, to) = (pool.active().version().to_string(), prev.version.clone());
         let change = Change::Rollback {
@@ -614,12 +609,7 @@ impl Registry {
             self.ask(name, fail(None)).await?;
             return Ok(active.map(|v| v.to_string()).unwrap_or_default());
         }
-        let prev = self
-            .previous(name)
-            .await?
-            .ok_or_else(|| RegistryError::NoPrevious {
-                name: name.to_string(),
-            })?;
+        let prev = self.previous_to_go_back_to(name).await?;
         let settings = pool.map(|p| p.config()).unwrap_or_default();
         let model = load(prev.path.clone(), settings).await?;
         self.ask(name, fail(Some((prev.version.clone(), model, settings))))
@@ -634,6 +624,15 @@ impl Registry {
             .store
             .call(move |c| Ok(version_row(c, &n, &v)?))
             .await?)
+    }
+
+    /// The version a rollback of `name` goes back to, or why there is none.
+    async fn previous_to_go_back_to(&self, name: &str) -> Result<VersionRow, RegistryError> {
+        self.previous(name)
+            .await?
+            .ok_or_else(|| RegistryError::NoPrevious {
+                name: name.to_string(),
+            })
     }
 
     async fn previous(&self, name: &str) -> Result<Option<VersionRow>, RegistryError> {

@@ -501,24 +501,14 @@ impl Driver {
                 Outcome::Recorded(self.create_staging(id, size).map_err(|e| e.to_string()))
             }
             Effect::SetState { id, state, event } => {
-                let ob = self.d.outbox.clone();
-                let r = self
-                    .d
-                    .store
-                    .call(move |c| {
-                        let tx = c.transaction()?;
-                        tx.execute(
-                            "UPDATE updates SET state = ?2, updated_ms = ?3 WHERE id = ?1",
-                            params![id, state.as_str(), now_ms()],
-                        )?;
-                        if let Some(ob) = &ob {
-                            ob.event(&tx, event)?;
-                        }
-                        tx.commit()?;
-                        Ok(())
-                    })
-                    .await;
-                Outcome::Recorded(r.map_err(|e| e.to_string()))
+                let set = move |tx: &rusqlite::Transaction<'_>| {
+                    tx.execute(
+                        "UPDATE updates SET state = ?2, updated_ms = ?3 WHERE id = ?1",
+                        params![id, state.as_str(), now_ms()],
+                    )
+                    .map(drop)
+                };
+                Outcome::Recorded(self.record(set, event).await)
             }
             Effect::StoreChunk {
                 id,
@@ -582,6 +572,28 @@ impl Driver {
         }
     }
 
+    /// One state change and its event, in one transaction.
+    async fn record(
+        &self,
+        change: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<()> + Send + 'static,
+        event: Value,
+    ) -> Result<(), String> {
+        let ob = self.d.outbox.clone();
+        self.d
+            .store
+            .call(move |c| {
+                let tx = c.transaction()?;
+                change(&tx)?;
+                if let Some(ob) = &ob {
+                    ob.event(&tx, event)?;
+                }
+                tx.commit()?;
+                Ok(())
+            })
+            .await
+            .map_err(|e| e.to_string())
+    }
+
     async fn insert(
         &self,
         id: i64,
@@ -591,25 +603,16 @@ impl Driver {
         event: Value,
     ) -> Result<(), String> {
         let (name, version, sha) = (s.name.clone(), s.version.clone(), s.artifact.sha256.clone());
-        let ob = self.d.outbox.clone();
-        self.d
-            .store
-            .call(move |c| {
-                let tx = c.transaction()?;
-                let now = now_ms();
-                tx.execute(
-                    "INSERT INTO updates (id, model, version, sha256, manifest, source, state, created_ms, updated_ms)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'downloading', ?7, ?7)",
-                    params![id, name, version, sha, manifest.to_vec(), source, now],
-                )?;
-                if let Some(ob) = &ob {
-                    ob.event(&tx, event)?;
-                }
-                tx.commit()?;
-                Ok(())
-            })
-            .await
-            .map_err(|e| e.to_string())
+        let insert = move |tx: &rusqlite::Transaction<'_>| {
+            let now = now_ms();
+            tx.execute(
+                "INSERT INTO updates (id, model, version, sha256, manifest, source, state, created_ms, updated_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'downloading', ?7, ?7)",
+                params![id, name, version, sha, manifest.to_vec(), source, now],
+            )
+            .map(drop)
+        };
+        self.record(insert, event).await
     }
 
     fn create_staging(&self, id: i64, size: u64) -> std::io::Result<()> {
@@ -817,29 +820,25 @@ impl Driver {
     async fn rotate(&self, t: Trust, event: Value) -> Result<(), String> {
         let keys: Vec<String> = t.keys.keys.iter().map(|k| k.to_base64()).collect();
         let retired: Vec<String> = t.keys.retired.iter().map(|k| k.to_base64()).collect();
-        let ob = self.d.outbox.clone();
         let (version, threshold) = (t.version as i64, t.keys.threshold as i64);
         let doc = t.doc.unwrap_or_default();
-        self.d
-            .store
-            .call(move |c| {
-                let tx = c.transaction()?;
-                tx.execute(
-                    "INSERT INTO update_trust (id, version, keys, threshold, retired, doc)
-                     VALUES (1, ?1, ?2, ?3, ?4, ?5)
-                     ON CONFLICT (id) DO UPDATE SET version = excluded.version, keys = excluded.keys,
-                       threshold = excluded.threshold, retired = excluded.retired, doc = excluded.doc",
-                    params![version, serde_json::to_string(&keys).expect("strings"), threshold,
-                            serde_json::to_string(&retired).expect("strings"), doc],
-                )?;
-                if let Some(ob) = &ob {
-                    ob.event(&tx, event)?;
-                }
-                tx.commit()?;
-                Ok(())
-            })
-            .await
-            .map_err(|e| e.to_string())
+        let store = move |tx: &rusqlite::Transaction<'_>| {
+            tx.execute(
+                "INSERT INTO update_trust (id, version, keys, threshold, retired, doc)
+                 VALUES (1, ?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (id) DO UPDATE SET version = excluded.version, keys = excluded.keys,
+                   threshold = excluded.threshold, retired = excluded.retired, doc = excluded.doc",
+                params![
+                    version,
+                    serde_json::to_string(&keys).expect("strings"),
+                    threshold,
+                    serde_json::to_string(&retired).expect("strings"),
+                    doc
+                ],
+            )
+            .map(drop)
+        };
+        self.record(store, event).await
     }
 }
 
