@@ -35,7 +35,7 @@ use crate::config::FleetConfig;
 use crate::control::{CmdError, Code, Control};
 use crate::outbox::{self, Class, Outbox};
 use crate::tasks::Tasks;
-use crate::update::{Delivery, Updater, Uplink};
+use crate::update::{self, Delivery, Updater, Uplink};
 use mqtt::{Event, Link};
 
 type Topics = topics::Device;
@@ -282,7 +282,7 @@ impl Session {
                     }
                     tracing::info!(%broker, "fleet link connected");
                     if let Some(u) = &self.updater {
-                        u.offer(Delivery::Online);
+                        u.offer(Delivery::Link(update::Link::Online));
                     }
                     self.shared.connected.notify_one();
                     self.shared.presence.notify_one();
@@ -314,7 +314,7 @@ impl Session {
                 Err(e) => {
                     self.control.set_fleet(false, 0);
                     if let Some(u) = &self.updater {
-                        u.offer(Delivery::Offline);
+                        u.offer(Delivery::Link(update::Link::Offline));
                     }
                     if cancel.is_cancelled() {
                         return;
@@ -370,12 +370,12 @@ impl Session {
                 source: m.topic,
                 payload: m.payload,
             }),
-            Route::Keys => offer(Delivery::Keys { payload: m.payload }),
-            Route::Chunk { sha256, index } => offer(Delivery::Chunk {
+            Route::Keys => offer(Delivery::Link(update::Link::Keys { payload: m.payload })),
+            Route::Chunk { sha256, index } => offer(Delivery::Link(update::Link::Chunk {
                 sha256,
                 index,
                 payload: m.payload,
-            }),
+            })),
             Route::Other => {}
         }
     }

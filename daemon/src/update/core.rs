@@ -183,6 +183,25 @@ pub struct HealthFacts {
     pub hung: bool,
 }
 
+/// What the fleet link delivers to the updater besides manifests (which are judged with facts
+/// the driver reads first).
+#[derive(Debug)]
+pub enum Link {
+    /// A key rotation document.
+    Keys {
+        payload: Bytes,
+    },
+    /// Chunk `index` of artifact `sha256`.
+    Chunk {
+        sha256: String,
+        index: usize,
+        payload: Bytes,
+    },
+    /// The link (re)connected: chunk subscriptions start over on it.
+    Online,
+    Offline,
+}
+
 /// What happened.
 #[derive(Debug)]
 pub enum Input {
@@ -212,20 +231,10 @@ pub enum Input {
         source: String,
         refusal: RefusalError,
     },
-    Keys {
-        payload: Bytes,
-    },
-    Chunk {
-        sha256: String,
-        index: usize,
-        payload: Bytes,
-    },
-    Online,
-    Offline,
+    /// What the fleet link delivered, besides manifests.
+    Link(Link),
     /// Every half second; `health` while a health window runs.
-    Tick {
-        health: Option<HealthFacts>,
-    },
+    Tick { health: Option<HealthFacts> },
     /// The outcome of the last [`Effect`].
     Done(Outcome),
     /// The daemon stops cleanly.
@@ -575,20 +584,20 @@ impl Core {
                 self.refused(&source, b"", &refusal);
                 self.answer(ticket, Err(refusal.into()));
             }
-            Input::Keys { payload } => self.rotate(payload),
-            Input::Chunk {
+            Input::Link(Link::Keys { payload }) => self.rotate(payload),
+            Input::Link(Link::Chunk {
                 sha256,
                 index,
                 payload,
-            } => self.chunk(&sha256, index, payload),
-            Input::Online => {
+            }) => self.chunk(&sha256, index, payload),
+            Input::Link(Link::Online) => {
                 self.online = true;
                 if let Some(a) = &mut self.current {
                     a.asked.clear();
                 }
                 self.request_chunks();
             }
-            Input::Offline => {
+            Input::Link(Link::Offline) => {
                 self.online = false;
                 if let Some(a) = &mut self.current {
                     a.asked.clear();

@@ -98,7 +98,7 @@ impl Box1 {
             next_id: 7,
         });
         assert!(matches!(&a[..], [Action::CleanStaging { keep }] if keep.is_empty()));
-        assert!(b.step(Input::Online).is_empty());
+        assert!(b.step(Input::Link(Link::Online)).is_empty());
         b
     }
 
@@ -163,11 +163,11 @@ impl Box1 {
     fn all_chunks(&mut self, sha: &str, art: &[u8]) -> Vec<Action> {
         let mut last = Vec::new();
         for (i, c) in art.chunks(CHUNK as usize).enumerate() {
-            let a = self.step(Input::Chunk {
+            let a = self.step(Input::Link(Link::Chunk {
                 sha256: sha.into(),
                 index: i,
                 payload: Bytes::from(bundle::chunk_message(sha, i, c)),
-            });
+            }));
             assert!(
                 matches!(effect(&a), Some(Effect::StoreChunk { index, .. }) if *index == i),
                 "chunk {i}: {a:?}"
@@ -522,10 +522,10 @@ fn acceptance_records_then_stages_then_asks_for_a_window_of_chunks() {
 #[test]
 fn offline_boxes_ask_for_chunks_when_the_link_comes_back() {
     let mut b = Box1::new();
-    b.step(Input::Offline);
+    b.step(Input::Link(Link::Offline));
     let a = b.downloading(b.manifest("1.1.0", |_| {}));
     assert!(wanted(&a).is_empty());
-    let a = b.step(Input::Online);
+    let a = b.step(Input::Link(Link::Online));
     assert_eq!(wanted(&a), vec![0, 1, 2]);
 }
 
@@ -536,17 +536,17 @@ fn only_asked_chunks_of_this_artifact_are_taken() {
     let sha = tern_update::sha256_hex(&art);
     b.downloading(b.manifest("1.1.0", |_| {}));
     let other = "ab".repeat(32);
-    let a = b.step(Input::Chunk {
+    let a = b.step(Input::Link(Link::Chunk {
         sha256: other.clone(),
         index: 0,
         payload: Bytes::from(bundle::chunk_message(&other, 0, &art[..4096])),
-    });
+    }));
     assert!(a.is_empty(), "{a:?}");
-    let a = b.step(Input::Chunk {
+    let a = b.step(Input::Link(Link::Chunk {
         sha256: sha.clone(),
         index: 9,
         payload: Bytes::new(),
-    });
+    }));
     assert!(a.is_empty(), "chunk 9 was never asked for: {a:?}");
 }
 
@@ -558,11 +558,11 @@ fn a_bad_chunk_is_said_once_and_asked_for_again_later() {
     b.downloading(b.manifest("1.1.0", |_| {}));
     let mut bad = art[..4096].to_vec();
     bad[0] ^= 1;
-    let a = b.step(Input::Chunk {
+    let a = b.step(Input::Link(Link::Chunk {
         sha256: sha.clone(),
         index: 0,
         payload: Bytes::from(bundle::chunk_message(&sha, 0, &bad)),
-    });
+    }));
     assert_eq!(refused_event(&a).as_deref(), Some("bad_chunk"));
     assert!(effect(&a).is_none());
     // Not asked for again before RETRY_BAD_CHUNK.
@@ -570,11 +570,11 @@ fn a_bad_chunk_is_said_once_and_asked_for_again_later() {
     b.later(RETRY_BAD_CHUNK + Duration::from_secs(1));
     let a = b.tick(None);
     assert!(wanted(&a).contains(&0), "{a:?}");
-    let a = b.step(Input::Chunk {
+    let a = b.step(Input::Link(Link::Chunk {
         sha256: sha.clone(),
         index: 0,
         payload: Bytes::from(bundle::chunk_message(&sha, 0, &bad)),
-    });
+    }));
     assert_eq!(refused_event(&a), None, "said once per chunk");
 }
 
@@ -588,11 +588,11 @@ fn a_chunk_that_cannot_be_written_or_recorded_fails_the_update_as_io() {
         let art = artifact_bytes(10_000);
         let sha = tern_update::sha256_hex(&art);
         b.downloading(b.manifest("1.1.0", |_| {}));
-        b.step(Input::Chunk {
+        b.step(Input::Link(Link::Chunk {
             sha256: sha.clone(),
             index: 0,
             payload: Bytes::from(bundle::chunk_message(&sha, 0, &art[..4096])),
-        });
+        }));
         let a = b.done(Outcome::Chunk(Err(failure)));
         assert_eq!(finished(&a), Some((State::Failed, Some(Code::Io))));
     }
@@ -1140,12 +1140,12 @@ fn a_key_rotation_signed_by_the_trusted_keys_takes_over() {
         threshold: 1,
     };
     let p = payload(&bundle::sign_keys(&doc, &[&b.key]));
-    let a = b.step(Input::Keys { payload: p.clone() });
+    let a = b.step(Input::Link(Link::Keys { payload: p.clone() }));
     assert!(matches!(effect(&a), Some(Effect::Rotate { trust, .. }) if trust.version == 1));
     let a = b.ok();
     assert!(a.iter().any(|x| matches!(x, Action::Redeliver)));
     // The same document again changes nothing; a manifest by the new key is taken.
-    assert!(b.step(Input::Keys { payload: p }).is_empty());
+    assert!(b.step(Input::Link(Link::Keys { payload: p })).is_empty());
     let s = signed("m", "1.1.0", &artifact_bytes(100));
     let a = b.offer(payload(&bundle::sign(&s, &[&next])), room());
     assert!(matches!(effect(&a), Some(Effect::Insert { .. })), "{a:?}");
@@ -1159,9 +1159,9 @@ fn a_key_rotation_by_an_untrusted_key_is_refused() {
         keys: vec![key().public().to_base64()],
         threshold: 1,
     };
-    let a = b.step(Input::Keys {
+    let a = b.step(Input::Link(Link::Keys {
         payload: payload(&bundle::sign_keys(&doc, &[&key()])),
-    });
+    }));
     assert_eq!(refused_event(&a).as_deref(), Some("unknown_key"));
     assert!(effect(&a).is_none());
 }
@@ -1174,21 +1174,21 @@ fn progress_statuses_are_rate_limited_but_steps_are_said_at_once() {
     b.downloading(b.manifest("1.1.0", |_| {}));
     let mut said = 0;
     for (i, c) in art.chunks(CHUNK as usize).take(2).enumerate() {
-        b.step(Input::Chunk {
+        b.step(Input::Link(Link::Chunk {
             sha256: sha.clone(),
             index: i,
             payload: Bytes::from(bundle::chunk_message(&sha, i, c)),
-        });
+        }));
         said += status_state(&b.done(Outcome::Chunk(Ok(())))).is_some() as usize;
     }
     assert_eq!(said, 0, "within STATUS_EVERY of the last status");
     b.later(STATUS_EVERY);
     let i = 2;
-    b.step(Input::Chunk {
+    b.step(Input::Link(Link::Chunk {
         sha256: sha.clone(),
         index: i,
         payload: Bytes::from(bundle::chunk_message(&sha, i, &art[8192..])),
-    });
+    }));
     let a = b.done(Outcome::Chunk(Ok(())));
     assert_eq!(set_state(&a), Some(State::Verifying));
     assert!(a.iter().any(|x| matches!(x, Action::Progress { .. })));
@@ -1205,11 +1205,11 @@ fn progress_events_come_every_tenth() {
     let mut percents = Vec::new();
     for (i, c) in art.chunks(CHUNK as usize).enumerate() {
         // Each chunk as it is asked for.
-        let _ = b.step(Input::Chunk {
+        let _ = b.step(Input::Link(Link::Chunk {
             sha256: sha.clone(),
             index: i,
             payload: Bytes::from(bundle::chunk_message(&sha, i, c)),
-        });
+        }));
         for x in b.done(Outcome::Chunk(Ok(()))) {
             if let Action::Event(v) = x
                 && v["event"] == "update.progress"

@@ -186,18 +186,7 @@ impl Driver {
                     facts,
                 }
             }
-            Delivery::Keys { payload } => Input::Keys { payload },
-            Delivery::Chunk {
-                sha256,
-                index,
-                payload,
-            } => Input::Chunk {
-                sha256,
-                index,
-                payload,
-            },
-            Delivery::Online => Input::Online,
-            Delivery::Offline => Input::Offline,
+            Delivery::Link(l) => Input::Link(l),
         };
         self.run(input).await;
     }

@@ -47,29 +47,15 @@ use crate::outbox::Outbox;
 use crate::registry::Registry;
 use crate::store::{Store, StoreError};
 
-pub use self::core::{InstallError, State};
+pub use self::core::{InstallError, Link, State};
 
 /// What the fleet link delivers to the updater.
 #[derive(Debug)]
 pub enum Delivery {
     /// A manifest from `source` (its topic); empty when the operator cleared it.
-    Manifest {
-        source: String,
-        payload: Bytes,
-    },
-    /// A key rotation document.
-    Keys {
-        payload: Bytes,
-    },
-    /// Chunk `index` of artifact `sha256`.
-    Chunk {
-        sha256: String,
-        index: usize,
-        payload: Bytes,
-    },
-    /// The fleet link (re)connected: chunk subscriptions start over on it.
-    Online,
-    Offline,
+    Manifest { source: String, payload: Bytes },
+    /// Key rotations, chunks, and the link going up and down.
+    Link(Link),
 }
 
 /// What the updater asks of the fleet link.
@@ -146,9 +132,10 @@ impl Updater {
     pub fn offer(&self, d: Delivery) {
         match self.tx.try_send(Msg::Delivery(d)) {
             Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(Msg::Delivery(Delivery::Chunk {
-                index, ..
-            }))) => {
+            Err(mpsc::error::TrySendError::Full(Msg::Delivery(Delivery::Link(Link::Chunk {
+                index,
+                ..
+            })))) => {
                 tracing::warn!(chunk = index, "updater busy; chunk dropped");
             }
             Err(mpsc::error::TrySendError::Full(msg)) => {
@@ -233,7 +220,7 @@ impl Task {
                 // A run after a failure: the link's state, and the retained manifests that
                 // came while the last run died, are asked for again.
                 if online.load(SeqCst) {
-                    d.deliver(Delivery::Online).await;
+                    d.deliver(Delivery::Link(Link::Online)).await;
                 }
                 if let Some(u) = &uplink {
                     let _ = u.try_send(Uplink::Redeliver);
@@ -248,8 +235,8 @@ impl Task {
                     msg = rx.recv() => match msg {
                         Some(Msg::Delivery(del)) => {
                             match del {
-                                Delivery::Online => online.store(true, SeqCst),
-                                Delivery::Offline => online.store(false, SeqCst),
+                                Delivery::Link(Link::Online) => online.store(true, SeqCst),
+                                Delivery::Link(Link::Offline) => online.store(false, SeqCst),
                                 _ => {}
                             }
                             d.deliver(del).await
