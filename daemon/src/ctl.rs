@@ -656,6 +656,7 @@ fn status_text(s: &Value) -> String {
         vec![
             plain(&m["name"]),
             plain(&m["version"]),
+            format!("{} {}", plain(&m["runtime"]), plain(&m["plan"])),
             plain(&m["requests"]),
             plain(&m["errors"]),
             plain(&m["busy"]),
@@ -666,7 +667,7 @@ fn status_text(s: &Value) -> String {
     });
     out += &table(
         &[
-            "MODEL", "VERSION", "REQUESTS", "ERRORS", "BUSY", "QUEUED", "P50 µs", "P99 µs",
+            "MODEL", "VERSION", "PLAN", "REQUESTS", "ERRORS", "BUSY", "QUEUED", "P50 µs", "P99 µs",
         ],
         &rows,
     );

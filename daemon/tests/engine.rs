@@ -541,3 +541,46 @@ fn runtime_auto_falls_back_and_cuda_refuses_clearly() {
         }
     }
 }
+
+/// Folding tract's constants after optimisation changes no answer: on every shipped package
+/// the folded plan (what `load` picks) and tract's own plan give the same outputs on the
+/// held-out test sets, to the bit, and the same accuracy.
+#[test]
+fn the_folded_plan_answers_as_tract_does() {
+    use ternd::engine::Plan;
+    for name in [
+        "digits-cnn-int8",
+        "digits-cnn-f32",
+        "digits-mlp-int8",
+        "digits-mlp-f32",
+        "iris-mlp-int8",
+        "iris-mlp-f32",
+    ] {
+        let dir = models().join(name);
+        let chosen = load(name);
+        assert_eq!(chosen.plan, Plan::TractFolded.name(), "{name}");
+        let plain = Model::load_plan(&dir, NonZeroUsize::MIN, Plan::Tract).unwrap();
+        assert_eq!(plain.plan, "tract");
+        if name.starts_with("digits") {
+            let (shape, pix) = npy_u8(&models().join("testsets/digits-test-pixels.npy"));
+            for i in 0..shape[0] {
+                let frame = Input::Frame {
+                    width: 8,
+                    height: 8,
+                    format: PixelFormat::Gray8,
+                    data: pix[i * 64..(i + 1) * 64].to_vec(),
+                };
+                let (a, b) = (
+                    chosen
+                        .run(frame.prepare(&chosen.manifest).unwrap())
+                        .unwrap(),
+                    plain.run(frame.prepare(&plain.manifest).unwrap()).unwrap(),
+                );
+                assert_eq!(a, b, "{name}: test image {i}");
+            }
+            assert_eq!(digits_accuracy(&chosen), digits_accuracy(&plain), "{name}");
+        } else {
+            assert_eq!(iris_accuracy(&chosen), iris_accuracy(&plain), "{name}");
+        }
+    }
+}

@@ -396,6 +396,7 @@ impl Control {
                     "name": p.name(),
                     "version": m.version().to_string(),
                     "runtime": m.runtime,
+                    "plan": m.plan,
                     "runtime_note": m.fallback,
                     "requests": s.completed.load(Ordering::Relaxed),
                     "errors": s.failed.load(Ordering::Relaxed),

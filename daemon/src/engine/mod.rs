@@ -16,7 +16,7 @@ use std::path::PathBuf;
 
 pub use input::{Input, PixelFormat, Prepared, read_npy_f32};
 pub use manifest::{Color, MANIFEST_FILE, MODEL_FILE, Manifest, is_inside};
-pub use model::{Class, Model, Prediction};
+pub use model::{Class, Model, Plan, Prediction};
 pub use pool::{Latencies, ModelPool, PoolSettings, PoolStats, Pools, Quantiles, panic_message};
 
 /// Where models run (`engine.runtime`).
