@@ -79,6 +79,7 @@ async fn pipeline_run(pkg: &Path, fps: u32, for_: Duration) -> Run {
     let pool = ModelPool::spawn(
         Arc::new(model),
         PoolSettings {
+            plan: Default::default(),
             threads: NonZeroUsize::MIN,
             workers: NonZeroUsize::MIN,
             queue: NonZeroUsize::new(16).unwrap(),

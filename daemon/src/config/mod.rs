@@ -18,7 +18,7 @@ use serde::Deserialize;
 
 mod validate;
 
-use crate::engine::{Manifest, PoolSettings, Pools, Runtime};
+use crate::engine::{Manifest, PlanChoice, PoolSettings, Pools, Runtime};
 pub use crate::tls::TlsConfig;
 pub use validate::{BadBroker, parse_broker};
 
@@ -173,6 +173,7 @@ pub struct RawEngine {
     pub workers: Option<NonZeroUsize>,
     pub queue: Option<NonZeroUsize>,
     pub runtime: Option<Runtime>,
+    pub plan: Option<PlanChoice>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -184,6 +185,7 @@ pub struct RawModel {
     pub workers: Option<NonZeroUsize>,
     pub queue: Option<NonZeroUsize>,
     pub runtime: Option<Runtime>,
+    pub plan: Option<PlanChoice>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -904,6 +906,41 @@ mod tests {
                 .contains("unknown variant `gpu`, expected one of `cpu`, `cuda`, `auto`"),
             "{}",
             ps[0]
+        );
+    }
+
+    /// The CPU plan: the engine's for every model, a model's own over it, a typo named.
+    #[test]
+    fn plans_are_chosen_per_engine_and_per_model() {
+        use crate::engine::PlanChoice;
+        let d = tempfile::tempdir().unwrap();
+        let pkg =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../firmware-updates/models/iris-mlp-int8");
+        let p = write(
+            d.path(),
+            "t.toml",
+            &format!(
+                "state_dir = \"s\"\n[engine]\nplan = \"tract\"\n\
+                 [[models]]\npackage = \"{}\"\nplan = \"tract+fold\"\n",
+                pkg.display()
+            ),
+        );
+        let pools = load(&p).unwrap().pools();
+        assert_eq!(pools.get("iris-mlp-int8").plan, PlanChoice::TractFolded);
+        assert_eq!(pools.get("another").plan, PlanChoice::Tract);
+        let p = write(d.path(), "u.toml", "[engine]\nplan = \"fast\"\n");
+        let ps = problems(load(&p));
+        assert_eq!(ps[0].key, "engine.plan", "{}", ps[0]);
+        assert!(
+            ps[0].message.contains("`auto`, `tract`, `tract+fold`"),
+            "{}",
+            ps[0]
+        );
+        let p = write(d.path(), "v.toml", "state_dir = \"s\"\n");
+        assert_eq!(
+            load(&p).unwrap().engine.plan,
+            PlanChoice::Auto,
+            "the default"
         );
     }
 

@@ -100,6 +100,7 @@ fn engine(raw: &RawEngine) -> PoolSettings {
         workers: raw.workers.unwrap_or(defaults.workers),
         queue: raw.queue.unwrap_or(defaults.queue),
         runtime: raw.runtime.unwrap_or(defaults.runtime),
+        plan: raw.plan.unwrap_or(defaults.plan),
     }
 }
 
@@ -136,6 +137,7 @@ fn models(
                 workers: m.workers.unwrap_or(engine.workers),
                 queue: m.queue.unwrap_or(engine.queue),
                 runtime: m.runtime.unwrap_or(engine.runtime),
+                plan: m.plan.unwrap_or(engine.plan),
             },
         });
     }

@@ -32,6 +32,22 @@ pub enum Runtime {
     Auto,
 }
 
+/// Which CPU plans a model may run with (`engine.plan`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+pub enum PlanChoice {
+    /// The folded plan if it passes the golden vectors, else tract's own.
+    #[default]
+    #[serde(rename = "auto")]
+    Auto,
+    /// tract's own plan only: no folded constants held in memory (a box short of RAM with a
+    /// large int8 model).
+    #[serde(rename = "tract")]
+    Tract,
+    /// The folded plan only: a model it fails is refused.
+    #[serde(rename = "tract+fold")]
+    TractFolded,
+}
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum EngineError {
     #[error("model package manifest {path}: {message}")]

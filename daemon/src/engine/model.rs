@@ -16,7 +16,7 @@ use tract_onnx::tract_core::runtime::{
 
 use super::input::{Input, Prepared, read_npy_f32};
 use super::manifest::{Dim, MODEL_FILE, Manifest};
-use super::{EngineError, Runtime};
+use super::{EngineError, PlanChoice, Runtime};
 
 /// ONNX files bigger than this are refused before tract reads them.
 pub const MAX_MODEL_BYTES: u64 = 512 * 1024 * 1024;
@@ -87,19 +87,28 @@ impl Model {
         threads: NonZeroUsize,
         runtime: Runtime,
     ) -> Result<Model, EngineError> {
-        Self::load_planned(dir, threads, runtime, None)
+        Self::load_planned(dir, threads, runtime, PlanChoice::Auto)
+    }
+
+    /// [`Model::load`] with the pool settings a box serves it with: threads, runtime, plans.
+    pub fn load_for(dir: &Path, s: &super::PoolSettings) -> Result<Model, EngineError> {
+        Self::load_planned(dir, s.threads, s.runtime, s.plan)
     }
 
     /// [`Model::load`] with one CPU plan only (to compare plans).
     pub fn load_plan(dir: &Path, threads: NonZeroUsize, plan: Plan) -> Result<Model, EngineError> {
-        Self::load_planned(dir, threads, Runtime::Cpu, Some(plan))
+        let only = match plan {
+            Plan::TractFolded => PlanChoice::TractFolded,
+            Plan::Tract | Plan::Runtime => PlanChoice::Tract,
+        };
+        Self::load_planned(dir, threads, Runtime::Cpu, only)
     }
 
     fn load_planned(
         dir: &Path,
         threads: NonZeroUsize,
         runtime: Runtime,
-        only: Option<Plan>,
+        only: PlanChoice,
     ) -> Result<Model, EngineError> {
         let (rt, fallback) = pick(runtime);
         let on_gpu = runtime == Runtime::Auto && fallback.is_none();
@@ -122,7 +131,7 @@ impl Model {
         threads: NonZeroUsize,
         rt: Result<&'static dyn TractRuntime, String>,
         fallback: Option<String>,
-        only: Option<Plan>,
+        only: PlanChoice,
     ) -> Result<Model, EngineError> {
         // A malformed model must not take the daemon down if tract panics on it. The runtime
         // is tract's static, stateless entry point: a panic leaves nothing of it half-changed.
@@ -146,7 +155,7 @@ impl Model {
         threads: NonZeroUsize,
         rt: Result<&'static dyn TractRuntime, String>,
         fallback: Option<String>,
-        only: Option<Plan>,
+        only: PlanChoice,
     ) -> Result<Model, EngineError> {
         let manifest = Manifest::read(dir)?;
         let path = dir.join(MODEL_FILE);
@@ -259,10 +268,10 @@ impl Model {
         // The plans to try, best first; the first whose outputs agree with the golden
         // vectors serves. On the CPU that is tract with its constants folded after
         // optimisation, then tract as it plans by itself.
-        let plans: &[Plan] = match only {
-            Some(Plan::TractFolded) => &[Plan::TractFolded],
-            Some(Plan::Tract) => &[Plan::Tract],
-            _ if rt.name() == "cpu" => &[Plan::TractFolded, Plan::Tract],
+        let plans: &[Plan] = match (rt.name().as_ref(), only) {
+            ("cpu", PlanChoice::Auto) => &[Plan::TractFolded, Plan::Tract],
+            ("cpu", PlanChoice::Tract) => &[Plan::Tract],
+            ("cpu", PlanChoice::TractFolded) => &[Plan::TractFolded],
             _ => &[Plan::Runtime],
         };
         let mut tried = Vec::new();

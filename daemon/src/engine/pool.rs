@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use tokio::sync::oneshot;
 
-use super::{EngineError, Input, Model, Prediction, Runtime};
+use super::{EngineError, Input, Model, PlanChoice, Prediction, Runtime};
 
 /// How one model is served: the settings a pool is started with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +33,8 @@ pub struct PoolSettings {
     pub queue: NonZeroUsize,
     /// Where the model runs.
     pub runtime: Runtime,
+    /// Which CPU plans it may run with.
+    pub plan: PlanChoice,
 }
 
 impl Default for PoolSettings {
@@ -42,6 +44,7 @@ impl Default for PoolSettings {
             workers: NonZeroUsize::MIN,
             queue: NonZeroUsize::new(16).expect("not zero"),
             runtime: Runtime::Cpu,
+            plan: PlanChoice::Auto,
         }
     }
 }

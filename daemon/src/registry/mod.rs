@@ -867,7 +867,7 @@ async fn blocking<T: Send + 'static>(
 async fn load(path: PathBuf, settings: PoolSettings) -> Result<Arc<Model>, EngineError> {
     let m = tokio::task::spawn_blocking(move || {
         crate::crash_point("load");
-        Model::load_on(&path, settings.threads, settings.runtime)
+        Model::load_for(&path, &settings)
     })
     .await
     .expect("model load task panicked")?;
