@@ -413,10 +413,13 @@ impl Daemon {
             tracing::error!(task = %f.name, why = %f.why, "an unknown task ended");
             return;
         };
-        if let Some(cancel) = self.pipelines[i].run.take() {
-            // The other half follows: a feed with no pipeline, or a pipeline with no feed.
-            cancel.cancel();
-        }
+        let Some(cancel) = self.pipelines[i].run.take() else {
+            // The other half of a pipeline already reported and stopped: this one followed.
+            tracing::debug!(task = %f.name, why = %f.why, "the rest of a stopped pipeline ended");
+            return;
+        };
+        // The other half follows: a feed with no pipeline, or a pipeline with no feed.
+        cancel.cancel();
         let why = format!("its task {} {}", f.name, f.why);
         let name = self.pipelines[i].config.name.clone();
         tracing::error!(pipeline = %name, reason = %why, "pipeline stopped");

@@ -163,6 +163,35 @@ fn watchdog_pings_come_for_the_watched_process_only() {
     );
 }
 
+/// A pipeline whose task panics (a bug, at its first inference) is stopped and says why,
+/// and the rest of the daemon runs on: it still stops cleanly, and after a restart the file
+/// whose attempt was counted is done.
+#[test]
+fn a_panicking_pipeline_stops_alone_and_says_why() {
+    let s = demo_setup("");
+    let mut d = Daemon::spawn(&s.config, None, &[("TERN_CRASH_AT", "infer:begun:panic")]).unwrap();
+    let log = wait_for("the pipeline stopped", T, || {
+        let log = d.stderr();
+        log.contains("pipeline stopped").then_some(log)
+    })
+    .unwrap();
+    assert!(
+        log.contains("its task pipeline.digits panicked: TERN_CRASH_AT=infer:begun:panic"),
+        "{log}"
+    );
+    assert!(
+        d.child.try_wait().unwrap().is_none(),
+        "the daemon runs on: {log}"
+    );
+    d.signal("TERM").unwrap();
+    let status = d.wait(T).unwrap();
+    assert!(status.success(), "exit {status}: {}", d.stderr());
+    let mut d = Daemon::spawn(&s.config, None, &[]).unwrap();
+    wait_results(&s.state, "digits", 12);
+    d.signal("TERM").unwrap();
+    assert!(d.wait(T).unwrap().success());
+}
+
 /// A task the daemon cannot do without (here the registry's, panicking as a bug would, at
 /// the first activation) takes the daemon down with a non-zero exit, naming it, so that
 /// systemd restarts it; the restart finds the activation committed and serves.
