@@ -549,19 +549,46 @@ async fn install_and_follow(
         ));
     };
     let (model, version) = (answer["model"].clone(), answer["version"].clone());
-    let mut state = answer["state"].as_str().unwrap_or("").to_string();
-    // Only this update's progress: a fleet update to another model may run meanwhile.
-    while !matches!(state.as_str(), "committed" | "failed" | "rolled_back") {
-        let Some(p) = progress.next().await else {
-            return Err(Fail(Exit::Unavailable, "ternd left the bus".into()));
-        };
-        let Ok(a) = p.args() else { continue };
-        if model == a.model().as_str() && version == a.version().as_str() {
-            say(&a);
-            state = a.state().to_string();
+    if final_state(&answer) {
+        return Ok(answer);
+    }
+    // The update's own row says when it ends; the signals say how it gets there. A signal
+    // can be lost (a listener that lags loses the oldest), so the row is also read now and
+    // then: the follow ends however the news travels.
+    let mut check = tokio::time::interval(Duration::from_secs(2));
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            p = progress.next() => {
+                let Some(p) = p else {
+                    return Err(Fail(Exit::Unavailable, "ternd left the bus".into()));
+                };
+                let Ok(a) = p.args() else { continue };
+                // Only this update's model and version: a fleet update to another model
+                // may run meanwhile.
+                if model != a.model().as_str() || version != a.version().as_str() {
+                    continue;
+                }
+                say(&a);
+                if !matches!(a.state().as_str(), "committed" | "failed" | "rolled_back") {
+                    continue;
+                }
+            }
+            _ = check.tick() => {}
+        }
+        let now = doc(d.get_update(id).await)?;
+        if final_state(&now) {
+            return Ok(now);
         }
     }
-    doc(d.get_update(id).await)
+}
+
+/// Whether an update document says the update ended.
+fn final_state(v: &Value) -> bool {
+    matches!(
+        v["state"].as_str(),
+        Some("committed" | "failed" | "rolled_back" | "refused")
+    )
 }
 
 /// Why `ternd install` got no outcome from the running daemon.

@@ -88,19 +88,12 @@ struct Daemon {
     tasks: Tasks,
 }
 
-/// A configured pipeline: its counters and state, and its stop token while it runs.
+/// A configured pipeline: its counters and state, and while it runs its stop token and the
+/// ids of its two tasks.
 struct Slot {
     config: config::PipelineConfig,
     stats: Arc<pipeline::PipelineStats>,
-    run: Option<CancellationToken>,
-}
-
-impl Slot {
-    /// The names its two tasks run under.
-    fn task_names(&self) -> [String; 2] {
-        let n = &self.config.name;
-        [format!("pipeline.{n}"), format!("pipeline.{n}.feed")]
-    }
+    run: Option<(CancellationToken, [tokio::task::Id; 2])>,
 }
 
 /// Run the daemon until SIGTERM or SIGINT, or until a task it cannot do without fails.
@@ -156,12 +149,13 @@ pub async fn run(
         let mut deps = update::Deps::new(&config, store.clone(), registry.clone(), outbox.clone());
         deps.events = Some(events.clone());
         deps.uplink = uplink_tx;
-        let (updater, task) = update::new(deps);
-        let cancel = cancel.clone();
-        tasks.restart("updater", move || task.run(cancel.clone()));
-        Some(updater)
+        Some(update::new(deps))
     } else {
         None
+    };
+    let (updater, updater_task) = match updater {
+        Some((u, t)) => (Some(u), Some(t)),
+        None => (None, None),
     };
     let (service_tx, mut service_rx) = mpsc::channel::<ServiceRequest>(4);
     let control = Control::new(
@@ -194,6 +188,14 @@ pub async fn run(
     daemon.apply(config.clone()).await;
     let summary = daemon.summary();
     daemon.publish_state(&summary);
+    // The updater resumes once the configured models are in place, so an update it carries
+    // on never races the boot's own activations.
+    if let Some(task) = updater_task {
+        let cancel = cancel.clone();
+        daemon
+            .tasks
+            .restart("updater", move || task.run(cancel.clone()));
+    }
 
     let fleet = match (&config.fleet, outbox) {
         (Some(f), Some(ob)) => {
@@ -358,7 +360,6 @@ impl Daemon {
             .iter()
             .filter(|s| s.config.model == self.pipelines[i].config.model)
             .count();
-        let names = self.pipelines[i].task_names();
         let slot = &mut self.pipelines[i];
         let p = &slot.config;
         let feed = self
@@ -387,10 +388,10 @@ impl Daemon {
         };
         match built {
             Ok(run) => {
-                let [serve, feed] = names;
-                self.tasks.report(serve, run.serve);
-                self.tasks.report(feed, run.feed);
-                slot.run = Some(run.cancel);
+                let name = &p.name;
+                let serve = self.tasks.report(format!("pipeline.{name}"), run.serve);
+                let feed = self.tasks.report(format!("pipeline.{name}.feed"), run.feed);
+                slot.run = Some((run.cancel, [serve, feed]));
                 Ok(())
             }
             Err(why) => {
@@ -405,19 +406,17 @@ impl Daemon {
     /// One of a pipeline's tasks ended by itself (a bug): the pipeline stops, and its state
     /// and the status say why, until it is started again.
     fn pipeline_failed(&mut self, f: &Failed) {
+        // By id: a task of a run that was stopped since (whose name a new run took) is no
+        // news about the new one.
         let Some(i) = self
             .pipelines
             .iter()
-            .position(|s| s.task_names().contains(&f.name))
+            .position(|s| s.run.as_ref().is_some_and(|(_, ids)| ids.contains(&f.id)))
         else {
-            tracing::error!(task = %f.name, why = %f.why, "an unknown task ended");
+            tracing::debug!(task = %f.name, why = %f.why, "a task of a stopped pipeline ended");
             return;
         };
-        let Some(cancel) = self.pipelines[i].run.take() else {
-            // The other half of a pipeline already reported and stopped: this one followed.
-            tracing::debug!(task = %f.name, why = %f.why, "the rest of a stopped pipeline ended");
-            return;
-        };
+        let (cancel, _) = self.pipelines[i].run.take().expect("found by its run");
         // The other half follows: a feed with no pipeline, or a pipeline with no feed.
         cancel.cancel();
         let why = format!("its task {} {}", f.name, f.why);
@@ -476,12 +475,10 @@ impl Daemon {
                 failed = self.start_pipeline(i).err();
                 self.problems.extend(failed.clone());
             }
-        } else if let Some(cancel) = self.pipelines[i].run.take() {
+        } else if let Some((cancel, ids)) = self.pipelines[i].run.take() {
             cancel.cancel();
             let deadline = tokio::time::Instant::now() + SHUTDOWN_DEADLINE;
-            let names = self.pipelines[i].task_names();
-            let names: Vec<&str> = names.iter().map(String::as_str).collect();
-            if !self.tasks.join(&names, deadline).await.is_empty() {
+            if !self.tasks.join_ids(&ids, deadline).await.is_empty() {
                 tracing::error!(pipeline = %name, "did not stop within {SHUTDOWN_DEADLINE:?}; aborted");
                 failed = Some(format!("pipeline `{name}` did not stop in time; aborted"));
             }
@@ -580,15 +577,14 @@ impl Daemon {
     /// Stop every pipeline by `deadline`: feeds first, then let each pipeline drain what is
     /// queued. Returns those that overran (and were aborted).
     async fn stop_pipelines(&mut self, deadline: tokio::time::Instant) -> Vec<String> {
-        let mut names = Vec::new();
+        let mut ids = Vec::new();
         for s in &mut self.pipelines {
-            if let Some(cancel) = s.run.take() {
+            if let Some((cancel, run)) = s.run.take() {
                 cancel.cancel();
-                names.extend(s.task_names());
+                ids.extend(run);
             }
         }
-        let names: Vec<&str> = names.iter().map(String::as_str).collect();
-        self.tasks.join(&names, deadline).await
+        self.tasks.join_ids(&ids, deadline).await
     }
 
     fn summary(&self) -> String {

@@ -14,7 +14,7 @@
 //! only hide). `pipelines.start` or a reload starts it again.
 //!
 //! At a stop every task is given one deadline; the ones still running at it are aborted and
-//! named.
+//! named. A restart waiting out its back-off when the stop comes does not start.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -61,6 +61,8 @@ pub struct Failed {
     pub name: String,
     pub why: String,
     pub policy: Policy,
+    /// Which run of that name (a name may be taken again by a new run).
+    pub id: Id,
 }
 
 /// The daemon's tasks.
@@ -71,6 +73,8 @@ pub struct Tasks {
     stopping: bool,
     /// Failures seen while joining others, for the next `failed`.
     queued: Vec<Failed>,
+    /// Cancelled when the daemon stops: a restart waiting out its back-off does not start.
+    stop: tokio_util::sync::CancellationToken,
 }
 
 impl Tasks {
@@ -84,14 +88,17 @@ impl Tasks {
         self.insert(name.into(), Policy::Fatal, None, abort, RESTART_MIN);
     }
 
-    /// A task whose ending early is reported to the caller of [`Tasks::failed`].
+    /// A task whose ending early is reported to the caller of [`Tasks::failed`]; its id says
+    /// which run it was.
     pub fn report(
         &mut self,
         name: impl Into<String>,
         run: impl Future<Output = ()> + Send + 'static,
-    ) {
+    ) -> Id {
         let abort = self.set.spawn(run);
+        let id = abort.id();
         self.insert(name.into(), Policy::Report, None, abort, RESTART_MIN);
+        id
     }
 
     /// A task started again (a fresh run from `make`) whenever it ends early.
@@ -167,12 +174,20 @@ impl Tasks {
                 };
                 tracing::error!(task = %entry.name, %why, restart_in = ?delay, "task ended; restarting it");
                 let run = make();
+                let stop = self.stop.clone();
                 let abort = self.set.spawn(async move {
-                    tokio::time::sleep(delay).await;
-                    run.await
+                    tokio::select! {
+                        _ = stop.cancelled() => {}
+                        _ = tokio::time::sleep(delay) => run.await,
+                    }
                 });
                 let next = (delay * 2).min(RESTART_MAX);
+                let id = abort.id();
                 self.insert(entry.name, Policy::Restart, Some(make), abort, next);
+                // Its run starts after the back-off: a crash right after is no healthy run.
+                if let Some(e) = self.entries.get_mut(&id) {
+                    e.started += delay;
+                }
                 None
             }
             (policy, _) => {
@@ -183,31 +198,43 @@ impl Tasks {
                     name: entry.name,
                     why,
                     policy,
+                    id,
                 })
             }
         }
     }
 
-    /// From now on a task that ends is done, not failed.
+    /// From now on a task that ends is done, not failed, and no restart starts.
     pub fn stopping(&mut self) {
         self.stopping = true;
+        self.stop.cancel();
     }
 
     /// Wait until `deadline` for the tasks named in `names` to end (they were told to);
     /// abort the rest. Returns the names of those that overran.
     pub async fn join(&mut self, names: &[&str], deadline: Instant) -> Vec<String> {
-        self.join_where(|n| names.contains(&n), deadline).await
+        self.join_where(|e| names.contains(&e.name.as_str()), deadline)
+            .await
+    }
+
+    /// [`Tasks::join`] by the ids [`Tasks::report`] gave.
+    pub async fn join_ids(&mut self, ids: &[Id], deadline: Instant) -> Vec<String> {
+        self.join_where(|e| ids.contains(&e.abort.id()), deadline)
+            .await
     }
 
     /// [`Tasks::join`] for every task left: the end of a stop.
     pub async fn join_all(&mut self, deadline: Instant) -> Vec<String> {
-        self.stopping = true;
+        self.stopping();
         self.join_where(|_| true, deadline).await
     }
 
-    async fn join_where(&mut self, want: impl Fn(&str) -> bool, deadline: Instant) -> Vec<String> {
-        let wanted = |e: &Entry| want(&e.name);
-        while self.entries.values().any(wanted) {
+    async fn join_where(
+        &mut self,
+        wanted: impl Fn(&Entry) -> bool,
+        deadline: Instant,
+    ) -> Vec<String> {
+        while self.entries.values().any(&wanted) {
             let ended = match tokio::time::timeout_at(deadline, self.set.join_next_with_id()).await
             {
                 Ok(Some(ended)) => ended,
@@ -217,7 +244,7 @@ impl Tasks {
                 Ok((id, ())) => *id,
                 Err(e) => e.id(),
             };
-            if !self.entries.get(&id).is_some_and(wanted) {
+            if !self.entries.get(&id).is_some_and(&wanted) {
                 // Another task ended meanwhile: it is handled as `failed` would.
                 if let Some(f) = self.ended(ended) {
                     self.queued.push(f);

@@ -223,11 +223,13 @@ pub fn spawn(
 impl Fleet {
     /// Say `offline` (retained) and disconnect cleanly, so the broker does not fire the last
     /// will; the session ends at our DISCONNECT, and commands already running finish, all by
-    /// `deadline` (the earlier of it and STOP_DEADLINE from now). Returns the tasks that
+    /// `deadline` or STOP_DEADLINE from now, whichever is later. Returns the tasks that
     /// overran.
     pub async fn stop(self, tasks: &mut Tasks, deadline: tokio::time::Instant) -> Vec<String> {
         self.senders.cancel();
-        let deadline = deadline.min(tokio::time::Instant::now() + STOP_DEADLINE);
+        // Its own few seconds even when the pipelines' drain used up the stop's deadline: the
+        // `offline` message and the DISCONNECT must get out, or the broker fires the will.
+        let deadline = deadline.max(tokio::time::Instant::now() + STOP_DEADLINE);
         let mut overran = Vec::new();
         let senders = [
             "fleet.drain",
@@ -404,13 +406,23 @@ async fn updates_task(
             let _ = link.publish(&topic, body.to_string().into_bytes(), true, None);
         }
     };
+    // Chunk subscriptions rumqttc's queue had no room for, tried again every second: the
+    // updater counts them as asked for.
+    let mut unsent: std::collections::BTreeSet<String> = Default::default();
+    let mut retry = tokio::time::interval(Duration::from_secs(1));
     loop {
         let req = tokio::select! {
             _ = cancel.cancelled() => return,
             _ = shared.connected.notified() => {
+                // A new session: the updater asks for its chunks again on it.
+                unsent.clear();
                 for (model, body) in &st.statuses {
                     say(model, body);
                 }
+                continue;
+            }
+            _ = retry.tick(), if !unsent.is_empty() => {
+                unsent.retain(|topic| link.subscribe(topic).is_err());
                 continue;
             }
             req = st.rx.recv() => match req {
@@ -423,14 +435,16 @@ async fn updates_task(
                 for i in chunks {
                     let topic = topics.fleet.chunk(&sha256, i);
                     if let Err(e) = link.subscribe(&topic) {
-                        // Asked for again when the download stalls.
-                        tracing::debug!(%topic, error = %e, "chunk subscription not queued");
+                        tracing::debug!(%topic, error = %e, "chunk subscription not queued; tried again");
+                        unsent.insert(topic);
                     }
                 }
             }
             Uplink::Unwant { sha256, chunks } => {
                 for i in chunks {
-                    let _ = link.unsubscribe(&topics.fleet.chunk(&sha256, i));
+                    let topic = topics.fleet.chunk(&sha256, i);
+                    unsent.remove(&topic);
+                    let _ = link.unsubscribe(&topic);
                 }
             }
             Uplink::Status { model, body } => {

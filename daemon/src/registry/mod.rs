@@ -222,6 +222,9 @@ pub struct Registry {
     models_dir: PathBuf,
     /// Installs copy one at a time: two of the same version would share a temporary name.
     copying: Arc<tokio::sync::Mutex<()>>,
+    /// Writers load models one at a time, so that memory holds one model being loaded on top
+    /// of those serving; readers never wait for it.
+    loading: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// The registry's task: run it (`run`) for as long as the handles are used.
@@ -244,6 +247,7 @@ impl Registry {
                 store: store.clone(),
                 models_dir: state_dir.join("models"),
                 copying: Arc::default(),
+                loading: Arc::default(),
             },
             Task {
                 rx,
@@ -319,7 +323,7 @@ impl Registry {
         };
         for row in rows.into_iter().filter(|r| r.state == VersionState::Active) {
             let settings = pools.get(&row.name);
-            let outcome = match load(row.path.clone(), settings).await {
+            let outcome = match self.load(row.path.clone(), settings).await {
                 Ok(model) => self.ask(&row.name, Change::Serve { model, settings }).await,
                 Err(e) => {
                     tracing::error!(model = %row.name, version = %row.version, error = %e, "active version does not load");
@@ -353,7 +357,7 @@ impl Registry {
         let Some(prev) = self.previous(name).await? else {
             return self.ask(name, fail(None)).await;
         };
-        let model = match load(prev.path.clone(), settings).await {
+        let model = match self.load(prev.path.clone(), settings).await {
             Ok(m) => m,
             Err(e) => {
                 self.ask(name, fail(None)).await?;
@@ -430,46 +434,34 @@ impl Registry {
             }
         })
         .await?;
-        let (name, version) = (manifest.name.clone(), manifest.version.to_string());
-        let existing = self.row(&name, &version).await?;
-        if let Some(row) = &existing {
-            if row.sha256 != digest {
-                return Err(RegistryError::Conflict { name, version });
-            }
-            // Recorded already. Make sure the copy is still whole (power lost before its
-            // directory entries reached the disk, or the flash rotted) and recopy it if not.
-            let path = row.path.clone();
-            let intact = tokio::task::spawn_blocking(move || package_digest(&path).ok())
-                .await
-                .ok()
-                .flatten()
-                .is_some_and(|d| d == digest);
-            if intact {
-                return Ok(Installed {
-                    name,
-                    version: manifest.version,
-                    new: false,
-                    ever_activated: row.activated_at.is_some(),
-                });
-            }
-            tracing::warn!(model = %name, %version, path = %row.path.display(), "installed copy is missing or damaged; copying it again");
+        if let Some(done) = self.installed(&manifest, &digest).await? {
+            return Ok(done);
         }
         // Verify before touching disk: a package that would be refused is never copied.
-        blocking(&package, "verification", {
-            let package = package.clone();
-            move || {
-                crate::crash_point("install:verifying");
-                Model::load(&package, std::num::NonZeroUsize::MIN)
-                    .map(drop)
-                    .map_err(RegistryError::from)
-            }
-        })
-        .await?;
+        {
+            let _turn = self.loading.lock().await;
+            blocking(&package, "verification", {
+                let package = package.clone();
+                move || {
+                    crate::crash_point("install:verifying");
+                    Model::load(&package, std::num::NonZeroUsize::MIN)
+                        .map(drop)
+                        .map_err(RegistryError::from)
+                }
+            })
+            .await?;
+        }
+        let _copying = self.copying.lock().await;
+        // Another install of the same version may have finished while this one verified.
+        if let Some(done) = self.installed(&manifest, &digest).await? {
+            return Ok(done);
+        }
+        let (name, version) = (manifest.name.clone(), manifest.version.to_string());
+        let existing = self.row(&name, &version).await?;
         let dest = match &existing {
             Some(row) => row.path.clone(),
             None => self.models_dir.join(&name).join(&version),
         };
-        let _copying = self.copying.lock().await;
         blocking(&dest, "copy", {
             let dest = dest.clone();
             move || files::copy_package(&package, &dest)
@@ -505,6 +497,40 @@ impl Registry {
         })
     }
 
+    /// The install of this exact package, if it is recorded and its copy is whole; a
+    /// conflict if the same version was installed with other content.
+    async fn installed(
+        &self,
+        manifest: &Manifest,
+        digest: &str,
+    ) -> Result<Option<Installed>, RegistryError> {
+        let (name, version) = (manifest.name.clone(), manifest.version.to_string());
+        let Some(row) = self.row(&name, &version).await? else {
+            return Ok(None);
+        };
+        if row.sha256 != digest {
+            return Err(RegistryError::Conflict { name, version });
+        }
+        // Recorded already. Make sure the copy is still whole (power lost before its
+        // directory entries reached the disk, or the flash rotted) and recopy it if not.
+        let (path, want) = (row.path.clone(), digest.to_string());
+        let intact = tokio::task::spawn_blocking(move || package_digest(&path).ok())
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|d| d == want);
+        if !intact {
+            tracing::warn!(model = %name, %version, path = %row.path.display(), "installed copy is missing or damaged; copying it again");
+            return Ok(None);
+        }
+        Ok(Some(Installed {
+            name,
+            version: manifest.version.clone(),
+            new: false,
+            ever_activated: row.activated_at.is_some(),
+        }))
+    }
+
     /// Make an installed version the active one. It is loaded and self-tested first; the
     /// database switch is one transaction; then new requests go to it while requests in
     /// flight finish on the old one.
@@ -526,7 +552,7 @@ impl Registry {
         {
             return Ok(());
         }
-        let model = match load(row.path.clone(), settings).await {
+        let model = match self.load(row.path.clone(), settings).await {
             Ok(m) => m,
             Err(e) => {
                 let fail = Change::Fail {
@@ -555,7 +581,7 @@ impl Registry {
             name: name.to_string(),
         })?;
         let prev = self.previous_to_go_back_to(name).await?;
-        let model = load(prev.path.clone(), pool.config()).await?;
+        let model = self.load(prev.path.clone(), pool.config()).await?;
         let (from, to) = (pool.active().version().to_string(), prev.version.clone());
         let change = Change::Rollback {
             from: from.clone(),
@@ -611,11 +637,19 @@ impl Registry {
         }
         let prev = self.previous_to_go_back_to(name).await?;
         let settings = pool.map(|p| p.config()).unwrap_or_default();
-        let model = load(prev.path.clone(), settings).await?;
+        let model = self.load(prev.path.clone(), settings).await?;
         self.ask(name, fail(Some((prev.version.clone(), model, settings))))
             .await?;
-        tracing::warn!(model = name, from = %version, to = %prev.version, %reason, "new version rejected; previous version active again");
-        Ok(prev.version)
+        // What serves now: the previous version, unless another change came first.
+        let now = self.active_version(name).map(|v| v.to_string());
+        tracing::warn!(model = name, from = %version, to = ?now, %reason, "new version rejected");
+        Ok(now.unwrap_or_default())
+    }
+
+    /// Load and self-test a version for serving, in turn with other writers' loads.
+    async fn load(&self, path: PathBuf, settings: PoolSettings) -> Result<Arc<Model>, EngineError> {
+        let _turn = self.loading.lock().await;
+        load_model(path, settings).await
     }
 
     async fn row(&self, name: &str, version: &str) -> Result<Option<VersionRow>, RegistryError> {
@@ -686,8 +720,8 @@ impl Task {
                 self.store
                     .call(move |c| {
                         let tx = c.transaction()?;
-                        // Checked here, in the writer's turn: a version another request
-                        // failed meanwhile is not made active.
+                        // Checked here, in the writer's turn: the row may have changed
+                        // while the caller loaded the model.
                         match version_row(&tx, &n, &v)? {
                             None => {
                                 return Ok(Err(RegistryError::NotInstalled { name: n, version: v }));
@@ -763,41 +797,62 @@ impl Task {
                 unless_active,
             } => {
                 let back = previous.as_ref().map(|(v, _, _)| v.clone());
-                self.store
+                let failed = version.clone();
+                let swap = self
+                    .store
                     .call(move |c| {
                         let tx = c.transaction()?;
-                        let guard = if unless_active { " AND state != 'active'" } else { "" };
+                        // Checked in the writer's turn: going back only if `version` is still
+                        // the active one and `back` still the one to go back to. If another
+                        // change came first, `version` is only marked failed.
+                        let active = active_row(&tx, &n)?.map(|r| r.version);
+                        let previous = previous_row(&tx, &n)?.map(|r| r.version);
+                        let swap = back.is_some()
+                            && active.as_deref() == Some(failed.as_str())
+                            && previous == back;
+                        let guard = if unless_active || (back.is_some() && !swap) {
+                            " AND state != 'active'"
+                        } else {
+                            ""
+                        };
                         tx.execute(
                             &format!(
                                 "UPDATE model_versions SET state = 'failed', failure = ?3
                                  WHERE name = ?1 AND version = ?2{guard}"
                             ),
-                            params![n, version, reason],
+                            params![n, failed, reason],
                         )?;
-                        if let Some(p) = back {
+                        if let (true, Some(p)) = (swap, &back) {
                             tx.execute(
                                 "UPDATE model_versions SET state = 'active', activated_at = ?3 WHERE name = ?1 AND version = ?2",
                                 params![n, p, now_ms()],
                             )?;
                         }
                         tx.commit()?;
-                        Ok(())
+                        Ok(swap)
                     })
                     .await?;
-                if let Some((_, model, settings)) = previous {
-                    self.switch(name, model, settings);
+                match previous {
+                    Some((_, model, settings)) if swap => self.switch(name, model, settings),
+                    Some(_) => {
+                        tracing::warn!(model = name, %version, "another change came first; the version is only marked failed");
+                    }
+                    None => {}
                 }
             }
         }
         Ok(())
     }
 
+    /// Serve `model` for `name`: in its running pool, which pipelines hold (a reload that
+    /// changed the pool's settings made a new one already, see [`Change::Settings`]), or in a
+    /// new pool with `settings` if the model has none.
     fn switch(&mut self, name: &str, model: Arc<Model>, settings: PoolSettings) {
         match self.pools.get(name) {
-            Some(pool) if pool.config() == settings => {
+            Some(pool) => {
                 pool.swap(model);
             }
-            _ => {
+            None => {
                 self.pools
                     .insert(name.to_string(), ModelPool::spawn(model, settings));
             }
@@ -821,6 +876,16 @@ fn version_row(
         "SELECT name, version, state, path, sha256, form, installed_at, activated_at, failure
          FROM model_versions WHERE name = ?1 AND version = ?2",
         params![name, version],
+        row_to_version,
+    )
+    .optional()
+}
+
+fn active_row(c: &rusqlite::Connection, name: &str) -> rusqlite::Result<Option<VersionRow>> {
+    c.query_row(
+        "SELECT name, version, state, path, sha256, form, installed_at, activated_at, failure
+         FROM model_versions WHERE name = ?1 AND state = 'active'",
+        params![name],
         row_to_version,
     )
     .optional()
@@ -864,7 +929,7 @@ async fn blocking<T: Send + 'static>(
         })?
 }
 
-async fn load(path: PathBuf, settings: PoolSettings) -> Result<Arc<Model>, EngineError> {
+async fn load_model(path: PathBuf, settings: PoolSettings) -> Result<Arc<Model>, EngineError> {
     let m = tokio::task::spawn_blocking(move || {
         crate::crash_point("load");
         Model::load_for(&path, &settings)

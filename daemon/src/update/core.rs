@@ -220,6 +220,7 @@ pub enum Input {
     /// A bundle file handed over locally; answered with `ticket`.
     Bundle {
         ticket: u64,
+        path: std::path::PathBuf,
         source: String,
         manifest: Bytes,
         artifact_len: u64,
@@ -271,7 +272,7 @@ pub enum Effect {
     /// every chunk as held.
     CopyBundle {
         id: i64,
-        path: String,
+        path: std::path::PathBuf,
         artifact: Box<bundle::Artifact>,
     },
     /// Hash the whole staging file, unpack the package beside it and check its manifest.
@@ -442,6 +443,8 @@ struct Active {
     health: Option<Watch>,
     /// A bundle file's: the ticket to answer once its bytes are staged.
     ticket: Option<u64>,
+    /// A bundle file's: where it is.
+    bundle_path: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug)]
@@ -571,11 +574,12 @@ impl Core {
             } => self.offer(source, payload, facts, None),
             Input::Bundle {
                 ticket,
+                path,
                 source,
                 manifest,
                 artifact_len,
                 facts,
-            } => self.bundle(ticket, source, manifest, artifact_len, facts),
+            } => self.bundle(ticket, path, source, manifest, artifact_len, facts),
             Input::BundleRefused {
                 ticket,
                 source,
@@ -743,6 +747,7 @@ impl Core {
             last_percent: 0,
             health: None,
             ticket: None,
+            bundle_path: None,
         }
     }
 
@@ -870,7 +875,11 @@ impl Core {
                 return;
             }
         };
+        let mut free_bytes = facts.free_bytes;
         if let Some(a) = self.current.take() {
+            // Its staging goes before the new one is staged: its chunks count as free.
+            let staged = a.nheld as u64 * a.signed.artifact.chunk_size;
+            free_bytes = free_bytes.saturating_add(staged);
             let why = format!(
                 "replaced by {} {} from {source}",
                 signed.name, signed.version
@@ -888,7 +897,7 @@ impl Core {
             source,
             payload,
             signed,
-            free_bytes: facts.free_bytes,
+            free_bytes,
             ticket,
         });
         let _ = digest;
@@ -1037,8 +1046,8 @@ impl Core {
         self.request_chunks();
         self.publish_status(true);
         let Some(a) = &self.current else { return };
-        if a.ticket.is_some() {
-            let (id, path) = (a.id, a.source.trim_start_matches("file:").to_string());
+        if let (Some(_), Some(path)) = (a.ticket, a.bundle_path.clone()) {
+            let id = a.id;
             let artifact = Box::new(a.signed.artifact.clone());
             self.effect(Effect::CopyBundle { id, path, artifact }, Pending::Copy);
         }
@@ -1592,6 +1601,7 @@ impl Core {
     fn bundle(
         &mut self,
         ticket: u64,
+        path: std::path::PathBuf,
         source: String,
         manifest: Bytes,
         artifact_len: u64,
@@ -1611,13 +1621,11 @@ impl Core {
             return self.answer(ticket, Err(busy));
         }
         let digest = tern_update::sha256_hex(&manifest);
-        self.offer_new(
-            source,
-            manifest,
-            digest,
-            facts,
-            Some((ticket, artifact_len)),
-        );
+        let bundle = Some((ticket, artifact_len));
+        self.offer_new(source, manifest, digest, facts, bundle);
+        if let Some(a) = self.current.as_mut().filter(|a| a.ticket == Some(ticket)) {
+            a.bundle_path = Some(path);
+        }
     }
 
     /// The current update's state, retained for `tern-update status` and said to local

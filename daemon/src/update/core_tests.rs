@@ -1058,6 +1058,7 @@ fn a_clean_stop_in_the_health_window_is_remembered() {
 fn bundle_input(b: &Box1, ticket: u64, len: u64, facts: ManifestFacts) -> Input {
     Input::Bundle {
         ticket,
+        path: "/tmp/v.bundle".into(),
         source: "file:/tmp/v.bundle".into(),
         manifest: b.manifest("1.1.0", |_| {}),
         artifact_len: len,
@@ -1080,7 +1081,9 @@ fn a_bundle_is_answered_once_its_bytes_are_staged_and_goes_on() {
     b.ok();
     let a = b.ok();
     assert!(wanted(&a).is_empty(), "a bundle's chunks are not fetched");
-    assert!(matches!(effect(&a), Some(Effect::CopyBundle { path, .. }) if path == "/tmp/v.bundle"));
+    assert!(
+        matches!(effect(&a), Some(Effect::CopyBundle { path, .. }) if path == std::path::Path::new("/tmp/v.bundle"))
+    );
     let a = b.done(Outcome::Step(Ok(())));
     assert_eq!(answer(&a), Some(&Ok(7)));
     assert_eq!(set_state(&a), Some(State::Verifying));
@@ -1231,4 +1234,33 @@ fn an_input_while_a_step_is_pending_is_dropped() {
         effect(&b.ok()),
         Some(Effect::CreateStaging { .. })
     ));
+}
+
+#[test]
+fn a_superseded_download_s_chunks_count_as_free_space() {
+    let mut b = Box1::new();
+    let art = artifact_bytes(10_000);
+    let sha = tern_update::sha256_hex(&art);
+    b.downloading(b.manifest("1.1.0", |_| {}));
+    for (i, c) in art.chunks(CHUNK as usize).take(2).enumerate() {
+        b.step(Input::Link(Link::Chunk {
+            sha256: sha.clone(),
+            index: i,
+            payload: Bytes::from(bundle::chunk_message(&sha, i, c)),
+        }));
+        b.done(Outcome::Chunk(Ok(())));
+    }
+    // 1.2.0 needs 3 × 10,000 + 1000 bytes; the disk shows 24,000 free with 1.1.0's two
+    // staged chunks (8192 bytes) still on it.
+    let facts = ManifestFacts {
+        free_bytes: 24_000,
+        ..Default::default()
+    };
+    let a = b.offer_on("tern/b1/update/m", b.manifest("1.2.0", |_| {}), facts);
+    assert_eq!(finished(&a), Some((State::Failed, Some(Code::Superseded))));
+    let a = b.ok();
+    assert!(
+        matches!(effect(&a), Some(Effect::CreateStaging { .. })),
+        "{a:?}"
+    );
 }

@@ -103,16 +103,12 @@ impl Driver {
         }
     }
 
-    /// Pick up where the last run stopped.
-    pub async fn resume(&mut self) {
-        let input = match self.resume_input().await {
-            Ok(i) => i,
-            Err(e) => {
-                tracing::error!(error = %e, "updates not resumed");
-                return;
-            }
-        };
+    /// Pick up where the last run stopped. Until this has read the database (the open
+    /// updates, the trusted keys, the next id) nothing else may be taken.
+    pub async fn resume(&mut self) -> Result<(), StoreError> {
+        let input = self.resume_input().await?;
         self.run(input).await;
+        Ok(())
     }
 
     async fn resume_input(&self) -> Result<Input, StoreError> {
@@ -199,40 +195,40 @@ impl Driver {
         if let Some(r) = reply {
             self.tickets.insert(ticket, r);
         }
-        let source = format!("file:{}", path.display());
         let opened = {
             let p = path.to_path_buf();
-            tokio::task::spawn_blocking(move || BundleFile::open(&p))
-                .await
-                .unwrap_or_else(|e| {
-                    Err(UnpackError::Refused(RefusalError::Malformed(e.to_string())))
-                })
+            tokio::task::spawn_blocking(move || BundleFile::open(&p)).await
         };
         let input = match opened {
-            Ok(b) => {
+            Ok(Ok(b)) => {
                 let manifest = Bytes::from(b.manifest_bytes);
                 let facts = self.facts(&manifest, Some(&manifest)).await;
                 Input::Bundle {
                     ticket,
-                    source,
+                    path: path.to_path_buf(),
+                    source: format!("file:{}", path.display()),
                     manifest,
                     artifact_len: b.artifact_len,
                     facts,
                 }
             }
-            Err(UnpackError::Refused(refusal)) => Input::BundleRefused {
+            Ok(Err(UnpackError::Refused(refusal))) => Input::BundleRefused {
                 ticket,
-                source,
+                source: path.display().to_string(),
                 refusal,
             },
-            Err(e @ UnpackError::Io { .. }) => {
-                if let Some(r) = self.tickets.remove(&ticket) {
-                    let _ = r.send(Err(RefusalError::Malformed(e.to_string()).into()));
-                }
-                return;
-            }
+            // Not the bundle's fault (unreadable, or the reader died): said to the caller only.
+            Ok(Err(e @ UnpackError::Io { .. })) => return self.unread(ticket, e.to_string()),
+            Err(e) => return self.unread(ticket, e.to_string()),
         };
         self.run(input).await;
+    }
+
+    /// Answer a bundle that could not be read at all.
+    fn unread(&mut self, ticket: u64, why: String) {
+        if let Some(r) = self.tickets.remove(&ticket) {
+            let _ = r.send(Err(RefusalError::Malformed(why).into()));
+        }
     }
 
     pub async fn tick(&mut self) {
@@ -379,10 +375,12 @@ impl Driver {
                     tracing::error!(error = %e, "update event not queued");
                 }
             }
-            Action::Want { sha256, chunks } => self.uplink(Uplink::Want { sha256, chunks }),
-            Action::Unwant { sha256, chunks } => self.uplink(Uplink::Unwant { sha256, chunks }),
-            Action::Status { model, body } => self.uplink(Uplink::Status { model, body }),
-            Action::Redeliver => self.uplink(Uplink::Redeliver),
+            Action::Want { sha256, chunks } => self.uplink(Uplink::Want { sha256, chunks }).await,
+            Action::Unwant { sha256, chunks } => {
+                self.uplink(Uplink::Unwant { sha256, chunks }).await
+            }
+            Action::Status { model, body } => self.uplink(Uplink::Status { model, body }).await,
+            Action::Redeliver => self.uplink(Uplink::Redeliver).await,
             Action::Progress {
                 model,
                 version,
@@ -417,13 +415,11 @@ impl Driver {
         }
     }
 
-    /// Ask the fleet link; a full queue drops the request (a wanted chunk is asked for
-    /// again at the next stall, a status is said again at the next step).
-    fn uplink(&self, u: Uplink) {
-        if let Some(tx) = &self.d.uplink
-            && let Err(mpsc_err) = tx.try_send(u)
-        {
-            tracing::warn!(error = %mpsc_err, "fleet link busy; update request dropped");
+    /// Ask the fleet link, waiting for room: a dropped status would never be said again. A
+    /// link that is gone (it did not start) takes nothing.
+    async fn uplink(&self, u: Uplink) {
+        if let Some(tx) = &self.d.uplink {
+            let _ = tx.send(u).await;
         }
     }
 
@@ -507,7 +503,7 @@ impl Driver {
                 nth,
             } => Outcome::Chunk(self.store_chunk(id, index, offset, data, nth).await),
             Effect::CopyBundle { id, path, artifact } => {
-                Outcome::Step(self.copy_bundle(id, PathBuf::from(path), *artifact).await)
+                Outcome::Step(self.copy_bundle(id, path, *artifact).await)
             }
             Effect::VerifyStage {
                 id,

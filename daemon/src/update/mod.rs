@@ -215,7 +215,14 @@ impl Task {
             let mut rx = rx.lock().await;
             let uplink = deps.uplink.clone();
             let mut d = driver::Driver::new(deps);
-            d.resume().await;
+            // Nothing is judged with keys or ids the database has not given yet.
+            while let Err(e) = d.resume().await {
+                tracing::error!(error = %e, "updates not resumed; trying again in 5 s");
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+                }
+            }
             if runs.fetch_add(1, SeqCst) > 0 {
                 // A run after a failure: the link's state, and the retained manifests that
                 // came while the last run died, are asked for again.
@@ -223,7 +230,7 @@ impl Task {
                     d.deliver(Delivery::Link(Link::Online)).await;
                 }
                 if let Some(u) = &uplink {
-                    let _ = u.try_send(Uplink::Redeliver);
+                    let _ = u.send(Uplink::Redeliver).await;
                 }
             }
             let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
@@ -307,7 +314,9 @@ pub async fn install_here(config: &Config, bundle: &Path) -> Result<Value, HereE
     // Events are kept for the fleet link to send when the daemon next runs.
     let outbox = Outbox::for_config(config);
     let mut d = driver::Driver::new(Deps::new(config, store.clone(), registry, outbox));
-    d.resume().await;
+    d.resume()
+        .await
+        .map_err(|e| HereError::Setup(format!("updates not resumed: {e}")))?;
     let (reply, rx) = oneshot::channel();
     d.bundle(bundle, Some(reply)).await;
     let id = match rx.await {
