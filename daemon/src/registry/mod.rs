@@ -867,35 +867,43 @@ impl Task {
     }
 }
 
+/// The row of `version` of `name`.
 fn version_row(
     c: &rusqlite::Connection,
     name: &str,
     version: &str,
 ) -> rusqlite::Result<Option<VersionRow>> {
-    c.query_row(
-        "SELECT name, version, state, path, sha256, form, installed_at, activated_at, failure
-         FROM model_versions WHERE name = ?1 AND version = ?2",
-        params![name, version],
-        row_to_version,
-    )
-    .optional()
+    row_where(c, "version = ?2", params![name, version])
+}
+
+/// The row of `name` in `state` (`active` and `previous` have one at most).
+fn state_row(
+    c: &rusqlite::Connection,
+    name: &str,
+    state: VersionState,
+) -> rusqlite::Result<Option<VersionRow>> {
+    row_where(c, "state = ?2", params![name, state.as_str()])
 }
 
 fn active_row(c: &rusqlite::Connection, name: &str) -> rusqlite::Result<Option<VersionRow>> {
-    c.query_row(
-        "SELECT name, version, state, path, sha256, form, installed_at, activated_at, failure
-         FROM model_versions WHERE name = ?1 AND state = 'active'",
-        params![name],
-        row_to_version,
-    )
-    .optional()
+    state_row(c, name, VersionState::Active)
 }
 
 fn previous_row(c: &rusqlite::Connection, name: &str) -> rusqlite::Result<Option<VersionRow>> {
+    state_row(c, name, VersionState::Previous)
+}
+
+fn row_where(
+    c: &rusqlite::Connection,
+    condition: &str,
+    params: &[&dyn rusqlite::ToSql],
+) -> rusqlite::Result<Option<VersionRow>> {
     c.query_row(
-        "SELECT name, version, state, path, sha256, form, installed_at, activated_at, failure
-         FROM model_versions WHERE name = ?1 AND state = 'previous'",
-        params![name],
+        &format!(
+            "SELECT name, version, state, path, sha256, form, installed_at, activated_at, failure
+             FROM model_versions WHERE name = ?1 AND {condition}"
+        ),
+        params,
         row_to_version,
     )
     .optional()
