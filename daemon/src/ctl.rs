@@ -603,12 +603,7 @@ pub async fn install_through_daemon(
     bundle: &Path,
     wait: Duration,
 ) -> Result<Value, NoOutcome> {
-    let bus = match bus {
-        config::Bus::System => "system",
-        config::Bus::Session => "session",
-        config::Bus::Address(a) => a.as_str(),
-    };
-    let d = connect(bus, None)
+    let d = connect(bus.name(), None)
         .await
         .map_err(|Fail(_, m)| NoOutcome(m))?;
     match tokio::time::timeout(wait, install_and_follow(&d, bundle, say_progress)).await {
@@ -828,9 +823,7 @@ async fn check(path: &Path, bus: Option<&str>, json: bool) -> Exit {
     }
     let bus = match (bus, &served) {
         (Some(b), _) => b.to_string(),
-        (None, Some(config::Bus::System)) => "system".into(),
-        (None, Some(config::Bus::Session)) => "session".into(),
-        (None, Some(config::Bus::Address(a))) => a.clone(),
+        (None, Some(served)) => served.name().to_string(),
         (None, None) => {
             add(
                 "daemon",

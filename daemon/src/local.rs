@@ -194,15 +194,10 @@ impl Daemon1 {
     #[zbus(property)]
     async fn active_models(&self) -> std::collections::HashMap<String, String> {
         self.control
-            .active_models()
-            .await
+            .registry()
+            .snapshot()
+            .versions()
             .into_iter()
-            .filter_map(|m| {
-                Some((
-                    m["name"].as_str()?.to_string(),
-                    m["version"].as_str()?.to_string(),
-                ))
-            })
             .collect()
     }
 }

@@ -153,10 +153,7 @@ pub async fn run(
     } else {
         None
     };
-    let (updater, updater_task) = match updater {
-        Some((u, t)) => (Some(u), Some(t)),
-        None => (None, None),
-    };
+    let (updater, updater_task) = updater.unzip();
     let (service_tx, mut service_rx) = mpsc::channel::<ServiceRequest>(4);
     let control = Control::new(
         crate::control::Deps {

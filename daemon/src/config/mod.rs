@@ -81,6 +81,17 @@ pub enum Bus {
     Address(String),
 }
 
+impl Bus {
+    /// As `dbus.bus` and `ternctl --bus` name it: `system`, `session` or the address.
+    pub fn name(&self) -> &str {
+        match self {
+            Bus::System => "system",
+            Bus::Session => "session",
+            Bus::Address(a) => a,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawUpdates {

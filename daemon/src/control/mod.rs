@@ -235,7 +235,7 @@ impl Control {
     }
 
     /// Active models as `{name, version}`, sorted by name.
-    pub async fn active_models(&self) -> Vec<Value> {
+    pub fn active_models(&self) -> Vec<Value> {
         self.inner
             .registry
             .snapshot()

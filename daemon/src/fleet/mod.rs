@@ -602,7 +602,7 @@ async fn presence_task(
             "groups": topics.groups,
             "version": crate::VERSION,
             "session": session,
-            "models": control.active_models().await,
+            "models": control.active_models(),
             "feeds": state.config.feeds.iter().map(|f| f.name()).collect::<Vec<_>>(),
             "pipelines": state.pipelines.iter().map(|p| json!({"name": p.name, "feed": p.feed, "model": p.model})).collect::<Vec<_>>(),
             "status": state.summary,

@@ -457,9 +457,11 @@ struct Watch {
 /// What the core waits for: the outcome of the effect it asked for, and what it was for.
 #[derive(Debug)]
 enum Pending {
+    /// What the new update is judged by once recorded: the free space read with its facts,
+    /// and a bundle's artifact length.
     Insert {
-        source: String,
-        digest: String,
+        free_bytes: u64,
+        artifact_len: Option<u64>,
     },
     Staging,
     RestartStaging,
@@ -506,8 +508,6 @@ pub struct Core {
     online: bool,
     last_status: Option<Instant>,
     pending: Option<Pending>,
-    /// Accepted and recorded, waiting for its staging: what follows.
-    accepting: Option<(u64, u64)>,
     now: Now,
     out: Vec<Action>,
 }
@@ -524,7 +524,6 @@ impl Core {
             online: false,
             last_status: None,
             pending: None,
-            accepting: None,
             now,
             out: Vec::new(),
         }
@@ -864,7 +863,7 @@ impl Core {
             self.queue(source, payload, claimed_name, claimed_version);
             return;
         }
-        self.seen.insert(digest.clone());
+        self.seen.insert(digest);
         let signed = match self.verify(&payload, facts.highest.as_ref()) {
             Ok(s) => s,
             Err(e) => {
@@ -900,7 +899,6 @@ impl Core {
             free_bytes,
             ticket,
         });
-        let _ = digest;
     }
 
     /// One waiting manifest per model: the highest version claimed.
@@ -982,31 +980,28 @@ impl Core {
             &acc.payload,
         );
         a.ticket = acc.ticket.map(|(t, _)| t);
-        let artifact_len = acc.ticket.map(|(_, len)| len);
         self.current = Some(a);
-        self.accepting = Some((acc.free_bytes, artifact_len.unwrap_or(u64::MAX)));
-        let digest = tern_update::sha256_hex(&acc.payload);
         self.effect(
             Effect::Insert {
                 id: acc.id,
                 signed: Box::new(acc.signed),
                 manifest: acc.payload,
-                source: acc.source.clone(),
+                source: acc.source,
                 event,
             },
             Pending::Insert {
-                source: acc.source,
-                digest,
+                free_bytes: acc.free_bytes,
+                artifact_len: acc.ticket.map(|(_, len)| len),
             },
         );
     }
 
     /// The new update's row is recorded (or not).
-    fn inserted(&mut self, r: Result<(), String>, source: String, digest: String) {
-        let (free, artifact_len) = self.accepting.take().unwrap_or((u64::MAX, u64::MAX));
+    fn inserted(&mut self, r: Result<(), String>, free: u64, artifact_len: Option<u64>) {
         let Some(a) = &self.current else { return };
         if let Err(e) = r {
             tracing::error!(error = %e, "update not recorded");
+            let digest = a.manifest_sha256.clone();
             self.seen.remove(&digest);
             let refusal = RefusalError::Malformed(format!("not recorded: {e}"));
             let a = self.current.take().expect("checked");
@@ -1016,7 +1011,7 @@ impl Core {
             return;
         }
         self.out.push(Action::Wake);
-        tracing::info!(update = a.id, model = %a.signed.name, version = %a.signed.version, size = a.signed.artifact.size, %source, "update accepted");
+        tracing::info!(update = a.id, model = %a.signed.name, version = %a.signed.version, size = a.signed.artifact.size, source = %a.source, "update accepted");
         self.out.push(Action::Crash("update:accepted".into()));
         // Room for the staging file, the unpacked package and the installed copy.
         let need = a.signed.artifact.size.saturating_mul(3) + self.s.min_free_bytes;
@@ -1026,9 +1021,9 @@ impl Core {
             self.fail(Code::NoSpace, &why);
             return;
         }
-        if a.ticket.is_some() && artifact_len != a.signed.artifact.size {
+        if let Some(len) = artifact_len.filter(|len| *len != a.signed.artifact.size) {
             let e = RefusalError::BadSize {
-                got: artifact_len,
+                got: len,
                 want: a.signed.artifact.size,
             };
             self.fail(e.code(), &e.to_string());
@@ -1061,7 +1056,8 @@ impl Core {
             Ok(()) => {
                 a.held.iter_mut().for_each(|h| *h = true);
                 a.nheld = a.held.len();
-                a.received_all();
+                a.asked.clear();
+                a.retry_at.clear();
                 if let Some(t) = ticket {
                     self.answer(t, Ok(id));
                 }
@@ -1294,9 +1290,13 @@ impl Core {
             return;
         };
         match (p, outcome) {
-            (Pending::Insert { source, digest }, Outcome::Recorded(r)) => {
-                self.inserted(r, source, digest)
-            }
+            (
+                Pending::Insert {
+                    free_bytes,
+                    artifact_len,
+                },
+                Outcome::Recorded(r),
+            ) => self.inserted(r, free_bytes, artifact_len),
             (Pending::Staging, Outcome::Recorded(r)) => self.staged(r),
             (Pending::RestartStaging, Outcome::Recorded(r)) => match r {
                 Ok(()) => self.advance(),
@@ -1663,13 +1663,6 @@ impl Core {
             model: a.signed.name.clone(),
             body,
         });
-    }
-}
-
-impl Active {
-    fn received_all(&mut self) {
-        self.asked.clear();
-        self.retry_at.clear();
     }
 }
 

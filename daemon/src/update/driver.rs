@@ -90,7 +90,7 @@ impl Driver {
                         actions.extend(self.core.step(Input::Done(outcome), now()));
                     }
                     Action::Reoffer { source, payload } => {
-                        let facts = self.facts(&payload, None).await;
+                        let facts = self.facts(&payload, false).await;
                         inputs.push_back(Input::Manifest {
                             source,
                             payload,
@@ -175,7 +175,7 @@ impl Driver {
     pub async fn deliver(&mut self, d: Delivery) {
         let input = match d {
             Delivery::Manifest { source, payload } => {
-                let facts = self.facts(&payload, None).await;
+                let facts = self.facts(&payload, false).await;
                 Input::Manifest {
                     source,
                     payload,
@@ -202,7 +202,7 @@ impl Driver {
         let input = match opened {
             Ok(Ok(b)) => {
                 let manifest = Bytes::from(b.manifest_bytes);
-                let facts = self.facts(&manifest, Some(&manifest)).await;
+                let facts = self.facts(&manifest, true).await;
                 Input::Bundle {
                     ticket,
                     path: path.to_path_buf(),
@@ -254,8 +254,8 @@ impl Driver {
         }
     }
 
-    /// What a manifest is judged with; `serving` for bundle files.
-    async fn facts(&self, payload: &[u8], serving: Option<&[u8]>) -> ManifestFacts {
+    /// What a manifest is judged with; for a bundle file, also whether it serves already.
+    async fn facts(&self, payload: &[u8], bundle: bool) -> ManifestFacts {
         let p = payload.to_vec();
         let known = self
             .d
@@ -279,9 +279,9 @@ impl Driver {
             Some(name) => self.d.registry.highest(&name).await.ok().flatten(),
             None => None,
         };
-        let serving = match serving {
-            Some(p) => self.serving(p).await,
-            None => None,
+        let serving = match bundle {
+            true => self.serving(payload).await,
+            false => None,
         };
         ManifestFacts {
             known,
