@@ -74,7 +74,7 @@ fn main() {
             .unwrap()
             .into();
         // Image models: a PNG (decode included) and the raw RGB frame a camera feed delivers.
-        let inputs = if tern.manifest.preprocess.is_some() {
+        let inputs = if tern.manifest.image().is_some() {
             let rgb = image::load_from_memory(&png).expect("png").into_rgb8();
             let (width, height) = rgb.dimensions();
             let frame = Input::Frame {

@@ -184,6 +184,16 @@ async fn run(cli: Cli) -> Res<Exit> {
                     d.infer_tensor(&model, &nest(&shape, &data).to_string())
                         .await
                 }
+                Input::Arrays(_) => {
+                    return Err(Fail(
+                        Exit::BadInput,
+                        format!(
+                            "{}: ternctl sends images and float tensors (.png, .jpg, .npy, \
+                             .json); run a model on named arrays with `ternd infer`",
+                            file.display()
+                        ),
+                    ));
+                }
                 Input::Frame { .. } => unreachable!("files are never raw frames"),
             };
             let p = doc(reply)?;

@@ -36,7 +36,10 @@ enum Command {
         /// The model package directory (holding tern-model.toml and model.onnx).
         #[arg(long)]
         model: PathBuf,
-        /// A PNG or JPEG image, a float32 .npy tensor, or a JSON array.
+        /// A PNG or JPEG image, an .npy tensor, an .npz of named inputs, a JSON array, a WAV
+        /// (cut into the audio input's windows), or a folder of inputs. A WAV, a folder, or an
+        /// .npy with several rows for a batch-1 input runs as one stream: states and score
+        /// events carry from each step to the next, and each step prints a line.
         #[arg(long)]
         input: PathBuf,
         /// Print the result as JSON.
@@ -266,23 +269,145 @@ fn infer(model: &Path, input: &Path, json: bool, threads: usize) -> ExitCode {
         Ok(m) => m,
         Err(e) => return fail(&e),
     };
-    let result =
-        Input::from_file(input, config::DEFAULT_MAX_FILE_BYTES).and_then(|i| model.infer(&i));
-    let pred = match result {
-        Ok(p) => p,
+    let steps = match infer_steps(&model, input) {
+        Ok(s) => s,
         Err(e) => return fail(&e),
     };
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string(&pred).expect("predictions serialise")
-        );
-    } else {
+    let sequence = steps.len() > 1;
+    let mut stream = model.stream();
+    for (i, (start, input)) in steps.iter().enumerate() {
+        let pred = match model.infer_in(input, &mut stream) {
+            Ok(p) => p,
+            Err(e) if sequence => return fail(&format!("step {i}: {e}")),
+            Err(e) => return fail(&e),
+        };
+        if json {
+            let mut v = serde_json::to_value(&pred).expect("predictions serialise");
+            if sequence {
+                v["step"] = i.into();
+                if let Some(s) = start {
+                    v["start_s"] = (*s).into();
+                }
+            }
+            println!("{v}");
+            continue;
+        }
+        if sequence {
+            match start {
+                Some(s) => println!("step {i} at {s:.3} s"),
+                None => println!("step {i}"),
+            }
+        }
         println!("{} {}  ({} µs)", pred.model, pred.version, pred.latency_us);
-        println!("{:>5}  {:<16} {:>8}", "rank", "label", "score");
-        for (i, c) in pred.top.iter().enumerate() {
-            println!("{:>5}  {:<16} {:>8.4}", i + 1, c.label, c.score);
+        if !pred.top.is_empty() && pred.outputs.is_empty() {
+            println!("{:>5}  {:<16} {:>8}", "rank", "label", "score");
+            for (i, c) in pred.top.iter().enumerate() {
+                println!("{:>5}  {:<16} {:>8.4}", i + 1, c.label, c.score);
+            }
+        }
+        for (name, v) in &pred.outputs {
+            println!("  {name}: {}", summary(v));
         }
     }
     ExitCode::SUCCESS
+}
+
+/// One line about a postprocessed output, for people.
+fn summary(v: &serde_json::Value) -> String {
+    if let Some(t) = v.get("text") {
+        return format!("text {t} (score {:.3})", v["score"].as_f64().unwrap_or(0.0));
+    }
+    if let Some(b) = v.get("boxes").and_then(|b| b.as_array()) {
+        let list: Vec<String> = b
+            .iter()
+            .map(|b| format!("[{} {} {} {}]", b["x0"], b["y0"], b["x1"], b["y1"]))
+            .collect();
+        return format!("{} box(es) {}", b.len(), list.join(" "));
+    }
+    if let Some(top) = v.get("top").and_then(|t| t.as_array()) {
+        let list: Vec<String> = top
+            .iter()
+            .map(|c| {
+                format!(
+                    "{} {:.4}",
+                    c["label"].as_str().unwrap_or("?"),
+                    c["score"].as_f64().unwrap_or(0.0)
+                )
+            })
+            .collect();
+        return list.join(", ");
+    }
+    v.to_string()
+}
+
+/// The inputs `ternd infer` runs, in order, with each one's start time for audio.
+fn infer_steps(
+    model: &Model,
+    path: &Path,
+) -> Result<Vec<(Option<f64>, Input)>, ternd::engine::EngineError> {
+    use ternd::engine::EngineError;
+    let max = config::DEFAULT_MAX_FILE_BYTES;
+    if path.is_dir() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(|e| EngineError::Unreadable {
+                message: format!("{}: {e}", path.display()),
+            })?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.is_file()
+                    && !p
+                        .file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+            })
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(EngineError::Input {
+                message: format!("{}: the folder holds no input files", path.display()),
+            });
+        }
+        return files
+            .iter()
+            .map(|f| Input::from_file(f, max).map(|i| (None, i)))
+            .collect();
+    }
+    let is_wav = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("wav"));
+    if is_wav {
+        let bytes = ternd::engine::read_bounded(path, max)?;
+        return Ok(ternd::engine::audio_windows(&model.manifest, &bytes)
+            .map_err(|e| EngineError::Input {
+                message: format!("{}: {e}", path.display()),
+            })?
+            .into_iter()
+            .map(|(s, i)| (Some(s), i))
+            .collect());
+    }
+    let input = Input::from_file(path, max)?;
+    // Several rows for an input that takes one: a sequence, one row per step.
+    if let Input::Tensor { shape, data } = &input
+        && let Some(spec) = model.manifest.primary()
+        && spec.shape.first() == Some(&ternd::engine::Dim::Fixed(1))
+        && shape.len() == spec.shape.len()
+        && shape[0] > 1
+    {
+        let row: Vec<usize> = std::iter::once(1)
+            .chain(shape[1..].iter().copied())
+            .collect();
+        let n: usize = row.iter().product();
+        return Ok(data
+            .chunks(n.max(1))
+            .map(|c| {
+                (
+                    None,
+                    Input::Tensor {
+                        shape: row.clone(),
+                        data: c.to_vec(),
+                    },
+                )
+            })
+            .collect());
+    }
+    Ok(vec![(None, input)])
 }

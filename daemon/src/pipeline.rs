@@ -32,7 +32,9 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{FeedConfig, PipelineConfig, Publish};
-use crate::engine::{EngineError, Input, Latencies, ModelPool, PixelFormat, Prediction};
+use crate::engine::{
+    Data as ArrayData, EngineError, Input, Latencies, ModelPool, PixelFormat, Prediction,
+};
 use crate::events::{Events, LocalEvent};
 use crate::feeds::camera::{CameraFeed, FrameSpec};
 use crate::feeds::directory::{DirectoryFeed, FileDone, Outcome};
@@ -462,7 +464,7 @@ impl Serve {
                         } else {
                             None
                         };
-                        let body = json!({
+                        let mut body = json!({
                             "id": id,
                             "pipeline": pname,
                             "source": v.source,
@@ -472,6 +474,9 @@ impl Serve {
                             "top": pred.top,
                             "latency_us": pred.latency_us,
                         });
+                        if !pred.outputs.is_empty() {
+                            body["outputs"] = Value::Object(pred.outputs.clone());
+                        }
                         if let Some(input) = &v.capture {
                             let bytes =
                                 insert_capture(&tx, &pname, &v.source, v.ts_ms, input, &body)?;
@@ -582,6 +587,8 @@ fn insert_result(
     p: &Prediction,
 ) -> rusqlite::Result<(i64, i64)> {
     let top = serde_json::to_string(&p.top).expect("classes serialise");
+    let outputs = (!p.outputs.is_empty())
+        .then(|| serde_json::to_string(&p.outputs).expect("outputs serialise"));
     let first = p.top.first();
     let label = first.map(|c| c.label.clone());
     // The same estimate as the migration that added the column: text lengths plus the fixed
@@ -592,10 +599,11 @@ fn insert_result(
         + p.version.len()
         + label.as_ref().map_or(0, |l| l.len())
         + top.len()
+        + outputs.as_ref().map_or(0, |o| o.len())
         + 48) as i64;
     tx.execute(
-        "INSERT INTO results (ts_ms, pipeline, source, model, version, label, score, top, latency_us, bytes)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        "INSERT INTO results (ts_ms, pipeline, source, model, version, label, score, top, latency_us, bytes, outputs)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
         rusqlite::params![
             ts_ms,
             pipeline,
@@ -606,7 +614,8 @@ fn insert_result(
             first.map(|c| c.score as f64),
             top,
             p.latency_us as i64,
-            bytes
+            bytes,
+            outputs
         ],
     )?;
     Ok((tx.last_insert_rowid(), bytes))
@@ -641,6 +650,26 @@ fn insert_capture(
             json!({"shape": shape, "dtype": "f32le"}),
             data.iter().flat_map(|x| x.to_le_bytes()).collect(),
         ),
+        // Named arrays, one after another, little-endian; `meta` says where each lies.
+        Input::Arrays(arrays) => {
+            let mut bytes = Vec::new();
+            let mut parts = Vec::new();
+            for (name, a) in arrays {
+                let start = bytes.len();
+                match &a.data {
+                    ArrayData::F32(v) => bytes.extend(v.iter().flat_map(|x| x.to_le_bytes())),
+                    ArrayData::I64(v) => bytes.extend(v.iter().flat_map(|x| x.to_le_bytes())),
+                    ArrayData::I32(v) => bytes.extend(v.iter().flat_map(|x| x.to_le_bytes())),
+                    ArrayData::U8(v) => bytes.extend_from_slice(v),
+                    ArrayData::Bool(v) => bytes.extend(v.iter().map(|b| u8::from(*b))),
+                }
+                parts.push(
+                    json!({"name": name, "shape": a.shape, "dtype": a.data.dtype_name(),
+                    "offset": start, "bytes": bytes.len() - start}),
+                );
+            }
+            ("arrays", json!({ "arrays": parts }), bytes)
+        }
     };
     let meta = meta.to_string();
     let result = result.to_string();

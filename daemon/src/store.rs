@@ -207,6 +207,9 @@ CREATE TABLE pipeline_stops (
     ts_ms INTEGER NOT NULL
 );
 "#,
+    // Format 2 packages report every output, postprocessed (text, boxes, scores), as JSON by
+    // output name; NULL for a format 1 package, whose `top` says it all.
+    "ALTER TABLE results ADD COLUMN outputs TEXT;",
 ];
 
 /// What retention keeps: results and captures within their budgets, results within an age.

@@ -452,7 +452,7 @@ impl Control {
             .store
             .call(move |c| {
                 let mut stmt = c.prepare(
-                    "SELECT id, ts_ms, pipeline, source, model, version, label, score, top, latency_us
+                    "SELECT id, ts_ms, pipeline, source, model, version, label, score, top, latency_us, outputs
                      FROM results WHERE (ts_ms, id) > (?1, ?2) ORDER BY ts_ms, id LIMIT ?3",
                 )?;
                 // Without `after`, every row at `since` is wanted: ids start at 1.
@@ -460,7 +460,8 @@ impl Control {
                 let rows = stmt
                     .query_map(rusqlite::params![since_ms, after, limit], |r| {
                         let top: String = r.get(8)?;
-                        Ok(json!({
+                        let outputs: Option<String> = r.get(10)?;
+                        let mut row = json!({
                             "id": r.get::<_, i64>(0)?,
                             "ts_ms": r.get::<_, i64>(1)?,
                             "pipeline": r.get::<_, String>(2)?,
@@ -471,7 +472,12 @@ impl Control {
                             "score": r.get::<_, Option<f64>>(7)?,
                             "top": serde_json::from_str::<Value>(&top).unwrap_or(Value::Null),
                             "latency_us": r.get::<_, i64>(9)?,
-                        }))
+                        });
+                        if let Some(o) = outputs {
+                            row["outputs"] =
+                                serde_json::from_str::<Value>(&o).unwrap_or(Value::Null);
+                        }
+                        Ok(row)
                     })?
                     .collect::<Result<Vec<_>, _>>()?;
                 Ok(rows)

@@ -3,13 +3,15 @@
 //! Every size is checked before memory is committed to it: encoded images are decoded under
 //! pixel and allocation limits, tensors must match the manifest's shape exactly.
 
+use std::collections::HashMap;
 use std::io::Cursor;
 use std::path::Path;
 
 use image::{DynamicImage, ImageReader, Limits, imageops::FilterType};
 
 use super::EngineError;
-use super::manifest::{Color, Filter, Layout, Manifest, Preprocess};
+use super::array::{Array, Data, read_npy, read_npz};
+use super::manifest::{Color, Dim, Filter, ImageSpec, InputSpec, Layout, Manifest, Resize};
 
 /// Largest image side tern decodes; a 16k camera frame is far beyond any edge model input.
 pub const MAX_IMAGE_SIDE: u32 = 8192;
@@ -17,15 +19,17 @@ pub const MAX_IMAGE_SIDE: u32 = 8192;
 pub const MAX_IMAGE_ALLOC: u64 = 256 * 1024 * 1024;
 /// Largest JSON tensor file; larger tensors belong in `.npy`.
 pub const MAX_JSON_BYTES: usize = 4 * 1024 * 1024;
-/// Largest number of elements in a raw tensor input.
-pub const MAX_TENSOR_ELEMENTS: usize = 64 * 1024 * 1024;
+pub use super::array::MAX_TENSOR_ELEMENTS;
 
 #[derive(Debug, Clone)]
 pub enum Input {
     /// PNG or JPEG bytes.
     Encoded(Vec<u8>),
-    /// A tensor: its shape with or without the batch dimension, and row-major values.
+    /// A float tensor for the model's one fed input: its shape with or without the batch
+    /// dimension, and row-major values.
     Tensor { shape: Vec<usize>, data: Vec<f32> },
+    /// Arrays by input name (an `.npz`; `in/<name>` is accepted for `<name>`).
+    Arrays(Vec<(String, Array)>),
     /// A raw frame as a camera delivers it.
     Frame {
         width: u32,
@@ -41,38 +45,31 @@ pub enum PixelFormat {
     Gray8,
 }
 
-/// A model input ready to run: the full shape including batch 1.
+/// A request made into the model's fed inputs: one array per input, by the input's index in
+/// the manifest, each with its full shape (batch included).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Prepared {
-    pub shape: Vec<usize>,
-    pub data: Vec<f32>,
+    pub arrays: Vec<(usize, Array)>,
+    /// How an image was brought to the model's size, to map positions back.
+    pub geometry: Option<Geometry>,
+}
+
+/// An image's size as given and as fed to the model.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Geometry {
+    pub width: u32,
+    pub height: u32,
+    pub model_width: u32,
+    pub model_height: u32,
 }
 
 impl Input {
-    /// Build an input from a file, by extension: `.png`, `.jpg`/`.jpeg`, `.npy`, `.json`.
+    /// Build an input from a file, by extension: `.png`, `.jpg`/`.jpeg`, `.npy`, `.npz`, `.json`.
     pub fn from_file(path: &Path, max_bytes: u64) -> Result<Input, EngineError> {
         let bad = |message: String| EngineError::Input {
             message: format!("{}: {message}", path.display()),
         };
-        let unreadable = |e: std::io::Error| EngineError::Unreadable {
-            message: format!("{}: {e}", path.display()),
-        };
-        let len = std::fs::metadata(path).map_err(unreadable)?.len();
-        if len > max_bytes {
-            return Err(bad(format!("{len} bytes is over the limit of {max_bytes}")));
-        }
-        // The file may grow after the size check: never read more than the limit.
-        let mut bytes = Vec::with_capacity(len.min(max_bytes) as usize);
-        std::fs::File::open(path)
-            .and_then(|f| {
-                std::io::Read::read_to_end(&mut std::io::Read::take(f, max_bytes + 1), &mut bytes)
-            })
-            .map_err(unreadable)?;
-        if bytes.len() as u64 > max_bytes {
-            return Err(bad(format!(
-                "grew past the limit of {max_bytes} bytes while being read"
-            )));
-        }
+        let bytes = read_bounded(path, max_bytes)?;
         let ext = path
             .extension()
             .and_then(|e| e.to_str())
@@ -81,21 +78,30 @@ impl Input {
         match ext.as_str() {
             "png" | "jpg" | "jpeg" => Ok(Input::Encoded(bytes)),
             "npy" => Input::from_npy(&bytes).map_err(|e| bad(e.to_string())),
+            "npz" => read_npz(&bytes)
+                .map(Input::Arrays)
+                .map_err(|e| bad(e.to_string())),
             // A JSON tree costs many times its text in memory: hold it to a tighter bound.
             "json" if bytes.len() > MAX_JSON_BYTES => Err(bad(format!(
                 "JSON tensors are limited to {MAX_JSON_BYTES} bytes; use .npy"
             ))),
             "json" => Input::from_json(&bytes).map_err(|e| bad(e.to_string())),
             _ => Err(bad(format!(
-                "unknown input type `.{ext}`; expected png, jpg, jpeg, npy or json"
+                "unknown input type `.{ext}`; expected png, jpg, jpeg, npy, npz or json"
             ))),
         }
     }
 
-    /// A little-endian float32 `.npy` array.
+    /// A `.npy`: float32 as a tensor for the fed input; other dtypes by the fed input's name.
     pub fn from_npy(bytes: &[u8]) -> Result<Input, EngineError> {
-        let (shape, data) = read_npy_f32(bytes)?;
-        Ok(Input::Tensor { shape, data })
+        let a = read_npy(bytes)?;
+        match a.data {
+            Data::F32(data) => Ok(Input::Tensor {
+                shape: a.shape,
+                data,
+            }),
+            _ => Ok(Input::Arrays(vec![(String::new(), a)])),
+        }
     }
 
     /// A JSON number, or nested arrays of numbers with a rectangular shape.
@@ -118,22 +124,101 @@ impl Input {
         Ok(Input::Tensor { shape, data })
     }
 
-    /// Turn this input into the model's input tensor (batch of one).
+    /// Turn this input into the model's fed inputs (batch of one).
     pub fn prepare(&self, m: &Manifest) -> Result<Prepared, EngineError> {
-        let mut shape = vec![1];
-        shape.extend(m.sample_shape());
-        let mut data = vec![0f32; shape.iter().product()];
-        self.write_into(m, &mut data)?;
-        Ok(Prepared { shape, data })
-    }
-
-    /// Write the model's input tensor for this input (batch of one) into `out`, which holds
-    /// exactly one sample. The engine passes tract's own input buffer here, so preprocessing
-    /// writes every value once and nothing is copied after it.
-    pub fn write_into(&self, m: &Manifest, out: &mut [f32]) -> Result<(), EngineError> {
+        let mut named = HashMap::new();
         match self {
-            Input::Tensor { shape, data } => tensor_into(m, shape, data, out),
-            Input::Encoded(bytes) => image_into(m, decode(bytes)?, out),
+            Input::Tensor { shape, data } => {
+                let (ix, spec) = only_fed(m)?;
+                if !spec.dtype.is_float() {
+                    return Err(bad(format!(
+                        "input `{}` of model `{}` takes {} values; send them in an .npy or .npz",
+                        spec.name,
+                        m.name,
+                        spec.dtype.name()
+                    )));
+                }
+                if data.iter().any(|x| !x.is_finite()) {
+                    return Err(bad("tensor holds NaN or infinite values".into()));
+                }
+                let shape = fit_shape(m, spec, shape, &mut named)?;
+                if data.len() != shape.iter().product::<usize>() {
+                    return Err(bad(format!(
+                        "tensor of shape {shape:?} holds {} values",
+                        data.len()
+                    )));
+                }
+                Ok(Prepared {
+                    arrays: vec![(ix, Array::f32(shape, data.clone()))],
+                    geometry: None,
+                })
+            }
+            Input::Arrays(given) => {
+                let mut arrays = Vec::new();
+                for (name, a) in given {
+                    let key = name.strip_prefix("in/").unwrap_or(name);
+                    // A state input given by name starts the run from that state.
+                    let found = if key.is_empty() {
+                        Some(only_fed(m)?)
+                    } else {
+                        m.inputs
+                            .iter()
+                            .enumerate()
+                            .find(|(_, s)| s.name == key && s.value.is_none())
+                    };
+                    let Some((ix, spec)) = found else {
+                        // Reference outputs travel in the same archives as inputs.
+                        if name.starts_with("out/") {
+                            continue;
+                        }
+                        let names: Vec<_> = m.fed().map(|s| s.name.as_str()).collect();
+                        return Err(bad(format!(
+                            "`{key}` is not an input model `{}` is fed (it takes: {})",
+                            m.name,
+                            names.join(", ")
+                        )));
+                    };
+                    if !a.data.fits(spec.dtype) {
+                        return Err(bad(format!(
+                            "input `{}` takes {}, the array is {}",
+                            spec.name,
+                            spec.dtype.name(),
+                            a.data.dtype_name()
+                        )));
+                    }
+                    if let Data::F32(v) = &a.data
+                        && v.iter().any(|x| !x.is_finite())
+                    {
+                        return Err(bad(format!(
+                            "input `{}` holds NaN or infinite values",
+                            spec.name
+                        )));
+                    }
+                    let shape = fit_shape(m, spec, &a.shape, &mut named)?;
+                    arrays.push((
+                        ix,
+                        Array {
+                            shape,
+                            data: a.data.clone(),
+                        },
+                    ));
+                }
+                for spec in m.fed() {
+                    let ix = m.inputs.iter().position(|i| i.name == spec.name);
+                    if !arrays.iter().any(|(i, _)| Some(*i) == ix) {
+                        return Err(bad(format!(
+                            "no array for input `{}` of model `{}`",
+                            spec.name, m.name
+                        )));
+                    }
+                }
+                arrays.sort_by_key(|(i, _)| *i);
+                Ok(Prepared {
+                    arrays,
+                    geometry: None,
+                })
+            }
+            Input::Encoded(bytes) => image_input(m, decode(bytes)?),
             Input::Frame {
                 width,
                 height,
@@ -158,11 +243,22 @@ impl Input {
                 }
                 // The camera's common case: the frame already has the model's size and color,
                 // so its bytes are converted in place, without an intermediate image.
-                if let Some(pre) = &m.preprocess
+                if let Some((ix, spec, pre)) = image_spec(m)
                     && m.image_size() == Some((*height as usize, *width as usize))
                     && pre.color.channels() == channels
                 {
-                    return pixels_into(m, pre, data, out);
+                    let shape = spec.concrete_shape(&named);
+                    let mut out = vec![0f32; shape.iter().product()];
+                    pixels_into(pre, (*height as usize, *width as usize), data, &mut out);
+                    return Ok(Prepared {
+                        arrays: vec![(ix, Array::f32(shape, out))],
+                        geometry: Some(Geometry {
+                            width: *width,
+                            height: *height,
+                            model_width: *width,
+                            model_height: *height,
+                        }),
+                    });
                 }
                 let img = match format {
                     PixelFormat::Rgb24 => image::RgbImage::from_raw(*width, *height, data.clone())
@@ -170,10 +266,288 @@ impl Input {
                     PixelFormat::Gray8 => image::GrayImage::from_raw(*width, *height, data.clone())
                         .map(DynamicImage::ImageLuma8),
                 };
-                image_into(m, img.expect("length checked above"), out)
+                image_input(m, img.expect("length checked above"))
             }
         }
     }
+}
+
+/// Largest WAV tern cuts into windows: an hour at 16 kHz is 57.6 M samples.
+const MAX_AUDIO_SAMPLES: usize = 64 * 1024 * 1024;
+
+/// A WAV file cut into the audio input's windows: each window's start (seconds into the file)
+/// and its input, `context` samples of the previous window then `window` new ones (zeros
+/// before the start, and after the end to fill the last window). Channels are averaged; the
+/// sample rate must be the manifest's (tern does not resample).
+pub fn audio_windows(m: &Manifest, bytes: &[u8]) -> Result<Vec<(f64, Input)>, EngineError> {
+    let Some((spec, audio)) = m
+        .inputs
+        .iter()
+        .find_map(|i| i.audio.as_ref().map(|a| (i, a)))
+    else {
+        return Err(bad(format!(
+            "model `{}` declares no audio input ([inputs.audio])",
+            m.name
+        )));
+    };
+    let err = |e: hound::Error| bad(format!("wav: {e}"));
+    let reader = hound::WavReader::new(Cursor::new(bytes)).map_err(err)?;
+    let ws = reader.spec();
+    if ws.sample_rate != audio.sample_rate {
+        return Err(bad(format!(
+            "wav: {} Hz, model `{}` takes {} Hz audio; resample it first",
+            ws.sample_rate, m.name, audio.sample_rate
+        )));
+    }
+    let channels = usize::from(ws.channels.max(1));
+    if reader.len() as usize > MAX_AUDIO_SAMPLES {
+        return Err(bad(format!(
+            "wav: {} samples is over the limit of {MAX_AUDIO_SAMPLES}",
+            reader.len()
+        )));
+    }
+    let samples: Vec<f32> = match (ws.sample_format, ws.bits_per_sample) {
+        (hound::SampleFormat::Float, 32) => reader
+            .into_samples::<f32>()
+            .collect::<Result<_, _>>()
+            .map_err(err)?,
+        (hound::SampleFormat::Int, bits @ 8..=32) => {
+            let full = (1i64 << (bits - 1)) as f32;
+            reader
+                .into_samples::<i32>()
+                .map(|s| s.map(|v| v as f32 / full))
+                .collect::<Result<_, _>>()
+                .map_err(err)?
+        }
+        (f, b) => return Err(bad(format!("wav: {b}-bit {f:?} samples are not supported"))),
+    };
+    let mono: Vec<f32> = samples
+        .chunks(channels)
+        .map(|c| c.iter().sum::<f32>() / c.len() as f32)
+        .collect();
+    let shape: Vec<usize> = spec
+        .shape
+        .iter()
+        .map(|d| match d {
+            Dim::Fixed(n) => *n,
+            Dim::Named { .. } => 0,
+        })
+        .collect();
+    let (win, ctx) = (audio.window, audio.context);
+    let mut out = Vec::with_capacity(mono.len().div_ceil(win));
+    let mut start = 0;
+    while start < mono.len() {
+        let mut data = vec![0f32; ctx + win];
+        for (i, d) in data.iter_mut().enumerate() {
+            let at = (start + i).checked_sub(ctx);
+            if let Some(v) = at.and_then(|a| mono.get(a)) {
+                *d = *v;
+            }
+        }
+        out.push((
+            start as f64 / f64::from(audio.sample_rate),
+            Input::Arrays(vec![(spec.name.clone(), Array::f32(shape.clone(), data))]),
+        ));
+        start += win;
+    }
+    Ok(out)
+}
+
+fn bad(message: String) -> EngineError {
+    EngineError::Input { message }
+}
+
+/// A file's bytes, never more than `max_bytes` of them even if it grows while being read.
+pub fn read_bounded(path: &Path, max_bytes: u64) -> Result<Vec<u8>, EngineError> {
+    let unreadable = |e: std::io::Error| EngineError::Unreadable {
+        message: format!("{}: {e}", path.display()),
+    };
+    let too_big = |what: String| EngineError::Input {
+        message: format!("{}: {what}", path.display()),
+    };
+    let len = std::fs::metadata(path).map_err(unreadable)?.len();
+    if len > max_bytes {
+        return Err(too_big(format!(
+            "{len} bytes is over the limit of {max_bytes}"
+        )));
+    }
+    let mut bytes = Vec::with_capacity(len.min(max_bytes) as usize);
+    std::fs::File::open(path)
+        .and_then(|f| {
+            std::io::Read::read_to_end(&mut std::io::Read::take(f, max_bytes + 1), &mut bytes)
+        })
+        .map_err(unreadable)?;
+    if bytes.len() as u64 > max_bytes {
+        return Err(too_big(format!(
+            "grew past the limit of {max_bytes} bytes while being read"
+        )));
+    }
+    Ok(bytes)
+}
+
+/// The one input a bare tensor goes to.
+fn only_fed(m: &Manifest) -> Result<(usize, &InputSpec), EngineError> {
+    let spec = m.primary().ok_or_else(|| {
+        let names: Vec<_> = m.fed().map(|s| s.name.as_str()).collect();
+        bad(format!(
+            "model `{}` takes several inputs ({}); give them by name in an .npz",
+            m.name,
+            names.join(", ")
+        ))
+    })?;
+    let ix = m.inputs.iter().position(|i| i.name == spec.name);
+    Ok((ix.expect("the primary input is an input"), spec))
+}
+
+/// The full shape a given array has as this input: the batch may be left out; named
+/// dimensions take their value from it, within their bounds and equal wherever a name recurs.
+pub fn fit_shape(
+    m: &Manifest,
+    spec: &InputSpec,
+    given: &[usize],
+    named: &mut HashMap<String, usize>,
+) -> Result<Vec<usize>, EngineError> {
+    let decl = &spec.shape;
+    let full: Vec<usize> = if given.len() + 1 == decl.len() && decl.first() == Some(&Dim::Fixed(1))
+    {
+        std::iter::once(1).chain(given.iter().copied()).collect()
+    } else {
+        given.to_vec()
+    };
+    let shown: Vec<String> = decl.iter().map(|d| d.to_string()).collect();
+    let misfit = |why: String| {
+        bad(format!(
+            "shape {given:?} does not fit input `{}` of model `{}`, which takes [{}]{why}",
+            spec.name,
+            m.name,
+            shown.join(", ")
+        ))
+    };
+    if full.len() != decl.len() {
+        return Err(misfit(String::new()));
+    }
+    for (d, n) in decl.iter().zip(&full) {
+        match d {
+            Dim::Fixed(f) if f != n => return Err(misfit(String::new())),
+            Dim::Fixed(_) => {}
+            Dim::Named { name, max } => {
+                if *n == 0 || n > max {
+                    return Err(misfit(format!(": `{name}` is {n}, outside 1..={max}")));
+                }
+                if let Some(prev) = named.insert(name.clone(), *n)
+                    && prev != *n
+                {
+                    return Err(misfit(format!(
+                        ": `{name}` is {n} here and {prev} in another input"
+                    )));
+                }
+            }
+        }
+    }
+    Ok(full)
+}
+
+fn image_spec(m: &Manifest) -> Option<(usize, &InputSpec, &ImageSpec)> {
+    m.inputs
+        .iter()
+        .enumerate()
+        .find_map(|(ix, i)| i.image.as_ref().map(|p| (ix, i, p)))
+}
+
+/// The (height, width) an image of `w`×`h` is brought to for this input.
+fn target_size(spec: &InputSpec, pre: &ImageSpec, w: u32, h: u32) -> (usize, usize) {
+    let (hd, wd) = match pre.layout {
+        Layout::Nchw => (&spec.shape[2], &spec.shape[3]),
+        Layout::Nhwc => (&spec.shape[1], &spec.shape[2]),
+        Layout::Nc => {
+            let c = pre.color.channels();
+            let f = match spec.shape[1] {
+                Dim::Fixed(n) => n,
+                Dim::Named { .. } => 0,
+            };
+            let side = ((f / c) as f64).sqrt() as usize;
+            return (side, side);
+        }
+    };
+    let (w, h) = (f64::from(w.max(1)), f64::from(h.max(1)));
+    let bound = |d: &Dim| match d {
+        Dim::Fixed(n) => *n,
+        Dim::Named { max, .. } => *max,
+    };
+    let scale = match (hd, wd) {
+        (Dim::Fixed(fh), Dim::Fixed(fw)) => return (*fh, *fw),
+        (Dim::Fixed(fh), _) => *fh as f64 / h,
+        (_, Dim::Fixed(fw)) => *fw as f64 / w,
+        _ => 1f64.min(bound(hd) as f64 / h).min(bound(wd) as f64 / w),
+    };
+    let side = |d: &Dim, v: f64| match d {
+        Dim::Fixed(n) => *n,
+        Dim::Named { max, .. } => {
+            let m = pre.multiple;
+            let rounded = ((v * scale / m as f64).round() as usize).max(1) * m;
+            // The bound wins over the multiple: a side is never over its bound.
+            let cap = if *max >= m { max / m * m } else { *max };
+            rounded.min(cap)
+        }
+    };
+    (side(hd, h), side(wd, w))
+}
+
+fn image_input(m: &Manifest, img: DynamicImage) -> Result<Prepared, EngineError> {
+    let Some((ix, spec, pre)) = image_spec(m) else {
+        return Err(bad(format!(
+            "model `{}` takes tensors, not images (its manifest declares no image input)",
+            m.name
+        )));
+    };
+    let (width, height) = (img.width(), img.height());
+    let (h, w) = target_size(spec, pre, width, height);
+    let img = if width as usize == w && height as usize == h {
+        img
+    } else if pre.resize != Resize::None {
+        img.resize_exact(w as u32, h as u32, filter(pre.filter))
+    } else {
+        return Err(bad(format!(
+            "image is {width}x{height}, model `{}` takes {w}x{h} and its manifest does not resize",
+            m.name
+        )));
+    };
+    let pixels: Vec<u8> = match pre.color {
+        Color::Gray => img.into_luma8().into_raw(),
+        Color::Rgb | Color::Bgr => img.into_rgb8().into_raw(),
+    };
+    let mut named = HashMap::new();
+    let sides = match pre.layout {
+        Layout::Nchw => [(&spec.shape[2], h), (&spec.shape[3], w)],
+        Layout::Nhwc => [(&spec.shape[1], h), (&spec.shape[2], w)],
+        // A flattened image has no sides of its own to name.
+        Layout::Nc => [(&spec.shape[0], 1), (&spec.shape[0], 1)],
+    };
+    for (d, v) in sides {
+        if let Dim::Named { name, .. } = d {
+            named.insert(name.clone(), v);
+        }
+    }
+    let shape = spec.concrete_shape(&named);
+    let mut out = vec![0f32; shape.iter().product()];
+    if out.len() != pixels.len() {
+        return Err(bad(format!(
+            "a {w}x{h} {:?} image gives {} values, model `{}` takes shape {shape:?}",
+            pre.color,
+            pixels.len(),
+            m.name
+        )));
+    }
+    pixels_into(pre, (h, w), &pixels, &mut out);
+    Ok(Prepared {
+        arrays: vec![(ix, Array::f32(shape, out))],
+        geometry: Some(Geometry {
+            width,
+            height,
+            model_width: w as u32,
+            model_height: h as u32,
+        }),
+    })
 }
 
 fn flatten_json(
@@ -208,30 +582,6 @@ fn flatten_json(
     }
 }
 
-/// Read a `.npy` holding float32 values; any other dtype is refused by name.
-pub fn read_npy_f32(bytes: &[u8]) -> Result<(Vec<usize>, Vec<f32>), EngineError> {
-    let err = |message: String| EngineError::Input {
-        message: format!("npy: {message}"),
-    };
-    let npy = npyz::NpyFile::new(bytes).map_err(|e| err(e.to_string()))?;
-    let shape: Vec<usize> = npy.shape().iter().map(|d| *d as usize).collect();
-    let count = shape.iter().try_fold(1usize, |a, d| a.checked_mul(*d));
-    match count {
-        Some(n) if n <= MAX_TENSOR_ELEMENTS => {}
-        _ => return Err(err(format!("shape {shape:?} is too large"))),
-    }
-    let dtype = npy.dtype();
-    let is_f32 = matches!(&dtype, npyz::DType::Plain(t) if t.type_char() == npyz::TypeChar::Float && t.size_field() == 4);
-    if !is_f32 {
-        return Err(err(format!("dtype {} is not float32 (<f4)", dtype.descr())));
-    }
-    if npy.order() != npyz::Order::C {
-        return Err(err("Fortran-order arrays are not supported".into()));
-    }
-    let data = npy.into_vec::<f32>().map_err(|e| err(e.to_string()))?;
-    Ok((shape, data))
-}
-
 fn decode(bytes: &[u8]) -> Result<DynamicImage, EngineError> {
     let err = |message: String| EngineError::Input { message };
     let mut reader = ImageReader::new(Cursor::new(bytes))
@@ -250,120 +600,46 @@ fn decode(bytes: &[u8]) -> Result<DynamicImage, EngineError> {
         .map_err(|e| err(format!("cannot decode image: {e}")))
 }
 
-fn image_into(m: &Manifest, img: DynamicImage, out: &mut [f32]) -> Result<(), EngineError> {
-    let Some(pre) = &m.preprocess else {
-        return Err(EngineError::Input {
-            message: format!(
-                "model `{}` takes tensors, not images (its manifest has no [preprocess])",
-                m.name
-            ),
-        });
-    };
-    let (h, w) = m.image_size().expect("checked when the manifest was read");
-    let img = if img.width() as usize == w && img.height() as usize == h {
-        img
-    } else if pre.resize.is_some() {
-        img.resize_exact(w as u32, h as u32, filter(pre.filter))
-    } else {
-        return Err(EngineError::Input {
-            message: format!(
-                "image is {}x{}, model `{}` takes {w}x{h} and its manifest does not resize",
-                img.width(),
-                img.height(),
-                m.name
-            ),
-        });
-    };
-    let pixels: Vec<u8> = match pre.color {
-        Color::Gray => img.into_luma8().into_raw(),
-        Color::Rgb => img.into_rgb8().into_raw(),
-    };
-    pixels_into(m, pre, &pixels, out)
-}
-
-/// Interleaved 8-bit pixels of the model's size and color into the input layout, scaled and
-/// normalised.
-fn pixels_into(
-    m: &Manifest,
-    pre: &Preprocess,
-    pixels: &[u8],
-    out: &mut [f32],
-) -> Result<(), EngineError> {
+/// Interleaved 8-bit RGB (or gray) pixels of the model's size into the input layout, in the
+/// model's channel order, scaled and normalised.
+fn pixels_into(pre: &ImageSpec, (h, w): (usize, usize), pixels: &[u8], out: &mut [f32]) {
     let c = pre.color.channels();
-    if pixels.len() != out.len() {
-        let (h, w) = m.image_size().unwrap_or((0, 0));
-        return Err(EngineError::Input {
-            message: format!(
-                "a {w}x{h} {:?} image gives {} values, model `{}` takes shape {:?}",
-                pre.color,
-                pixels.len(),
-                m.name,
-                m.sample_shape()
-            ),
-        });
-    }
+    debug_assert_eq!(pixels.len(), h * w * c);
     let per_channel = |v: &[f32], ch: usize, default: f32| match v.len() {
         0 => default,
         1 => v[0],
         _ => v[ch],
     };
-    // Fold scale, mean and std into one multiply-add per value.
+    // Fold scale, mean and std into one multiply-add per value; `src[ch]` is the pixel
+    // channel the model's channel `ch` reads.
     let mut mul = [0f32; 3];
     let mut add = [0f32; 3];
+    let mut src = [0usize, 1, 2];
+    if pre.color == Color::Bgr {
+        src = [2, 1, 0];
+    }
     for ch in 0..c {
         let inv_std = 1.0 / per_channel(&pre.std, ch, 1.0);
         mul[ch] = pre.scale * inv_std;
         add[ch] = -per_channel(&pre.mean, ch, 0.0) * inv_std;
     }
-    match m.input.layout {
+    match pre.layout {
         Layout::Nhwc | Layout::Nc => {
             for (d, p) in out.chunks_exact_mut(c).zip(pixels.chunks_exact(c)) {
                 for ch in 0..c {
-                    d[ch] = p[ch] as f32 * mul[ch] + add[ch];
+                    d[ch] = p[src[ch]] as f32 * mul[ch] + add[ch];
                 }
             }
         }
         Layout::Nchw => {
             let plane_len = out.len() / c;
             for (ch, plane) in out.chunks_exact_mut(plane_len).enumerate() {
-                for (d, p) in plane.iter_mut().zip(pixels.iter().skip(ch).step_by(c)) {
+                for (d, p) in plane.iter_mut().zip(pixels.iter().skip(src[ch]).step_by(c)) {
                     *d = *p as f32 * mul[ch] + add[ch];
                 }
             }
         }
     }
-    Ok(())
-}
-
-fn tensor_into(
-    m: &Manifest,
-    shape: &[usize],
-    data: &[f32],
-    out: &mut [f32],
-) -> Result<(), EngineError> {
-    let sample = m.sample_shape();
-    let fits = shape == sample.as_slice()
-        || (shape.len() == sample.len() + 1 && shape[0] == 1 && shape[1..] == sample[..]);
-    if !fits {
-        return Err(EngineError::Input {
-            message: format!(
-                "tensor of shape {shape:?} does not fit model `{}`, which takes {:?} (or [1, ...])",
-                m.name, sample
-            ),
-        });
-    }
-    if data.len() != out.len() {
-        return Err(EngineError::Input {
-            message: format!("tensor of shape {shape:?} holds {} values", data.len()),
-        });
-    }
-    if data.iter().any(|x| !x.is_finite()) {
-        return Err(EngineError::Input {
-            message: "tensor holds NaN or infinite values".into(),
-        });
-    }
-    out.copy_from_slice(data);
-    Ok(())
 }
 
 fn filter(f: Filter) -> FilterType {
@@ -416,11 +692,11 @@ output = "b.npy"
             data,
         };
         let t = frame.prepare(&m).unwrap();
-        assert_eq!(t.shape, [1, 3, 2, 4]);
+        assert_eq!(t.arrays[0].1.shape, [1, 3, 2, 4]);
         let want: Vec<f32> = (0..3)
             .flat_map(|c| (0..8).map(move |i| (c * 100 + i) as f32))
             .collect();
-        assert_eq!(t.data, want);
+        assert_eq!(t.arrays[0].1.data, Data::F32(want));
         // The same bytes as 2 wide, 4 high are not the model's size, and it does not resize.
         let tall = Input::Frame {
             width: 2,
@@ -432,5 +708,101 @@ output = "b.npy"
             Err(EngineError::Input { message }) => assert!(message.contains("2x4"), "{message}"),
             other => panic!("{other:?}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod v2_tests {
+    use super::*;
+
+    fn rec(color: &str) -> Manifest {
+        Manifest::parse(&format!(
+            r#"
+format = 2
+name = "rec"
+version = "1.0.0"
+[[inputs]]
+name = "x"
+dtype = "f32"
+shape = [1, 3, 4, "W<=20"]
+[inputs.image]
+layout = "nchw"
+color = "{color}"
+resize = "fit"
+multiple = 4
+[[outputs]]
+name = "y"
+[outputs.postprocess]
+kind = "raw"
+[selftest]
+tolerance = 0.0
+golden = ["g.npz"]
+"#
+        ))
+        .unwrap()
+    }
+
+    fn frame(width: u32, height: u32) -> Input {
+        // Pixel (x, y) is (x, y, 200) in R, G, B.
+        let data = (0..height)
+            .flat_map(|y| (0..width).flat_map(move |x| [x as u8, y as u8, 200]))
+            .collect();
+        Input::Frame {
+            width,
+            height,
+            format: PixelFormat::Rgb24,
+            data,
+        }
+    }
+
+    #[test]
+    fn fit_follows_the_aspect_ratio_within_the_bound() {
+        let m = rec("rgb");
+        // 2 high, 5 wide → height 4 (x2), width 10 rounded to 12 (multiple of 4).
+        let p = frame(5, 2).prepare(&m).unwrap();
+        assert_eq!(p.arrays[0].1.shape, [1, 3, 4, 12]);
+        assert_eq!(p.geometry.map(|g| (g.width, g.model_width)), Some((5, 12)));
+        // 1 high, 30 wide would be 120 wide: held to the bound, 20.
+        let p = frame(30, 1).prepare(&m).unwrap();
+        assert_eq!(p.arrays[0].1.shape, [1, 3, 4, 20]);
+    }
+
+    #[test]
+    fn bgr_puts_blue_first() {
+        let (rgb, bgr) = (rec("rgb"), rec("bgr"));
+        let first = |m: &Manifest| match &frame(4, 4).prepare(m).unwrap().arrays[0].1.data {
+            Data::F32(v) => v[0],
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(first(&rgb), 0.0, "red of pixel (0, 0)");
+        assert_eq!(first(&bgr), 200.0, "blue of pixel (0, 0)");
+    }
+
+    #[test]
+    fn named_arrays_are_checked_against_the_inputs() {
+        let m = rec("rgb");
+        let arrays = |name: &str, shape: Vec<usize>| {
+            let n = shape.iter().product();
+            Input::Arrays(vec![(name.into(), Array::f32(shape, vec![0.5; n]))])
+        };
+        let p = arrays("in/x", vec![1, 3, 4, 8]).prepare(&m).unwrap();
+        assert_eq!(p.arrays[0].1.shape, [1, 3, 4, 8]);
+        for (input, want) in [
+            (arrays("z", vec![1, 3, 4, 8]), "`z` is not an input"),
+            (arrays("x", vec![1, 3, 4, 24]), "outside 1..=20"),
+            (arrays("x", vec![1, 3, 5, 8]), "does not fit input `x`"),
+        ] {
+            let e = input.prepare(&m).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
+        let ints = Input::Arrays(vec![(
+            "x".into(),
+            Array {
+                shape: vec![1, 3, 4, 8],
+                data: Data::I64(vec![0; 96]),
+            },
+        )]);
+        let e = ints.prepare(&m).unwrap_err().to_string();
+        assert!(e.contains("takes f32, the array is i64"), "{e}");
     }
 }

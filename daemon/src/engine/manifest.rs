@@ -1,5 +1,12 @@
 //! `tern-model.toml`: what a model package declares about its model.
+//!
+//! Two formats are read. Format 1 (no `format` key) is tern's first: one f32 image or tensor
+//! input, one output, top-k. Format 2 (`format = 2`) declares any number of named inputs and
+//! outputs with their dtypes and shapes, constant inputs, state pairs, a postprocessor per
+//! output and golden vectors as `.npz` files. Both are parsed into the one [`Manifest`] the
+//! engine runs, so a format 1 package runs exactly as it did.
 
+use std::collections::HashSet;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 
@@ -12,22 +19,22 @@ pub const MODEL_FILE: &str = "model.onnx";
 
 /// Manifests are small; a bigger one is not a manifest.
 const MAX_MANIFEST_BYTES: u64 = 1024 * 1024;
+/// Largest bound a named dimension may declare: a side of an image, a sequence length.
+pub const MAX_DIM: usize = 16384;
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// A model package's declarations, whichever format they were written in.
+#[derive(Debug, Clone)]
 pub struct Manifest {
+    /// 1 or 2.
+    pub format: u32,
     pub name: String,
     pub version: semver::Version,
-    #[serde(default)]
     pub description: String,
     /// Informational: `f32`, `int8`, ...
-    #[serde(default)]
     pub form: String,
-    pub input: InputSpec,
-    pub preprocess: Option<Preprocess>,
-    pub output: OutputSpec,
-    #[serde(default)]
-    pub postprocess: Postprocess,
+    pub inputs: Vec<InputSpec>,
+    pub outputs: Vec<OutputSpec>,
+    pub state: Vec<StatePair>,
     pub selftest: SelfTest,
 }
 
@@ -36,22 +43,107 @@ pub struct Manifest {
 pub struct InputSpec {
     pub name: String,
     pub dtype: DType,
-    /// Dimensions; a string (e.g. `"N"`) is a symbolic batch dimension and may only come first.
+    /// Each dimension: a number, or a name (`"W"`, `"W<=1280"`) fixed per run from the input.
     pub shape: Vec<Dim>,
-    pub layout: Layout,
+    /// A constant fed on every run (`sr = 16000`): a number, a bool, or nested arrays.
+    pub value: Option<toml::Value>,
+    /// Images (PNG, JPEG, camera frames) become this input.
+    pub image: Option<ImageSpec>,
+    /// Audio (WAV) becomes this input, one window per run.
+    pub audio: Option<AudioSpec>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DType {
     F32,
+    F16,
+    I64,
+    I32,
+    U8,
+    Bool,
+}
+
+impl DType {
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::I64 => "i64",
+            DType::I32 => "i32",
+            DType::U8 => "u8",
+            DType::Bool => "bool",
+        }
+    }
+
+    pub fn is_float(self) -> bool {
+        matches!(self, DType::F32 | DType::F16)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(untagged)]
+#[serde(try_from = "RawDim")]
 pub enum Dim {
     Fixed(usize),
-    Symbol(String),
+    /// Fixed per run from the input, at most `max`.
+    Named {
+        name: String,
+        max: usize,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawDim {
+    Fixed(usize),
+    Named(String),
+}
+
+impl TryFrom<RawDim> for Dim {
+    type Error = String;
+
+    fn try_from(raw: RawDim) -> Result<Dim, String> {
+        let s = match raw {
+            RawDim::Fixed(n) => return Ok(Dim::Fixed(n)),
+            RawDim::Named(s) => s,
+        };
+        let (name, max) = match s.split_once("<=") {
+            Some((n, m)) => {
+                let max: usize = m
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("`{s}`: the bound after `<=` must be a whole number"))?;
+                (n.trim(), max)
+            }
+            None => (s.trim(), MAX_DIM),
+        };
+        let ok = !name.is_empty()
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && name.starts_with(|c: char| c.is_ascii_alphabetic());
+        if !ok {
+            return Err(format!(
+                "`{s}`: a named dimension is a letter then letters, digits or `_`, with an \
+                 optional bound (`W<=1280`)"
+            ));
+        }
+        if max == 0 || max > MAX_DIM {
+            return Err(format!("`{s}`: the bound must be between 1 and {MAX_DIM}"));
+        }
+        Ok(Dim::Named {
+            name: name.to_string(),
+            max,
+        })
+    }
+}
+
+impl std::fmt::Display for Dim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Dim::Fixed(n) => write!(f, "{n}"),
+            Dim::Named { name, max } if *max == MAX_DIM => write!(f, "{name}"),
+            Dim::Named { name, max } => write!(f, "{name}<={max}"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -67,10 +159,14 @@ pub enum Layout {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Preprocess {
+pub struct ImageSpec {
+    pub layout: Layout,
     pub color: Color,
-    /// `[width, height]`; absent means images must already have the input's size.
-    pub resize: Option<[u32; 2]>,
+    #[serde(default)]
+    pub resize: Resize,
+    /// With `fit`: named sides are rounded to a multiple of this.
+    #[serde(default = "one_usize")]
+    pub multiple: usize,
     #[serde(default)]
     pub filter: Filter,
     #[serde(default = "one")]
@@ -87,18 +183,38 @@ fn one() -> f32 {
     1.0
 }
 
+fn one_usize() -> usize {
+    1
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Resize {
+    /// Images must already have the input's size.
+    None,
+    /// To the input's fixed height and width, whatever the aspect ratio.
+    #[default]
+    Stretch,
+    /// Keep the aspect ratio: fixed sides are met, named sides follow the image (each rounded
+    /// to `multiple`, at most its bound); with both sides named, the image keeps its scale
+    /// unless a side is over its bound.
+    Fit,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Color {
     Gray,
     Rgb,
+    /// RGB with the channels in the other order (models trained on OpenCV's images).
+    Bgr,
 }
 
 impl Color {
     pub fn channels(self) -> usize {
         match self {
             Color::Gray => 1,
-            Color::Rgb => 3,
+            Color::Rgb | Color::Bgr => 3,
         }
     }
 }
@@ -115,51 +231,137 @@ pub enum Filter {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct OutputSpec {
-    pub name: String,
+pub struct AudioSpec {
+    /// WAV files must have this rate; tern does not resample.
+    pub sample_rate: u32,
+    /// New samples per run.
+    pub window: usize,
+    /// Samples of the previous window fed again before the new ones (zeros at the start).
+    #[serde(default)]
+    pub context: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Postprocess {
-    /// Apply softmax to the output (for models that end in logits).
-    #[serde(default)]
-    pub softmax: bool,
-    #[serde(default = "default_top_k")]
-    pub top_k: NonZeroUsize,
-    #[serde(default)]
-    pub labels: Vec<String>,
+pub struct OutputSpec {
+    pub name: String,
+    pub postprocess: Postprocess,
 }
 
-impl Default for Postprocess {
-    fn default() -> Self {
-        Postprocess {
-            softmax: false,
-            top_k: default_top_k(),
-            labels: Vec::new(),
-        }
-    }
+/// What an output's values mean, and what tern reports for them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Postprocess {
+    /// Scores over classes on the last axis: the top k, labelled; per position when the
+    /// output holds more than one distribution (a score per class per time step).
+    Classify {
+        /// Apply softmax first (for models that end in logits).
+        #[serde(default)]
+        softmax: bool,
+        #[serde(default = "default_top_k")]
+        top_k: NonZeroUsize,
+        #[serde(default)]
+        labels: Vec<String>,
+    },
+    /// Greedy CTC decoding of a `[1, T, classes]` output into text.
+    Ctc {
+        /// File in the package: line i is class i's text.
+        charset: PathBuf,
+        #[serde(default)]
+        blank: usize,
+    },
+    /// A DB-style text probability map `[1, 1, H, W]` into boxes in the original image.
+    TextBoxes {
+        #[serde(default = "default_map_threshold")]
+        threshold: f32,
+        /// A region's mean probability must reach this to be a box.
+        #[serde(default = "default_box_threshold")]
+        box_threshold: f32,
+        /// Grows each region by area × ratio / perimeter (the map marks a shrunk text core).
+        #[serde(default = "default_unclip")]
+        unclip_ratio: f32,
+        /// Regions whose shorter side is under this (map pixels) are noise.
+        #[serde(default = "default_min_size")]
+        min_size: usize,
+        #[serde(default = "default_max_boxes")]
+        max_boxes: usize,
+    },
+    /// One value (a probability, an anomaly score); with a threshold, an on/off state that a
+    /// sequence turns into start and stop events, with hysteresis.
+    Score {
+        threshold: Option<f32>,
+        /// Once on, the score must fall below threshold - hysteresis to turn off.
+        #[serde(default)]
+        hysteresis: f32,
+    },
+    /// The values themselves, at most `max_values` of them.
+    Raw {
+        #[serde(default = "default_max_values")]
+        max_values: usize,
+    },
 }
 
 fn default_top_k() -> NonZeroUsize {
     NonZeroUsize::new(5).expect("5 is not zero")
 }
+fn default_map_threshold() -> f32 {
+    0.3
+}
+fn default_box_threshold() -> f32 {
+    0.5
+}
+fn default_unclip() -> f32 {
+    1.5
+}
+fn default_min_size() -> usize {
+    3
+}
+fn default_max_boxes() -> usize {
+    100
+}
+fn default_max_values() -> usize {
+    4096
+}
+/// A raw output may not ask for more than this many values in one result.
+pub const MAX_RAW_VALUES: usize = 1 << 20;
 
+impl Postprocess {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Postprocess::Classify { .. } => "classify",
+            Postprocess::Ctc { .. } => "ctc",
+            Postprocess::TextBoxes { .. } => "text_boxes",
+            Postprocess::Score { .. } => "score",
+            Postprocess::Raw { .. } => "raw",
+        }
+    }
+}
+
+/// A recurrent model's state: what `output` returns is fed to `input` on the next run of the
+/// same stream.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct StatePair {
+    pub input: String,
+    pub output: String,
+    /// Every value of the first run's state.
+    #[serde(default)]
+    pub init: f32,
+}
+
+#[derive(Debug, Clone)]
 pub struct SelfTest {
-    /// Largest absolute difference allowed between tern's output and the reference output.
+    /// Largest absolute difference allowed between tern's outputs and the reference outputs.
     pub tolerance: f32,
     pub golden: Vec<Golden>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Golden {
-    /// `.npy` file, relative to the package, holding one input tensor (with its batch dim).
-    pub input: PathBuf,
-    /// `.npy` file holding the output the reference runtime produced for it.
-    pub output: PathBuf,
+#[derive(Debug, Clone, PartialEq)]
+pub enum Golden {
+    /// Format 1: one `.npy` input and the one output's `.npy`.
+    Pair { input: PathBuf, output: PathBuf },
+    /// Format 2: one `.npz` with `in/<input>` and `out/<output>` arrays.
+    Npz(PathBuf),
 }
 
 impl Manifest {
@@ -181,13 +383,20 @@ impl Manifest {
         Self::parse(&text).map_err(bad)
     }
 
-    /// Parse and check a manifest's text; the error names the key and line.
+    /// Parse and check a manifest's text; the error names the key (and line where toml knows
+    /// it).
     pub(super) fn parse(text: &str) -> Result<Manifest, String> {
-        let de = toml::Deserializer::parse(text).map_err(|e| describe(text, &e, ""))?;
-        let m: Manifest = serde_path_to_error::deserialize(de).map_err(|e| {
-            let key = e.path().to_string();
-            describe(text, e.inner(), &key)
-        })?;
+        let table: toml::Table = toml::from_str(text).map_err(|e| describe(text, &e, ""))?;
+        let m = match table.get("format") {
+            None => typed::<V1>(text)?.into_manifest()?,
+            Some(toml::Value::Integer(2)) => typed::<V2>(text)?.into_manifest()?,
+            Some(other) => {
+                return Err(format!(
+                    "format: {other} is not a package format this ternd reads (1, by leaving \
+                     `format` out, or 2)"
+                ));
+            }
+        };
         m.check()?;
         Ok(m)
     }
@@ -205,60 +414,87 @@ impl Manifest {
                 self.name
             ));
         }
-        let shape = &self.input.shape;
-        if shape.is_empty() {
-            return Err("input.shape: must have at least one dimension".into());
-        }
-        if shape.iter().skip(1).any(|d| matches!(d, Dim::Symbol(_))) {
-            return Err("input.shape: only the first (batch) dimension may be symbolic".into());
-        }
-        let rank_ok = match self.input.layout {
-            Layout::Nchw | Layout::Nhwc => shape.len() == 4,
-            Layout::Nc => shape.len() == 2,
+        let (i_key, o_key) = match self.format {
+            1 => ("input", "output"),
+            _ => ("inputs", "outputs"),
         };
-        if !rank_ok {
+        if self.inputs.is_empty() {
+            return Err(format!("{i_key}: declare at least one input"));
+        }
+        if self.outputs.is_empty() {
+            return Err(format!("{o_key}: declare at least one output"));
+        }
+        unique(self.inputs.iter().map(|i| &i.name), i_key)?;
+        unique(self.outputs.iter().map(|o| &o.name), o_key)?;
+        for (n, input) in self.inputs.iter().enumerate() {
+            let key = match self.format {
+                1 => "input".to_string(),
+                _ => format!("inputs[{n}]"),
+            };
+            input.check(&key, self.format)?;
+        }
+        let fed = self.fed().count();
+        if fed == 0 {
             return Err(format!(
-                "input.shape: {} dimensions do not fit layout `{:?}`",
-                shape.len(),
-                self.input.layout
+                "{i_key}: every input is a constant or a state; nothing is left for a request"
             ));
         }
-        if let Some(pre) = &self.preprocess {
-            let c = pre.color.channels();
-            for (key, v) in [("mean", &pre.mean), ("std", &pre.std)] {
-                if !(v.is_empty() || v.len() == 1 || v.len() == c) {
-                    return Err(format!(
-                        "preprocess.{key}: {} values for {c} channel(s); give 1 or {c}",
-                        v.len()
-                    ));
-                }
-            }
-            if pre.std.iter().any(|s| *s == 0.0 || !s.is_finite()) {
-                return Err("preprocess.std: values must be finite and non-zero".into());
-            }
-            let (h, w) = self.image_size().ok_or(
-                "input.shape: with layout `nc`, give preprocess.resize or a square feature count",
-            )?;
-            if let Some([rw, rh]) = pre.resize
-                && (rw as usize != w || rh as usize != h)
-            {
+        if self.inputs.iter().filter(|i| i.image.is_some()).count() > 1
+            || self.inputs.iter().filter(|i| i.audio.is_some()).count() > 1
+        {
+            return Err(format!(
+                "{i_key}: at most one input takes images and one takes audio"
+            ));
+        }
+        let mut state_inputs = HashSet::new();
+        for (n, s) in self.state.iter().enumerate() {
+            let key = format!("state[{n}]");
+            let Some(input) = self.inputs.iter().find(|i| i.name == s.input) else {
                 return Err(format!(
-                    "preprocess.resize: [{rw}, {rh}] does not match the input's {w}x{h}"
+                    "{key}.input: `{}` is not one of the manifest's [[inputs]]",
+                    s.input
                 ));
-            }
-            let expected_c = match self.input.layout {
-                Layout::Nchw => self.fixed(1),
-                Layout::Nhwc => self.fixed(3),
-                Layout::Nc => None,
             };
-            if let Some(ec) = expected_c
-                && ec != c
-            {
+            if input.value.is_some() || input.image.is_some() || input.audio.is_some() {
                 return Err(format!(
-                    "preprocess.color: `{:?}` gives {c} channel(s) but input.shape has {ec}",
-                    pre.color
+                    "{key}.input: `{}` is a constant, image or audio input, not a state",
+                    s.input
                 ));
             }
+            if !input.dtype.is_float() {
+                return Err(format!(
+                    "{key}.input: `{}` is {}; states are f32 or f16",
+                    s.input,
+                    input.dtype.name()
+                ));
+            }
+            if input.shape.iter().any(|d| matches!(d, Dim::Named { .. })) {
+                return Err(format!(
+                    "{key}.input: `{}` has a named dimension; a state's shape must be fixed \
+                     (its first run starts from it)",
+                    s.input
+                ));
+            }
+            if !state_inputs.insert(&s.input) {
+                return Err(format!("{key}.input: `{}` is in two state pairs", s.input));
+            }
+            if !s.init.is_finite() {
+                return Err(format!("{key}.init: must be a finite number"));
+            }
+            if self.outputs.iter().any(|o| o.name == s.output) {
+                return Err(format!(
+                    "{key}.output: `{}` is also in [[outputs]]; a state output is fed back, \
+                     not reported",
+                    s.output
+                ));
+            }
+        }
+        for (n, o) in self.outputs.iter().enumerate() {
+            let key = match self.format {
+                1 => "postprocess".to_string(),
+                _ => format!("outputs[{n}].postprocess"),
+            };
+            o.postprocess.check(&key)?;
         }
         if !(self.selftest.tolerance.is_finite() && self.selftest.tolerance >= 0.0) {
             return Err("selftest.tolerance: must be a finite number >= 0".into());
@@ -271,10 +507,17 @@ impl Manifest {
             );
         }
         for (i, g) in self.selftest.golden.iter().enumerate() {
-            for (key, p) in [("input", &g.input), ("output", &g.output)] {
+            let paths: Vec<(String, &PathBuf)> = match g {
+                Golden::Pair { input, output } => vec![
+                    (format!("selftest.golden[{i}].input"), input),
+                    (format!("selftest.golden[{i}].output"), output),
+                ],
+                Golden::Npz(p) => vec![(format!("selftest.golden[{i}]"), p)],
+            };
+            for (key, p) in paths {
                 if !is_inside(p) {
                     return Err(format!(
-                        "selftest.golden[{i}].{key}: `{}` must be a relative path inside the package",
+                        "{key}: `{}` must be a relative path inside the package",
                         p.display()
                     ));
                 }
@@ -283,44 +526,608 @@ impl Manifest {
         Ok(())
     }
 
-    fn fixed(&self, i: usize) -> Option<usize> {
-        match self.input.shape.get(i) {
-            Some(Dim::Fixed(n)) => Some(*n),
+    /// Inputs a request supplies: not constants, not states.
+    pub fn fed(&self) -> impl Iterator<Item = &InputSpec> {
+        self.inputs
+            .iter()
+            .filter(|i| i.value.is_none() && !self.state.iter().any(|s| s.input == i.name))
+    }
+
+    /// The input a single image, audio clip or tensor goes to: the one with an image (or
+    /// audio) declaration, else the only fed input.
+    pub fn primary(&self) -> Option<&InputSpec> {
+        if let Some(i) = self.inputs.iter().find(|i| i.image.is_some()) {
+            return Some(i);
+        }
+        if let Some(i) = self.inputs.iter().find(|i| i.audio.is_some()) {
+            return Some(i);
+        }
+        let mut fed = self.fed();
+        match (fed.next(), fed.next()) {
+            (Some(i), None) => Some(i),
             _ => None,
         }
     }
 
-    /// The (height, width) images are brought to before they become the input tensor.
+    /// The image declaration of the input images go to.
+    pub fn image(&self) -> Option<&ImageSpec> {
+        self.inputs.iter().find_map(|i| i.image.as_ref())
+    }
+
+    /// The (height, width) every image is brought to, when it is the same for every image.
     pub fn image_size(&self) -> Option<(usize, usize)> {
-        match self.input.layout {
-            Layout::Nchw => Some((self.fixed(2)?, self.fixed(3)?)),
-            Layout::Nhwc => Some((self.fixed(1)?, self.fixed(2)?)),
+        let input = self.inputs.iter().find(|i| i.image.is_some())?;
+        let image = input.image.as_ref()?;
+        let fixed = |i: usize| match input.shape.get(i) {
+            Some(Dim::Fixed(n)) => Some(*n),
+            _ => None,
+        };
+        match image.layout {
+            Layout::Nchw => Some((fixed(2)?, fixed(3)?)),
+            Layout::Nhwc => Some((fixed(1)?, fixed(2)?)),
             Layout::Nc => {
-                let features = self.fixed(1)?;
-                let c = self.preprocess.as_ref()?.color.channels();
-                match self.preprocess.as_ref()?.resize {
-                    Some([w, h]) => Some((h as usize, w as usize)),
-                    None => {
-                        // A square image is the only shape we can infer from a feature count.
-                        let side = ((features / c) as f64).sqrt() as usize;
-                        (side * side * c == features).then_some((side, side))
-                    }
-                }
+                let features = fixed(1)?;
+                let c = image.color.channels();
+                // A square image is the only shape a feature count alone gives.
+                let side = ((features / c) as f64).sqrt() as usize;
+                (side * side * c == features).then_some((side, side))
             }
         }
     }
 
-    /// The input dimensions after the batch dimension.
+    /// The primary input's dimensions after the batch dimension (a named one is 0).
     pub fn sample_shape(&self) -> Vec<usize> {
-        self.input
-            .shape
+        self.primary()
+            .map(|i| {
+                i.shape
+                    .iter()
+                    .skip(1)
+                    .map(|d| match d {
+                        Dim::Fixed(n) => *n,
+                        Dim::Named { .. } => 0,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl InputSpec {
+    fn check(&self, key: &str, format: u32) -> Result<(), String> {
+        let shape = &self.shape;
+        if shape.is_empty() && self.value.is_none() {
+            return Err(format!(
+                "{key}.shape: only a constant input (with `value`) may be a scalar"
+            ));
+        }
+        let mut named = std::collections::HashMap::new();
+        for d in shape {
+            if let Dim::Named { name, max } = d
+                && let Some(other) = named.insert(name.clone(), *max)
+                && other != *max
+            {
+                return Err(format!(
+                    "{key}.shape: `{name}` is given two different bounds"
+                ));
+            }
+        }
+        if let Some(v) = &self.value {
+            if self.image.is_some() || self.audio.is_some() {
+                return Err(format!(
+                    "{key}.value: a constant input takes no image or audio"
+                ));
+            }
+            const_values(self, v).map_err(|e| format!("{key}.value: {e}"))?;
+        }
+        if let Some(image) = &self.image {
+            let lkey = match format {
+                1 => "input.layout",
+                _ => &format!("{key}.image.layout"),
+            };
+            let pkey = match format {
+                1 => "preprocess".to_string(),
+                _ => format!("{key}.image"),
+            };
+            if !self.dtype.is_float() {
+                return Err(format!(
+                    "{key}.dtype: images become f32 or f16 values, not {}",
+                    self.dtype.name()
+                ));
+            }
+            let rank = match image.layout {
+                Layout::Nchw | Layout::Nhwc => 4,
+                Layout::Nc => 2,
+            };
+            if shape.len() != rank {
+                return Err(format!(
+                    "{key}.shape: {} dimensions do not fit layout `{:?}` ({lkey})",
+                    shape.len(),
+                    image.layout
+                ));
+            }
+            let c = image.color.channels();
+            let channel_dim = match image.layout {
+                Layout::Nchw => Some(&shape[1]),
+                Layout::Nhwc => Some(&shape[3]),
+                Layout::Nc => None,
+            };
+            if let Some(d) = channel_dim
+                && *d != Dim::Fixed(c)
+            {
+                return Err(format!(
+                    "{pkey}.color: `{:?}` gives {c} channel(s) but {key}.shape has {d}",
+                    image.color
+                ));
+            }
+            for (k, v) in [("mean", &image.mean), ("std", &image.std)] {
+                if !(v.is_empty() || v.len() == 1 || v.len() == c) {
+                    return Err(format!(
+                        "{pkey}.{k}: {} values for {c} channel(s); give 1 or {c}",
+                        v.len()
+                    ));
+                }
+            }
+            if image.std.iter().any(|s| *s == 0.0 || !s.is_finite()) {
+                return Err(format!("{pkey}.std: values must be finite and non-zero"));
+            }
+            if image.multiple == 0 {
+                return Err(format!("{pkey}.multiple: must be at least 1"));
+            }
+            let spatial_named = match image.layout {
+                Layout::Nchw => shape[2..].iter().any(|d| matches!(d, Dim::Named { .. })),
+                Layout::Nhwc => shape[1..3].iter().any(|d| matches!(d, Dim::Named { .. })),
+                Layout::Nc => matches!(shape[1], Dim::Named { .. }),
+            };
+            if spatial_named && (image.layout == Layout::Nc || image.resize != Resize::Fit) {
+                return Err(format!(
+                    "{pkey}.resize: {key}.shape has named sides, which only `fit` sets (and \
+                     not with layout `nc`)"
+                ));
+            }
+            if !spatial_named && image.resize == Resize::Fit {
+                return Err(format!(
+                    "{pkey}.resize: `fit` needs a named side in {key}.shape (`\"W<=1280\"`); \
+                     with fixed sides, use `stretch`"
+                ));
+            }
+            if image.layout == Layout::Nc {
+                let features = match shape[1] {
+                    Dim::Fixed(n) => n,
+                    _ => 0,
+                };
+                let side = ((features / c) as f64).sqrt() as usize;
+                if side * side * c != features {
+                    return Err(format!(
+                        "{key}.shape: with layout `nc`, {features} features are not a square \
+                         {c}-channel image"
+                    ));
+                }
+            }
+        }
+        if let Some(audio) = &self.audio {
+            let akey = format!("{key}.audio");
+            if self.dtype != DType::F32 {
+                return Err(format!(
+                    "{key}.dtype: audio becomes f32 samples, not {}",
+                    self.dtype.name()
+                ));
+            }
+            if audio.window == 0 || audio.sample_rate == 0 {
+                return Err(format!("{akey}: window and sample_rate must be at least 1"));
+            }
+            let want = audio.window + audio.context;
+            let ok = shape.last() == Some(&Dim::Fixed(want))
+                && shape[..shape.len() - 1].iter().all(|d| *d == Dim::Fixed(1));
+            if !ok {
+                return Err(format!(
+                    "{key}.shape: audio of window {} + context {} needs a shape like [1, {want}]",
+                    audio.window, audio.context
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The shape for one run, with named dimensions set from `named` (0 where unset).
+    pub fn concrete_shape(&self, named: &std::collections::HashMap<String, usize>) -> Vec<usize> {
+        self.shape
             .iter()
-            .skip(1)
             .map(|d| match d {
                 Dim::Fixed(n) => *n,
-                Dim::Symbol(_) => 0,
+                Dim::Named { name, .. } => named.get(name).copied().unwrap_or(0),
             })
             .collect()
+    }
+}
+
+/// A constant input's values as f64 (bools as 0/1), row-major, checked against its shape and
+/// dtype.
+pub fn const_values(input: &InputSpec, v: &toml::Value) -> Result<Vec<f64>, String> {
+    let mut shape = Vec::new();
+    let mut out = Vec::new();
+    flatten(v, 0, &mut shape, &mut out, input.dtype)?;
+    let want: Vec<usize> = input
+        .shape
+        .iter()
+        .map(|d| match d {
+            Dim::Fixed(n) => Ok(*n),
+            Dim::Named { name, .. } => Err(format!(
+                "a constant's shape must be fixed, `{name}` is named"
+            )),
+        })
+        .collect::<Result<_, _>>()?;
+    if shape != want {
+        return Err(format!(
+            "holds shape {shape:?}, the input's shape is {want:?}"
+        ));
+    }
+    Ok(out)
+}
+
+fn flatten(
+    v: &toml::Value,
+    depth: usize,
+    shape: &mut Vec<usize>,
+    out: &mut Vec<f64>,
+    dtype: DType,
+) -> Result<(), String> {
+    match v {
+        toml::Value::Array(a) => {
+            if shape.len() == depth {
+                shape.push(a.len());
+            } else if shape.get(depth) != Some(&a.len()) {
+                return Err("arrays of different lengths at one depth".into());
+            }
+            a.iter()
+                .try_for_each(|x| flatten(x, depth + 1, shape, out, dtype))
+        }
+        _ if shape.len() > depth => Err("a number where an array was".into()),
+        toml::Value::Integer(i) if dtype != DType::Bool => {
+            if dtype == DType::U8 && !(0..=255).contains(i) {
+                return Err(format!("{i} does not fit u8"));
+            }
+            if dtype == DType::I32 && i32::try_from(*i).is_err() {
+                return Err(format!("{i} does not fit i32"));
+            }
+            out.push(*i as f64);
+            Ok(())
+        }
+        toml::Value::Float(f) if dtype.is_float() && f.is_finite() => {
+            out.push(*f);
+            Ok(())
+        }
+        toml::Value::Boolean(b) if dtype == DType::Bool => {
+            out.push(f64::from(u8::from(*b)));
+            Ok(())
+        }
+        other => Err(format!("{other} is not a {} value", dtype.name())),
+    }
+}
+
+impl Postprocess {
+    fn check(&self, key: &str) -> Result<(), String> {
+        match self {
+            Postprocess::Ctc { charset, .. } if !is_inside(charset) => Err(format!(
+                "{key}.charset: `{}` must be a relative path inside the package",
+                charset.display()
+            )),
+            Postprocess::TextBoxes {
+                threshold,
+                box_threshold,
+                unclip_ratio,
+                ..
+            } => {
+                for (k, v) in [("threshold", threshold), ("box_threshold", box_threshold)] {
+                    if !(0.0..=1.0).contains(v) {
+                        return Err(format!("{key}.{k}: must be between 0 and 1"));
+                    }
+                }
+                if !(unclip_ratio.is_finite() && *unclip_ratio >= 0.0) {
+                    return Err(format!("{key}.unclip_ratio: must be a finite number >= 0"));
+                }
+                Ok(())
+            }
+            Postprocess::Score {
+                threshold,
+                hysteresis,
+            } => {
+                if threshold.is_some_and(|t| !t.is_finite()) {
+                    return Err(format!("{key}.threshold: must be a finite number"));
+                }
+                if !(hysteresis.is_finite() && *hysteresis >= 0.0) {
+                    return Err(format!("{key}.hysteresis: must be a finite number >= 0"));
+                }
+                Ok(())
+            }
+            Postprocess::Raw { max_values } if *max_values == 0 || *max_values > MAX_RAW_VALUES => {
+                Err(format!(
+                    "{key}.max_values: must be between 1 and {MAX_RAW_VALUES}"
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+fn unique<'a>(names: impl Iterator<Item = &'a String>, key: &str) -> Result<(), String> {
+    let mut seen = HashSet::new();
+    for n in names {
+        if !seen.insert(n) {
+            return Err(format!("{key}: `{n}` is declared twice"));
+        }
+    }
+    Ok(())
+}
+
+fn typed<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, String> {
+    let de = toml::Deserializer::parse(text).map_err(|e| describe(text, &e, ""))?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        describe(text, e.inner(), &key)
+    })
+}
+
+/// Format 1, as tern first wrote it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct V1 {
+    name: String,
+    version: semver::Version,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    form: String,
+    input: V1Input,
+    preprocess: Option<V1Preprocess>,
+    output: V1Output,
+    #[serde(default)]
+    postprocess: V1Postprocess,
+    selftest: V1SelfTest,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct V1Input {
+    name: String,
+    dtype: V1DType,
+    /// A string (e.g. `"N"`) is a batch dimension, pinned to 1, and may only come first.
+    shape: Vec<RawDimV1>,
+    layout: Layout,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum V1DType {
+    F32,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawDimV1 {
+    Fixed(usize),
+    Symbol(#[allow(dead_code)] String),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct V1Preprocess {
+    color: Color,
+    /// `[width, height]`; absent means images must already have the input's size.
+    resize: Option<[u32; 2]>,
+    #[serde(default)]
+    filter: Filter,
+    #[serde(default = "one")]
+    scale: f32,
+    #[serde(default)]
+    mean: Vec<f32>,
+    #[serde(default)]
+    std: Vec<f32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct V1Output {
+    name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct V1Postprocess {
+    #[serde(default)]
+    softmax: bool,
+    #[serde(default = "default_top_k")]
+    top_k: NonZeroUsize,
+    #[serde(default)]
+    labels: Vec<String>,
+}
+
+impl Default for V1Postprocess {
+    fn default() -> Self {
+        V1Postprocess {
+            softmax: false,
+            top_k: default_top_k(),
+            labels: Vec::new(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct V1SelfTest {
+    tolerance: f32,
+    golden: Vec<V1Golden>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct V1Golden {
+    input: PathBuf,
+    output: PathBuf,
+}
+
+impl V1 {
+    fn into_manifest(self) -> Result<Manifest, String> {
+        let shape = &self.input.shape;
+        if shape.is_empty() {
+            return Err("input.shape: must have at least one dimension".into());
+        }
+        if shape
+            .iter()
+            .skip(1)
+            .any(|d| matches!(d, RawDimV1::Symbol(_)))
+        {
+            return Err("input.shape: only the first (batch) dimension may be symbolic".into());
+        }
+        // tern runs one sample at a time: a symbolic batch is pinned to 1, which also lets
+        // tract plan for a concrete shape.
+        let shape: Vec<Dim> = shape
+            .iter()
+            .map(|d| match d {
+                RawDimV1::Fixed(n) => Dim::Fixed(*n),
+                RawDimV1::Symbol(_) => Dim::Fixed(1),
+            })
+            .collect();
+        let rank_ok = match self.input.layout {
+            Layout::Nchw | Layout::Nhwc => shape.len() == 4,
+            Layout::Nc => shape.len() == 2,
+        };
+        if !rank_ok {
+            return Err(format!(
+                "input.shape: {} dimensions do not fit layout `{:?}`",
+                shape.len(),
+                self.input.layout
+            ));
+        }
+        let image = match self.preprocess {
+            None => None,
+            Some(p) => {
+                let fixed = |i: usize| match shape[i] {
+                    Dim::Fixed(n) => n,
+                    Dim::Named { .. } => 0,
+                };
+                let (h, w) = match self.input.layout {
+                    Layout::Nchw => (fixed(2), fixed(3)),
+                    Layout::Nhwc => (fixed(1), fixed(2)),
+                    Layout::Nc => match p.resize {
+                        Some([w, h]) => (h as usize, w as usize),
+                        None => {
+                            let c = p.color.channels();
+                            let side = ((fixed(1) / c) as f64).sqrt() as usize;
+                            if side * side * c != fixed(1) {
+                                return Err("input.shape: with layout `nc`, give \
+                                            preprocess.resize or a square feature count"
+                                    .into());
+                            }
+                            (side, side)
+                        }
+                    },
+                };
+                if let Some([rw, rh]) = p.resize
+                    && (rw as usize != w || rh as usize != h)
+                {
+                    return Err(format!(
+                        "preprocess.resize: [{rw}, {rh}] does not match the input's {w}x{h}"
+                    ));
+                }
+                Some(ImageSpec {
+                    layout: self.input.layout,
+                    color: p.color,
+                    resize: if p.resize.is_some() {
+                        Resize::Stretch
+                    } else {
+                        Resize::None
+                    },
+                    multiple: 1,
+                    filter: p.filter,
+                    scale: p.scale,
+                    mean: p.mean,
+                    std: p.std,
+                })
+            }
+        };
+        let _ = self.input.dtype;
+        Ok(Manifest {
+            format: 1,
+            name: self.name,
+            version: self.version,
+            description: self.description,
+            form: self.form,
+            inputs: vec![InputSpec {
+                name: self.input.name,
+                dtype: DType::F32,
+                shape,
+                value: None,
+                image,
+                audio: None,
+            }],
+            outputs: vec![OutputSpec {
+                name: self.output.name,
+                postprocess: Postprocess::Classify {
+                    softmax: self.postprocess.softmax,
+                    top_k: self.postprocess.top_k,
+                    labels: self.postprocess.labels,
+                },
+            }],
+            state: Vec::new(),
+            selftest: SelfTest {
+                tolerance: self.selftest.tolerance,
+                golden: self
+                    .selftest
+                    .golden
+                    .into_iter()
+                    .map(|g| Golden::Pair {
+                        input: g.input,
+                        output: g.output,
+                    })
+                    .collect(),
+            },
+        })
+    }
+}
+
+/// Format 2.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct V2 {
+    #[allow(dead_code)]
+    format: u32,
+    name: String,
+    version: semver::Version,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    form: String,
+    inputs: Vec<InputSpec>,
+    outputs: Vec<OutputSpec>,
+    #[serde(default)]
+    state: Vec<StatePair>,
+    selftest: V2SelfTest,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct V2SelfTest {
+    tolerance: f32,
+    /// `.npz` files, one per case.
+    golden: Vec<PathBuf>,
+}
+
+impl V2 {
+    fn into_manifest(self) -> Result<Manifest, String> {
+        Ok(Manifest {
+            format: 2,
+            name: self.name,
+            version: self.version,
+            description: self.description,
+            form: self.form,
+            inputs: self.inputs,
+            outputs: self.outputs,
+            state: self.state,
+            selftest: SelfTest {
+                tolerance: self.selftest.tolerance,
+                golden: self.selftest.golden.into_iter().map(Golden::Npz).collect(),
+            },
+        })
     }
 }
 
@@ -376,9 +1183,14 @@ output = "golden/0-output.npy"
     #[test]
     fn good_manifest_parses() {
         let m = Manifest::parse(GOOD).unwrap();
+        assert_eq!(m.format, 1);
         assert_eq!(m.image_size(), Some((32, 32)));
         assert_eq!(m.sample_shape(), [3, 32, 32]);
-        assert_eq!(m.postprocess.top_k.get(), 5);
+        assert_eq!(m.inputs[0].shape[0], Dim::Fixed(1), "the batch is pinned");
+        match &m.outputs[0].postprocess {
+            Postprocess::Classify { top_k, .. } => assert_eq!(top_k.get(), 5),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
@@ -413,5 +1225,156 @@ output = "golden/0-output.npy"
             let e = Manifest::parse(&GOOD.replace(from, to)).unwrap_err();
             assert!(e.contains(want), "{to}: {e}");
         }
+    }
+
+    const V2_GOOD: &str = r#"
+format = 2
+name = "vad"
+version = "6.2.3"
+[[inputs]]
+name = "input"
+dtype = "f32"
+shape = [1, 576]
+[inputs.audio]
+sample_rate = 16000
+window = 512
+context = 64
+[[inputs]]
+name = "state"
+dtype = "f32"
+shape = [2, 1, 128]
+[[inputs]]
+name = "sr"
+dtype = "i64"
+shape = []
+value = 16000
+[[outputs]]
+name = "output"
+[outputs.postprocess]
+kind = "score"
+threshold = 0.5
+hysteresis = 0.15
+[[state]]
+input = "state"
+output = "stateN"
+[selftest]
+tolerance = 0.0002
+golden = ["golden/0.npz"]
+"#;
+
+    #[test]
+    fn format_2_declares_constants_states_and_postprocessors() {
+        let m = Manifest::parse(V2_GOOD).unwrap();
+        assert_eq!(m.format, 2);
+        assert_eq!(m.inputs.len(), 3);
+        let fed: Vec<_> = m.fed().map(|i| i.name.as_str()).collect();
+        assert_eq!(fed, ["input"], "constants and states are not fed");
+        assert_eq!(m.primary().unwrap().name, "input");
+        assert_eq!(
+            const_values(&m.inputs[2], m.inputs[2].value.as_ref().unwrap()).unwrap(),
+            [16000.0]
+        );
+        assert!(matches!(
+            m.outputs[0].postprocess,
+            Postprocess::Score {
+                threshold: Some(t),
+                ..
+            } if t == 0.5
+        ));
+        assert_eq!(m.selftest.golden, [Golden::Npz("golden/0.npz".into())]);
+    }
+
+    #[test]
+    fn named_dims_parse_with_bounds() {
+        let text = V2_GOOD.replace("shape = [2, 1, 128]", "shape = [2, \"B<=4\", 128]");
+        let e = Manifest::parse(&text).unwrap_err();
+        assert!(e.contains("state[0].input") && e.contains("fixed"), "{e}");
+        for (dim, want) in [
+            ("\"W<=1280\"", Ok(("W", 1280))),
+            ("\"W\"", Ok(("W", MAX_DIM))),
+            ("\"W<=0\"", Err("bound")),
+            ("\"1W\"", Err("named dimension")),
+            ("\"W<=x\"", Err("whole number")),
+        ] {
+            let text = V2_GOOD.replace(
+                "shape = [2, 1, 128]",
+                &format!("shape = [2, 1, 128]\n[[inputs]]\nname = \"extra\"\ndtype = \"f32\"\nshape = [1, {dim}]"),
+            );
+            match (Manifest::parse(&text), want) {
+                (Ok(m), Ok((name, max))) => {
+                    assert_eq!(
+                        m.inputs[2].shape[1],
+                        Dim::Named {
+                            name: name.into(),
+                            max
+                        }
+                    )
+                }
+                (Err(e), Err(w)) => assert!(e.contains(w) && e.contains("inputs[2]"), "{e}"),
+                (got, want) => panic!("{dim}: {got:?} vs {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn bad_format_2_manifests_name_the_key() {
+        for (from, to, want) in [
+            ("format = 2", "format = 3", "format"),
+            ("dtype = \"i64\"", "dtype = \"int64\"", "inputs[2].dtype"),
+            ("value = 16000", "value = 1.5", "inputs[2].value"),
+            ("value = 16000", "value = [1, 2]", "inputs[2].value"),
+            ("input = \"state\"", "input = \"states\"", "state[0].input"),
+            (
+                "output = \"stateN\"",
+                "output = \"output\"",
+                "state[0].output",
+            ),
+            (
+                "kind = \"score\"",
+                "kind = \"scores\"",
+                "outputs[0].postprocess",
+            ),
+            ("hysteresis = 0.15", "hysterisis = 0.15", "hysterisis"),
+            ("window = 512", "window = 500", "inputs[0].shape"),
+            ("\"golden/0.npz\"", "\"/etc/passwd\"", "selftest.golden[0]"),
+        ] {
+            assert!(V2_GOOD.contains(from), "{from}");
+            let e = Manifest::parse(&V2_GOOD.replace(from, to)).unwrap_err();
+            assert!(e.contains(want), "{to}: {e}");
+        }
+    }
+
+    #[test]
+    fn images_with_named_sides_must_fit() {
+        let text = r#"
+format = 2
+name = "rec"
+version = "1.0.0"
+[[inputs]]
+name = "x"
+dtype = "f32"
+shape = [1, 3, 48, "W<=1280"]
+[inputs.image]
+layout = "nchw"
+color = "bgr"
+resize = "fit"
+multiple = 8
+[[outputs]]
+name = "y"
+[outputs.postprocess]
+kind = "ctc"
+charset = "charset.txt"
+[selftest]
+tolerance = 0.001
+golden = ["g.npz"]
+"#;
+        let m = Manifest::parse(text).unwrap();
+        assert_eq!(m.image_size(), None, "the width follows each image");
+        let e = Manifest::parse(&text.replace("\"fit\"", "\"stretch\"")).unwrap_err();
+        assert!(e.contains("inputs[0].image.resize"), "{e}");
+        let e = Manifest::parse(&text.replace("[1, 3, 48", "[1, 1, 48")).unwrap_err();
+        assert!(e.contains("inputs[0].image.color"), "{e}");
+        let e = Manifest::parse(&text.replace("\"charset.txt\"", "\"../c.txt\"")).unwrap_err();
+        assert!(e.contains("outputs[0].postprocess.charset"), "{e}");
     }
 }

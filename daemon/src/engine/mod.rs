@@ -7,16 +7,21 @@
 //!
 //! tract is used only in `model.rs`. Nothing here touches the database or the network.
 
+mod array;
 mod input;
 mod manifest;
 mod model;
 mod pool;
+mod postprocess;
 
 use std::path::PathBuf;
 
-pub use input::{Input, PixelFormat, Prepared, read_npy_f32};
-pub use manifest::{Color, MANIFEST_FILE, MODEL_FILE, Manifest, is_inside};
-pub use model::{Class, Model, Plan, Prediction};
+pub use array::{Array, Data, read_npy, read_npy_f32, read_npz};
+pub use input::{Geometry, Input, PixelFormat, Prepared, audio_windows, read_bounded};
+pub use manifest::{
+    Color, DType, Dim, MANIFEST_FILE, MODEL_FILE, Manifest, Postprocess, is_inside,
+};
+pub use model::{Class, Model, Plan, Prediction, Stream};
 pub use pool::{Latencies, ModelPool, PoolSettings, PoolStats, Pools, Quantiles, panic_message};
 
 /// Where models run (`engine.runtime`).

@@ -13,9 +13,14 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::runtime::{
     RunOptions, Runnable, Runtime as TractRuntime, runtime_for_name,
 };
+use tract_onnx::tract_hir::infer::Factoid;
 
-use super::input::{Input, Prepared, read_npy_f32};
-use super::manifest::{Dim, MODEL_FILE, Manifest};
+use std::sync::Mutex;
+
+use super::array::{Array, Data, read_npy_f32, read_npz};
+use super::input::{Input, Prepared};
+use super::manifest::{DType, Golden, InputSpec, MODEL_FILE, Manifest, Postprocess, const_values};
+use super::postprocess::{self, Context, ScoreState};
 use super::{EngineError, PlanChoice, Runtime};
 
 /// ONNX files bigger than this are refused before tract reads them.
@@ -25,8 +30,14 @@ pub const MAX_MODEL_BYTES: u64 = 512 * 1024 * 1024;
 pub struct Model {
     pub manifest: Manifest,
     pub dir: PathBuf,
-    runnable: Arc<dyn Runnable>,
-    output_index: usize,
+    plans: Plans,
+    /// For each input of the typed model, in order: the manifest input it is.
+    feeds: Vec<usize>,
+    /// Each manifest input's values when it is a constant (baked into the graph) or the
+    /// initial state.
+    initial: Vec<Option<Tensor>>,
+    /// For each output's `ctc` postprocessor: the charset's entries.
+    charsets: Vec<Option<Vec<String>>>,
     /// Where it runs: `cpu` or `cuda`.
     pub runtime: &'static str,
     /// How it runs there (see [`Plan`]): `tract+fold`, `tract`, or the runtime's own.
@@ -37,6 +48,29 @@ pub struct Model {
     /// window judges the new version by its own outcomes, not its pool's.
     pub outcomes: Outcomes,
 }
+
+/// The runnable plans of one model: one when every dimension is fixed, else one per distinct
+/// set of named dimensions, made when first needed and kept (the most recent few).
+struct Plans {
+    kind: Plan,
+    rt: &'static dyn TractRuntime,
+    options: RunOptions,
+    /// The graph before typing, when a dimension is named: each shape is typed and planned
+    /// from it.
+    base: Option<InferenceModel>,
+    /// The named dimensions, in the order a plan's key lists their values.
+    names: Vec<String>,
+    cache: Mutex<Vec<Keyed>>,
+}
+
+/// A plan and the named dimensions' values it was made for.
+type Keyed = (Vec<usize>, Arc<dyn Runnable>);
+
+/// Output values with their shape, as f32.
+type Values = Vec<(Vec<usize>, Vec<f32>)>;
+
+/// Distinct shapes a model with named dimensions keeps plans for.
+pub const MAX_PLANS_PER_MODEL: usize = 8;
 
 #[derive(Debug, Default)]
 pub struct Outcomes {
@@ -67,9 +101,20 @@ pub struct Class {
 pub struct Prediction {
     pub model: String,
     pub version: String,
+    /// The classes of the first `classify` output, when it holds one distribution.
     pub top: Vec<Class>,
+    /// Every declared output's postprocessed result, by output name (format 2 packages).
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub outputs: serde_json::Map<String, serde_json::Value>,
     /// Time spent in tern (decode, preprocess, run, postprocess), microseconds.
     pub latency_us: u64,
+}
+
+/// What a stream carries from one run to the next: the model's state tensors and each score
+/// output's on/off state.
+pub struct Stream {
+    state: Vec<Option<Tensor>>,
+    scores: Vec<ScoreState>,
 }
 
 impl Model {
@@ -172,89 +217,23 @@ impl Model {
                 "{size} bytes is over the {MAX_MODEL_BYTES}-byte limit"
             )));
         }
-        // Quantisers write value_info for intermediate tensors with a fixed batch; honouring
-        // it makes tract fail to unify the symbolic batch ("Impossible to unify Sym(N) with
-        // Val(..)"), and the graph's own shape inference is enough.
-        let model = tract_onnx::onnx()
-            .with_ignore_value_info(true)
-            .model_for_path(&path)
-            .map_err(|e| load_err(format!("not a model tract can read: {e:#}")))?;
-        let inputs = model
-            .input_outlets()
-            .map_err(|e| load_err(format!("{e:#}")))?;
-        if inputs.len() != 1 {
-            return Err(load_err(format!(
-                "has {} inputs; tern runs single-input models",
-                inputs.len()
-            )));
-        }
-        let input_name = &model.node(inputs[0].node).name;
-        if input_name != &manifest.input.name {
-            return Err(load_err(format!(
-                "input is named `{input_name}`, the manifest says `{}`",
-                manifest.input.name
-            )));
-        }
-        let outputs = model
-            .output_outlets()
-            .map_err(|e| load_err(format!("{e:#}")))?
-            .to_vec();
-        let names: Vec<String> = outputs
+        let charsets = manifest
+            .outputs
             .iter()
-            .map(|o| {
-                model
-                    .outlet_label(*o)
-                    .unwrap_or(&model.node(o.node).name)
-                    .to_string()
+            .enumerate()
+            .map(|(i, o)| match &o.postprocess {
+                Postprocess::Ctc { charset, .. } => read_charset(&dir.join(charset))
+                    .map(Some)
+                    .map_err(|e| load_err(format!("outputs[{i}].postprocess.charset: {e}"))),
+                _ => Ok(None),
             })
-            .collect();
-        let output_index = names
-            .iter()
-            .position(|n| *n == manifest.output.name)
-            .ok_or_else(|| {
-                load_err(format!(
-                    "has no output `{}` (outputs: {})",
-                    manifest.output.name,
-                    names.join(", ")
-                ))
-            })?;
-        // Optimising is the runtime's job: each backend rewrites the graph for itself.
-        let typed = model
-            .into_typed()
-            .and_then(|m| m.into_decluttered())
-            .map_err(|e| load_err(format!("cannot be typed: {e:#}")))?;
-        let fact = typed
-            .input_fact(0)
-            .map_err(|e| load_err(format!("{e:#}")))?;
-        if fact.datum_type != f32::datum_type() {
-            return Err(load_err(format!(
-                "input dtype is {:?}, tern feeds f32",
-                fact.datum_type
-            )));
-        }
-        if fact.rank() != manifest.input.shape.len() {
-            return Err(load_err(format!(
-                "input has rank {} ({:?}), the manifest says {:?}",
-                fact.rank(),
-                fact.shape,
-                manifest.input.shape
-            )));
-        }
-        // Every fixed dimension must agree (batch 1 must be allowed), or every inference would
-        // fail later as an internal error instead of now as a refused model.
-        for (i, (dim, want)) in fact.shape.iter().zip(&manifest.input.shape).enumerate() {
-            let fixed = dim.as_i64().and_then(|d| usize::try_from(d).ok());
-            let ok = match (want, fixed) {
-                (Dim::Fixed(w), Some(f)) => *w == f,
-                (Dim::Symbol(_), Some(f)) => f == 1,
-                (_, None) => true,
-            };
-            if !ok {
-                return Err(load_err(format!(
-                    "input dimension {i} is {dim} in the model, the manifest says {want:?}"
-                )));
-            }
-        }
+            .collect::<Result<Vec<_>, _>>()?;
+        let Graph {
+            model,
+            initial,
+            feeds,
+            named,
+        } = graph(&manifest, &path).map_err(load_err)?;
         let executor = if threads.get() > 1 {
             Executor::multithread_with_name(threads.get(), &format!("tract-{}", manifest.name))
         } else {
@@ -265,6 +244,17 @@ impl Model {
             ..RunOptions::default()
         };
         let rt = rt.map_err(load_err)?;
+        // With every dimension fixed, the graph is typed once here; with named ones, each
+        // shape is typed when first run (the golden vectors run the first ones).
+        let (base, typed) = if named.is_empty() {
+            let typed = model
+                .into_typed()
+                .and_then(|m| m.into_decluttered())
+                .map_err(|e| load_err(format!("cannot be typed: {}", explain(&e))))?;
+            (None, Some(typed))
+        } else {
+            (Some(model), None)
+        };
         // The plans to try, best first; the first whose outputs agree with the golden
         // vectors serves. On the CPU that is tract with its constants folded after
         // optimisation, then tract as it plans by itself.
@@ -275,32 +265,40 @@ impl Model {
             _ => &[Plan::Runtime],
         };
         let mut tried = Vec::new();
-        let mut typed = Some(typed);
+        let mut typed = typed;
         for (i, plan) in plans.iter().enumerate() {
             let last = i + 1 == plans.len();
-            let model = match last {
-                true => typed.take(),
-                false => typed.clone(),
+            let mut cache = Vec::new();
+            if let Some(t) = &typed {
+                let model = if last { typed.take() } else { Some(t.clone()) };
+                match plan.prepare(rt, model.expect("taken by the last plan only"), &options) {
+                    Ok(r) => cache.push((Vec::new(), r)),
+                    Err(e) if !last => {
+                        tried.push(format!("{}: {e:#}", plan.name()));
+                        continue;
+                    }
+                    Err(e) => {
+                        return Err(load_err(format!(
+                            "cannot be planned on {}: {e:#}",
+                            rt.name()
+                        )));
+                    }
+                }
             }
-            .expect("taken by the last plan only");
-            let runnable = match plan.prepare(rt, model, &options) {
-                Ok(r) => r,
-                Err(e) if !last => {
-                    tried.push(format!("{}: {e:#}", plan.name()));
-                    continue;
-                }
-                Err(e) => {
-                    return Err(load_err(format!(
-                        "cannot be planned on {}: {e:#}",
-                        rt.name()
-                    )));
-                }
-            };
             let model = Model {
                 manifest: manifest.clone(),
                 dir: dir.to_path_buf(),
-                runnable,
-                output_index,
+                plans: Plans {
+                    kind: *plan,
+                    rt,
+                    options: options.clone(),
+                    base: base.clone(),
+                    names: named.clone(),
+                    cache: Mutex::new(cache),
+                },
+                feeds: feeds.clone(),
+                initial: initial.clone(),
+                charsets: charsets.clone(),
                 runtime: if rt.name() == "cpu" { "cpu" } else { "cuda" },
                 plan: plan.name(),
                 fallback: fallback.clone(),
@@ -340,145 +338,620 @@ impl Model {
             let read = |p: &Path| {
                 std::fs::read(self.dir.join(p))
                     .map_err(|e| fail(format!("cannot read {}: {e}", p.display())))
-                    .and_then(|b| {
-                        read_npy_f32(&b).map_err(|e| fail(format!("{}: {e}", p.display())))
-                    })
             };
-            let (in_shape, in_data) = read(&g.input)?;
-            let (out_shape, want) = read(&g.output)?;
-            // Through the same path as requests: the golden input must fit the manifest's
-            // declared shape, and the model must take it.
-            let golden = Input::Tensor {
-                shape: in_shape,
-                data: in_data,
+            // What the case feeds, the states it starts from, and what must come out.
+            let (input, mut stream, want) = match g {
+                Golden::Pair { input, output } => {
+                    let (shape, data) = read_npy_f32(&read(input)?)
+                        .map_err(|e| fail(format!("{}: {e}", input.display())))?;
+                    let (out_shape, out) = read_npy_f32(&read(output)?)
+                        .map_err(|e| fail(format!("{}: {e}", output.display())))?;
+                    let want = vec![(m.outputs[0].name.clone(), Array::f32(out_shape, out))];
+                    (Input::Tensor { shape, data }, self.stream(), want)
+                }
+                Golden::Npz(p) => {
+                    let arrays =
+                        read_npz(&read(p)?).map_err(|e| fail(format!("{}: {e}", p.display())))?;
+                    let (want, fed): (Vec<_>, Vec<_>) =
+                        arrays.into_iter().partition(|(n, _)| n.starts_with("out/"));
+                    let want = want
+                        .into_iter()
+                        .map(|(n, a)| (n["out/".len()..].to_string(), a))
+                        .collect();
+                    (Input::Arrays(fed), self.stream(), want)
+                }
             };
-            let got = self.run_input(&golden).map_err(|e| fail(e.to_string()))?;
-            if got.len() != want.len() {
-                return Err(fail(format!(
-                    "output `{}` has {} values, the reference {:?} has {}",
-                    m.output.name,
-                    got.len(),
-                    out_shape,
-                    want.len()
-                )));
+            if want.is_empty() {
+                return Err(fail("holds no reference output (`out/<name>`)".into()));
             }
-            if want.iter().any(|x| !x.is_finite()) {
-                return Err(fail(format!(
-                    "reference output {} holds NaN or infinite values; it cannot vouch for anything",
-                    g.output.display()
-                )));
+            let prepared = input.prepare(m).map_err(|e| fail(e.to_string()))?;
+            let (outputs, states) = self
+                .run_prepared(&prepared, &mut stream)
+                .map_err(|e| fail(e.to_string()))?;
+            for (name, reference) in want {
+                let got = if let Some(o) = m.outputs.iter().position(|o| o.name == name) {
+                    &outputs[o]
+                } else if let Some(s) = m.state.iter().position(|s| s.output == name) {
+                    &states[s]
+                } else {
+                    return Err(fail(format!(
+                        "reference `out/{name}` is neither a declared output nor a state output"
+                    )));
+                };
+                compare(&name, got, &reference, m.selftest.tolerance).map_err(fail)?;
             }
-            // A non-finite output counts as infinitely far off (NaN would slip through `max`).
-            let max_diff = got
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| {
-                    if a.is_finite() {
-                        (a - b).abs()
-                    } else {
-                        f32::INFINITY
-                    }
-                })
-                .fold(0f32, f32::max);
-            if max_diff > m.selftest.tolerance {
-                return Err(fail(format!(
-                    "output `{}` differs from the reference by up to {max_diff:.6} \
-                     (tolerance {}); the model runs but answers wrongly in tract",
-                    m.output.name, m.selftest.tolerance
-                )));
+            // Each postprocessor must read its output's shape, or every request would fail.
+            let ctx_geometry = prepared.geometry;
+            for (o, spec) in m.outputs.iter().enumerate() {
+                let (shape, values) = &outputs[o];
+                let ctx = Context {
+                    charset: self.charsets[o].as_deref(),
+                    geometry: ctx_geometry,
+                };
+                postprocess::apply(&spec.postprocess, shape, values.clone(), &ctx, &mut None)
+                    .map_err(|e| {
+                        let key = match m.format {
+                            1 => "postprocess".to_string(),
+                            _ => format!("outputs[{o}].postprocess"),
+                        };
+                        fail(format!("{key}: output `{}`: {}", spec.name, e.0))
+                    })?;
             }
         }
         Ok(())
     }
 
-    /// Run a prepared tensor and return the selected output, flattened.
-    pub fn run(&self, p: Prepared) -> Result<Vec<f32>, EngineError> {
-        let shape = p.shape.clone();
-        let tensor = tract_ndarray::ArrayD::from_shape_vec(p.shape, p.data).map_err(|e| {
-            EngineError::Run {
-                model: self.manifest.name.clone(),
-                message: format!("shape {shape:?}: {e}"),
-            }
-        })?;
-        self.run_tensor(tensor.into())
+    /// A fresh stream: states at their initial values.
+    pub fn stream(&self) -> Stream {
+        Stream {
+            state: vec![None; self.manifest.state.len()],
+            scores: vec![None; self.manifest.outputs.len()],
+        }
     }
 
-    fn run_tensor(&self, tensor: Tensor) -> Result<Vec<f32>, EngineError> {
+    fn state_input(&self, pair: usize) -> usize {
+        let name = &self.manifest.state[pair].input;
+        self.manifest
+            .inputs
+            .iter()
+            .position(|i| &i.name == name)
+            .expect("checked when the manifest was read")
+    }
+
+    /// Run prepared inputs with a stream's states; returns each declared output and each state
+    /// output as (shape, values), and keeps the new states in the stream.
+    fn run_prepared(
+        &self,
+        p: &Prepared,
+        stream: &mut Stream,
+    ) -> Result<(Values, Values), EngineError> {
+        let m = &self.manifest;
         let run_err = |message: String| EngineError::Run {
-            model: self.manifest.name.clone(),
+            model: m.name.clone(),
             message,
         };
-        let out = self
-            .runnable
-            .run(tvec!(tensor.into()))
+        let mut named = std::collections::HashMap::new();
+        let mut values: TVec<TValue> = TVec::new();
+        for &ix in &self.feeds {
+            let spec = &m.inputs[ix];
+            let t = if let Some((_, a)) = p.arrays.iter().find(|(i, _)| *i == ix) {
+                for (d, n) in spec.shape.iter().zip(&a.shape) {
+                    if let super::manifest::Dim::Named { name, .. } = d {
+                        named.insert(name.clone(), *n);
+                    }
+                }
+                tensor(spec, a.clone()).map_err(|e| EngineError::Input { message: e })?
+            } else if let Some(pair) = m.state.iter().position(|s| s.input == spec.name) {
+                match &stream.state[pair] {
+                    Some(t) => t.clone(),
+                    None => self.initial[ix]
+                        .clone()
+                        .expect("states have initial values"),
+                }
+            } else {
+                return Err(EngineError::Input {
+                    message: format!("no value for input `{}` of model `{}`", spec.name, m.name),
+                });
+            };
+            values.push(t.into());
+        }
+        let key: Vec<usize> = self
+            .plans
+            .names
+            .iter()
+            .map(|n| named.get(n).copied().unwrap_or(0))
+            .collect();
+        let runnable = self.plans.get(&key, m, &self.feeds, &named)?;
+        let out = runnable
+            .run(values)
             .map_err(|e| run_err(format!("{e:#}")))?;
-        let t = out
-            .get(self.output_index)
-            .ok_or_else(|| run_err("output missing".into()))?;
-        let view = t
-            .to_plain_array_view::<f32>()
-            .map_err(|e| run_err(format!("output is not f32: {e:#}")))?;
-        Ok(view.iter().copied().collect())
+        let n_out = m.outputs.len();
+        if out.len() != n_out + m.state.len() {
+            return Err(run_err(format!(
+                "gave {} outputs, {} were declared",
+                out.len(),
+                n_out + m.state.len()
+            )));
+        }
+        let flat = |t: &TValue| -> Result<(Vec<usize>, Vec<f32>), EngineError> {
+            let c = t
+                .cast_to::<f32>()
+                .map_err(|e| run_err(format!("output is not numeric: {e:#}")))?;
+            let v = c
+                .to_plain_array_view::<f32>()
+                .map_err(|e| run_err(format!("{e:#}")))?;
+            Ok((t.shape().to_vec(), v.iter().copied().collect()))
+        };
+        let outputs = out[..n_out]
+            .iter()
+            .map(flat)
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut states = Vec::with_capacity(m.state.len());
+        for (pair, s) in m.state.iter().enumerate() {
+            let t = &out[n_out + pair];
+            let want = &m.inputs[self.state_input(pair)];
+            let want_shape = want.concrete_shape(&named);
+            if t.shape() != want_shape.as_slice() {
+                return Err(run_err(format!(
+                    "state[{pair}]: output `{}` has shape {:?} but input `{}` takes {:?}; \
+                     the pair in [[state]] does not match",
+                    s.output,
+                    t.shape(),
+                    s.input,
+                    want_shape
+                )));
+            }
+            states.push(flat(t)?);
+            let dt = datum(want.dtype);
+            let next = t
+                .cast_to_dt(dt)
+                .map_err(|e| run_err(format!("{e:#}")))?
+                .into_owned();
+            stream.state[pair] = Some(next);
+        }
+        Ok((outputs, states))
     }
 
-    /// Decode, preprocess, run and postprocess one input.
+    /// Run prepared inputs from the initial state; the first declared output's values.
+    pub fn run(&self, p: Prepared) -> Result<Vec<f32>, EngineError> {
+        let (mut outputs, _) = self.run_prepared(&p, &mut self.stream())?;
+        Ok(outputs.swap_remove(0).1)
+    }
+
+    /// Decode, preprocess, run and postprocess one input, from the initial state.
     pub fn infer(&self, input: &Input) -> Result<Prediction, EngineError> {
+        self.infer_in(input, &mut self.stream())
+    }
+
+    /// [`Model::infer`] as one step of a stream: states and score events carry on from the
+    /// stream's previous step.
+    pub fn infer_in(&self, input: &Input, stream: &mut Stream) -> Result<Prediction, EngineError> {
         let start = Instant::now();
-        let out = self.run_input(input)?;
-        let top = self.postprocess(out);
+        let m = &self.manifest;
+        let prepared = input.prepare(m)?;
+        let (outputs, _) = self.run_prepared(&prepared, stream)?;
+        let mut top = Vec::new();
+        let mut results = serde_json::Map::new();
+        for (o, ((shape, values), spec)) in outputs.into_iter().zip(&m.outputs).enumerate() {
+            let ctx = Context {
+                charset: self.charsets[o].as_deref(),
+                geometry: prepared.geometry,
+            };
+            let v = postprocess::apply(
+                &spec.postprocess,
+                &shape,
+                values,
+                &ctx,
+                &mut stream.scores[o],
+            )
+            .map_err(|e| EngineError::Run {
+                model: m.name.clone(),
+                message: format!("output `{}`: {}", spec.name, e.0),
+            })?;
+            if top.is_empty()
+                && let Some(t) = v.get("top")
+            {
+                top = serde_json::from_value(t.clone()).unwrap_or_default();
+            }
+            if m.format > 1 {
+                results.insert(spec.name.clone(), v);
+            }
+        }
         Ok(Prediction {
-            model: self.manifest.name.clone(),
-            version: self.manifest.version.to_string(),
+            model: m.name.clone(),
+            version: m.version.to_string(),
             top,
+            outputs: results,
             latency_us: start.elapsed().as_micros() as u64,
         })
     }
 
-    /// Prepare an input straight into tract's input tensor and run it.
-    fn run_input(&self, input: &Input) -> Result<Vec<f32>, EngineError> {
-        let mut shape = vec![1];
-        shape.extend(self.manifest.sample_shape());
-        let run_err = |e: TractError| EngineError::Run {
-            model: self.manifest.name.clone(),
-            message: format!("{e:#}"),
-        };
-        let mut tensor = Tensor::zero::<f32>(&shape).map_err(run_err)?;
-        {
-            let mut view = tensor.to_plain_array_view_mut::<f32>().map_err(run_err)?;
-            let out = view.as_slice_mut().expect("a fresh tensor is contiguous");
-            input.write_into(&self.manifest, out)?;
-        }
-        self.run_tensor(tensor)
+    /// Plans made so far (one per distinct shape of the named dimensions).
+    pub fn plans_cached(&self) -> usize {
+        self.plans.cache.lock().map(|c| c.len()).unwrap_or(0)
     }
+}
 
-    /// Softmax if the manifest asks for it, then the top-k classes with their labels.
-    pub fn postprocess(&self, mut out: Vec<f32>) -> Vec<Class> {
-        let post = &self.manifest.postprocess;
-        if post.softmax {
-            let max = out.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0;
-            for x in out.iter_mut() {
-                *x = (*x - max).exp();
-                sum += *x;
-            }
-            for x in out.iter_mut() {
-                *x /= sum;
+impl Plans {
+    /// The plan for one set of named dimensions' values, made now if it is not kept.
+    fn get(
+        &self,
+        key: &[usize],
+        m: &Manifest,
+        feeds: &[usize],
+        named: &std::collections::HashMap<String, usize>,
+    ) -> Result<Arc<dyn Runnable>, EngineError> {
+        {
+            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(i) = cache.iter().position(|(k, _)| k == key) {
+                // Most recently used last: the first one is what a full cache drops.
+                let hit = cache.remove(i);
+                let r = hit.1.clone();
+                cache.push(hit);
+                return Ok(r);
             }
         }
-        let k = post.top_k.get().min(out.len());
-        let mut idx: Vec<usize> = (0..out.len()).collect();
-        // NaN sorts last, so a broken output never wins the top slot.
-        idx.sort_by(|a, b| out[*b].total_cmp(&out[*a]).then(a.cmp(b)));
-        idx.sort_by(|a, b| out[*a].is_nan().cmp(&out[*b].is_nan()));
-        idx.truncate(k);
-        idx.into_iter()
-            .map(|i| Class {
-                index: i,
-                label: post.labels.get(i).cloned().unwrap_or_else(|| i.to_string()),
-                score: out[i],
-            })
-            .collect()
+        let Some(base) = &self.base else {
+            return Err(EngineError::Run {
+                model: m.name.clone(),
+                message: "no plan for a fixed-shape model".into(),
+            });
+        };
+        let load_err = |message: String| EngineError::Run {
+            model: m.name.clone(),
+            message,
+        };
+        // Typing and optimising happen outside the lock: other shapes keep running.
+        let mut model = base.clone();
+        for (k, &ix) in feeds.iter().enumerate() {
+            let spec = &m.inputs[ix];
+            let shape = spec.concrete_shape(named);
+            model
+                .set_input_fact(k, InferenceFact::dt_shape(datum(spec.dtype), shape))
+                .map_err(|e| load_err(format!("{e:#}")))?;
+        }
+        let typed = model
+            .into_typed()
+            .and_then(|m| m.into_decluttered())
+            .map_err(|e| load_err(format!("cannot be typed for {named:?}: {}", explain(&e))))?;
+        let r = self
+            .kind
+            .prepare(self.rt, typed, &self.options)
+            .map_err(|e| load_err(format!("cannot be planned for {named:?}: {e:#}")))?;
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= MAX_PLANS_PER_MODEL {
+            cache.remove(0);
+        }
+        cache.push((key.to_vec(), r.clone()));
+        Ok(r)
     }
+}
+
+/// Why tract refused a graph, with what to change when tern knows it.
+fn explain(e: &TractError) -> String {
+    let text = format!("{e:#}");
+    if text.contains("without a determined fact") || text.contains("explicit input facts") {
+        format!(
+            "{text}; an input's dimensions are left open: give each one in the manifest's \
+             inputs[].shape as a number, or as a name (\"W<=1280\") fixed per run"
+        )
+    } else if text.contains("shape input is variable") || text.contains("Reshape") {
+        format!(
+            "{text}; the graph computes shapes from an open dimension: fix it in \
+             inputs[].shape (the batch is pinned to 1)"
+        )
+    } else {
+        text
+    }
+}
+
+/// The graph as tern runs it: constants baked in, inputs typed as the manifest declares, only
+/// the declared outputs then the state outputs. Returns it, each input's initial value, the
+/// manifest input for each graph input, and the named dimensions.
+fn graph(m: &Manifest, path: &Path) -> Result<Graph, String> {
+    let onnx = tract_onnx::onnx().with_ignore_value_info(true);
+    // Quantisers write value_info for intermediate tensors with a fixed batch; honouring it
+    // makes tract fail to unify the batch, and the graph's own shape inference is enough.
+    let proto = onnx
+        .proto_model_for_path(path)
+        .map_err(|e| format!("not a model tract can read: {e:#}"))?;
+    let opset = proto
+        .opset_import
+        .iter()
+        .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
+        .map(|o| o.version)
+        .unwrap_or(0);
+    let dir = path.parent().and_then(|d| d.to_str());
+    let mut model = onnx
+        .parse(&proto, dir)
+        .map_err(|e| format!("not a model tract can read: {e:#}"))?
+        .model;
+    for node in model.nodes() {
+        let op = node.op.name();
+        if let Some(name) = op.strip_prefix("Unimplemented(") {
+            return Err(format!(
+                "uses operator `{}` (node `{}`, ONNX opset {opset}), which tract 0.23 does not \
+                 implement; export the model without it (a quantised model: quantise only Conv \
+                 and MatMul)",
+                name.trim_end_matches(')'),
+                node.name,
+            ));
+        }
+    }
+    let input_names: Vec<String> = model
+        .input_outlets()
+        .map_err(|e| format!("{e:#}"))?
+        .iter()
+        .map(|o| model.node(o.node).name.clone())
+        .collect();
+    let key = |what: &str, i: usize| match m.format {
+        1 => what.trim_end_matches('s').to_string(),
+        _ => format!("{what}[{i}]"),
+    };
+    for (i, spec) in m.inputs.iter().enumerate() {
+        if !input_names.contains(&spec.name) {
+            return Err(format!(
+                "{}.name: the model has no input `{}` (its inputs: {})",
+                key("inputs", i),
+                spec.name,
+                input_names.join(", ")
+            ));
+        }
+    }
+    let mut initial = vec![None; m.inputs.len()];
+    let mut feeds = Vec::new();
+    let mut kept = Vec::new();
+    for (k, name) in input_names.iter().enumerate() {
+        let Some(ix) = m.inputs.iter().position(|i| &i.name == name) else {
+            return Err(format!(
+                "has an input `{name}` the manifest does not declare; add it to [[inputs]] \
+                 (with `value` if it is a constant)"
+            ));
+        };
+        let spec = &m.inputs[ix];
+        let outlet = model.input_outlets().map_err(|e| format!("{e:#}"))?[k];
+        let fact = model
+            .outlet_fact(outlet)
+            .map_err(|e| format!("{e:#}"))?
+            .clone();
+        let ikey = key("inputs", ix);
+        if let Some(dt) = fact.datum_type.concretize()
+            && dt != datum(spec.dtype)
+        {
+            return Err(format!(
+                "{ikey}.dtype: the model's input `{name}` is {dt:?}, the manifest says {}",
+                spec.dtype.name()
+            ));
+        }
+        if let Some(rank) = fact.shape.rank().concretize()
+            && rank as usize != spec.shape.len()
+        {
+            return Err(format!(
+                "{ikey}.shape: the model's input `{name}` has {rank} dimensions, the manifest \
+                 gives {}",
+                spec.shape.len()
+            ));
+        }
+        for (d, (dim, want)) in fact.shape.dims().zip(&spec.shape).enumerate() {
+            if let (Some(have), super::manifest::Dim::Fixed(w)) =
+                (dim.concretize().and_then(|t| t.to_i64().ok()), want.clone())
+                && have as usize != w
+                && !(d == 0 && w == 1)
+            {
+                return Err(format!(
+                    "{ikey}.shape: dimension {d} of the model's input `{name}` is {have}, the \
+                     manifest says {w}"
+                ));
+            }
+        }
+        if let Some(v) = &spec.value {
+            let values = const_values(spec, v).map_err(|e| format!("{ikey}.value: {e}"))?;
+            let t = tensor(
+                spec,
+                Array {
+                    shape: spec.concrete_shape(&Default::default()),
+                    data: Data::from_f64(spec.dtype, &values),
+                },
+            )?;
+            let node = model.node_mut(outlet.node);
+            node.op = Box::new(
+                tract_onnx::tract_core::ops::konst::Const::new(t.clone().into_arc_tensor())
+                    .map_err(|e| format!("{e:#}"))?,
+            );
+            model
+                .set_outlet_fact(outlet, InferenceFact::from(t.clone()))
+                .map_err(|e| format!("{e:#}"))?;
+            initial[ix] = Some(t);
+            continue;
+        }
+        if let Some(pair) = m.state.iter().find(|s| s.input == spec.name) {
+            let shape = spec.concrete_shape(&Default::default());
+            let n = shape.iter().product();
+            let t = tensor(spec, Array::f32(shape, vec![pair.init; n]))?;
+            initial[ix] = Some(t);
+        }
+        let named = spec
+            .shape
+            .iter()
+            .any(|d| matches!(d, super::manifest::Dim::Named { .. }));
+        let fact = match named {
+            true => InferenceFact::dt(datum(spec.dtype)),
+            false => {
+                InferenceFact::dt_shape(datum(spec.dtype), spec.concrete_shape(&Default::default()))
+            }
+        };
+        model
+            .set_outlet_fact(outlet, fact)
+            .map_err(|e| format!("{e:#}"))?;
+        kept.push(outlet);
+        feeds.push(ix);
+    }
+    model
+        .set_input_outlets(&kept)
+        .map_err(|e| format!("{e:#}"))?;
+    let outlets = model
+        .output_outlets()
+        .map_err(|e| format!("{e:#}"))?
+        .to_vec();
+    let label = |o: &OutletId| {
+        model
+            .outlet_label(*o)
+            .unwrap_or(&model.node(o.node).name)
+            .to_string()
+    };
+    let names: Vec<String> = outlets.iter().map(label).collect();
+    let mut selected = Vec::new();
+    let wanted = m
+        .outputs
+        .iter()
+        .enumerate()
+        .map(|(i, o)| (format!("{}.name", key("outputs", i)), &o.name))
+        .chain(
+            m.state
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (format!("state[{i}].output"), &s.output)),
+        );
+    for (k, name) in wanted {
+        let Some(i) = names.iter().position(|n| n == name) else {
+            return Err(format!(
+                "{k}: the model has no output `{name}` (its outputs: {})",
+                names.join(", ")
+            ));
+        };
+        selected.push(outlets[i]);
+    }
+    model
+        .select_output_outlets(&selected)
+        .map_err(|e| format!("{e:#}"))?;
+    let mut named = Vec::new();
+    for spec in &m.inputs {
+        for d in &spec.shape {
+            if let super::manifest::Dim::Named { name, .. } = d
+                && !named.contains(name)
+            {
+                named.push(name.clone());
+            }
+        }
+    }
+    Ok(Graph {
+        model,
+        initial,
+        feeds,
+        named,
+    })
+}
+
+struct Graph {
+    model: InferenceModel,
+    initial: Vec<Option<Tensor>>,
+    feeds: Vec<usize>,
+    named: Vec<String>,
+}
+
+fn datum(d: DType) -> DatumType {
+    match d {
+        DType::F32 => f32::datum_type(),
+        DType::F16 => f16::datum_type(),
+        DType::I64 => i64::datum_type(),
+        DType::I32 => i32::datum_type(),
+        DType::U8 => u8::datum_type(),
+        DType::Bool => bool::datum_type(),
+    }
+}
+
+/// An array as the tensor an input of this dtype takes.
+fn tensor(spec: &InputSpec, a: Array) -> Result<Tensor, String> {
+    let shape = a.shape.clone();
+    let shaped = |e: tract_ndarray::ShapeError| format!("shape {shape:?}: {e}");
+    let t: Tensor = match a.data {
+        Data::F32(v) => tract_ndarray::ArrayD::from_shape_vec(shape.clone(), v)
+            .map_err(shaped)?
+            .into(),
+        Data::I64(v) => tract_ndarray::ArrayD::from_shape_vec(shape.clone(), v)
+            .map_err(shaped)?
+            .into(),
+        Data::I32(v) => tract_ndarray::ArrayD::from_shape_vec(shape.clone(), v)
+            .map_err(shaped)?
+            .into(),
+        Data::U8(v) => tract_ndarray::ArrayD::from_shape_vec(shape.clone(), v)
+            .map_err(shaped)?
+            .into(),
+        Data::Bool(v) => tract_ndarray::ArrayD::from_shape_vec(shape.clone(), v)
+            .map_err(shaped)?
+            .into(),
+    };
+    let dt = datum(spec.dtype);
+    if t.datum_type() == dt {
+        return Ok(t);
+    }
+    t.cast_to_dt(dt)
+        .map(|c| c.into_owned())
+        .map_err(|e| format!("input `{}`: {e:#}", spec.name))
+}
+
+/// Compare one output with its reference: same number of values, every value within the
+/// tolerance (exact for integers).
+fn compare(
+    name: &str,
+    got: &(Vec<usize>, Vec<f32>),
+    reference: &Array,
+    tolerance: f32,
+) -> Result<(), String> {
+    let want = reference.data.to_f32();
+    if got.1.len() != want.len() {
+        return Err(format!(
+            "output `{name}` has {} values ({:?}), the reference {:?} has {}",
+            got.1.len(),
+            got.0,
+            reference.shape,
+            want.len()
+        ));
+    }
+    if want.iter().any(|x| !x.is_finite()) {
+        return Err(format!(
+            "reference output `{name}` holds NaN or infinite values; it cannot vouch for anything"
+        ));
+    }
+    let tolerance = if matches!(reference.data, Data::F32(_)) {
+        tolerance
+    } else {
+        0.0
+    };
+    // A non-finite output counts as infinitely far off (NaN would slip through `max`).
+    let max_diff = got
+        .1
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| {
+            if a.is_finite() {
+                (a - b).abs()
+            } else {
+                f32::INFINITY
+            }
+        })
+        .fold(0f32, f32::max);
+    if max_diff > tolerance {
+        return Err(format!(
+            "output `{name}` differs from the reference by up to {max_diff:.6} (tolerance \
+             {tolerance}); the model runs but answers wrongly in tract"
+        ));
+    }
+    Ok(())
+}
+
+/// A charset file: line i is class i (split on newlines only; spaces are characters).
+fn read_charset(path: &Path) -> Result<Vec<String>, String> {
+    const MAX: u64 = 4 * 1024 * 1024;
+    let len = std::fs::metadata(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .len();
+    if len > MAX {
+        return Err(format!("{}: {len} bytes is over {MAX}", path.display()));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let text = text.strip_suffix('\n').unwrap_or(&text);
+    Ok(text.split('\n').map(str::to_string).collect())
 }
 
 /// A way to turn the typed model into something that runs.

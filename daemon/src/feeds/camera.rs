@@ -46,7 +46,7 @@ impl FrameSpec {
                 m.name
             ))
         })?;
-        let color = m.preprocess.as_ref().map(|p| p.color).ok_or_else(|| {
+        let color = m.image().map(|p| p.color).ok_or_else(|| {
             NoFrames(format!(
                 "model `{}` declares no image preprocessing",
                 m.name
@@ -57,7 +57,7 @@ impl FrameSpec {
             height: h as u32,
             format: match color {
                 crate::engine::Color::Gray => PixelFormat::Gray8,
-                crate::engine::Color::Rgb => PixelFormat::Rgb24,
+                crate::engine::Color::Rgb | crate::engine::Color::Bgr => PixelFormat::Rgb24,
             },
         })
     }
