@@ -119,6 +119,37 @@ pub fn need(program: &str) -> bool {
     found
 }
 
+/// The third-party model packages `tests/models/fetch-third-party.sh` writes (`ppocr-det`,
+/// `ppocr-cls`, `ppocr-rec`, `silero-vad`), from `TERN_THIRD_PARTY` or the script's default
+/// cache. Missing: SKIPPED loudly, or a failure under `TERN_TEST_STRICT=1`.
+pub fn third_party() -> Option<PathBuf> {
+    let dir = match std::env::var_os("TERN_THIRD_PARTY") {
+        Some(d) => PathBuf::from(d),
+        None => {
+            let cache = std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+                .unwrap_or_default();
+            cache.join("tern/third-party/packages")
+        }
+    };
+    let ready = ["ppocr-det", "ppocr-cls", "ppocr-rec", "silero-vad"]
+        .iter()
+        .all(|p| dir.join(p).join("tern-model.toml").is_file());
+    if !ready {
+        let why = format!(
+            "third-party packages not found in {} (run tests/models/fetch-third-party.sh)",
+            dir.display()
+        );
+        if std::env::var("TERN_TEST_STRICT").as_deref() == Ok("1") {
+            panic!("{why} (TERN_TEST_STRICT=1)");
+        }
+        eprintln!("\n*** SKIPPED: {why} ***\n");
+        return None;
+    }
+    Some(dir)
+}
+
 /// Root, for tests that act as other users (`setpriv`) or monitor a bus. Otherwise SKIPPED
 /// loudly, or a failure under `TERN_TEST_STRICT=1`.
 pub fn need_root() -> bool {

@@ -9,4 +9,5 @@ mod infer;
 mod package;
 mod systemd;
 mod ternctl;
+mod third_party;
 mod updates;

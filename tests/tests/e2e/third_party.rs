@@ -1,0 +1,305 @@
+//! Models tern did not make, served as shipped: PP-OCR's detector, angle classifier and
+//! recogniser and Silero VAD, from their wheels (`tests/models/fetch-third-party.sh`), with
+//! golden vectors computed by onnxruntime.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use tern_tests::*;
+use ternd::engine::read_npz;
+
+fn run(pkg: &Path, input: &Path) -> Vec<Value> {
+    let (status, out, err) = infer(pkg, input, &["--json"]).unwrap();
+    assert!(
+        status.success(),
+        "{} on {}: {err}",
+        pkg.display(),
+        input.display()
+    );
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+fn testdata(packages: &Path) -> PathBuf {
+    packages.parent().unwrap().join("testdata")
+}
+
+/// The reference output `name` of a golden case, as f32.
+fn reference(pkg: &Path, case: &str, name: &str) -> (Vec<usize>, Vec<f32>) {
+    let arrays = read_npz(&std::fs::read(pkg.join(case)).unwrap()).unwrap();
+    let (_, a) = arrays
+        .into_iter()
+        .find(|(n, _)| n == &format!("out/{name}"))
+        .unwrap_or_else(|| panic!("{case} has no out/{name}"));
+    (a.shape, a.data.to_f32())
+}
+
+/// Loading runs every golden vector against onnxruntime's outputs; what `ternd infer` prints
+/// for a golden input must also be onnxruntime's numbers, postprocessed.
+#[test]
+fn third_party_models_load_as_shipped_and_agree_with_onnxruntime() {
+    let Some(dir) = third_party() else { return };
+    let tol = 2e-4;
+
+    let cls = dir.join("ppocr-cls");
+    for case in ["golden/0.npz", "golden/1.npz"] {
+        let out = &run(&cls, &cls.join(case))[0];
+        let (_, want) = reference(&cls, case, "save_infer_model/scale_0.tmp_1");
+        let top = out["outputs"]["save_infer_model/scale_0.tmp_1"]["top"]
+            .as_array()
+            .unwrap();
+        assert_eq!(top.len(), 2, "{out}");
+        for c in top {
+            let i = c["index"].as_u64().unwrap() as usize;
+            let got = c["score"].as_f64().unwrap() as f32;
+            assert!(
+                (got - want[i]).abs() <= tol,
+                "{case}: class {i}: {got} vs {}",
+                want[i]
+            );
+        }
+        assert_eq!(
+            out["top"],
+            Value::Array(top.clone()),
+            "the first classify output is `top`"
+        );
+    }
+
+    let vad = dir.join("silero-vad");
+    for case in ["golden/0.npz", "golden/2.npz"] {
+        let out = &run(&vad, &vad.join(case))[0];
+        let got = out["outputs"]["output"]["score"].as_f64().unwrap() as f32;
+        let (_, want) = reference(&vad, case, "output");
+        assert!((got - want[0]).abs() <= tol, "{case}: {got} vs {want:?}");
+    }
+
+    // Each character CTC read is the reference's best class at its step, with its score.
+    let rec = dir.join("ppocr-rec");
+    let charset: Vec<String> = std::fs::read_to_string(rec.join("charset.txt"))
+        .unwrap()
+        .trim_end_matches('\n')
+        .split('\n')
+        .map(str::to_string)
+        .collect();
+    for case in ["golden/0.npz", "golden/1.npz"] {
+        let out = &run(&rec, &rec.join(case))[0];
+        let (shape, want) = reference(&rec, case, "softmax_11.tmp_0");
+        let classes = shape[2];
+        let read = &out["outputs"]["softmax_11.tmp_0"];
+        let chars = read["chars"].as_array().unwrap();
+        assert!(!chars.is_empty(), "{case}: {out}");
+        for c in chars {
+            let t = c["step"].as_u64().unwrap() as usize;
+            let row = &want[t * classes..(t + 1) * classes];
+            let best = (0..classes)
+                .max_by(|a, b| row[*a].total_cmp(&row[*b]))
+                .unwrap();
+            assert_eq!(
+                c["char"].as_str().unwrap(),
+                charset[best],
+                "{case} step {t}"
+            );
+            let got = c["score"].as_f64().unwrap() as f32;
+            assert!((got - row[best]).abs() <= tol, "{case} step {t}");
+        }
+    }
+
+    // The detector runs at each golden's own size (H and W are named): a plan per shape.
+    let det = dir.join("ppocr-det");
+    for case in ["golden/0.npz", "golden/1.npz"] {
+        let out = &run(&det, &det.join(case))[0];
+        assert!(
+            out["outputs"]["sigmoid_0.tmp_0"]["boxes"].is_array(),
+            "{case}: {out}"
+        );
+    }
+}
+
+#[test]
+fn ppocr_rec_reads_rendered_words() {
+    let Some(dir) = third_party() else { return };
+    let words_dir = testdata(&dir).join("words");
+    let tsv = std::fs::read_to_string(words_dir.join("words.tsv")).unwrap();
+    let words: Vec<(String, String)> = tsv
+        .lines()
+        .map(|l| {
+            let (f, w) = l.split_once('\t').unwrap();
+            (f.to_string(), w.to_string())
+        })
+        .collect();
+    assert!(words.len() >= 40, "{} words", words.len());
+    // One process reads the folder, in name order.
+    let tmp = tempfile::tempdir().unwrap();
+    for (f, _) in &words {
+        std::fs::copy(words_dir.join(f), tmp.path().join(f)).unwrap();
+    }
+    let mut sorted = words.clone();
+    sorted.sort();
+    let rows = run(&dir.join("ppocr-rec"), tmp.path());
+    assert_eq!(rows.len(), sorted.len());
+    let mut wrong = Vec::new();
+    for ((file, word), row) in sorted.iter().zip(&rows) {
+        let text = row["outputs"]["softmax_11.tmp_0"]["text"].as_str().unwrap();
+        if text != word {
+            wrong.push(format!("{file}: {word:?} read as {text:?}"));
+        }
+    }
+    let right = sorted.len() - wrong.len();
+    eprintln!("ppocr-rec: {right}/{} words read exactly", sorted.len());
+    assert!(
+        right * 100 >= sorted.len() * 95,
+        "{right}/{} right: {wrong:?}",
+        sorted.len()
+    );
+}
+
+#[test]
+fn ppocr_det_finds_each_text_line_in_image_coordinates() {
+    let Some(dir) = third_party() else { return };
+    let data = testdata(&dir);
+    let truth: Value =
+        serde_json::from_str(&std::fs::read_to_string(data.join("page.json")).unwrap()).unwrap();
+    let lines: Vec<[f64; 4]> = truth["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            let v: Vec<f64> = l
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect();
+            [v[0], v[1], v[2], v[3]]
+        })
+        .collect();
+    let out = &run(&dir.join("ppocr-det"), &data.join("page.png"))[0];
+    let boxes: Vec<[f64; 4]> = out["outputs"]["sigmoid_0.tmp_0"]["boxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| ["x0", "y0", "x1", "y1"].map(|k| b[k].as_f64().unwrap()))
+        .collect();
+    assert_eq!(boxes.len(), lines.len(), "{boxes:?} vs {lines:?}");
+    let iou = |a: &[f64; 4], b: &[f64; 4]| {
+        let w = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
+        let h = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
+        let inter = w * h;
+        let area = |r: &[f64; 4]| (r[2] - r[0]) * (r[3] - r[1]);
+        inter / (area(a) + area(b) - inter)
+    };
+    // Boxes come in reading order, as the lines do.
+    for (i, (b, l)) in boxes.iter().zip(&lines).enumerate() {
+        let v = iou(b, l);
+        assert!(v >= 0.5, "line {i}: box {b:?} vs ink {l:?}: IoU {v:.2}");
+    }
+}
+
+#[test]
+fn silero_vad_hears_speech_and_not_silence_with_its_state_carried() {
+    let Some(dir) = third_party() else { return };
+    let data = testdata(&dir);
+    let truth: Value =
+        serde_json::from_str(&std::fs::read_to_string(data.join("speech.json")).unwrap()).unwrap();
+    let (start, end) = (
+        truth["speech"][0][0].as_f64().unwrap(),
+        truth["speech"][0][1].as_f64().unwrap(),
+    );
+    let rows = run(&dir.join("silero-vad"), &data.join("speech.wav"));
+    let window = 512.0 / 16000.0;
+    let (mut inside, mut inside_hi, mut outside, mut outside_lo) = (0, 0, 0, 0);
+    let mut events = Vec::new();
+    for r in &rows {
+        let t = r["start_s"].as_f64().unwrap();
+        let out = &r["outputs"]["output"];
+        let p = out["score"].as_f64().unwrap();
+        if let Some(e) = out["event"].as_str() {
+            events.push((e.to_string(), t));
+        }
+        if t >= start && t + window <= end {
+            inside += 1;
+            inside_hi += usize::from(p > 0.5);
+        } else if t + window < start || t > end + 0.1 {
+            outside += 1;
+            outside_lo += usize::from(p < 0.5);
+        }
+    }
+    eprintln!(
+        "silero-vad: {inside_hi}/{inside} speech windows > 0.5, {outside_lo}/{outside} silent \
+         windows < 0.5, events {events:?}"
+    );
+    assert!(inside > 20 && outside > 20, "{inside} {outside}");
+    assert!(inside_hi * 100 >= inside * 80, "{inside_hi}/{inside}");
+    assert!(outside_lo * 100 >= outside * 95, "{outside_lo}/{outside}");
+    // Without the state carried, every window would start cold and read far lower.
+    let (first, last) = (events.first().unwrap(), events.last().unwrap());
+    assert_eq!(first.0, "start");
+    assert!(
+        (first.1 - start).abs() <= 0.3,
+        "speech starts at {start}, event {first:?}"
+    );
+    assert_eq!(last.0, "stop");
+    assert!(
+        last.1 >= end - 0.1 && last.1 <= end + 0.5,
+        "speech ends at {end}, event {last:?}"
+    );
+}
+
+/// A package someone got wrong is refused with the manifest key to change.
+#[test]
+fn bad_third_party_packages_name_the_key_to_fix() {
+    let Some(dir) = third_party() else { return };
+    let edit = |pkg: &str, from: &str, to: &str| -> String {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path().join(pkg);
+        copy_dir(&dir.join(pkg), &d).unwrap();
+        let mf = d.join("tern-model.toml");
+        let text = std::fs::read_to_string(&mf).unwrap();
+        assert!(text.contains(from), "{pkg}: {from}");
+        std::fs::write(&mf, text.replacen(from, to, 1)).unwrap();
+        let case = d.join("golden/0.npz");
+        let (status, _, err) = infer(&d, &case, &[]).unwrap();
+        assert!(!status.success(), "{pkg} with {to:?} loaded");
+        err
+    };
+    // A dtype the model does not take.
+    let e = edit("silero-vad", "dtype = \"i64\"", "dtype = \"i32\"");
+    assert!(e.contains("inputs[1].dtype") && e.contains("I64"), "{e}");
+    // A state whose declared shape is not the model's.
+    let e = edit("silero-vad", "shape = [2, 1, 128]", "shape = [2, 1, 64]");
+    assert!(e.contains("inputs[2].shape") && e.contains("128"), "{e}");
+    // A state pair naming an output the model does not have.
+    let e = edit("silero-vad", "output = \"stateN\"", "output = \"hn\"");
+    assert!(e.contains("state[0].output") && e.contains("stateN"), "{e}");
+    // A postprocessor on an output of the wrong rank.
+    let classify = "kind = \"classify\"\nsoftmax = false\ntop_k = 2\nlabels = [\"0\", \"180\"]";
+    let e = edit("ppocr-cls", classify, "kind = \"text_boxes\"");
+    assert!(
+        e.contains("outputs[0].postprocess") && e.contains("[1, 1, H, W]"),
+        "{e}"
+    );
+    let e = edit("ppocr-cls", classify, "kind = \"score\"");
+    assert!(
+        e.contains("outputs[0].postprocess") && e.contains("one value"),
+        "{e}"
+    );
+
+    // A charset shorter than the classes.
+    let tmp = tempfile::tempdir().unwrap();
+    let rec = tmp.path().join("ppocr-rec");
+    copy_dir(&dir.join("ppocr-rec"), &rec).unwrap();
+    let cs = std::fs::read_to_string(rec.join("charset.txt")).unwrap();
+    let shorter: Vec<&str> = cs.trim_end_matches('\n').split('\n').collect();
+    std::fs::write(
+        rec.join("charset.txt"),
+        shorter[..shorter.len() - 1].join("\n") + "\n",
+    )
+    .unwrap();
+    let (status, _, e) = infer(&rec, &rec.join("golden/0.npz"), &[]).unwrap();
+    assert!(!status.success());
+    assert!(
+        e.contains("outputs[0].postprocess") && e.contains("charset has 6624 entries"),
+        "{e}"
+    );
+}
