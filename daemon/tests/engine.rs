@@ -568,3 +568,201 @@ fn the_folded_plan_answers_as_tract_does() {
         }
     }
 }
+
+/// Boxes `detect` gives for one image: (x0, y0, x1, y1, score, class).
+fn boxes(m: &Model, input: &Input) -> Vec<[f64; 6]> {
+    let p = m.infer(input).unwrap();
+    p.outputs["detections"]["boxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| ["x0", "y0", "x1", "y1", "score", "class"].map(|k| b[k].as_f64().unwrap()))
+        .collect()
+}
+
+/// mAP@0.5 as make_models.py computes it: per class, all-point interpolated AP.
+fn mean_ap(pred: &[Vec<[f64; 6]>], truth: &[Vec<[f64; 5]>]) -> f64 {
+    let iou = |a: &[f64], b: &[f64]| {
+        let w = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
+        let h = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
+        let u = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h;
+        if u > 0.0 { w * h / u } else { 0.0 }
+    };
+    let mut aps = Vec::new();
+    for c in 0..10 {
+        let mut dets: Vec<(f64, usize, [f64; 6])> = pred
+            .iter()
+            .enumerate()
+            .flat_map(|(n, ds)| {
+                ds.iter()
+                    .filter(|d| d[5] as usize == c)
+                    .map(move |d| (d[4], n, *d))
+            })
+            .collect();
+        dets.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let total: usize = truth
+            .iter()
+            .map(|t| t.iter().filter(|b| b[4] as usize == c).count())
+            .sum();
+        if total == 0 {
+            continue;
+        }
+        let mut used: Vec<Vec<bool>> = truth.iter().map(|t| vec![false; t.len()]).collect();
+        let (mut tp, mut points) = (0.0, Vec::new());
+        for (i, (_, n, d)) in dets.iter().enumerate() {
+            let best = truth[*n]
+                .iter()
+                .enumerate()
+                .filter(|(_, t)| t[4] as usize == c)
+                .map(|(j, t)| (j, iou(d, t)))
+                .max_by(|a, b| a.1.total_cmp(&b.1));
+            if let Some((j, v)) = best
+                && v >= 0.5
+                && !used[*n][j]
+            {
+                used[*n][j] = true;
+                tp += 1.0;
+            }
+            points.push((tp / total as f64, tp / (i + 1) as f64));
+        }
+        let mut ap = 0.0;
+        let mut prev_r = 0.0;
+        for (k, (r, _)) in points.iter().enumerate() {
+            let p = points[k..].iter().map(|x| x.1).fold(0.0, f64::max);
+            ap += (r - prev_r) * p;
+            prev_r = *r;
+        }
+        aps.push(ap);
+    }
+    aps.iter().sum::<f64>() / aps.len() as f64
+}
+
+/// The digit detector through tern's `detect` (YOLO rows, class-aware NMS) gives the boxes
+/// onnxruntime plus the same postprocessing in numpy gives, and the same mAP; a letterboxed
+/// image's boxes come back in its own coordinates.
+#[test]
+fn the_detector_finds_what_onnxruntime_finds_and_maps_letterboxed_boxes_back() {
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(models().join("testsets/digits-det-boxes.json")).unwrap(),
+    )
+    .unwrap();
+    let truth: Vec<Vec<[f64; 5]>> = reference["truth"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|bs| {
+            bs.as_array()
+                .unwrap()
+                .iter()
+                .map(|b| {
+                    let v: Vec<f64> = b
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|x| x.as_f64().unwrap())
+                        .collect();
+                    [v[0], v[1], v[2], v[3], v[4]]
+                })
+                .collect()
+        })
+        .collect();
+    let accuracy: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(models().join("accuracy.json")).unwrap())
+            .unwrap();
+    for (form, tol) in [("f32", 1e-3), ("int8", 0.5)] {
+        let m = load(&format!("digits-det-{form}"));
+        let mut pred = Vec::new();
+        let mut differ = 0;
+        for n in 0..truth.len() {
+            let png =
+                std::fs::read(models().join(format!("testsets/digits-det/{n:03}.png"))).unwrap();
+            let got = boxes(&m, &Input::Encoded(png));
+            let want: Vec<[f64; 6]> = reference[form][n]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| {
+                    let v: Vec<f64> = b
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|x| x.as_f64().unwrap())
+                        .collect();
+                    [v[0], v[1], v[2], v[3], v[4], v[5]]
+                })
+                .collect();
+            let same = got.len() == want.len()
+                && got.iter().zip(&want).all(|(g, w)| {
+                    g[5] == w[5]
+                        && g[..5]
+                            .iter()
+                            .zip(&w[..5])
+                            .all(|(a, b)| (a - b).abs() <= tol)
+                });
+            if !same {
+                differ += 1;
+                eprintln!("digits-det-{form} image {n}: tern {got:?}\n  onnxruntime {want:?}");
+            }
+            pred.push(got);
+        }
+        let map = mean_ap(&pred, &truth);
+        let ort = accuracy[format!("digits-det-{form} mAP@0.5")]
+            .as_f64()
+            .unwrap();
+        eprintln!(
+            "digits-det-{form}: mAP@0.5 {map:.4} in tern, {ort:.4} in onnxruntime; {differ} of {} images differ",
+            truth.len()
+        );
+        // Float: the same boxes everywhere. Int8: tract and onnxruntime round a few
+        // activations differently, which may move a box near the threshold.
+        match form {
+            "f32" => assert_eq!(differ, 0),
+            _ => assert!(differ * 20 <= truth.len(), "{differ} images differ"),
+        }
+        assert!((map - ort).abs() <= 0.02, "mAP {map} vs {ort}");
+    }
+
+    // Rows 16..80 of a canvas whose digits all lie there: letterboxed back to 96x96 with 16
+    // rows of pad above, the model sees the same pixels; the boxes shift by 16.
+    let m = load("digits-det-f32");
+    let mut checked = 0;
+    for (n, t) in truth.iter().enumerate() {
+        if !t.iter().all(|b| b[1] >= 16.0 && b[3] <= 80.0) {
+            continue;
+        }
+        let png = std::fs::read(models().join(format!("testsets/digits-det/{n:03}.png"))).unwrap();
+        let full = boxes(&m, &Input::Encoded(png.clone()));
+        let img = image::load_from_memory(&png).unwrap().into_luma8();
+        let band = image::imageops::crop_imm(&img, 0, 16, 96, 64).to_image();
+        let frame = Input::Frame {
+            width: 96,
+            height: 64,
+            format: PixelFormat::Gray8,
+            data: band.into_raw(),
+        };
+        let cropped = boxes(&m, &frame);
+        assert_eq!(
+            cropped.len(),
+            full.len(),
+            "image {n}: {cropped:?} vs {full:?}"
+        );
+        for (c, f) in cropped.iter().zip(&full) {
+            // The band is 96 wide and 64 high: boxes are clamped to it.
+            let shifted = [
+                f[0],
+                (f[1] - 16.0).clamp(0.0, 64.0),
+                f[2],
+                (f[3] - 16.0).clamp(0.0, 64.0),
+            ];
+            for (a, b) in c[..4].iter().zip(shifted) {
+                assert!((a - b).abs() < 1e-3, "image {n}: {c:?} vs {f:?}");
+            }
+            assert_eq!(c[5], f[5]);
+        }
+        checked += 1;
+    }
+    assert!(
+        checked >= 5,
+        "only {checked} canvases have every digit in rows 16..80"
+    );
+}

@@ -54,13 +54,42 @@ pub struct Prepared {
     pub geometry: Option<Geometry>,
 }
 
-/// An image's size as given and as fed to the model.
+/// How an image was brought to the model's size: its size as given, the model's, and the
+/// transform between them (model pixel = image pixel × scale + pad).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Geometry {
     pub width: u32,
     pub height: u32,
     pub model_width: u32,
     pub model_height: u32,
+    pub scale_x: f32,
+    pub scale_y: f32,
+    pub pad_left: f32,
+    pub pad_top: f32,
+}
+
+impl Geometry {
+    /// A plain resize (or none) from `width`×`height` to the model's size.
+    pub fn stretch(width: u32, height: u32, model_width: u32, model_height: u32) -> Geometry {
+        Geometry {
+            width,
+            height,
+            model_width,
+            model_height,
+            scale_x: model_width as f32 / width.max(1) as f32,
+            scale_y: model_height as f32 / height.max(1) as f32,
+            pad_left: 0.0,
+            pad_top: 0.0,
+        }
+    }
+
+    /// A point in model pixels as a point in the image, clamped to it.
+    pub fn to_image(&self, x: f32, y: f32) -> (f32, f32) {
+        (
+            ((x - self.pad_left) / self.scale_x).clamp(0.0, self.width as f32),
+            ((y - self.pad_top) / self.scale_y).clamp(0.0, self.height as f32),
+        )
+    }
 }
 
 impl Input {
@@ -252,12 +281,7 @@ impl Input {
                     pixels_into(pre, (*height as usize, *width as usize), data, &mut out);
                     return Ok(Prepared {
                         arrays: vec![(ix, Array::f32(shape, out))],
-                        geometry: Some(Geometry {
-                            width: *width,
-                            height: *height,
-                            model_width: *width,
-                            model_height: *height,
-                        }),
+                        geometry: Some(Geometry::stretch(*width, *height, *width, *height)),
                     });
                 }
                 let img = match format {
@@ -493,6 +517,40 @@ fn target_size(spec: &InputSpec, pre: &ImageSpec, w: u32, h: u32) -> (usize, usi
     (side(hd, h), side(wd, w))
 }
 
+/// The image scaled to fit `w`×`h` with its aspect ratio kept, centred on a canvas of the pad
+/// value, and the transform that maps model pixels back to it.
+fn letterbox(img: DynamicImage, (w, h): (u32, u32), pre: &ImageSpec) -> (DynamicImage, Geometry) {
+    let (iw, ih) = (img.width().max(1), img.height().max(1));
+    let scale = (w as f32 / iw as f32).min(h as f32 / ih as f32);
+    let nw = ((iw as f32 * scale).round() as u32).clamp(1, w);
+    let nh = ((ih as f32 * scale).round() as u32).clamp(1, h);
+    let (left, top) = ((w - nw) / 2, (h - nh) / 2);
+    let small = img.resize_exact(nw, nh, filter(pre.filter));
+    let canvas = match pre.color {
+        Color::Gray => {
+            let mut c = image::GrayImage::from_pixel(w, h, image::Luma([pre.pad]));
+            image::imageops::overlay(&mut c, &small.into_luma8(), left.into(), top.into());
+            DynamicImage::ImageLuma8(c)
+        }
+        Color::Rgb | Color::Bgr => {
+            let mut c = image::RgbImage::from_pixel(w, h, image::Rgb([pre.pad; 3]));
+            image::imageops::overlay(&mut c, &small.into_rgb8(), left.into(), top.into());
+            DynamicImage::ImageRgb8(c)
+        }
+    };
+    let g = Geometry {
+        width: iw,
+        height: ih,
+        model_width: w,
+        model_height: h,
+        scale_x: nw as f32 / iw as f32,
+        scale_y: nh as f32 / ih as f32,
+        pad_left: left as f32,
+        pad_top: top as f32,
+    };
+    (canvas, g)
+}
+
 fn image_input(m: &Manifest, img: DynamicImage) -> Result<Prepared, EngineError> {
     let Some((ix, spec, pre)) = image_spec(m) else {
         return Err(bad(format!(
@@ -502,7 +560,12 @@ fn image_input(m: &Manifest, img: DynamicImage) -> Result<Prepared, EngineError>
     };
     let (width, height) = (img.width(), img.height());
     let (h, w) = target_size(spec, pre, width, height);
+    let mut geometry = Geometry::stretch(width, height, w as u32, h as u32);
     let img = if width as usize == w && height as usize == h {
+        img
+    } else if pre.resize == Resize::Letterbox {
+        let (img, g) = letterbox(img, (w as u32, h as u32), pre);
+        geometry = g;
         img
     } else if pre.resize != Resize::None {
         img.resize_exact(w as u32, h as u32, filter(pre.filter))
@@ -541,12 +604,7 @@ fn image_input(m: &Manifest, img: DynamicImage) -> Result<Prepared, EngineError>
     pixels_into(pre, (h, w), &pixels, &mut out);
     Ok(Prepared {
         arrays: vec![(ix, Array::f32(shape, out))],
-        geometry: Some(Geometry {
-            width,
-            height,
-            model_width: w as u32,
-            model_height: h as u32,
-        }),
+        geometry: Some(geometry),
     })
 }
 

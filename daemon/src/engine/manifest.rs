@@ -167,6 +167,9 @@ pub struct ImageSpec {
     /// With `fit`: named sides are rounded to a multiple of this.
     #[serde(default = "one_usize")]
     pub multiple: usize,
+    /// With `letterbox`: the pixel value (0-255, before scaling) around the image.
+    #[serde(default)]
+    pub pad: u8,
     #[serde(default)]
     pub filter: Filter,
     #[serde(default = "one")]
@@ -195,6 +198,9 @@ pub enum Resize {
     /// To the input's fixed height and width, whatever the aspect ratio.
     #[default]
     Stretch,
+    /// Keep the aspect ratio within the fixed sides, centred, padded with `pad` (detectors
+    /// trained on letterboxed images); boxes are mapped back through it.
+    Letterbox,
     /// Keep the aspect ratio: fixed sides are met, named sides follow the image (each rounded
     /// to `multiple`, at most its bound); with both sides named, the image keeps its scale
     /// unless a side is over its bound.
@@ -286,6 +292,25 @@ pub enum Postprocess {
         #[serde(default = "default_max_boxes")]
         max_boxes: usize,
     },
+    /// Object detection rows into boxes: per-class scores over `score_threshold`,
+    /// class-aware non-maximum suppression, at most `max_boxes`, in the original image's
+    /// pixels (through the resize or letterbox).
+    Detect {
+        format: DetectFormat,
+        #[serde(default = "default_score_threshold")]
+        score_threshold: f32,
+        #[serde(default = "default_iou")]
+        iou_threshold: f32,
+        #[serde(default = "default_max_boxes")]
+        max_boxes: usize,
+        #[serde(default)]
+        labels: Vec<String>,
+        /// Coordinates are fractions of the model input's width and height.
+        #[serde(default)]
+        normalized: bool,
+        /// A class that means "nothing here" (SSD's background), never reported.
+        background: Option<usize>,
+    },
     /// One value (a probability, an anomaly score); with a threshold, an on/off state that a
     /// sequence turns into start and stop events, with hysteresis.
     Score {
@@ -299,6 +324,27 @@ pub enum Postprocess {
         #[serde(default = "default_max_values")]
         max_values: usize,
     },
+}
+
+/// How a detector's output rows are laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DetectFormat {
+    /// `[1, N, 5 + classes]`: centre x, centre y, width, height, objectness, class scores
+    /// (YOLOv5-style, anchors decoded in the graph); a box's score is objectness × class.
+    Yolo,
+    /// `[1, 4 + classes, N]`: centre x, centre y, width, height, class scores (anchor-free,
+    /// YOLOv8-style, one column per box).
+    Yolov8,
+    /// `[1, N, 4 + classes]`: x0, y0, x1, y1, class scores (SSD-style, decoded in the graph).
+    Ssd,
+}
+
+fn default_score_threshold() -> f32 {
+    0.25
+}
+fn default_iou() -> f32 {
+    0.45
 }
 
 fn default_top_k() -> NonZeroUsize {
@@ -331,6 +377,7 @@ impl Postprocess {
             Postprocess::Classify { .. } => "classify",
             Postprocess::Ctc { .. } => "ctc",
             Postprocess::TextBoxes { .. } => "text_boxes",
+            Postprocess::Detect { .. } => "detect",
             Postprocess::Score { .. } => "score",
             Postprocess::Raw { .. } => "raw",
         }
@@ -367,6 +414,16 @@ pub enum Golden {
 impl Manifest {
     /// Read and check `<dir>/tern-model.toml`.
     pub fn read(dir: &Path) -> Result<Manifest, EngineError> {
+        Self::read_checked(dir, true)
+    }
+
+    /// [`Manifest::read`] for a package whose golden vectors are still to be made: every
+    /// check but that there is at least one.
+    pub fn read_draft(dir: &Path) -> Result<Manifest, EngineError> {
+        Self::read_checked(dir, false)
+    }
+
+    fn read_checked(dir: &Path, golden_required: bool) -> Result<Manifest, EngineError> {
         let path = dir.join(MANIFEST_FILE);
         let bad = |message: String| EngineError::Manifest {
             path: path.clone(),
@@ -380,12 +437,17 @@ impl Manifest {
             )));
         }
         let text = std::fs::read_to_string(&path).map_err(|e| bad(format!("cannot read: {e}")))?;
-        Self::parse(&text).map_err(bad)
+        Self::parse_checked(&text, golden_required).map_err(bad)
     }
 
     /// Parse and check a manifest's text; the error names the key (and line where toml knows
     /// it).
+    #[cfg(test)]
     pub(super) fn parse(text: &str) -> Result<Manifest, String> {
+        Self::parse_checked(text, true)
+    }
+
+    fn parse_checked(text: &str, golden_required: bool) -> Result<Manifest, String> {
         let table: toml::Table = toml::from_str(text).map_err(|e| describe(text, &e, ""))?;
         let m = match table.get("format") {
             None => typed::<V1>(text)?.into_manifest()?,
@@ -397,11 +459,11 @@ impl Manifest {
                 ));
             }
         };
-        m.check()?;
+        m.check(golden_required)?;
         Ok(m)
     }
 
-    fn check(&self) -> Result<(), String> {
+    fn check(&self, golden_required: bool) -> Result<(), String> {
         if self.name.is_empty()
             || !self
                 .name
@@ -499,7 +561,7 @@ impl Manifest {
         if !(self.selftest.tolerance.is_finite() && self.selftest.tolerance >= 0.0) {
             return Err("selftest.tolerance: must be a finite number >= 0".into());
         }
-        if self.selftest.golden.is_empty() {
+        if golden_required && self.selftest.golden.is_empty() {
             return Err(
                 "selftest.golden: at least one golden vector is required; a model that \
                         cannot be checked is not loaded"
@@ -827,6 +889,21 @@ impl Postprocess {
                 }
                 Ok(())
             }
+            Postprocess::Detect {
+                score_threshold,
+                iou_threshold,
+                ..
+            } => {
+                for (k, v) in [
+                    ("score_threshold", score_threshold),
+                    ("iou_threshold", iou_threshold),
+                ] {
+                    if !(0.0..=1.0).contains(v) {
+                        return Err(format!("{key}.{k}: must be between 0 and 1"));
+                    }
+                }
+                Ok(())
+            }
             Postprocess::Score {
                 threshold,
                 hysteresis,
@@ -1038,6 +1115,7 @@ impl V1 {
                         Resize::None
                     },
                     multiple: 1,
+                    pad: 0,
                     filter: p.filter,
                     scale: p.scale,
                     mean: p.mean,

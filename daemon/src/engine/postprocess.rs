@@ -6,7 +6,7 @@
 use serde_json::{Value, json};
 
 use super::input::Geometry;
-use super::manifest::Postprocess;
+use super::manifest::{DetectFormat, Postprocess};
 use super::model::Class;
 
 /// A postprocessor that cannot read an output of this shape.
@@ -121,6 +121,40 @@ pub fn apply(
             );
             Ok(json!({ "boxes": boxes }))
         }
+        Postprocess::Detect {
+            format,
+            score_threshold,
+            iou_threshold,
+            max_boxes,
+            labels,
+            normalized,
+            background,
+        } => {
+            let rows = detect_rows(*format, shape, &values)?;
+            let boxes = detect(
+                rows,
+                DetectParams {
+                    score_threshold: *score_threshold,
+                    iou_threshold: *iou_threshold,
+                    max_boxes: *max_boxes,
+                    normalized: *normalized,
+                    background: *background,
+                },
+                ctx.geometry,
+            );
+            let boxes: Vec<Value> = boxes
+                .into_iter()
+                .map(|b| {
+                    let label = labels
+                        .get(b.class)
+                        .cloned()
+                        .unwrap_or_else(|| b.class.to_string());
+                    json!({"x0": b.x0, "y0": b.y0, "x1": b.x1, "y1": b.y1,
+                           "score": b.score, "class": b.class, "label": label})
+                })
+                .collect();
+            Ok(json!({ "boxes": boxes }))
+        }
         Postprocess::Score {
             threshold,
             hysteresis,
@@ -197,6 +231,145 @@ fn ctc(shape: &[usize], values: &[f32], charset: &[String], blank: usize) -> Res
         }
     };
     Ok(json!({"text": text, "score": mean, "chars": chars}))
+}
+
+/// One candidate: corners in model pixels (or fractions), its best class and score.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Detection {
+    pub x0: f32,
+    pub y0: f32,
+    pub x1: f32,
+    pub y1: f32,
+    pub score: f32,
+    pub class: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct DetectParams {
+    pub score_threshold: f32,
+    pub iou_threshold: f32,
+    pub max_boxes: usize,
+    pub normalized: bool,
+    pub background: Option<usize>,
+}
+
+/// A detector row: corners, then a score per class.
+type Row = ([f32; 4], Vec<f32>);
+
+/// Each row of a detector's output as corners plus per-class scores.
+fn detect_rows(
+    format: DetectFormat,
+    shape: &[usize],
+    v: &[f32],
+) -> Result<Vec<Row>, Misfit> {
+    let (n, width, transposed) = match (format, shape) {
+        (DetectFormat::Yolo, [1, n, k]) if *k > 5 => (*n, *k, false),
+        (DetectFormat::Ssd, [1, n, k]) if *k > 4 => (*n, *k, false),
+        (DetectFormat::Yolov8, [1, k, n]) if *k > 4 => (*n, *k, true),
+        _ => {
+            let want = match format {
+                DetectFormat::Yolo => "[1, N, 5 + classes]",
+                DetectFormat::Yolov8 => "[1, 4 + classes, N]",
+                DetectFormat::Ssd => "[1, N, 4 + classes]",
+            };
+            return Err(Misfit(format!(
+                "detect ({format:?}) reads a {want} output, not {shape:?}"
+            )));
+        }
+    };
+    let at = |row: usize, col: usize| {
+        if transposed {
+            v[col * n + row]
+        } else {
+            v[row * width + col]
+        }
+    };
+    Ok((0..n)
+        .map(|r| {
+            let b = [at(r, 0), at(r, 1), at(r, 2), at(r, 3)];
+            let corners = match format {
+                DetectFormat::Ssd => b,
+                _ => [
+                    b[0] - b[2] / 2.0,
+                    b[1] - b[3] / 2.0,
+                    b[0] + b[2] / 2.0,
+                    b[1] + b[3] / 2.0,
+                ],
+            };
+            let scores = match format {
+                DetectFormat::Yolo => {
+                    let obj = at(r, 4);
+                    (5..width).map(|c| obj * at(r, c)).collect()
+                }
+                _ => (4..width).map(|c| at(r, c)).collect(),
+            };
+            (corners, scores)
+        })
+        .collect())
+}
+
+fn iou(a: &Detection, b: &Detection) -> f32 {
+    let w = (a.x1.min(b.x1) - a.x0.max(b.x0)).max(0.0);
+    let h = (a.y1.min(b.y1) - a.y0.max(b.y0)).max(0.0);
+    let inter = w * h;
+    let area = |d: &Detection| (d.x1 - d.x0).max(0.0) * (d.y1 - d.y0).max(0.0);
+    let union = area(a) + area(b) - inter;
+    if union > 0.0 { inter / union } else { 0.0 }
+}
+
+/// Each row's best class over the threshold, class-aware non-maximum suppression (highest
+/// score first), at most `max_boxes`, mapped into the original image.
+pub fn detect(
+    rows: Vec<Row>,
+    p: DetectParams,
+    geometry: Option<Geometry>,
+) -> Vec<Detection> {
+    let mut cands: Vec<Detection> = rows
+        .into_iter()
+        .filter_map(|(c, scores)| {
+            let (class, score) = scores
+                .iter()
+                .copied()
+                .enumerate()
+                .filter(|(i, _)| Some(*i) != p.background)
+                .fold(
+                    (0, f32::NEG_INFINITY),
+                    |a, (i, s)| if s > a.1 { (i, s) } else { a },
+                );
+            (score >= p.score_threshold && score.is_finite()).then_some(Detection {
+                x0: c[0],
+                y0: c[1],
+                x1: c[2],
+                y1: c[3],
+                score,
+                class,
+            })
+        })
+        .collect();
+    cands.sort_by(|a, b| b.score.total_cmp(&a.score));
+    let mut kept: Vec<Detection> = Vec::new();
+    for d in cands {
+        if kept.len() >= p.max_boxes {
+            break;
+        }
+        if !kept
+            .iter()
+            .any(|k| k.class == d.class && iou(k, &d) > p.iou_threshold)
+        {
+            kept.push(d);
+        }
+    }
+    if let Some(g) = geometry {
+        let (fx, fy) = match p.normalized {
+            true => (g.model_width as f32, g.model_height as f32),
+            false => (1.0, 1.0),
+        };
+        for d in &mut kept {
+            (d.x0, d.y0) = g.to_image(d.x0 * fx, d.y0 * fy);
+            (d.x1, d.y1) = g.to_image(d.x1 * fx, d.y1 * fy);
+        }
+    }
+    kept
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -277,20 +450,17 @@ pub fn text_boxes(
     }
     boxes.sort_by(|a, b| b.score.total_cmp(&a.score));
     boxes.truncate(p.max_boxes);
-    let (sx, sy, mw, mh) = match geometry {
-        Some(g) => (
-            g.width as f32 / g.model_width as f32,
-            g.height as f32 / g.model_height as f32,
-            g.width as f32,
-            g.height as f32,
-        ),
-        None => (1.0, 1.0, w as f32, h as f32),
-    };
+    // The map may be smaller than the model input (a strided head): its pixels in model
+    // pixels first, then back through the resize.
+    let g = geometry.unwrap_or(Geometry::stretch(w as u32, h as u32, w as u32, h as u32));
+    let (mx, my) = (
+        g.model_width as f32 / w as f32,
+        g.model_height as f32 / h as f32,
+    );
     for b in &mut boxes {
-        b.x0 = (b.x0 * sx).clamp(0.0, mw).round();
-        b.x1 = (b.x1 * sx).clamp(0.0, mw).round();
-        b.y0 = (b.y0 * sy).clamp(0.0, mh).round();
-        b.y1 = (b.y1 * sy).clamp(0.0, mh).round();
+        let (x0, y0) = g.to_image(b.x0 * mx, b.y0 * my);
+        let (x1, y1) = g.to_image(b.x1 * mx, b.y1 * my);
+        (b.x0, b.y0, b.x1, b.y1) = (x0.round(), y0.round(), x1.round(), y1.round());
     }
     boxes.sort_by(|a, b| a.y0.total_cmp(&b.y0).then(a.x0.total_cmp(&b.x0)));
     boxes
@@ -300,6 +470,57 @@ pub fn text_boxes(
 mod tests {
     use super::*;
     use std::num::NonZeroUsize;
+
+    #[test]
+    fn detect_keeps_the_best_box_per_object_and_class() {
+        // Rows: cx, cy, w, h, objectness, 2 class scores. Two overlapping boxes of class 0,
+        // one of class 1 over them, one under the threshold.
+        let rows = [
+            [10.0, 10.0, 8.0, 8.0, 0.9, 0.9, 0.1],
+            [11.0, 10.0, 8.0, 8.0, 0.8, 0.9, 0.1],
+            [10.0, 10.0, 8.0, 8.0, 0.9, 0.2, 0.8],
+            [30.0, 30.0, 4.0, 4.0, 0.1, 0.9, 0.1],
+        ];
+        let v: Vec<f32> = rows.iter().flatten().copied().collect();
+        let post = Postprocess::Detect {
+            format: DetectFormat::Yolo,
+            score_threshold: 0.25,
+            iou_threshold: 0.45,
+            max_boxes: 10,
+            labels: vec!["a".into(), "b".into()],
+            normalized: false,
+            background: None,
+        };
+        // Letterboxed: a 40x20 image in a 40x40 input, 10 pixels of pad on top.
+        let g = Geometry {
+            pad_top: 10.0,
+            ..Geometry::stretch(40, 20, 40, 20)
+        };
+        let c = Context {
+            charset: None,
+            geometry: Some(Geometry {
+                model_height: 40,
+                ..g
+            }),
+        };
+        let out = apply(&post, &[1, 4, 7], v, &c, &mut None).unwrap();
+        let boxes = out["boxes"].as_array().unwrap();
+        assert_eq!(boxes.len(), 2, "{out}");
+        assert_eq!(boxes[0]["label"], "a");
+        assert!((boxes[0]["score"].as_f64().unwrap() - 0.81).abs() < 1e-6);
+        assert_eq!(boxes[1]["label"], "b");
+        assert_eq!(
+            (boxes[0]["x0"].as_f64(), boxes[0]["y0"].as_f64()),
+            (Some(6.0), Some(0.0))
+        );
+        assert_eq!(
+            boxes[0]["y1"].as_f64(),
+            Some(4.0),
+            "14 in the input is 4 in the image"
+        );
+        let e = apply(&post, &[1, 7, 4], vec![0.0; 28], &c, &mut None).unwrap_err();
+        assert!(e.0.contains("[1, N, 5 + classes]"), "{}", e.0);
+    }
 
     fn ctx() -> Context<'static> {
         Context {
@@ -401,12 +622,7 @@ mod tests {
             min_size: 2,
             max_boxes: 10,
         };
-        let g = Geometry {
-            width: 40,
-            height: 20,
-            model_width: 20,
-            model_height: 10,
-        };
+        let g = Geometry::stretch(40, 20, 20, 10);
         let boxes = text_boxes(&map, (h, w), p, Some(g));
         assert_eq!(boxes.len(), 2, "{boxes:?}");
         assert_eq!(
