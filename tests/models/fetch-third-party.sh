@@ -7,6 +7,7 @@
 #   packages/ppocr-rec   PP-OCRv4 text recogniser       (rapidocr-onnxruntime 1.4.4)
 #   packages/silero-vad  Silero VAD, op18 if-less graph (silero-vad 6.2.3)
 #   testdata/            words/*.png + words.tsv, page.png + page.json, speech.wav + speech.json
+#   python               the path of the Python (with numpy and onnxruntime) it used
 #
 # Usage: tests/models/fetch-third-party.sh        (prints the packages directory last)
 #   TERN_THIRD_PARTY_CACHE  cache directory (default ${XDG_CACHE_HOME:-$HOME/.cache}/tern/third-party)
@@ -53,7 +54,10 @@ else
   touch "$venv/.tern-complete"
   py="$venv/bin/python"
 fi
-log "using $("$py" -c 'import sys; print(sys.executable)')"
+py_path="$("$py" -c 'import sys; print(sys.executable)')"
+log "using $py_path"
+# Tests that run onnxruntime themselves (tern-update package golden) use the same Python.
+printf '%s\n' "$py_path" > "$cache/python.tmp" && mv -f "$cache/python.tmp" "$cache/python"
 
 # 2. The wheels, by exact version (their sha256 is checked by third_party.py).
 wheels="$cache/wheels"

@@ -194,6 +194,46 @@ pub fn read_npz(bytes: &[u8]) -> Result<Vec<(String, Array)>, EngineError> {
     Ok(out)
 }
 
+/// Write arrays as an uncompressed `.npz` (numpy reads it with `np.load`), through a temporary
+/// file renamed into place.
+pub fn write_npz(path: &std::path::Path, arrays: &[(String, Array)]) -> std::io::Result<()> {
+    use npyz::WriterBuilder;
+    use std::io::Write;
+    let io = |e: zip::result::ZipError| std::io::Error::other(e.to_string());
+    let tmp = path.with_extension("npz.tmp");
+    let file = std::fs::File::create(&tmp)?;
+    let mut zip = zip::ZipWriter::new(file);
+    let options = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Stored)
+        .last_modified_time(zip::DateTime::default());
+    for (name, a) in arrays {
+        let mut npy = Vec::new();
+        let shape: Vec<u64> = a.shape.iter().map(|d| *d as u64).collect();
+        macro_rules! put {
+            ($v:expr) => {{
+                let mut w = npyz::WriteOptions::new()
+                    .default_dtype()
+                    .shape(&shape)
+                    .writer(&mut npy)
+                    .begin_nd()?;
+                w.extend($v.iter().copied())?;
+                w.finish()?;
+            }};
+        }
+        match &a.data {
+            Data::F32(v) => put!(v),
+            Data::I64(v) => put!(v),
+            Data::I32(v) => put!(v),
+            Data::U8(v) => put!(v),
+            Data::Bool(v) => put!(v),
+        }
+        zip.start_file(format!("{name}.npy"), options).map_err(io)?;
+        zip.write_all(&npy)?;
+    }
+    zip.finish().map_err(io)?.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -241,6 +281,20 @@ mod tests {
         let names: Vec<_> = arrays.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["in/x", "out/a/b"]);
         assert_eq!(arrays[1].1.data, Data::I64(vec![1, 2]));
+        // What tern writes, it reads back the same.
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("g.npz");
+        let mut mixed = arrays.clone();
+        mixed.push(("in/f".into(), Array::f32(vec![2, 1], vec![0.5, -1.0])));
+        mixed.push((
+            "in/b".into(),
+            Array {
+                shape: vec![],
+                data: Data::Bool(vec![true]),
+            },
+        ));
+        write_npz(&p, &mixed).unwrap();
+        assert_eq!(read_npz(&std::fs::read(&p).unwrap()).unwrap(), mixed);
         let e = read_npz(b"PK\x03\x04 truncated").unwrap_err();
         assert!(e.to_string().contains("npz"), "{e}");
     }

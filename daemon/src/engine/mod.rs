@@ -16,12 +16,13 @@ mod postprocess;
 
 use std::path::PathBuf;
 
-pub use array::{Array, Data, read_npy, read_npy_f32, read_npz};
+pub use array::{Array, Data, read_npy, read_npy_f32, read_npz, write_npz};
 pub use input::{Geometry, Input, PixelFormat, Prepared, audio_windows, read_bounded};
 pub use manifest::{
-    Color, DType, Dim, MANIFEST_FILE, MODEL_FILE, Manifest, Postprocess, is_inside,
+    Color, DType, Dim, InputSpec, MANIFEST_FILE, MODEL_FILE, Manifest, Postprocess, const_values,
+    is_inside,
 };
-pub use model::{Class, Model, Plan, Prediction, Stream};
+pub use model::{Class, Model, OnnxInfo, OnnxTensor, Plan, Prediction, Stream, describe_onnx};
 pub use pool::{Latencies, ModelPool, PoolSettings, PoolStats, Pools, Quantiles, panic_message};
 
 /// Where models run (`engine.runtime`).

@@ -627,6 +627,105 @@ impl Plans {
     }
 }
 
+/// One input or output of an ONNX graph as its file declares it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OnnxTensor {
+    pub name: String,
+    /// tern's name for the element type, or ONNX's number for one tern does not take.
+    pub dtype: Result<DType, i32>,
+    /// Each dimension: a number, or the name (possibly empty) the exporter left open.
+    pub dims: Vec<Result<i64, String>>,
+}
+
+/// What `tern-update package init` reads from a model file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OnnxInfo {
+    pub opset: i64,
+    pub producer: String,
+    pub inputs: Vec<OnnxTensor>,
+    pub outputs: Vec<OnnxTensor>,
+    /// The file's metadata keys (values can be long: a charset, say).
+    pub metadata: Vec<String>,
+}
+
+/// The inputs and outputs an ONNX file declares, without loading the graph into tract.
+pub fn describe_onnx(path: &Path) -> Result<OnnxInfo, EngineError> {
+    let err = |message: String| EngineError::Load {
+        model: path
+            .file_stem()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default(),
+        path: path.to_path_buf(),
+        message,
+    };
+    let proto = tract_onnx::onnx()
+        .proto_model_for_path(path)
+        .map_err(|e| err(format!("not an ONNX model: {e:#}")))?;
+    let graph = proto
+        .graph
+        .as_ref()
+        .ok_or_else(|| err("has no graph".into()))?;
+    let initializers: std::collections::HashSet<&str> =
+        graph.initializer.iter().map(|t| t.name.as_str()).collect();
+    let tensor = |v: &tract_onnx::pb::ValueInfoProto| {
+        use tract_onnx::pb::tensor_shape_proto::dimension::Value as D;
+        use tract_onnx::pb::type_proto::Value;
+        let (elem, dims) = match v.r#type.as_ref().and_then(|t| t.value.as_ref()) {
+            Some(Value::TensorType(t)) => (
+                t.elem_type,
+                t.shape
+                    .as_ref()
+                    .map(|s| {
+                        s.dim
+                            .iter()
+                            .map(|d| match &d.value {
+                                Some(D::DimValue(n)) if *n > 0 => Ok(*n),
+                                Some(D::DimParam(p)) => Err(p.clone()),
+                                _ => Err(String::new()),
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            ),
+            _ => (0, Vec::new()),
+        };
+        // ONNX TensorProto.DataType numbers.
+        let dtype = match elem {
+            1 => Ok(DType::F32),
+            10 => Ok(DType::F16),
+            7 => Ok(DType::I64),
+            6 => Ok(DType::I32),
+            2 => Ok(DType::U8),
+            9 => Ok(DType::Bool),
+            other => Err(other),
+        };
+        OnnxTensor {
+            name: v.name.clone(),
+            dtype,
+            dims,
+        }
+    };
+    Ok(OnnxInfo {
+        opset: proto
+            .opset_import
+            .iter()
+            .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
+            .map(|o| o.version)
+            .unwrap_or(0),
+        producer: format!("{} {}", proto.producer_name, proto.producer_version)
+            .trim()
+            .to_string(),
+        inputs: graph
+            .input
+            .iter()
+            .filter(|i| !initializers.contains(i.name.as_str()))
+            .map(tensor)
+            .collect(),
+        outputs: graph.output.iter().map(tensor).collect(),
+        metadata: proto.metadata_props.iter().map(|p| p.key.clone()).collect(),
+    })
+}
+
 /// Why tract refused a graph, with what to change when tern knows it.
 fn explain(e: &TractError) -> String {
     let text = format!("{e:#}");

@@ -1,6 +1,7 @@
 //! `tern-update`: the operator's tool for keys, signed fleet commands and model update bundles.
 
 mod mqtt;
+mod package;
 
 use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
@@ -173,6 +174,12 @@ enum Cmd {
         device: Option<String>,
         bundle: PathBuf,
     },
+    /// Bring your own model: a manifest skeleton from an ONNX file, golden vectors from
+    /// onnxruntime.
+    Package {
+        #[command(subcommand)]
+        action: PackageCmd,
+    },
     /// Show the rollout in a group: each device's update state, live (or once).
     Status {
         #[command(flatten)]
@@ -184,6 +191,32 @@ enum Cmd {
         once: bool,
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PackageCmd {
+    /// Write a package directory: the model (copied) and a format 2 manifest skeleton from
+    /// the file's inputs and outputs, with what it leaves open marked TODO.
+    Init {
+        /// The ONNX file.
+        model: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// The package name (default: the file's stem).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Record golden vectors: each input file (image, .npy, .npz, JSON) through tern's
+    /// preprocessing, its outputs from onnxruntime; then load the package as a box would.
+    Golden {
+        /// The package directory.
+        dir: PathBuf,
+        #[arg(long = "input", required = true)]
+        inputs: Vec<PathBuf>,
+        /// A Python with numpy and onnxruntime.
+        #[arg(long, default_value = "python3")]
+        python: String,
     },
 }
 
@@ -305,6 +338,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             bundle: path,
         } => return verify(&trust, threshold, &path),
         Cmd::Inspect { bundle: path, json } => inspect(&path, json)?,
+        Cmd::Package {
+            action: PackageCmd::Init { model, out, name },
+        } => package::init(&model, &out, name)?,
+        Cmd::Package {
+            action:
+                PackageCmd::Golden {
+                    dir,
+                    inputs,
+                    python,
+                },
+        } => {
+            if !package::golden(&dir, &inputs, &python)? {
+                return Ok(ExitCode::from(2));
+            }
+        }
         Cmd::SignKeys {
             version,
             new_keys,

@@ -303,3 +303,127 @@ fn bad_third_party_packages_name_the_key_to_fix() {
         "{e}"
     );
 }
+
+/// Bring your own model, as the README walks through it: `tern-update package init` on a
+/// third-party ONNX file, the TODOs filled in, `package golden` on two images (onnxruntime
+/// through the fetch script's Python), then `ternd infer`.
+#[test]
+fn bring_your_own_model_from_init_to_infer() {
+    let Some(dir) = third_party() else { return };
+    let python = std::fs::read_to_string(dir.parent().unwrap().join("python")).unwrap();
+    let data = testdata(&dir);
+    let tmp = tempfile::tempdir().unwrap();
+    let pkg = tmp.path().join("my-cls");
+    let tool = |args: &[&str]| {
+        let o = std::process::Command::new(bin("tern-update"))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            o.status,
+            String::from_utf8_lossy(&o.stdout).to_string(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+    let model = dir.join("ppocr-cls/model.onnx");
+    let (status, _, err) = tool(&[
+        "package",
+        "init",
+        model.to_str().unwrap(),
+        "--out",
+        pkg.to_str().unwrap(),
+        "--name",
+        "my-cls",
+    ]);
+    assert!(status.success(), "{err}");
+    let skeleton = std::fs::read_to_string(pkg.join("tern-model.toml")).unwrap();
+    // The open dimensions are flagged; the batch is pinned.
+    assert!(
+        skeleton.contains(r#"shape = [1, 3, "H<=4096", "W<=4096"]"#),
+        "{skeleton}"
+    );
+    assert!(skeleton.contains("TODO: open in the model"), "{skeleton}");
+    assert!(
+        skeleton.contains(r#"name = "save_infer_model/scale_0.tmp_1""#),
+        "{skeleton}"
+    );
+    // A second init does not overwrite the work.
+    let (status, _, err) = tool(&[
+        "package",
+        "init",
+        model.to_str().unwrap(),
+        "--out",
+        pkg.to_str().unwrap(),
+    ]);
+    assert!(
+        !status.success() && err.contains("does not overwrite"),
+        "{err}"
+    );
+
+    // Golden vectors cannot come from images before the manifest says how images feed it.
+    let word = |n: &str| data.join("words").join(n).to_str().unwrap().to_string();
+    let (status, _, err) = tool(&[
+        "package",
+        "golden",
+        pkg.to_str().unwrap(),
+        "--input",
+        &word("00.png"),
+        "--python",
+        python.trim(),
+    ]);
+    assert!(!status.success() && err.contains("not images"), "{err}");
+
+    let filled = skeleton
+        .lines()
+        .map(|l| {
+            if l.starts_with("shape = [1, 3,") {
+                "shape = [1, 3, 48, 192]\n[inputs.image]\nlayout = \"nchw\"\ncolor = \"bgr\"\n\
+                 scale = 0.00392156862745098\nmean = [0.5]\nstd = [0.5]"
+                    .to_string()
+            } else if l.starts_with("kind = \"raw\"") {
+                "kind = \"classify\"\nlabels = [\"0\", \"180\"]\ntop_k = 1".to_string()
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(pkg.join("tern-model.toml"), filled).unwrap();
+    let (status, out, err) = tool(&[
+        "package",
+        "golden",
+        pkg.to_str().unwrap(),
+        "--input",
+        &word("00.png"),
+        "--input",
+        &word("01.png"),
+        "--python",
+        python.trim(),
+    ]);
+    assert!(status.success(), "{out}{err}");
+    assert!(
+        out.contains("tract agrees with onnxruntime on all 2 golden vector(s)"),
+        "{out}"
+    );
+    let manifest = std::fs::read_to_string(pkg.join("tern-model.toml")).unwrap();
+    assert!(
+        manifest.contains(r#"golden = ["golden/0.npz", "golden/1.npz"]"#),
+        "{manifest}"
+    );
+    assert!(
+        manifest.contains("# Written by `tern-update package init`"),
+        "comments are kept"
+    );
+
+    // Upright words read as 0 degrees, a word turned over as 180.
+    let img = image::open(word("02.png")).unwrap();
+    let turned = tmp.path().join("turned.png");
+    img.rotate180().save(&turned).unwrap();
+    for (file, want) in [
+        (std::path::PathBuf::from(word("02.png")), "0"),
+        (turned, "180"),
+    ] {
+        let out = &run(&pkg, &file)[0];
+        assert_eq!(out["top"][0]["label"], want, "{}: {out}", file.display());
+    }
+}
