@@ -126,6 +126,32 @@ fn broken_forms_are_refused_at_load() {
     }
 }
 
+/// A model using an operator tract does not implement is refused with the operator, the
+/// node and the opset named, not with tract's typing error.
+#[test]
+fn an_unimplemented_operator_is_named_with_its_node_and_opset() {
+    use prost::Message;
+    let d = tempfile::tempdir().unwrap();
+    copy(&models().join("digits-mlp-f32"), d.path());
+    let path = d.path().join("model.onnx");
+    let mut proto =
+        tract_onnx::pb::ModelProto::decode(std::fs::read(&path).unwrap().as_slice()).unwrap();
+    let graph = proto.graph.as_mut().unwrap();
+    let node = graph.node.iter_mut().find(|n| n.op_type == "Relu").unwrap();
+    node.op_type = "Frobnicate".into();
+    node.name = "the_odd_one".into();
+    std::fs::write(&path, proto.encode_to_vec()).unwrap();
+    let e = Model::load(d.path(), NonZeroUsize::MIN)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("operator `Frobnicate`")
+            && e.contains("node `the_odd_one`")
+            && e.contains("opset 17"),
+        "{e}"
+    );
+}
+
 #[test]
 fn a_golden_vector_that_disagrees_refuses_a_good_model() {
     // The self-test must be able to fail on the good forms too: corrupt one reference value.
@@ -765,4 +791,36 @@ fn the_detector_finds_what_onnxruntime_finds_and_maps_letterboxed_boxes_back() {
         checked >= 5,
         "only {checked} canvases have every digit in rows 16..80"
     );
+}
+
+/// A golden case may be a folder of `.npy` (`in/<input>.npy`, `out/<output>.npy`) instead of
+/// an `.npz`; it is checked just as strictly.
+#[test]
+fn golden_vectors_may_be_folders_of_npy() {
+    let d = tempfile::tempdir().unwrap();
+    copy(&models().join("digits-det-f32"), d.path());
+    let npz = std::fs::read(d.path().join("golden/0.npz")).unwrap();
+    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(npz)).unwrap();
+    for i in 0..zip.len() {
+        let mut f = zip.by_index(i).unwrap();
+        let to = d.path().join("golden/0").join(f.name());
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::io::copy(&mut f, &mut std::fs::File::create(&to).unwrap()).unwrap();
+    }
+    std::fs::remove_file(d.path().join("golden/0.npz")).unwrap();
+    let mf = d.path().join("tern-model.toml");
+    let text = std::fs::read_to_string(&mf).unwrap();
+    std::fs::write(&mf, text.replace("\"golden/0.npz\"", "\"golden/0\"")).unwrap();
+    let m = Model::load(d.path(), NonZeroUsize::MIN).unwrap();
+    assert_eq!(m.manifest.selftest.golden.len(), 2);
+
+    // One reference value off by 1: the folder case refuses the model.
+    let out = d.path().join("golden/0/out/detections.npy");
+    let mut bytes = std::fs::read(&out).unwrap();
+    let last = bytes.len() - 4;
+    let v = f32::from_le_bytes(bytes[last..].try_into().unwrap()) + 1.0;
+    bytes[last..].copy_from_slice(&v.to_le_bytes());
+    std::fs::write(&out, bytes).unwrap();
+    let e = Model::load(d.path(), NonZeroUsize::MIN).unwrap_err();
+    assert!(matches!(e, EngineError::SelfTest { vector: 0, .. }), "{e}");
 }

@@ -194,6 +194,48 @@ pub fn read_npz(bytes: &[u8]) -> Result<Vec<(String, Array)>, EngineError> {
     Ok(out)
 }
 
+/// A golden case as a folder: every `.npy` under it, named by its path without `.npy`
+/// (`in/x.npy` is `in/x`, `out/a/b.npy` is `out/a/b`), as in an `.npz`. Symbolic links are
+/// not followed: a package's files stay inside it.
+pub fn read_npy_tree(dir: &std::path::Path) -> Result<Vec<(String, Array)>, EngineError> {
+    fn walk(
+        root: &std::path::Path,
+        dir: &std::path::Path,
+        out: &mut Vec<(String, Array)>,
+    ) -> Result<(), EngineError> {
+        let err = |e: std::io::Error| bad(format!("{}: {e}", dir.display()));
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .map_err(err)?
+            .collect::<Result<_, _>>()
+            .map_err(err)?;
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let kind = e.file_type().map_err(err)?;
+            let path = e.path();
+            if kind.is_dir() {
+                walk(root, &path, out)?;
+            } else if kind.is_file() && path.extension().is_some_and(|x| x == "npy") {
+                if out.len() >= MAX_NPZ_MEMBERS {
+                    return Err(bad(format!("more than {MAX_NPZ_MEMBERS} arrays")));
+                }
+                let name = path
+                    .strip_prefix(root)
+                    .expect("walked from the root")
+                    .with_extension("")
+                    .to_string_lossy()
+                    .to_string();
+                let bytes = std::fs::read(&path).map_err(err)?;
+                let a = read_npy(&bytes).map_err(|e| bad(format!("{name}: {e}")))?;
+                out.push((name, a));
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out)?;
+    Ok(out)
+}
+
 /// Write arrays as an uncompressed `.npz` (numpy reads it with `np.load`), through a temporary
 /// file renamed into place.
 pub fn write_npz(path: &std::path::Path, arrays: &[(String, Array)]) -> std::io::Result<()> {

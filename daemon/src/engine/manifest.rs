@@ -407,7 +407,8 @@ pub struct SelfTest {
 pub enum Golden {
     /// Format 1: one `.npy` input and the one output's `.npy`.
     Pair { input: PathBuf, output: PathBuf },
-    /// Format 2: one `.npz` with `in/<input>` and `out/<output>` arrays.
+    /// Format 2: one `.npz` with `in/<input>` and `out/<output>` arrays, or a folder with
+    /// `in/<input>.npy` and `out/<output>.npy`.
     Npz(PathBuf),
 }
 
@@ -1186,7 +1187,7 @@ struct V2 {
 #[serde(deny_unknown_fields)]
 struct V2SelfTest {
     tolerance: f32,
-    /// `.npz` files, one per case.
+    /// `.npz` files or folders of `.npy`, one per case.
     golden: Vec<PathBuf>,
 }
 

@@ -17,7 +17,7 @@ use tract_onnx::tract_hir::infer::Factoid;
 
 use std::sync::Mutex;
 
-use super::array::{Array, Data, read_npy_f32, read_npz};
+use super::array::{Array, Data, read_npy_f32, read_npy_tree, read_npz};
 use super::input::{Input, Prepared};
 use super::manifest::{DType, Golden, InputSpec, MODEL_FILE, Manifest, Postprocess, const_values};
 use super::postprocess::{self, Context, ScoreState};
@@ -350,8 +350,13 @@ impl Model {
                     (Input::Tensor { shape, data }, self.stream(), want)
                 }
                 Golden::Npz(p) => {
-                    let arrays =
-                        read_npz(&read(p)?).map_err(|e| fail(format!("{}: {e}", p.display())))?;
+                    let full = self.dir.join(p);
+                    let arrays = if full.is_dir() {
+                        read_npy_tree(&full)
+                    } else {
+                        read_npz(&read(p)?)
+                    }
+                    .map_err(|e| fail(format!("{}: {e}", p.display())))?;
                     let (want, fed): (Vec<_>, Vec<_>) =
                         arrays.into_iter().partition(|(n, _)| n.starts_with("out/"));
                     let want = want

@@ -257,11 +257,7 @@ pub struct DetectParams {
 type Row = ([f32; 4], Vec<f32>);
 
 /// Each row of a detector's output as corners plus per-class scores.
-fn detect_rows(
-    format: DetectFormat,
-    shape: &[usize],
-    v: &[f32],
-) -> Result<Vec<Row>, Misfit> {
+fn detect_rows(format: DetectFormat, shape: &[usize], v: &[f32]) -> Result<Vec<Row>, Misfit> {
     let (n, width, transposed) = match (format, shape) {
         (DetectFormat::Yolo, [1, n, k]) if *k > 5 => (*n, *k, false),
         (DetectFormat::Ssd, [1, n, k]) if *k > 4 => (*n, *k, false),
@@ -319,11 +315,7 @@ fn iou(a: &Detection, b: &Detection) -> f32 {
 
 /// Each row's best class over the threshold, class-aware non-maximum suppression (highest
 /// score first), at most `max_boxes`, mapped into the original image.
-pub fn detect(
-    rows: Vec<Row>,
-    p: DetectParams,
-    geometry: Option<Geometry>,
-) -> Vec<Detection> {
+pub fn detect(rows: Vec<Row>, p: DetectParams, geometry: Option<Geometry>) -> Vec<Detection> {
     let mut cands: Vec<Detection> = rows
         .into_iter()
         .filter_map(|(c, scores)| {
