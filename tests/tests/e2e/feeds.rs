@@ -744,3 +744,58 @@ model = "digits-cnn-int8"
     d.signal("TERM").unwrap();
     assert!(d.wait(T).unwrap().success());
 }
+
+/// A format 2 model in a pipeline: every output's postprocessed result (here the detector's
+/// boxes) is in the MQTT result, the results table and `results.query`.
+#[test]
+fn a_detector_pipeline_reports_its_boxes_everywhere() {
+    let Some(broker) = mosquitto() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("inbox")).unwrap();
+    let body = format!(
+        r#"[[models]]
+package = "{}"
+
+[[feeds]]
+kind = "directory"
+name = "inbox"
+path = "{}"
+
+[[pipelines]]
+name = "det"
+feed = "inbox"
+model = "digits-det-f32"
+"#,
+        package("digits-det-f32").display(),
+        dir.path().join("inbox").display()
+    );
+    let (_config, state, mut c, _d) = start(dir.path(), "det1", &broker, &body);
+    let reference: Value = serde_json::from_str(
+        &std::fs::read_to_string(package("testsets/digits-det-boxes.json")).unwrap(),
+    )
+    .unwrap();
+    let canvas = |n: usize| package(&format!("testsets/digits-det/{n:03}.png"));
+    std::fs::copy(canvas(0), dir.path().join("inbox/c0.png")).unwrap();
+    let msg = c.recv_on("tern/det1/results/det", T).unwrap().json();
+    let boxes = msg["outputs"]["detections"]["boxes"].as_array().unwrap();
+    let want = reference["f32"][0].as_array().unwrap();
+    assert_eq!(boxes.len(), want.len(), "{msg}");
+    for (b, w) in boxes.iter().zip(want) {
+        assert_eq!(b["class"], w[5], "{msg}");
+        assert!(
+            (b["x0"].as_f64().unwrap() - w[0].as_f64().unwrap()).abs() < 1e-3,
+            "{msg}"
+        );
+    }
+    // Stored with the result, and served by results.query.
+    wait_rows(&state, "det", 1);
+    let stored: Vec<String> = column(&state, "SELECT outputs FROM results WHERE pipeline = 'det'");
+    let stored: Value = serde_json::from_str(&stored[0]).unwrap();
+    assert_eq!(stored["detections"], msg["outputs"]["detections"]);
+    let r = cmd(&mut c, "det1", "results.query", json!({"since": 0}));
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(
+        r["result"]["results"][0]["outputs"]["detections"], msg["outputs"]["detections"],
+        "{r}"
+    );
+}
