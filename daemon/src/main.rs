@@ -36,8 +36,9 @@ enum Command {
         /// The model package directory (holding tern-model.toml and model.onnx).
         #[arg(long)]
         model: PathBuf,
-        /// A PNG or JPEG image, an .npy tensor, an .npz of named inputs, a JSON array, a WAV
-        /// (cut into the audio input's windows), or a folder of inputs. A WAV, a folder, or an
+        /// A PNG or JPEG image, an .npy tensor, an .npz of named inputs, a JSON array, a WAV or
+        /// raw mono PCM (.s16le, .f32le; cut into the audio input's windows), or a folder of
+        /// inputs. Audio, a folder, or an
         /// .npy with several rows for a batch-1 input runs as one stream: states and score
         /// events carry from each step to the next, and each step prints a line.
         #[arg(long)]
@@ -371,12 +372,19 @@ fn infer_steps(
             .map(|f| Input::from_file(f, max).map(|i| (None, i)))
             .collect();
     }
-    let is_wav = path
+    let ext = path
         .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("wav"));
-    if is_wav {
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
+    let audio = match ext.as_str() {
+        "wav" => Some(None),
+        "s16le" => Some(Some(ternd::engine::Pcm::S16le)),
+        "f32le" => Some(Some(ternd::engine::Pcm::F32le)),
+        _ => None,
+    };
+    if let Some(pcm) = audio {
         let bytes = ternd::engine::read_bounded(path, max)?;
-        return Ok(ternd::engine::audio_windows(&model.manifest, &bytes)
+        return Ok(ternd::engine::audio_windows(&model.manifest, &bytes, pcm)
             .map_err(|e| EngineError::Input {
                 message: format!("{}: {e}", path.display()),
             })?

@@ -299,11 +299,22 @@ impl Input {
 /// Largest WAV tern cuts into windows: an hour at 16 kHz is 57.6 M samples.
 const MAX_AUDIO_SAMPLES: usize = 64 * 1024 * 1024;
 
-/// A WAV file cut into the audio input's windows: each window's start (seconds into the file)
-/// and its input, `context` samples of the previous window then `window` new ones (zeros
-/// before the start, and after the end to fill the last window). Channels are averaged; the
-/// sample rate must be the manifest's (tern does not resample).
-pub fn audio_windows(m: &Manifest, bytes: &[u8]) -> Result<Vec<(f64, Input)>, EngineError> {
+/// Raw PCM sample encodings `ternd infer` reads from `.s16le` and `.f32le` files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pcm {
+    S16le,
+    F32le,
+}
+
+/// Audio cut into the audio input's windows: each window's start (seconds into the audio) and
+/// its input, `context` samples of the previous window then `window` new ones (zeros before
+/// the start, and after the end to fill the last window). A WAV's channels are averaged and
+/// its rate must be the manifest's (tern does not resample); raw PCM is mono at that rate.
+pub fn audio_windows(
+    m: &Manifest,
+    bytes: &[u8],
+    pcm: Option<Pcm>,
+) -> Result<Vec<(f64, Input)>, EngineError> {
     let Some((spec, audio)) = m
         .inputs
         .iter()
@@ -314,41 +325,10 @@ pub fn audio_windows(m: &Manifest, bytes: &[u8]) -> Result<Vec<(f64, Input)>, En
             m.name
         )));
     };
-    let err = |e: hound::Error| bad(format!("wav: {e}"));
-    let reader = hound::WavReader::new(Cursor::new(bytes)).map_err(err)?;
-    let ws = reader.spec();
-    if ws.sample_rate != audio.sample_rate {
-        return Err(bad(format!(
-            "wav: {} Hz, model `{}` takes {} Hz audio; resample it first",
-            ws.sample_rate, m.name, audio.sample_rate
-        )));
-    }
-    let channels = usize::from(ws.channels.max(1));
-    if reader.len() as usize > MAX_AUDIO_SAMPLES {
-        return Err(bad(format!(
-            "wav: {} samples is over the limit of {MAX_AUDIO_SAMPLES}",
-            reader.len()
-        )));
-    }
-    let samples: Vec<f32> = match (ws.sample_format, ws.bits_per_sample) {
-        (hound::SampleFormat::Float, 32) => reader
-            .into_samples::<f32>()
-            .collect::<Result<_, _>>()
-            .map_err(err)?,
-        (hound::SampleFormat::Int, bits @ 8..=32) => {
-            let full = (1i64 << (bits - 1)) as f32;
-            reader
-                .into_samples::<i32>()
-                .map(|s| s.map(|v| v as f32 / full))
-                .collect::<Result<_, _>>()
-                .map_err(err)?
-        }
-        (f, b) => return Err(bad(format!("wav: {b}-bit {f:?} samples are not supported"))),
+    let mono = match pcm {
+        Some(p) => pcm_samples(bytes, p)?,
+        None => wav_samples(m, bytes, audio.sample_rate)?,
     };
-    let mono: Vec<f32> = samples
-        .chunks(channels)
-        .map(|c| c.iter().sum::<f32>() / c.len() as f32)
-        .collect();
     let shape: Vec<usize> = spec
         .shape
         .iter()
@@ -375,6 +355,76 @@ pub fn audio_windows(m: &Manifest, bytes: &[u8]) -> Result<Vec<(f64, Input)>, En
         start += win;
     }
     Ok(out)
+}
+
+fn pcm_samples(bytes: &[u8], pcm: Pcm) -> Result<Vec<f32>, EngineError> {
+    let width = match pcm {
+        Pcm::S16le => 2,
+        Pcm::F32le => 4,
+    };
+    if !bytes.len().is_multiple_of(width) {
+        return Err(bad(format!(
+            "{pcm:?}: {} bytes is not a whole number of {width}-byte samples",
+            bytes.len()
+        )));
+    }
+    if bytes.len() / width > MAX_AUDIO_SAMPLES {
+        return Err(bad(format!(
+            "{pcm:?}: over the limit of {MAX_AUDIO_SAMPLES} samples"
+        )));
+    }
+    let samples: Vec<f32> = match pcm {
+        Pcm::S16le => bytes
+            .chunks_exact(2)
+            .map(|b| f32::from(i16::from_le_bytes([b[0], b[1]])) / 32768.0)
+            .collect(),
+        Pcm::F32le => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+    };
+    if samples.iter().any(|x| !x.is_finite()) {
+        return Err(bad(format!("{pcm:?}: holds NaN or infinite samples")));
+    }
+    Ok(samples)
+}
+
+fn wav_samples(m: &Manifest, bytes: &[u8], rate: u32) -> Result<Vec<f32>, EngineError> {
+    let err = |e: hound::Error| bad(format!("wav: {e}"));
+    let reader = hound::WavReader::new(Cursor::new(bytes)).map_err(err)?;
+    let ws = reader.spec();
+    if ws.sample_rate != rate {
+        return Err(bad(format!(
+            "wav: {} Hz, model `{}` takes {rate} Hz audio; resample it first",
+            ws.sample_rate, m.name
+        )));
+    }
+    let channels = usize::from(ws.channels.max(1));
+    if reader.len() as usize > MAX_AUDIO_SAMPLES {
+        return Err(bad(format!(
+            "wav: {} samples is over the limit of {MAX_AUDIO_SAMPLES}",
+            reader.len()
+        )));
+    }
+    let samples: Vec<f32> = match (ws.sample_format, ws.bits_per_sample) {
+        (hound::SampleFormat::Float, 32) => reader
+            .into_samples::<f32>()
+            .collect::<Result<_, _>>()
+            .map_err(err)?,
+        (hound::SampleFormat::Int, bits @ 8..=32) => {
+            let full = (1i64 << (bits - 1)) as f32;
+            reader
+                .into_samples::<i32>()
+                .map(|s| s.map(|v| v as f32 / full))
+                .collect::<Result<_, _>>()
+                .map_err(err)?
+        }
+        (f, b) => return Err(bad(format!("wav: {b}-bit {f:?} samples are not supported"))),
+    };
+    Ok(samples
+        .chunks(channels)
+        .map(|c| c.iter().sum::<f32>() / c.len() as f32)
+        .collect())
 }
 
 fn bad(message: String) -> EngineError {
@@ -862,5 +912,67 @@ golden = ["g.npz"]
         )]);
         let e = ints.prepare(&m).unwrap_err().to_string();
         assert!(e.contains("takes f32, the array is i64"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod audio_tests {
+    use super::*;
+
+    fn vad() -> Manifest {
+        Manifest::parse(
+            r#"
+format = 2
+name = "vad"
+version = "1.0.0"
+[[inputs]]
+name = "input"
+dtype = "f32"
+shape = [1, 6]
+[inputs.audio]
+sample_rate = 8000
+window = 4
+context = 2
+[[outputs]]
+name = "p"
+[outputs.postprocess]
+kind = "score"
+[selftest]
+tolerance = 0.0
+golden = ["g.npz"]
+"#,
+        )
+        .unwrap()
+    }
+
+    fn window(i: &Input) -> Vec<f32> {
+        match i {
+            Input::Arrays(a) => match &a[0].1.data {
+                Data::F32(v) => v.clone(),
+                other => panic!("{other:?}"),
+            },
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn pcm_is_cut_into_windows_with_context() {
+        // Samples 1..=10 as s16le (value k is k / 32768).
+        let bytes: Vec<u8> = (1..=10i16).flat_map(|k| k.to_le_bytes()).collect();
+        let w = audio_windows(&vad(), &bytes, Some(Pcm::S16le)).unwrap();
+        let as_ints = |v: Vec<f32>| {
+            v.iter()
+                .map(|x| (x * 32768.0).round() as i32)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(w.len(), 3, "10 samples in windows of 4");
+        assert_eq!(w[1].0, 4.0 / 8000.0);
+        assert_eq!(as_ints(window(&w[0].1)), [0, 0, 1, 2, 3, 4]);
+        assert_eq!(as_ints(window(&w[1].1)), [3, 4, 5, 6, 7, 8]);
+        assert_eq!(as_ints(window(&w[2].1)), [7, 8, 9, 10, 0, 0]);
+        let e = audio_windows(&vad(), &bytes[..3], Some(Pcm::S16le)).unwrap_err();
+        assert!(e.to_string().contains("whole number"), "{e}");
+        let e = audio_windows(&vad(), &bytes, None).unwrap_err();
+        assert!(e.to_string().contains("wav"), "{e}");
     }
 }

@@ -206,7 +206,8 @@ fn silero_vad_hears_speech_and_not_silence_with_its_state_carried() {
         truth["speech"][0][0].as_f64().unwrap(),
         truth["speech"][0][1].as_f64().unwrap(),
     );
-    let rows = run(&dir.join("silero-vad"), &data.join("speech.wav"));
+    let vad = dir.join("silero-vad");
+    let rows = run(&vad, &data.join("speech.wav"));
     let window = 512.0 / 16000.0;
     let (mut inside, mut inside_hi, mut outside, mut outside_lo) = (0, 0, 0, 0);
     let mut events = Vec::new();
@@ -244,6 +245,58 @@ fn silero_vad_hears_speech_and_not_silence_with_its_state_carried() {
         last.1 >= end - 0.1 && last.1 <= end + 0.5,
         "speech ends at {end}, event {last:?}"
     );
+
+    // The same audio as raw s16le PCM, and as a multi-row .npy of the windows (64 samples of
+    // context, then 512 new ones) cut here: the same stream, the same scores.
+    let wav = std::fs::read(data.join("speech.wav")).unwrap();
+    let at = wav.windows(4).position(|w| w == b"data").unwrap();
+    let len = u32::from_le_bytes(wav[at + 4..at + 8].try_into().unwrap()) as usize;
+    let pcm = &wav[at + 8..at + 8 + len];
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("speech.s16le"), pcm).unwrap();
+    let samples: Vec<f32> = pcm
+        .chunks_exact(2)
+        .map(|b| f32::from(i16::from_le_bytes([b[0], b[1]])) / 32768.0)
+        .collect();
+    let mut windows = Vec::new();
+    for start in (0..samples.len()).step_by(512) {
+        windows.extend((0..576).map(|i| {
+            (start + i)
+                .checked_sub(64)
+                .and_then(|a| samples.get(a))
+                .copied()
+                .unwrap_or(0.0)
+        }));
+    }
+    let n = windows.len() / 576;
+    std::fs::write(tmp.path().join("windows.npy"), npy_f32(&[n, 576], &windows)).unwrap();
+    let scores = |rows: &[Value]| -> Vec<f64> {
+        rows.iter()
+            .map(|r| r["outputs"]["output"]["score"].as_f64().unwrap())
+            .collect()
+    };
+    let want = scores(&rows);
+    assert_eq!(scores(&run(&vad, &tmp.path().join("speech.s16le"))), want);
+    assert_eq!(scores(&run(&vad, &tmp.path().join("windows.npy"))), want);
+}
+
+/// A little-endian float32 `.npy`, as numpy writes it.
+fn npy_f32(shape: &[usize], data: &[f32]) -> Vec<u8> {
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let mut header = format!(
+        "{{'descr': '<f4', 'fortran_order': False, 'shape': ({},), }}",
+        dims.join(", ")
+    );
+    // Magic (6) + version (2) + length (2) + header, padded with spaces to 64 bytes, "\n".
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend((header.len() as u16).to_le_bytes());
+    out.extend(header.as_bytes());
+    out.extend(data.iter().flat_map(|x| x.to_le_bytes()));
+    out
 }
 
 /// A package someone got wrong is refused with the manifest key to change.
