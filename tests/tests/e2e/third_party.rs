@@ -316,6 +316,18 @@ fn bad_third_party_packages_name_the_key_to_fix() {
         assert!(!status.success(), "{pkg} with {to:?} loaded");
         err
     };
+    // A state pair whose output's shape is not its input's.
+    let e = edit(
+        "silero-vad",
+        "name = \"output\"\n[outputs.postprocess]\nkind = \"score\"\nthreshold = 0.5\n\
+         hysteresis = 0.15\n\n[[state]]\ninput = \"state\"\noutput = \"stateN\"",
+        "name = \"stateN\"\n[outputs.postprocess]\nkind = \"raw\"\n\n[[state]]\n\
+         input = \"state\"\noutput = \"output\"",
+    );
+    assert!(
+        e.contains("state[0]") && e.contains("[1, 1]") && e.contains("[2, 1, 128]"),
+        "{e}"
+    );
     // A dtype the model does not take.
     let e = edit("silero-vad", "dtype = \"i64\"", "dtype = \"i32\"");
     assert!(e.contains("inputs[1].dtype") && e.contains("I64"), "{e}");
