@@ -22,7 +22,10 @@ pub use manifest::{
     Color, DType, Dim, InputSpec, MANIFEST_FILE, MODEL_FILE, Manifest, Postprocess, const_values,
     is_inside,
 };
-pub use model::{Class, Model, OnnxInfo, OnnxTensor, Plan, Prediction, Stream, describe_onnx};
+pub use model::{
+    Class, MAX_PLANS_PER_MODEL, Model, OnnxInfo, OnnxTensor, Plan, Prediction, Stream,
+    describe_onnx,
+};
 pub use pool::{Latencies, ModelPool, PoolSettings, PoolStats, Pools, Quantiles, panic_message};
 
 /// Where models run (`engine.runtime`).

@@ -624,6 +624,10 @@ impl Plans {
             .prepare(self.rt, typed, &self.options)
             .map_err(|e| load_err(format!("cannot be planned for {named:?}: {e:#}")))?;
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        // Another worker may have made the same shape meanwhile: keep one.
+        if let Some((_, made)) = cache.iter().find(|(k, _)| k == key) {
+            return Ok(made.clone());
+        }
         if cache.len() >= MAX_PLANS_PER_MODEL {
             cache.remove(0);
         }

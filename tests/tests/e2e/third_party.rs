@@ -492,3 +492,28 @@ fn bring_your_own_model_from_init_to_infer() {
         assert_eq!(out["top"][0]["label"], want, "{}: {out}", file.display());
     }
 }
+
+/// A model with named dimensions gets a plan per distinct shape, and keeps the most recent
+/// few: ten widths leave eight plans, and an evicted width runs again as before.
+#[test]
+fn plans_per_shape_are_kept_within_their_bound() {
+    use ternd::engine::{Array, Input, Model};
+    let Some(dir) = third_party() else { return };
+    let m = Model::load(&dir.join("ppocr-rec"), std::num::NonZeroUsize::MIN).unwrap();
+    let width = |w: usize| {
+        let n = 3 * 48 * w;
+        let data = (0..n).map(|i| ((i % 17) as f32 / 8.0) - 1.0).collect();
+        Input::Arrays(vec![("x".into(), Array::f32(vec![1, 3, 48, w], data))])
+    };
+    let first = m.infer(&width(64)).unwrap();
+    for k in 1..=10 {
+        m.infer(&width(64 + 8 * k)).unwrap();
+    }
+    assert_eq!(m.plans_cached(), ternd::engine::MAX_PLANS_PER_MODEL);
+    // Width 64 was dropped first; made again, it answers the same.
+    let again = m.infer(&width(64)).unwrap();
+    assert_eq!(again.outputs, first.outputs);
+    // Over the bound the manifest gives, no plan is made.
+    let e = m.infer(&width(1288)).unwrap_err().to_string();
+    assert!(e.contains("outside 1..=1280"), "{e}");
+}
