@@ -489,12 +489,15 @@ pub fn fit_shape(
         given.to_vec()
     };
     let shown: Vec<String> = decl.iter().map(|d| d.to_string()).collect();
+    // The batch may be left out, so both forms are what the input takes.
+    let takes = match decl.first() {
+        Some(Dim::Fixed(1)) => format!("[{}] (or [{}])", shown.join(", "), shown[1..].join(", ")),
+        _ => format!("[{}]", shown.join(", ")),
+    };
     let misfit = |why: String| {
         bad(format!(
-            "shape {given:?} does not fit input `{}` of model `{}`, which takes [{}]{why}",
-            spec.name,
-            m.name,
-            shown.join(", ")
+            "shape {given:?} does not fit input `{}` of model `{}`, which takes {takes}{why}",
+            spec.name, m.name,
         ))
     };
     if full.len() != decl.len() {
