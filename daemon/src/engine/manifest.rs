@@ -51,6 +51,10 @@ pub struct InputSpec {
     pub image: Option<ImageSpec>,
     /// Audio (WAV) becomes this input, one window per run.
     pub audio: Option<AudioSpec>,
+    /// Named dimensions kept symbolic in one plan for every value (a sequence length), rather
+    /// than planned once per value.
+    #[serde(default)]
+    pub symbolic: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -268,6 +272,9 @@ pub enum Postprocess {
         top_k: NonZeroUsize,
         #[serde(default)]
         labels: Vec<String>,
+        /// The axis the classes lie on (negative: from the end); the others are positions.
+        #[serde(default = "last_axis")]
+        axis: i64,
     },
     /// Greedy CTC decoding of a `[1, T, classes]` output into text.
     Ctc {
@@ -349,6 +356,9 @@ fn default_iou() -> f32 {
 
 fn default_top_k() -> NonZeroUsize {
     NonZeroUsize::new(5).expect("5 is not zero")
+}
+fn last_axis() -> i64 {
+    -1
 }
 fn default_map_threshold() -> f32 {
     0.3
@@ -662,6 +672,16 @@ impl InputSpec {
             return Err(format!(
                 "{key}.shape: only a constant input (with `value`) may be a scalar"
             ));
+        }
+        for n in &self.symbolic {
+            if !shape
+                .iter()
+                .any(|d| matches!(d, Dim::Named { name, .. } if name == n))
+            {
+                return Err(format!(
+                    "{key}.symbolic: `{n}` is not a named dimension of {key}.shape"
+                ));
+            }
         }
         let mut named = std::collections::HashMap::new();
         for d in shape {
@@ -1138,6 +1158,7 @@ impl V1 {
                 value: None,
                 image,
                 audio: None,
+                symbolic: Vec::new(),
             }],
             outputs: vec![OutputSpec {
                 name: self.output.name,
@@ -1145,6 +1166,7 @@ impl V1 {
                     softmax: self.postprocess.softmax,
                     top_k: self.postprocess.top_k,
                     labels: self.postprocess.labels,
+                    axis: -1,
                 },
             }],
             state: Vec::new(),

@@ -250,7 +250,14 @@ impl Model {
             let typed = model
                 .into_typed()
                 .and_then(|m| m.into_decluttered())
-                .map_err(|e| load_err(format!("cannot be typed: {}", explain(&e))))?;
+                .map_err(|e| {
+                    let mut why = format!("cannot be typed: {}", explain(&e));
+                    if manifest.inputs.iter().any(|i| !i.symbolic.is_empty()) {
+                        why += "; or a dimension in inputs[].symbolic cannot stay open in this \
+                                model: remove it from `symbolic` to plan each value";
+                    }
+                    load_err(why)
+                })?;
             (None, Some(typed))
         } else {
             (Some(model), None)
@@ -577,7 +584,38 @@ impl Model {
     }
 }
 
+/// An input's dimensions for tract: fixed ones, named ones with a value in `values`, and the
+/// rest as symbols tract resolves from each run's input.
+fn dims(
+    spec: &InputSpec,
+    values: &std::collections::HashMap<String, usize>,
+    symbols: &tract_onnx::prelude::SymbolScope,
+) -> Vec<TDim> {
+    spec.shape
+        .iter()
+        .map(|d| match d {
+            super::manifest::Dim::Fixed(n) => TDim::from(*n),
+            super::manifest::Dim::Named { name, .. } => match values.get(name) {
+                Some(v) => TDim::from(*v),
+                None => TDim::from(symbols.sym(name)),
+            },
+        })
+        .collect()
+}
+
 impl Plans {
+    /// The values of the dimensions planned per value, out of every named one's.
+    fn per_value(
+        &self,
+        named: &std::collections::HashMap<String, usize>,
+    ) -> std::collections::HashMap<String, usize> {
+        named
+            .iter()
+            .filter(|(k, _)| self.names.contains(k))
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
+    }
+
     /// The plan for one set of named dimensions' values, made now if it is not kept.
     fn get(
         &self,
@@ -610,7 +648,7 @@ impl Plans {
         let mut model = base.clone();
         for (k, &ix) in feeds.iter().enumerate() {
             let spec = &m.inputs[ix];
-            let shape = spec.concrete_shape(named);
+            let shape = dims(spec, &self.per_value(named), &model.symbols);
             model
                 .set_input_fact(k, InferenceFact::dt_shape(datum(spec.dtype), shape))
                 .map_err(|e| load_err(format!("{e:#}")))?;
@@ -806,6 +844,7 @@ fn graph(m: &Manifest, path: &Path) -> Result<Graph, String> {
             ));
         }
     }
+    let symbolic: Vec<&String> = m.inputs.iter().flat_map(|i| &i.symbolic).collect();
     let mut initial = vec![None; m.inputs.len()];
     let mut feeds = Vec::new();
     let mut kept = Vec::new();
@@ -878,15 +917,17 @@ fn graph(m: &Manifest, path: &Path) -> Result<Graph, String> {
             let t = tensor(spec, Array::f32(shape, vec![pair.init; n]))?;
             initial[ix] = Some(t);
         }
-        let named = spec
-            .shape
-            .iter()
-            .any(|d| matches!(d, super::manifest::Dim::Named { .. }));
-        let fact = match named {
+        // Dimensions planned per value are set when a value comes; fixed and symbolic ones
+        // now.
+        let per_value = spec.shape.iter().any(
+            |d| matches!(d, super::manifest::Dim::Named { name, .. } if !symbolic.contains(&name)),
+        );
+        let fact = match per_value {
             true => InferenceFact::dt(datum(spec.dtype)),
-            false => {
-                InferenceFact::dt_shape(datum(spec.dtype), spec.concrete_shape(&Default::default()))
-            }
+            false => InferenceFact::dt_shape(
+                datum(spec.dtype),
+                dims(spec, &Default::default(), &model.symbols),
+            ),
         };
         model
             .set_outlet_fact(outlet, fact)
@@ -937,6 +978,7 @@ fn graph(m: &Manifest, path: &Path) -> Result<Graph, String> {
         for d in &spec.shape {
             if let super::manifest::Dim::Named { name, .. } = d
                 && !named.contains(name)
+                && !symbolic.contains(&name)
             {
                 named.push(name.clone());
             }

@@ -68,20 +68,39 @@ pub fn apply(
             softmax: sm,
             top_k: k,
             labels,
+            axis,
         } => {
-            let classes = shape.last().copied().unwrap_or(1).max(1);
-            if !values.len().is_multiple_of(classes) || values.is_empty() {
+            let rank = shape.len().max(1) as i64;
+            let a = if *axis < 0 { rank + axis } else { *axis };
+            if !(0..rank).contains(&a) || values.is_empty() {
                 return Err(Misfit(format!(
-                    "classify: {} values do not split into rows of {classes} classes",
+                    "classify: axis {axis} is not an axis of an output of shape {shape:?}"
+                )));
+            }
+            let a = a as usize;
+            let classes = shape.get(a).copied().unwrap_or(values.len()).max(1);
+            let inner: usize = shape.get(a + 1..).map_or(1, |s| s.iter().product());
+            let outer = values.len() / (classes * inner).max(1);
+            if outer * classes * inner != values.len() {
+                return Err(Misfit(format!(
+                    "classify: {} values do not split into {classes} classes on axis {a}",
                     values.len()
                 )));
             }
-            let mut rows: Vec<Vec<Class>> = Vec::new();
-            for row in values.chunks_mut(classes) {
-                if *sm {
-                    softmax(row);
+            // Positions in row-major order of the other axes; a position's scores are strided
+            // `inner` apart.
+            let mut rows: Vec<Vec<Class>> = Vec::with_capacity(outer * inner);
+            let mut row = vec![0f32; classes];
+            for o in 0..outer {
+                for i in 0..inner {
+                    for (c, r) in row.iter_mut().enumerate() {
+                        *r = values[(o * classes + c) * inner + i];
+                    }
+                    if *sm {
+                        softmax(&mut row);
+                    }
+                    rows.push(top_k(&row, k.get(), labels));
                 }
-                rows.push(top_k(row, k.get(), labels));
             }
             Ok(match rows.len() {
                 1 => json!({"top": rows.pop()}),
@@ -527,6 +546,7 @@ mod tests {
             softmax: false,
             top_k: NonZeroUsize::new(1).unwrap(),
             labels: vec!["no".into(), "yes".into()],
+            axis: -1,
         };
         let one = apply(&post, &[1, 2], vec![0.2, 0.8], &ctx(), &mut None).unwrap();
         assert_eq!(one["top"][0]["label"], "yes");
@@ -540,6 +560,21 @@ mod tests {
         .unwrap();
         assert_eq!(steps["steps"][0][0]["label"], "no");
         assert_eq!(steps["steps"][1][0]["label"], "yes");
+        // Classes on axis 1 of [1, 2, 2]: position 0 reads (0.9, 0.3), position 1 (0.1, 0.7).
+        let on_1 = Postprocess::Classify {
+            softmax: false,
+            top_k: NonZeroUsize::new(1).unwrap(),
+            labels: vec!["no".into(), "yes".into()],
+            axis: 1,
+        };
+        let v = vec![0.9, 0.1, 0.3, 0.7];
+        let steps = apply(&on_1, &[1, 2, 2], v, &ctx(), &mut None).unwrap();
+        assert_eq!(steps["steps"][0][0]["label"], "no");
+        assert_eq!(steps["steps"][0][0]["score"], 0.9f32);
+        assert_eq!(steps["steps"][1][0]["label"], "yes");
+        assert_eq!(steps["steps"][1][0]["score"], 0.7f32);
+        let e = apply(&on_1, &[2], vec![0.5, 0.5], &ctx(), &mut None).unwrap_err();
+        assert!(e.0.contains("axis 1"), "{}", e.0);
     }
 
     #[test]

@@ -517,3 +517,55 @@ fn plans_per_shape_are_kept_within_their_bound() {
     let e = m.infer(&width(1288)).unwrap_err().to_string();
     assert!(e.contains("outside 1..=1280"), "{e}");
 }
+
+/// `symbolic = ["S"]` keeps a dimension open in one plan for every value, where the model
+/// allows it (Silero VAD's samples); where it does not (PP-OCR's recogniser computes shapes
+/// from its width), the refusal says what to change.
+#[test]
+fn a_symbolic_dimension_is_one_plan_for_every_value() {
+    use ternd::engine::{Array, Input, Model};
+    let Some(dir) = third_party() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let vad = tmp.path().join("vad");
+    copy_dir(&dir.join("silero-vad"), &vad).unwrap();
+    let mf = vad.join("tern-model.toml");
+    let text = std::fs::read_to_string(&mf).unwrap();
+    let audio =
+        "shape = [1, 576]\n[inputs.audio]\nsample_rate = 16000\nwindow = 512\ncontext = 64\n";
+    assert!(text.contains(audio));
+    std::fs::write(
+        &mf,
+        text.replace(audio, "shape = [1, \"S<=4096\"]\nsymbolic = [\"S\"]\n"),
+    )
+    .unwrap();
+    // The golden vectors (576 samples) pass on the symbolic plan.
+    let m = Model::load(&vad, std::num::NonZeroUsize::MIN).unwrap();
+    let samples = |n: usize| {
+        let data = (0..n)
+            .map(|i| ((i * 7919) % 200) as f32 / 1000.0 - 0.1)
+            .collect();
+        Input::Arrays(vec![("input".into(), Array::f32(vec![1, n], data))])
+    };
+    for n in [576, 1088, 576] {
+        let p = m.infer(&samples(n)).unwrap();
+        assert!(p.outputs["output"]["score"].is_number(), "{n}: {p:?}");
+    }
+    assert_eq!(m.plans_cached(), 1, "one plan serves every length");
+
+    let rec = tmp.path().join("rec");
+    copy_dir(&dir.join("ppocr-rec"), &rec).unwrap();
+    let mf = rec.join("tern-model.toml");
+    let text = std::fs::read_to_string(&mf).unwrap();
+    std::fs::write(
+        &mf,
+        text.replacen("[inputs.image]", "symbolic = [\"W\"]\n[inputs.image]", 1),
+    )
+    .unwrap();
+    let e = Model::load(&rec, std::num::NonZeroUsize::MIN)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("shape input is variable") && e.contains("remove it from `symbolic`"),
+        "{e}"
+    );
+}
