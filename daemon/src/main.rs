@@ -270,11 +270,10 @@ fn infer(model: &Path, input: &Path, json: bool, threads: usize) -> ExitCode {
         Ok(m) => m,
         Err(e) => return fail(&e),
     };
-    let steps = match infer_steps(&model, input) {
+    let (steps, sequence) = match infer_steps(&model, input) {
         Ok(s) => s,
         Err(e) => return fail(&e),
     };
-    let sequence = steps.len() > 1;
     let mut stream = model.stream();
     for (i, (start, input)) in steps.iter().enumerate() {
         let pred = match model.infer_in(input, &mut stream) {
@@ -341,11 +340,12 @@ fn summary(v: &serde_json::Value) -> String {
     v.to_string()
 }
 
-/// The inputs `ternd infer` runs, in order, with each one's start time for audio.
-fn infer_steps(
-    model: &Model,
-    path: &Path,
-) -> Result<Vec<(Option<f64>, Input)>, ternd::engine::EngineError> {
+/// Steps `ternd infer` runs, each with its start time for audio.
+type Steps = Vec<(Option<f64>, Input)>;
+
+/// The inputs `ternd infer` runs, in order, and whether they are a stream (audio, a folder,
+/// rows of an .npy) even if it has one step, so its output has the same form at any length.
+fn infer_steps(model: &Model, path: &Path) -> Result<(Steps, bool), ternd::engine::EngineError> {
     use ternd::engine::EngineError;
     let max = config::DEFAULT_MAX_FILE_BYTES;
     if path.is_dir() {
@@ -370,7 +370,8 @@ fn infer_steps(
         return files
             .iter()
             .map(|f| Input::from_file(f, max).map(|i| (None, i)))
-            .collect();
+            .collect::<Result<_, _>>()
+            .map(|s| (s, true));
     }
     let ext = path
         .extension()
@@ -384,13 +385,14 @@ fn infer_steps(
     };
     if let Some(pcm) = audio {
         let bytes = ternd::engine::read_bounded(path, max)?;
-        return Ok(ternd::engine::audio_windows(&model.manifest, &bytes, pcm)
+        let windows = ternd::engine::audio_windows(&model.manifest, &bytes, pcm)
             .map_err(|e| EngineError::Input {
                 message: format!("{}: {e}", path.display()),
             })?
             .into_iter()
             .map(|(s, i)| (Some(s), i))
-            .collect());
+            .collect();
+        return Ok((windows, true));
     }
     let input = Input::from_file(path, max)?;
     // Several rows for an input that takes one: a sequence, one row per step.
@@ -404,7 +406,7 @@ fn infer_steps(
             .chain(shape[1..].iter().copied())
             .collect();
         let n: usize = row.iter().product();
-        return Ok(data
+        let rows = data
             .chunks(n.max(1))
             .map(|c| {
                 (
@@ -415,7 +417,8 @@ fn infer_steps(
                     },
                 )
             })
-            .collect());
+            .collect();
+        return Ok((rows, true));
     }
-    Ok(vec![(None, input)])
+    Ok((vec![(None, input)], false))
 }

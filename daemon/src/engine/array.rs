@@ -8,6 +8,9 @@ use super::manifest::DType;
 
 /// Largest number of elements in one array.
 pub const MAX_TENSOR_ELEMENTS: usize = 64 * 1024 * 1024;
+/// Most bytes an `.npz` may inflate to, all members together: a small deflated file must not
+/// take a box's memory.
+const MAX_NPZ_BYTES: u64 = 128 * 1024 * 1024;
 /// Largest number of arrays in one `.npz`.
 const MAX_NPZ_MEMBERS: usize = 256;
 
@@ -73,17 +76,6 @@ impl Data {
             Data::I32(v) => v.iter().map(|x| *x as f32).collect(),
             Data::U8(v) => v.iter().map(|x| *x as f32).collect(),
             Data::Bool(v) => v.iter().map(|x| f32::from(u8::from(*x))).collect(),
-        }
-    }
-
-    /// Values of `dtype` from f64s already checked to fit it (a manifest's constants).
-    pub fn from_f64(dtype: DType, v: &[f64]) -> Data {
-        match dtype {
-            DType::F32 | DType::F16 => Data::F32(v.iter().map(|x| *x as f32).collect()),
-            DType::I64 => Data::I64(v.iter().map(|x| *x as i64).collect()),
-            DType::I32 => Data::I32(v.iter().map(|x| *x as i32).collect()),
-            DType::U8 => Data::U8(v.iter().map(|x| *x as u8).collect()),
-            DType::Bool => Data::Bool(v.iter().map(|x| *x != 0.0).collect()),
         }
     }
 }
@@ -178,7 +170,7 @@ pub fn read_npz(bytes: &[u8]) -> Result<Vec<(String, Array)>, EngineError> {
             return Err(err(format!("member `{}` is not a .npy", f.name())));
         };
         // A member may claim any size: count what it inflates to, not what it says.
-        let limit = (MAX_TENSOR_ELEMENTS as u64 * 8 + 4096).saturating_sub(total);
+        let limit = MAX_NPZ_BYTES.saturating_sub(total);
         let mut buf = Vec::new();
         (&mut f)
             .take(limit + 1)

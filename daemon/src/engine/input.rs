@@ -223,6 +223,12 @@ impl Input {
                             spec.name
                         )));
                     }
+                    if arrays.iter().any(|(i, _)| *i == ix) {
+                        return Err(bad(format!(
+                            "two arrays for input `{}` (`{key}` and `in/{key}`?)",
+                            spec.name
+                        )));
+                    }
                     let shape = fit_shape(m, spec, &a.shape, &mut named)?;
                     arrays.push((
                         ix,
@@ -296,7 +302,8 @@ impl Input {
     }
 }
 
-/// Largest WAV tern cuts into windows: an hour at 16 kHz is 57.6 M samples.
+/// Most samples tern cuts into windows from one file (input files are smaller by default:
+/// 16 MiB, under 9 minutes of 16-bit audio at 16 kHz).
 const MAX_AUDIO_SAMPLES: usize = 64 * 1024 * 1024;
 
 /// Raw PCM sample encodings `ternd infer` reads from `.s16le` and `.f32le` files.
@@ -329,6 +336,9 @@ pub fn audio_windows(
         Some(p) => pcm_samples(bytes, p)?,
         None => wav_samples(m, bytes, audio.sample_rate)?,
     };
+    if mono.is_empty() {
+        return Err(bad("the audio holds no samples".into()));
+    }
     let shape: Vec<usize> = spec
         .shape
         .iter()
@@ -421,6 +431,9 @@ fn wav_samples(m: &Manifest, bytes: &[u8], rate: u32) -> Result<Vec<f32>, Engine
         }
         (f, b) => return Err(bad(format!("wav: {b}-bit {f:?} samples are not supported"))),
     };
+    if samples.iter().any(|x| !x.is_finite()) {
+        return Err(bad("wav: holds NaN or infinite samples".into()));
+    }
     Ok(samples
         .chunks(channels)
         .map(|c| c.iter().sum::<f32>() / c.len() as f32)
@@ -511,6 +524,16 @@ pub fn fit_shape(
                 if *n == 0 || n > max {
                     return Err(misfit(format!(": `{name}` is {n}, outside 1..={max}")));
                 }
+                // What images become, tensors must be too: a side `fit` never makes would
+                // only cost a plan.
+                if let Some(image) = spec.image.as_ref().filter(|i| i.resize == Resize::Fit)
+                    && n % image.multiple != 0
+                {
+                    return Err(misfit(format!(
+                        ": `{name}` is {n}, not a multiple of {}",
+                        image.multiple
+                    )));
+                }
                 if let Some(prev) = named.insert(name.clone(), *n)
                     && prev != *n
                 {
@@ -537,13 +560,11 @@ fn target_size(spec: &InputSpec, pre: &ImageSpec, w: u32, h: u32) -> (usize, usi
         Layout::Nchw => (&spec.shape[2], &spec.shape[3]),
         Layout::Nhwc => (&spec.shape[1], &spec.shape[2]),
         Layout::Nc => {
-            let c = pre.color.channels();
             let f = match spec.shape[1] {
                 Dim::Fixed(n) => n,
                 Dim::Named { .. } => 0,
             };
-            let side = ((f / c) as f64).sqrt() as usize;
-            return (side, side);
+            return pre.nc_side_size(f).unwrap_or((0, 0));
         }
     };
     let (w, h) = (f64::from(w.max(1)), f64::from(h.max(1)));
@@ -906,6 +927,18 @@ golden = ["g.npz"]
             let e = input.prepare(&m).unwrap_err().to_string();
             assert!(e.contains(want), "{e}");
         }
+        let twice = Input::Arrays(vec![
+            ("x".into(), Array::f32(vec![1, 3, 4, 8], vec![0.5; 96])),
+            ("in/x".into(), Array::f32(vec![1, 3, 4, 8], vec![0.5; 96])),
+        ]);
+        let e = twice.prepare(&m).unwrap_err().to_string();
+        assert!(e.contains("two arrays for input `x`"), "{e}");
+        // A width fit never makes (not a multiple of 4) is refused before it costs a plan.
+        let e = arrays("x", vec![1, 3, 4, 6])
+            .prepare(&m)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a multiple of 4"), "{e}");
         let ints = Input::Arrays(vec![(
             "x".into(),
             Array {

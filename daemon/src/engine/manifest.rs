@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::EngineError;
+use super::array::Data;
 
 pub const MANIFEST_FILE: &str = "tern-model.toml";
 pub const MODEL_FILE: &str = "model.onnx";
@@ -174,6 +175,10 @@ pub struct ImageSpec {
     /// With `letterbox`: the pixel value (0-255, before scaling) around the image.
     #[serde(default)]
     pub pad: u8,
+    /// Format 1 with layout `nc`: the (height, width) its `preprocess.resize` gave, which the
+    /// feature count alone cannot say when the image is not square.
+    #[serde(skip)]
+    pub nc_size: Option<(usize, usize)>,
     #[serde(default)]
     pub filter: Filter,
     #[serde(default = "one")]
@@ -273,8 +278,9 @@ pub enum Postprocess {
         #[serde(default)]
         labels: Vec<String>,
         /// The axis the classes lie on (negative: from the end); the others are positions.
+        /// `None` (format 1 only): every value is one class, whatever the shape.
         #[serde(default = "last_axis")]
-        axis: i64,
+        axis: Option<i64>,
     },
     /// Greedy CTC decoding of a `[1, T, classes]` output into text.
     Ctc {
@@ -357,8 +363,8 @@ fn default_iou() -> f32 {
 fn default_top_k() -> NonZeroUsize {
     NonZeroUsize::new(5).expect("5 is not zero")
 }
-fn last_axis() -> i64 {
-    -1
+fn last_axis() -> Option<i64> {
+    Some(-1)
 }
 fn default_map_threshold() -> f32 {
     0.3
@@ -378,6 +384,8 @@ fn default_max_boxes() -> usize {
 fn default_max_values() -> usize {
     4096
 }
+/// Boxes one result may hold.
+pub const MAX_BOXES: usize = 10_000;
 /// A raw output may not ask for more than this many values in one result.
 pub const MAX_RAW_VALUES: usize = 1 << 20;
 
@@ -638,13 +646,7 @@ impl Manifest {
         match image.layout {
             Layout::Nchw => Some((fixed(2)?, fixed(3)?)),
             Layout::Nhwc => Some((fixed(1)?, fixed(2)?)),
-            Layout::Nc => {
-                let features = fixed(1)?;
-                let c = image.color.channels();
-                // A square image is the only shape a feature count alone gives.
-                let side = ((features / c) as f64).sqrt() as usize;
-                (side * side * c == features).then_some((side, side))
-            }
+            Layout::Nc => image.nc_side_size(fixed(1)?),
         }
     }
 
@@ -665,6 +667,19 @@ impl Manifest {
     }
 }
 
+impl ImageSpec {
+    /// With layout `nc`: the (height, width) `features` values make, when there is one: format
+    /// 1's resize, else a square.
+    pub fn nc_side_size(&self, features: usize) -> Option<(usize, usize)> {
+        if let Some(size) = self.nc_size {
+            return Some(size);
+        }
+        let c = self.color.channels();
+        let side = ((features / c) as f64).sqrt() as usize;
+        (side > 0 && side * side * c == features).then_some((side, side))
+    }
+}
+
 impl InputSpec {
     fn check(&self, key: &str, format: u32) -> Result<(), String> {
         let shape = &self.shape;
@@ -682,6 +697,24 @@ impl InputSpec {
                     "{key}.symbolic: `{n}` is not a named dimension of {key}.shape"
                 ));
             }
+        }
+        if shape.contains(&Dim::Fixed(0)) {
+            return Err(format!(
+                "{key}.shape: a dimension of 0 holds nothing; give its size"
+            ));
+        }
+        let most = shape.iter().try_fold(1usize, |a, d| {
+            a.checked_mul(match d {
+                Dim::Fixed(n) => *n,
+                Dim::Named { max, .. } => *max,
+            })
+        });
+        if most.is_none_or(|n| n > super::array::MAX_TENSOR_ELEMENTS) {
+            return Err(format!(
+                "{key}.shape: at its largest the input holds more than {} values; lower a \
+                 dimension or a bound",
+                super::array::MAX_TENSOR_ELEMENTS
+            ));
         }
         let mut named = std::collections::HashMap::new();
         for d in shape {
@@ -778,12 +811,30 @@ impl InputSpec {
                     Dim::Fixed(n) => n,
                     _ => 0,
                 };
-                let side = ((features / c) as f64).sqrt() as usize;
-                if side * side * c != features {
+                if image.nc_side_size(features).is_none() {
                     return Err(format!(
                         "{key}.shape: with layout `nc`, {features} features are not a square \
                          {c}-channel image"
                     ));
+                }
+            }
+            if shape[0] != Dim::Fixed(1) {
+                return Err(format!(
+                    "{key}.shape: an image input's batch (dimension 0) must be 1; tern feeds \
+                     one image at a time"
+                ));
+            }
+            if image.resize == Resize::Fit {
+                for d in shape {
+                    if let Dim::Named { name, max } = d
+                        && *max < image.multiple
+                    {
+                        return Err(format!(
+                            "{key}.shape: `{name}` is at most {max}, under {pkey}.multiple \
+                             ({}): no side could be a multiple",
+                            image.multiple
+                        ));
+                    }
                 }
             }
         }
@@ -823,12 +874,12 @@ impl InputSpec {
     }
 }
 
-/// A constant input's values as f64 (bools as 0/1), row-major, checked against its shape and
-/// dtype.
-pub fn const_values(input: &InputSpec, v: &toml::Value) -> Result<Vec<f64>, String> {
+/// A constant input's values, row-major, checked against its shape and dtype. Integers stay
+/// integers (an i64 above 2^53 keeps every bit).
+pub fn const_values(input: &InputSpec, v: &toml::Value) -> Result<Data, String> {
     let mut shape = Vec::new();
-    let mut out = Vec::new();
-    flatten(v, 0, &mut shape, &mut out, input.dtype)?;
+    let mut scalars = Vec::new();
+    flatten(v, 0, &mut shape, &mut scalars)?;
     let want: Vec<usize> = input
         .shape
         .iter()
@@ -844,15 +895,52 @@ pub fn const_values(input: &InputSpec, v: &toml::Value) -> Result<Vec<f64>, Stri
             "holds shape {shape:?}, the input's shape is {want:?}"
         ));
     }
-    Ok(out)
+    let dtype = input.dtype;
+    let wrong = |x: &toml::Value| format!("{x} is not a {} value", dtype.name());
+    let int = |x: &toml::Value| x.as_integer().ok_or_else(|| wrong(x));
+    Ok(match dtype {
+        DType::F32 | DType::F16 => Data::F32(
+            scalars
+                .iter()
+                .map(|x| match x {
+                    toml::Value::Float(f) if f.is_finite() => Ok(*f as f32),
+                    toml::Value::Integer(i) => Ok(*i as f32),
+                    other => Err(wrong(other)),
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+        DType::I64 => Data::I64(scalars.iter().map(|x| int(x)).collect::<Result<_, _>>()?),
+        DType::I32 => Data::I32(
+            scalars
+                .iter()
+                .map(|x| {
+                    int(x)
+                        .and_then(|i| i32::try_from(i).map_err(|_| format!("{i} does not fit i32")))
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+        DType::U8 => Data::U8(
+            scalars
+                .iter()
+                .map(|x| {
+                    int(x).and_then(|i| u8::try_from(i).map_err(|_| format!("{i} does not fit u8")))
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+        DType::Bool => Data::Bool(
+            scalars
+                .iter()
+                .map(|x| x.as_bool().ok_or_else(|| wrong(x)))
+                .collect::<Result<_, _>>()?,
+        ),
+    })
 }
 
-fn flatten(
-    v: &toml::Value,
+fn flatten<'a>(
+    v: &'a toml::Value,
     depth: usize,
     shape: &mut Vec<usize>,
-    out: &mut Vec<f64>,
-    dtype: DType,
+    out: &mut Vec<&'a toml::Value>,
 ) -> Result<(), String> {
     match v {
         toml::Value::Array(a) => {
@@ -861,31 +949,21 @@ fn flatten(
             } else if shape.get(depth) != Some(&a.len()) {
                 return Err("arrays of different lengths at one depth".into());
             }
-            a.iter()
-                .try_for_each(|x| flatten(x, depth + 1, shape, out, dtype))
+            a.iter().try_for_each(|x| flatten(x, depth + 1, shape, out))
         }
         _ if shape.len() > depth => Err("a number where an array was".into()),
-        toml::Value::Integer(i) if dtype != DType::Bool => {
-            if dtype == DType::U8 && !(0..=255).contains(i) {
-                return Err(format!("{i} does not fit u8"));
+        scalar => {
+            if out.len() >= MAX_CONST_VALUES {
+                return Err(format!("more than {MAX_CONST_VALUES} values"));
             }
-            if dtype == DType::I32 && i32::try_from(*i).is_err() {
-                return Err(format!("{i} does not fit i32"));
-            }
-            out.push(*i as f64);
+            out.push(scalar);
             Ok(())
         }
-        toml::Value::Float(f) if dtype.is_float() && f.is_finite() => {
-            out.push(*f);
-            Ok(())
-        }
-        toml::Value::Boolean(b) if dtype == DType::Bool => {
-            out.push(f64::from(u8::from(*b)));
-            Ok(())
-        }
-        other => Err(format!("{other} is not a {} value", dtype.name())),
     }
 }
+
+/// A constant in a manifest is a handful of values (a sample rate, a threshold table).
+const MAX_CONST_VALUES: usize = 65536;
 
 impl Postprocess {
     fn check(&self, key: &str) -> Result<(), String> {
@@ -894,6 +972,14 @@ impl Postprocess {
                 "{key}.charset: `{}` must be a relative path inside the package",
                 charset.display()
             )),
+            Postprocess::Detect { max_boxes: n, .. }
+            | Postprocess::TextBoxes { max_boxes: n, .. }
+                if *n == 0 || *n > MAX_BOXES =>
+            {
+                Err(format!(
+                    "{key}.max_boxes: must be between 1 and {MAX_BOXES}"
+                ))
+            }
             Postprocess::TextBoxes {
                 threshold,
                 box_threshold,
@@ -1137,6 +1223,7 @@ impl V1 {
                     },
                     multiple: 1,
                     pad: 0,
+                    nc_size: (self.input.layout == Layout::Nc).then_some((h, w)),
                     filter: p.filter,
                     scale: p.scale,
                     mean: p.mean,
@@ -1166,7 +1253,8 @@ impl V1 {
                     softmax: self.postprocess.softmax,
                     top_k: self.postprocess.top_k,
                     labels: self.postprocess.labels,
-                    axis: -1,
+                    // Format 1 took the top k over every value of its output.
+                    axis: None,
                 },
             }],
             state: Vec::new(),
@@ -1373,7 +1461,7 @@ golden = ["golden/0.npz"]
         assert_eq!(m.primary().unwrap().name, "input");
         assert_eq!(
             const_values(&m.inputs[2], m.inputs[2].value.as_ref().unwrap()).unwrap(),
-            [16000.0]
+            Data::I64(vec![16000])
         );
         assert!(matches!(
             m.outputs[0].postprocess,
@@ -1477,5 +1565,43 @@ golden = ["g.npz"]
         assert!(e.contains("inputs[0].image.color"), "{e}");
         let e = Manifest::parse(&text.replace("\"charset.txt\"", "\"../c.txt\"")).unwrap_err();
         assert!(e.contains("outputs[0].postprocess.charset"), "{e}");
+        for (from, to, want) in [
+            (
+                "[1, 3, 48,",
+                "[\"N<=4\", 3, 48,",
+                "batch (dimension 0) must be 1",
+            ),
+            ("[1, 3, 48,", "[1, 3, 0,", "a dimension of 0"),
+            ("\"W<=1280\"", "\"W<=4\"", "under inputs[0].image.multiple"),
+            ("[1, 3, 48,", "[1, 3, 65536,", "more than"),
+            ("charset = \"charset.txt\"", "kind_of = 1", "kind_of"),
+        ] {
+            assert!(text.contains(from), "{from}");
+            let e = Manifest::parse(&text.replace(from, to)).unwrap_err();
+            assert!(e.contains(want), "{to}: {e}");
+        }
+        let boxes = text.replace(
+            "kind = \"ctc\"\ncharset = \"charset.txt\"",
+            "kind = \"detect\"\nformat = \"yolo\"\nmax_boxes = 0",
+        );
+        let e = Manifest::parse(&boxes).unwrap_err();
+        assert!(e.contains("outputs[0].postprocess.max_boxes"), "{e}");
+    }
+
+    #[test]
+    fn format_1_keeps_its_meaning() {
+        // Top-k over every value, whatever the output's shape; a flattened image that is not
+        // square, sized by its resize.
+        let text = GOOD
+            .replace("shape = [\"N\", 3, 32, 32]", "shape = [\"N\", 128]")
+            .replace("layout = \"nchw\"", "layout = \"nc\"")
+            .replace("color = \"rgb\"", "color = \"gray\"")
+            .replace("resize = [32, 32]", "resize = [16, 8]");
+        let m = Manifest::parse(&text).unwrap();
+        assert_eq!(m.image_size(), Some((8, 16)));
+        assert!(matches!(
+            m.outputs[0].postprocess,
+            Postprocess::Classify { axis: None, .. }
+        ));
     }
 }

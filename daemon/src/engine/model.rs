@@ -61,7 +61,12 @@ struct Plans {
     /// The named dimensions, in the order a plan's key lists their values.
     names: Vec<String>,
     cache: Mutex<Vec<Keyed>>,
+    /// Shapes tract could not plan, and why: asked again, they fail at once.
+    failed: Mutex<Vec<(Vec<usize>, String)>>,
 }
+
+/// Failed shapes a model remembers.
+const MAX_FAILED_PLANS: usize = 32;
 
 /// A plan and the named dimensions' values it was made for.
 type Keyed = (Vec<usize>, Arc<dyn Runnable>);
@@ -101,7 +106,8 @@ pub struct Class {
 pub struct Prediction {
     pub model: String,
     pub version: String,
-    /// The classes of the first `classify` output, when it holds one distribution.
+    /// The classes of the first output whose postprocessor gives one distribution (`classify`
+    /// over one position); empty when none does.
     pub top: Vec<Class>,
     /// Every declared output's postprocessed result, by output name (format 2 packages).
     #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
@@ -222,9 +228,16 @@ impl Model {
             .iter()
             .enumerate()
             .map(|(i, o)| match &o.postprocess {
-                Postprocess::Ctc { charset, .. } => read_charset(&dir.join(charset))
-                    .map(Some)
-                    .map_err(|e| load_err(format!("outputs[{i}].postprocess.charset: {e}"))),
+                Postprocess::Ctc { charset, blank } => read_charset(&dir.join(charset))
+                    .map_err(|e| load_err(format!("outputs[{i}].postprocess.charset: {e}")))
+                    .and_then(|c| match *blank < c.len() {
+                        true => Ok(Some(c)),
+                        false => Err(load_err(format!(
+                            "outputs[{i}].postprocess.blank: {blank} is not a class of the \
+                             {}-entry charset",
+                            c.len()
+                        ))),
+                    }),
                 _ => Ok(None),
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -302,6 +315,7 @@ impl Model {
                     base: base.clone(),
                     names: named.clone(),
                     cache: Mutex::new(cache),
+                    failed: Mutex::new(Vec::new()),
                 },
                 feeds: feeds.clone(),
                 initial: initial.clone(),
@@ -498,7 +512,9 @@ impl Model {
             .iter()
             .map(flat)
             .collect::<Result<Vec<_>, _>>()?;
+        // Every state is checked before any is kept: a failed step leaves the stream as it was.
         let mut states = Vec::with_capacity(m.state.len());
+        let mut next_states = Vec::with_capacity(m.state.len());
         for (pair, s) in m.state.iter().enumerate() {
             let t = &out[n_out + pair];
             let want = &m.inputs[self.state_input(pair)];
@@ -519,8 +535,9 @@ impl Model {
                 .cast_to_dt(dt)
                 .map_err(|e| run_err(format!("{e:#}")))?
                 .into_owned();
-            stream.state[pair] = Some(next);
+            next_states.push(Some(next));
         }
+        stream.state = next_states;
         Ok((outputs, states))
     }
 
@@ -604,6 +621,32 @@ fn dims(
 }
 
 impl Plans {
+    /// Type, optimise and plan the base graph for one set of values; outside every lock, so
+    /// other shapes keep running.
+    fn make(
+        &self,
+        base: &InferenceModel,
+        m: &Manifest,
+        feeds: &[usize],
+        named: &std::collections::HashMap<String, usize>,
+    ) -> Result<Arc<dyn Runnable>, String> {
+        let mut model = base.clone();
+        for (k, &ix) in feeds.iter().enumerate() {
+            let spec = &m.inputs[ix];
+            let shape = dims(spec, &self.per_value(named), &model.symbols);
+            model
+                .set_input_fact(k, InferenceFact::dt_shape(datum(spec.dtype), shape))
+                .map_err(|e| format!("{e:#}"))?;
+        }
+        let typed = model
+            .into_typed()
+            .and_then(|m| m.into_decluttered())
+            .map_err(|e| format!("cannot be typed for {named:?}: {}", explain(&e)))?;
+        self.kind
+            .prepare(self.rt, typed, &self.options)
+            .map_err(|e| format!("cannot be planned for {named:?}: {e:#}"))
+    }
+
     /// The values of the dimensions planned per value, out of every named one's.
     fn per_value(
         &self,
@@ -644,23 +687,24 @@ impl Plans {
             model: m.name.clone(),
             message,
         };
-        // Typing and optimising happen outside the lock: other shapes keep running.
-        let mut model = base.clone();
-        for (k, &ix) in feeds.iter().enumerate() {
-            let spec = &m.inputs[ix];
-            let shape = dims(spec, &self.per_value(named), &model.symbols);
-            model
-                .set_input_fact(k, InferenceFact::dt_shape(datum(spec.dtype), shape))
-                .map_err(|e| load_err(format!("{e:#}")))?;
+        {
+            let failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((_, why)) = failed.iter().find(|(k, _)| k == key) {
+                return Err(load_err(why.clone()));
+            }
         }
-        let typed = model
-            .into_typed()
-            .and_then(|m| m.into_decluttered())
-            .map_err(|e| load_err(format!("cannot be typed for {named:?}: {}", explain(&e))))?;
-        let r = self
-            .kind
-            .prepare(self.rt, typed, &self.options)
-            .map_err(|e| load_err(format!("cannot be planned for {named:?}: {e:#}")))?;
+        let made = self.make(base, m, feeds, named);
+        let r = match made {
+            Ok(r) => r,
+            Err(why) => {
+                let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+                if failed.len() >= MAX_FAILED_PLANS {
+                    failed.remove(0);
+                }
+                failed.push((key.to_vec(), why.clone()));
+                return Err(load_err(why));
+            }
+        };
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         // Another worker may have made the same shape meanwhile: keep one.
         if let Some((_, made)) = cache.iter().find(|(k, _)| k == key) {
@@ -880,24 +924,33 @@ fn graph(m: &Manifest, path: &Path) -> Result<Graph, String> {
             ));
         }
         for (d, (dim, want)) in fact.shape.dims().zip(&spec.shape).enumerate() {
-            if let (Some(have), super::manifest::Dim::Fixed(w)) =
-                (dim.concretize().and_then(|t| t.to_i64().ok()), want.clone())
-                && have as usize != w
-                && !(d == 0 && w == 1)
-            {
-                return Err(format!(
-                    "{ikey}.shape: dimension {d} of the model's input `{name}` is {have}, the \
-                     manifest says {w}"
-                ));
+            let Some(have) = dim.concretize().and_then(|t| t.to_i64().ok()) else {
+                continue;
+            };
+            match want {
+                super::manifest::Dim::Fixed(w) if have as usize != *w && !(d == 0 && *w == 1) => {
+                    return Err(format!(
+                        "{ikey}.shape: dimension {d} of the model's input `{name}` is {have}, \
+                         the manifest says {w}"
+                    ));
+                }
+                // Every other value would fail on every run: say so now.
+                super::manifest::Dim::Named { name: n, .. } if d > 0 => {
+                    return Err(format!(
+                        "{ikey}.shape: dimension {d} of the model's input `{name}` is fixed at \
+                         {have}; write {have} instead of `{n}`"
+                    ));
+                }
+                _ => {}
             }
         }
         if let Some(v) = &spec.value {
-            let values = const_values(spec, v).map_err(|e| format!("{ikey}.value: {e}"))?;
+            let data = const_values(spec, v).map_err(|e| format!("{ikey}.value: {e}"))?;
             let t = tensor(
                 spec,
                 Array {
                     shape: spec.concrete_shape(&Default::default()),
-                    data: Data::from_f64(spec.dtype, &values),
+                    data,
                 },
             )?;
             let node = model.node_mut(outlet.node);

@@ -9,6 +9,9 @@ use super::input::Geometry;
 use super::manifest::{DetectFormat, Postprocess};
 use super::model::Class;
 
+/// Distributions one classify result may list.
+const MAX_POSITIONS: usize = 65_536;
+
 /// A postprocessor that cannot read an output of this shape.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Misfit(pub String);
@@ -70,8 +73,14 @@ pub fn apply(
             labels,
             axis,
         } => {
+            // Without an axis, every value is one class of a single distribution.
+            let flat = [values.len()];
+            let (shape, axis) = match axis {
+                Some(a) => (shape, *a),
+                None => (&flat[..], 0),
+            };
             let rank = shape.len().max(1) as i64;
-            let a = if *axis < 0 { rank + axis } else { *axis };
+            let a = if axis < 0 { rank + axis } else { axis };
             if !(0..rank).contains(&a) || values.is_empty() {
                 return Err(Misfit(format!(
                     "classify: axis {axis} is not an axis of an output of shape {shape:?}"
@@ -85,6 +94,13 @@ pub fn apply(
                 return Err(Misfit(format!(
                     "classify: {} values do not split into {classes} classes on axis {a}",
                     values.len()
+                )));
+            }
+            if outer * inner > MAX_POSITIONS {
+                return Err(Misfit(format!(
+                    "classify: {} positions of {classes} classes is more than a result holds \
+                     ({MAX_POSITIONS}); use `raw`, or the axis the classes are on",
+                    outer * inner
                 )));
             }
             // Positions in row-major order of the other axes; a position's scores are strided
@@ -189,8 +205,9 @@ pub fn apply(
             let was = on.unwrap_or(false);
             let now = if was { v >= t - hysteresis } else { v >= *t };
             let mut out = json!({ "score": v, "on": now });
-            // The first step of a stream starts an event if it is on; it stops nothing.
-            if now != was && (now || on.is_some()) {
+            // An event is a flip within a stream: a stream's first step (and every single
+            // request, which is a stream of one) has nothing to flip from.
+            if on.is_some() && now != was {
                 out["event"] = json!(if now { "start" } else { "stop" });
             }
             *on = Some(now);
@@ -546,7 +563,7 @@ mod tests {
             softmax: false,
             top_k: NonZeroUsize::new(1).unwrap(),
             labels: vec!["no".into(), "yes".into()],
-            axis: -1,
+            axis: Some(-1),
         };
         let one = apply(&post, &[1, 2], vec![0.2, 0.8], &ctx(), &mut None).unwrap();
         assert_eq!(one["top"][0]["label"], "yes");
@@ -565,7 +582,7 @@ mod tests {
             softmax: false,
             top_k: NonZeroUsize::new(1).unwrap(),
             labels: vec!["no".into(), "yes".into()],
-            axis: 1,
+            axis: Some(1),
         };
         let v = vec![0.9, 0.1, 0.3, 0.7];
         let steps = apply(&on_1, &[1, 2, 2], v, &ctx(), &mut None).unwrap();
@@ -622,6 +639,9 @@ mod tests {
         // 0.4 and 0.35 stay on (above 0.5 - 0.2); 0.2 stops it.
         let want = [None, Some("start"), None, None, Some("stop"), Some("start")];
         assert_eq!(events, want.map(|e| e.map(str::to_string)));
+        // A stream's first step has nothing to flip from: on, but no event.
+        let out = apply(&post, &[1, 1], vec![0.9], &ctx(), &mut None).unwrap();
+        assert_eq!((out["on"].as_bool(), out.get("event")), (Some(true), None));
         let e = apply(&post, &[2], vec![0.1, 0.2], &ctx(), &mut on).unwrap_err();
         assert!(e.0.contains("one value"), "{}", e.0);
     }

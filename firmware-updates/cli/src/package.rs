@@ -8,8 +8,7 @@ use std::process::Command;
 
 use anyhow::{Context, bail};
 use ternd::engine::{
-    Array, DType, Data, Input, MANIFEST_FILE, MODEL_FILE, Manifest, describe_onnx, read_npz,
-    write_npz,
+    Array, DType, Input, MANIFEST_FILE, MODEL_FILE, Manifest, describe_onnx, read_npz, write_npz,
 };
 
 /// Largest input file `golden` reads.
@@ -89,7 +88,7 @@ pub fn init(model: &Path, out: &Path, name: Option<String>) -> anyhow::Result<()
                 );
             }
         }
-        let (shape, open) = dims(&input.dims, i == 0 || input.dims.len() == 4, &mut batch);
+        let (shape, open) = dims(&input.dims, i, i == 0 || input.dims.len() == 4, &mut batch);
         let _ = write!(w, "shape = [{}]", shape.join(", "));
         if open.is_empty() {
             let _ = writeln!(w);
@@ -133,7 +132,15 @@ pub fn init(model: &Path, out: &Path, name: Option<String>) -> anyhow::Result<()
     );
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let dest = out.join(MODEL_FILE);
-    if !dest.exists() {
+    if dest.exists() {
+        // The skeleton describes `model`: another model already there would not match it.
+        if std::fs::read(&dest)? != std::fs::read(model)? {
+            bail!(
+                "{} holds a different model; init does not overwrite",
+                dest.display()
+            );
+        }
+    } else {
         std::fs::copy(model, &dest)
             .with_context(|| format!("copying {} to {}", model.display(), dest.display()))?;
     }
@@ -153,6 +160,7 @@ pub fn init(model: &Path, out: &Path, name: Option<String>) -> anyhow::Result<()
 /// when it is one a manifest takes (so inputs that share it stay equal), else a positional one.
 fn dims(
     d: &[Result<i64, String>],
+    input: usize,
     batch_first: bool,
     batch: &mut Option<String>,
 ) -> (Vec<String>, Vec<String>) {
@@ -172,10 +180,16 @@ fn dims(
             Err(p) => {
                 let usable = p.starts_with(|c: char| c.is_ascii_alphabetic())
                     && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                // Positional names are the input's own: two inputs' unnamed dimensions are
+                // not the same dimension.
+                let suffix = match input {
+                    0 => String::new(),
+                    n => format!("_{n}"),
+                };
                 let name = match (usable, d.len()) {
                     (true, _) => p.clone(),
-                    (false, 4) => image_names[i].to_string(),
-                    (false, _) => format!("D{i}"),
+                    (false, 4) => format!("{}{suffix}", image_names[i]),
+                    (false, _) => format!("D{i}{suffix}"),
                 };
                 shape.push(format!("\"{name}<=4096\""));
                 open.push(format!("dimension {i} (`{p}`)"));
@@ -209,7 +223,14 @@ o = ort.SessionOptions()
 o.intra_op_num_threads = 1
 s = ort.InferenceSession(model, o, providers=["CPUExecutionProvider"])
 z = np.load(given)
-res = s.run(names, {k: z[k] for k in z.files})
+# tern holds f16 values as f32: give each input the element type the model declares.
+types = {"tensor(float16)": np.float16, "tensor(float)": np.float32}
+feed = {}
+for i in s.get_inputs():
+    a = z[i.name]
+    feed[i.name] = a.astype(types[i.type]) if i.type in types else a
+res = s.run(names, feed)
+res = [r.astype(np.float32) if r.dtype == np.float16 else r for r in res]
 np.savez(out, **{n: r for n, r in zip(names, res)})
 "#;
 
@@ -259,13 +280,13 @@ pub fn golden(dir: &Path, inputs: &[PathBuf], python: &str) -> anyhow::Result<bo
         // onnxruntime also needs the constants tern bakes into the graph.
         let mut feed = case.clone();
         for spec in m.inputs.iter().filter(|i| i.value.is_some()) {
-            let values = ternd::engine::const_values(spec, spec.value.as_ref().expect("filtered"))
+            let data = ternd::engine::const_values(spec, spec.value.as_ref().expect("filtered"))
                 .map_err(anyhow::Error::msg)?;
             feed.push((
                 spec.name.clone(),
                 Array {
                     shape: spec.concrete_shape(&Default::default()),
-                    data: Data::from_f64(spec.dtype, &values),
+                    data,
                 },
             ));
         }
