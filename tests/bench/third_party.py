@@ -41,6 +41,7 @@ def ort_ms(pkg, runs):
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3  # Silero's graph has unused initialisers it warns about
     sess = ort.InferenceSession(os.path.join(pkg, "model.onnx"), opts,
                                 providers=["CPUExecutionProvider"])
     z = np.load(os.path.join(pkg, "golden", "0.npz"))
