@@ -824,3 +824,49 @@ fn golden_vectors_may_be_folders_of_npy() {
     let e = Model::load(d.path(), NonZeroUsize::MIN).unwrap_err();
     assert!(matches!(e, EngineError::SelfTest { vector: 0, .. }), "{e}");
 }
+
+/// Every input dtype tern feeds (f16, an i64 constant, i32, u8, bool) and an f16 output,
+/// against onnxruntime's outputs; an array of the wrong dtype is refused by name.
+#[test]
+fn every_dtype_goes_in_and_comes_out_as_onnxruntime_says() {
+    let m = load("dtypes-demo");
+    let npz = std::fs::read(models().join("dtypes-demo/golden/1.npz")).unwrap();
+    let arrays = ternd::engine::read_npz(&npz).unwrap();
+    let want: Vec<f32> = arrays
+        .iter()
+        .find(|(n, _)| n == "out/y")
+        .map(|(_, a)| a.data.to_f32())
+        .unwrap();
+    assert!(
+        want.iter().any(|v| *v != 0.0),
+        "a zero output proves nothing"
+    );
+    let fed: Vec<_> = arrays
+        .iter()
+        .filter(|(n, _)| n.starts_with("in/"))
+        .cloned()
+        .collect();
+    let p = m.infer(&Input::Arrays(fed.clone())).unwrap();
+    let got: Vec<f64> = p.outputs["y"]["values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    for (g, w) in got.iter().zip(&want) {
+        assert!((*g as f32 - w).abs() < 1e-2, "{got:?} vs {want:?}");
+    }
+    // The i32 offset sent as floats: refused, naming the input and both dtypes.
+    let mut wrong = fed;
+    for (n, a) in wrong.iter_mut() {
+        if n == "in/offset" {
+            let v = a.data.to_f32();
+            a.data = ternd::engine::Data::F32(v);
+        }
+    }
+    let e = m.infer(&Input::Arrays(wrong)).unwrap_err().to_string();
+    assert!(
+        e.contains("input `offset` takes i32, the array is f32"),
+        "{e}"
+    );
+}
