@@ -30,10 +30,10 @@ pub fn package(name: &str) -> PathBuf {
 
 /// Path to a workspace binary (`ternd`, `ternctl`, `tern-update`) in the debug profile, built
 /// by cargo before any test ran: `cargo test --workspace` (the README's test command) builds
-/// every binary of the workspace first. A binary that is missing, or older than the ternd
-/// library it is built from (a `cargo test -p tern-tests` after a change to the daemon), fails
-/// the test with what to run, instead of testing yesterday's daemon. Benches use the same
-/// binaries.
+/// every binary of the workspace first. A binary that is missing, or older than a source file
+/// of the daemon or the tool (a `cargo test -p tern-tests` after a change to the daemon),
+/// fails the test with what to run, instead of testing yesterday's daemon. Benches use the
+/// same binaries.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("the test executable's path");
     // <target>/<profile>/deps/<test>: the binaries are in <target>/debug.
@@ -47,25 +47,42 @@ pub fn bin(name: &str) -> PathBuf {
     let built = std::fs::metadata(&path)
         .and_then(|m| m.modified())
         .unwrap_or_else(|e| panic!("{}: {e}; {build}", path.display()));
-    let newest_lib = std::fs::read_dir(profile.join("deps"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| {
-            let n = e.file_name();
-            let n = n.to_string_lossy();
-            n.starts_with("libternd-") && n.ends_with(".rlib")
-        })
-        .filter_map(|e| e.metadata().ok()?.modified().ok())
-        .max();
-    if let Some(lib) = newest_lib {
+    // Older than a source it is built from: a `cargo test -p tern-tests` after a change to
+    // the daemon. (Not the ternd rlibs: cargo keeps one per feature set, built at different
+    // moments, and a binary is linked against only one of them.)
+    let newest_source = [
+        "daemon/src",
+        "firmware-updates/src",
+        "firmware-updates/cli/src",
+    ]
+    .iter()
+    .flat_map(|d| sources(&root().join(d)))
+    .max();
+    if let Some((changed, file)) = newest_source {
         assert!(
-            lib <= built,
-            "{} is older than the ternd library it is built from; {build}",
-            path.display()
+            changed <= built,
+            "{} is older than {}, a source it is built from; {build}",
+            path.display(),
+            file.display()
         );
     }
     path
+}
+
+/// Every `.rs` file under `dir` with its modification time.
+fn sources(dir: &Path) -> Vec<(std::time::SystemTime, PathBuf)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(sources(&p));
+        } else if p.extension().is_some_and(|x| x == "rs")
+            && let Ok(t) = e.metadata().and_then(|m| m.modified())
+        {
+            out.push((t, p));
+        }
+    }
+    out
 }
 
 /// A TCP port on 127.0.0.1 for a test's broker, held by this process until it ends. Ports
