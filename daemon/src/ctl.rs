@@ -957,12 +957,16 @@ async fn box_checks(c: &config::Config) -> Vec<(&'static str, Level, String)> {
     };
     let pools = c.pools();
     for (model, version, dir) in packages {
-        let runtime = pools.get(&model).runtime;
+        // As the box will serve it: the pool's runtime and plans (threads do not change
+        // answers, and one keeps the check quick).
+        let settings = crate::engine::PoolSettings {
+            threads: std::num::NonZeroUsize::MIN,
+            ..pools.get(&model)
+        };
         let name = format!("{model} {version}");
-        let r = tokio::task::spawn_blocking(move || {
-            crate::engine::Model::load_on(&dir, std::num::NonZeroUsize::MIN, runtime)
-        })
-        .await;
+        let r =
+            tokio::task::spawn_blocking(move || crate::engine::Model::load_for(&dir, &settings))
+                .await;
         v.push(match r {
             Ok(Ok(m)) => (
                 "model",

@@ -46,9 +46,17 @@ enum Command {
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
-        /// Threads tract may use for the inference.
+        /// Threads the model may use for one inference.
         #[arg(long, default_value_t = 1)]
         threads: usize,
+        /// Which plan: `auto` (every one that passes the golden vectors, timed; the fastest
+        /// serves), `tract`, `tract+fold` or `onnxruntime`.
+        #[arg(long, default_value = "auto", value_parser = parse_plan)]
+        plan: ternd::engine::PlanChoice,
+        /// Run each input this many times after one warm-up and print the median and p90 of
+        /// `latency_us` and the plan, instead of the results.
+        #[arg(long)]
+        repeat: Option<std::num::NonZeroUsize>,
     },
     /// Install a signed update bundle (a `tern-update bundle` file) with the same checks as an
     /// update from the fleet: here if no ternd runs on the state directory, else through it.
@@ -80,7 +88,9 @@ fn main() -> ExitCode {
             input,
             json,
             threads,
-        } => infer(&model, &input, json, threads),
+            plan,
+            repeat,
+        } => infer(&model, &input, json, threads, plan, repeat),
         Command::Install {
             config,
             bundle,
@@ -257,7 +267,19 @@ fn runtime() -> Option<tokio::runtime::Runtime> {
     }
 }
 
-fn infer(model: &Path, input: &Path, json: bool, threads: usize) -> ExitCode {
+fn parse_plan(s: &str) -> Result<ternd::engine::PlanChoice, String> {
+    serde_json::from_value(serde_json::Value::String(s.into()))
+        .map_err(|_| format!("`{s}`: expected auto, tract, tract+fold or onnxruntime"))
+}
+
+fn infer(
+    model: &Path,
+    input: &Path,
+    json: bool,
+    threads: usize,
+    plan: ternd::engine::PlanChoice,
+    repeat: Option<std::num::NonZeroUsize>,
+) -> ExitCode {
     let fail = |e: &dyn std::fmt::Display| {
         eprintln!("ternd: {e}");
         ExitCode::from(EXIT_DATA)
@@ -266,7 +288,12 @@ fn infer(model: &Path, input: &Path, json: bool, threads: usize) -> ExitCode {
         eprintln!("ternd: --threads must be at least 1");
         return ExitCode::from(EXIT_CONFIG as u8);
     };
-    let model = match Model::load(model, threads) {
+    let settings = ternd::engine::PoolSettings {
+        threads,
+        plan,
+        ..Default::default()
+    };
+    let model = match Model::load_for(model, &settings) {
         Ok(m) => m,
         Err(e) => return fail(&e),
     };
@@ -274,6 +301,9 @@ fn infer(model: &Path, input: &Path, json: bool, threads: usize) -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(&e),
     };
+    if let Some(n) = repeat {
+        return infer_repeat(&model, &steps, n.get(), json);
+    }
     let mut stream = model.stream();
     for (i, (start, input)) in steps.iter().enumerate() {
         let pred = match model.infer_in(input, &mut stream) {
@@ -298,7 +328,10 @@ fn infer(model: &Path, input: &Path, json: bool, threads: usize) -> ExitCode {
                 None => println!("step {i}"),
             }
         }
-        println!("{} {}  ({} µs)", pred.model, pred.version, pred.latency_us);
+        println!(
+            "{} {}  ({} µs, plan {})",
+            pred.model, pred.version, pred.latency_us, model.plan
+        );
         if !pred.top.is_empty() && pred.outputs.is_empty() {
             println!("{:>5}  {:<16} {:>8}", "rank", "label", "score");
             for (i, c) in pred.top.iter().enumerate() {
@@ -307,6 +340,54 @@ fn infer(model: &Path, input: &Path, json: bool, threads: usize) -> ExitCode {
         }
         for (name, v) in &pred.outputs {
             println!("  {name}: {}", summary(v));
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// `--repeat`: every step run `n` times after a warm-up (a stream's steps in order, its state
+/// carried), then the median and p90 of tern's own `latency_us`.
+fn infer_repeat(model: &Model, steps: &[(Option<f64>, Input)], n: usize, json: bool) -> ExitCode {
+    let mut latencies = Vec::with_capacity(n * steps.len());
+    for round in 0..=n {
+        let mut stream = model.stream();
+        for (_, input) in steps {
+            match model.infer_in(input, &mut stream) {
+                Ok(p) if round > 0 => latencies.push(p.latency_us),
+                Ok(_) => {}
+                Err(e) => {
+                    eprintln!("ternd: {e}");
+                    return ExitCode::from(EXIT_DATA);
+                }
+            }
+        }
+    }
+    latencies.sort_unstable();
+    let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];
+    let (median, p90) = (at(0.5), at(0.9));
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "model": model.name(),
+                "version": model.version().to_string(),
+                "plan": model.plan,
+                "runs": latencies.len(),
+                "median_us": median,
+                "p90_us": p90,
+                "plans_tried": model.timings,
+            })
+        );
+    } else {
+        println!(
+            "{} {}  plan {}: median {median} µs, p90 {p90} µs over {} runs",
+            model.name(),
+            model.version(),
+            model.plan,
+            latencies.len()
+        );
+        for t in &model.timings {
+            println!("  tried {t}");
         }
     }
     ExitCode::SUCCESS

@@ -118,6 +118,10 @@ pub async fn run(
         .await
         .expect("store open panicked")?;
 
+    #[cfg(feature = "onnxruntime")]
+    if let Some(lib) = &config.onnxruntime_library {
+        crate::engine::onnxruntime::configure(lib.clone());
+    }
     let mut tasks = Tasks::default();
     // Ends the tasks that are not stopped in their own order (the fleet's, pipelines').
     let cancel = CancellationToken::new();

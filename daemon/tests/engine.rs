@@ -113,7 +113,9 @@ fn broken_forms_are_refused_at_load() {
         "digits-mlp-int8-broken",
         "iris-mlp-int8-broken",
     ] {
-        match Model::load(&models().join(name), NonZeroUsize::MIN) {
+        // tract's plan: these fixtures are wrong in tract, right in onnxruntime.
+        let tract = ternd::engine::Plan::Tract;
+        match Model::load_plan(&models().join(name), NonZeroUsize::MIN, tract) {
             Err(e @ EngineError::SelfTest { .. }) => {
                 let msg = e.to_string();
                 assert!(
@@ -331,11 +333,17 @@ async fn a_hundred_hot_swaps_under_load_fail_no_request() {
     let store = Store::open(&d.path().join("tern.db")).unwrap();
     let reg = Registry::spawn(store, d.path());
     let v1 = reg
-        .install(&version_of("digits-mlp-int8", "1.0.0", d.path()))
+        .install(
+            &version_of("digits-mlp-int8", "1.0.0", d.path()),
+            PoolSettings::default(),
+        )
         .await
         .unwrap();
     let v2 = reg
-        .install(&version_of("digits-mlp-int8", "1.1.0", d.path()))
+        .install(
+            &version_of("digits-mlp-int8", "1.1.0", d.path()),
+            PoolSettings::default(),
+        )
         .await
         .unwrap();
     let cfg = PoolSettings {
@@ -429,12 +437,11 @@ async fn a_hundred_hot_swaps_under_load_fail_no_request() {
 
 #[test]
 fn threads_give_the_same_answers_and_the_batch_is_one() {
-    let one = load("digits-cnn-int8");
-    let two = Model::load(
-        &models().join("digits-cnn-int8"),
-        NonZeroUsize::new(2).unwrap(),
-    )
-    .unwrap();
+    // One plan for both: `auto` may time them into different plans.
+    let dir = models().join("digits-cnn-int8");
+    let plan = ternd::engine::Plan::TractFolded;
+    let one = Model::load_plan(&dir, NonZeroUsize::MIN, plan).unwrap();
+    let two = Model::load_plan(&dir, NonZeroUsize::new(2).unwrap(), plan).unwrap();
     for i in 0..4 {
         let bytes =
             std::fs::read(models().join(format!("digits-cnn-int8/golden/{i}-input.npy"))).unwrap();
@@ -553,8 +560,8 @@ fn runtime_auto_falls_back_and_cuda_refuses_clearly() {
 }
 
 /// Folding tract's constants after optimisation changes no answer: on every shipped package
-/// the folded plan (what `load` picks) and tract's own plan give the same outputs on the
-/// held-out test sets, to the bit, and the same accuracy.
+/// the folded plan and tract's own plan give the same outputs on the held-out test sets, to
+/// the bit, and the same accuracy.
 #[test]
 fn the_folded_plan_answers_as_tract_does() {
     use ternd::engine::Plan;
@@ -567,7 +574,7 @@ fn the_folded_plan_answers_as_tract_does() {
         "iris-mlp-f32",
     ] {
         let dir = models().join(name);
-        let chosen = load(name);
+        let chosen = Model::load_plan(&dir, NonZeroUsize::MIN, Plan::TractFolded).unwrap();
         assert_eq!(chosen.plan, Plan::TractFolded.name(), "{name}");
         let plain = Model::load_plan(&dir, NonZeroUsize::MIN, Plan::Tract).unwrap();
         assert_eq!(plain.plan, "tract");
@@ -869,4 +876,96 @@ fn every_dtype_goes_in_and_comes_out_as_onnxruntime_says() {
         e.contains("input `offset` takes i32, the array is f32"),
         "{e}"
     );
+}
+
+/// With `auto`, every plan that passes the golden vectors is timed and the fastest serves; the
+/// ones passed over are listed with their times. ONNX Runtime is one of them when its library
+/// is here (CI installs it through pip and points ORT_DYLIB_PATH at it), and then answers as
+/// tract does.
+#[test]
+fn auto_times_every_passing_plan_and_the_fastest_serves() {
+    use ternd::engine::{Plan, PlanChoice, PoolSettings};
+    let dir = models().join("digits-cnn-int8");
+    let auto = load("digits-cnn-int8");
+    assert_eq!(
+        auto.timings.len(),
+        auto.timings.iter().filter(|t| t.contains(" µs")).count()
+    );
+    assert!(
+        auto.timings.iter().any(|t| t.starts_with("tract+fold: ")),
+        "{:?}",
+        auto.timings
+    );
+    assert!(
+        auto.timings.iter().any(|t| t.starts_with("tract: ")),
+        "{:?}",
+        auto.timings
+    );
+    // The one chosen is the fastest of those timed.
+    let us = |t: &String| -> u64 {
+        t.rsplit(": ")
+            .next()
+            .unwrap()
+            .trim_end_matches(" µs")
+            .parse()
+            .unwrap()
+    };
+    let fastest = auto.timings.iter().min_by_key(|t| us(t)).unwrap();
+    assert!(
+        fastest.starts_with(&format!("{}: ", auto.plan)),
+        "{} vs {:?}",
+        auto.plan,
+        auto.timings
+    );
+
+    let ort = Model::load_for(
+        &dir,
+        &PoolSettings {
+            plan: PlanChoice::Onnxruntime,
+            ..Default::default()
+        },
+    );
+    let strict = std::env::var("TERN_TEST_STRICT").as_deref() == Ok("1");
+    match ort {
+        Ok(ort) => {
+            assert_eq!(ort.plan, Plan::Onnxruntime.name());
+            assert!(
+                auto.timings.iter().any(|t| t.starts_with("onnxruntime: ")),
+                "{:?}",
+                auto.timings
+            );
+            // The same answers as tract on the held-out digits, within the package tolerance.
+            let (shape, pix) = npy_u8(&models().join("testsets/digits-test-pixels.npy"));
+            let tract = Model::load_plan(&dir, NonZeroUsize::MIN, Plan::Tract).unwrap();
+            for i in 0..shape[0] {
+                let frame = Input::Frame {
+                    width: 8,
+                    height: 8,
+                    format: PixelFormat::Gray8,
+                    data: pix[i * 64..(i + 1) * 64].to_vec(),
+                };
+                let a = ort.run(frame.prepare(&ort.manifest).unwrap()).unwrap();
+                let b = tract.run(frame.prepare(&tract.manifest).unwrap()).unwrap();
+                let diff = a
+                    .iter()
+                    .zip(&b)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    diff <= 0.01,
+                    "test image {i}: onnxruntime and tract differ by {diff}"
+                );
+            }
+            assert_eq!(digits_accuracy(&ort), digits_accuracy(&tract));
+        }
+        Err(e) if strict => panic!("the onnxruntime plan is required (TERN_TEST_STRICT=1): {e}"),
+        Err(e) => {
+            let e = e.to_string();
+            assert!(
+                e.contains("plan `onnxruntime`") && e.contains("ORT_DYLIB_PATH"),
+                "{e}"
+            );
+            eprintln!("\n*** SKIPPED: the onnxruntime plan ({e}) ***\n");
+        }
+    }
 }

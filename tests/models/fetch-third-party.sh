@@ -8,6 +8,7 @@
 #   packages/silero-vad  Silero VAD, op18 if-less graph (silero-vad 6.2.3)
 #   testdata/            words/*.png + words.tsv, page.png + page.json, speech.wav + speech.json
 #   python               the path of the Python (with numpy and onnxruntime) it used
+#   onnxruntime-library  that onnxruntime's libonnxruntime.so (for ternd's onnxruntime plan)
 #
 # Usage: tests/models/fetch-third-party.sh        (prints the packages directory last)
 #   TERN_THIRD_PARTY_CACHE  cache directory (default ${XDG_CACHE_HOME:-$HOME/.cache}/tern/third-party)
@@ -58,6 +59,11 @@ py_path="$("$py" -c 'import sys; print(sys.executable)')"
 log "using $py_path"
 # Tests that run onnxruntime themselves (tern-update package golden) use the same Python.
 printf '%s\n' "$py_path" > "$cache/python.tmp" && mv -f "$cache/python.tmp" "$cache/python"
+# ternd's onnxruntime plan loads this same library (ORT_DYLIB_PATH).
+"$py" -c 'import glob, os, onnxruntime
+libs = sorted(glob.glob(os.path.join(os.path.dirname(onnxruntime.__file__), "capi", "libonnxruntime.so*")))
+print(libs[-1] if libs else "")' > "$cache/onnxruntime-library.tmp"
+mv -f "$cache/onnxruntime-library.tmp" "$cache/onnxruntime-library"
 
 # 2. The wheels, by exact version (their sha256 is checked by third_party.py).
 wheels="$cache/wheels"

@@ -185,6 +185,9 @@ pub struct RawEngine {
     pub queue: Option<NonZeroUsize>,
     pub runtime: Option<Runtime>,
     pub plan: Option<PlanChoice>,
+    /// The ONNX Runtime library (`libonnxruntime.so...`) for the `onnxruntime` plan; default:
+    /// `ORT_DYLIB_PATH`, the system's, or an installed `onnxruntime` Python wheel's.
+    pub onnxruntime_library: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -371,6 +374,8 @@ pub struct Config {
     /// `[engine]`: the pool settings of a model not listed in `[[models]]` (one an update
     /// brought) and the defaults of those listed.
     pub engine: PoolSettings,
+    /// `engine.onnxruntime_library`, resolved and found to exist.
+    pub onnxruntime_library: Option<PathBuf>,
     pub store: StoreConfig,
 }
 
@@ -952,6 +957,18 @@ mod tests {
             load(&p).unwrap().engine.plan,
             PlanChoice::Auto,
             "the default"
+        );
+        let p = write(
+            d.path(),
+            "w.toml",
+            "[engine]\nplan = \"onnxruntime\"\nonnxruntime_library = \"nowhere/libonnxruntime.so\"\n",
+        );
+        let ps = problems(load(&p));
+        assert_eq!(ps[0].key, "engine.onnxruntime_library", "{}", ps[0]);
+        assert!(
+            ps[0].message.contains("nowhere/libonnxruntime.so"),
+            "{}",
+            ps[0]
         );
     }
 

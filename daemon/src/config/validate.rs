@@ -56,6 +56,15 @@ pub(super) fn validate(
     feed_readers(&feeds, &pipelines, &mut report);
     let outbox = outbox(&raw.outbox, &mut report);
     let store = store(&raw.store, &mut report);
+    let onnxruntime_library = raw.engine.onnxruntime_library.as_deref().map(&resolve);
+    if let Some(p) = &onnxruntime_library
+        && !p.is_file()
+    {
+        report(
+            "engine.onnxruntime_library".into(),
+            format!("{} is not a file", p.display()),
+        );
+    }
     let updates = validate_updates(&raw.updates, &mut report);
     let dbus = dbus(&raw.dbus, &mut report);
     if problems.is_empty() {
@@ -70,6 +79,7 @@ pub(super) fn validate(
             updates,
             dbus,
             engine: engine_pool,
+            onnxruntime_library,
             store,
         })
     } else {

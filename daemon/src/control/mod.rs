@@ -397,6 +397,7 @@ impl Control {
                     "version": m.version().to_string(),
                     "runtime": m.runtime,
                     "plan": m.plan,
+                    "plans_tried": m.timings,
                     "runtime_note": m.fallback,
                     "requests": s.completed.load(Ordering::Relaxed),
                     "errors": s.failed.load(Ordering::Relaxed),

@@ -11,6 +11,8 @@ mod array;
 mod input;
 mod manifest;
 mod model;
+#[cfg(feature = "onnxruntime")]
+pub mod onnxruntime;
 mod pool;
 mod postprocess;
 
@@ -44,7 +46,8 @@ pub enum Runtime {
 /// Which CPU plans a model may run with (`engine.plan`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
 pub enum PlanChoice {
-    /// The folded plan if it passes the golden vectors, else tract's own.
+    /// Every plan here that passes the golden vectors (tract folded, tract, onnxruntime), timed
+    /// on them: the fastest serves.
     #[default]
     #[serde(rename = "auto")]
     Auto,
@@ -55,6 +58,9 @@ pub enum PlanChoice {
     /// The folded plan only: a model it fails is refused.
     #[serde(rename = "tract+fold")]
     TractFolded,
+    /// ONNX Runtime only (its library must be here): a model it fails is refused.
+    #[serde(rename = "onnxruntime")]
+    Onnxruntime,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]

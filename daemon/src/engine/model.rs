@@ -5,7 +5,7 @@
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tract_linalg::multithread::Executor;
@@ -31,6 +31,9 @@ pub struct Model {
     pub manifest: Manifest,
     pub dir: PathBuf,
     plans: Plans,
+    /// ONNX Runtime's session, when that is the plan.
+    #[cfg(feature = "onnxruntime")]
+    ort: Option<super::onnxruntime::OrtPlan>,
     /// For each input of the typed model, in order: the manifest input it is.
     feeds: Vec<usize>,
     /// Each manifest input's values when it is a constant (baked into the graph) or the
@@ -47,6 +50,8 @@ pub struct Model {
     /// Requests this loaded version answered and failed, wherever it ran: an update's health
     /// window judges the new version by its own outcomes, not its pool's.
     pub outcomes: Outcomes,
+    /// Each plan tried at load: its golden-vector time, or why it could not serve.
+    pub timings: Vec<String>,
 }
 
 /// The runnable plans of one model: one when every dimension is fixed, else one per distinct
@@ -150,6 +155,7 @@ impl Model {
     pub fn load_plan(dir: &Path, threads: NonZeroUsize, plan: Plan) -> Result<Model, EngineError> {
         let only = match plan {
             Plan::TractFolded => PlanChoice::TractFolded,
+            Plan::Onnxruntime => PlanChoice::Onnxruntime,
             Plan::Tract | Plan::Runtime => PlanChoice::Tract,
         };
         Self::load_planned(dir, threads, Runtime::Cpu, only)
@@ -275,39 +281,80 @@ impl Model {
         } else {
             (Some(model), None)
         };
-        // The plans to try, best first; the first whose outputs agree with the golden
-        // vectors serves. On the CPU that is tract with its constants folded after
-        // optimisation, then tract as it plans by itself.
-        let plans: &[Plan] = match (rt.name().as_ref(), only) {
-            ("cpu", PlanChoice::Auto) => &[Plan::TractFolded, Plan::Tract],
-            ("cpu", PlanChoice::Tract) => &[Plan::Tract],
-            ("cpu", PlanChoice::TractFolded) => &[Plan::TractFolded],
-            _ => &[Plan::Runtime],
+        // The plans to try. On the CPU with `auto`: tract with its constants folded after
+        // optimisation, tract as it plans by itself, and ONNX Runtime when its library is
+        // here. Every one whose outputs agree with the golden vectors is timed on them, and the
+        // fastest serves; one plan alone is not timed.
+        let ort_here = ort_available();
+        let plans: Vec<Plan> = match (rt.name().as_ref(), only) {
+            ("cpu", PlanChoice::Auto) => {
+                let mut p = vec![Plan::TractFolded, Plan::Tract];
+                match &ort_here {
+                    Ok(()) => p.push(Plan::Onnxruntime),
+                    Err(why) => {
+                        tracing::debug!(model = %manifest.name, %why, "no onnxruntime plan")
+                    }
+                }
+                p
+            }
+            ("cpu", PlanChoice::Tract) => vec![Plan::Tract],
+            ("cpu", PlanChoice::TractFolded) => vec![Plan::TractFolded],
+            ("cpu", PlanChoice::Onnxruntime) => {
+                ort_here.map_err(|why| load_err(format!("plan `onnxruntime`: {why}")))?;
+                vec![Plan::Onnxruntime]
+            }
+            _ => vec![Plan::Runtime],
         };
+        let timed = plans.len() > 1;
         let mut tried = Vec::new();
+        let mut best: Option<(Model, Duration)> = None;
+        let mut last_err = None;
         let mut typed = typed;
         for (i, plan) in plans.iter().enumerate() {
-            let last = i + 1 == plans.len();
+            let last_tract = !plans[i + 1..]
+                .iter()
+                .any(|p| matches!(p, Plan::TractFolded | Plan::Tract | Plan::Runtime));
             let mut cache = Vec::new();
-            if let Some(t) = &typed {
-                let model = if last { typed.take() } else { Some(t.clone()) };
-                match plan.prepare(rt, model.expect("taken by the last plan only"), &options) {
-                    Ok(r) => cache.push((Vec::new(), r)),
-                    Err(e) if !last => {
-                        tried.push(format!("{}: {e:#}", plan.name()));
+            #[cfg(feature = "onnxruntime")]
+            let mut ort = None;
+            if *plan == Plan::Onnxruntime {
+                #[cfg(feature = "onnxruntime")]
+                match super::onnxruntime::OrtPlan::load(&path, threads.get()) {
+                    Ok(o) => ort = Some(o),
+                    Err(e) => {
+                        tried.push(format!("onnxruntime: {e}"));
+                        last_err = Some(load_err(format!("cannot be planned on onnxruntime: {e}")));
                         continue;
                     }
+                }
+            } else if let Some(t) = &typed {
+                // The last tract plan may take the typed graph; the ones before it copy it.
+                let model = if last_tract {
+                    typed.take()
+                } else {
+                    Some(t.clone())
+                };
+                match plan.prepare(
+                    rt,
+                    model.expect("taken by the last tract plan only"),
+                    &options,
+                ) {
+                    Ok(r) => cache.push((Vec::new(), r)),
                     Err(e) => {
-                        return Err(load_err(format!(
+                        tried.push(format!("{}: {e:#}", plan.name()));
+                        last_err = Some(load_err(format!(
                             "cannot be planned on {}: {e:#}",
                             rt.name()
                         )));
+                        continue;
                     }
                 }
             }
             let model = Model {
                 manifest: manifest.clone(),
                 dir: dir.to_path_buf(),
+                #[cfg(feature = "onnxruntime")]
+                ort,
                 plans: Plans {
                     kind: *plan,
                     rt,
@@ -320,23 +367,98 @@ impl Model {
                 feeds: feeds.clone(),
                 initial: initial.clone(),
                 charsets: charsets.clone(),
-                runtime: if rt.name() == "cpu" { "cpu" } else { "cuda" },
+                runtime: match (plan, rt.name().as_ref()) {
+                    (Plan::Onnxruntime, _) | (_, "cpu") => "cpu",
+                    _ => "cuda",
+                },
                 plan: plan.name(),
                 fallback: fallback.clone(),
                 outcomes: Outcomes::default(),
+                timings: Vec::new(),
             };
-            match model.self_test() {
-                Ok(()) => {
-                    if !tried.is_empty() {
-                        tracing::info!(model = %manifest.name, plan = plan.name(), passed_over = %tried.join("; "), "plan chosen");
-                    }
-                    return Ok(model);
-                }
-                Err(e) if !last => tried.push(format!("{}: {e}", plan.name())),
-                Err(e) => return Err(e),
+            if let Err(e) = model.self_test() {
+                tried.push(format!("{}: {e}", plan.name()));
+                last_err = Some(e);
+                continue;
+            }
+            if !timed {
+                best = Some((model, Duration::ZERO));
+                break;
+            }
+            let took = model.time_golden();
+            tried.push(format!("{}: {} µs", plan.name(), took.as_micros()));
+            if best.as_ref().is_none_or(|(_, b)| took < *b) {
+                best = Some((model, took));
             }
         }
-        unreachable!("the last plan returns")
+        let Some((mut model, _)) = best else {
+            return Err(last_err.expect("a plan that was not chosen says why"));
+        };
+        if !tried.is_empty() {
+            tracing::info!(model = %manifest.name, plan = model.plan, tried = %tried.join("; "), "plan chosen");
+        }
+        model.timings = tried;
+        Ok(model)
+    }
+
+    /// The golden inputs' run time on this plan: the median of a few rounds over all of them,
+    /// after one to warm up, within about a third of a second.
+    fn time_golden(&self) -> Duration {
+        let inputs: Vec<Prepared> = self.golden_inputs().unwrap_or_default();
+        let round = || {
+            let start = Instant::now();
+            for p in &inputs {
+                let _ = self.run_prepared(p, &mut self.stream());
+            }
+            start.elapsed()
+        };
+        round();
+        let budget = Instant::now();
+        let mut rounds = Vec::new();
+        while rounds.len() < 3
+            || (rounds.len() < 25 && budget.elapsed() < Duration::from_millis(300))
+        {
+            rounds.push(round());
+        }
+        rounds.sort();
+        rounds[rounds.len() / 2]
+    }
+
+    /// Each golden case's inputs, prepared as requests are.
+    fn golden_inputs(&self) -> Result<Vec<Prepared>, EngineError> {
+        let m = &self.manifest;
+        let mut out = Vec::new();
+        for g in &m.selftest.golden {
+            let input = match g {
+                Golden::Pair { input, .. } => {
+                    let bytes = std::fs::read(self.dir.join(input)).map_err(|e| {
+                        EngineError::Unreadable {
+                            message: format!("{}: {e}", input.display()),
+                        }
+                    })?;
+                    let (shape, data) = read_npy_f32(&bytes)?;
+                    Input::Tensor { shape, data }
+                }
+                Golden::Npz(p) => {
+                    let full = self.dir.join(p);
+                    let arrays = if full.is_dir() {
+                        read_npy_tree(&full)?
+                    } else {
+                        read_npz(&std::fs::read(&full).map_err(|e| EngineError::Unreadable {
+                            message: format!("{}: {e}", p.display()),
+                        })?)?
+                    };
+                    Input::Arrays(
+                        arrays
+                            .into_iter()
+                            .filter(|(n, _)| !n.starts_with("out/"))
+                            .collect(),
+                    )
+                }
+            };
+            out.push(input.prepare(m)?);
+        }
+        Ok(out)
     }
 
     pub fn name(&self) -> &str {
@@ -487,10 +609,22 @@ impl Model {
             .iter()
             .map(|n| named.get(n).copied().unwrap_or(0))
             .collect();
-        let runnable = self.plans.get(&key, m, &self.feeds, &named)?;
-        let out = runnable
-            .run(values)
-            .map_err(|e| run_err(format!("{e:#}")))?;
+        #[cfg(feature = "onnxruntime")]
+        let ort = self.ort.as_ref();
+        #[cfg(not(feature = "onnxruntime"))]
+        let ort: Option<&()> = None;
+        let out = match ort {
+            #[cfg(feature = "onnxruntime")]
+            Some(o) => self.run_ort(o, values).map_err(run_err)?,
+            #[cfg(not(feature = "onnxruntime"))]
+            Some(_) => unreachable!("no onnxruntime in this build"),
+            None => {
+                let runnable = self.plans.get(&key, m, &self.feeds, &named)?;
+                runnable
+                    .run(values)
+                    .map_err(|e| run_err(format!("{e:#}")))?
+            }
+        };
         let n_out = m.outputs.len();
         if out.len() != n_out + m.state.len() {
             return Err(run_err(format!(
@@ -539,6 +673,41 @@ impl Model {
         }
         stream.state = next_states;
         Ok((outputs, states))
+    }
+
+    /// The graph's inputs (constants too: ONNX Runtime has them fed, tract baked them in) by
+    /// name to ONNX Runtime; its declared then state outputs as tract values.
+    #[cfg(feature = "onnxruntime")]
+    fn run_ort(
+        &self,
+        o: &super::onnxruntime::OrtPlan,
+        values: TVec<TValue>,
+    ) -> Result<TVec<TValue>, String> {
+        let m = &self.manifest;
+        let f16 = |ix: usize| m.inputs[ix].dtype == DType::F16;
+        let mut inputs: Vec<(String, Array, bool)> = self
+            .feeds
+            .iter()
+            .zip(values.iter())
+            .map(|(&ix, v)| Ok((m.inputs[ix].name.clone(), array_of(v)?, f16(ix))))
+            .collect::<Result<_, String>>()?;
+        for (ix, spec) in m.inputs.iter().enumerate() {
+            if spec.value.is_some()
+                && let Some(t) = &self.initial[ix]
+            {
+                inputs.push((spec.name.clone(), array_of(t)?, f16(ix)));
+            }
+        }
+        let names: Vec<&str> = m
+            .outputs
+            .iter()
+            .map(|o| o.name.as_str())
+            .chain(m.state.iter().map(|s| s.output.as_str()))
+            .collect();
+        o.run(inputs, &names)?
+            .into_iter()
+            .map(|a| plain_tensor(a).map(TValue::from))
+            .collect()
     }
 
     /// Run prepared inputs from the initial state; the first declared output's values.
@@ -1063,6 +1232,56 @@ fn datum(d: DType) -> DatumType {
     }
 }
 
+/// A tract value as tern's array (f16 widened to f32).
+#[cfg_attr(not(feature = "onnxruntime"), allow(dead_code))]
+fn array_of(t: &Tensor) -> Result<Array, String> {
+    fn values<D: Datum + Clone>(t: &Tensor) -> Result<Vec<D>, String> {
+        Ok(t.to_plain_array_view::<D>()
+            .map_err(|e| format!("{e:#}"))?
+            .iter()
+            .cloned()
+            .collect())
+    }
+    let shape = t.shape().to_vec();
+    let data = match t.datum_type() {
+        dt if dt == f32::datum_type() => Data::F32(values::<f32>(t)?),
+        dt if dt == f16::datum_type() => {
+            let wide = t.cast_to::<f32>().map_err(|e| format!("{e:#}"))?;
+            Data::F32(values::<f32>(&wide)?)
+        }
+        dt if dt == i64::datum_type() => Data::I64(values::<i64>(t)?),
+        dt if dt == i32::datum_type() => Data::I32(values::<i32>(t)?),
+        dt if dt == u8::datum_type() => Data::U8(values::<u8>(t)?),
+        dt if dt == bool::datum_type() => Data::Bool(values::<bool>(t)?),
+        other => return Err(format!("{other:?} values are not ones tern passes on")),
+    };
+    Ok(Array { shape, data })
+}
+
+/// An array as a tract tensor of its own dtype.
+#[cfg_attr(not(feature = "onnxruntime"), allow(dead_code))]
+fn plain_tensor(a: Array) -> Result<Tensor, String> {
+    let shape = a.shape;
+    let shaped = |e: tract_ndarray::ShapeError| format!("shape {shape:?}: {e}");
+    Ok(match a.data {
+        Data::F32(v) => tract_ndarray::ArrayD::from_shape_vec(shape.clone(), v)
+            .map_err(shaped)?
+            .into(),
+        Data::I64(v) => tract_ndarray::ArrayD::from_shape_vec(shape.clone(), v)
+            .map_err(shaped)?
+            .into(),
+        Data::I32(v) => tract_ndarray::ArrayD::from_shape_vec(shape.clone(), v)
+            .map_err(shaped)?
+            .into(),
+        Data::U8(v) => tract_ndarray::ArrayD::from_shape_vec(shape.clone(), v)
+            .map_err(shaped)?
+            .into(),
+        Data::Bool(v) => tract_ndarray::ArrayD::from_shape_vec(shape.clone(), v)
+            .map_err(shaped)?
+            .into(),
+    })
+}
+
 /// An array as the tensor an input of this dtype takes.
 fn tensor(spec: &InputSpec, a: Array) -> Result<Tensor, String> {
     let shape = a.shape.clone();
@@ -1168,6 +1387,8 @@ pub enum Plan {
     TractFolded,
     /// tract's CPU plan as tract makes it.
     Tract,
+    /// ONNX Runtime (its library loaded at run time), on the CPU.
+    Onnxruntime,
     /// Whatever the runtime (cuda) does.
     Runtime,
 }
@@ -1177,6 +1398,7 @@ impl Plan {
         match self {
             Plan::TractFolded => "tract+fold",
             Plan::Tract => "tract",
+            Plan::Onnxruntime => "onnxruntime",
             Plan::Runtime => "runtime",
         }
     }
@@ -1194,9 +1416,19 @@ impl Plan {
                 tract_onnx::tract_core::optim::Optimizer::prop_consts().optimize(&mut m)?;
                 Ok(Arc::new(TypedSimplePlan::new_with_options(m, options)?))
             }
-            Plan::Tract | Plan::Runtime => Ok(rt.prepare_with_options(model, options)?.into()),
+            Plan::Tract | Plan::Runtime | Plan::Onnxruntime => {
+                Ok(rt.prepare_with_options(model, options)?.into())
+            }
         }
     }
+}
+
+/// Whether ONNX Runtime's library is here to plan with (loaded on first ask), or why not.
+fn ort_available() -> Result<(), String> {
+    #[cfg(feature = "onnxruntime")]
+    return super::onnxruntime::library().map(|_| ());
+    #[cfg(not(feature = "onnxruntime"))]
+    Err("this ternd was built without the `onnxruntime` feature".into())
 }
 
 /// The tract runtime for a choice (or why there is none), and why `auto` chose the CPU if it

@@ -377,7 +377,7 @@ impl Registry {
     pub async fn apply(&self, models: &[ModelConfig]) -> Vec<RegistryError> {
         let mut problems = Vec::new();
         for m in models {
-            let installed = match self.install(&m.package).await {
+            let installed = match self.install(&m.package, m.pool).await {
                 Ok(i) => i,
                 Err(e) => {
                     tracing::error!(model = %m.name, package = %m.package.display(), error = %e, "model not installed");
@@ -422,7 +422,13 @@ impl Registry {
 
     /// Verify and copy a model package into the state directory. The package is loaded and
     /// self-tested first: nothing is written for a package that would be refused.
-    pub async fn install(&self, package: &Path) -> Result<Installed, RegistryError> {
+    /// Verification runs with `settings`, the pool's the version will serve in: the plans it
+    /// may use are the ones that must pass.
+    pub async fn install(
+        &self,
+        package: &Path,
+        settings: PoolSettings,
+    ) -> Result<Installed, RegistryError> {
         let package = package.to_path_buf();
         // Hashing and the manifest are cheap; loading and self-testing the model is not, and
         // an identical version already installed was verified when it was installed (and is
@@ -444,7 +450,7 @@ impl Registry {
                 let package = package.clone();
                 move || {
                     crate::crash_point("install:verifying");
-                    Model::load(&package, std::num::NonZeroUsize::MIN)
+                    Model::load_for(&package, &settings)
                         .map(drop)
                         .map_err(RegistryError::from)
                 }

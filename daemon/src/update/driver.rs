@@ -513,7 +513,12 @@ impl Driver {
             } => Outcome::Step(self.verify_and_stage(id, *artifact, name, version).await),
             Effect::Install { id, name } => {
                 let package = self.staging(id).join("package");
-                match self.d.registry.install(&package).await {
+                match self
+                    .d
+                    .registry
+                    .install(&package, self.d.pools.get(&name))
+                    .await
+                {
                     Ok(_) => Outcome::Installed(Ok(self
                         .d
                         .registry

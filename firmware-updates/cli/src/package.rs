@@ -327,7 +327,9 @@ pub fn golden(dir: &Path, inputs: &[PathBuf], python: &str) -> anyhow::Result<bo
         next += 1;
     }
     add_to_manifest(dir, &added)?;
-    match ternd::engine::Model::load(dir, std::num::NonZeroUsize::MIN) {
+    // tract, not `auto`: onnxruntime agreeing with itself would prove nothing.
+    let tract = ternd::engine::Plan::Tract;
+    match ternd::engine::Model::load_plan(dir, std::num::NonZeroUsize::MIN, tract) {
         Ok(model) => {
             println!(
                 "{}: tract agrees with onnxruntime on all {} golden vector(s) (tolerance {}, plan {})",

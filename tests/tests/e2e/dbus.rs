@@ -88,6 +88,16 @@ fn local_api_on_a_system_bus_with_the_policy() {
         "{status}"
     );
     assert_eq!(status["models"][0]["name"], "digits-mlp-int8");
+    // Every plan auto timed, the one serving among them.
+    let tried = status["models"][0]["plans_tried"].as_array().unwrap();
+    let plan = status["models"][0]["plan"].as_str().unwrap();
+    assert!(tried.len() >= 2, "{status}");
+    assert!(
+        tried
+            .iter()
+            .any(|t| t.as_str().unwrap().starts_with(&format!("{plan}: "))),
+        "{status}"
+    );
     let models = reply(&call(&bus, false, "ListModels", &[]));
     assert!(models.to_string().contains("\"1.0.0\""), "{models}");
     let pipelines = reply(&call(&bus, false, "ListPipelines", &[]));

@@ -499,7 +499,9 @@ fn bring_your_own_model_from_init_to_infer() {
 fn plans_per_shape_are_kept_within_their_bound() {
     use ternd::engine::{Array, Input, Model};
     let Some(dir) = third_party() else { return };
-    let m = Model::load(&dir.join("ppocr-rec"), std::num::NonZeroUsize::MIN).unwrap();
+    // tract's plan: the plans per shape are tract's (onnxruntime plans shapes by itself).
+    let tract = ternd::engine::Plan::Tract;
+    let m = Model::load_plan(&dir.join("ppocr-rec"), std::num::NonZeroUsize::MIN, tract).unwrap();
     let width = |w: usize| {
         let n = 3 * 48 * w;
         let data = (0..n).map(|i| ((i % 17) as f32 / 8.0) - 1.0).collect();
@@ -539,7 +541,8 @@ fn a_symbolic_dimension_is_one_plan_for_every_value() {
     )
     .unwrap();
     // The golden vectors (576 samples) pass on the symbolic plan.
-    let m = Model::load(&vad, std::num::NonZeroUsize::MIN).unwrap();
+    let tract = ternd::engine::Plan::Tract;
+    let m = Model::load_plan(&vad, std::num::NonZeroUsize::MIN, tract).unwrap();
     let samples = |n: usize| {
         let data = (0..n)
             .map(|i| ((i * 7919) % 200) as f32 / 1000.0 - 0.1)
@@ -561,7 +564,7 @@ fn a_symbolic_dimension_is_one_plan_for_every_value() {
         text.replacen("[inputs.image]", "symbolic = [\"W\"]\n[inputs.image]", 1),
     )
     .unwrap();
-    let e = Model::load(&rec, std::num::NonZeroUsize::MIN)
+    let e = Model::load_plan(&rec, std::num::NonZeroUsize::MIN, tract)
         .unwrap_err()
         .to_string();
     assert!(
