@@ -50,14 +50,15 @@ pub fn bin(name: &str) -> PathBuf {
     // Older than a source it is built from: a `cargo test -p tern-tests` after a change to
     // the daemon. (Not the ternd rlibs: cargo keeps one per feature set, built at different
     // moments, and a binary is linked against only one of them.)
-    let newest_source = [
-        "daemon/src",
-        "firmware-updates/src",
-        "firmware-updates/cli/src",
-    ]
-    .iter()
-    .flat_map(|d| sources(&root().join(d)))
-    .max();
+    let dirs: &[&str] = match name {
+        "tern-update" => &[
+            "daemon/src",
+            "firmware-updates/src",
+            "firmware-updates/cli/src",
+        ],
+        _ => &["daemon/src", "firmware-updates/src"],
+    };
+    let newest_source = dirs.iter().flat_map(|d| sources(&root().join(d))).max();
     if let Some((changed, file)) = newest_source {
         assert!(
             changed <= built,

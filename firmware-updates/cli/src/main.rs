@@ -281,6 +281,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             // The same load and golden-vector self-test a box runs before it activates.
             let model = ternd::engine::Model::load(&package, std::num::NonZeroUsize::MIN)
                 .with_context(|| format!("{} fails tern's self-test", package.display()))?;
+            // A plan some boxes lack may be the only one that passes (onnxruntime running a
+            // model tract runs wrongly): those boxes will refuse the update. Say so now.
+            let refused: Vec<&String> = model
+                .timings
+                .iter()
+                .filter(|t| !t.ends_with(" µs"))
+                .collect();
+            if !refused.is_empty() {
+                eprintln!(
+                    "tern-update: warning: {} passes its self-test on plan `{}` here, but not on: \
+                     {}; boxes that only have those plans will refuse the update",
+                    package.display(),
+                    model.plan,
+                    refused
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                );
+            }
             let bytes = artifact::pack(&package)
                 .with_context(|| format!("packing {}", package.display()))?;
             let signed = Signed {

@@ -94,6 +94,21 @@ fn broken_int8_fixture_is_refused_naming_output_and_difference() {
     if status.success() {
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v["top"][0]["label"], "1", "{v}");
+        // Bundling it works, and warns that boxes without onnxruntime will refuse it.
+        let d = tempfile::tempdir().unwrap();
+        let o = std::process::Command::new(bin("tern-update"))
+            .args(["bundle", "--package"])
+            .arg(&pkg)
+            .arg("--out")
+            .arg(d.path().join("b.bundle"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{err}");
+        assert!(
+            err.contains("warning") && err.contains("tract: ") && err.contains("will refuse"),
+            "{err}"
+        );
     } else if std::env::var("TERN_TEST_STRICT").as_deref() == Ok("1") {
         panic!("the onnxruntime plan is required (TERN_TEST_STRICT=1): {err}");
     } else {
