@@ -825,6 +825,7 @@ async fn check(path: &Path, bus: Option<&str>, json: bool) -> Exit {
         Err(e) => add("config", Level::Error, format!("{}: {e}", path.display())),
         Ok(c) => {
             add("config", Level::Ok, format!("{}: valid", path.display()));
+            crate::engine::use_onnxruntime_library(c.onnxruntime_library.as_deref());
             for (name, level, detail) in box_checks(&c).await {
                 add(name, level, detail);
             }

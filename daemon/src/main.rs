@@ -201,6 +201,8 @@ fn install(path: &Path, bundle: &Path, wait_secs: u64) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG as u8);
         }
     };
+    // Verified here (the daemon stopped) with the plans the box will serve with.
+    ternd::engine::use_onnxruntime_library(config.onnxruntime_library.as_deref());
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::new(
             std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),

@@ -118,10 +118,7 @@ pub async fn run(
         .await
         .expect("store open panicked")?;
 
-    #[cfg(feature = "onnxruntime")]
-    if let Some(lib) = &config.onnxruntime_library {
-        crate::engine::onnxruntime::configure(lib.clone());
-    }
+    crate::engine::use_onnxruntime_library(config.onnxruntime_library.as_deref());
     let mut tasks = Tasks::default();
     // Ends the tasks that are not stopped in their own order (the fleet's, pipelines').
     let cancel = CancellationToken::new();
@@ -556,6 +553,13 @@ impl Daemon {
                     );
                     new.fleet = self.config.fleet.clone();
                     new.outbox = self.config.outbox;
+                }
+                if new.onnxruntime_library != self.config.onnxruntime_library {
+                    tracing::warn!(
+                        "engine.onnxruntime_library changes need a restart; keeping the loaded \
+                         library"
+                    );
+                    new.onnxruntime_library = self.config.onnxruntime_library.clone();
                 }
                 if let Err(e) = self.control.set_log_level(&new.log_level) {
                     tracing::warn!(error = %e, "log level not changed");

@@ -30,6 +30,17 @@ pub use model::{
 };
 pub use pool::{Latencies, ModelPool, PoolSettings, PoolStats, Pools, Quantiles, panic_message};
 
+/// Point the onnxruntime plan at the configured library. Once per process, before a model
+/// loads: a later call (a reload with a new path) changes nothing until a restart.
+pub fn use_onnxruntime_library(path: Option<&std::path::Path>) {
+    #[cfg(feature = "onnxruntime")]
+    if let Some(p) = path {
+        onnxruntime::configure(p.to_path_buf());
+    }
+    #[cfg(not(feature = "onnxruntime"))]
+    let _ = path;
+}
+
 /// Where models run (`engine.runtime`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -143,12 +143,12 @@ impl Model {
         threads: NonZeroUsize,
         runtime: Runtime,
     ) -> Result<Model, EngineError> {
-        Self::load_planned(dir, threads, runtime, PlanChoice::Auto)
+        Self::load_planned(dir, threads, runtime, (PlanChoice::Auto, 1))
     }
 
     /// [`Model::load`] with the pool settings a box serves it with: threads, runtime, plans.
     pub fn load_for(dir: &Path, s: &super::PoolSettings) -> Result<Model, EngineError> {
-        Self::load_planned(dir, s.threads, s.runtime, s.plan)
+        Self::load_planned(dir, s.threads, s.runtime, (s.plan, s.workers.get()))
     }
 
     /// [`Model::load`] with one CPU plan only (to compare plans).
@@ -158,14 +158,14 @@ impl Model {
             Plan::Onnxruntime => PlanChoice::Onnxruntime,
             Plan::Tract | Plan::Runtime => PlanChoice::Tract,
         };
-        Self::load_planned(dir, threads, Runtime::Cpu, only)
+        Self::load_planned(dir, threads, Runtime::Cpu, (only, 1))
     }
 
     fn load_planned(
         dir: &Path,
         threads: NonZeroUsize,
         runtime: Runtime,
-        only: PlanChoice,
+        only: (PlanChoice, usize),
     ) -> Result<Model, EngineError> {
         let (rt, fallback) = pick(runtime);
         let on_gpu = runtime == Runtime::Auto && fallback.is_none();
@@ -188,7 +188,7 @@ impl Model {
         threads: NonZeroUsize,
         rt: Result<&'static dyn TractRuntime, String>,
         fallback: Option<String>,
-        only: PlanChoice,
+        only: (PlanChoice, usize),
     ) -> Result<Model, EngineError> {
         // A malformed model must not take the daemon down if tract panics on it. The runtime
         // is tract's static, stateless entry point: a panic leaves nothing of it half-changed.
@@ -212,8 +212,9 @@ impl Model {
         threads: NonZeroUsize,
         rt: Result<&'static dyn TractRuntime, String>,
         fallback: Option<String>,
-        only: PlanChoice,
+        only: (PlanChoice, usize),
     ) -> Result<Model, EngineError> {
+        let (only, workers) = only;
         let manifest = Manifest::read(dir)?;
         let path = dir.join(MODEL_FILE);
         let load_err = |message: String| EngineError::Load {
@@ -285,11 +286,10 @@ impl Model {
         // optimisation, tract as it plans by itself, and ONNX Runtime when its library is
         // here. Every one whose outputs agree with the golden vectors is timed on them, and the
         // fastest serves; one plan alone is not timed.
-        let ort_here = ort_available();
         let plans: Vec<Plan> = match (rt.name().as_ref(), only) {
             ("cpu", PlanChoice::Auto) => {
                 let mut p = vec![Plan::TractFolded, Plan::Tract];
-                match &ort_here {
+                match ort_available() {
                     Ok(()) => p.push(Plan::Onnxruntime),
                     Err(why) => {
                         tracing::debug!(model = %manifest.name, %why, "no onnxruntime plan")
@@ -300,8 +300,15 @@ impl Model {
             ("cpu", PlanChoice::Tract) => vec![Plan::Tract],
             ("cpu", PlanChoice::TractFolded) => vec![Plan::TractFolded],
             ("cpu", PlanChoice::Onnxruntime) => {
-                ort_here.map_err(|why| load_err(format!("plan `onnxruntime`: {why}")))?;
+                ort_available().map_err(|why| load_err(format!("plan `onnxruntime`: {why}")))?;
                 vec![Plan::Onnxruntime]
+            }
+            // onnxruntime runs on the CPU only: with cuda, the runtime's own plan.
+            _ if only == PlanChoice::Onnxruntime => {
+                return Err(load_err(format!(
+                    "plan `onnxruntime` runs on the CPU; runtime `{}` was asked for",
+                    rt.name()
+                )));
             }
             _ => vec![Plan::Runtime],
         };
@@ -319,7 +326,7 @@ impl Model {
             let mut ort = None;
             if *plan == Plan::Onnxruntime {
                 #[cfg(feature = "onnxruntime")]
-                match super::onnxruntime::OrtPlan::load(&path, threads.get()) {
+                match super::onnxruntime::OrtPlan::load(&path, threads.get(), workers) {
                     Ok(o) => ort = Some(o),
                     Err(e) => {
                         tried.push(format!("onnxruntime: {e}"));
@@ -385,7 +392,14 @@ impl Model {
                 best = Some((model, Duration::ZERO));
                 break;
             }
-            let took = model.time_golden();
+            let took = match model.time_golden() {
+                Ok(t) => t,
+                Err(e) => {
+                    tried.push(format!("{}: {e}", plan.name()));
+                    last_err = Some(e);
+                    continue;
+                }
+            };
             tried.push(format!("{}: {} µs", plan.name(), took.as_micros()));
             if best.as_ref().is_none_or(|(_, b)| took < *b) {
                 best = Some((model, took));
@@ -401,27 +415,27 @@ impl Model {
         Ok(model)
     }
 
-    /// The golden inputs' run time on this plan: the median of a few rounds over all of them,
-    /// after one to warm up, within about a third of a second.
-    fn time_golden(&self) -> Duration {
-        let inputs: Vec<Prepared> = self.golden_inputs().unwrap_or_default();
-        let round = || {
+    /// The golden inputs' run time on this plan: the median of rounds over all of them, after
+    /// one to warm up, until a third of a second has passed (at least one round, at most 25).
+    fn time_golden(&self) -> Result<Duration, EngineError> {
+        let inputs: Vec<Prepared> = self.golden_inputs()?;
+        let round = || -> Result<Duration, EngineError> {
             let start = Instant::now();
             for p in &inputs {
-                let _ = self.run_prepared(p, &mut self.stream());
+                self.run_prepared(p, &mut self.stream())?;
             }
-            start.elapsed()
+            Ok(start.elapsed())
         };
-        round();
+        round()?;
         let budget = Instant::now();
         let mut rounds = Vec::new();
-        while rounds.len() < 3
+        while rounds.is_empty()
             || (rounds.len() < 25 && budget.elapsed() < Duration::from_millis(300))
         {
-            rounds.push(round());
+            rounds.push(round()?);
         }
         rounds.sort();
-        rounds[rounds.len() / 2]
+        Ok(rounds[rounds.len() / 2])
     }
 
     /// Each golden case's inputs, prepared as requests are.
@@ -1416,9 +1430,8 @@ impl Plan {
                 tract_onnx::tract_core::optim::Optimizer::prop_consts().optimize(&mut m)?;
                 Ok(Arc::new(TypedSimplePlan::new_with_options(m, options)?))
             }
-            Plan::Tract | Plan::Runtime | Plan::Onnxruntime => {
-                Ok(rt.prepare_with_options(model, options)?.into())
-            }
+            Plan::Tract | Plan::Runtime => Ok(rt.prepare_with_options(model, options)?.into()),
+            Plan::Onnxruntime => Err(TractError::msg("onnxruntime is not a tract plan")),
         }
     }
 }

@@ -33,7 +33,20 @@ fn environment() -> Result<&'static (ort::environment::Environment, PathBuf), St
     ENVIRONMENT
         .get_or_init(|| {
             let mut tried = Vec::new();
-            for candidate in candidates() {
+            // The Python wheel is asked for (a process) only when nothing else loads.
+            let candidates = candidates()
+                .into_iter()
+                .map(Some)
+                .chain(std::iter::once(None));
+            for candidate in candidates {
+                let candidate = match candidate {
+                    Some(c) => c,
+                    None if CONFIGURED.get().is_some() => break,
+                    None => match python_wheel() {
+                        Some(c) => c,
+                        None => break,
+                    },
+                };
                 // A panic in a foreign loader must not take the daemon down.
                 let loaded = std::panic::catch_unwind(|| {
                     ort::init_from(&candidate)
@@ -46,9 +59,11 @@ fn environment() -> Result<&'static (ort::environment::Environment, PathBuf), St
                     Err(_) => tried.push(format!("{}: the loader panicked", candidate.display())),
                 }
             }
+            // Decided once per process: a library installed later is used after a restart.
             Err(format!(
                 "no ONNX Runtime library could be loaded (set engine.onnxruntime_library or \
-                 ORT_DYLIB_PATH, or `pip install onnxruntime`); tried: {}",
+                 ORT_DYLIB_PATH, or `pip install onnxruntime`; restart after installing one); \
+                 tried: {}",
                 if tried.is_empty() {
                     "nothing".into()
                 } else {
@@ -60,7 +75,7 @@ fn environment() -> Result<&'static (ort::environment::Environment, PathBuf), St
         .map_err(Clone::clone)
 }
 
-/// Where the library may be, in order.
+/// Where the library may be, in order, before asking Python.
 fn candidates() -> Vec<PathBuf> {
     if let Some(p) = CONFIGURED.get() {
         // What the operator configured is the only answer: no guessing around it.
@@ -71,22 +86,41 @@ fn candidates() -> Vec<PathBuf> {
         out.push(PathBuf::from(p));
     }
     out.push(PathBuf::from("libonnxruntime.so"));
-    out.extend(python_wheel());
     out
 }
 
-/// `libonnxruntime.so*` inside an installed `onnxruntime` Python package, if python3 has one.
+/// `libonnxruntime.so*` inside an installed `onnxruntime` Python package, if python3 has one
+/// and says so within a few seconds (a python3 that hangs must not hold every model load).
 fn python_wheel() -> Option<PathBuf> {
-    let out = std::process::Command::new("python3")
+    use std::io::Read;
+    let mut child = std::process::Command::new("python3")
         .args([
             "-c",
             "import importlib.util, os; s = importlib.util.find_spec('onnxruntime'); \
              print(os.path.join(os.path.dirname(s.origin), 'capi') if s else '')",
         ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
-        .output()
+        .spawn()
         .ok()?;
-    let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    }
+    let mut text = String::new();
+    child.stdout.take()?.read_to_string(&mut text).ok()?;
+    let dir = PathBuf::from(text.trim());
     let mut libs: Vec<PathBuf> = std::fs::read_dir(&dir)
         .ok()?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -100,27 +134,46 @@ fn python_wheel() -> Option<PathBuf> {
     libs.pop()
 }
 
-/// One model in ONNX Runtime. `Session::run` takes `&mut`: requests take turns on it (ONNX
-/// Runtime's own intra-op threads still run each one in parallel).
+/// One model in ONNX Runtime: a session per pool worker, since `Session::run` takes `&mut`
+/// (each with the pool's intra-op threads), so workers do not queue behind one another.
 pub struct OrtPlan {
-    session: Mutex<Session>,
+    sessions: Vec<Mutex<Session>>,
 }
 
 impl OrtPlan {
-    pub fn load(model: &Path, threads: usize) -> Result<OrtPlan, String> {
+    pub fn load(model: &Path, threads: usize, workers: usize) -> Result<OrtPlan, String> {
         let (env, _) = environment()?;
         let s = |e: ort::Error<ort::session::builder::SessionBuilder>| e.to_string();
-        let session = Session::builder(env)
-            .map_err(|e| e.to_string())?
-            .with_intra_threads(threads)
-            .map_err(s)?
-            .with_inter_threads(1)
-            .map_err(s)?
-            .commit_from_file(model)
-            .map_err(|e| format!("onnxruntime refused the model: {e}"))?;
-        Ok(OrtPlan {
-            session: Mutex::new(session),
-        })
+        let sessions = (0..workers.max(1))
+            .map(|_| {
+                Session::builder(env)
+                    .map_err(|e| e.to_string())?
+                    .with_intra_threads(threads)
+                    .map_err(s)?
+                    .with_inter_threads(1)
+                    .map_err(s)?
+                    // Spinning threads would take the cores other models run on between
+                    // requests.
+                    .with_intra_op_spinning(false)
+                    .map_err(s)?
+                    .commit_from_file(model)
+                    .map(Mutex::new)
+                    .map_err(|e| format!("onnxruntime refused the model: {e}"))
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(OrtPlan { sessions })
+    }
+
+    /// A free session, or the first one to wait on when every one is busy.
+    fn session(&self) -> std::sync::MutexGuard<'_, Session> {
+        for s in &self.sessions {
+            match s.try_lock() {
+                Ok(g) => return g,
+                Err(std::sync::TryLockError::Poisoned(p)) => return p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => {}
+            }
+        }
+        self.sessions[0].lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Run with inputs by name (`true`: the model takes the floats as f16); the named
@@ -147,7 +200,7 @@ impl OrtPlan {
             };
             values.push((name, v));
         }
-        let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        let mut session = self.session();
         let result = session.run(values).map_err(|e| e.to_string())?;
         outputs
             .iter()

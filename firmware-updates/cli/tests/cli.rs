@@ -132,8 +132,15 @@ fn bundle_sign_verify_inspect_and_refusals() {
     assert_eq!(o.status.code(), Some(65), "{}", text(&o));
     assert!(text(&o).contains("REFUSED (bad_chunk)"), "{}", text(&o));
 
-    // A package whose golden vectors tern's engine does not reproduce is never bundled.
-    let broken = models().join("digits-mlp-int8-broken");
+    // A package whose golden vectors tern's engine does not reproduce, on any plan, is never
+    // bundled: a good model whose reference output was changed.
+    let broken = dir.join("wrong-golden");
+    copy_dir(&models().join("digits-mlp-int8"), &broken);
+    let out = broken.join("golden/0-output.npy");
+    let mut npy = std::fs::read(&out).unwrap();
+    let last = npy.len() - 4;
+    npy[last..].copy_from_slice(&0.75f32.to_le_bytes());
+    std::fs::write(&out, npy).unwrap();
     let o = tool(
         &[
             "bundle",
