@@ -341,11 +341,13 @@ impl Model {
                 } else {
                     Some(t.clone())
                 };
-                match plan.prepare(
-                    rt,
-                    model.expect("taken by the last tract plan only"),
-                    &options,
-                ) {
+                let model = model.expect("taken by the last tract plan only");
+                // A plan tract panics on is passed over like one it refuses.
+                let prepared = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    plan.prepare(rt, model, &options)
+                }))
+                .unwrap_or_else(|p| Err(TractError::msg(super::panic_message(&*p))));
+                match prepared {
                     Ok(r) => cache.push((Vec::new(), r)),
                     Err(e) => {
                         tried.push(format!("{}: {e:#}", plan.name()));
@@ -383,7 +385,13 @@ impl Model {
                 outcomes: Outcomes::default(),
                 timings: Vec::new(),
             };
-            if let Err(e) = model.self_test() {
+            let panicked = |p: Box<dyn std::any::Any + Send>| {
+                load_err(format!("panicked: {}", super::panic_message(&*p)))
+            };
+            let tested =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.self_test()))
+                    .unwrap_or_else(|p| Err(panicked(p)));
+            if let Err(e) = tested {
                 tried.push(format!("{}: {e}", plan.name()));
                 last_err = Some(e);
                 continue;
@@ -392,7 +400,10 @@ impl Model {
                 best = Some((model, Duration::ZERO));
                 break;
             }
-            let took = match model.time_golden() {
+            let timing =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.time_golden()))
+                    .unwrap_or_else(|p| Err(panicked(p)));
+            let took = match timing {
                 Ok(t) => t,
                 Err(e) => {
                     tried.push(format!("{}: {e}", plan.name()));
