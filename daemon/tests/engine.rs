@@ -159,11 +159,7 @@ fn a_golden_vector_that_disagrees_refuses_a_good_model() {
     // The self-test must be able to fail on the good forms too: corrupt one reference value.
     let d = tempfile::tempdir().unwrap();
     copy(&models().join("digits-mlp-f32"), d.path());
-    let p = d.path().join("golden/2-output.npy");
-    let mut bytes = std::fs::read(&p).unwrap();
-    let last = bytes.len() - 4;
-    bytes[last..].copy_from_slice(&0.5f32.to_le_bytes());
-    std::fs::write(&p, bytes).unwrap();
+    change_last_f32(&d.path().join("golden/2-output.npy"), |_| 0.5);
     let e = Model::load(d.path(), NonZeroUsize::MIN).unwrap_err();
     assert!(matches!(e, EngineError::SelfTest { vector: 2, .. }), "{e}");
 }
@@ -301,6 +297,15 @@ async fn a_full_queue_answers_busy_at_once() {
     for rx in accepted {
         assert_eq!(rx.await.unwrap().unwrap().top[0].label, "7");
     }
+}
+
+/// Rewrite the last value of a float32 `.npy` (a reference output made wrong).
+fn change_last_f32(p: &Path, f: impl Fn(f32) -> f32) {
+    let mut bytes = std::fs::read(p).unwrap();
+    let last = bytes.len() - 4;
+    let v = f(f32::from_le_bytes(bytes[last..].try_into().unwrap()));
+    bytes[last..].copy_from_slice(&v.to_le_bytes());
+    std::fs::write(p, bytes).unwrap();
 }
 
 fn copy(src: &Path, dst: &Path) {
@@ -822,12 +827,7 @@ fn golden_vectors_may_be_folders_of_npy() {
     assert_eq!(m.manifest.selftest.golden.len(), 2);
 
     // One reference value off by 1: the folder case refuses the model.
-    let out = d.path().join("golden/0/out/detections.npy");
-    let mut bytes = std::fs::read(&out).unwrap();
-    let last = bytes.len() - 4;
-    let v = f32::from_le_bytes(bytes[last..].try_into().unwrap()) + 1.0;
-    bytes[last..].copy_from_slice(&v.to_le_bytes());
-    std::fs::write(&out, bytes).unwrap();
+    change_last_f32(&d.path().join("golden/0/out/detections.npy"), |v| v + 1.0);
     let e = Model::load(d.path(), NonZeroUsize::MIN).unwrap_err();
     assert!(matches!(e, EngineError::SelfTest { vector: 0, .. }), "{e}");
 }

@@ -215,6 +215,9 @@ impl Model {
         only: (PlanChoice, usize),
     ) -> Result<Model, EngineError> {
         let (only, workers) = only;
+        // Sessions per worker are onnxruntime's; tract's plans are shared by the workers.
+        #[cfg(not(feature = "onnxruntime"))]
+        let _ = workers;
         let manifest = Manifest::read(dir)?;
         let path = dir.join(MODEL_FILE);
         let load_err = |message: String| EngineError::Load {
@@ -385,26 +388,22 @@ impl Model {
                 outcomes: Outcomes::default(),
                 timings: Vec::new(),
             };
-            let panicked = |p: Box<dyn std::any::Any + Send>| {
-                load_err(format!("panicked: {}", super::panic_message(&*p)))
-            };
-            let tested =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.self_test()))
-                    .unwrap_or_else(|p| Err(panicked(p)));
-            if let Err(e) = tested {
-                tried.push(format!("{}: {e}", plan.name()));
-                last_err = Some(e);
-                continue;
-            }
-            if !timed {
-                best = Some((model, Duration::ZERO));
-                break;
-            }
-            let timing =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.time_golden()))
-                    .unwrap_or_else(|p| Err(panicked(p)));
-            let took = match timing {
-                Ok(t) => t,
+            // Checked on the golden vectors, then (with rivals) timed on their inputs; a panic
+            // in either passes the plan over like a refusal.
+            let verdict = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let inputs = model.check_golden()?;
+                match timed {
+                    true => model.time_golden(&inputs).map(Some),
+                    false => Ok(None),
+                }
+            }))
+            .unwrap_or_else(|p| Err(load_err(format!("panicked: {}", super::panic_message(&*p)))));
+            let took = match verdict {
+                Ok(Some(t)) => t,
+                Ok(None) => {
+                    best = Some((model, Duration::ZERO));
+                    break;
+                }
                 Err(e) => {
                     tried.push(format!("{}: {e}", plan.name()));
                     last_err = Some(e);
@@ -428,11 +427,10 @@ impl Model {
 
     /// The golden inputs' run time on this plan: the median of rounds over all of them, after
     /// one to warm up, until a third of a second has passed (at least one round, at most 25).
-    fn time_golden(&self) -> Result<Duration, EngineError> {
-        let inputs: Vec<Prepared> = self.golden_inputs()?;
+    fn time_golden(&self, inputs: &[Prepared]) -> Result<Duration, EngineError> {
         let round = || -> Result<Duration, EngineError> {
             let start = Instant::now();
-            for p in &inputs {
+            for p in inputs {
                 self.run_prepared(p, &mut self.stream())?;
             }
             Ok(start.elapsed())
@@ -449,43 +447,6 @@ impl Model {
         Ok(rounds[rounds.len() / 2])
     }
 
-    /// Each golden case's inputs, prepared as requests are.
-    fn golden_inputs(&self) -> Result<Vec<Prepared>, EngineError> {
-        let m = &self.manifest;
-        let mut out = Vec::new();
-        for g in &m.selftest.golden {
-            let input = match g {
-                Golden::Pair { input, .. } => {
-                    let bytes = std::fs::read(self.dir.join(input)).map_err(|e| {
-                        EngineError::Unreadable {
-                            message: format!("{}: {e}", input.display()),
-                        }
-                    })?;
-                    let (shape, data) = read_npy_f32(&bytes)?;
-                    Input::Tensor { shape, data }
-                }
-                Golden::Npz(p) => {
-                    let full = self.dir.join(p);
-                    let arrays = if full.is_dir() {
-                        read_npy_tree(&full)?
-                    } else {
-                        read_npz(&std::fs::read(&full).map_err(|e| EngineError::Unreadable {
-                            message: format!("{}: {e}", p.display()),
-                        })?)?
-                    };
-                    Input::Arrays(
-                        arrays
-                            .into_iter()
-                            .filter(|(n, _)| !n.starts_with("out/"))
-                            .collect(),
-                    )
-                }
-            };
-            out.push(input.prepare(m)?);
-        }
-        Ok(out)
-    }
-
     pub fn name(&self) -> &str {
         &self.manifest.name
     }
@@ -496,7 +457,14 @@ impl Model {
 
     /// Run every golden vector and compare with the reference outputs.
     pub fn self_test(&self) -> Result<(), EngineError> {
+        self.check_golden().map(drop)
+    }
+
+    /// [`Model::self_test`], returning each case's inputs as prepared, for timing the plan on
+    /// them without reading the files again.
+    fn check_golden(&self) -> Result<Vec<Prepared>, EngineError> {
         let m = &self.manifest;
+        let mut cases = Vec::with_capacity(m.selftest.golden.len());
         for (i, g) in m.selftest.golden.iter().enumerate() {
             let fail = |message: String| EngineError::SelfTest {
                 model: m.name.clone(),
@@ -508,14 +476,14 @@ impl Model {
                     .map_err(|e| fail(format!("cannot read {}: {e}", p.display())))
             };
             // What the case feeds, the states it starts from, and what must come out.
-            let (input, mut stream, want) = match g {
+            let (input, want) = match g {
                 Golden::Pair { input, output } => {
                     let (shape, data) = read_npy_f32(&read(input)?)
                         .map_err(|e| fail(format!("{}: {e}", input.display())))?;
                     let (out_shape, out) = read_npy_f32(&read(output)?)
                         .map_err(|e| fail(format!("{}: {e}", output.display())))?;
                     let want = vec![(m.outputs[0].name.clone(), Array::f32(out_shape, out))];
-                    (Input::Tensor { shape, data }, self.stream(), want)
+                    (Input::Tensor { shape, data }, want)
                 }
                 Golden::Npz(p) => {
                     let full = self.dir.join(p);
@@ -531,7 +499,7 @@ impl Model {
                         .into_iter()
                         .map(|(n, a)| (n["out/".len()..].to_string(), a))
                         .collect();
-                    (Input::Arrays(fed), self.stream(), want)
+                    (Input::Arrays(fed), want)
                 }
             };
             if want.is_empty() {
@@ -539,7 +507,7 @@ impl Model {
             }
             let prepared = input.prepare(m).map_err(|e| fail(e.to_string()))?;
             let (outputs, states) = self
-                .run_prepared(&prepared, &mut stream)
+                .run_prepared(&prepared, &mut self.stream())
                 .map_err(|e| fail(e.to_string()))?;
             for (name, reference) in want {
                 let got = if let Some(o) = m.outputs.iter().position(|o| o.name == name) {
@@ -570,8 +538,9 @@ impl Model {
                         fail(format!("{key}: output `{}`: {}", spec.name, e.0))
                     })?;
             }
+            cases.push(prepared);
         }
-        Ok(())
+        Ok(cases)
     }
 
     /// A fresh stream: states at their initial values.
@@ -1284,50 +1253,25 @@ fn array_of(t: &Tensor) -> Result<Array, String> {
 }
 
 /// An array as a tract tensor of its own dtype.
-#[cfg_attr(not(feature = "onnxruntime"), allow(dead_code))]
 fn plain_tensor(a: Array) -> Result<Tensor, String> {
-    let shape = a.shape;
-    let shaped = |e: tract_ndarray::ShapeError| format!("shape {shape:?}: {e}");
-    Ok(match a.data {
-        Data::F32(v) => tract_ndarray::ArrayD::from_shape_vec(shape.clone(), v)
-            .map_err(shaped)?
-            .into(),
-        Data::I64(v) => tract_ndarray::ArrayD::from_shape_vec(shape.clone(), v)
-            .map_err(shaped)?
-            .into(),
-        Data::I32(v) => tract_ndarray::ArrayD::from_shape_vec(shape.clone(), v)
-            .map_err(shaped)?
-            .into(),
-        Data::U8(v) => tract_ndarray::ArrayD::from_shape_vec(shape.clone(), v)
-            .map_err(shaped)?
-            .into(),
-        Data::Bool(v) => tract_ndarray::ArrayD::from_shape_vec(shape.clone(), v)
-            .map_err(shaped)?
-            .into(),
-    })
+    fn shaped<D: Datum>(shape: Vec<usize>, v: Vec<D>) -> Result<Tensor, String> {
+        let what = format!("shape {shape:?}");
+        tract_ndarray::ArrayD::from_shape_vec(shape, v)
+            .map(Tensor::from)
+            .map_err(|e| format!("{what}: {e}"))
+    }
+    match a.data {
+        Data::F32(v) => shaped(a.shape, v),
+        Data::I64(v) => shaped(a.shape, v),
+        Data::I32(v) => shaped(a.shape, v),
+        Data::U8(v) => shaped(a.shape, v),
+        Data::Bool(v) => shaped(a.shape, v),
+    }
 }
 
 /// An array as the tensor an input of this dtype takes.
 fn tensor(spec: &InputSpec, a: Array) -> Result<Tensor, String> {
-    let shape = a.shape.clone();
-    let shaped = |e: tract_ndarray::ShapeError| format!("shape {shape:?}: {e}");
-    let t: Tensor = match a.data {
-        Data::F32(v) => tract_ndarray::ArrayD::from_shape_vec(shape.clone(), v)
-            .map_err(shaped)?
-            .into(),
-        Data::I64(v) => tract_ndarray::ArrayD::from_shape_vec(shape.clone(), v)
-            .map_err(shaped)?
-            .into(),
-        Data::I32(v) => tract_ndarray::ArrayD::from_shape_vec(shape.clone(), v)
-            .map_err(shaped)?
-            .into(),
-        Data::U8(v) => tract_ndarray::ArrayD::from_shape_vec(shape.clone(), v)
-            .map_err(shaped)?
-            .into(),
-        Data::Bool(v) => tract_ndarray::ArrayD::from_shape_vec(shape.clone(), v)
-            .map_err(shaped)?
-            .into(),
-    };
+    let t = plain_tensor(a)?;
     let dt = datum(spec.dtype);
     if t.datum_type() == dt {
         return Ok(t);

@@ -21,6 +21,10 @@ fn run(pkg: &Path, input: &Path) -> Vec<Value> {
         .collect()
 }
 
+fn read_json(p: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
 fn testdata(packages: &Path) -> PathBuf {
     packages.parent().unwrap().join("testdata")
 }
@@ -158,8 +162,7 @@ fn ppocr_rec_reads_rendered_words() {
 fn ppocr_det_finds_each_text_line_in_image_coordinates() {
     let Some(dir) = third_party() else { return };
     let data = testdata(&dir);
-    let truth: Value =
-        serde_json::from_str(&std::fs::read_to_string(data.join("page.json")).unwrap()).unwrap();
+    let truth = read_json(&data.join("page.json"));
     let lines: Vec<[f64; 4]> = truth["lines"]
         .as_array()
         .unwrap()
@@ -200,8 +203,7 @@ fn ppocr_det_finds_each_text_line_in_image_coordinates() {
 fn silero_vad_hears_speech_and_not_silence_with_its_state_carried() {
     let Some(dir) = third_party() else { return };
     let data = testdata(&dir);
-    let truth: Value =
-        serde_json::from_str(&std::fs::read_to_string(data.join("speech.json")).unwrap()).unwrap();
+    let truth = read_json(&data.join("speech.json"));
     let (start, end) = (
         truth["speech"][0][0].as_f64().unwrap(),
         truth["speech"][0][1].as_f64().unwrap(),
