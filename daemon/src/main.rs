@@ -50,7 +50,8 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         threads: usize,
         /// Which plan: `auto` (every one that passes the golden vectors, timed; the fastest
-        /// serves), `tract`, `tract+fold` or `onnxruntime`.
+        /// serves), `tract`, `tract+fold`, `tract+float` (a quantised model made float at
+        /// load) or `onnxruntime`.
         #[arg(long, default_value = "auto", value_parser = parse_plan)]
         plan: ternd::engine::PlanChoice,
         /// Run each input this many times after one warm-up and print the median and p90 of
@@ -271,7 +272,7 @@ fn runtime() -> Option<tokio::runtime::Runtime> {
 
 fn parse_plan(s: &str) -> Result<ternd::engine::PlanChoice, String> {
     serde_json::from_value(serde_json::Value::String(s.into()))
-        .map_err(|_| format!("`{s}`: expected auto, tract, tract+fold or onnxruntime"))
+        .map_err(|_| format!("`{s}`: expected auto, tract, tract+fold, tract+float or onnxruntime"))
 }
 
 fn infer(

@@ -607,6 +607,43 @@ fn the_folded_plan_answers_as_tract_does() {
     }
 }
 
+/// The float rewrite of each shipped int8 package (`tract+float`: int8 weights dequantised at
+/// load, activations kept float) passes its golden vectors and classifies the held-out sets as
+/// accurately as the int8 graph, one sample of slack. A float package has nothing to rewrite;
+/// the int8 detector's boxes move beyond its tolerance without int8 activations, and its
+/// golden vectors refuse the plan.
+#[test]
+fn the_float_plan_of_an_int8_package_is_as_accurate_as_its_int8_graph() {
+    use ternd::engine::{EngineError, Plan};
+    for name in ["digits-cnn-int8", "digits-mlp-int8", "iris-mlp-int8"] {
+        let dir = models().join(name);
+        let float = Model::load_plan(&dir, NonZeroUsize::MIN, Plan::TractFloat).unwrap();
+        assert_eq!(float.plan, "tract+float", "{name}");
+        let int8 = Model::load_plan(&dir, NonZeroUsize::MIN, Plan::Tract).unwrap();
+        let (a, b, n) = if name.starts_with("iris") {
+            (iris_accuracy(&float), iris_accuracy(&int8), 45.0)
+        } else {
+            (digits_accuracy(&float), digits_accuracy(&int8), 360.0)
+        };
+        println!("accuracy {name}: tract+float {a:.4}, int8 graph {b:.4}");
+        assert!((a - b).abs() <= 1.0 / n + 1e-9, "{name}: {a} vs {b}");
+    }
+    let e = Model::load_plan(
+        &models().join("digits-cnn-f32"),
+        NonZeroUsize::MIN,
+        Plan::TractFloat,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("nothing quantised"), "{e}");
+    let e = Model::load_plan(
+        &models().join("digits-det-int8"),
+        NonZeroUsize::MIN,
+        Plan::TractFloat,
+    )
+    .unwrap_err();
+    assert!(matches!(e, EngineError::SelfTest { .. }), "{e}");
+}
+
 /// Boxes `detect` gives for one image: (x0, y0, x1, y1, score, class).
 fn boxes(m: &Model, input: &Input) -> Vec<[f64; 6]> {
     let p = m.infer(input).unwrap();
@@ -898,6 +935,12 @@ fn auto_times_every_passing_plan_and_the_fastest_serves() {
     );
     assert!(
         auto.timings.iter().any(|t| t.starts_with("tract: ")),
+        "{:?}",
+        auto.timings
+    );
+    // A quantised model is offered its float rewrite too.
+    assert!(
+        auto.timings.iter().any(|t| t.starts_with("tract+float: ")),
         "{:?}",
         auto.timings
     );

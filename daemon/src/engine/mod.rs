@@ -15,6 +15,7 @@ mod model;
 pub mod onnxruntime;
 mod pool;
 mod postprocess;
+mod rewrite;
 
 use std::path::PathBuf;
 
@@ -25,8 +26,8 @@ pub use manifest::{
     is_inside,
 };
 pub use model::{
-    Class, MAX_PLANS_PER_MODEL, Model, OnnxInfo, OnnxTensor, Plan, Prediction, Stream,
-    describe_onnx,
+    Class, MAX_PLANS_PER_MODEL, Model, OnnxInfo, OnnxTensor, Plan, Prediction, RecordedPlan,
+    Stream, describe_onnx,
 };
 pub use pool::{Latencies, ModelPool, PoolSettings, PoolStats, Pools, Quantiles, panic_message};
 
@@ -39,6 +40,61 @@ pub fn use_onnxruntime_library(path: Option<&std::path::Path>) {
     }
     #[cfg(not(feature = "onnxruntime"))]
     let _ = path;
+}
+
+/// What a plan choice made by `auto` depends on besides the package: this ternd, the CPU,
+/// the settings that change a plan's speed (threads, runtime) and the onnxruntime library. A
+/// choice recorded under another fingerprint is made again.
+pub fn plan_fingerprint(s: &PoolSettings) -> String {
+    #[cfg(feature = "onnxruntime")]
+    let ort = match onnxruntime::library() {
+        Ok(p) => {
+            let meta = std::fs::metadata(p).ok();
+            let stamp = meta
+                .as_ref()
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_secs());
+            format!(
+                "{} ({} bytes, modified {})",
+                p.display(),
+                meta.map(|m| m.len()).unwrap_or(0),
+                stamp.unwrap_or(0)
+            )
+        }
+        Err(_) => "none".to_string(),
+    };
+    #[cfg(not(feature = "onnxruntime"))]
+    let ort = "not built";
+    format!(
+        "ternd {}; {} {}; {} cpus; threads {}; runtime {:?}; onnxruntime {ort}",
+        env!("CARGO_PKG_VERSION"),
+        std::env::consts::ARCH,
+        cpu_model(),
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        s.threads,
+        s.runtime,
+    )
+}
+
+/// The CPU's name as /proc/cpuinfo gives it: `model name` on x86, implementer, part and
+/// features on ARM (which has no name line).
+fn cpu_model() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |key: &str| {
+        info.lines()
+            .find(|l| l.split(':').next().is_some_and(|k| k.trim() == key))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+    };
+    match field("model name") {
+        Some(name) => name,
+        None => ["CPU implementer", "CPU part", "Features"]
+            .iter()
+            .filter_map(|k| field(k))
+            .collect::<Vec<_>>()
+            .join(" "),
+    }
 }
 
 /// Where models run (`engine.runtime`).
@@ -57,7 +113,8 @@ pub enum Runtime {
 /// Which CPU plans a model may run with (`engine.plan`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
 pub enum PlanChoice {
-    /// Every plan here that passes the golden vectors (tract folded, tract, onnxruntime), timed
+    /// Every plan here that passes the golden vectors (tract folded, tract, tract made float
+    /// for a quantised model, onnxruntime), timed
     /// on them: the fastest serves.
     #[default]
     #[serde(rename = "auto")]
@@ -69,6 +126,10 @@ pub enum PlanChoice {
     /// The folded plan only: a model it fails is refused.
     #[serde(rename = "tract+fold")]
     TractFolded,
+    /// A quantised model made float at load (int8 on disk, float in the kernel) only: a
+    /// model it fails, or one with nothing quantised, is refused.
+    #[serde(rename = "tract+float")]
+    TractFloat,
     /// ONNX Runtime only (its library must be here): a model it fails is refused.
     #[serde(rename = "onnxruntime")]
     Onnxruntime,

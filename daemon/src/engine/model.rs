@@ -50,8 +50,13 @@ pub struct Model {
     /// Requests this loaded version answered and failed, wherever it ran: an update's health
     /// window judges the new version by its own outcomes, not its pool's.
     pub outcomes: Outcomes,
-    /// Each plan tried at load: its golden-vector time, or why it could not serve.
+    /// Each plan tried at load: its golden-vector time, or why it could not serve. For a
+    /// plan taken from a recorded choice, the times recorded when it was made.
     pub timings: Vec<String>,
+    /// How the plan was chosen: `timed` (the fastest of those that passed), `recorded` (the
+    /// choice made before for this package on this machine, self-tested again) or `only`
+    /// (one plan allowed).
+    pub chosen: &'static str,
 }
 
 /// The runnable plans of one model: one when every dimension is fixed, else one per distinct
@@ -78,6 +83,17 @@ type Keyed = (Vec<usize>, Arc<dyn Runnable>);
 
 /// Output values with their shape, as f32.
 type Values = Vec<(Vec<usize>, Vec<f32>)>;
+
+/// The plan choice `auto` made for a package: the plan and what each candidate measured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedPlan {
+    pub plan: String,
+    pub tried: Vec<String>,
+}
+
+/// What a load may choose from: `engine.plan`, the pool's workers (a session each on
+/// onnxruntime), and the plan recorded for `auto` if any.
+type Choice = (PlanChoice, usize, Option<Plan>);
 
 /// Distinct shapes a model with named dimensions keeps plans for.
 pub const MAX_PLANS_PER_MODEL: usize = 8;
@@ -143,29 +159,63 @@ impl Model {
         threads: NonZeroUsize,
         runtime: Runtime,
     ) -> Result<Model, EngineError> {
-        Self::load_planned(dir, threads, runtime, (PlanChoice::Auto, 1))
+        Self::load_planned(dir, threads, runtime, (PlanChoice::Auto, 1, None))
     }
 
     /// [`Model::load`] with the pool settings a box serves it with: threads, runtime, plans.
     pub fn load_for(dir: &Path, s: &super::PoolSettings) -> Result<Model, EngineError> {
-        Self::load_planned(dir, s.threads, s.runtime, (s.plan, s.workers.get()))
+        Self::load_recorded(dir, s, None)
+    }
+
+    /// [`Model::load_for`], given the plan `auto` chose for this package before on this
+    /// machine with these settings: that plan alone is planned and self-tested, and its
+    /// recorded `timings` stand, so a restart does not time every plan again. A recorded
+    /// plan that no longer loads or passes is passed over, and every plan is timed as if
+    /// nothing had been recorded.
+    pub fn load_recorded(
+        dir: &Path,
+        s: &super::PoolSettings,
+        recorded: Option<&RecordedPlan>,
+    ) -> Result<Model, EngineError> {
+        let choice = |recorded| (s.plan, s.workers.get(), recorded);
+        let Some(r) = recorded.filter(|_| s.plan == PlanChoice::Auto) else {
+            return Self::load_planned(dir, s.threads, s.runtime, choice(None));
+        };
+        let Some(plan) = Plan::named(&r.plan) else {
+            tracing::warn!(dir = %dir.display(), plan = %r.plan, "recorded plan is unknown to this ternd; timing every plan");
+            return Self::load_planned(dir, s.threads, s.runtime, choice(None));
+        };
+        match Self::load_planned(dir, s.threads, s.runtime, choice(Some(plan))) {
+            Ok(mut m) if m.plan == plan.name() => {
+                tracing::info!(model = %m.name(), plan = m.plan, "plan taken as recorded (self-tested, not timed)");
+                m.timings = r.tried.clone();
+                m.chosen = "recorded";
+                Ok(m)
+            }
+            Ok(m) => Ok(m),
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), plan = %r.plan, error = %e, "recorded plan no longer serves; timing every plan");
+                Self::load_planned(dir, s.threads, s.runtime, choice(None))
+            }
+        }
     }
 
     /// [`Model::load`] with one CPU plan only (to compare plans).
     pub fn load_plan(dir: &Path, threads: NonZeroUsize, plan: Plan) -> Result<Model, EngineError> {
         let only = match plan {
             Plan::TractFolded => PlanChoice::TractFolded,
+            Plan::TractFloat => PlanChoice::TractFloat,
             Plan::Onnxruntime => PlanChoice::Onnxruntime,
             Plan::Tract | Plan::Runtime => PlanChoice::Tract,
         };
-        Self::load_planned(dir, threads, Runtime::Cpu, (only, 1))
+        Self::load_planned(dir, threads, Runtime::Cpu, (only, 1, None))
     }
 
     fn load_planned(
         dir: &Path,
         threads: NonZeroUsize,
         runtime: Runtime,
-        only: (PlanChoice, usize),
+        only: Choice,
     ) -> Result<Model, EngineError> {
         let (rt, fallback) = pick(runtime);
         let on_gpu = runtime == Runtime::Auto && fallback.is_none();
@@ -188,7 +238,7 @@ impl Model {
         threads: NonZeroUsize,
         rt: Result<&'static dyn TractRuntime, String>,
         fallback: Option<String>,
-        only: (PlanChoice, usize),
+        only: Choice,
     ) -> Result<Model, EngineError> {
         // A malformed model must not take the daemon down if tract panics on it. The runtime
         // is tract's static, stateless entry point: a panic leaves nothing of it half-changed.
@@ -212,9 +262,10 @@ impl Model {
         threads: NonZeroUsize,
         rt: Result<&'static dyn TractRuntime, String>,
         fallback: Option<String>,
-        only: (PlanChoice, usize),
+        only: Choice,
     ) -> Result<Model, EngineError> {
-        let (only, workers) = only;
+        let (only, workers, recorded) = only;
+        let started = Instant::now();
         // Sessions per worker are onnxruntime's; tract's plans are shared by the workers.
         #[cfg(not(feature = "onnxruntime"))]
         let _ = workers;
@@ -256,7 +307,8 @@ impl Model {
             initial,
             feeds,
             named,
-        } = graph(&manifest, &path).map_err(load_err)?;
+            quantised,
+        } = graph(&manifest, &path, false).map_err(load_err)?;
         let executor = if threads.get() > 1 {
             Executor::multithread_with_name(threads.get(), &format!("tract-{}", manifest.name))
         } else {
@@ -269,7 +321,10 @@ impl Model {
         let rt = rt.map_err(load_err)?;
         // With every dimension fixed, the graph is typed once here; with named ones, each
         // shape is typed when first run (the golden vectors run the first ones).
-        let (base, typed) = if named.is_empty() {
+        let typed_of = |model: InferenceModel| {
+            if !named.is_empty() {
+                return Ok((Some(model), None));
+            }
             let typed = model
                 .into_typed()
                 .and_then(|m| m.into_decluttered())
@@ -281,10 +336,9 @@ impl Model {
                     }
                     load_err(why)
                 })?;
-            (None, Some(typed))
-        } else {
-            (Some(model), None)
+            Ok::<_, EngineError>((None, Some(typed)))
         };
+        let (base, typed) = typed_of(model)?;
         // The plans to try. On the CPU with `auto`: tract with its constants folded after
         // optimisation, tract as it plans by itself, and ONNX Runtime when its library is
         // here. Every one whose outputs agree with the golden vectors is timed on them, and the
@@ -292,6 +346,9 @@ impl Model {
         let plans: Vec<Plan> = match (rt.name().as_ref(), only) {
             ("cpu", PlanChoice::Auto) => {
                 let mut p = vec![Plan::TractFolded, Plan::Tract];
+                if quantised {
+                    p.push(Plan::TractFloat);
+                }
                 match ort_available() {
                     Ok(()) => p.push(Plan::Onnxruntime),
                     Err(why) => {
@@ -302,6 +359,12 @@ impl Model {
             }
             ("cpu", PlanChoice::Tract) => vec![Plan::Tract],
             ("cpu", PlanChoice::TractFolded) => vec![Plan::TractFolded],
+            ("cpu", PlanChoice::TractFloat) if !quantised => {
+                return Err(load_err(
+                    "plan `tract+float`: the model has nothing quantised to make float".into(),
+                ));
+            }
+            ("cpu", PlanChoice::TractFloat) => vec![Plan::TractFloat],
             ("cpu", PlanChoice::Onnxruntime) => {
                 ort_available().map_err(|why| load_err(format!("plan `onnxruntime`: {why}")))?;
                 vec![Plan::Onnxruntime]
@@ -315,6 +378,10 @@ impl Model {
             }
             _ => vec![Plan::Runtime],
         };
+        let plans = match recorded {
+            Some(r) if plans.contains(&r) => vec![r],
+            _ => plans,
+        };
         let timed = plans.len() > 1;
         let mut tried = Vec::new();
         let mut best: Option<(Model, Duration)> = None;
@@ -325,6 +392,7 @@ impl Model {
                 .iter()
                 .any(|p| matches!(p, Plan::TractFolded | Plan::Tract | Plan::Runtime));
             let mut cache = Vec::new();
+            let mut plan_base = base.clone();
             #[cfg(feature = "onnxruntime")]
             let mut ort = None;
             if *plan == Plan::Onnxruntime {
@@ -337,14 +405,26 @@ impl Model {
                         continue;
                     }
                 }
-            } else if let Some(t) = &typed {
+            } else if let Some(model) = match plan {
+                // The float plan types its own, rewritten graph.
+                Plan::TractFloat => match graph(&manifest, &path, true)
+                    .map_err(load_err)
+                    .and_then(|g| typed_of(g.model))
+                {
+                    Ok((b, t)) => {
+                        plan_base = b;
+                        t
+                    }
+                    Err(e) => {
+                        tried.push(format!("{}: {e}", plan.name()));
+                        last_err = Some(e);
+                        continue;
+                    }
+                },
                 // The last tract plan may take the typed graph; the ones before it copy it.
-                let model = if last_tract {
-                    typed.take()
-                } else {
-                    Some(t.clone())
-                };
-                let model = model.expect("taken by the last tract plan only");
+                _ if last_tract => typed.take(),
+                _ => typed.clone(),
+            } {
                 // A plan tract panics on is passed over like one it refuses.
                 let prepared = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     plan.prepare(rt, model, &options)
@@ -371,7 +451,7 @@ impl Model {
                     kind: *plan,
                     rt,
                     options: options.clone(),
-                    base: base.clone(),
+                    base: plan_base,
                     names: named.clone(),
                     cache: Mutex::new(cache),
                     failed: Mutex::new(Vec::new()),
@@ -387,6 +467,7 @@ impl Model {
                 fallback: fallback.clone(),
                 outcomes: Outcomes::default(),
                 timings: Vec::new(),
+                chosen: if timed { "timed" } else { "only" },
             };
             // Checked on the golden vectors, then (with rivals) timed on their inputs; a panic
             // in either passes the plan over like a refusal.
@@ -419,7 +500,13 @@ impl Model {
             return Err(last_err.expect("a plan that was not chosen says why"));
         };
         if !tried.is_empty() {
-            tracing::info!(model = %manifest.name, plan = model.plan, tried = %tried.join("; "), "plan chosen");
+            tracing::info!(
+                model = %manifest.name,
+                plan = model.plan,
+                tried = %tried.join("; "),
+                took_ms = started.elapsed().as_millis() as u64,
+                "plan chosen"
+            );
         }
         model.timings = tried;
         Ok(model)
@@ -1001,20 +1088,32 @@ fn explain(e: &TractError) -> String {
 /// The graph as tern runs it: constants baked in, inputs typed as the manifest declares, only
 /// the declared outputs then the state outputs. Returns it, each input's initial value, the
 /// manifest input for each graph input, and the named dimensions.
-fn graph(m: &Manifest, path: &Path) -> Result<Graph, String> {
+/// With `float`, the quantised parts are rewritten to float first (see [`super::rewrite`]).
+fn graph(m: &Manifest, path: &Path, float: bool) -> Result<Graph, String> {
     let onnx = tract_onnx::onnx().with_ignore_value_info(true);
     // Quantisers write value_info for intermediate tensors with a fixed batch; honouring it
     // makes tract fail to unify the batch, and the graph's own shape inference is enough.
-    let proto = onnx
+    let mut proto = onnx
         .proto_model_for_path(path)
         .map_err(|e| format!("not a model tract can read: {e:#}"))?;
+    let dir = path.parent().and_then(|d| d.to_str());
+    let quantised = proto
+        .graph
+        .as_ref()
+        .is_some_and(super::rewrite::is_quantised);
+    if float && let Some(g) = proto.graph.as_mut() {
+        let done = super::rewrite::to_float(g, dir);
+        if !done.any() {
+            return Err("has no quantised operator with constant weights to make float".into());
+        }
+        tracing::debug!(model = %m.name, "tract+float: {done}");
+    }
     let opset = proto
         .opset_import
         .iter()
         .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
         .map(|o| o.version)
         .unwrap_or(0);
-    let dir = path.parent().and_then(|d| d.to_str());
     let mut model = onnx
         .parse(&proto, dir)
         .map_err(|e| format!("not a model tract can read: {e:#}"))?
@@ -1205,11 +1304,14 @@ fn graph(m: &Manifest, path: &Path) -> Result<Graph, String> {
         initial,
         feeds,
         named,
+        quantised,
     })
 }
 
 struct Graph {
     model: InferenceModel,
+    /// Whether the file has quantised operators or constants the float rewrite changes.
+    quantised: bool,
     initial: Vec<Option<Tensor>>,
     feeds: Vec<usize>,
     named: Vec<String>,
@@ -1356,6 +1458,11 @@ pub enum Plan {
     TractFolded,
     /// tract's CPU plan as tract makes it.
     Tract,
+    /// tract's CPU plan of the graph with its quantised operators made float and its
+    /// constant weights dequantised at load (see [`super::rewrite`]); offered for quantised
+    /// models only. Near the int8 model's outputs, not equal to them: the golden vectors
+    /// decide.
+    TractFloat,
     /// ONNX Runtime (its library loaded at run time), on the CPU.
     Onnxruntime,
     /// Whatever the runtime (cuda) does.
@@ -1363,10 +1470,24 @@ pub enum Plan {
 }
 
 impl Plan {
+    /// The plan a name from [`Plan::name`] stands for.
+    pub fn named(name: &str) -> Option<Plan> {
+        [
+            Plan::TractFolded,
+            Plan::Tract,
+            Plan::TractFloat,
+            Plan::Onnxruntime,
+            Plan::Runtime,
+        ]
+        .into_iter()
+        .find(|p| p.name() == name)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Plan::TractFolded => "tract+fold",
             Plan::Tract => "tract",
+            Plan::TractFloat => "tract+float",
             Plan::Onnxruntime => "onnxruntime",
             Plan::Runtime => "runtime",
         }
@@ -1385,7 +1506,9 @@ impl Plan {
                 tract_onnx::tract_core::optim::Optimizer::prop_consts().optimize(&mut m)?;
                 Ok(Arc::new(TypedSimplePlan::new_with_options(m, options)?))
             }
-            Plan::Tract | Plan::Runtime => Ok(rt.prepare_with_options(model, options)?.into()),
+            Plan::Tract | Plan::TractFloat | Plan::Runtime => {
+                Ok(rt.prepare_with_options(model, options)?.into())
+            }
             Plan::Onnxruntime => Err(TractError::msg("onnxruntime is not a tract plan")),
         }
     }
