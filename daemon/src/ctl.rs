@@ -716,11 +716,14 @@ fn models_text(m: &Value) -> String {
             plain(&v["state"]),
             plain(&v["form"]),
             plain(&v["sha256"]).chars().take(12).collect(),
+            plain(&v["plan"]),
             plain(&v["failure"]),
         ]
     });
     table(
-        &["MODEL", "VERSION", "STATE", "FORM", "SHA256", "FAILURE"],
+        &[
+            "MODEL", "VERSION", "STATE", "FORM", "SHA256", "PLAN", "FAILURE",
+        ],
         &rows,
     )
 }

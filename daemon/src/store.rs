@@ -210,6 +210,18 @@ CREATE TABLE pipeline_stops (
     // Format 2 packages report every output, postprocessed (text, boxes, scores), as JSON by
     // output name; NULL for a format 1 package, whose `top` says it all.
     "ALTER TABLE results ADD COLUMN outputs TEXT;",
+    // The plan `engine.plan = "auto"` chose for a package (by its digest), with what every
+    // candidate measured, under the fingerprint of what the choice depends on (ternd version,
+    // CPU, threads, onnxruntime library): a restart on the same fingerprint reuses it.
+    r#"
+CREATE TABLE model_plans (
+    sha256      TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    plan        TEXT NOT NULL,
+    tried       TEXT NOT NULL,
+    chosen_at   INTEGER NOT NULL
+);
+"#,
 ];
 
 /// What retention keeps: results and captures within their budgets, results within an age.

@@ -398,6 +398,7 @@ impl Control {
                     "runtime": m.runtime,
                     "plan": m.plan,
                     "plans_tried": m.timings,
+                    "plan_chosen": m.chosen,
                     "runtime_note": m.fallback,
                     "requests": s.completed.load(Ordering::Relaxed),
                     "errors": s.failed.load(Ordering::Relaxed),

@@ -37,7 +37,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ModelConfig;
-use crate::engine::{EngineError, Manifest, Model, ModelPool, PoolSettings, Pools};
+use crate::engine::{
+    EngineError, Manifest, Model, ModelPool, PlanChoice, PoolSettings, Pools, RecordedPlan,
+    plan_fingerprint,
+};
 use crate::store::{Store, StoreError, now_ms};
 
 pub use files::{clean_temp, package_digest};
@@ -128,6 +131,14 @@ pub struct VersionRow {
     pub installed_at: i64,
     pub activated_at: Option<i64>,
     pub failure: Option<String>,
+    /// The plan `auto` last chose for this package, what each candidate measured, and when
+    /// (listings only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plan: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub plans_tried: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plan_chosen_at: Option<i64>,
 }
 
 /// The result of an install.
@@ -303,10 +314,23 @@ impl Registry {
             .store
             .call(|c| {
                 let mut stmt = c.prepare(
-                    "SELECT name, version, state, path, sha256, form, installed_at, activated_at, failure
-                     FROM model_versions ORDER BY name, installed_at, version",
+                    "SELECT v.name, v.version, v.state, v.path, v.sha256, v.form, v.installed_at,
+                            v.activated_at, v.failure, p.plan, p.tried, p.chosen_at
+                     FROM model_versions v LEFT JOIN model_plans p ON p.sha256 = v.sha256
+                     ORDER BY v.name, v.installed_at, v.version",
                 )?;
-                let rows = stmt.query_map([], row_to_version)?.collect::<Result<Vec<_>, _>>()?;
+                let rows = stmt
+                    .query_map([], |r| {
+                        let mut v = row_to_version(r)?;
+                        let tried: Option<String> = r.get(10)?;
+                        v.plan = r.get(9)?;
+                        v.plans_tried = tried
+                            .and_then(|t| serde_json::from_str(&t).ok())
+                            .unwrap_or_default();
+                        v.plan_chosen_at = r.get(11)?;
+                        Ok(v)
+                    })?
+                    .collect::<Result<Vec<_>, _>>()?;
                 Ok(rows)
             })
             .await?)
@@ -323,7 +347,7 @@ impl Registry {
         };
         for row in rows.into_iter().filter(|r| r.state == VersionState::Active) {
             let settings = pools.get(&row.name);
-            let outcome = match self.load(row.path.clone(), settings).await {
+            let outcome = match self.load(&row, settings).await {
                 Ok(model) => self.ask(&row.name, Change::Serve { model, settings }).await,
                 Err(e) => {
                     tracing::error!(model = %row.name, version = %row.version, error = %e, "active version does not load");
@@ -357,7 +381,7 @@ impl Registry {
         let Some(prev) = self.previous(name).await? else {
             return self.ask(name, fail(None)).await;
         };
-        let model = match self.load(prev.path.clone(), settings).await {
+        let model = match self.load(&prev, settings).await {
             Ok(m) => m,
             Err(e) => {
                 self.ask(name, fail(None)).await?;
@@ -446,16 +470,10 @@ impl Registry {
         // Verify before touching disk: a package that would be refused is never copied.
         {
             let _turn = self.loading.lock().await;
-            blocking(&package, "verification", {
-                let package = package.clone();
-                move || {
-                    crate::crash_point("install:verifying");
-                    Model::load_for(&package, &settings)
-                        .map(drop)
-                        .map_err(RegistryError::from)
-                }
-            })
-            .await?;
+            crate::crash_point("install:verifying");
+            // The plan chosen here is recorded for the package: activating it takes that plan
+            // without timing every plan again.
+            load_model(&self.store, package.clone(), &digest, settings).await?;
         }
         let _copying = self.copying.lock().await;
         // Another install of the same version may have finished while this one verified.
@@ -558,7 +576,7 @@ impl Registry {
         {
             return Ok(());
         }
-        let model = match self.load(row.path.clone(), settings).await {
+        let model = match self.load(&row, settings).await {
             Ok(m) => m,
             Err(e) => {
                 let fail = Change::Fail {
@@ -587,7 +605,7 @@ impl Registry {
             name: name.to_string(),
         })?;
         let prev = self.previous_to_go_back_to(name).await?;
-        let model = self.load(prev.path.clone(), pool.config()).await?;
+        let model = self.load(&prev, pool.config()).await?;
         let (from, to) = (pool.active().version().to_string(), prev.version.clone());
         let change = Change::Rollback {
             from: from.clone(),
@@ -643,7 +661,7 @@ impl Registry {
         }
         let prev = self.previous_to_go_back_to(name).await?;
         let settings = pool.map(|p| p.config()).unwrap_or_default();
-        let model = self.load(prev.path.clone(), settings).await?;
+        let model = self.load(&prev, settings).await?;
         self.ask(name, fail(Some((prev.version.clone(), model, settings))))
             .await?;
         // What serves now: the previous version, unless another change came first.
@@ -653,9 +671,13 @@ impl Registry {
     }
 
     /// Load and self-test a version for serving, in turn with other writers' loads.
-    async fn load(&self, path: PathBuf, settings: PoolSettings) -> Result<Arc<Model>, EngineError> {
+    async fn load(
+        &self,
+        row: &VersionRow,
+        settings: PoolSettings,
+    ) -> Result<Arc<Model>, EngineError> {
         let _turn = self.loading.lock().await;
-        load_model(path, settings).await
+        load_model(&self.store, row.path.clone(), &row.sha256, settings).await
     }
 
     async fn row(&self, name: &str, version: &str) -> Result<Option<VersionRow>, RegistryError> {
@@ -926,7 +948,31 @@ fn row_to_version(r: &rusqlite::Row<'_>) -> rusqlite::Result<VersionRow> {
         installed_at: r.get(6)?,
         activated_at: r.get(7)?,
         failure: r.get(8)?,
+        plan: None,
+        plans_tried: Vec::new(),
+        plan_chosen_at: None,
     })
+}
+
+/// The plan recorded for the package with digest `sha256` under `fingerprint`.
+fn recorded_plan(
+    c: &rusqlite::Connection,
+    sha256: &str,
+    fingerprint: &str,
+) -> rusqlite::Result<Option<RecordedPlan>> {
+    c.query_row(
+        "SELECT plan, tried FROM model_plans WHERE sha256 = ?1 AND fingerprint = ?2",
+        params![sha256, fingerprint],
+        |r| {
+            let tried: String = r.get(1)?;
+            Ok(RecordedPlan {
+                plan: r.get(0)?,
+                // A damaged list is only lost figures: the plan itself is still self-tested.
+                tried: serde_json::from_str(&tried).unwrap_or_default(),
+            })
+        },
+    )
+    .optional()
 }
 
 /// Run blocking package work off the runtime; a panic in it is an error about `path`.
@@ -943,13 +989,59 @@ async fn blocking<T: Send + 'static>(
         })?
 }
 
-async fn load_model(path: PathBuf, settings: PoolSettings) -> Result<Arc<Model>, EngineError> {
+/// Load and self-test the package at `path` (whose digest is `sha256`) for serving. With
+/// `engine.plan = "auto"`, the plan chosen for this package on this machine before is taken
+/// again, untimed; a new choice is recorded. The record is an optimisation: a database that
+/// cannot read or write it costs a timing, not the load.
+async fn load_model(
+    store: &Store,
+    path: PathBuf,
+    sha256: &str,
+    settings: PoolSettings,
+) -> Result<Arc<Model>, EngineError> {
+    let fingerprint = tokio::task::spawn_blocking(move || plan_fingerprint(&settings))
+        .await
+        .expect("fingerprint task panicked");
+    let recorded = match settings.plan {
+        PlanChoice::Auto => {
+            let (digest, fp) = (sha256.to_string(), fingerprint.clone());
+            store
+                .call(move |c| Ok(recorded_plan(c, &digest, &fp)?))
+                .await
+                .unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "recorded plan not read; timing every plan");
+                    None
+                })
+        }
+        _ => None,
+    };
     let m = tokio::task::spawn_blocking(move || {
         crate::crash_point("load");
-        Model::load_for(&path, &settings)
+        Model::load_recorded(&path, &settings, recorded.as_ref())
     })
     .await
     .expect("model load task panicked")?;
+    if m.chosen == "timed" {
+        let row = (
+            sha256.to_string(),
+            fingerprint,
+            m.plan.to_string(),
+            serde_json::to_string(&m.timings).expect("strings serialise"),
+        );
+        let saved = store
+            .call(move |c| {
+                c.execute(
+                    "INSERT OR REPLACE INTO model_plans (sha256, fingerprint, plan, tried, chosen_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![row.0, row.1, row.2, row.3, now_ms()],
+                )?;
+                Ok(())
+            })
+            .await;
+        if let Err(e) = saved {
+            tracing::warn!(model = %m.name(), error = %e, "plan choice not recorded; the next load times every plan again");
+        }
+    }
     if let Some(why) = &m.fallback {
         tracing::warn!(model = %m.name(), "{why}");
     }

@@ -123,6 +123,75 @@ fn demo_runs_ready_results_restart_and_stop() {
     assert!(d.wait(T).unwrap().success(), "{}", d.stderr());
 }
 
+/// The plan `auto` chose for each package: (sha256, fingerprint, plan, tried, chosen_at).
+fn plan_rows(state: &Path) -> Vec<(String, String, String, String, i64)> {
+    let c = db(state).unwrap();
+    let mut s = c
+        .prepare("SELECT sha256, fingerprint, plan, tried, chosen_at FROM model_plans")
+        .unwrap();
+    s.query_map([], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+    })
+    .unwrap()
+    .map(|r| r.unwrap())
+    .collect()
+}
+
+/// `auto` times the plans once per package and machine: a restart takes the recorded choice
+/// (self-tested again, not timed), and a setting that changes a plan's speed times them again.
+#[test]
+fn the_plan_choice_is_recorded_and_reused_until_what_it_depends_on_changes() {
+    let s = demo_setup("");
+    let mut notify = NotifySocket::new(s.dir.path()).unwrap();
+    let start = |notify: &mut NotifySocket| {
+        let d = Daemon::spawn(&s.config, Some(&notify.path), &[]).unwrap();
+        notify.wait_for("READY=1", T).unwrap();
+        d
+    };
+    let stop = |mut d: Daemon| {
+        d.signal("TERM").unwrap();
+        assert!(d.wait(T).unwrap().success(), "{}", d.stderr());
+        d.stderr()
+    };
+
+    let log = stop(start(&mut notify));
+    let first = plan_rows(&s.state);
+    assert_eq!(first.len(), 1, "{first:?}");
+    let (sha, fingerprint, plan, tried, _) = &first[0];
+    let tried: Vec<String> = serde_json::from_str(tried).unwrap();
+    assert!(tried.len() >= 2, "{tried:?}");
+    assert!(
+        tried.iter().any(|t| t.starts_with(&format!("{plan}: "))),
+        "{plan} not among {tried:?}"
+    );
+    assert!(fingerprint.contains("threads 1"), "{fingerprint}");
+    let active: Vec<String> = column(
+        &s.state,
+        "SELECT sha256 FROM model_versions WHERE state = 'active'",
+    );
+    assert_eq!(&active, &[sha.clone()]);
+    assert_eq!(log.matches("plan chosen").count(), 1, "{log}");
+
+    // Same package, ternd, machine and settings: the recorded plan, self-tested, not timed.
+    let log = stop(start(&mut notify));
+    assert!(!log.contains("plan chosen"), "{log}");
+    assert!(
+        log.contains("plan taken as recorded"),
+        "no recorded plan taken: {log}"
+    );
+    assert_eq!(plan_rows(&s.state), first);
+
+    // Two threads per inference change every plan's speed: timed again, recorded anew.
+    std::fs::write(&s.config, demo_config("\n[engine]\nthreads = 2\n")).unwrap();
+    let log = stop(start(&mut notify));
+    assert_eq!(log.matches("plan chosen").count(), 1, "{log}");
+    let again = plan_rows(&s.state);
+    assert_eq!(again.len(), 1, "{again:?}");
+    assert_eq!(&again[0].0, sha);
+    assert!(again[0].1.contains("threads 2"), "{}", again[0].1);
+    assert!(again[0].4 >= first[0].4, "{again:?}");
+}
+
 /// The watchdog is fed while the daemon runs, and only for the process systemd watches:
 /// with `WATCHDOG_PID` naming another process no ping comes (sd_watchdog_enabled(3)).
 #[test]

@@ -98,8 +98,19 @@ fn local_api_on_a_system_bus_with_the_policy() {
             .any(|t| t.as_str().unwrap().starts_with(&format!("{plan}: "))),
         "{status}"
     );
+    // The install timed the plans as it verified the package; activation took its choice.
+    assert_eq!(status["models"][0]["plan_chosen"], "recorded", "{status}");
+    // The listing shows the choice recorded for the active version's package.
     let models = reply(&call(&bus, false, "ListModels", &[]));
     assert!(models.to_string().contains("\"1.0.0\""), "{models}");
+    let active = models
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["state"] == "active")
+        .unwrap();
+    assert_eq!(active["plan"], plan, "{models}");
+    assert_eq!(active["plans_tried"], status["models"][0]["plans_tried"]);
     let pipelines = reply(&call(&bus, false, "ListPipelines", &[]));
     assert_eq!(pipelines[0]["name"], "digits", "{pipelines}");
 
