@@ -42,7 +42,7 @@ pub(super) fn validate(
             .unwrap_or(Path::new(DEFAULT_STATE_DIR)),
     );
     let log_level = log(&raw.log, &mut report);
-    let engine_pool = engine(&raw.engine);
+    let engine_pool = engine(&raw.engine, raw.models.len(), cpus());
     let models = models(&raw.models, engine_pool, &resolve, &mut report);
     let fleet = raw
         .fleet
@@ -102,12 +102,21 @@ fn log(raw: &RawLog, report: &mut Report<'_>) -> String {
     level
 }
 
-/// `[engine]`: every model's pool settings unless the model says otherwise.
-fn engine(raw: &RawEngine) -> PoolSettings {
+/// CPUs this process may run on (its affinity mask and cgroup quota included).
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// `[engine]`: every model's pool settings unless the model says otherwise. By default the
+/// CPUs are shared out between the configured models as workers of one thread each: at batch
+/// 1, requests in parallel (a pipeline keeps several in flight) use a core each fully, while
+/// a second thread inside one inference gains far less (README, "Threads").
+fn engine(raw: &RawEngine, models: usize, cpus: usize) -> PoolSettings {
     let defaults = PoolSettings::default();
+    let share = NonZeroUsize::new(cpus / models.max(1)).unwrap_or(NonZeroUsize::MIN);
     PoolSettings {
         threads: raw.threads.unwrap_or(defaults.threads),
-        workers: raw.workers.unwrap_or(defaults.workers),
+        workers: raw.workers.unwrap_or(share),
         queue: raw.queue.unwrap_or(defaults.queue),
         runtime: raw.runtime.unwrap_or(defaults.runtime),
         plan: raw.plan.unwrap_or(defaults.plan),
@@ -1055,5 +1064,30 @@ fn fleet_commands(c: &RawCommands, bad: &mut Bad<'_>) -> CommandsConfig {
         max_skew_secs: skew.min(86_400) as i64,
         max_payload_bytes,
         queue: c.queue.unwrap_or(nz(DEFAULT_COMMAND_QUEUE)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpus_are_shared_out_as_workers_between_models() {
+        let none = RawEngine::default();
+        let w = |models, cpus| engine(&none, models, cpus).workers.get();
+        assert_eq!(w(1, 2), 2);
+        assert_eq!(w(2, 4), 2);
+        assert_eq!(w(3, 8), 2);
+        // More models than CPUs, or none configured (updates may bring some): one each.
+        assert_eq!(w(3, 2), 1);
+        assert_eq!(w(0, 4), 4);
+        assert_eq!(engine(&none, 1, 8).threads.get(), 1);
+        let set = RawEngine {
+            workers: NonZeroUsize::new(3),
+            threads: NonZeroUsize::new(2),
+            ..RawEngine::default()
+        };
+        let s = engine(&set, 1, 2);
+        assert_eq!((s.workers.get(), s.threads.get()), (3, 2));
     }
 }
