@@ -4,17 +4,18 @@
 #
 #   packages/ppocr-det   PP-OCRv4 text detector         (rapidocr-onnxruntime 1.4.4)
 #   packages/ppocr-cls   PP-OCR v2.0 0/180 classifier   (rapidocr-onnxruntime 1.4.4)
+#   packages/ppocr-cls-int8  the same, quantised to int8 (QDQ) here with onnxruntime's tools
 #   packages/ppocr-rec   PP-OCRv4 text recogniser       (rapidocr-onnxruntime 1.4.4)
 #   packages/silero-vad  Silero VAD, op18 if-less graph (silero-vad 6.2.3)
 #   testdata/            words/*.png + words.tsv, page.png + page.json, speech.wav + speech.json
-#   python               the path of the Python (with numpy and onnxruntime) it used
+#   python               the path of the Python (with numpy, onnxruntime and onnx) it used
 #   onnxruntime-library  that onnxruntime's libonnxruntime.so (for ternd's onnxruntime plan)
 #
 # Usage: tests/models/fetch-third-party.sh        (prints the packages directory last)
 #   TERN_THIRD_PARTY_CACHE  cache directory (default ${XDG_CACHE_HOME:-$HOME/.cache}/tern/third-party)
 #
 # Needs (Debian): python3 python3-venv python3-pip espeak-ng fonts-dejavu-core. If python3
-# cannot import numpy, onnxruntime and Pillow >= 10.1, a venv is made in $CACHE/venv with
+# cannot import numpy, onnxruntime, onnx and Pillow >= 10.1, a venv is made in $CACHE/venv with
 # pinned versions. Downloads happen only while the wheels or the venv are missing; after that
 # the script runs offline. The packages and test data are rebuilt on every run (same bytes),
 # each directory written beside its place and renamed into it. The work is done by
@@ -26,7 +27,7 @@ cache="${TERN_THIRD_PARTY_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tern/third-part
 mkdir -p "$cache"
 cache="$(cd "$cache" && pwd)"
 
-pins=(onnxruntime==1.32.0 numpy==2.4.6 pillow==12.0.0)
+pins=(onnxruntime==1.32.0 numpy==2.4.6 pillow==12.0.0 onnx==1.23.2)
 wheel_reqs=(rapidocr-onnxruntime==1.4.4 silero-vad==6.2.3)
 wheel_files=(rapidocr_onnxruntime-1.4.4-py3-none-any.whl silero_vad-6.2.3-py3-none-any.whl)
 
@@ -34,12 +35,12 @@ log() { echo "fetch-third-party: $*" >&2; }
 
 has_deps() {
   "$1" - >/dev/null 2>&1 <<'EOF'
-import numpy, onnxruntime, PIL
+import numpy, onnxruntime, onnx, PIL
 assert tuple(int(p) for p in PIL.__version__.split(".")[:2]) >= (10, 1)
 EOF
 }
 
-# 1. A Python with numpy, onnxruntime and Pillow >= 10.1.
+# 1. A Python with numpy, onnxruntime, onnx (to quantise) and Pillow >= 10.1.
 command -v python3 >/dev/null || { log "python3 is missing (apt-get install python3 python3-venv python3-pip)"; exit 1; }
 venv="$cache/venv"
 if has_deps python3; then
@@ -47,11 +48,11 @@ if has_deps python3; then
 elif [[ -e "$venv/.tern-complete" ]] && has_deps "$venv/bin/python"; then
   py="$venv/bin/python"
 else
-  log "python3 lacks numpy/onnxruntime/Pillow>=10.1: making $venv with ${pins[*]}"
+  log "python3 lacks numpy/onnxruntime/onnx/Pillow>=10.1: making $venv with ${pins[*]}"
   rm -rf "$venv"
   python3 -m venv "$venv" >&2
   "$venv/bin/python" -m pip install --disable-pip-version-check --no-input -q "${pins[@]}" >&2
-  has_deps "$venv/bin/python" || { log "the venv still cannot import numpy, onnxruntime, PIL"; exit 1; }
+  has_deps "$venv/bin/python" || { log "the venv still cannot import numpy, onnxruntime, onnx, PIL"; exit 1; }
   touch "$venv/.tern-complete"
   py="$venv/bin/python"
 fi

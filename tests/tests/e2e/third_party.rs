@@ -158,6 +158,70 @@ fn ppocr_rec_reads_rendered_words() {
     );
 }
 
+/// The orientation classifier quantised to int8 (QDQ) with onnxruntime's own tools, as people
+/// quantise for the edge. tract runs QDQ graphs element by element; the `tract+float` plan
+/// (int8 on disk, float in the kernel) passes the same goldens, is among the plans `auto`
+/// times, and labels the rendered words as the int8 graph does in tract.
+#[test]
+fn an_int8_qdq_model_serves_from_its_float_rewrite() {
+    let Some(dir) = third_party() else { return };
+    let pkg = dir.join("ppocr-cls-int8");
+    let (status, out, err) = infer(
+        &pkg,
+        &pkg.join("golden/0.npz"),
+        &["--json", "--repeat", "2"],
+    )
+    .unwrap();
+    assert!(status.success(), "{err}");
+    let summary: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let tried: Vec<&str> = summary["plans_tried"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    for plan in ["tract+fold", "tract", "tract+float"] {
+        assert!(
+            tried
+                .iter()
+                .any(|t| t.starts_with(&format!("{plan}: ")) && t.ends_with(" µs")),
+            "{plan} did not pass and get timed: {tried:?}"
+        );
+    }
+
+    let words_dir = testdata(&dir).join("words");
+    let tmp = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(&words_dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "png") {
+            std::fs::copy(&p, tmp.path().join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    // Every word is upright: the share labelled `0` is each plan's accuracy.
+    let upright = |plan: &str| -> (usize, usize) {
+        let (status, out, err) = infer(&pkg, tmp.path(), &["--json", "--plan", plan]).unwrap();
+        assert!(status.success(), "{plan}: {err}");
+        let labels: Vec<String> = out
+            .lines()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).unwrap();
+                v["top"][0]["label"].as_str().unwrap().to_string()
+            })
+            .collect();
+        (labels.iter().filter(|l| *l == "0").count(), labels.len())
+    };
+    let ((int8, n), (float, m)) = (upright("tract"), upright("tract+float"));
+    eprintln!(
+        "ppocr-cls-int8: upright words labelled upright: int8 graph {int8}/{n}, tract+float {float}/{m}"
+    );
+    assert!(n >= 40 && n == m, "{n} and {m} words");
+    assert!(int8 * 10 >= n * 9, "the int8 graph: {int8}/{n}");
+    assert!(
+        float + 1 >= int8,
+        "tract+float {float}/{n} against the int8 graph's {int8}/{n}"
+    );
+}
+
 #[test]
 fn ppocr_det_finds_each_text_line_in_image_coordinates() {
     let Some(dir) = third_party() else { return };
