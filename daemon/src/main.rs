@@ -316,6 +316,7 @@ fn infer(
         };
         if json {
             let mut v = serde_json::to_value(&pred).expect("predictions serialise");
+            v["plan"] = model.plan.into();
             if sequence {
                 v["step"] = i.into();
                 if let Some(s) = start {

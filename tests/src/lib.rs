@@ -35,16 +35,46 @@ pub fn package(name: &str) -> PathBuf {
 /// fails the test with what to run, instead of testing yesterday's daemon. Benches use the
 /// same binaries.
 pub fn bin(name: &str) -> PathBuf {
+    let path = target_dir().join("debug").join(name);
+    let build = "build the binaries first: `cargo test --workspace --no-run` (what `cargo test --workspace` does before testing)";
+    assert_fresh(&path, name, build);
+    path
+}
+
+/// The cargo target directory the tests were built in.
+fn target_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("the test executable's path");
-    // <target>/<profile>/deps/<test>: the binaries are in <target>/debug.
-    let profile = exe
-        .ancestors()
+    // <target>/<profile>/deps/<test>
+    exe.ancestors()
         .nth(3)
         .expect("the test runs from <target>/<profile>/deps")
-        .join("debug");
-    let path = profile.join(name);
-    let build = "build the binaries first: `cargo test --workspace --no-run` (what `cargo test --workspace` does before testing)";
-    let built = std::fs::metadata(&path)
+        .to_path_buf()
+}
+
+/// A workspace binary cross-built for `triple` in the debug profile (`.ci/run` builds the
+/// aarch64 `ternd`). Missing: SKIPPED loudly with the command that builds it, or a failure
+/// under `TERN_TEST_STRICT=1`; older than its sources: a failure, as for [`bin`].
+pub fn cross_bin(triple: &str, name: &str) -> Option<PathBuf> {
+    let path = target_dir().join(triple).join("debug").join(name);
+    let build = format!(
+        "cargo build --config cross/config.toml --target {triple} -p ternd --bin {name} \
+         (needs Debian's cross toolchain; see .ci/run)"
+    );
+    if !path.is_file() {
+        let why = format!("{} not built: {build}", path.display());
+        if std::env::var("TERN_TEST_STRICT").as_deref() == Ok("1") {
+            panic!("{why} (TERN_TEST_STRICT=1)");
+        }
+        eprintln!("\n*** SKIPPED: {why} ***\n");
+        return None;
+    }
+    assert_fresh(&path, name, &build);
+    Some(path)
+}
+
+/// Fail unless the binary at `path` is newer than every source it is built from.
+fn assert_fresh(path: &Path, name: &str, build: &str) {
+    let built = std::fs::metadata(path)
         .and_then(|m| m.modified())
         .unwrap_or_else(|e| panic!("{}: {e}; {build}", path.display()));
     // Older than a source it is built from: a `cargo test -p tern-tests` after a change to
@@ -67,7 +97,6 @@ pub fn bin(name: &str) -> PathBuf {
             file.display()
         );
     }
-    path
 }
 
 /// Every `.rs` file under `dir` with its modification time.
@@ -138,7 +167,7 @@ pub fn need(program: &str) -> bool {
 }
 
 /// The third-party model packages `tests/models/fetch-third-party.sh` writes (`ppocr-det`,
-/// `ppocr-cls`, `ppocr-rec`, `silero-vad`), from `TERN_THIRD_PARTY` or the script's default
+/// `ppocr-cls`, `ppocr-cls-int8`, `ppocr-rec`, `silero-vad`), from `TERN_THIRD_PARTY` or the script's default
 /// cache. Missing: SKIPPED loudly, or a failure under `TERN_TEST_STRICT=1`.
 pub fn third_party() -> Option<PathBuf> {
     let dir = match std::env::var_os("TERN_THIRD_PARTY") {
@@ -151,9 +180,15 @@ pub fn third_party() -> Option<PathBuf> {
             cache.join("tern/third-party/packages")
         }
     };
-    let ready = ["ppocr-det", "ppocr-cls", "ppocr-rec", "silero-vad"]
-        .iter()
-        .all(|p| dir.join(p).join("tern-model.toml").is_file());
+    let ready = [
+        "ppocr-det",
+        "ppocr-cls",
+        "ppocr-cls-int8",
+        "ppocr-rec",
+        "silero-vad",
+    ]
+    .iter()
+    .all(|p| dir.join(p).join("tern-model.toml").is_file());
     if !ready {
         let why = format!(
             "third-party packages not found in {} (run tests/models/fetch-third-party.sh)",

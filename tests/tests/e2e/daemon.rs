@@ -169,7 +169,7 @@ fn the_plan_choice_is_recorded_and_reused_until_what_it_depends_on_changes() {
         &s.state,
         "SELECT sha256 FROM model_versions WHERE state = 'active'",
     );
-    assert_eq!(&active, &[sha.clone()]);
+    assert_eq!(active, vec![sha.clone()]);
     assert_eq!(log.matches("plan chosen").count(), 1, "{log}");
 
     // Same package, ternd, machine and settings: the recorded plan, self-tested, not timed.

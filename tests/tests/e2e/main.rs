@@ -1,5 +1,6 @@
 //! End-to-end tests: the real `ternd` binary, real model packages, real files and signals.
 
+mod arm;
 mod check_config;
 mod daemon;
 mod dbus;
