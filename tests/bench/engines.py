@@ -6,12 +6,15 @@ Needs a release ternd (`cargo build --release -p ternd`) and Python with numpy a
 onnxruntime. Packages: the shipped ones (firmware-updates/models, not the -broken fixtures) and
 the third-party ones from tests/models/fetch-third-party.sh, when its cache is there.
 
-For each package and each plan (`tract+fold`, `tract`, `onnxruntime`, and `auto`, which times
-those that pass the golden vectors and serves the fastest), `ternd infer --plan P --repeat RUNS
+For each package and each plan (`tract+fold`, `tract`, `tract+float` for quantised models,
+`onnxruntime`, and `auto`, which times those that pass the golden vectors and serves the
+fastest), `ternd infer --plan P --repeat RUNS
 --json` on the package's first golden input prints the median of tern's own latency_us: the
 whole request (input checks, run, postprocess). onnxruntime's figure is InferenceSession.run
 alone on the same arrays, one thread. Ratios are against the faster of raw tract (`tract`)
-and onnxruntime, the target the engine issue sets for `auto`.
+and onnxruntime, the target the engine issue sets for `auto`. Last, each int8 package against
+its float form with tract's plans only (the best of them each): the price of int8 in tern on
+a box without onnxruntime.
 """
 import glob
 import json
@@ -27,7 +30,7 @@ import onnxruntime as ort
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
                      "tern", "third-party", "packages")
-PLANS = ["tract+fold", "tract", "onnxruntime", "auto"]
+PLANS = ["tract+fold", "tract", "tract+float", "onnxruntime", "auto"]
 
 
 def golden_input(pkg):
@@ -81,6 +84,7 @@ def main():
           f"median µs of {runs} runs")
     head = f"{'package':<18}" + "".join(f"{p:>13}" for p in PLANS) + f"{'ort (py)':>10}  auto chose   auto/best"
     print(head)
+    tract_best = {}
     for pkg in pkgs:
         name = os.path.basename(pkg)
         path, feed = golden_input(pkg)
@@ -90,11 +94,20 @@ def main():
             row[plan] = us
             if plan == "auto" and us is not None:
                 chosen = note
+        tracts = [row[p] for p in PLANS if p.startswith("tract") and row[p] is not None]
+        tract_best[name] = min(tracts) if tracts else None
         o = ort_us(pkg, feed, runs)
         best = min(x for x in (row["tract"], o) if x is not None)
         cells = "".join(f"{row[p]:>13.0f}" if row[p] is not None else f"{'refused':>13}" for p in PLANS)
         ratio = f"{row['auto'] / best:.2f}x" if row["auto"] is not None else "-"
         print(f"{name:<18}{cells}{o:>10.0f}  {chosen:<11} {ratio}")
+    print("\nint8 against float, tract plans only (best of each):")
+    for name, us in sorted(tract_best.items()):
+        f32 = tract_best.get(name.replace("-int8", "-f32")) if name.endswith("-int8") else None
+        if f32 is None:
+            f32 = tract_best.get(name[:-5]) if name.endswith("-int8") else None
+        if us is not None and f32:
+            print(f"  {name:<18} {us:>8.0f} µs against {f32:>8.0f} µs: {us / f32:.2f}x")
 
 
 if __name__ == "__main__":
