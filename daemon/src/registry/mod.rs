@@ -215,7 +215,11 @@ enum Change {
         unless_active: bool,
     },
     /// New pool settings for the running model (a reload changed them).
-    Settings(PoolSettings),
+    Settings {
+        settings: PoolSettings,
+        /// The active version loaded again with `settings`, when they change how it runs.
+        model: Option<Arc<Model>>,
+    },
 }
 
 struct Request {
@@ -431,8 +435,8 @@ impl Registry {
             }
             let done = if needs {
                 self.activate(&m.name, &installed.version, m.pool).await
-            } else if active.is_some_and(|p| p.config() != m.pool) {
-                self.ask(&m.name, Change::Settings(m.pool)).await
+            } else if let Some(p) = active.filter(|p| p.config() != m.pool) {
+                self.resettle(&m.name, &p, m.pool).await
             } else {
                 Ok(())
             };
@@ -442,6 +446,40 @@ impl Registry {
             }
         }
         problems
+    }
+
+    /// Serve the active version of `name` (running in `pool`) with new pool settings. Threads,
+    /// runtime and plan are part of the loaded model (its executor, its plans, onnxruntime's
+    /// sessions per worker), so a change to one of them loads the version again with them,
+    /// its golden vectors checked, before the new pool takes it; queue and workers alone only
+    /// need the new pool. A version that no longer loads keeps serving as it was.
+    async fn resettle(
+        &self,
+        name: &str,
+        pool: &ModelPool,
+        settings: PoolSettings,
+    ) -> Result<(), RegistryError> {
+        let old = pool.config();
+        let model = if (old.threads, old.runtime, old.plan, old.workers)
+            != (
+                settings.threads,
+                settings.runtime,
+                settings.plan,
+                settings.workers,
+            ) {
+            let version = pool.active().version().to_string();
+            let row =
+                self.row(name, &version)
+                    .await?
+                    .ok_or_else(|| RegistryError::NotInstalled {
+                        name: name.to_string(),
+                        version,
+                    })?;
+            Some(self.load(&row, settings).await?)
+        } else {
+            None
+        };
+        self.ask(name, Change::Settings { settings, model }).await
     }
 
     /// Verify and copy a model package into the state directory. The package is loaded and
@@ -730,11 +768,16 @@ impl Task {
             Change::Serve { model, settings } => {
                 self.switch(name, model, settings);
             }
-            Change::Settings(settings) => {
+            Change::Settings { settings, model } => {
                 if let Some(pool) = self.pools.get(name) {
                     // Worker count and queue are fixed per pool: start a new pool on the same
-                    // model; the old one finishes its queue and ends.
-                    let pool = ModelPool::spawn(pool.active(), settings);
+                    // version; the old one finishes its queue and ends. Another version made
+                    // active meanwhile wins over a reload of the old one.
+                    let model = match model {
+                        Some(m) if m.version() == pool.active().version() => m,
+                        _ => pool.active(),
+                    };
+                    let pool = ModelPool::spawn(model, settings);
                     self.pools.insert(n, pool);
                     self.publish();
                 }

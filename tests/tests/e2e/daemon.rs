@@ -181,15 +181,85 @@ fn the_plan_choice_is_recorded_and_reused_until_what_it_depends_on_changes() {
     );
     assert_eq!(plan_rows(&s.state), first);
 
-    // Two threads per inference change every plan's speed: timed again, recorded anew.
+    // Two threads per inference change every plan's speed. A reload loads the model again
+    // with them (the executor is part of it): timed again, recorded anew.
+    let d = start(&mut notify);
     std::fs::write(&s.config, demo_config("\n[engine]\nthreads = 2\n")).unwrap();
-    let log = stop(start(&mut notify));
+    d.signal("HUP").unwrap();
+    let again = wait_for("the plan choice with two threads", T, || {
+        let rows = plan_rows(&s.state);
+        rows.iter()
+            .any(|r| r.1.contains("threads 2"))
+            .then_some(rows)
+    })
+    .unwrap();
+    let log = stop(d);
     assert_eq!(log.matches("plan chosen").count(), 1, "{log}");
-    let again = plan_rows(&s.state);
     assert_eq!(again.len(), 1, "{again:?}");
     assert_eq!(&again[0].0, sha);
-    assert!(again[0].1.contains("threads 2"), "{}", again[0].1);
     assert!(again[0].4 >= first[0].4, "{again:?}");
+}
+
+/// A configured onnxruntime library that does not load: a model pinned to the onnxruntime
+/// plan is refused saying which file failed, and is not installed; a model on `auto` serves
+/// from tract's plans, and its recorded choice says why onnxruntime was not among them. The
+/// configured path is the only one tried (no other library is guessed around it).
+#[test]
+fn an_onnxruntime_library_that_does_not_load_refuses_its_plan_and_auto_does_without() {
+    let d = tempfile::tempdir().unwrap();
+    let lib = d.path().join("libonnxruntime.so.1.99.0");
+    std::fs::write(&lib, b"not a shared object").unwrap();
+    let config = d.path().join("ternd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = \"state\"\n[engine]\nonnxruntime_library = \"{}\"\n\
+             [[models]]\npackage = \"{}\"\nplan = \"onnxruntime\"\n\
+             [[models]]\npackage = \"{}\"\n",
+            lib.display(),
+            package("digits-mlp-int8").display(),
+            package("iris-mlp-int8").display()
+        ),
+    )
+    .unwrap();
+    let mut notify = NotifySocket::new(d.path()).unwrap();
+    let mut daemon = Daemon::spawn(&config, Some(&notify.path), &[]).unwrap();
+    let ready = notify.wait_for("READY=1", T).unwrap();
+    assert!(
+        ready.contains("1 model(s) active") && ready.contains("degraded"),
+        "{ready}"
+    );
+    let state = d.path().join("state");
+    let installed: Vec<String> = column(&state, "SELECT name FROM model_versions");
+    assert_eq!(installed, vec!["iris-mlp-int8".to_string()]);
+    let rows: Vec<(String, String)> = {
+        let c = db(&state).unwrap();
+        let mut q = c.prepare("SELECT plan, tried FROM model_plans").unwrap();
+        q.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect()
+    };
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert!(rows[0].0.starts_with("tract"), "{rows:?}");
+    // Why onnxruntime was not among the plans timed: the library named, with its error.
+    let tried: Vec<String> = serde_json::from_str(&rows[0].1).unwrap();
+    let ort = tried
+        .iter()
+        .find(|t| t.starts_with("onnxruntime: "))
+        .unwrap_or_else(|| panic!("{tried:?}"));
+    assert!(ort.contains(&lib.display().to_string()), "{ort}");
+    daemon.signal("TERM").unwrap();
+    assert!(daemon.wait(T).unwrap().success());
+    let log = daemon.stderr();
+    assert!(
+        log.contains("plan `onnxruntime`") && log.contains(&lib.display().to_string()),
+        "the refusal does not name the library: {log}"
+    );
+    assert!(
+        !log.contains("capi/libonnxruntime"),
+        "another library was tried: {log}"
+    );
 }
 
 /// The watchdog is fed while the daemon runs, and only for the process systemd watches:
