@@ -924,9 +924,13 @@ fn auto_times_every_passing_plan_and_the_fastest_serves() {
     use ternd::engine::{Plan, PlanChoice, PoolSettings};
     let dir = models().join("digits-cnn-int8");
     let auto = load("digits-cnn-int8");
-    assert_eq!(
-        auto.timings.len(),
-        auto.timings.iter().filter(|t| t.contains(" µs")).count()
+    // Every plan was timed, but onnxruntime where its library is missing (and says so).
+    assert!(
+        auto.timings
+            .iter()
+            .all(|t| t.ends_with(" µs") || t.starts_with("onnxruntime: ")),
+        "{:?}",
+        auto.timings
     );
     assert!(
         auto.timings.iter().any(|t| t.starts_with("tract+fold: ")),

@@ -343,6 +343,8 @@ impl Model {
         // optimisation, tract as it plans by itself, and ONNX Runtime when its library is
         // here. Every one whose outputs agree with the golden vectors is timed on them, and the
         // fastest serves; one plan alone is not timed.
+        // A plan `auto` could not even try, and why: listed with the ones it timed.
+        let mut unavailable = None;
         let plans: Vec<Plan> = match (rt.name().as_ref(), only) {
             ("cpu", PlanChoice::Auto) => {
                 let mut p = vec![Plan::TractFolded, Plan::Tract];
@@ -351,9 +353,7 @@ impl Model {
                 }
                 match ort_available() {
                     Ok(()) => p.push(Plan::Onnxruntime),
-                    Err(why) => {
-                        tracing::debug!(model = %manifest.name, %why, "no onnxruntime plan")
-                    }
+                    Err(why) => unavailable = Some(format!("onnxruntime: {why}")),
                 }
                 p
             }
@@ -495,6 +495,9 @@ impl Model {
             if best.as_ref().is_none_or(|(_, b)| took < *b) {
                 best = Some((model, took));
             }
+        }
+        if timed {
+            tried.extend(unavailable);
         }
         let Some((mut model, _)) = best else {
             return Err(last_err.expect("a plan that was not chosen says why"));
@@ -721,7 +724,7 @@ impl Model {
             let v = c
                 .to_plain_array_view::<f32>()
                 .map_err(|e| run_err(format!("{e:#}")))?;
-            Ok((t.shape().to_vec(), v.iter().copied().collect()))
+            Ok((t.shape().to_vec(), contiguous(&v)))
         };
         let outputs = out[..n_out]
             .iter()
@@ -1329,14 +1332,22 @@ fn datum(d: DType) -> DatumType {
 }
 
 /// A tract value as tern's array (f16 widened to f32).
+/// A view's elements in order: one copy of the slice when it is contiguous (a tensor tract or
+/// onnxruntime produced always is), not ndarray's element-by-element walk over n dimensions,
+/// which cost a detector's request 10% of its time.
+fn contiguous<D: Clone>(v: &tract_ndarray::ArrayViewD<'_, D>) -> Vec<D> {
+    match v.as_slice() {
+        Some(s) => s.to_vec(),
+        None => v.iter().cloned().collect(),
+    }
+}
+
 #[cfg_attr(not(feature = "onnxruntime"), allow(dead_code))]
 fn array_of(t: &Tensor) -> Result<Array, String> {
     fn values<D: Datum + Clone>(t: &Tensor) -> Result<Vec<D>, String> {
-        Ok(t.to_plain_array_view::<D>()
-            .map_err(|e| format!("{e:#}"))?
-            .iter()
-            .cloned()
-            .collect())
+        Ok(contiguous(
+            &t.to_plain_array_view::<D>().map_err(|e| format!("{e:#}"))?,
+        ))
     }
     let shape = t.shape().to_vec();
     let data = match t.datum_type() {
