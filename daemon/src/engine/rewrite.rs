@@ -213,18 +213,23 @@ pub fn to_float(g: &mut GraphProto, dir: Option<&str>) -> Rewritten {
             }
         }
     }
-    done.pairs = strip_pairs(&mut nodes, g);
+    // Names the bodies of If, Loop and Scan read from this graph's scope: kept as they are.
+    let mut outer = HashSet::new();
+    for n in &g.node {
+        subgraph_reads(n, &mut outer);
+    }
+    done.pairs = strip_pairs(&mut nodes, g, &outer);
     g.node = nodes;
     g.initializer.extend(new_consts);
     // The int8 weights no node reads any more are dropped, not kept in memory beside their
     // float form.
-    let used: HashSet<&str> = g
+    let used: HashSet<String> = g
         .node
         .iter()
-        .flat_map(|n| n.input.iter().map(String::as_str))
-        .chain(g.output.iter().map(|o| o.name.as_str()))
+        .flat_map(|n| n.input.iter().cloned())
+        .chain(g.output.iter().map(|o| o.name.clone()))
+        .chain(outer)
         .collect();
-    let used: HashSet<String> = used.into_iter().map(str::to_string).collect();
     g.initializer.retain(|t| used.contains(&t.name));
     g.node.retain(|n| {
         !(n.op_type == "Constant"
@@ -366,11 +371,30 @@ fn qlinear_matmul(n: &NodeProto, consts: &Constants<'_>) -> Option<Replacement> 
     ))
 }
 
+/// Every input read by the subgraphs in `n`'s attributes, at any depth: a body may read a name
+/// of the enclosing scope, which the rewrite must neither drop nor rename.
+fn subgraph_reads(n: &NodeProto, out: &mut HashSet<String>) {
+    for a in &n.attribute {
+        for g in a.g.iter().chain(&a.graphs) {
+            for inner in &g.node {
+                out.extend(inner.input.iter().filter(|i| !i.is_empty()).cloned());
+                subgraph_reads(inner, out);
+            }
+        }
+    }
+}
+
 /// Remove each `DequantizeLinear` that undoes a `QuantizeLinear` with the same scale and zero
 /// point (its readers take the quantiser's float input instead), then the quantisers nothing
-/// reads any more. A pair whose output is a graph output stays. Returns the pairs removed.
-fn strip_pairs(nodes: &mut Vec<NodeProto>, g: &GraphProto) -> usize {
-    let graph_outputs: HashSet<&str> = g.output.iter().map(|o| o.name.as_str()).collect();
+/// reads any more. A pair whose output is a graph output, or is read by a subgraph, stays.
+/// Returns the pairs removed.
+fn strip_pairs(nodes: &mut Vec<NodeProto>, g: &GraphProto, outer: &HashSet<String>) -> usize {
+    let graph_outputs: HashSet<&str> = g
+        .output
+        .iter()
+        .map(|o| o.name.as_str())
+        .chain(outer.iter().map(String::as_str))
+        .collect();
     let quantisers: HashMap<&str, &NodeProto> = nodes
         .iter()
         .filter(|n| n.op_type == "QuantizeLinear" && n.domain.is_empty())
@@ -574,6 +598,55 @@ mod tests {
                 "DequantizeLinear"
             ]
         );
+    }
+
+    #[test]
+    fn what_a_subgraph_reads_from_the_outer_scope_is_kept() {
+        // x → Q → DQ → xd → Relu, and an If whose branch reads xd and an int8 tensor b that
+        // no node of the outer graph reads.
+        let body = GraphProto {
+            node: vec![node(
+                "Add",
+                "inner".into(),
+                vec!["xd".into(), "b".into()],
+                vec!["o".into()],
+            )],
+            ..GraphProto::default()
+        };
+        let mut branch = node("If", "if".into(), vec!["c".into()], vec!["r".into()]);
+        branch.attribute.push(tract_onnx::pb::AttributeProto {
+            name: "then_branch".into(),
+            g: Some(body),
+            ..Default::default()
+        });
+        let mut g = GraphProto {
+            node: vec![
+                node(
+                    "QuantizeLinear",
+                    "q".into(),
+                    vec!["x".into(), "s".into(), "z".into()],
+                    vec!["xq".into()],
+                ),
+                node(
+                    "DequantizeLinear",
+                    "dq".into(),
+                    vec!["xq".into(), "s".into(), "z".into()],
+                    vec!["xd".into()],
+                ),
+                node("Relu", "relu".into(), vec!["xd".into()], vec!["y".into()]),
+                branch,
+            ],
+            initializer: vec![
+                tensor("s", DataType::Float, &[], f32s(&[0.1])),
+                tensor("z", DataType::Uint8, &[], vec![128]),
+                tensor("b", DataType::Int8, &[1], vec![3]),
+            ],
+            ..GraphProto::default()
+        };
+        let done = to_float(&mut g, None);
+        assert_eq!(done.pairs, 0, "{done}");
+        assert!(g.node.iter().any(|n| n.output == ["xd"]));
+        assert!(g.initializer.iter().any(|t| t.name == "b"));
     }
 
     #[test]
