@@ -5,15 +5,16 @@
 //!  QLinearConv(x, w_i8, b_i32)  ─►  DequantizeLinear(x) ─► Conv(w_f32, b_f32) ─► QuantizeLinear
 //!  QLinearMatMul(a, b_i8)       ─►  DequantizeLinear(a) ─► MatMul(b_f32)      ─► QuantizeLinear
 //!  DequantizeLinear(constant)   ─►  a float initializer
-//!  QuantizeLinear ─► DequantizeLinear (same scale and zero point)  ─►  removed: x stays float
+//!  QuantizeLinear ─► DequantizeLinear (same scale and zero point)  ─►  Max ─► Min (the clamp)
 //! ```
 //!
 //! On x86, tract has no int8 matrix-vector kernel and quantises and dequantises activations
 //! element by element, so a quantised model runs several times slower than its float form
 //! (a QDQ model, 17× on PP-OCR's classifier). Rewritten, it runs as the float model would with
-//! the package's dequantised weights. The outputs are not the int8 model's to the bit: the
-//! activations are no longer rounded to the int8 grid. The package's golden vectors decide,
-//! as for every plan, whether that is close enough to serve.
+//! the package's dequantised weights. A removed pair leaves its clamp to the int8 range in
+//! float, since quantisers fold a Relu or a Clip into that saturation. The outputs are not the
+//! int8 model's to the bit: the activations are no longer rounded to the int8 grid. The
+//! package's golden vectors decide, as for every plan, whether that is close enough to serve.
 //!
 //! Pure protobuf work: nothing here runs a model.
 
@@ -66,8 +67,9 @@ struct Values {
     data: Vec<f32>,
 }
 
-/// The graph's constant tensors by name: initializers (unless a graph input of the same name
-/// may override them) and `Constant` nodes' values. Loaded when first asked for.
+/// The graph's constant tensors by name: initializers (tract takes one that is also listed as
+/// a graph input, as old exporters list every initializer, as a constant too) and `Constant`
+/// nodes' values. Loaded when first asked for.
 struct Constants<'a> {
     protos: HashMap<&'a str, &'a TensorProto>,
     dir: Option<&'a str>,
@@ -75,13 +77,8 @@ struct Constants<'a> {
 
 impl<'a> Constants<'a> {
     fn new(g: &'a GraphProto, dir: Option<&'a str>) -> Constants<'a> {
-        let inputs: HashSet<&str> = g.input.iter().map(|i| i.name.as_str()).collect();
-        let mut protos: HashMap<&str, &TensorProto> = g
-            .initializer
-            .iter()
-            .filter(|t| !inputs.contains(t.name.as_str()))
-            .map(|t| (t.name.as_str(), t))
-            .collect();
+        let mut protos: HashMap<&str, &TensorProto> =
+            g.initializer.iter().map(|t| (t.name.as_str(), t)).collect();
         for n in &g.node {
             if n.op_type == "Constant"
                 && n.domain.is_empty()
@@ -96,6 +93,16 @@ impl<'a> Constants<'a> {
             }
         }
         Constants { protos, dir }
+    }
+
+    fn data_type(&self, name: &str) -> Option<i32> {
+        self.protos.get(name).map(|t| t.data_type)
+    }
+
+    /// A constant of one element, as f32.
+    fn scalar(&self, name: &str) -> Option<f32> {
+        let v = self.get(name)?;
+        (v.data.len() == 1).then(|| v.data[0])
     }
 
     fn get(&self, name: &str) -> Option<Values> {
@@ -180,6 +187,11 @@ fn int_attr(n: &NodeProto, name: &str) -> Option<i64> {
 pub fn to_float(g: &mut GraphProto, dir: Option<&str>) -> Rewritten {
     let mut done = Rewritten::default();
     let mut new_consts: Vec<TensorProto> = Vec::new();
+    // Names the bodies of If, Loop and Scan read from this graph's scope: kept as they are.
+    let mut outer = HashSet::new();
+    for n in &g.node {
+        subgraph_reads(n, &mut outer);
+    }
     let mut nodes: Vec<NodeProto> = Vec::with_capacity(g.node.len());
     {
         let consts = Constants::new(g, dir);
@@ -212,13 +224,11 @@ pub fn to_float(g: &mut GraphProto, dir: Option<&str>) -> Rewritten {
                 None => nodes.push(n.clone()),
             }
         }
+        let (replaced, bounds) = strip_pairs(nodes, g, &outer, &consts);
+        nodes = replaced.0;
+        done.pairs = replaced.1;
+        new_consts.extend(bounds);
     }
-    // Names the bodies of If, Loop and Scan read from this graph's scope: kept as they are.
-    let mut outer = HashSet::new();
-    for n in &g.node {
-        subgraph_reads(n, &mut outer);
-    }
-    done.pairs = strip_pairs(&mut nodes, g, &outer);
     g.node = nodes;
     g.initializer.extend(new_consts);
     // The int8 weights no node reads any more are dropped, not kept in memory beside their
@@ -230,7 +240,16 @@ pub fn to_float(g: &mut GraphProto, dir: Option<&str>) -> Rewritten {
         .chain(g.output.iter().map(|o| o.name.clone()))
         .chain(outer)
         .collect();
-    g.initializer.retain(|t| used.contains(&t.name));
+    let dropped: HashSet<String> = g
+        .initializer
+        .iter()
+        .filter(|t| !used.contains(&t.name))
+        .map(|t| t.name.clone())
+        .collect();
+    g.initializer.retain(|t| !dropped.contains(&t.name));
+    // An initializer also listed as a graph input goes with its listing, or the name would
+    // become an input the caller must feed.
+    g.input.retain(|i| !dropped.contains(&i.name));
     g.node.retain(|n| {
         !(n.op_type == "Constant"
             && n.domain.is_empty()
@@ -241,7 +260,11 @@ pub fn to_float(g: &mut GraphProto, dir: Option<&str>) -> Rewritten {
 
 /// A `DequantizeLinear` of constants, computed: the float initializer that replaces it.
 fn fold_dequantise(n: &NodeProto, consts: &Constants<'_>) -> Option<TensorProto> {
-    if int_attr(n, "block_size").is_some_and(|b| b != 0) {
+    // Blocked quantisation, or an output type other than the scale's f32, is left to tract.
+    if int_attr(n, "block_size").is_some_and(|b| b != 0)
+        || n.attribute.iter().any(|a| a.name == "output_dtype")
+        || consts.data_type(n.input.get(1)?)? != DataType::Float as i32
+    {
         return None;
     }
     let x = consts.get(n.input.first()?)?;
@@ -269,6 +292,10 @@ fn qlinear_conv(
         return None;
     };
     let out = n.output.first()?;
+    // x and y are quantised per tensor (the operator's definition): constant scalars here.
+    for name in [x_scale, x_zero, y_scale, y_zero] {
+        consts.scalar(name)?;
+    }
     let weights = consts.get(w)?;
     let wf = dequantise(
         &weights,
@@ -303,7 +330,7 @@ fn qlinear_conv(
     }
     let mut conv = node(
         "Conv",
-        n.name.clone(),
+        format!("{out}.tern.conv"),
         conv_in,
         vec![format!("{out}.tern.y")],
     );
@@ -312,14 +339,14 @@ fn qlinear_conv(
         vec![
             node(
                 "DequantizeLinear",
-                format!("{}.tern.dq", n.name),
+                format!("{out}.tern.dq"),
                 vec![x.clone(), x_scale.clone(), x_zero.clone()],
                 vec![format!("{out}.tern.x")],
             ),
             conv,
             node(
                 "QuantizeLinear",
-                format!("{}.tern.q", n.name),
+                format!("{out}.tern.q"),
                 vec![format!("{out}.tern.y"), y_scale.clone(), y_zero.clone()],
                 vec![out.clone()],
             ),
@@ -334,6 +361,11 @@ fn qlinear_matmul(n: &NodeProto, consts: &Constants<'_>) -> Option<Replacement> 
         return None;
     };
     let out = n.output.first()?;
+    // a and y may be quantised per row, along an axis DequantizeLinear's default would miss:
+    // only their per-tensor form is rewritten.
+    for name in [a_scale, a_zero, y_scale, y_zero] {
+        consts.scalar(name)?;
+    }
     let weights = consts.get(b)?;
     if weights.shape.len() != 2 && consts.get(b_scale)?.data.len() != 1 {
         return None;
@@ -350,19 +382,19 @@ fn qlinear_matmul(n: &NodeProto, consts: &Constants<'_>) -> Option<Replacement> 
         vec![
             node(
                 "DequantizeLinear",
-                format!("{}.tern.dq", n.name),
+                format!("{out}.tern.dq"),
                 vec![a.clone(), a_scale.clone(), a_zero.clone()],
                 vec![format!("{out}.tern.a")],
             ),
             node(
                 "MatMul",
-                n.name.clone(),
+                format!("{out}.tern.matmul"),
                 vec![format!("{out}.tern.a"), format!("{out}.tern.b")],
                 vec![format!("{out}.tern.y")],
             ),
             node(
                 "QuantizeLinear",
-                format!("{}.tern.q", n.name),
+                format!("{out}.tern.q"),
                 vec![format!("{out}.tern.y"), y_scale.clone(), y_zero.clone()],
                 vec![out.clone()],
             ),
@@ -384,69 +416,112 @@ fn subgraph_reads(n: &NodeProto, out: &mut HashSet<String>) {
     }
 }
 
-/// Remove each `DequantizeLinear` that undoes a `QuantizeLinear` with the same scale and zero
-/// point (its readers take the quantiser's float input instead), then the quantisers nothing
-/// reads any more. A pair whose output is a graph output, or is read by a subgraph, stays.
-/// Returns the pairs removed.
-fn strip_pairs(nodes: &mut Vec<NodeProto>, g: &GraphProto, outer: &HashSet<String>) -> usize {
-    let graph_outputs: HashSet<&str> = g
+/// Replace each `DequantizeLinear` that undoes a `QuantizeLinear` with the same constant,
+/// per-tensor scale and zero point by the clamp the pair applies, `Max(x, (qmin − zp)·s)` then
+/// `Min(·, (qmax − zp)·s)` on the quantiser's float input x (the rounding is what goes); then
+/// remove the quantisers nothing reads any more. A pair whose output is a graph output, or is
+/// read by a subgraph, stays. Returns the nodes, the number of pairs replaced, and the clamps'
+/// bounds as initializers.
+fn strip_pairs(
+    nodes: Vec<NodeProto>,
+    g: &GraphProto,
+    outer: &HashSet<String>,
+    consts: &Constants<'_>,
+) -> ((Vec<NodeProto>, usize), Vec<TensorProto>) {
+    let keep: HashSet<&str> = g
         .output
         .iter()
         .map(|o| o.name.as_str())
         .chain(outer.iter().map(String::as_str))
         .collect();
+    let plain = |n: &NodeProto| {
+        int_attr(n, "block_size").unwrap_or(0) == 0
+            && !n.attribute.iter().any(|a| a.name == "output_dtype")
+    };
     let quantisers: HashMap<&str, &NodeProto> = nodes
         .iter()
-        .filter(|n| n.op_type == "QuantizeLinear" && n.domain.is_empty())
+        .filter(|n| n.op_type == "QuantizeLinear" && n.domain.is_empty() && plain(n))
         .filter_map(|n| Some((n.output.first()?.as_str(), n)))
         .collect();
-    let same_params = |q: &NodeProto, dq: &NodeProto| {
-        q.input.get(1) == dq.input.get(1)
-            && q.input.get(2).filter(|s| !s.is_empty()) == dq.input.get(2).filter(|s| !s.is_empty())
-            && int_attr(q, "axis") == int_attr(dq, "axis")
-            && int_attr(q, "block_size").unwrap_or(0) == 0
-            && int_attr(dq, "block_size").unwrap_or(0) == 0
-    };
-    let mut alias: HashMap<String, String> = HashMap::new();
-    for dq in nodes.iter() {
-        if dq.op_type != "DequantizeLinear" || !dq.domain.is_empty() {
-            continue;
+    // The clamp a pair applies, if it is one with constant per-tensor parameters.
+    let clamp = |dq: &NodeProto| -> Option<(String, f32, f32)> {
+        if dq.op_type != "DequantizeLinear" || !dq.domain.is_empty() || !plain(dq) {
+            return None;
         }
-        let (Some(input), Some(out)) = (dq.input.first(), dq.output.first()) else {
+        if keep.contains(dq.output.first()?.as_str()) {
+            return None;
+        }
+        let q = quantisers.get(dq.input.first()?.as_str())?;
+        let param = |n: &NodeProto, i: usize| n.input.get(i).filter(|s| !s.is_empty()).cloned();
+        if param(q, 1) != param(dq, 1) || param(q, 2) != param(dq, 2) {
+            return None;
+        }
+        let scale = consts.scalar(&param(q, 1)?)?;
+        // The zero point's type is the quantised type (uint8 when there is none).
+        let (zero, qmin, qmax) = match param(q, 2) {
+            None => (0.0, 0.0, 255.0),
+            Some(z) => {
+                let v = consts.scalar(&z)?;
+                match consts.data_type(&z)? {
+                    t if t == DataType::Uint8 as i32 => (v, 0.0, 255.0),
+                    t if t == DataType::Int8 as i32 => (v, -128.0, 127.0),
+                    _ => return None,
+                }
+            }
+        };
+        Some((
+            q.input.first()?.clone(),
+            (qmin - zero) * scale,
+            (qmax - zero) * scale,
+        ))
+    };
+    let mut out = Vec::with_capacity(nodes.len());
+    let mut bounds = Vec::new();
+    let mut pairs = 0;
+    for n in &nodes {
+        let Some((x, lo, hi)) = clamp(n) else {
+            out.push(n.clone());
             continue;
         };
-        if graph_outputs.contains(out.as_str()) {
-            continue;
+        let y = &n.output[0];
+        let (lo_name, hi_name, mid) = (
+            format!("{y}.tern.lo"),
+            format!("{y}.tern.hi"),
+            format!("{y}.tern.max"),
+        );
+        for (name, v) in [(&lo_name, lo), (&hi_name, hi)] {
+            let v = Values {
+                shape: Vec::new(),
+                data: vec![v],
+            };
+            bounds.push(float_tensor(name.clone(), v));
         }
-        if let Some(q) = quantisers.get(input.as_str())
-            && same_params(q, dq)
-            && let Some(x) = q.input.first()
-        {
-            alias.insert(out.clone(), x.clone());
-        }
+        out.push(node(
+            "Max",
+            mid.clone(),
+            vec![x, lo_name],
+            vec![mid.clone()],
+        ));
+        out.push(node(
+            "Min",
+            format!("{y}.tern.min"),
+            vec![mid, hi_name],
+            vec![y.clone()],
+        ));
+        pairs += 1;
     }
-    if alias.is_empty() {
-        return 0;
-    }
-    nodes.retain(|n| !n.output.first().is_some_and(|o| alias.contains_key(o)));
-    for n in nodes.iter_mut() {
-        for i in n.input.iter_mut() {
-            if let Some(x) = alias.get(i) {
-                *i = x.clone();
-            }
-        }
-    }
-    let read: HashSet<String> = nodes
+    let read: HashSet<&str> = out
         .iter()
-        .flat_map(|n| n.input.iter().cloned())
-        .chain(graph_outputs.iter().map(|s| s.to_string()))
+        .flat_map(|n| n.input.iter().map(String::as_str))
+        .chain(keep.iter().copied())
         .collect();
-    nodes.retain(|n| {
+    let read: HashSet<String> = read.into_iter().map(str::to_string).collect();
+    out.retain(|n| {
         !(n.op_type == "QuantizeLinear"
             && n.domain.is_empty()
             && n.output.iter().all(|o| !read.contains(o)))
     });
-    alias.len()
+    ((out, pairs), bounds)
 }
 
 #[cfg(test)]
@@ -529,6 +604,10 @@ mod tests {
                 tensor("ys", DataType::Float, &[], f32s(&[0.2])),
                 tensor("yz", DataType::Uint8, &[], vec![128]),
             ],
+            input: vec![tract_onnx::pb::ValueInfoProto {
+                name: "x".into(),
+                ..Default::default()
+            }],
             output: vec![tract_onnx::pb::ValueInfoProto {
                 name: "y".into(),
                 ..Default::default()
@@ -551,10 +630,22 @@ mod tests {
             }
         );
         let ops: Vec<&str> = g.node.iter().map(|n| n.op_type.as_str()).collect();
-        // The input's quantise–dequantise pair is gone; the output's stays (y is read as
-        // quantised then dequantised by the graph's own last node).
-        assert_eq!(ops, ["MatMul", "QuantizeLinear", "DequantizeLinear"]);
-        assert_eq!(g.node[0].input, ["x", "yq.tern.b"]);
+        // The input's quantise–dequantise pair is its clamp now; the output's stays (y is a
+        // graph output, dequantised by the graph's own last node).
+        assert_eq!(
+            ops,
+            ["Max", "Min", "MatMul", "QuantizeLinear", "DequantizeLinear"]
+        );
+        assert_eq!(g.node[0].input[0], "x");
+        assert_eq!(g.node[2].input, ["yq.tern.a", "yq.tern.b"]);
+        // uint8 with zero point 128 and scale 0.1: [-12.8, 12.7].
+        let bound = |name: &str| {
+            let t = g.initializer.iter().find(|t| t.name == name).unwrap();
+            f32::from_le_bytes(t.raw_data[..4].try_into().unwrap())
+        };
+        assert!((bound("yq.tern.a.tern.lo") + 12.8).abs() < 1e-5);
+        assert!((bound("yq.tern.a.tern.hi") - 12.7).abs() < 1e-5);
+        assert_no_dangling(&g);
         let b = g
             .initializer
             .iter()
@@ -597,6 +688,138 @@ mod tests {
                 "QuantizeLinear",
                 "DequantizeLinear"
             ]
+        );
+    }
+
+    /// Every name a node reads is made by a node, an initializer or a graph input.
+    fn assert_no_dangling(g: &GraphProto) {
+        let made: HashSet<&str> = g
+            .node
+            .iter()
+            .flat_map(|n| n.output.iter().map(String::as_str))
+            .chain(g.initializer.iter().map(|t| t.name.as_str()))
+            .chain(g.input.iter().map(|i| i.name.as_str()))
+            .collect();
+        for n in &g.node {
+            for i in n.input.iter().filter(|i| !i.is_empty()) {
+                assert!(
+                    made.contains(i.as_str()),
+                    "{} reads {i}, which nothing makes",
+                    n.name
+                );
+            }
+        }
+        let names: HashSet<&str> = g.node.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(names.len(), g.node.len(), "node names repeat");
+    }
+
+    /// Two unnamed QLinearConv in a row, with a bias, per-channel weights and a requantising
+    /// quantise-dequantise chain between them; old-style initializers listed as inputs.
+    #[test]
+    fn unnamed_qlinear_convs_in_a_chain_become_float_convs_with_unique_names() {
+        let conv = |x: &str, y: &str| {
+            let mut n = node(
+                "QLinearConv",
+                String::new(),
+                [x, "s", "z", "w", "ws", "wz", "s", "z", "bias"]
+                    .map(String::from)
+                    .to_vec(),
+                vec![y.into()],
+            );
+            n.attribute.push(tract_onnx::pb::AttributeProto {
+                name: "group".into(),
+                i: 1,
+                ..Default::default()
+            });
+            n
+        };
+        let mut g = GraphProto {
+            node: vec![
+                node(
+                    "QuantizeLinear",
+                    String::new(),
+                    vec!["x".into(), "s".into(), "z".into()],
+                    vec!["xq".into()],
+                ),
+                conv("xq", "c1"),
+                node(
+                    "DequantizeLinear",
+                    String::new(),
+                    vec!["c1".into(), "s".into(), "z".into()],
+                    vec!["d1".into()],
+                ),
+                node(
+                    "QuantizeLinear",
+                    String::new(),
+                    vec!["d1".into(), "s".into(), "z".into()],
+                    vec!["q2".into()],
+                ),
+                conv("q2", "c2"),
+                node(
+                    "DequantizeLinear",
+                    String::new(),
+                    vec!["c2".into(), "s".into(), "z".into()],
+                    vec!["d2".into()],
+                ),
+                node("Relu", String::new(), vec!["d2".into()], vec!["y".into()]),
+            ],
+            initializer: vec![
+                tensor("s", DataType::Float, &[], f32s(&[0.5])),
+                tensor("z", DataType::Uint8, &[], vec![0]),
+                // Two output channels of one 1×1 kernel each, scales 1 and 2.
+                tensor("w", DataType::Int8, &[2, 1, 1, 1], vec![3, 253]),
+                tensor("ws", DataType::Float, &[2], f32s(&[1.0, 2.0])),
+                tensor("wz", DataType::Int8, &[2], vec![0, 0]),
+                tensor(
+                    "bias",
+                    DataType::Int32,
+                    &[2],
+                    [4i32, -4].iter().flat_map(|v| v.to_le_bytes()).collect(),
+                ),
+            ],
+            input: ["x", "s", "z", "w", "ws", "wz", "bias"]
+                .iter()
+                .map(|n| tract_onnx::pb::ValueInfoProto {
+                    name: n.to_string(),
+                    ..Default::default()
+                })
+                .collect(),
+            output: vec![tract_onnx::pb::ValueInfoProto {
+                name: "y".into(),
+                ..Default::default()
+            }],
+            ..GraphProto::default()
+        };
+        let done = to_float(&mut g, None);
+        assert_eq!((done.ops, done.pairs), (2, 4), "{done}");
+        let ops: Vec<&str> = g.node.iter().map(|n| n.op_type.as_str()).collect();
+        assert_eq!(
+            ops,
+            [
+                "Max", "Min", "Conv", "Max", "Min", "Max", "Min", "Conv", "Max", "Min", "Relu"
+            ]
+        );
+        assert_no_dangling(&g);
+        let floats = |name: &str| -> Vec<f32> {
+            let t = g.initializer.iter().find(|t| t.name == name).unwrap();
+            t.raw_data
+                .chunks(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect()
+        };
+        // Weights per output channel: 3·1 and (−3)·2; bias in units of 0.5 × (1, 2).
+        assert_eq!(floats("c1.tern.w"), vec![3.0, -6.0]);
+        assert_eq!(floats("c1.tern.b"), vec![2.0, -4.0]);
+        assert!(
+            g.node
+                .iter()
+                .any(|n| n.op_type == "Conv" && n.attribute.iter().any(|a| a.name == "group"))
+        );
+        // The int8 weights went, with their listing as graph inputs; x is still an input.
+        let inputs: Vec<&str> = g.input.iter().map(|i| i.name.as_str()).collect();
+        assert!(
+            !inputs.contains(&"w") && inputs.contains(&"x"),
+            "{inputs:?}"
         );
     }
 
