@@ -926,9 +926,9 @@ fn auto_times_every_passing_plan_and_the_fastest_serves() {
     let auto = load("digits-cnn-int8");
     // Every plan was timed, but onnxruntime where its library is missing (and says so).
     assert!(
-        auto.timings
-            .iter()
-            .all(|t| t.ends_with(" µs") || t.starts_with("onnxruntime: ")),
+        auto.timings.iter().all(|t| t.ends_with(" µs")
+            || t.starts_with("onnxruntime: no ONNX Runtime library could be loaded")
+            || t.starts_with("onnxruntime: this ternd was built without")),
         "{:?}",
         auto.timings
     );

@@ -338,7 +338,6 @@ impl Model {
                 })?;
             Ok::<_, EngineError>((None, Some(typed)))
         };
-        let (base, typed) = typed_of(model)?;
         // The plans to try. On the CPU with `auto`: tract with its constants folded after
         // optimisation, tract as it plans by itself, and ONNX Runtime when its library is
         // here. Every one whose outputs agree with the golden vectors is timed on them, and the
@@ -386,13 +385,18 @@ impl Model {
         let mut tried = Vec::new();
         let mut best: Option<(Model, Duration)> = None;
         let mut last_err = None;
-        let mut typed = typed;
+        // tract's graph as the file has it, typed only if a plan needs it (a model tract cannot
+        // type as int8 may still serve from its float rewrite or onnxruntime).
+        let mut plain = plans
+            .iter()
+            .any(|p| matches!(p, Plan::TractFolded | Plan::Tract | Plan::Runtime))
+            .then(|| typed_of(model));
         for (i, plan) in plans.iter().enumerate() {
             let last_tract = !plans[i + 1..]
                 .iter()
                 .any(|p| matches!(p, Plan::TractFolded | Plan::Tract | Plan::Runtime));
             let mut cache = Vec::new();
-            let mut plan_base = base.clone();
+            let mut plan_base = None;
             #[cfg(feature = "onnxruntime")]
             let mut ort = None;
             if *plan == Plan::Onnxruntime {
@@ -421,9 +425,19 @@ impl Model {
                         continue;
                     }
                 },
-                // The last tract plan may take the typed graph; the ones before it copy it.
-                _ if last_tract => typed.take(),
-                _ => typed.clone(),
+                _ => match &mut plain {
+                    Some(Ok((b, t))) => {
+                        plan_base = b.clone();
+                        // The last tract plan may take the typed graph; those before copy it.
+                        if last_tract { t.take() } else { t.clone() }
+                    }
+                    Some(Err(e)) => {
+                        tried.push(format!("{}: {e}", plan.name()));
+                        last_err = Some(e.clone());
+                        continue;
+                    }
+                    None => None,
+                },
             } {
                 // A plan tract panics on is passed over like one it refuses.
                 let prepared = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
