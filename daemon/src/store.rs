@@ -212,14 +212,16 @@ CREATE TABLE pipeline_stops (
     "ALTER TABLE results ADD COLUMN outputs TEXT;",
     // The plan `engine.plan = "auto"` chose for a package (by its digest), with what every
     // candidate measured, under the fingerprint of what the choice depends on (ternd version,
-    // CPU, threads, onnxruntime library): a restart on the same fingerprint reuses it.
+    // CPU, threads, onnxruntime library): a load on the same fingerprint reuses it, so going
+    // back to earlier settings does not time again.
     r#"
 CREATE TABLE model_plans (
-    sha256      TEXT PRIMARY KEY,
+    sha256      TEXT NOT NULL,
     fingerprint TEXT NOT NULL,
     plan        TEXT NOT NULL,
     tried       TEXT NOT NULL,
-    chosen_at   INTEGER NOT NULL
+    chosen_at   INTEGER NOT NULL,
+    PRIMARY KEY (sha256, fingerprint)
 );
 "#,
 ];

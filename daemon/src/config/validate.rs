@@ -43,7 +43,23 @@ pub(super) fn validate(
     );
     let log_level = log(&raw.log, &mut report);
     let engine_pool = engine(&raw.engine, raw.models.len(), cpus());
-    let models = models(&raw.models, engine_pool, &resolve, &mut report);
+    // A model that sets its own threads gets its share of the CPUs in workers of that many,
+    // unless workers are set.
+    let share = |threads: NonZeroUsize| match raw.engine.workers {
+        Some(w) => w,
+        None => {
+            engine(
+                &RawEngine {
+                    threads: Some(threads),
+                    ..RawEngine::default()
+                },
+                raw.models.len(),
+                cpus(),
+            )
+            .workers
+        }
+    };
+    let models = models(&raw.models, engine_pool, &share, &resolve, &mut report);
     let fleet = raw
         .fleet
         .as_ref()
@@ -108,14 +124,17 @@ fn cpus() -> usize {
 }
 
 /// `[engine]`: every model's pool settings unless the model says otherwise. By default the
-/// CPUs are shared out between the configured models as workers of one thread each: at batch
-/// 1, requests in parallel (a pipeline keeps several in flight) use a core each fully, while
-/// a second thread inside one inference gains far less (README, "Threads").
+/// CPUs are shared out between the configured models as workers of `threads` threads each
+/// (one by default): at batch 1, requests in parallel (a pipeline keeps several in flight)
+/// use a core each fully, while a second thread inside one inference gains far less (README,
+/// "Threads").
 fn engine(raw: &RawEngine, models: usize, cpus: usize) -> PoolSettings {
     let defaults = PoolSettings::default();
-    let share = NonZeroUsize::new(cpus / models.max(1)).unwrap_or(NonZeroUsize::MIN);
+    let threads = raw.threads.unwrap_or(defaults.threads);
+    let share =
+        NonZeroUsize::new(cpus / (models.max(1) * threads.get())).unwrap_or(NonZeroUsize::MIN);
     PoolSettings {
-        threads: raw.threads.unwrap_or(defaults.threads),
+        threads,
         workers: raw.workers.unwrap_or(share),
         queue: raw.queue.unwrap_or(defaults.queue),
         runtime: raw.runtime.unwrap_or(defaults.runtime),
@@ -127,6 +146,7 @@ fn engine(raw: &RawEngine, models: usize, cpus: usize) -> PoolSettings {
 fn models(
     raw: &[RawModel],
     engine: PoolSettings,
+    share: &dyn Fn(NonZeroUsize) -> NonZeroUsize,
     resolve: &Resolve<'_>,
     report: &mut Report<'_>,
 ) -> Vec<ModelConfig> {
@@ -153,7 +173,10 @@ fn models(
             version: manifest.version.clone(),
             pool: PoolSettings {
                 threads: m.threads.unwrap_or(engine.threads),
-                workers: m.workers.unwrap_or(engine.workers),
+                workers: m.workers.unwrap_or_else(|| match m.threads {
+                    Some(t) => share(t),
+                    None => engine.workers,
+                }),
                 queue: m.queue.unwrap_or(engine.queue),
                 runtime: m.runtime.unwrap_or(engine.runtime),
                 plan: m.plan.unwrap_or(engine.plan),
@@ -1078,9 +1101,16 @@ mod tests {
         assert_eq!(w(1, 2), 2);
         assert_eq!(w(2, 4), 2);
         assert_eq!(w(3, 8), 2);
-        // More models than CPUs, or none configured (updates may bring some): one each.
+        // More models than CPUs: one each. None configured counts as one.
         assert_eq!(w(3, 2), 1);
         assert_eq!(w(0, 4), 4);
+        // Two threads an inference: half as many workers.
+        let two = RawEngine {
+            threads: NonZeroUsize::new(2),
+            ..RawEngine::default()
+        };
+        assert_eq!(engine(&two, 1, 8).workers.get(), 4);
+        assert_eq!(engine(&two, 1, 1).workers.get(), 1);
         assert_eq!(engine(&none, 1, 8).threads.get(), 1);
         let set = RawEngine {
             workers: NonZeroUsize::new(3),

@@ -320,7 +320,10 @@ impl Registry {
                 let mut stmt = c.prepare(
                     "SELECT v.name, v.version, v.state, v.path, v.sha256, v.form, v.installed_at,
                             v.activated_at, v.failure, p.plan, p.tried, p.chosen_at
-                     FROM model_versions v LEFT JOIN model_plans p ON p.sha256 = v.sha256
+                     FROM model_versions v LEFT JOIN (
+                         SELECT sha256, plan, tried, max(chosen_at) AS chosen_at
+                         FROM model_plans GROUP BY sha256
+                     ) p ON p.sha256 = v.sha256
                      ORDER BY v.name, v.installed_at, v.version",
                 )?;
                 let rows = stmt
@@ -436,7 +439,11 @@ impl Registry {
             let done = if needs {
                 self.activate(&m.name, &installed.version, m.pool).await
             } else if let Some(p) = active.filter(|p| p.config() != m.pool) {
-                self.resettle(&m.name, &p, m.pool).await
+                if let Err(e) = self.resettle(&m.name, &p, m.pool).await {
+                    tracing::error!(model = %m.name, error = %e, "new settings not applied; serving with the old ones");
+                    problems.push(e);
+                }
+                continue;
             } else {
                 Ok(())
             };
@@ -449,10 +456,10 @@ impl Registry {
     }
 
     /// Serve the active version of `name` (running in `pool`) with new pool settings. Threads,
-    /// runtime and plan are part of the loaded model (its executor, its plans, onnxruntime's
-    /// sessions per worker), so a change to one of them loads the version again with them,
-    /// its golden vectors checked, before the new pool takes it; queue and workers alone only
-    /// need the new pool. A version that no longer loads keeps serving as it was.
+    /// runtime, plan and workers are part of the loaded model (its executor, its plans,
+    /// onnxruntime's session per worker), so a change to one of them loads the version again
+    /// with them, its golden vectors checked, before the new pool takes it; the queue alone
+    /// only needs the new pool. A version that no longer loads keeps serving as it was.
     async fn resettle(
         &self,
         name: &str,
@@ -508,7 +515,9 @@ impl Registry {
         // Verify before touching disk: a package that would be refused is never copied.
         {
             let _turn = self.loading.lock().await;
-            crate::crash_point("install:verifying");
+            // On a blocking thread, as the verification itself: a `:hang` there must not park
+            // one of the runtime's workers.
+            let _ = tokio::task::spawn_blocking(|| crate::crash_point("install:verifying")).await;
             // The plan chosen here is recorded for the package: activating it takes that plan
             // without timing every plan again.
             load_model(&self.store, package.clone(), &digest, settings).await?;
@@ -772,10 +781,21 @@ impl Task {
                 if let Some(pool) = self.pools.get(name) {
                     // Worker count and queue are fixed per pool: start a new pool on the same
                     // version; the old one finishes its queue and ends. Another version made
-                    // active meanwhile wins over a reload of the old one.
+                    // active while this one reloaded was loaded with the old settings: they
+                    // stay, and the next reload tries again.
                     let model = match model {
-                        Some(m) if m.version() == pool.active().version() => m,
-                        _ => pool.active(),
+                        Some(m) if m.version() != pool.active().version() => {
+                            return Err(RegistryError::Moved {
+                                name: n,
+                                what: format!(
+                                    "version {} became active while {} reloaded",
+                                    pool.active().version(),
+                                    m.version()
+                                ),
+                            });
+                        }
+                        Some(m) => m,
+                        None => pool.active(),
                     };
                     let pool = ModelPool::spawn(model, settings);
                     self.pools.insert(n, pool);
@@ -1042,12 +1062,19 @@ async fn load_model(
     sha256: &str,
     settings: PoolSettings,
 ) -> Result<Arc<Model>, EngineError> {
-    let fingerprint = tokio::task::spawn_blocking(move || plan_fingerprint(&settings))
-        .await
-        .expect("fingerprint task panicked");
-    let recorded = match settings.plan {
-        PlanChoice::Auto => {
-            let (digest, fp) = (sha256.to_string(), fingerprint.clone());
+    // Only `auto` chooses, so only `auto` needs the fingerprint (which loads onnxruntime's
+    // library to name it).
+    let fingerprint = match settings.plan {
+        PlanChoice::Auto => Some(
+            tokio::task::spawn_blocking(move || plan_fingerprint(&settings))
+                .await
+                .expect("fingerprint task panicked"),
+        ),
+        _ => None,
+    };
+    let recorded = match &fingerprint {
+        Some(fp) => {
+            let (digest, fp) = (sha256.to_string(), fp.clone());
             store
                 .call(move |c| Ok(recorded_plan(c, &digest, &fp)?))
                 .await
@@ -1056,7 +1083,7 @@ async fn load_model(
                     None
                 })
         }
-        _ => None,
+        None => None,
     };
     let m = tokio::task::spawn_blocking(move || {
         crate::crash_point("load");
@@ -1064,7 +1091,7 @@ async fn load_model(
     })
     .await
     .expect("model load task panicked")?;
-    if m.chosen == "timed" {
+    if let Some(fingerprint) = fingerprint.filter(|_| m.chosen == "timed") {
         let row = (
             sha256.to_string(),
             fingerprint,

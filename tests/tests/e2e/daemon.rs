@@ -195,9 +195,10 @@ fn the_plan_choice_is_recorded_and_reused_until_what_it_depends_on_changes() {
     .unwrap();
     let log = stop(d);
     assert_eq!(log.matches("plan chosen").count(), 1, "{log}");
-    assert_eq!(again.len(), 1, "{again:?}");
-    assert_eq!(&again[0].0, sha);
-    assert!(again[0].4 >= first[0].4, "{again:?}");
+    // Recorded beside the first choice (going back to one thread would not time again).
+    assert_eq!(again.len(), 2, "{again:?}");
+    assert!(again.iter().all(|r| &r.0 == sha), "{again:?}");
+    assert!(again.contains(&first[0]), "{again:?}");
 }
 
 /// A configured onnxruntime library that does not load: a model pinned to the onnxruntime
