@@ -341,9 +341,16 @@ fn silero_vad_hears_speech_and_not_silence_with_its_state_carried() {
             .map(|r| r["outputs"]["output"]["score"].as_f64().unwrap())
             .collect()
     };
+    // Each run chooses its plan by timing (tract or onnxruntime, which differ in the last
+    // bits), so the same stream gives the same scores to within float rounding.
     let want = scores(&rows);
-    assert_eq!(scores(&run(&vad, &tmp.path().join("speech.s16le"))), want);
-    assert_eq!(scores(&run(&vad, &tmp.path().join("windows.npy"))), want);
+    for input in ["speech.s16le", "windows.npy"] {
+        let got = scores(&run(&vad, &tmp.path().join(input)));
+        assert_eq!(got.len(), want.len(), "{input}");
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!((g - w).abs() <= 1e-5, "{input}: window {i}: {g} vs {w}");
+        }
+    }
 }
 
 /// A little-endian float32 `.npy`, as numpy writes it.
