@@ -691,6 +691,7 @@ fn status_text(s: &Value) -> String {
             format!("{} {}", plain(&m["runtime"]), plain(&m["plan"])),
             plain(&m["requests"]),
             plain(&m["errors"]),
+            plain(&m["bad_input"]),
             plain(&m["busy"]),
             plain(&m["queued"]),
             plain(&m["latency_us"]["p50"]),
@@ -699,7 +700,16 @@ fn status_text(s: &Value) -> String {
     });
     out += &table(
         &[
-            "MODEL", "VERSION", "PLAN", "REQUESTS", "ERRORS", "BUSY", "QUEUED", "P50 µs", "P99 µs",
+            "MODEL",
+            "VERSION",
+            "PLAN",
+            "REQUESTS",
+            "ERRORS",
+            "BAD INPUT",
+            "BUSY",
+            "QUEUED",
+            "P50 µs",
+            "P99 µs",
         ],
         &rows,
     );

@@ -402,6 +402,7 @@ impl Control {
                     "runtime_note": m.fallback,
                     "requests": s.completed.load(Ordering::Relaxed),
                     "errors": s.failed.load(Ordering::Relaxed),
+                    "bad_input": s.bad_input.load(Ordering::Relaxed),
                     "busy": s.rejected_busy.load(Ordering::Relaxed),
                     "queued": p.queued(),
                     "latency_us": s.quantiles(),

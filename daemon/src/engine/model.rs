@@ -98,10 +98,45 @@ type Choice = (PlanChoice, usize, Option<Plan>);
 /// Distinct shapes a model with named dimensions keeps plans for.
 pub const MAX_PLANS_PER_MODEL: usize = 8;
 
+/// What became of the requests one loaded version took. A health window judges the model,
+/// not its callers: `failed` holds the version's own faults (a run error, a panic, and an input
+/// its predecessor took but it refuses), `refused` the inputs that were the caller's fault
+/// (undecodable, the wrong shape for either version), which anyone on the box can send.
 #[derive(Debug, Default)]
 pub struct Outcomes {
     pub ok: std::sync::atomic::AtomicU64,
     pub failed: std::sync::atomic::AtomicU64,
+    pub refused: std::sync::atomic::AtomicU64,
+    /// The manifest of the version this one replaced, while its health window runs: an input
+    /// this version refuses counts as its fault only if that manifest prepares it.
+    baseline: Mutex<Option<Arc<Manifest>>>,
+}
+
+impl Outcomes {
+    pub fn set_baseline(&self, manifest: Option<Arc<Manifest>>) {
+        *self.baseline.lock().unwrap_or_else(|e| e.into_inner()) = manifest;
+    }
+
+    /// Count a request's outcome.
+    pub fn record(&self, input: &Input, result: &Result<Prediction, EngineError>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let counter = match result {
+            Ok(_) => &self.ok,
+            Err(EngineError::Input { .. } | EngineError::Unreadable { .. }) => {
+                let baseline = self
+                    .baseline
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                match baseline {
+                    Some(m) if input.prepare(&m).is_ok() => &self.failed,
+                    _ => &self.refused,
+                }
+            }
+            Err(_) => &self.failed,
+        };
+        counter.fetch_add(1, Relaxed);
+    }
 }
 
 impl std::fmt::Debug for Model {

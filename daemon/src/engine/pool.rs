@@ -72,7 +72,10 @@ struct Job {
 #[derive(Debug, Default)]
 pub struct PoolStats {
     pub completed: AtomicU64,
+    /// Engine faults: run errors and panics.
     pub failed: AtomicU64,
+    /// Inputs refused before they ran (undecodable, the wrong shape).
+    pub bad_input: AtomicU64,
     pub rejected_busy: AtomicU64,
     latencies: Latencies,
 }
@@ -319,13 +322,15 @@ fn worker(w: usize, rx: crossbeam_channel::Receiver<Job>, pool: std::sync::Weak<
             Ok(p) => {
                 inner.stats.completed.fetch_add(1, Ordering::Relaxed);
                 inner.stats.latencies.record(p.latency_us);
-                job.model.outcomes.ok.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(EngineError::Input { .. } | EngineError::Unreadable { .. }) => {
+                inner.stats.bad_input.fetch_add(1, Ordering::Relaxed);
             }
             Err(_) => {
                 inner.stats.failed.fetch_add(1, Ordering::Relaxed);
-                job.model.outcomes.failed.fetch_add(1, Ordering::Relaxed);
             }
         }
+        job.model.outcomes.record(&job.input, &result);
         drop(inner);
         // The requester may have given up; that is not an error here.
         let _ = job.reply.send(result);

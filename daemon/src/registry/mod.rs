@@ -744,7 +744,8 @@ impl Registry {
             })
     }
 
-    async fn previous(&self, name: &str) -> Result<Option<VersionRow>, RegistryError> {
+    /// The version a rollback would bring back, if any.
+    pub async fn previous(&self, name: &str) -> Result<Option<VersionRow>, RegistryError> {
         let n = name.to_string();
         Ok(self.store.call(move |c| Ok(previous_row(c, &n)?)).await?)
     }

@@ -176,9 +176,11 @@ pub struct OpenRow {
 #[derive(Debug, Clone, Default)]
 pub struct HealthFacts {
     pub active_version: Option<semver::Version>,
-    /// The new version's own outcomes so far.
+    /// The new version's own outcomes so far: answers, its own faults, and the inputs that
+    /// were its callers' fault (reported, never held against it).
     pub ok: u64,
     pub failed: u64,
+    pub refused: u64,
     /// An inference has run longer than [`HUNG`].
     pub hung: bool,
 }
@@ -289,8 +291,12 @@ pub enum Effect {
         name: String,
         version: semver::Version,
     },
-    /// Start (or, after a restart, continue) the health window of `id`.
-    StartWatch { id: i64, resumed: bool },
+    /// Start (or, after a restart, continue) the health window of `id`, an update of `name`.
+    StartWatch {
+        id: i64,
+        name: String,
+        resumed: bool,
+    },
     /// Take the new version out of service; the previous one serves again.
     Reject {
         name: String,
@@ -703,12 +709,13 @@ impl Core {
             }
             tracing::info!(update = a.id, model = %a.signed.name, version = %a.version, state = state.as_str(), held = a.nheld, "resuming update");
             let id = a.id;
+            let name = a.signed.name.clone();
             self.current = Some(a);
             if state == State::Health && self.s.in_daemon {
                 // `until` set means a daemon had started this window before: a restart.
                 let resumed = row.health_until_ms.is_some();
                 self.effect(
-                    Effect::StartWatch { id, resumed },
+                    Effect::StartWatch { id, name, resumed },
                     Pending::Watch { record: false },
                 );
                 return;
@@ -1332,9 +1339,13 @@ impl Core {
                         version: a.version.to_string(),
                     });
                     if self.s.in_daemon {
-                        let id = a.id;
+                        let (id, name) = (a.id, a.signed.name.clone());
                         self.effect(
-                            Effect::StartWatch { id, resumed: false },
+                            Effect::StartWatch {
+                                id,
+                                name,
+                                resumed: false,
+                            },
                             Pending::Watch { record: true },
                         );
                     } else {
@@ -1412,8 +1423,9 @@ impl Core {
                 problem = Some("the new version is no longer the active one".to_string());
             } else if f.failed >= self.s.health_max_errors && f.failed * 10 >= f.ok + f.failed {
                 problem = Some(format!(
-                    "{} inference error(s) and {} success(es) in the health window",
-                    f.failed, f.ok
+                    "{} inference error(s) and {} success(es) in the health window \
+                     ({} input(s) refused as the callers' fault, not counted)",
+                    f.failed, f.ok, f.refused
                 ));
             } else if f.hung {
                 problem = Some(format!(
@@ -1433,7 +1445,14 @@ impl Core {
             );
             return;
         }
-        if facts.is_some() && self.now.at >= h.deadline {
+        if let Some(f) = facts.as_ref().filter(|_| self.now.at >= h.deadline) {
+            tracing::info!(
+                update = a.id,
+                answers = f.ok,
+                errors = f.failed,
+                refused_inputs = f.refused,
+                "health window passed"
+            );
             self.out.push(Action::Crash("update:health-passed".into()));
             self.finish(State::Committed, None, "");
         }

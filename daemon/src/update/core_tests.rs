@@ -244,6 +244,7 @@ fn healthy(ok: u64, failed: u64) -> Option<HealthFacts> {
         active_version: Some(semver::Version::new(1, 1, 0)),
         ok,
         failed,
+        refused: 0,
         hung: false,
     })
 }
@@ -1012,7 +1013,8 @@ fn resume_in_the_health_window_counts_a_restart_and_records_nothing_new() {
         effect(&a),
         Some(Effect::StartWatch {
             id: 3,
-            resumed: true
+            resumed: true,
+            ..
         })
     ));
     let a = b.done(Outcome::Watching {

@@ -250,6 +250,7 @@ impl Driver {
             active_version: Some(m.version().clone()),
             ok: m.outcomes.ok.load(Relaxed),
             failed: m.outcomes.failed.load(Relaxed),
+            refused: m.outcomes.refused.load(Relaxed),
             hung: !pool.healthy(HUNG),
         }
     }
@@ -545,7 +546,10 @@ impl Driver {
                 let r = self.d.registry.activate(&name, &version, settings).await;
                 Outcome::Step(r.map_err(|e| (Code::Activation, e.to_string())))
             }
-            Effect::StartWatch { id, resumed } => self.watch(id, resumed).await,
+            Effect::StartWatch { id, name, resumed } => {
+                self.set_baseline(&name).await;
+                self.watch(id, resumed).await
+            }
             Effect::Reject {
                 name,
                 version,
@@ -756,6 +760,34 @@ impl Driver {
         })
         .await
         .unwrap_or_else(|e| Err((Code::Internal, format!("verification panicked: {e}"))))
+    }
+
+    /// Give the new version the manifest of the one it replaced, so that the window can tell
+    /// an input the new version broke from one no version takes. Without one (a first
+    /// install, an unreadable package) every refused input is the caller's.
+    async fn set_baseline(&self, name: &str) {
+        let Some(pool) = self.d.registry.pool(name) else {
+            return;
+        };
+        let previous = match self.d.registry.previous(name).await {
+            Ok(Some(row)) => row,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(model = name, error = %e, "previous version not read; refused inputs count as the callers'");
+                return;
+            }
+        };
+        let path = previous.path;
+        match tokio::task::spawn_blocking(move || crate::engine::Manifest::read(&path)).await {
+            Ok(Ok(m)) => pool
+                .active()
+                .outcomes
+                .set_baseline(Some(std::sync::Arc::new(m))),
+            Ok(Err(e)) => {
+                tracing::warn!(model = name, error = %e, "previous version's manifest not read; refused inputs count as the callers'")
+            }
+            Err(e) => tracing::warn!(model = name, error = %e, "previous manifest read panicked"),
+        }
     }
 
     /// Start watching the new version. A window runs on this process's monotonic clock. After

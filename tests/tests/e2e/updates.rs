@@ -599,6 +599,97 @@ fn self_test_failures_never_activate_and_health_failures_roll_back() {
     w.publish_retained(topic, b"").unwrap();
 }
 
+/// The health window judges the model, not its callers: inputs no version takes (bytes that
+/// are no image, over D-Bus as `nobody` and in the watched folder) are counted and reported
+/// but never roll a good version back, while an input the previous version took and the new
+/// one refuses still does (the health test above).
+#[test]
+fn bad_input_from_anyone_on_the_box_cannot_burn_a_new_version() {
+    let Some(broker) = mosquitto() else { return };
+    if !need("busctl") || !need("setpriv") || !need_root() {
+        return;
+    }
+    let Some(bus) = tern_tests::dbus::system_bus() else {
+        return;
+    };
+    let d = tempfile::tempdir().unwrap();
+    let k = key();
+    let bx = update_box(
+        "burn-1",
+        &broker,
+        &[&k],
+        1,
+        &format!(
+            "health_max_errors = 2\nhealth_window_secs = 10\n[dbus]\nbus = \"{}\"\n",
+            bus.address
+        ),
+    );
+    let mut w = watcher(&broker, "burn-1");
+    let _daemon = Daemon::spawn(&bx.config, None, &[]).unwrap();
+    wait_online(&mut w, "burn-1");
+    let topic = "tern/burn-1/update/digits-mlp-int8";
+    let v11 = build(&next(d.path(), "1.1.0", same), CHUNK, &[&k], |_| {});
+    v11.publish(&mut w, topic, SYNC);
+    event(&mut w, "burn-1", "health window", |e| {
+        e["event"] == "update.health" && e["version"] == "1.1.0"
+    });
+
+    let busctl = |args: &[&str]| {
+        std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "busctl"])
+            .arg(format!("--address={}", bus.address))
+            .args([
+                "--json=short",
+                "call",
+                "io.tern.Daemon1",
+                "/io/tern/Daemon1",
+            ])
+            .arg("io.tern.Daemon1")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    for i in 0..4 {
+        let o = busctl(&["Infer", "say", MODEL, "4", "1", "2", "3", &i.to_string()]);
+        assert!(!o.status.success(), "junk bytes answered");
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains("BadRequest") || e.contains("bad input"), "{e}");
+    }
+    for i in 0..2 {
+        std::fs::write(bx.inbox.join(format!("junk-{i}.png")), b"no image at all").unwrap();
+    }
+    // The junk landed inside the window: the update is still being watched. (On a version
+    // that counted it, 4 errors of 4 answers would have rolled it back by now or soon.)
+    let o = busctl(&["Status"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let status: Value = serde_json::from_str(v["data"][0].as_str().unwrap()).unwrap();
+    let state: String = db(&bx.state)
+        .unwrap()
+        .query_row(
+            "SELECT state FROM updates ORDER BY id DESC LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(state, "health", "{status}");
+    let m = &status["models"][0];
+    assert_eq!(m["version"], "1.1.0", "{status}");
+    assert!(m["bad_input"].as_u64().unwrap() >= 4, "{status}");
+    assert_eq!(m["errors"], 0, "{status}");
+
+    let e = event(&mut w, "burn-1", "end of the health window", |e| {
+        e["version"] == "1.1.0"
+            && matches!(
+                e["event"].as_str(),
+                Some("update.rolled_back" | "update.committed" | "update.failed")
+            )
+    });
+    assert_eq!(e["event"], "update.committed", "{e}");
+    assert_eq!(active(&bx.state).unwrap().0, "1.1.0");
+    w.publish_retained(topic, b"").unwrap();
+}
+
 /// `ternd install`: with the daemon stopped it drives the update itself (health window when
 /// the daemon starts); with the daemon running it hands the bundle over and reports; a
 /// tampered bundle is refused the same way either way.
