@@ -164,6 +164,16 @@ pub fn signed_bytes(
     .into_bytes()
 }
 
+/// A command id nobody can guess ahead of the tool: `prefix-` and 128 random bits. A box
+/// answers a second command with a known id as `conflict` (or with the first reply), so a
+/// predictable id lets a publisher pre-empt the real command.
+pub fn new_id(prefix: &str) -> String {
+    let mut b = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
+        .expect("the system random generator works");
+    format!("{prefix}-{}", crate::hex(&b))
+}
+
 /// Build a signed command payload, as an operator's tool sends it.
 pub fn sign(key: &SigningKey, name: &str, target: &str, id: &str, args: Value, ts: i64) -> Value {
     let mut nonce = [0u8; 16];

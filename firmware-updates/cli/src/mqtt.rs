@@ -363,26 +363,99 @@ async fn canary(
         "canaries: {:.0}% failed, above {}%: rollout stopped",
         share, a.abort_above
     );
+    let mut unrolled = Vec::new();
     for d in &canaries {
         if outcome.get(d).and_then(|v| v["state"].as_str()) != Some("committed") {
             continue;
         }
-        let id = format!("rollout-abort-{}-{d}", &signed.artifact.sha256[..12]);
-        let args = json!({"name": signed.name});
+        match roll_back(conn, a, &topics, d, &signed.name).await? {
+            Ok(result) => eprintln!(
+                "  {d}: rolled back from {} to {}",
+                plain(&result["from"]),
+                plain(&result["active"])
+            ),
+            Err(why) => {
+                eprintln!("  {d}: NOT rolled back: {why}");
+                unrolled.push(d.clone());
+            }
+        }
+    }
+    if !unrolled.is_empty() {
+        eprintln!(
+            "canaries still on {} {}: {} (roll them back with a signed `models.rollback`)",
+            signed.name,
+            signed.version,
+            unrolled.join(", ")
+        );
+    }
+    Ok(false)
+}
+
+fn plain(v: &Value) -> String {
+    v.as_str().map_or_else(|| v.to_string(), str::to_string)
+}
+
+/// How long a box has to answer the abort's rollback.
+const ROLLBACK_REPLY: Duration = Duration::from_secs(30);
+
+/// Send `models.rollback` for `model` to `device` and read its reply: the result, or why it
+/// did not roll back. An id the box already knows (`conflict`) is retried with a new one; each
+/// id is random, so nobody can claim it first.
+async fn roll_back(
+    conn: &mut Conn,
+    a: &PublishArgs,
+    topics: &Topics,
+    device: &str,
+    model: &str,
+) -> anyhow::Result<Result<Value, String>> {
+    let box_topics = tern_update::topics::Device::new(topics.prefix(), device, &[]);
+    let mut last = String::new();
+    for _ in 0..3 {
+        let id = command::new_id("rollout-abort");
+        let reply_topic = box_topics.reply(&id);
+        // The broker takes a client's packets in order: the subscription is in place before
+        // the command can be answered.
+        conn.client
+            .subscribe(reply_topic.as_str(), QoS::AtLeastOnce)
+            .await?;
+        let args = json!({ "name": model });
         let body = match &a.command_key {
-            Some(k) => command::sign(k, "models.rollback", d, &id, args, super::now()),
+            Some(k) => command::sign(k, "models.rollback", device, &id, args, super::now()),
             None => json!({"id": id, "args": args}),
         };
         conn.publish(
-            &topics.command(d, "models.rollback"),
+            &topics.command(device, "models.rollback"),
             body.to_string().into_bytes(),
             false,
         )
         .await?;
-        eprintln!("  {d}: rollback sent (id {id})");
+        let deadline = Instant::now() + ROLLBACK_REPLY;
+        let reply = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, conn.messages.recv()).await {
+                Ok(Some((t, payload))) if t == reply_topic => {
+                    break serde_json::from_slice::<Value>(&payload).ok();
+                }
+                Ok(Some(_)) => continue,
+                Ok(None) | Err(_) => break None,
+            }
+        };
+        let _ = conn.client.unsubscribe(reply_topic.as_str()).await;
+        let Some(reply) = reply else {
+            return Ok(Err(format!(
+                "no reply to `models.rollback` (id {id}) within {ROLLBACK_REPLY:?}"
+            )));
+        };
+        if reply["ok"] == true {
+            return Ok(Ok(reply["result"].clone()));
+        }
+        let code = plain(&reply["error"]["code"]);
+        last = format!("{code}: {}", plain(&reply["error"]["message"]));
+        if code != "conflict" {
+            break;
+        }
     }
-    conn.settle(Duration::from_secs(30)).await?;
-    Ok(false)
+    Ok(Err(last))
 }
 
 /// Clear a bundle's retained manifest and chunks.

@@ -1153,6 +1153,80 @@ fn canary_failure_stops_the_rollout_and_success_lets_it_go_on() {
     }
 }
 
+/// A canary abort rolls the committed canaries back even when someone on the broker claimed
+/// the abort's command id first (it used to be `rollout-abort-<sha12>-<device>`, answered
+/// `conflict` and never read), and the tool says what each box answered.
+#[test]
+fn a_canary_abort_cannot_be_pre_empted_and_reports_each_rollback() {
+    let Some(broker) = mosquitto() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let (k, stranger) = (key(), key());
+    // ab-2 trusts another key: it refuses the bundle, so the canaries fail at 50%.
+    let boxes = [
+        update_box("ab-1", &broker, &[&k], 1, ""),
+        update_box("ab-2", &broker, &[&stranger], 1, ""),
+    ];
+    let mut w = client(
+        &broker,
+        false,
+        "ab-watch",
+        &["tern/+/state", "tern/+/events", "tern/ab-1/reply/#", SYNC],
+    );
+    let _daemons: Vec<Daemon> = boxes
+        .iter()
+        .map(|b| Daemon::spawn(&b.config, None, &[]).unwrap())
+        .collect();
+    wait_online(&mut w, "ab-1");
+    wait_online(&mut w, "ab-2");
+    let before = active(&boxes[0].state).unwrap();
+    let v11 = build(&next(d.path(), "1.1.0", same), CHUNK, &[&k], |_| {});
+    let file = d.path().join("v11.bundle");
+    v11.write(&file);
+    // The old abort id, claimed by an unsigned read command (the default policy takes it).
+    let old_id = format!("rollout-abort-{}-ab-1", &v11.signed.artifact.sha256[..12]);
+    w.publish(
+        "tern/ab-1/cmd/status",
+        serde_json::json!({"id": old_id, "args": {}})
+            .to_string()
+            .as_bytes(),
+        None,
+    )
+    .unwrap();
+    let claimed = format!("tern/ab-1/reply/{old_id}");
+    w.recv_match("the claim's reply", T, |m| m.topic == claimed)
+        .unwrap();
+
+    let o = std::process::Command::new(bin("tern-update"))
+        .args([
+            "publish",
+            "--broker",
+            &broker.url(false),
+            "--group",
+            "lab",
+            "--canary",
+            "2",
+            "--abort-above",
+            "0",
+            "--wait-secs",
+            "20",
+        ])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{out}");
+    assert!(out.contains("rollout stopped"), "{out}");
+    assert!(
+        out.contains(&format!("ab-1: rolled back from 1.1.0 to {}", before.0)),
+        "{out}"
+    );
+    assert_eq!(
+        update_state(&boxes[0].state, "1.1.0").as_deref(),
+        Some("committed")
+    );
+    assert_eq!(active(&boxes[0].state).unwrap(), before, "{out}");
+}
+
 /// A daemon that keeps dying inside the health window (a model that crashes it, say) gets the
 /// new version rolled back, and an operator who clears a manifest stops its download.
 #[test]
