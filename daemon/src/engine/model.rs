@@ -128,9 +128,19 @@ impl Outcomes {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .clone();
-                match baseline {
-                    Some(m) if input.prepare(&m).is_ok() => &self.failed,
-                    _ => &self.refused,
+                // The input is untrusted and the old manifest's preprocessing may take paths
+                // the new one never reached: a panic there is the caller's input, not a dead
+                // worker.
+                let old_takes_it = baseline.is_some_and(|m| {
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        input.prepare(&m).is_ok()
+                    }))
+                    .unwrap_or(false)
+                });
+                if old_takes_it {
+                    &self.failed
+                } else {
+                    &self.refused
                 }
             }
             Err(_) => &self.failed,

@@ -399,8 +399,8 @@ fn plain(v: &Value) -> String {
 const ROLLBACK_REPLY: Duration = Duration::from_secs(30);
 
 /// Send `models.rollback` for `model` to `device` and read its reply: the result, or why it
-/// did not roll back. An id the box already knows (`conflict`) is retried with a new one; each
-/// id is random, so nobody can claim it first.
+/// did not roll back. Each id is random, so nobody can claim it first; `busy` is retried (with
+/// a new id, which the box treats alike), every other refusal is final.
 async fn roll_back(
     conn: &mut Conn,
     a: &PublishArgs,
@@ -451,9 +451,12 @@ async fn roll_back(
         }
         let code = plain(&reply["error"]["code"]);
         last = format!("{code}: {}", plain(&reply["error"]["message"]));
-        if code != "conflict" {
+        // `busy` is a moment (a reload, a full queue) and releases the id. Anything else,
+        // `conflict` included, is the box's answer: a second rollback could swap back.
+        if code != "busy" {
             break;
         }
+        tokio::time::sleep(Duration::from_secs(2)).await;
     }
     Ok(Err(last))
 }
