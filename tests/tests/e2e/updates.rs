@@ -1064,6 +1064,30 @@ fn active_of(state: &Path, model: &str) -> Option<String> {
         .ok()
 }
 
+/// `tern-update publish` to group `lab` with `canaries` canaries and no failure allowed:
+/// whether it went on to the group, and what it printed.
+fn canary_publish(broker: &Broker, bundle: &Path, canaries: u32, wait_secs: u32) -> (bool, String) {
+    let o = std::process::Command::new(bin("tern-update"))
+        .args([
+            "publish",
+            "--broker",
+            &broker.url(false),
+            "--group",
+            "lab",
+            "--canary",
+        ])
+        .arg(canaries.to_string())
+        .args(["--abort-above", "0", "--wait-secs"])
+        .arg(wait_secs.to_string())
+        .arg(bundle)
+        .output()
+        .unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr),
+    )
+}
+
 /// Staged rollout with the tool: a canary that fails stops the rollout before the rest of the
 /// group sees the update; a healthy canary lets it go on to the whole group.
 #[test]
@@ -1087,29 +1111,7 @@ fn canary_failure_stops_the_rollout_and_success_lets_it_go_on() {
         .collect();
     wait_online(&mut w, "can-1");
     wait_online(&mut w, "can-2");
-    let publish = |bundle: &Path| {
-        let o = std::process::Command::new(bin("tern-update"))
-            .args([
-                "publish",
-                "--broker",
-                &broker.url(false),
-                "--group",
-                "lab",
-                "--canary",
-                "1",
-                "--abort-above",
-                "0",
-                "--wait-secs",
-                "60",
-            ])
-            .arg(bundle)
-            .output()
-            .unwrap();
-        (
-            o.status.success(),
-            String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr),
-        )
-    };
+    let publish = |bundle: &Path| canary_publish(&broker, bundle, 1, 60);
 
     let broken = variant(
         &package("digits-mlp-int8-broken"),
@@ -1196,25 +1198,8 @@ fn a_canary_abort_cannot_be_pre_empted_and_reports_each_rollback() {
     w.recv_match("the claim's reply", T, |m| m.topic == claimed)
         .unwrap();
 
-    let o = std::process::Command::new(bin("tern-update"))
-        .args([
-            "publish",
-            "--broker",
-            &broker.url(false),
-            "--group",
-            "lab",
-            "--canary",
-            "2",
-            "--abort-above",
-            "0",
-            "--wait-secs",
-            "20",
-        ])
-        .arg(&file)
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success(), "{out}");
+    let (ok, out) = canary_publish(&broker, &file, 2, 20);
+    assert!(!ok, "{out}");
     assert!(out.contains("rollout stopped"), "{out}");
     assert!(
         out.contains(&format!("ab-1: rolled back from 1.1.0 to {}", before.0)),
