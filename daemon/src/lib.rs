@@ -16,6 +16,7 @@ pub mod local;
 pub mod outbox;
 pub mod pipeline;
 pub mod registry;
+pub mod relay;
 pub mod service;
 pub mod store;
 pub mod tasks;

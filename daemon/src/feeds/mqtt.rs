@@ -25,25 +25,33 @@ impl super::Source for MqttFeed {
         // One connection per pipeline reading the feed: brokers disconnect a client whose id
         // another connection takes.
         let id = format!("{}-{}", c.client_id, ctx.pipeline);
-        let mut o = rumqttc::MqttOptions::new(id, &c.host, c.port);
+        let tls = match &c.tls {
+            None => None,
+            Some(t) => match crate::tls::client_config(t) {
+                Ok(cfg) => Some(cfg),
+                Err((k, e)) => return Ended::Failed(format!("TLS {k}: {e}")),
+            },
+        };
+        // MQTT 3.1.1 cannot tell the broker our limit, and rumqttc ends the connection on a
+        // packet over its own: the relay empties messages over max_payload_bytes (plus room
+        // for the topic) instead, so one retained message cannot keep the feed down.
+        let limit = c.max_payload_bytes + 64 * 1024 + 4;
+        let relay = match crate::relay::Relay::start(
+            crate::relay::Upstream {
+                host: c.host.clone(),
+                port: c.port,
+                tls,
+            },
+            limit,
+        ) {
+            Ok(r) => r,
+            Err(e) => return Ended::Failed(format!("starting the MQTT relay: {e}")),
+        };
+        let mut o = rumqttc::MqttOptions::new(id, relay.path(), 0);
         o.set_keep_alive(std::time::Duration::from_secs(30))
             .set_clean_session(true)
-            // Messages over max_payload_bytes are counted and skipped here; rumqttc refuses
-            // far larger ones (twice that) before buffering them, which ends the connection.
-            .set_max_packet_size(
-                (2 * c.max_payload_bytes).max(1024 * 1024) + 64 * 1024,
-                64 * 1024,
-            );
-        if let Some(t) = &c.tls {
-            match crate::tls::client_config(t) {
-                Ok(cfg) => {
-                    o.set_transport(rumqttc::Transport::tls_with_config(
-                        rumqttc::TlsConfiguration::Rustls(cfg),
-                    ));
-                }
-                Err((k, e)) => return Ended::Failed(format!("TLS {k}: {e}")),
-            }
-        }
+            .set_transport(rumqttc::Transport::Unix)
+            .set_max_packet_size(limit + 128 * 1024, 64 * 1024);
         if let Some((u, p)) = &c.credentials {
             o.set_credentials(u, p);
         }
@@ -81,6 +89,15 @@ impl super::Source for MqttFeed {
                     ctx.running();
                 }
                 Ok(Event::Incoming(Incoming::Publish(p))) => {
+                    if p.payload.is_empty()
+                        && let Some(size) = relay.take_dropped(&p.topic)
+                    {
+                        ctx.garbage(&format!(
+                            "message on `{}`: about {size} bytes is over max_payload_bytes ({}); dropped unread",
+                            p.topic, c.max_payload_bytes
+                        ));
+                        continue;
+                    }
                     if p.payload.len() > c.max_payload_bytes {
                         ctx.garbage(&format!(
                             "message on `{}`: {} bytes is over max_payload_bytes ({})",
@@ -103,7 +120,12 @@ impl super::Source for MqttFeed {
                     }
                 }
                 Ok(_) => {}
-                Err(e) => return Ended::Failed(format!("broker {broker}: {e}")),
+                Err(e) => {
+                    let why = relay
+                        .upstream_error()
+                        .unwrap_or_else(|| format!("broker {broker}: {e}"));
+                    return Ended::Failed(why);
+                }
             }
         }
     }

@@ -47,6 +47,8 @@ const WINDOW: usize = 128;
 const STOP_DEADLINE: Duration = Duration::from_secs(3);
 /// Commands carried out at the same time.
 const COMMANDS_AT_ONCE: usize = 4;
+/// How long a connection must have lasted for the reconnect back-off to start over.
+const STABLE_CONNECTION: Duration = Duration::from_secs(30);
 /// Replies larger than this are replaced by an error saying so (a broker may refuse them, and
 /// a box should not flood its uplink answering one question).
 pub const MAX_REPLY_BYTES: usize = 120 * 1024;
@@ -272,11 +274,12 @@ struct Session {
 impl Session {
     async fn run(mut self, cancel: CancellationToken) {
         let mut failures = 0u32;
+        let mut connected_at: Option<std::time::Instant> = None;
         let broker = format!("{}:{}", self.cfg.host, self.cfg.port);
         loop {
             match self.session.poll().await {
                 Ok(Event::Connected) => {
-                    failures = 0;
+                    connected_at = Some(std::time::Instant::now());
                     for f in self.topics.filters(self.updater.is_some()) {
                         if let Err(e) = self.link.subscribe(&f) {
                             tracing::error!(filter = %f, error = %e, "subscribe not queued");
@@ -321,6 +324,14 @@ impl Session {
                     if cancel.is_cancelled() {
                         return;
                     }
+                    // Only a connection that lasted starts the back-off over: one the broker
+                    // (or something it sends) ends right away must not be retried every second.
+                    if connected_at
+                        .take()
+                        .is_some_and(|t| t.elapsed() >= STABLE_CONNECTION)
+                    {
+                        failures = 0;
+                    }
                     let delay = mqtt::backoff(failures, self.cfg.reconnect_max);
                     if failures == 0 {
                         tracing::warn!(%broker, error = %e, retry_in = ?delay, "fleet link down");
@@ -340,6 +351,12 @@ impl Session {
 
     /// A delivered message to whoever takes it.
     fn route(&self, m: mqtt::Message) {
+        // None of our topics carries an empty message; on 3.1.1 it is also what the relay
+        // leaves of one over the size limit (and has logged).
+        if m.payload.is_empty() {
+            tracing::debug!(topic = %m.topic, "empty MQTT message ignored");
+            return;
+        }
         let offer = |d: Delivery| {
             if let Some(u) = &self.updater {
                 u.offer(d);

@@ -96,6 +96,8 @@ pub struct Session {
     event_loop: Loop,
     track: Arc<Mutex<Track>>,
     fresh: Box<dyn Fn() -> (Client, Loop) + Send>,
+    /// 3.1.1 only: the local relay rumqttc connects through.
+    relay: Option<Arc<crate::relay::Relay>>,
 }
 
 /// rumqttc's request queue; our own window of rows in flight stays well below it.
@@ -111,27 +113,34 @@ pub fn connect(
     will_payload: &[u8],
     max_incoming: usize,
 ) -> Result<(Link, Session), String> {
-    let transport = match &cfg.tls {
-        None => rumqttc::Transport::Tcp,
-        Some(t) => {
-            let c = crate::tls::client_config(t).map_err(|(k, e)| format!("fleet.{k}: {e}"))?;
-            rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(c))
-        }
+    let tls = match &cfg.tls {
+        None => None,
+        Some(t) => Some(crate::tls::client_config(t).map_err(|(k, e)| format!("fleet.{k}: {e}"))?),
     };
-    // Room for the largest command we accept plus its topic and properties; anything bigger
-    // is refused by rumqttc before it is buffered.
     let max_packet = max_incoming + 64 * 1024;
+    let mut relay = None;
     let fresh: Box<dyn Fn() -> (Client, Loop) + Send> = match cfg.protocol {
         Protocol::V311 => {
-            let mut o = rumqttc::MqttOptions::new(&cfg.client_id, &cfg.host, cfg.port);
+            // 3.1.1 cannot tell the broker our limit: the relay drops what is over it.
+            let r = crate::relay::Relay::start(
+                crate::relay::Upstream {
+                    host: cfg.host.clone(),
+                    port: cfg.port,
+                    tls,
+                },
+                max_packet,
+            )
+            .map_err(|e| format!("starting the MQTT relay: {e}"))?;
+            let mut o = rumqttc::MqttOptions::new(&cfg.client_id, r.path(), 0);
+            relay = Some(Arc::new(r));
             o.set_keep_alive(cfg.keep_alive)
                 .set_clean_session(true)
-                .set_transport(transport)
+                .set_transport(rumqttc::Transport::Unix)
                 .set_inflight(MAX_INFLIGHT)
                 .set_request_channel_capacity(REQUEST_CAPACITY)
-                // Our own messages are bounded where they are made (replies, rows); only
-                // what comes in is bounded here.
-                .set_max_packet_size(max_packet, MAX_OUTGOING)
+                // Our own messages are bounded where they are made (replies, rows); what
+                // comes in is bounded by the relay, with room for a topic above its limit.
+                .set_max_packet_size(max_packet + 128 * 1024, MAX_OUTGOING)
                 .set_last_will(rumqttc::LastWill::new(
                     will_topic,
                     will_payload.to_vec(),
@@ -142,12 +151,17 @@ pub fn connect(
                 o.set_credentials(u, p);
             }
             Box::new(move || {
-                let (c, mut l) = rumqttc::AsyncClient::new(o.clone(), REQUEST_CAPACITY);
-                l.set_network_options(network_options());
+                let (c, l) = rumqttc::AsyncClient::new(o.clone(), REQUEST_CAPACITY);
                 (Client::V4(c), Loop::V4(Box::new(l)))
             })
         }
         Protocol::V5 => {
+            let transport = match tls {
+                None => rumqttc::Transport::Tcp,
+                Some(c) => {
+                    rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(c))
+                }
+            };
             let mut o = rumqttc::v5::MqttOptions::new(&cfg.client_id, &cfg.host, cfg.port);
             o.set_keep_alive(cfg.keep_alive)
                 .set_clean_start(true)
@@ -190,6 +204,7 @@ pub fn connect(
             event_loop,
             track,
             fresh,
+            relay,
         },
     ))
 }
@@ -331,7 +346,14 @@ impl Session {
     /// The next event; on error the connection is gone and the next call reconnects.
     pub async fn poll(&mut self) -> Result<Event, String> {
         let ev = match &mut self.event_loop {
-            Loop::V4(l) => l.poll().await.map(v4_event).map_err(|e| e.to_string()),
+            // Through the relay, a broker that cannot be reached looks like a closed socket;
+            // the relay knows why.
+            Loop::V4(l) => l.poll().await.map(v4_event).map_err(|e| {
+                match self.relay.as_ref().and_then(|r| r.upstream_error()) {
+                    Some(why) => why,
+                    None => e.to_string(),
+                }
+            }),
             Loop::V5(l) => l.poll().await.map(v5_event).map_err(|e| e.to_string()),
         };
         let mut t = self.track.lock().expect("link lock");

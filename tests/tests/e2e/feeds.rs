@@ -180,9 +180,16 @@ model = "digits-cnn-int8"
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
+    // On a loaded machine the camera may also have stalled once before: that restart is
+    // reported too, with its own reason, and is not the one looked for here.
     let ev = c
-        .recv_match("feed.restarting", T, |m| {
-            m.topic == "tern/cam1/events" && m.json()["event"] == "feed.restarting"
+        .recv_match("feed.restarting for the kill", T, |m| {
+            let j = m.json();
+            m.topic == "tern/cam1/events"
+                && j["event"] == "feed.restarting"
+                && j["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("ffmpeg ended"))
         })
         .unwrap()
         .json();

@@ -1067,52 +1067,51 @@ fn tls_with_a_client_certificate_connects_and_a_wrong_ca_does_not() {
         return;
     };
     let tls_port = broker.tls_port.unwrap();
-    let fleet = format!(
-        "ca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"",
-        ca.display(),
-        client_cert.display(),
-        client_key.display()
-    );
-    let b = fleet_box(
-        "tls-1",
-        &format!("mqtts://localhost:{tls_port}"),
-        &fleet,
-        "",
-    );
-    let mut c = client(
-        &broker,
-        false,
-        "tls-c",
-        &["tern/tls-1/state", "tern/tls-1/reply/+"],
-    );
-    let _d = Daemon::spawn(&b.config, None, &[]).unwrap();
-    wait_online(&mut c, "tls-1");
-    let r = command(&mut c, "tls-1", "ping", &json!({"id": "tls-ping"}));
-    assert_eq!(r["ok"], true, "{r}");
+    // MQTT 3.1.1 goes through the box's relay, which makes the TLS connection itself.
+    for (proto, line) in [("v5", ""), ("v311", "\nprotocol = \"v3.1.1\"")] {
+        let fleet = format!(
+            "ca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"{line}",
+            ca.display(),
+            client_cert.display(),
+            client_key.display()
+        );
+        let dev = format!("tls-1-{proto}");
+        let b = fleet_box(&dev, &format!("mqtts://localhost:{tls_port}"), &fleet, "");
+        let mut c = client(
+            &broker,
+            false,
+            &format!("{dev}-c"),
+            &[&format!("tern/{dev}/state"), &format!("tern/{dev}/reply/+")],
+        );
+        let _d = Daemon::spawn(&b.config, None, &[]).unwrap();
+        wait_online(&mut c, &dev);
+        let r = command(&mut c, &dev, "ping", &json!({"id": "tls-ping"}));
+        assert_eq!(r["ok"], true, "{proto}: {r}");
 
-    // A box that trusts another CA refuses the broker's certificate and says why.
-    let other_dir = tempfile::tempdir().unwrap();
-    let [other_ca, ..] = tern_tests::mqtt::make_certs(other_dir.path()).unwrap();
-    let fleet = format!(
-        "ca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"",
-        other_ca.display(),
-        client_cert.display(),
-        client_key.display()
-    );
-    let b2 = fleet_box(
-        "tls-2",
-        &format!("mqtts://localhost:{tls_port}"),
-        &fleet,
-        "",
-    );
-    let d2 = Daemon::spawn(&b2.config, None, &[]).unwrap();
-    wait_for("a certificate error in the log", T, || {
-        let log = d2.stderr();
-        (log.contains("fleet link down") && log.to_lowercase().contains("certificate"))
-            .then_some(())
-    })
-    .unwrap();
-    assert!(!d2.stderr().contains("fleet link connected"));
+        // A box that trusts another CA refuses the broker's certificate and says why.
+        let other_dir = tempfile::tempdir().unwrap();
+        let [other_ca, ..] = tern_tests::mqtt::make_certs(other_dir.path()).unwrap();
+        let fleet = format!(
+            "ca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"{line}",
+            other_ca.display(),
+            client_cert.display(),
+            client_key.display()
+        );
+        let b2 = fleet_box(
+            &format!("tls-2-{proto}"),
+            &format!("mqtts://localhost:{tls_port}"),
+            &fleet,
+            "",
+        );
+        let d2 = Daemon::spawn(&b2.config, None, &[]).unwrap();
+        wait_for("a certificate error in the log", T, || {
+            let log = d2.stderr();
+            (log.contains("fleet link down") && log.to_lowercase().contains("certificate"))
+                .then_some(())
+        })
+        .unwrap();
+        assert!(!d2.stderr().contains("fleet link connected"), "{proto}");
+    }
 }
 
 #[test]

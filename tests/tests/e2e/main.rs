@@ -6,6 +6,7 @@ mod daemon;
 mod dbus;
 mod feeds;
 mod fleet;
+mod hardening;
 mod infer;
 mod package;
 mod systemd;
