@@ -99,7 +99,7 @@ fn in_process(broker: &Broker) -> InProcess {
     std::fs::write(
         &cfg_path,
         format!(
-            "state_dir = \"state\"\n[fleet]\nbroker = \"{}\"\ndevice = \"bench\"\ntelemetry_secs = 3600\n[outbox]\nbudget_mib = 1024\n",
+            "state_dir = \"state\"\n[fleet]\nbroker = \"{}\"\ndevice = \"bench\"\ntelemetry_secs = 3600\nresponse_topics = [\"bench/answers\"]\n[outbox]\nbudget_mib = 1024\n",
             broker.url(true)
         ),
     )

@@ -130,6 +130,9 @@ pub struct RawFleet {
     pub key_file: Option<PathBuf>,
     pub telemetry_secs: Option<u64>,
     pub reconnect_max_secs: Option<u64>,
+    /// Topic filters an MQTT 5 response topic may match, besides the box's own `reply/`.
+    #[serde(default)]
+    pub response_topics: Vec<String>,
     #[serde(default)]
     pub commands: RawCommands,
 }
@@ -434,6 +437,9 @@ pub struct FleetConfig {
     pub credentials: Option<(String, String)>,
     pub telemetry_every: std::time::Duration,
     pub reconnect_max: std::time::Duration,
+    /// Filters an MQTT 5 response topic must match to be answered on (besides the box's own
+    /// `reply/` topics, always allowed).
+    pub response_topics: Vec<String>,
     pub commands: CommandsConfig,
 }
 

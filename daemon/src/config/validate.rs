@@ -916,6 +916,11 @@ fn validate_fleet(
     let credentials = fleet_login(f, resolve, &mut bad);
     let tls_config = fleet_tls(f, tls, resolve, &mut bad);
     let commands = fleet_commands(&f.commands, &mut bad);
+    for (i, t) in f.response_topics.iter().enumerate() {
+        if let Some(why) = topic_filter_problem(t) {
+            bad(&format!("response_topics[{i}]"), format!("`{t}` {why}"));
+        }
+    }
     (found.get() == 0).then(|| FleetConfig {
         host,
         port,
@@ -932,6 +937,7 @@ fn validate_fleet(
         credentials,
         telemetry_every: std::time::Duration::from_secs(telemetry),
         reconnect_max: std::time::Duration::from_secs(reconnect_max),
+        response_topics: f.response_topics.clone(),
         commands,
     })
 }

@@ -52,11 +52,16 @@ const STABLE_CONNECTION: Duration = Duration::from_secs(30);
 /// Replies larger than this are replaced by an error saying so (a broker may refuse them, and
 /// a box should not flood its uplink answering one question).
 pub const MAX_REPLY_BYTES: usize = 120 * 1024;
+/// The same for a group command, which every box of the group answers at once.
+pub const MAX_GROUP_REPLY_BYTES: usize = 16 * 1024;
 
 /// A command waiting for the command task, with where its reply goes.
 struct Queued {
     cmd: commands::Incoming,
+    /// An allowed MQTT 5 response topic and its correlation data; else the reply topic.
     reply_to: Option<(String, Option<bytes::Bytes>)>,
+    /// The largest reply this command may get.
+    max_reply: usize,
 }
 
 /// The running fleet link: what a stop needs. Its tasks are the service's, by name
@@ -137,6 +142,7 @@ pub fn spawn(
         shared: shared.clone(),
         cmd_tx,
         updater,
+        refused_response_logged: Default::default(),
     };
     tasks.fatal("fleet.session", session.run(cancel.clone()));
     tasks.fatal(
@@ -269,6 +275,8 @@ struct Session {
     shared: Arc<Shared>,
     cmd_tx: mpsc::Sender<Queued>,
     updater: Option<Updater>,
+    /// A refused response topic has been logged (once: requesters choose them).
+    refused_response_logged: std::sync::atomic::AtomicBool,
 }
 
 impl Session {
@@ -349,6 +357,19 @@ impl Session {
         }
     }
 
+    /// Whether a reply may go to this MQTT 5 response topic: the box's own `reply/` topics
+    /// or one matching `fleet.response_topics`, and never another of tern's own topics (a
+    /// requester cannot make the box publish onto another box's commands or its own state).
+    fn may_answer_on(&self, topic: &str) -> bool {
+        self.topics.may_answer_on(topic)
+            && (topic.starts_with(&self.topics.reply(""))
+                || self
+                    .cfg
+                    .response_topics
+                    .iter()
+                    .any(|f| rumqttc::matches(topic, f)))
+    }
+
     /// A delivered message to whoever takes it.
     fn route(&self, m: mqtt::Message) {
         // None of our topics carries an empty message; on 3.1.1 it is also what the relay
@@ -365,7 +386,23 @@ impl Session {
         match self.topics.route(&m.topic) {
             Route::Announce => self.shared.presence.notify_one(),
             Route::Command { name, target } => {
-                let reply_to = m.response_topic.map(|t| (t, m.correlation));
+                let reply_to = match m.response_topic {
+                    Some(t) if self.may_answer_on(&t) => Some((t, m.correlation)),
+                    Some(t) => {
+                        use std::sync::atomic::Ordering;
+                        if !self.refused_response_logged.swap(true, Ordering::Relaxed) {
+                            tracing::warn!(response_topic = %t, "a response topic outside fleet.response_topics is not answered on; replying on the reply topic (logged once)");
+                        }
+                        None
+                    }
+                    None => None,
+                };
+                // One group command makes every box in the group answer at once.
+                let max_reply = if target.starts_with("group:") {
+                    MAX_GROUP_REPLY_BYTES
+                } else {
+                    MAX_REPLY_BYTES
+                };
                 let q = Queued {
                     cmd: commands::Incoming {
                         name,
@@ -373,6 +410,7 @@ impl Session {
                         payload: m.payload,
                     },
                     reply_to,
+                    max_reply,
                 };
                 if let Err(mpsc::error::TrySendError::Full(q)) = self.cmd_tx.try_send(q) {
                     let max = self.cfg.commands.max_payload_bytes;
@@ -382,7 +420,14 @@ impl Session {
                         "too many commands waiting; try again with the same id",
                     );
                     let reply = commands::reply_err(id.as_deref(), &e);
-                    send_reply(&self.link, &self.topics, id.as_deref(), q.reply_to, &reply);
+                    send_reply(
+                        &self.link,
+                        &self.topics,
+                        id.as_deref(),
+                        q.reply_to,
+                        q.max_reply,
+                        &reply,
+                    );
                 }
             }
             Route::Manifest => offer(Delivery::Manifest {
@@ -484,24 +529,24 @@ fn send_reply(
     topics: &Topics,
     id: Option<&str>,
     reply_to: Option<(String, Option<bytes::Bytes>)>,
+    max_reply: usize,
     reply: &Value,
 ) {
-    let (topic, correlation) = match reply_to {
-        Some((t, c)) if topics.may_answer_on(&t) => (t, c),
-        Some((t, _)) => {
-            tracing::warn!(response_topic = %t, "a response topic inside tern's own topics is not answered on; replying on the reply topic");
-            (topics.reply(id.unwrap_or("invalid")), None)
-        }
-        None => (topics.reply(id.unwrap_or("invalid")), None),
-    };
+    let (topic, correlation) =
+        reply_to.unwrap_or_else(|| (topics.reply(id.unwrap_or("invalid")), None));
     tracing::debug!(%topic, id = id.unwrap_or("-"), "reply");
     let mut payload = reply.to_string().into_bytes();
-    if payload.len() > MAX_REPLY_BYTES {
+    if payload.len() > max_reply {
         let e = CmdError::new(
             Code::Internal,
             format!(
-                "the reply is {} bytes, over the {MAX_REPLY_BYTES}-byte limit; ask for less",
-                payload.len()
+                "the reply is {} bytes, over the {max_reply}-byte limit{}; ask for less",
+                payload.len(),
+                if max_reply < MAX_REPLY_BYTES {
+                    " for a group command (ask the box itself)"
+                } else {
+                    ""
+                }
             ),
         );
         payload = commands::reply_err(id, &e).to_string().into_bytes();
@@ -563,7 +608,14 @@ async fn command_task(
         );
         running.spawn(async move {
             let (id, reply) = commands::handle(&control, &cfg, &ids, q.cmd).await;
-            send_reply(&link, &topics, id.as_deref(), q.reply_to, &reply);
+            send_reply(
+                &link,
+                &topics,
+                id.as_deref(),
+                q.reply_to,
+                q.max_reply,
+                &reply,
+            );
             drop(slot);
         });
         while running.try_join_next().is_some() {}

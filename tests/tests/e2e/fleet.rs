@@ -169,7 +169,7 @@ fn requests_and_replies_over_mqtt5_and_311_on_every_broker() {
                 &name,
                 &broker.url(daemon_v5),
                 if daemon_v5 {
-                    ""
+                    "response_topics = [\"answers/#\"]"
                 } else {
                     "protocol = \"v3.1.1\""
                 },
@@ -1211,7 +1211,13 @@ fn readme_mosquitto_client_commands_work_as_documented() {
         lines.len() >= 3,
         "expected the documented commands, got {lines:?}"
     );
-    let b = fleet_box("demo-1", &broker.url(true), "", "");
+    // The demo's allow-list of response topics, as configs/fleet-demo.toml has it.
+    let demo = std::fs::read_to_string(root().join("configs/fleet-demo.toml")).unwrap();
+    let allow = demo
+        .lines()
+        .find(|l| l.starts_with("response_topics"))
+        .expect("fleet-demo.toml allows response topics");
+    let b = fleet_box("demo-1", &broker.url(true), allow, "");
     let mut watcher = client(&broker, false, "readme-c", &["tern/demo-1/state"]);
     let _d = Daemon::spawn(&b.config, None, &[]).unwrap();
     wait_online(&mut watcher, "demo-1");

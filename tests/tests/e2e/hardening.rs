@@ -7,7 +7,7 @@ use serde_json::json;
 use tern_tests::mqtt::Broker;
 use tern_tests::*;
 
-use crate::fleet::{client, command, wait_online};
+use crate::fleet::{client, command, fleet_box, wait_online};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -136,4 +136,129 @@ telemetry_secs = 3600
         log.contains("over max_payload_bytes (65536); dropped unread"),
         "{log}"
     );
+}
+
+/// Finding 4: a box answered on any MQTT 5 response topic outside its prefix, so a party that
+/// may publish commands but not read replies could read results by naming its own topic, and a
+/// group command made every box of the group send up to 120 KiB there. Now response topics
+/// are confined to the box's own `reply/` and `fleet.response_topics`, and a group command's
+/// reply is held to 16 KiB.
+#[test]
+fn replies_go_only_to_allowed_response_topics_and_group_replies_are_small() {
+    let Some(broker) = Broker::mosquitto().unwrap() else {
+        return;
+    };
+    let dev = "answers5";
+    let b = fleet_box(
+        dev,
+        &broker.url(true),
+        "response_topics = [\"ops/answers/#\"]",
+        "",
+    );
+    // Results enough that a page of them is well over 16 KiB.
+    let png = std::fs::read(root().join("configs/demo/inbox/digit-7.png")).unwrap();
+    for i in 0..120 {
+        std::fs::write(b.inbox.join(format!("d{i:03}.png")), &png).unwrap();
+    }
+    let mut c = client(
+        &broker,
+        true,
+        "answers-c",
+        &[
+            &format!("tern/{dev}/state"),
+            &format!("tern/{dev}/reply/+"),
+            "ops/answers/#",
+            "elsewhere/#",
+            "tern/other/#",
+        ],
+    );
+    let _d = Daemon::spawn(&b.config, None, &[]).unwrap();
+    wait_online(&mut c, dev);
+    wait_for("120 results", T, || {
+        (count(&b.state, "SELECT count(*) FROM results")? == 120).then_some(())
+    })
+    .unwrap();
+
+    // results.query for a page as large as a reply may be; ping for a small reply.
+    let ask = |c: &mut tern_tests::mqtt::Client, topic: &str, id: &str, response: &str| {
+        let body = if topic.ends_with("/ping") {
+            json!({"id": id})
+        } else {
+            json!({"id": id, "args": {"limit": 1000}})
+        };
+        c.publish(
+            topic,
+            body.to_string().as_bytes(),
+            Some((response, b"corr")),
+        )
+        .unwrap();
+    };
+    // Allowed: answered where asked.
+    ask(
+        &mut c,
+        &format!("tern/{dev}/cmd/results.query"),
+        "q-ok",
+        "ops/answers/me",
+    );
+    let r = c.recv_on("ops/answers/me", T).unwrap().json();
+    assert_eq!(r["id"], "q-ok", "{r}");
+    assert_eq!(r["ok"], true, "{r}");
+    assert!(r["result"]["results"].as_array().unwrap().len() > 40, "{r}");
+
+    // Outside the allow-list, and inside tern's own topics: the reply goes to the box's own
+    // reply topic instead, whose readers the broker's ACL decides.
+    for (id, response) in [
+        ("q-out", "elsewhere/me"),
+        ("q-ours", "tern/other/cmd/models.rollback"),
+    ] {
+        ask(
+            &mut c,
+            &format!("tern/{dev}/cmd/results.query"),
+            id,
+            response,
+        );
+        let r = c
+            .recv_on(&format!("tern/{dev}/reply/{id}"), T)
+            .unwrap()
+            .json();
+        assert_eq!(r["ok"], true, "{r}");
+    }
+    // Nothing came on the topics that were not allowed: the broker handles one client's
+    // messages in order, so after a round trip on an allowed topic nothing else is on its way.
+    ask(
+        &mut c,
+        &format!("tern/{dev}/cmd/ping"),
+        "sync",
+        "ops/answers/sync",
+    );
+    let r = c.recv_on("ops/answers/sync", T).unwrap().json();
+    assert_eq!(r["ok"], true, "{r}");
+    let stray: Vec<String> = c
+        .drain()
+        .into_iter()
+        .map(|m| m.topic)
+        .filter(|t| t.starts_with("elsewhere/") || t.starts_with("tern/other/"))
+        .collect();
+    assert!(stray.is_empty(), "{stray:?}");
+
+    // A group command's reply is small or an error that says why; the box itself answers in
+    // full.
+    ask(
+        &mut c,
+        "tern/fleet/lab/cmd/results.query",
+        "g-big",
+        "ops/answers/group",
+    );
+    let r = c.recv_on("ops/answers/group", T).unwrap().json();
+    assert_eq!(r["ok"], false, "{r}");
+    let msg = r["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("16384-byte limit for a group command"), "{r}");
+    ask(
+        &mut c,
+        "tern/fleet/lab/cmd/ping",
+        "g-small",
+        "ops/answers/group",
+    );
+    let r = c.recv_on("ops/answers/group", T).unwrap().json();
+    assert_eq!(r["ok"], true, "{r}");
 }
