@@ -220,19 +220,22 @@ where
         if let Some(id) = pkid {
             packet.extend_from_slice(&id.to_be_bytes());
         }
-        w.write_all(&packet).await?;
+        // Noted before the reader can see the emptied message.
         let topic = String::from_utf8_lossy(&topic).into_owned();
-        let mut n = notes.lock().expect("relay lock");
-        if n.warned.len() < WARNED_TOPICS && n.warned.insert(topic.clone()) {
-            tracing::warn!(%topic, bytes = len, limit, "dropped an MQTT message over the size limit (logged once per topic)");
-            if n.warned.len() == WARNED_TOPICS {
-                tracing::warn!("oversized MQTT messages on further topics are not logged");
+        {
+            let mut n = notes.lock().expect("relay lock");
+            if n.warned.len() < WARNED_TOPICS && n.warned.insert(topic.clone()) {
+                tracing::warn!(%topic, bytes = len, limit, "dropped an MQTT message over the size limit (logged once per topic)");
+                if n.warned.len() == WARNED_TOPICS {
+                    tracing::warn!("oversized MQTT messages on further topics are not logged");
+                }
             }
+            if n.dropped.len() == DROPPED_KEPT {
+                n.dropped.pop_front();
+            }
+            n.dropped.push_back((topic, len));
         }
-        if n.dropped.len() == DROPPED_KEPT {
-            n.dropped.pop_front();
-        }
-        n.dropped.push_back((topic, len));
+        w.write_all(&packet).await?;
     }
 }
 

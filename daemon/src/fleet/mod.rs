@@ -372,10 +372,13 @@ impl Session {
 
     /// A delivered message to whoever takes it.
     fn route(&self, m: mqtt::Message) {
-        // None of our topics carries an empty message; on 3.1.1 it is also what the relay
-        // leaves of one over the size limit (and has logged).
-        if m.payload.is_empty() {
-            tracing::debug!(topic = %m.topic, "empty MQTT message ignored");
+        let route = self.topics.route(&m.topic);
+        // An empty message is no command (and a reply to it would have no id); on 3.1.1 it
+        // is also what the relay leaves of one over the size limit, and has logged. (On an
+        // update topic it means a cleared manifest, and on the announce topic it is an
+        // announce.)
+        if m.payload.is_empty() && matches!(route, Route::Command { .. }) {
+            tracing::debug!(topic = %m.topic, "empty command ignored");
             return;
         }
         let offer = |d: Delivery| {
@@ -383,7 +386,7 @@ impl Session {
                 u.offer(d);
             }
         };
-        match self.topics.route(&m.topic) {
+        match route {
             Route::Announce => self.shared.presence.notify_one(),
             Route::Command { name, target } => {
                 let reply_to = match m.response_topic {
