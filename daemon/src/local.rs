@@ -6,7 +6,6 @@
 //! back as JSON strings (the same documents as the MQTT replies) so that a shell with `busctl`
 //! or `gdbus` and a program with any binding read them the same way.
 
-use serde_json::Value;
 use zbus::interface;
 use zbus::object_server::SignalEmitter;
 
@@ -48,11 +47,39 @@ impl From<CmdError> for TernError {
 
 pub struct Daemon1 {
     control: Control,
+    /// Inference calls being read and run at once; any local user may make them.
+    infer_slots: std::sync::Arc<tokio::sync::Semaphore>,
 }
+
+/// The largest image or tensor text an inference call takes.
+pub const MAX_INPUT_BYTES: usize = 16 * 1024 * 1024;
+/// Inference calls at once; more are answered `Busy` (the engine's own queue is behind them).
+pub const INFER_CALLS_AT_ONCE: usize = 8;
 
 impl Daemon1 {
     pub fn new(control: Control) -> Daemon1 {
-        Daemon1 { control }
+        Daemon1 {
+            control,
+            infer_slots: std::sync::Arc::new(tokio::sync::Semaphore::new(INFER_CALLS_AT_ONCE)),
+        }
+    }
+
+    /// A slot for one inference call with an input of `len` bytes, or why not.
+    fn admit(
+        &self,
+        what: &str,
+        len: usize,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, TernError> {
+        if len > MAX_INPUT_BYTES {
+            return Err(TernError::BadRequest(format!(
+                "{what} is {len} bytes, over the {MAX_INPUT_BYTES}-byte limit"
+            )));
+        }
+        self.infer_slots.clone().try_acquire_owned().map_err(|_| {
+            TernError::Busy(format!(
+                "{INFER_CALLS_AT_ONCE} inference calls are running; try again"
+            ))
+        })
     }
 
     /// Run a command built from the method's arguments; its reply as JSON text.
@@ -75,20 +102,19 @@ impl Daemon1 {
 
     /// Run `model` on `input`: PNG or JPEG bytes. Returns the prediction as JSON.
     async fn infer(&self, model: String, input: Vec<u8>) -> Result<String, TernError> {
+        let _slot = self.admit("the input", input.len())?;
         let input = crate::engine::Input::Encoded(input);
         self.run(c::Infer { model, input }).await
     }
 
     /// Run `model` on a tensor given as JSON (nested arrays of numbers).
     async fn infer_tensor(&self, model: String, tensor_json: String) -> Result<String, TernError> {
-        let tensor: Value = serde_json::from_str(&tensor_json)
-            .map_err(|e| TernError::BadRequest(format!("tensor is not JSON: {e}")))?;
-        if tensor.is_string() {
-            return Err(TernError::BadRequest(
-                "tensor must be a JSON array, not a string".into(),
-            ));
-        }
-        self.run(c::Infer::tensor(model, &tensor)?).await
+        let _slot = self.admit("the tensor", tensor_json.len())?;
+        // Read once, straight into numbers: no JSON tree of the whole tensor.
+        let input = crate::engine::Input::from_json(tensor_json.as_bytes())
+            .map_err(|e| TernError::BadRequest(format!("tensor: {e}")))?;
+        drop(tensor_json);
+        self.run(c::Infer { model, input }).await
     }
 
     async fn activate(&self, model: String, version: String) -> Result<String, TernError> {

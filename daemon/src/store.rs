@@ -224,6 +224,15 @@ CREATE TABLE model_plans (
     PRIMARY KEY (sha256, fingerprint)
 );
 "#,
+    // Remembered replies are bounded in bytes as well as in count: the size of each (0 while
+    // its command runs), readable with the age from one covering index, so eviction never
+    // touches the reply text.
+    r#"
+ALTER TABLE command_replies ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0;
+UPDATE command_replies SET bytes = length(reply) WHERE reply IS NOT NULL;
+CREATE INDEX command_replies_evict ON command_replies (ts_ms, bytes, id);
+DROP INDEX command_replies_ts;
+"#,
 ];
 
 /// What retention keeps: results and captures within their budgets, results within an age.

@@ -160,10 +160,29 @@ pub struct BundleFile {
     pub artifact_len: u64,
 }
 
+/// `path` opened for reading if it is a regular file (O_NONBLOCK, so a FIFO's open does not
+/// wait for a writer; it has no effect on a regular file's reads).
+fn open_regular(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    Ok(file)
+}
+
 impl BundleFile {
     /// Open `path`, reading no more than the manifest's bound into memory.
+    /// Only a regular file is read: opening a FIFO or a device would wait on a writer (or
+    /// read forever), and whoever names the path need not be trusted that far.
     pub fn open(path: &Path) -> Result<BundleFile, UnpackError> {
-        let file = File::open(path).map_err(UnpackError::io(path))?;
+        let file = open_regular(path).map_err(UnpackError::io(path))?;
         let mut archive = tar::Archive::new(file);
         let mut manifest_bytes = None;
         let mut artifact = None;

@@ -133,24 +133,35 @@ impl Input {
         }
     }
 
-    /// A JSON number, or nested arrays of numbers with a rectangular shape.
+    /// A JSON number, or nested arrays of numbers with a rectangular shape. Read straight
+    /// into the values, never into a JSON tree (which takes tens of bytes per number, where
+    /// this takes four), and refused as soon as it goes wrong.
     pub fn from_json(bytes: &[u8]) -> Result<Input, EngineError> {
-        let v: serde_json::Value =
-            serde_json::from_slice(bytes).map_err(|e| EngineError::Input {
-                message: format!("not JSON: {e}"),
-            })?;
-        let mut shape = Vec::new();
-        let mut cur = &v;
-        while let serde_json::Value::Array(a) = cur {
-            shape.push(a.len());
-            match a.first() {
-                Some(first) => cur = first,
-                None => break,
-            }
+        use serde::de::DeserializeSeed as _;
+        let mut acc = JsonTensor::default();
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let read = JsonAt {
+            depth: 0,
+            acc: &mut acc,
         }
-        let mut data = Vec::new();
-        flatten_json(&v, &shape, 0, &mut data)?;
-        Ok(Input::Tensor { shape, data })
+        .deserialize(&mut de)
+        .and_then(|()| de.end());
+        if let Err(e) = read {
+            let message = match e.classify() {
+                serde_json::error::Category::Data => e.to_string(),
+                _ => format!("not JSON: {e}"),
+            };
+            return Err(EngineError::Input { message });
+        }
+        let rank = acc.leaf.unwrap_or(acc.lens.len());
+        let shape = acc.lens[..rank]
+            .iter()
+            .map(|l| l.expect("every array at a depth above the numbers has ended"))
+            .collect();
+        Ok(Input::Tensor {
+            shape,
+            data: acc.data,
+        })
     }
 
     /// Turn this input into the model's fed inputs (batch of one).
@@ -682,35 +693,95 @@ fn image_input(m: &Manifest, img: DynamicImage) -> Result<Prepared, EngineError>
     })
 }
 
-fn flatten_json(
-    v: &serde_json::Value,
-    shape: &[usize],
+/// What a JSON tensor read so far says.
+#[derive(Default)]
+struct JsonTensor {
+    /// The length of the arrays at each depth, once the first one there has ended (the first
+    /// array at a depth to start is the first to end: arrays at one depth never nest).
+    lens: Vec<Option<usize>>,
+    /// The depth the numbers are at, once one was seen.
+    leaf: Option<usize>,
+    data: Vec<f32>,
+}
+
+/// Reads the value at `depth` into a [`JsonTensor`].
+struct JsonAt<'a> {
     depth: usize,
-    out: &mut Vec<f32>,
-) -> Result<(), EngineError> {
-    let err = |message: String| EngineError::Input { message };
-    match v {
-        serde_json::Value::Array(a) => {
-            if depth >= shape.len() || a.len() != shape[depth] {
-                return Err(err(format!("ragged array at depth {depth}: not a tensor")));
-            }
-            for x in a {
-                flatten_json(x, shape, depth + 1, out)?;
-            }
-            if out.len() > MAX_TENSOR_ELEMENTS {
-                return Err(err(format!("more than {MAX_TENSOR_ELEMENTS} elements")));
-            }
-            Ok(())
+    acc: &'a mut JsonTensor,
+}
+
+fn ragged<E: serde::de::Error>(depth: usize) -> E {
+    E::custom(format!("ragged array at depth {depth}: not a tensor"))
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for JsonAt<'_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl JsonAt<'_> {
+    fn number<E: serde::de::Error>(self, x: f64) -> Result<(), E> {
+        match self.acc.leaf {
+            // An array went deeper than this number.
+            None if self.acc.lens.len() > self.depth => return Err(ragged(self.depth)),
+            None => self.acc.leaf = Some(self.depth),
+            Some(l) if l != self.depth => return Err(ragged(self.depth)),
+            Some(_) => {}
         }
-        serde_json::Value::Number(n) if depth == shape.len() => {
-            out.push(
-                n.as_f64()
-                    .ok_or_else(|| err(format!("{n} is not a float")))? as f32,
-            );
-            Ok(())
+        if self.acc.data.len() == MAX_TENSOR_ELEMENTS {
+            return Err(E::custom(format!(
+                "more than {MAX_TENSOR_ELEMENTS} elements"
+            )));
         }
-        other if depth == shape.len() => Err(err(format!("expected a number, found {other}"))),
-        _ => Err(err(format!("ragged array at depth {depth}: not a tensor"))),
+        self.acc.data.push(x as f32);
+        Ok(())
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for JsonAt<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a number or an array of them")
+    }
+    fn visit_f64<E: serde::de::Error>(self, x: f64) -> Result<(), E> {
+        self.number(x)
+    }
+    fn visit_i64<E: serde::de::Error>(self, x: i64) -> Result<(), E> {
+        self.number(x as f64)
+    }
+    fn visit_u64<E: serde::de::Error>(self, x: u64) -> Result<(), E> {
+        self.number(x as f64)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let depth = self.depth;
+        if self.acc.leaf.is_some_and(|l| depth >= l) {
+            return Err(ragged(depth));
+        }
+        if self.acc.lens.len() <= depth {
+            self.acc.lens.resize(depth + 1, None);
+        }
+        let want = self.acc.lens[depth];
+        let mut n = 0usize;
+        while seq
+            .next_element_seed(JsonAt {
+                depth: depth + 1,
+                acc: &mut *self.acc,
+            })?
+            .is_some()
+        {
+            n += 1;
+            if want.is_some_and(|w| n > w) {
+                return Err(ragged(depth));
+            }
+        }
+        match want {
+            None => self.acc.lens[depth] = Some(n),
+            Some(w) if w != n => return Err(ragged(depth)),
+            Some(_) => {}
+        }
+        Ok(())
     }
 }
 
@@ -786,6 +857,42 @@ fn filter(f: Filter) -> FilterType {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_tensors_read_to_their_shape_and_ragged_ones_are_refused() {
+        let ok = |j: &str| match Input::from_json(j.as_bytes()) {
+            Ok(Input::Tensor { shape, data }) => (shape, data),
+            other => panic!("{j}: {other:?}"),
+        };
+        assert_eq!(ok("2.5"), (vec![], vec![2.5]));
+        assert_eq!(ok("[]"), (vec![0], vec![]));
+        assert_eq!(ok("[[], []]"), (vec![2, 0], vec![]));
+        assert_eq!(
+            ok(" [[1, 2, 3], [4, 5, -6e0]] "),
+            (vec![2, 3], vec![1., 2., 3., 4., 5., -6.])
+        );
+        assert_eq!(ok("[[[7]]]"), (vec![1, 1, 1], vec![7.]));
+        let err = |j: &str| match Input::from_json(j.as_bytes()) {
+            Err(EngineError::Input { message }) => message,
+            other => panic!("{j}: {other:?}"),
+        };
+        for j in [
+            "[[1, 2], [3]]",
+            "[[1], [2, 3]]",
+            "[[1, 2], 3]",
+            "[1, [2]]",
+            "[[], [1]]",
+            "[[1], []]",
+            "[[[1]], [2]]",
+        ] {
+            assert!(err(j).contains("ragged array"), "{j}: {}", err(j));
+        }
+        assert!(err("[1, \"x\"]").contains("expected a number"));
+        assert!(err("[1, null]").contains("expected a number"));
+        assert!(err("{\"a\": 1}").contains("expected a number"));
+        assert!(err("[1, 2").starts_with("not JSON"));
+        assert!(err("[1] [2]").starts_with("not JSON"));
+    }
 
     /// A manifest for a 4-wide, 2-high RGB model without resizing, NCHW.
     fn wide() -> Manifest {

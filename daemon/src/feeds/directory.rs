@@ -207,6 +207,7 @@ impl DirectoryFeed {
 
         let mut seen = self.load_seen(&store).await?;
         let mut queue = self.scan()?;
+        self.forget_gone(&queue, &mut seen, &store).await?;
         let mut periodic =
             tokio::time::interval_at(tokio::time::Instant::now() + RESCAN_EVERY, RESCAN_EVERY);
         periodic.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -219,7 +220,10 @@ impl DirectoryFeed {
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
                 Some(path) = ev_rx.recv() => queue.push(path),
-                _ = periodic.tick() => queue = self.scan()?,
+                _ = periodic.tick() => {
+                    queue = self.scan()?;
+                    self.forget_gone(&queue, &mut seen, &store).await?;
+                }
                 _ = rescan.notified() => {
                     if overflowed.swap(false, Ordering::Relaxed) {
                         tracing::warn!(path = %self.path.display(), "file events were lost; rescanning");
@@ -253,6 +257,52 @@ impl DirectoryFeed {
                 Ok(rows)
             })
             .await?)
+    }
+
+    /// Forget files no longer in the directory (`listing`, a full scan): their rows would
+    /// otherwise pile up for as long as files come and go. One still with the pipeline in
+    /// this run is kept; its result's commit writes its row again anyway.
+    async fn forget_gone(
+        &self,
+        listing: &[PathBuf],
+        seen: &mut HashMap<String, Seen>,
+        store: &Store,
+    ) -> Result<(), FeedError> {
+        // Names as `offer` keys them.
+        let present: std::collections::HashSet<String> = listing
+            .iter()
+            .filter_map(|p| p.file_name())
+            .map(|n| n.to_string_lossy().to_string())
+            .collect();
+        let gone: Vec<String> = seen
+            .iter()
+            .filter(|(name, s)| s.state != FileState::Offered && !present.contains(*name))
+            .map(|(name, _)| name.clone())
+            .collect();
+        if gone.is_empty() {
+            return Ok(());
+        }
+        for name in &gone {
+            seen.remove(name);
+        }
+        let pipeline = self.pipeline.clone();
+        let n = gone.len();
+        store
+            .call(move |c| {
+                let tx = c.transaction()?;
+                {
+                    let mut del =
+                        tx.prepare("DELETE FROM feed_files WHERE feed = ?1 AND name = ?2")?;
+                    for name in &gone {
+                        del.execute(rusqlite::params![pipeline, name])?;
+                    }
+                }
+                tx.commit()?;
+                Ok(())
+            })
+            .await?;
+        tracing::debug!(pipeline = %self.pipeline, files = n, "forgot files no longer in the folder");
+        Ok(())
     }
 
     /// Candidate files, returned so that `pop` yields them in name order. Fails if the

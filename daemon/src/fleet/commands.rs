@@ -19,6 +19,8 @@ use tern_update::command::{self as signing, Auth};
 /// How long replies are remembered for idempotency, and at most how many.
 pub const REPLY_WINDOW_MS: i64 = 24 * 3600 * 1000;
 pub const REPLY_WINDOW_COUNT: i64 = 10_000;
+/// And at most this many bytes of them: unsigned read commands are anyone's to send.
+pub const REPLY_WINDOW_BYTES: i64 = 8 * 1024 * 1024;
 pub const MAX_ID_LEN: usize = 128;
 
 /// Ids of commands being carried out right now, so a repeat that arrives meanwhile is told to
@@ -315,16 +317,24 @@ async fn run(
                 }
             } else {
                 tx.execute(
-                    "UPDATE command_replies SET reply = ?2, ts_ms = ?3 WHERE id = ?1",
-                    rusqlite::params![id, text, now],
+                    "UPDATE command_replies SET reply = ?2, ts_ms = ?3, bytes = ?4 WHERE id = ?1",
+                    rusqlite::params![id, text, now, text.len() as i64],
                 )?;
             }
-            // Claims still running (NULL reply) are never evicted by count.
+            // Past the count or the bytes, the oldest replies go. Claims still running
+            // (bytes 0) are never evicted by count or size.
             tx.execute(
                 "DELETE FROM command_replies WHERE ts_ms < ?1
-                 OR id IN (SELECT id FROM command_replies WHERE reply IS NOT NULL
-                           ORDER BY ts_ms DESC LIMIT -1 OFFSET ?2)",
-                rusqlite::params![now - REPLY_WINDOW_MS, REPLY_WINDOW_COUNT],
+                 OR id IN (SELECT id FROM (
+                     SELECT id, row_number() OVER w AS n, sum(bytes) OVER w AS run
+                     FROM command_replies WHERE bytes > 0
+                     WINDOW w AS (ORDER BY ts_ms DESC, id DESC))
+                   WHERE n > ?2 OR run > ?3)",
+                rusqlite::params![
+                    now - REPLY_WINDOW_MS,
+                    REPLY_WINDOW_COUNT,
+                    REPLY_WINDOW_BYTES
+                ],
             )?;
             // A nonce older than twice the skew window (plus the second timestamps are
             // rounded to) cannot verify again, so it need not be remembered longer.

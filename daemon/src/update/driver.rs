@@ -29,6 +29,22 @@ use crate::store::{StoreError, now_ms};
 
 type Reply = oneshot::Sender<Result<i64, InstallError>>;
 
+/// Finished updates kept per model (besides the one its serving version came from).
+const KEEP_UPDATES_PER_MODEL: i64 = 32;
+
+/// Each retry of a manifest and each new one adds a row: a model keeps its newest ones, any
+/// still under way, and the last committed one. Anti-rollback does not need the rest: it goes
+/// by the versions installed, which stay. Returns how many went.
+fn prune_finished(tx: &rusqlite::Transaction<'_>, model: &str) -> rusqlite::Result<usize> {
+    tx.execute(
+        "DELETE FROM updates WHERE model = ?1
+           AND state IN ('committed', 'failed', 'rolled_back')
+           AND id NOT IN (SELECT max(id) FROM updates WHERE model = ?1 AND state = 'committed')
+           AND id NOT IN (SELECT id FROM updates WHERE model = ?1 ORDER BY id DESC LIMIT ?2)",
+        params![model, KEEP_UPDATES_PER_MODEL],
+    )
+}
+
 pub struct Driver {
     d: Deps,
     core: Core,
@@ -588,6 +604,7 @@ impl Driver {
             .map_err(|e| e.to_string())
     }
 
+    /// Record a verified manifest as a new update, in the transaction that says so.
     async fn insert(
         &self,
         id: i64,
@@ -603,8 +620,8 @@ impl Driver {
                 "INSERT INTO updates (id, model, version, sha256, manifest, source, state, created_ms, updated_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'downloading', ?7, ?7)",
                 params![id, name, version, sha, manifest.to_vec(), source, now],
-            )
-            .map(drop)
+            )?;
+            prune_finished(tx, &name).map(drop)
         };
         self.record(insert, event).await
     }
@@ -922,4 +939,55 @@ fn stored_trust(c: &rusqlite::Connection) -> rusqlite::Result<Option<StoredTrust
         },
     )
     .optional()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn finished_updates_are_pruned_per_model_keeping_the_last_committed() {
+        let d = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(&d.path().join("t.db")).unwrap();
+        let left = store
+            .call(|c| {
+                let tx = c.transaction()?;
+                let add = |id: i64, model: &str, state: &str| {
+                    tx.execute(
+                        "INSERT INTO updates (id, model, version, sha256, manifest, source, state, created_ms, updated_ms)
+                         VALUES (?1, ?2, '1.0.0', 'x', x'00', 's', ?3, 0, 0)",
+                        params![id, model, state],
+                    )
+                    .map(drop)
+                };
+                // 1: the last committed; then 60 failed retries; an old one under way; and
+                // another model's rows, which are not this model's to prune.
+                add(1, "m", "committed")?;
+                add(2, "m", "health")?;
+                for id in 3..63 {
+                    add(id, "m", "failed")?;
+                }
+                for id in 100..140 {
+                    add(id, "other", "rolled_back")?;
+                }
+                let gone = prune_finished(&tx, "m")?;
+                let ids: Vec<i64> = tx
+                    .prepare("SELECT id FROM updates WHERE model = 'm' ORDER BY id")?
+                    .query_map([], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?;
+                let others: i64 =
+                    tx.query_row("SELECT count(*) FROM updates WHERE model = 'other'", [], |r| {
+                        r.get(0)
+                    })?;
+                Ok((gone, ids, others))
+            })
+            .await
+            .unwrap();
+        let (gone, ids, others) = left;
+        let mut want = vec![1, 2];
+        want.extend(63 - KEEP_UPDATES_PER_MODEL..63);
+        assert_eq!(ids, want);
+        assert_eq!(gone, 60 - KEEP_UPDATES_PER_MODEL as usize);
+        assert_eq!(others, 40);
+    }
 }

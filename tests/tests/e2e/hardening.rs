@@ -262,3 +262,214 @@ fn replies_go_only_to_allowed_response_topics_and_group_replies_are_small() {
     let r = c.recv_on("ops/answers/group", T).unwrap().json();
     assert_eq!(r["ok"], true, "{r}");
 }
+
+/// Finding 5: remembered replies were bounded in count only (10,000 replies of up to ~96 KiB,
+/// outside every budget), and a watched folder's `feed_files` rows stayed forever after their
+/// files were gone. Now replies are held to 8 MiB, newest kept, and a folder's rows follow its
+/// files.
+#[test]
+fn remembered_replies_and_folder_rows_stay_bounded() {
+    let Some(broker) = Broker::mosquitto().unwrap() else {
+        return;
+    };
+    let dev = "bounded";
+    let b = fleet_box(dev, &broker.url(false), "protocol = \"v3.1.1\"", "");
+    // 400 results: a page of `results.query` is then its largest (96 KiB).
+    let png = std::fs::read(root().join("configs/demo/inbox/digit-7.png")).unwrap();
+    for i in 0..400 {
+        std::fs::write(b.inbox.join(format!("d{i:03}.png")), &png).unwrap();
+    }
+    let mut c = client(
+        &broker,
+        false,
+        "bounded-c",
+        &[&format!("tern/{dev}/state"), &format!("tern/{dev}/reply/+")],
+    );
+    let mut d = Daemon::spawn(&b.config, None, &[]).unwrap();
+    wait_online(&mut c, dev);
+    wait_for("400 results", T, || {
+        (count(&b.state, "SELECT count(*) FROM results")? == 400).then_some(())
+    })
+    .unwrap();
+
+    let mut sizes = Vec::new();
+    for i in 0..120 {
+        let r = command(
+            &mut c,
+            dev,
+            "results.query",
+            &json!({"id": format!("q{i:03}"), "args": {"limit": 1000}}),
+        );
+        assert_eq!(r["ok"], true, "{r}");
+        sizes.push(r.to_string().len());
+    }
+    let asked: usize = sizes.iter().sum();
+    assert!(
+        asked > 10 << 20,
+        "the replies asked for ({asked} bytes) exceed the cap"
+    );
+    let (rows, bytes): (i64, i64) = db(&b.state)
+        .unwrap()
+        .query_row(
+            "SELECT count(*), ifnull(sum(length(reply)), 0) FROM command_replies",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert!(bytes <= 8 << 20, "{bytes} bytes of replies kept");
+    assert!(rows < 120 && rows > 50, "{rows} replies kept");
+    // The newest are the ones kept; the first are remembered no more.
+    let kept: Vec<String> = column(&b.state, "SELECT id FROM command_replies ORDER BY id");
+    assert!(kept.contains(&"q119".to_string()), "{kept:?}");
+    assert!(!kept.contains(&"q000".to_string()), "{kept:?}");
+
+    // Files gone from the folder are forgotten (at the next full scan: here, the start).
+    let names: i64 = count(&b.state, "SELECT count(*) FROM feed_files").unwrap();
+    assert_eq!(names, 400);
+    for i in 0..300 {
+        std::fs::remove_file(b.inbox.join(format!("d{i:03}.png"))).unwrap();
+    }
+    d.signal("TERM").unwrap();
+    assert!(d.wait(T).unwrap().success());
+    let _d = Daemon::spawn(&b.config, None, &[]).unwrap();
+    wait_online(&mut c, dev);
+    wait_for("the rows of removed files forgotten", T, || {
+        (count(&b.state, "SELECT count(*) FROM feed_files")? == 100).then_some(())
+    })
+    .unwrap();
+    // The files still there are still known as done: nothing was read twice.
+    assert_eq!(count(&b.state, "SELECT count(*) FROM results"), Some(400));
+}
+
+fn status_kib(pid: i32, field: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
+}
+
+/// Finding 10: `InferTensor` built a JSON tree of its whole argument (tens of times its size,
+/// per concurrent call, open to every local user), and `InstallBundle` of a FIFO wedged the
+/// updater for good. Now inputs are capped, read straight into numbers, at most 8 calls at
+/// once, and only a regular file is read as a bundle. The flood: 1,000 calls with junk
+/// tensors of 512 KiB, 8 at a time, and 20 over the cap; the daemon's peak RSS stays within
+/// twice its idle RSS and it answers afterwards.
+#[test]
+fn dbus_arguments_are_bounded_and_a_fifo_is_no_bundle() {
+    let Some(bus) = tern_tests::dbus::system_bus() else {
+        return;
+    };
+    if !need_root() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let k = tern_tests::updates::key();
+    let cfg = d.path().join("ternd.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "state_dir = \"state\"\n{models}[dbus]\nbus = \"{}\"\n[updates]\nkeys = [\"{}\"]\n",
+            bus.address,
+            k.public().to_base64(),
+            models = digits(),
+        ),
+    )
+    .unwrap();
+    let daemon = Daemon::spawn(&cfg, None, &[]).unwrap();
+    let pid = daemon.pid();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let conn = zbus::connection::Builder::address(bus.address.as_str())
+            .unwrap()
+            .build()
+            .await
+            .unwrap();
+        let p = ternd::local::client::Daemon1Proxy::new(&conn)
+            .await
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + T;
+        while p.status().await.is_err() {
+            assert!(tokio::time::Instant::now() < deadline, "ternd on the bus");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let tensor = |values: usize| {
+            let row = vec!["0"; 64].join(",");
+            let rows = vec![format!("[{row}]"); values / 64].join(",");
+            format!("[[{rows}]]")
+        };
+        // One call first, so that what a first call sets up once counts as idle.
+        let first = p.infer_tensor("digits-cnn-int8", &tensor(64)).await;
+        assert!(first.is_err(), "a 1×1×64 tensor is no input of the CNN");
+        let idle = status_kib(pid, "VmRSS:");
+        std::fs::write(format!("/proc/{pid}/clear_refs"), "5").unwrap();
+
+        // 512 KiB of numbers, ragged only at the very end.
+        let junk = {
+            let t = tensor(256 * 1024);
+            format!("{},[0]]", &t[..t.len() - 1])
+        };
+        assert!(junk.len() > 512 * 1024, "{}", junk.len());
+        let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(8));
+        let mut calls = tokio::task::JoinSet::new();
+        for _ in 0..1000 {
+            let permit = sem.clone().acquire_owned().await.unwrap();
+            let (p, junk) = (p.clone(), junk.clone());
+            calls.spawn(async move {
+                let r = p.infer_tensor("digits-cnn-int8", &junk).await;
+                drop(permit);
+                r
+            });
+        }
+        let mut ragged = 0;
+        while let Some(r) = calls.join_next().await {
+            match r.unwrap() {
+                Err(zbus::Error::MethodError(name, Some(m), _)) => {
+                    if name.as_str() == "io.tern.Error.BadRequest" && m.contains("ragged") {
+                        ragged += 1;
+                    } else {
+                        assert_eq!(name.as_str(), "io.tern.Error.Busy", "{m}");
+                    }
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(ragged > 0);
+        let over = "[".to_string() + &"0,".repeat(8 * 1024 * 1024 + 1) + "0]";
+        for _ in 0..20 {
+            match p.infer_tensor("digits-cnn-int8", &over).await {
+                Err(zbus::Error::MethodError(name, Some(m), _)) => {
+                    assert_eq!(name.as_str(), "io.tern.Error.BadRequest", "{m}");
+                    assert!(m.contains("over the 16777216-byte limit"), "{m}");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let peak = status_kib(pid, "VmHWM:");
+        eprintln!("D-Bus flood: idle RSS {idle} KiB, peak {peak} KiB, {ragged} of 1000 read");
+        assert!(
+            peak <= 2 * idle,
+            "peak RSS {peak} KiB over twice the idle {idle} KiB"
+        );
+
+        // A FIFO named as a bundle is refused at once, and the updater still takes work.
+        let fifo = d.path().join("pipe.bundle");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let r = tokio::time::timeout(T, p.install_bundle(fifo.to_str().unwrap()))
+            .await
+            .expect("InstallBundle of a FIFO answers");
+        match r {
+            Err(zbus::Error::MethodError(_, Some(m), _)) => {
+                assert!(m.contains("not a regular file"), "{m}")
+            }
+            other => panic!("{other:?}"),
+        }
+        let junk_file = d.path().join("junk.bundle");
+        std::fs::write(&junk_file, b"not a tar").unwrap();
+        let r = tokio::time::timeout(T, p.install_bundle(junk_file.to_str().unwrap()))
+            .await
+            .expect("the updater answers after the FIFO");
+        assert!(r.is_err(), "{r:?}");
+        p.status().await.unwrap();
+    });
+}
