@@ -456,6 +456,33 @@ struct UpdatesLink {
     statuses: std::collections::BTreeMap<String, Value>,
 }
 
+/// Statuses said again on every connect, per model named by an update topic. Anyone who may
+/// publish there can name models: past [`MAX_STATUSES`], a refusal's status is said once
+/// and not kept, and a new outcome of a real update takes the place of a kept refusal.
+fn remember_status(
+    statuses: &mut std::collections::BTreeMap<String, Value>,
+    model: String,
+    body: Value,
+) {
+    if statuses.len() >= MAX_STATUSES && !statuses.contains_key(&model) {
+        if body["state"] == "refused" {
+            return;
+        }
+        let refusal = statuses
+            .iter()
+            .find(|(_, b)| b["state"] == "refused")
+            .map(|(m, _)| m.clone());
+        match refusal {
+            Some(m) => statuses.remove(&m),
+            None => return,
+        };
+    }
+    statuses.insert(model, body);
+}
+
+/// Models whose last update status is kept to be said again on connect.
+const MAX_STATUSES: usize = 64;
+
 /// Carry out the updater's requests on the link.
 async fn updates_task(
     state: Arc<tokio::sync::Mutex<UpdatesLink>>,
@@ -514,11 +541,13 @@ async fn updates_task(
             }
             Uplink::Status { model, body } => {
                 say(&model, &body);
-                st.statuses.insert(model, body);
+                remember_status(&mut st.statuses, model, body);
             }
             Uplink::Redeliver => {
-                // Subscribing again makes the broker send the retained manifests again.
-                for f in topics.manifest_filters() {
+                // Subscribing again makes the broker send the retained key set and manifests
+                // again (the keys first, as on connect).
+                let keys = topics.fleet.keys();
+                for f in std::iter::once(keys).chain(topics.manifest_filters()) {
                     let _ = link.unsubscribe(&f);
                     let _ = link.subscribe(&f);
                 }

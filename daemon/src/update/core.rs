@@ -33,6 +33,12 @@ pub const MAX_STALLS: u32 = 30;
 pub const STEP_RETRY: Duration = Duration::from_secs(5);
 /// Manifests kept waiting while another update runs.
 pub const MAX_WAITING: usize = 16;
+/// Manifest digests remembered as handled; older ones are checked again if they come back.
+pub const MAX_SEEN: usize = 1024;
+/// `update.refused` events (and refusal statuses) said in a burst, and one more each minute
+/// after; more are counted and the count goes with the next one said. Refusals are anyone's
+/// to cause who may publish on an update topic, and events outrank results in the outbox.
+pub const REFUSAL_BURST: u32 = 20;
 /// Retained status messages at most this often while downloading.
 pub const STATUS_EVERY: Duration = Duration::from_secs(1);
 
@@ -501,6 +507,44 @@ struct Accepted {
     ticket: Option<(u64, u64)>,
 }
 
+/// A set of digests that forgets its oldest past [`MAX_SEEN`].
+#[derive(Default)]
+struct Seen {
+    set: HashSet<String>,
+    order: std::collections::VecDeque<String>,
+}
+
+impl Seen {
+    fn contains(&self, d: &str) -> bool {
+        self.set.contains(d)
+    }
+
+    /// False if it was there already.
+    fn insert(&mut self, d: String) -> bool {
+        if self.set.contains(&d) {
+            return false;
+        }
+        if self.order.len() == MAX_SEEN
+            && let Some(old) = self.order.pop_front()
+        {
+            self.set.remove(&old);
+        }
+        self.order.push_back(d.clone());
+        self.set.insert(d)
+    }
+
+    fn remove(&mut self, d: &str) {
+        if self.set.remove(d) {
+            self.order.retain(|x| x != d);
+        }
+    }
+
+    fn clear(&mut self) {
+        self.set.clear();
+        self.order.clear();
+    }
+}
+
 pub struct Core {
     s: Settings,
     trust: Trust,
@@ -510,7 +554,10 @@ pub struct Core {
     waiting: Vec<(String, Bytes)>,
     /// Digests of manifest payloads already handled in this run (retained messages come again
     /// on every reconnect).
-    seen: HashSet<String>,
+    seen: Seen,
+    /// Refusals that may be said now, when that last grew, and how many were not said since
+    /// the last one that was.
+    refusals: (u32, Instant, u64),
     online: bool,
     last_status: Option<Instant>,
     pending: Option<Pending>,
@@ -526,7 +573,8 @@ impl Core {
             next_id: 1,
             current: None,
             waiting: Vec::new(),
-            seen: HashSet::new(),
+            seen: Seen::default(),
+            refusals: (REFUSAL_BURST, now.at, 0),
             online: false,
             last_status: None,
             pending: None,
@@ -866,6 +914,12 @@ impl Core {
                 self.answer(t, Err(busy));
                 return;
             }
+            // Only a manifest that verifies may wait: junk must not push a good one out.
+            if let Err(e) = self.verify(&payload, facts.highest.as_ref()) {
+                self.seen.insert(digest);
+                self.refused(&source, &payload, &e);
+                return;
+            }
             tracing::info!(%source, running = a.id, "an update is in progress; this manifest waits");
             self.queue(source, payload, claimed_name, claimed_version);
             return;
@@ -936,11 +990,34 @@ impl Core {
     }
 
     fn refused(&mut self, source: &str, payload: &[u8], e: &RefusalError) {
-        let claimed: Value = serde_json::from_slice::<Value>(payload)
+        // What the manifest claims, unverified: short strings only, so that a refusal never
+        // carries a stranger's kilobytes into the outbox.
+        let signed: Value = serde_json::from_slice::<Value>(payload)
             .ok()
             .and_then(|v| v.get("signed").cloned())
             .unwrap_or(Value::Null);
-        tracing::warn!(%source, code = %e.code(), error = %e, "update refused");
+        let short = |v: &Value| match v.as_str() {
+            Some(s) if s.len() <= 128 => Value::String(s.to_string()),
+            _ => Value::Null,
+        };
+        let claimed = json!({"name": short(&signed["name"]), "version": short(&signed["version"])});
+        let reason = clip(&e.to_string(), 512);
+        let source = clip(source, 256);
+        let source = source.as_str();
+        let (tokens, grown, unsaid) = &mut self.refusals;
+        let minutes = self.now.at.duration_since(*grown).as_secs() / 60;
+        if minutes > 0 {
+            *tokens = (*tokens as u64 + minutes).min(REFUSAL_BURST as u64) as u32;
+            *grown += Duration::from_secs(minutes * 60);
+        }
+        if *tokens == 0 {
+            *unsaid += 1;
+            tracing::debug!(%source, code = %e.code(), error = %reason, "update refused (not said: too many)");
+            return;
+        }
+        *tokens -= 1;
+        let suppressed = std::mem::take(unsaid);
+        tracing::warn!(%source, code = %e.code(), error = %reason, "update refused");
         // Said on the status topic too, under the model the update topic names, so a rollout
         // tool sees a refusal at once instead of waiting for an outcome that never comes.
         // Not for an older or the same version: the box has something newer, and its status
@@ -953,8 +1030,8 @@ impl Core {
             .filter(|_| !matches!(e.code(), Code::Downgrade | Code::Replay));
         if let Some(model) = topic_model {
             let body = json!({
-                "device": self.s.device, "model": model, "version": claimed.get("version"),
-                "state": "refused", "code": e.code(), "reason": e.to_string(),
+                "device": self.s.device, "model": model, "version": claimed["version"],
+                "state": "refused", "code": e.code(), "reason": reason,
                 "manifest_sha256": tern_update::sha256_hex(payload), "ts_ms": self.now.wall_ms,
             });
             self.out.push(Action::Status {
@@ -962,14 +1039,18 @@ impl Core {
                 body,
             });
         }
-        self.out.push(Action::Event(json!({
+        let mut ev = json!({
             "event": "update.refused",
             "code": e.code(),
-            "reason": e.to_string(),
+            "reason": reason,
             "source": source,
-            "model": claimed.get("name"),
-            "version": claimed.get("version"),
-        })));
+            "model": claimed["name"],
+            "version": claimed["version"],
+        });
+        if suppressed > 0 {
+            ev["suppressed"] = json!(suppressed);
+        }
+        self.out.push(Action::Event(ev));
     }
 
     fn accept(&mut self, acc: Accepted) {
@@ -1104,8 +1185,9 @@ impl Core {
         if a.asked.is_empty() {
             return;
         }
-        a.last_chunk = a.last_chunk.max(now - STALL / 2);
         if !new.is_empty() {
+            // Chunks just asked for get time to come; nothing else holds a stall off.
+            a.last_chunk = a.last_chunk.max(now - STALL / 2);
             self.out.push(Action::Want {
                 sha256: a.signed.artifact.sha256.clone(),
                 chunks: new,
@@ -1129,7 +1211,6 @@ impl Core {
             "chunk received"
         );
         a.asked.remove(&index);
-        a.last_chunk = now;
         self.out.push(Action::Unwant {
             sha256: sha.to_string(),
             chunks: vec![index],
@@ -1138,7 +1219,12 @@ impl Core {
             return;
         }
         let data = match a.signed.artifact.open_chunk(index, &payload) {
-            Ok(d) => payload.slice_ref(d),
+            // Only a good chunk is progress: a junk one left retained must not keep a
+            // stalled download from failing.
+            Ok(d) => {
+                a.last_chunk = now;
+                payload.slice_ref(d)
+            }
             Err(e) => {
                 a.retry_at.insert(index, now + RETRY_BAD_CHUNK);
                 // Said once per chunk: a bad chunk left retained is asked for again and again.
@@ -1699,6 +1785,19 @@ fn peek(payload: &[u8]) -> (Option<String>, Option<semver::Version>) {
             .and_then(|v| semver::Version::parse(v).ok()),
     )
 }
+
+/// `s` cut to at most `max` bytes (on a character boundary), marked when cut.
+fn clip(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
 #[cfg(test)]
 #[path = "core_tests.rs"]
 mod tests;

@@ -1266,3 +1266,88 @@ fn a_superseded_download_s_chunks_count_as_free_space() {
         "{a:?}"
     );
 }
+
+/// Finding 3 of issue 16: a stranger on an update topic cannot push a good waiting manifest
+/// out, and what the box says about their junk is short and rate-limited.
+#[test]
+fn junk_cannot_push_out_a_waiting_manifest_and_its_refusals_are_few_and_short() {
+    let mut b = Box1::new();
+    b.downloading(b.manifest("1.2.0", |_| {}));
+    let good = payload(&bundle::sign(
+        &signed("n", "1.0.0", &artifact_bytes(100)),
+        &[&b.key],
+    ));
+    assert!(b.offer_on("tern/b1/update/n", good, room()).is_empty());
+    let mut said = 0;
+    for i in 0..3 * MAX_WAITING {
+        let junk = format!(
+            r#"{{"signed": {{"name": "{}", "version": "9.9.{i}"}}, "signatures": []}}"#,
+            "x".repeat(100_000)
+        );
+        let a = b.offer_on(&format!("tern/b1/update/j{i}"), Bytes::from(junk), room());
+        for x in &a {
+            if let Action::Event(e) = x {
+                said += 1;
+                assert!(e.to_string().len() < 2048, "{e}");
+                assert!(e["model"].is_null(), "{e}");
+            }
+        }
+    }
+    assert_eq!(said, REFUSAL_BURST as usize);
+    // The running one ends: the good one is offered next.
+    let a = b.offer(Bytes::new(), room());
+    match a.last() {
+        Some(Action::Reoffer { source, .. }) => assert_eq!(source, "tern/b1/update/n"),
+        other => panic!("{other:?}"),
+    }
+    // A minute on, one more refusal is said, with how many were not.
+    b.later(Duration::from_secs(61));
+    let a = b.offer_on("tern/b1/update/late", Bytes::from_static(b"{}"), room());
+    let ev = a
+        .iter()
+        .find_map(|x| match x {
+            Action::Event(e) => Some(e.clone()),
+            _ => None,
+        })
+        .expect("a refusal event");
+    assert_eq!(
+        ev["suppressed"],
+        3 * MAX_WAITING as u64 - REFUSAL_BURST as u64,
+        "{ev}"
+    );
+}
+
+#[test]
+fn a_junk_chunk_does_not_hold_off_a_stall() {
+    let mut b = Box1::new();
+    let art = artifact_bytes(10_000);
+    let sha = tern_update::sha256_hex(&art);
+    b.downloading(b.manifest("1.1.0", |_| {}));
+    b.later(STALL / 2 + Duration::from_secs(1));
+    let mut bad = art[..4096].to_vec();
+    bad[0] ^= 1;
+    let a = b.step(Input::Link(Link::Chunk {
+        sha256: sha.clone(),
+        index: 0,
+        payload: Bytes::from(bundle::chunk_message(&sha, 0, &bad)),
+    }));
+    assert_eq!(refused_event(&a).as_deref(), Some("bad_chunk"));
+    b.later(STALL / 2 + Duration::from_secs(1));
+    let a = b.tick(None);
+    assert!(
+        a.iter().any(|x| matches!(x, Action::Unwant { .. })),
+        "a stall round: {a:?}"
+    );
+}
+
+#[test]
+fn seen_digests_are_bounded() {
+    let mut s = Seen::default();
+    for i in 0..MAX_SEEN + 10 {
+        assert!(s.insert(format!("d{i}")));
+    }
+    assert!(!s.contains("d0") && !s.contains("d9"));
+    assert!(s.contains("d10") && s.contains(&format!("d{}", MAX_SEEN + 9)));
+    assert!(!s.insert("d10".into()));
+    assert_eq!(s.set.len(), MAX_SEEN);
+}

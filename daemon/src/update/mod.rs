@@ -124,6 +124,9 @@ impl Deps {
 #[derive(Clone)]
 pub struct Updater {
     tx: mpsc::Sender<Msg>,
+    /// A manifest or key message was dropped on a full queue: the retained ones are asked
+    /// for again once there is room.
+    dropped: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Updater {
@@ -138,9 +141,19 @@ impl Updater {
             })))) => {
                 tracing::warn!(chunk = index, "updater busy; chunk dropped");
             }
+            Err(mpsc::error::TrySendError::Full(Msg::Delivery(
+                Delivery::Manifest { .. } | Delivery::Link(Link::Keys { .. }),
+            ))) => {
+                // Anyone who may publish on an update topic can fill the queue: nothing is
+                // held for them. What matters is retained, and is delivered again.
+                use std::sync::atomic::Ordering::Relaxed;
+                if !self.dropped.swap(true, Relaxed) {
+                    tracing::warn!("updater busy; update messages dropped, asked for again later");
+                }
+            }
             Err(mpsc::error::TrySendError::Full(msg)) => {
-                // Manifests, key rotations and link changes must not be lost: wait for room
-                // off the caller's task.
+                // A link change (one per connection or loss) must not be lost: wait for
+                // room off the caller's task.
                 let tx = self.tx.clone();
                 tokio::spawn(async move {
                     let _ = tx.send(msg).await;
@@ -187,15 +200,21 @@ pub struct Task {
     /// with it (the link does not say it again).
     online: Arc<std::sync::atomic::AtomicBool>,
     runs: Arc<std::sync::atomic::AtomicU64>,
+    dropped: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The handle and the task that owns every update; the task must be run (with the cancel
 /// token that ends it).
 pub fn new(deps: Deps) -> (Updater, Task) {
     let (tx, rx) = mpsc::channel(256);
+    let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
     (
-        Updater { tx },
+        Updater {
+            tx,
+            dropped: dropped.clone(),
+        },
         Task {
+            dropped,
             deps,
             rx: Arc::new(tokio::sync::Mutex::new(rx)),
             online: Arc::default(),
@@ -210,7 +229,8 @@ impl Task {
     pub fn run(&self, cancel: CancellationToken) -> impl Future<Output = ()> + Send + use<> {
         use std::sync::atomic::Ordering::SeqCst;
         let (deps, rx) = (self.deps.clone(), self.rx.clone());
-        let (online, runs) = (self.online.clone(), self.runs.clone());
+        let (online, runs, dropped) =
+            (self.online.clone(), self.runs.clone(), self.dropped.clone());
         async move {
             let mut rx = rx.lock().await;
             let uplink = deps.uplink.clone();
@@ -251,7 +271,15 @@ impl Task {
                         Some(Msg::Bundle { path, reply }) => d.bundle(&path, Some(reply)).await,
                         None => break,
                     },
-                    _ = tick.tick() => d.tick().await,
+                    _ = tick.tick() => {
+                        // The queue has room again (this task is reading it).
+                        if dropped.swap(false, SeqCst)
+                            && let Some(u) = &uplink
+                        {
+                            let _ = u.send(Uplink::Redeliver).await;
+                        }
+                        d.tick().await
+                    }
                 }
             }
             d.stopping().await;

@@ -473,3 +473,119 @@ fn dbus_arguments_are_bounded_and_a_fifo_is_no_bundle() {
         p.status().await.unwrap();
     });
 }
+
+/// The flood: 10,000 junk messages on each topic the box subscribes to (its commands, its
+/// group's, the announce, the key set, its and its group's update topics, and an MQTT feed),
+/// while a folder feeds it work. The link stays up, results keep coming, the outbox and the
+/// remembered replies stay within their budgets, and the daemon's peak RSS stays within twice
+/// its idle RSS.
+#[test]
+fn a_flood_of_junk_on_every_subscribed_topic_changes_nothing_that_matters() {
+    let Some(broker) = Broker::mosquitto().unwrap() else {
+        return;
+    };
+    if !need_root() {
+        return;
+    }
+    const N: usize = 10_000;
+    let dev = "flooded";
+    let k = tern_tests::updates::key();
+    let extra = format!(
+        "[updates]\nkeys = [\"{}\"]\n[outbox]\nbudget_mib = 1\n\
+         [[feeds]]\nkind = \"mqtt\"\nname = \"site\"\ntopic = \"site/+/image\"\n\
+         [[pipelines]]\nname = \"site\"\nfeed = \"site\"\nmodel = \"digits-cnn-int8\"\n",
+        k.public().to_base64()
+    );
+    let b = fleet_box(dev, &broker.url(true), "telemetry_secs = 3600", &extra);
+    let mut c = client(
+        &broker,
+        true,
+        "flood-c",
+        &[&format!("tern/{dev}/state"), &format!("tern/{dev}/reply/+")],
+    );
+    let mut d = Daemon::spawn(&b.config, None, &[]).unwrap();
+    let pid = d.pid();
+    wait_online(&mut c, dev);
+    let r = command(&mut c, dev, "status", &json!({"id": "before"}));
+    assert_eq!(r["ok"], true, "{r}");
+    let idle = status_kib(pid, "VmRSS:");
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").unwrap();
+
+    let png = std::fs::read(root().join("configs/demo/inbox/digit-7.png")).unwrap();
+    let publisher = client(&broker, true, "flood-p", &[]);
+    for i in 0..N {
+        let junk = format!(
+            "{{\"id\": \"j{i}\", \"signed\": {{\"name\": {i}}}, \"x\": \"{}\"",
+            "z".repeat(i % 700)
+        );
+        let topics = [
+            format!("tern/{dev}/cmd/status"),
+            format!("tern/{dev}/cmd/junk{}", i % 50),
+            "tern/fleet/lab/cmd/ping".to_string(),
+            "tern/fleet/announce".to_string(),
+            "tern/fleet/keys".to_string(),
+            format!("tern/{dev}/update/m{i}"),
+            format!("tern/fleet/lab/update/m{}", i % 300),
+            format!("site/cam{}/image", i % 20),
+        ];
+        for (n, t) in topics.iter().enumerate() {
+            // Half are valid JSON (unknown commands, unsigned manifests), half broken.
+            let body = if (i + n) % 2 == 0 {
+                format!("{junk}}}")
+            } else {
+                junk.clone()
+            };
+            publisher.publish(t, body.as_bytes(), None).unwrap();
+        }
+        if i % 1000 == 0 {
+            std::fs::write(b.inbox.join(format!("during-{i}.png")), &png).unwrap();
+        }
+    }
+    // Results kept coming: the folder's ten files, and an image on the feed after it all.
+    publisher.publish("site/cam0/image", &png, None).unwrap();
+    wait_for("the folder's results", T * 3, || {
+        (count(
+            &b.state,
+            "SELECT count(*) FROM results WHERE pipeline = 'digits'",
+        )? == 10)
+            .then_some(())
+    })
+    .unwrap();
+    wait_for("the feed's good image", T * 3, || {
+        (count(
+            &b.state,
+            "SELECT count(*) FROM results WHERE pipeline = 'site'",
+        )? >= 1)
+            .then_some(())
+    })
+    .unwrap();
+    // Junk commands may still fill the queue: `busy` says to send the same id again.
+    wait_for("a status after the flood", T, || {
+        let r = command(&mut c, dev, "status", &json!({"id": "after"}));
+        (r["ok"] == true).then_some(())
+    })
+    .unwrap();
+    let peak = status_kib(pid, "VmHWM:");
+    let (outbox, replies): (i64, i64) = db(&b.state)
+        .unwrap()
+        .query_row(
+            "SELECT (SELECT bytes FROM outbox_totals),
+                    (SELECT ifnull(sum(length(reply)), 0) FROM command_replies)",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    eprintln!(
+        "MQTT flood: idle RSS {idle} KiB, peak {peak} KiB, outbox {outbox} B, replies {replies} B"
+    );
+    assert!(outbox <= 1 << 20, "outbox {outbox} bytes");
+    assert!(replies <= 8 << 20, "replies {replies} bytes");
+    assert!(
+        peak <= 2 * idle,
+        "peak RSS {peak} KiB over twice the idle {idle} KiB"
+    );
+    d.signal("TERM").unwrap();
+    assert!(d.wait(T).unwrap().success());
+    let log = d.stderr();
+    assert_eq!(log.matches("fleet link connected").count(), 1, "{log}");
+}
