@@ -200,6 +200,9 @@ impl Command for ModelsList {
 pub struct Activate {
     pub name: String,
     pub version: semver::Version,
+    /// Activate a version below the anti-rollback floor or marked failed. Over MQTT only in
+    /// a signed command (see `fleet::commands`).
+    pub force: bool,
 }
 
 impl Activate {
@@ -211,7 +214,11 @@ impl Activate {
                 format!("models.activate arguments: version `{version}`: {e}"),
             )
         })?;
-        Ok(Activate { name, version })
+        Ok(Activate {
+            name,
+            version,
+            force: false,
+        })
     }
 }
 
@@ -227,12 +234,45 @@ impl Command for Activate {
         struct A {
             name: String,
             version: String,
+            #[serde(default)]
+            force: bool,
         }
         let a: A = args(Self::SPEC.name, v)?;
-        Activate::new(a.name, &a.version)
+        Ok(Activate {
+            force: a.force,
+            ..Activate::new(a.name, &a.version)?
+        })
     }
     async fn run(self, c: &Control) -> Reply {
-        let Activate { name, version } = self;
+        let Activate {
+            name,
+            version,
+            force,
+        } = self;
+        let reg = c.registry();
+        let active = reg.active_version(&name);
+        if !force && active.as_ref() != Some(&version) {
+            // Going back is `models.rollback`; anything further needs the operator to say so.
+            let row = reg.row(&name, &version.to_string()).await?;
+            if let Some(r) = row.filter(|r| r.state == crate::registry::VersionState::Failed) {
+                return Err(CmdError::new(
+                    Code::Conflict,
+                    format!(
+                        "{name} {version} is marked failed ({}); activating it needs `force` (in a signed command)",
+                        r.failure.as_deref().unwrap_or("no reason recorded")
+                    ),
+                ));
+            }
+            if let Some(highest) = reg.highest(&name).await?.filter(|h| *h > version) {
+                return Err(CmdError::new(
+                    Code::Conflict,
+                    format!(
+                        "{name} {version} is below the anti-rollback floor ({highest} was installed); \
+                         go back with models.rollback, or activate it with `force` (in a signed command)"
+                    ),
+                ));
+            }
+        }
         let settings = c.state().config.pools().get(&name);
         c.registry().activate(&name, &version, settings).await?;
         c.event(json!({"event": "model.activated", "model": name, "version": version.to_string(), "by": "command"}))

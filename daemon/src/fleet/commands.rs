@@ -179,11 +179,20 @@ async fn run(
         return Err(crate::control::unknown(&cmd.name));
     };
     let changes_state = entry.spec.changes_state;
-    let must_sign = match cfg.require_signed {
-        SignPolicy::None => false,
-        SignPolicy::StateChanging => changes_state,
-        SignPolicy::All => true,
-    };
+    // Forcing a version past the anti-rollback floor is signed, whatever the policy.
+    let forced = cmd.name == "models.activate" && env.args.get("force") == Some(&Value::Bool(true));
+    if forced && cfg.keys.is_empty() {
+        return Err(CmdError::new(
+            Code::Unauthorized,
+            "`force` needs a signed command, and this box has no commands.keys",
+        ));
+    }
+    let must_sign = forced
+        || match cfg.require_signed {
+            SignPolicy::None => false,
+            SignPolicy::StateChanging => changes_state,
+            SignPolicy::All => true,
+        };
     let nonce = if must_sign {
         let auth = env.auth.as_ref().ok_or_else(|| {
             CmdError::new(Code::Unauthorized, signing::AuthError::Missing.to_string())

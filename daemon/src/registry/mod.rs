@@ -727,7 +727,11 @@ impl Registry {
         load_model(&self.store, row.path.clone(), &row.sha256, settings).await
     }
 
-    async fn row(&self, name: &str, version: &str) -> Result<Option<VersionRow>, RegistryError> {
+    pub async fn row(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<Option<VersionRow>, RegistryError> {
         let (n, v) = (name.to_string(), version.to_string());
         Ok(self
             .store

@@ -111,7 +111,7 @@ pub fn command(c: &mut Client, device: &str, name: &str, payload: &Value) -> Val
         .json()
 }
 
-fn active_version(state: &Path) -> Option<String> {
+pub fn active_version(state: &Path) -> Option<String> {
     db(state)
         .ok()?
         .query_row(
@@ -123,7 +123,7 @@ fn active_version(state: &Path) -> Option<String> {
 }
 
 /// A copy of the digits CNN package with another version number.
-fn package_version(dir: &Path, version: &str) -> PathBuf {
+pub fn package_version(dir: &Path, version: &str) -> PathBuf {
     let to = dir.join(format!("digits-cnn-int8-{version}"));
     copy_dir(&package("digits-cnn-int8"), &to).unwrap();
     let m = to.join("tern-model.toml");

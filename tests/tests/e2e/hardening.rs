@@ -589,3 +589,102 @@ fn a_flood_of_junk_on_every_subscribed_topic_changes_nothing_that_matters() {
     let log = d.stderr();
     assert_eq!(log.matches("fleet link connected").count(), 1, "{log}");
 }
+
+/// Finding 8: with no command keys any publisher could `models.activate` any installed version,
+/// an old or a failed one included. Now a version below the anti-rollback floor (or marked
+/// failed) needs `force`, and `force` needs a signed command: without command keys, going
+/// back is `models.rollback` (one version) and nothing further.
+#[test]
+fn activating_below_the_floor_needs_a_signed_force() {
+    use tern_update::command::{self as signing, SigningKey};
+    let broker = Broker::embedded().unwrap();
+    let trusted = SigningKey::from_pkcs8(&signing::generate_pkcs8()).unwrap();
+    for keys in [false, true] {
+        let dev = format!("floor-{keys}");
+        let fleet_extra = if keys {
+            format!(
+                "[fleet.commands]\nkeys = [\"{}\"]\nrequire_signed = \"none\"",
+                trusted.public().to_base64()
+            )
+        } else {
+            String::new()
+        };
+        let b = fleet_box(&dev, &broker.url(true), &fleet_extra, "");
+        let v2 = crate::fleet::package_version(b.dir.path(), "1.1.0");
+        let mut c = client(
+            &broker,
+            true,
+            &format!("{dev}-c"),
+            &[&format!("tern/{dev}/state"), &format!("tern/{dev}/reply/+")],
+        );
+        let d = Daemon::spawn(&b.config, None, &[]).unwrap();
+        wait_online(&mut c, &dev);
+        let text = std::fs::read_to_string(&b.config).unwrap().replace(
+            &package("digits-cnn-int8").display().to_string(),
+            &v2.display().to_string(),
+        );
+        std::fs::write(&b.config, text).unwrap();
+        d.signal("HUP").unwrap();
+        wait_for("1.1.0 active", T, || {
+            (crate::fleet::active_version(&b.state)? == "1.1.0").then_some(())
+        })
+        .unwrap();
+        let old = json!({"name": "digits-cnn-int8", "version": "1.0.0"});
+        let r = command(
+            &mut c,
+            &dev,
+            "models.activate",
+            &json!({"id": "old", "args": old}),
+        );
+        assert_eq!(r["error"]["code"], "conflict", "{r}");
+        assert!(
+            r["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("below the anti-rollback floor"),
+            "{r}"
+        );
+        let mut forced = old.clone();
+        forced["force"] = json!(true);
+        let r = command(
+            &mut c,
+            &dev,
+            "models.activate",
+            &json!({"id": "forced-unsigned", "args": forced}),
+        );
+        assert_eq!(r["error"]["code"], "unauthorized", "{r}");
+        assert_eq!(
+            crate::fleet::active_version(&b.state).as_deref(),
+            Some("1.1.0")
+        );
+        if keys {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs() as i64;
+            let signed = signing::sign(
+                &trusted,
+                "models.activate",
+                &dev,
+                "forced-signed",
+                forced.clone(),
+                now,
+            );
+            let r = command(&mut c, &dev, "models.activate", &signed);
+            assert_eq!(r["ok"], true, "{r}");
+            assert_eq!(
+                crate::fleet::active_version(&b.state).as_deref(),
+                Some("1.0.0")
+            );
+        } else {
+            // One version back is still the operator's rollback.
+            let r = command(
+                &mut c,
+                &dev,
+                "models.rollback",
+                &json!({"id": "rb", "args": {"name": "digits-cnn-int8"}}),
+            );
+            assert_eq!(r["ok"], true, "{r}");
+        }
+    }
+}
