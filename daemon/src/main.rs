@@ -212,9 +212,6 @@ fn install(path: &Path, bundle: &Path, wait_secs: u64) -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
-    let Some(runtime) = runtime() else {
-        return ExitCode::FAILURE;
-    };
     let wait = std::time::Duration::from_secs(wait_secs);
     let fail = |e: &dyn std::fmt::Display, code: u8| {
         eprintln!("ternd install: {e}");
@@ -227,6 +224,23 @@ fn install(path: &Path, bundle: &Path, wait_secs: u64) -> ExitCode {
     if let Err(e) = std::fs::create_dir_all(&config.state_dir) {
         return fail(&format!("{}: {e}", config.state_dir.display()), 1);
     }
+    // Run as root on a state directory the service user owns, everything this creates
+    // (database, staging, model folders) would be root's, and the daemon could not use it:
+    // become the directory's owner first, with a copy of the bundle root may read and it may
+    // not. Before the runtime starts threads.
+    let mut bundle = bundle.to_path_buf();
+    let _copy = match as_state_owner(&config.state_dir, &bundle) {
+        Ok(Some(copy)) => {
+            bundle = copy.path().to_path_buf();
+            Some(copy)
+        }
+        Ok(None) => None,
+        Err(e) => return fail(&e, 1),
+    };
+    let bundle = bundle.as_path();
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
+    };
     // The same checks either way: here with the daemon stopped, through it when it runs.
     let row = match ternd::service::lock_state_dir(&config.state_dir) {
         Ok(_lock) => match runtime.block_on(ternd::update::install_here(&config, bundle)) {
@@ -255,6 +269,54 @@ fn install(path: &Path, bundle: &Path, wait_secs: u64) -> ExitCode {
         Some("health" | "committed") => ExitCode::SUCCESS,
         _ => ExitCode::from(EXIT_DATA),
     }
+}
+
+/// As root on a state directory owned by another user: copy the bundle into it for that user,
+/// then become that user (groups, group, user). The copy is removed when dropped.
+fn as_state_owner(
+    state_dir: &Path,
+    bundle: &Path,
+) -> Result<Option<tempfile::NamedTempFile>, String> {
+    use nix::unistd::{Gid, Uid, fchown, setgid, setgroups, setuid};
+    use std::os::unix::fs::MetadataExt as _;
+    if !Uid::effective().is_root() {
+        return Ok(None);
+    }
+    let meta = std::fs::metadata(state_dir).map_err(|e| format!("{}: {e}", state_dir.display()))?;
+    let (uid, gid) = (Uid::from_raw(meta.uid()), Gid::from_raw(meta.gid()));
+    if uid.is_root() {
+        return Ok(None);
+    }
+    let mut copy = tempfile::Builder::new()
+        .prefix(".install-")
+        .suffix(".bundle")
+        .tempfile_in(state_dir)
+        .map_err(|e| format!("{}: {e}", state_dir.display()))?;
+    let mut src = std::fs::File::open(bundle).map_err(|e| format!("{}: {e}", bundle.display()))?;
+    std::io::copy(&mut src, copy.as_file_mut())
+        .and_then(|_| copy.as_file().sync_all())
+        .map_err(|e| {
+            format!(
+                "copying {} into {}: {e}",
+                bundle.display(),
+                state_dir.display()
+            )
+        })?;
+    fchown(copy.as_file(), Some(uid), Some(gid)).map_err(|e| format!("chown: {e}"))?;
+    setgroups(&[gid])
+        .and_then(|()| setgid(gid))
+        .and_then(|()| setuid(uid))
+        .map_err(|e| {
+            format!(
+                "becoming uid {uid}, the owner of {}: {e}",
+                state_dir.display()
+            )
+        })?;
+    eprintln!(
+        "ternd install: running as uid {uid} (gid {gid}), the owner of {}",
+        state_dir.display()
+    );
+    Ok(Some(copy))
 }
 
 fn runtime() -> Option<tokio::runtime::Runtime> {

@@ -688,3 +688,75 @@ fn activating_below_the_floor_needs_a_signed_force() {
         }
     }
 }
+
+/// Finding 7: `sudo ternd install` left root-owned files in a state directory the service user
+/// owns, which the daemon then could not use. Now, as root on such a directory, it becomes the
+/// directory's owner first (with a copy of the bundle, which may sit where only root reads).
+#[test]
+fn ternd_install_as_root_leaves_only_files_the_service_user_owns() {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    if !need_root() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let k = tern_tests::updates::key();
+    let state = d.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    nix::unistd::chown(
+        &state,
+        Some(nix::unistd::Uid::from_raw(65534)),
+        Some(nix::unistd::Gid::from_raw(65534)),
+    )
+    .unwrap();
+    let cfg = d.path().join("ternd.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "state_dir = \"state\"\n{models}[dbus]\nbus = \"none\"\n[updates]\nkeys = [\"{}\"]\n",
+            k.public().to_base64(),
+            models = digits(),
+        ),
+    )
+    .unwrap();
+    let private = d.path().join("root-only");
+    std::fs::create_dir(&private).unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let pkg = tern_tests::updates::variant(
+        &package("digits-cnn-int8"),
+        &private.join("pkg"),
+        "digits-cnn-int8",
+        "1.1.0",
+        |s| s,
+    );
+    let built = tern_tests::updates::build(&pkg, 64 * 1024, &[&k], |_| {});
+    let bundle = private.join("v11.bundle");
+    built.write(&bundle);
+    let o = std::process::Command::new(bin("ternd"))
+        .args(["install", "--config"])
+        .arg(&cfg)
+        .arg(&bundle)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert!(out.contains("\"state\":\"health\""), "{out}");
+    assert!(out.contains("running as uid 65534"), "{out}");
+    let mut stack = vec![state.clone()];
+    let mut seen = 0;
+    while let Some(p) = stack.pop() {
+        let m = std::fs::symlink_metadata(&p).unwrap();
+        assert_eq!(m.uid(), 65534, "{} is uid {}", p.display(), m.uid());
+        let name = p.file_name().unwrap().to_string_lossy().to_string();
+        assert!(
+            !name.starts_with(".install-"),
+            "{} left behind",
+            p.display()
+        );
+        seen += 1;
+        if m.is_dir() {
+            stack.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+        }
+    }
+    assert!(seen > 5, "the install wrote files: {seen}");
+}
