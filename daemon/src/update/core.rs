@@ -560,6 +560,8 @@ pub struct Core {
     refusals: (u32, Instant, u64),
     online: bool,
     last_status: Option<Instant>,
+    /// The last status said, without its time.
+    last_said: Option<Value>,
     pending: Option<Pending>,
     now: Now,
     out: Vec<Action>,
@@ -577,6 +579,7 @@ impl Core {
             refusals: (REFUSAL_BURST, now.at, 0),
             online: false,
             last_status: None,
+            last_said: None,
             pending: None,
             now,
             out: Vec::new(),
@@ -1019,15 +1022,14 @@ impl Core {
         let suppressed = std::mem::take(unsaid);
         tracing::warn!(%source, code = %e.code(), error = %reason, "update refused");
         // Said on the status topic too, under the model the update topic names, so a rollout
-        // tool sees a refusal at once instead of waiting for an outcome that never comes.
-        // Not for an older or the same version: the box has something newer, and its status
-        // (committed, say) must not be hidden by a stale manifest on another topic.
+        // tool sees a refusal at once instead of waiting for an outcome that never comes;
+        // downgrades and replays too (a manifest this box once took is known, and ignored,
+        // so a stale retained one does not come here to hide a newer outcome).
         let topic_model = self
             .s
             .topics
             .as_ref()
-            .and_then(|t| t.manifest_model(source))
-            .filter(|_| !matches!(e.code(), Code::Downgrade | Code::Replay));
+            .and_then(|t| t.manifest_model(source));
         if let Some(model) = topic_model {
             let body = json!({
                 "device": self.s.device, "model": model, "version": claimed["version"],
@@ -1744,7 +1746,6 @@ impl Core {
         {
             return;
         }
-        self.last_status = Some(self.now.at);
         let percent = a.nheld * 100 / a.held.len().max(1);
         let mut body = json!({
             "device": self.s.device, "update": a.id, "model": a.signed.name,
@@ -1756,6 +1757,14 @@ impl Core {
             body["code"] = code.as_str().into();
             body["reason"] = reason.clone().into();
         }
+        // Said on change only: a download waiting for chunks says nothing new each second.
+        let mut said = body.clone();
+        said["ts_ms"] = Value::Null;
+        if self.last_said.as_ref() == Some(&said) {
+            return;
+        }
+        self.last_said = Some(said);
+        self.last_status = Some(self.now.at);
         if self.s.in_daemon {
             self.out.push(Action::Progress {
                 model: a.signed.name.clone(),

@@ -414,6 +414,13 @@ impl Driver {
                 }
             }
             Action::ModelActivated { model, version } => {
+                // Upstream as a command's activation is, so a fleet view sees every switch.
+                let body = json!({"event": "model.activated", "model": model, "version": version, "by": "update"});
+                if let Some(ob) = &self.d.outbox
+                    && let Err(e) = ob.send_event(&self.d.store, body).await
+                {
+                    tracing::error!(error = %e, "model.activated event not queued");
+                }
                 if let Some(ev) = &self.d.events {
                     ev.send(LocalEvent::ModelActivated { model, version });
                 }
