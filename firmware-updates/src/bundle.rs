@@ -210,6 +210,22 @@ pub fn parse(bytes: &[u8]) -> Result<Manifest, RefusalError> {
 /// Count valid signatures over `msg` from distinct keys of `set`, refusing the first thing
 /// that is wrong: no signature, an untrusted key, a key twice, a signature that does not
 /// verify, too few.
+/// Every signature verifies under the key it names: what a publisher can check without the
+/// boxes' key set (a manifest changed after signing fails here as on every box).
+pub fn check_own_signatures(m: &Manifest) -> Result<(), RefusalError> {
+    let keys = m
+        .signatures
+        .iter()
+        .map(|s| PublicKey::parse(&s.key).map_err(|e| RefusalError::Malformed(e.to_string())))
+        .collect::<Result<Vec<_>, _>>()?;
+    let set = KeySet {
+        keys,
+        threshold: m.signatures.len(),
+        retired: Vec::new(),
+    };
+    check_signatures(&set, &signed_bytes(CONTEXT, &m.signed), &m.signatures)
+}
+
 fn check_signatures(set: &KeySet, msg: &[u8], sigs: &[Signature]) -> Result<(), RefusalError> {
     if sigs.is_empty() {
         return Err(RefusalError::Unsigned);

@@ -102,7 +102,8 @@ enum Cmd {
         #[arg(long, default_value_t = 64 * 1024)]
         chunk_size: u64,
     },
-    /// Add a signature to a bundle (for a threshold of several keys, each holder signs).
+    /// Add a signature to a bundle (for a threshold of several keys, each holder signs). It
+    /// signs what the bundle holds and runs no self-test: that ran when `bundle` made it.
     Sign {
         #[arg(long)]
         key: PathBuf,
@@ -351,6 +352,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let mut art = b.artifact()?;
             artifact::write_bundle(&path, &m, &mut art)?;
             println!("{}: {} signature(s)", path.display(), m.signatures.len());
+            eprintln!(
+                "tern-update: signed without a self-test (that ran when `bundle` made it); \
+                 `tern-update verify` checks the signatures and the artifact"
+            );
         }
         Cmd::Verify {
             trust,

@@ -85,6 +85,8 @@ async fn connect(b: &BrokerArgs) -> anyhow::Result<Conn> {
                 Ok(Event::Incoming(Incoming::Publish(p))) => {
                     let _ = tx.send((p.topic, p.payload.to_vec()));
                 }
+                // Our own DISCONNECT: the end of a clean session, not a lost connection.
+                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
                 Ok(_) => {}
                 Err(e) => {
                     match ready_tx.take() {
@@ -176,6 +178,39 @@ pub async fn publish(a: PublishArgs) -> anyhow::Result<ExitCode> {
         bail!(
             "{} is not signed; `tern-update sign` it first",
             a.bundle.display()
+        );
+    }
+    // What every box would refuse is not worth a broker's storage: said before a byte goes.
+    let path = a.bundle.display();
+    bundle::check_own_signatures(&b.manifest)
+        .map_err(|e| anyhow::anyhow!("{path}: {e}; every box would refuse it"))?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    if signed.expires <= now {
+        bail!(
+            "{path}: the manifest expired {} s ago; make the bundle again (a box refuses it as expired)",
+            now - signed.expires
+        );
+    }
+    let t = &signed.targets;
+    if let Some(g) = &a.group
+        && !t.groups.is_empty()
+        && !t.groups.contains(g)
+    {
+        bail!(
+            "{path} is signed for group(s) {:?}, not `{g}`: its boxes would refuse it as wrong_target",
+            t.groups
+        );
+    }
+    if let Some(d) = &a.device
+        && !t.devices.is_empty()
+        && !t.devices.contains(d)
+    {
+        bail!(
+            "{path} is signed for device(s) {:?}, not `{d}`: it would refuse it as wrong_target",
+            t.devices
         );
     }
     let mut bytes = Vec::new();

@@ -760,3 +760,61 @@ fn ternd_install_as_root_leaves_only_files_the_service_user_owns() {
     }
     assert!(seen > 5, "the install wrote files: {seen}");
 }
+
+/// Finding 11 (the tool's side): `tern-update publish` sent bundles every box would refuse
+/// (expired, for another group, changed after signing) and said nothing; and it printed
+/// "broker connection lost" after a clean publish. Now it refuses them before connecting, and
+/// a clean publish ends quietly.
+#[test]
+fn publish_refuses_what_every_box_would_refuse_and_ends_quietly() {
+    let Some(broker) = Broker::mosquitto().unwrap() else {
+        return;
+    };
+    let d = tempfile::tempdir().unwrap();
+    let k = tern_tests::updates::key();
+    let pkg = tern_tests::updates::variant(
+        &package("digits-cnn-int8"),
+        &d.path().join("pkg"),
+        "digits-cnn-int8",
+        "1.1.0",
+        |s| s,
+    );
+    let now = tern_tests::updates::now();
+    let write = |name: &str, b: &tern_tests::updates::Built| {
+        let p = d.path().join(name);
+        b.write(&p);
+        p
+    };
+    let good = tern_tests::updates::build(&pkg, 64 * 1024, &[&k], |_| {});
+    let expired = good.resigned(&[&k], |s| s.expires = now - 60);
+    let elsewhere = good.resigned(&[&k], |s| s.targets.groups = vec!["elsewhere".into()]);
+    let mut tampered = good.resigned(&[&k], |_| {});
+    let mut m = tampered.manifest_value();
+    m.signed["expires"] = (now + 7200).into();
+    tampered.manifest = serde_json::to_vec(&m).unwrap();
+    let publish = |bundle: &std::path::Path, url: &str| {
+        let o = std::process::Command::new(bin("tern-update"))
+            .args(["publish", "--broker", url, "--group", "lab"])
+            .arg(bundle)
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr),
+        )
+    };
+    // Refused before any connection: nothing listens on port 9.
+    for (name, b, says) in [
+        ("expired", &expired, "expired"),
+        ("elsewhere", &elsewhere, "not `lab`"),
+        ("tampered", &tampered, "every box would refuse it"),
+    ] {
+        let (ok, out) = publish(&write(&format!("{name}.bundle"), b), "mqtt://127.0.0.1:9");
+        assert!(!ok, "{name}: {out}");
+        assert!(out.contains(says), "{name}: {out}");
+    }
+    let (ok, out) = publish(&write("good.bundle", &good), &broker.url(false));
+    assert!(ok, "{out}");
+    assert!(out.contains("published"), "{out}");
+    assert!(!out.contains("connection lost"), "{out}");
+}
