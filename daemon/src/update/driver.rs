@@ -248,8 +248,17 @@ impl Driver {
     }
 
     pub async fn tick(&mut self) {
-        let health = self.core.watching().map(|name| self.health(name));
+        let watched = self.core.watching().map(str::to_string);
+        let health = watched.as_deref().map(|name| self.health(name));
         self.run(Input::Tick { health }).await;
+        // The window is over (committed or rolled back): the serving version's refused
+        // inputs are no longer checked against its predecessor.
+        if let Some(name) = watched
+            && self.core.watching() != Some(name.as_str())
+            && let Some(pool) = self.d.registry.pool(&name)
+        {
+            pool.active().outcomes.set_baseline(None);
+        }
     }
 
     pub async fn stopping(&mut self) {

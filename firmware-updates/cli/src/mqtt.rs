@@ -403,7 +403,12 @@ async fn canary(
         if outcome.get(d).and_then(|v| v["state"].as_str()) != Some("committed") {
             continue;
         }
-        match roll_back(conn, a, &topics, d, &signed.name).await? {
+        // A broker error on one canary's rollback is that canary's outcome: the others are
+        // still rolled back.
+        let rolled = roll_back(conn, a, &topics, d, &signed.name)
+            .await
+            .unwrap_or_else(|e| Err(format!("broker: {e:#}")));
+        match rolled {
             Ok(result) => eprintln!(
                 "  {d}: rolled back from {} to {}",
                 plain(&result["from"]),
