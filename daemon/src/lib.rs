@@ -12,6 +12,8 @@ pub mod engine;
 pub mod events;
 pub mod feeds;
 pub mod fleet;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod local;
 pub mod outbox;
 pub mod pipeline;

@@ -528,6 +528,14 @@ impl Daemon {
                 .expect("config load panicked")
         };
         let result = match loaded {
+            // The updater trusts the keys it started with (or a rotation's since): a changed
+            // [updates] must not look applied when it is not.
+            Ok(new) if new.updates != self.config.updates => {
+                let why = "reload refused: [updates] changed (keys, threshold or limits); \
+                           the running updater keeps its trust: restart ternd to apply it";
+                tracing::error!("{why}");
+                Err(ReloadRefused(why.to_string()))
+            }
             Err(e) => {
                 tracing::error!("new configuration refused, keeping the running one: {e}");
                 Err(ReloadRefused(format!(

@@ -65,6 +65,7 @@ pub trait Command: Sized + Send + 'static {
 pub struct Entry {
     pub spec: Spec,
     run: fn(Control, Value) -> Boxed,
+    check: fn(Value) -> Result<(), CmdError>,
 }
 
 impl Entry {
@@ -72,13 +73,23 @@ impl Entry {
     pub fn run(&self, c: &Control, args: Value) -> Boxed {
         (self.run)(c.clone(), args)
     }
+
+    /// Parse `args` only: whether the command would take them.
+    pub fn check(&self, args: Value) -> Result<(), CmdError> {
+        (self.check)(args)
+    }
 }
 
 const fn entry<C: Command>() -> Entry {
     Entry {
         spec: C::SPEC,
         run: run_json::<C>,
+        check: check_json::<C>,
     }
+}
+
+fn check_json<C: Command>(args: Value) -> Result<(), CmdError> {
+    C::parse(args).map(drop)
 }
 
 fn run_json<C: Command>(c: Control, args: Value) -> Boxed {

@@ -132,7 +132,7 @@ impl super::Source for MqttFeed {
 }
 
 /// What one message holds, by the feed's format.
-pub(super) fn parse(
+pub(crate) fn parse(
     payload: &[u8],
     format: PayloadFormat,
     fields: &[String],

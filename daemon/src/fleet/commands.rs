@@ -92,13 +92,13 @@ pub fn reply_err(id: Option<&str>, e: &CmdError) -> Value {
     json!({"id": id, "ok": false, "error": {"code": e.code.as_str(), "message": e.message}})
 }
 
-struct Envelope {
-    id: String,
-    args: Value,
+pub(crate) struct Envelope {
+    pub(crate) id: String,
+    pub(crate) args: Value,
     auth: Option<Auth>,
 }
 
-fn envelope(payload: &[u8], max: usize) -> Result<Envelope, (Option<String>, CmdError)> {
+pub(crate) fn envelope(payload: &[u8], max: usize) -> Result<Envelope, (Option<String>, CmdError)> {
     if payload.len() > max {
         return Err((
             None,

@@ -818,3 +818,37 @@ fn publish_refuses_what_every_box_would_refuse_and_ends_quietly() {
     assert!(out.contains("published"), "{out}");
     assert!(!out.contains("connection lost"), "{out}");
 }
+
+/// Finding 9 (in part): a reload that changed `[updates]` kept the old keys silently. Now it is
+/// refused and says why; the rest of the running configuration is untouched.
+#[test]
+fn a_reload_that_changes_update_keys_is_refused_and_says_why() {
+    let broker = Broker::embedded().unwrap();
+    let (k1, k2) = (tern_tests::updates::key(), tern_tests::updates::key());
+    let dev = "rekey";
+    let keys = |k: &tern_update::command::SigningKey| {
+        format!("[updates]\nkeys = [\"{}\"]\n", k.public().to_base64())
+    };
+    let b = fleet_box(dev, &broker.url(true), "", &keys(&k1));
+    let mut c = client(
+        &broker,
+        true,
+        "rekey-c",
+        &[&format!("tern/{dev}/state"), &format!("tern/{dev}/reply/+")],
+    );
+    let _d = Daemon::spawn(&b.config, None, &[]).unwrap();
+    wait_online(&mut c, dev);
+    let text = std::fs::read_to_string(&b.config).unwrap();
+    std::fs::write(&b.config, text.replace(&keys(&k1), &keys(&k2))).unwrap();
+    let r = command(&mut c, dev, "config.reload", &json!({"id": "rk"}));
+    assert_eq!(r["error"]["code"], "conflict", "{r}");
+    let m = r["error"]["message"].as_str().unwrap();
+    assert!(
+        m.contains("[updates] changed") && m.contains("restart"),
+        "{r}"
+    );
+    // Put back as it was, the same reload goes through.
+    std::fs::write(&b.config, &text).unwrap();
+    let r = command(&mut c, dev, "config.reload", &json!({"id": "rk2"}));
+    assert_eq!(r["ok"], true, "{r}");
+}
