@@ -50,6 +50,8 @@ pub struct Driver {
     core: Core,
     /// Callers of bundle installs waiting for their answer, by ticket.
     tickets: HashMap<u64, Reply>,
+    /// The trust and floors mirrored beside the database (read at resume).
+    mirror: super::mirror::Mirror,
     next_ticket: u64,
 }
 
@@ -83,6 +85,7 @@ impl Driver {
             d,
             tickets: HashMap::new(),
             next_ticket: 1,
+            mirror: Default::default(),
         }
     }
 
@@ -122,9 +125,67 @@ impl Driver {
     /// Pick up where the last run stopped. Until this has read the database (the open
     /// updates, the trusted keys, the next id) nothing else may be taken.
     pub async fn resume(&mut self) -> Result<(), StoreError> {
-        let input = self.resume_input().await?;
+        let mut input = self.resume_input().await?;
+        if let Input::Resume { trust, .. } = &mut input {
+            *trust = self
+                .reconcile_mirror(std::mem::replace(trust, configured_trust(&self.d)))
+                .await?;
+        }
         self.run(input).await;
         Ok(())
+    }
+
+    /// Read the mirror and make it and the database agree: the newer key set wins (a lost or
+    /// restored database never resets trust), and the floors cover every installed version.
+    /// Returns the trust to start with.
+    async fn reconcile_mirror(&mut self, from_db: Trust) -> Result<Trust, StoreError> {
+        use super::mirror;
+        let state_dir = self.d.state_dir.clone();
+        let corrupt = |detail: String| StoreError::Corrupt {
+            path: mirror::path(&state_dir),
+            detail,
+        };
+        let mut m = mirror::read(&state_dir).map_err(corrupt)?;
+        let from_file = match &m.trust {
+            Some(t) => Some(t.to_trust().map_err(corrupt)?),
+            None => None,
+        };
+        let trust = match from_file {
+            Some(f) if f.version > from_db.version => {
+                tracing::warn!(
+                    file = f.version,
+                    database = from_db.version,
+                    "the database's update key set is older than trust.json's: using the file's"
+                );
+                f
+            }
+            _ => from_db,
+        };
+        let before = m.clone();
+        if trust.version > 0 {
+            m.trust = Some(mirror::TrustDoc::of(&trust));
+        }
+        let versions: Vec<(String, String)> = self
+            .d
+            .store
+            .call(|c| {
+                let mut stmt = c.prepare("SELECT name, version FROM model_versions")?;
+                let rows = stmt
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(rows)
+            })
+            .await?;
+        for (name, v) in versions {
+            if let Ok(v) = semver::Version::parse(&v) {
+                m.raise(&name, &v);
+            }
+        }
+        if m != before {
+            mirror::write(&state_dir, &m).map_err(|e| corrupt(format!("not written: {e}")))?;
+        }
+        self.mirror = m;
+        Ok(trust)
     }
 
     async fn resume_input(&self) -> Result<Input, StoreError> {
@@ -301,8 +362,12 @@ impl Driver {
                 state: State::parse(&state).unwrap_or(State::Failed),
                 code: code.as_deref().and_then(Code::parse),
             });
+        // The versions installed, or the mirror's floor if a lost database forgot some.
         let highest = match Core::claimed_name(payload) {
-            Some(name) => self.d.registry.highest(&name).await.ok().flatten(),
+            Some(name) => {
+                let installed = self.d.registry.highest(&name).await.ok().flatten();
+                installed.max(self.mirror.floor(&name))
+            }
             None => None,
         };
         let serving = match bundle {
@@ -546,6 +611,17 @@ impl Driver {
             } => Outcome::Step(self.verify_and_stage(id, *artifact, name, version).await),
             Effect::Install { id, name } => {
                 let package = self.staging(id).join("package");
+                // The floor goes up in the mirror before the database records the version.
+                let version = crate::engine::Manifest::read_draft(&package).map(|m| m.version);
+                if let Ok(v) = &version {
+                    let mut m = self.mirror.clone();
+                    if m.raise(&name, v) {
+                        if let Err(e) = super::mirror::write(&self.d.state_dir, &m) {
+                            return Outcome::Installed(Err((Code::Io, format!("trust.json: {e}"))));
+                        }
+                        self.mirror = m;
+                    }
+                }
                 match self
                     .d
                     .registry
@@ -594,7 +670,18 @@ impl Driver {
                     .await;
                 Outcome::Rejected(r.map_err(|e| e.to_string()))
             }
-            Effect::Rotate { trust, event } => Outcome::Recorded(self.rotate(trust, event).await),
+            Effect::Rotate { trust, event } => {
+                // Mirrored first: a database lost after this commit still knows the new keys.
+                let mut m = self.mirror.clone();
+                m.trust = Some(super::mirror::TrustDoc::of(&trust));
+                match super::mirror::write(&self.d.state_dir, &m) {
+                    Ok(()) => {
+                        self.mirror = m;
+                        Outcome::Recorded(self.rotate(trust, event).await)
+                    }
+                    Err(e) => Outcome::Recorded(Err(format!("trust.json: {e}"))),
+                }
+            }
         }
     }
 

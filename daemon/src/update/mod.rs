@@ -29,6 +29,7 @@
 
 pub mod core;
 mod driver;
+pub mod mirror;
 
 use std::future::Future;
 use std::path::Path;

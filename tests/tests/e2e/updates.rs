@@ -488,7 +488,7 @@ fn attack_matrix_each_refused_with_its_own_code_before_and_after_restart() {
     // The rotation survives a restart.
     daemon.signal("TERM").unwrap();
     daemon.wait(T).unwrap();
-    let _daemon = Daemon::spawn(&bx.config, None, &[]).unwrap();
+    let mut daemon = Daemon::spawn(&bx.config, None, &[]).unwrap();
     let e = event(&mut w, "atk-1", "old keys refused after restart", |e| {
         e["event"] == "update.refused" && e["source"] == "tern/atk-1/update/old-keys"
     });
@@ -498,6 +498,25 @@ fn attack_matrix_each_refused_with_its_own_code_before_and_after_restart() {
         .query_row("PRAGMA integrity_check", [], |r| r.get(0))
         .unwrap();
     assert_eq!(ok, "ok");
+
+    // The database lost (deleted, as after a failed integrity check) and the rotation no
+    // longer retained: the key set comes back from trust.json, not from the configuration's
+    // keys, which the rotation retired (with those, the old-keys 1.4.0 would install).
+    w.publish_retained("tern/fleet/keys", b"").unwrap();
+    w.sync(SYNC).unwrap();
+    daemon.signal("TERM").unwrap();
+    daemon.wait(T).unwrap();
+    for f in ["tern.db", "tern.db-wal", "tern.db-shm"] {
+        let _ = std::fs::remove_file(bx.state.join(f));
+    }
+    let _daemon = Daemon::spawn(&bx.config, None, &[]).unwrap();
+    let e = event(
+        &mut w,
+        "atk-1",
+        "old keys refused with a new database",
+        |e| e["event"] == "update.refused" && e["source"] == "tern/atk-1/update/old-keys",
+    );
+    assert_eq!(e["code"], "revoked_key", "{e}");
     for t in ["old-keys", "new-keys", "v12"] {
         w.publish_retained(&format!("tern/atk-1/update/{t}"), b"")
             .unwrap();
