@@ -114,9 +114,44 @@ pub async fn run(
     let _lock = lock_state_dir(&config.state_dir)?;
     registry::clean_temp(&config.state_dir);
     let db = config.state_dir.join("tern.db");
-    let store = tokio::task::spawn_blocking(move || Store::open(&db))
+    let opened = tokio::task::spawn_blocking(move || Store::open(&db))
         .await
-        .expect("store open panicked")?;
+        .expect("store open panicked");
+    let store = match opened {
+        Ok(s) => s,
+        // A damaged database: stay up and say so (a restart loop would say nothing upstream),
+        // serving nothing that needs it, until stopped. Never a silent new database: that is
+        // the operator's call (trust comes back from trust.json when they make it).
+        Err(
+            e @ (crate::store::StoreError::Corrupt { .. } | crate::store::StoreError::Open { .. }),
+        ) => {
+            let reason = e.to_string();
+            let recovery = crate::fleet::corrupt::recovery(&config.state_dir);
+            tracing::error!(%reason, %recovery, "database damaged: serving nothing until it is repaired");
+            let summary = format!("corrupt: {reason}");
+            notify(&[NotifyState::Ready, NotifyState::Status(&summary)]);
+            let cancel = CancellationToken::new();
+            let link = config.fleet.clone().map(|f| {
+                tokio::spawn(crate::fleet::corrupt::serve(
+                    f,
+                    reason,
+                    recovery,
+                    cancel.clone(),
+                ))
+            });
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            notify(&[NotifyState::Stopping]);
+            cancel.cancel();
+            if let Some(l) = link {
+                let _ = l.await;
+            }
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
 
     crate::engine::use_onnxruntime_library(config.onnxruntime_library.as_deref());
     let mut tasks = Tasks::default();

@@ -19,6 +19,7 @@
 //! link itself.
 
 pub mod commands;
+pub mod corrupt;
 pub mod mqtt;
 pub mod telemetry;
 

@@ -852,3 +852,50 @@ fn a_reload_that_changes_update_keys_is_refused_and_says_why() {
     let r = command(&mut c, dev, "config.reload", &json!({"id": "rk2"}));
     assert_eq!(r["ok"], true, "{r}");
 }
+
+/// Finding 12 (in part): a database that fails to open or its integrity check used to stop the
+/// daemon, and systemd's restarts said nothing upstream. Now the box stays up serving nothing
+/// that needs the database: its presence says `corrupt` with the reason and the way out, every
+/// command is answered with that, and a stop is clean. The database is left as it was.
+#[test]
+fn a_damaged_database_leaves_the_box_up_saying_corrupt_and_how_to_recover() {
+    let broker = Broker::embedded().unwrap();
+    let dev = "corrupt1";
+    let b = fleet_box(dev, &broker.url(true), "", "");
+    std::fs::create_dir_all(&b.state).unwrap();
+    let junk = b"this is not an SQLite database, whatever its name says".repeat(200);
+    std::fs::write(b.state.join("tern.db"), &junk).unwrap();
+    let mut c = client(
+        &broker,
+        true,
+        "corrupt-c",
+        &[&format!("tern/{dev}/state"), &format!("tern/{dev}/reply/+")],
+    );
+    let mut d = Daemon::spawn(&b.config, None, &[]).unwrap();
+    let presence = c
+        .recv_match("a corrupt presence", T, |m| {
+            m.topic == format!("tern/{dev}/state") && m.json()["state"] == "corrupt"
+        })
+        .unwrap()
+        .json();
+    assert!(
+        presence["reason"].as_str().unwrap().contains("tern.db"),
+        "{presence}"
+    );
+    assert!(
+        presence["recovery"]
+            .as_str()
+            .unwrap()
+            .contains("trust.json"),
+        "{presence}"
+    );
+    let r = command(&mut c, dev, "status", &json!({"id": "st"}));
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(
+        r["error"]["message"].as_str().unwrap().contains("damaged"),
+        "{r}"
+    );
+    d.signal("TERM").unwrap();
+    assert!(d.wait(T).unwrap().success());
+    assert_eq!(std::fs::read(b.state.join("tern.db")).unwrap(), junk);
+}
