@@ -35,7 +35,11 @@ pub struct Upstream {
 const DROPPED_KEPT: usize = 64;
 /// Topics warned about by name; a flood of distinct topics does not flood the log.
 const WARNED_TOPICS: usize = 256;
+/// The broker connection (TCP and TLS). rumqttc must wait longer than this for its CONNACK
+/// (see [`CLIENT_TIMEOUT_SECS`]), or it would give up on a connection the relay still makes.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// rumqttc's connection timeout for a relayed connection.
+pub const CLIENT_TIMEOUT_SECS: u64 = 20;
 
 #[derive(Default)]
 struct Notes {
@@ -61,6 +65,13 @@ impl Drop for Relay {
 }
 
 impl Relay {
+    /// What rumqttc needs to connect through a relay: its timeout above the relay's own.
+    pub fn network_options() -> rumqttc::NetworkOptions {
+        let mut n = rumqttc::NetworkOptions::new();
+        n.set_connection_timeout(CLIENT_TIMEOUT_SECS);
+        n
+    }
+
     /// Listen for rumqttc; a PUBLISH whose remaining length is over `limit` is dropped.
     /// Must be called within a tokio runtime.
     pub fn start(up: Upstream, limit: usize) -> io::Result<Relay> {
@@ -108,9 +119,10 @@ async fn accept(listener: UnixListener, up: Upstream, limit: usize, notes: Arc<M
                 Ok((sock, _)) => {
                     conns.spawn(serve(sock, up.clone(), limit, notes.clone()));
                 }
+                // Out of descriptors, say: the next connection may do better.
                 Err(e) => {
-                    tracing::error!(error = %e, "mqtt relay: accept failed");
-                    return;
+                    tracing::warn!(error = %e, "mqtt relay: accept failed");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             },
             Some(_) = conns.join_next() => {}

@@ -122,9 +122,7 @@ pub async fn run(
         // A damaged database: stay up and say so (a restart loop would say nothing upstream),
         // serving nothing that needs it, until stopped. Never a silent new database: that is
         // the operator's call (trust comes back from trust.json when they make it).
-        Err(
-            e @ (crate::store::StoreError::Corrupt { .. } | crate::store::StoreError::Open { .. }),
-        ) => {
+        Err(e) if e.is_damage() => {
             let reason = e.to_string();
             let recovery = crate::fleet::corrupt::recovery(&config.state_dir);
             tracing::error!(%reason, %recovery, "database damaged: serving nothing until it is repaired");

@@ -34,6 +34,23 @@ pub enum StoreError {
     Stopped,
 }
 
+impl StoreError {
+    /// The file is damaged (not a database, or a failed integrity check), as opposed to
+    /// unreadable for another reason (permissions, a full disk), which a new database would
+    /// not mend.
+    pub fn is_damage(&self) -> bool {
+        use rusqlite::ErrorCode::{DatabaseCorrupt, NotADatabase};
+        match self {
+            StoreError::Corrupt { .. } => true,
+            StoreError::Open { source, .. } | StoreError::Sql(source) => matches!(
+                source.sqlite_error_code(),
+                Some(DatabaseCorrupt | NotADatabase)
+            ),
+            _ => false,
+        }
+    }
+}
+
 /// Schema steps, applied in order; `PRAGMA user_version` records how many have run. Never edit
 /// a released step: add a new one.
 const MIGRATIONS: &[&str] = &[

@@ -56,6 +56,7 @@ impl super::Source for MqttFeed {
             o.set_credentials(u, p);
         }
         let (client, mut events) = rumqttc::AsyncClient::new(o, 16);
+        events.set_network_options(crate::relay::Relay::network_options());
         let broker = format!("{}:{}", c.host, c.port);
         loop {
             match events.poll().await {

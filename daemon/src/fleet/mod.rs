@@ -382,6 +382,13 @@ impl Session {
             tracing::debug!(topic = %m.topic, "empty command ignored");
             return;
         }
+        // Not a cleared manifest: one too large to read (the relay has logged it).
+        if m.payload.is_empty()
+            && let Some(size) = self.session.take_dropped(&m.topic)
+        {
+            tracing::warn!(topic = %m.topic, bytes = size, "an MQTT message over the size limit was dropped; ignored");
+            return;
+        }
         let offer = |d: Delivery| {
             if let Some(u) = &self.updater {
                 u.offer(d);

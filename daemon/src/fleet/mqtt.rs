@@ -151,7 +151,8 @@ pub fn connect(
                 o.set_credentials(u, p);
             }
             Box::new(move || {
-                let (c, l) = rumqttc::AsyncClient::new(o.clone(), REQUEST_CAPACITY);
+                let (c, mut l) = rumqttc::AsyncClient::new(o.clone(), REQUEST_CAPACITY);
+                l.set_network_options(crate::relay::Relay::network_options());
                 (Client::V4(c), Loop::V4(Box::new(l)))
             })
         }
@@ -343,6 +344,12 @@ impl Link {
 }
 
 impl Session {
+    /// If the empty message just delivered on `topic` is what the relay left of one over the
+    /// size limit: its size.
+    pub fn take_dropped(&self, topic: &str) -> Option<usize> {
+        self.relay.as_ref().and_then(|r| r.take_dropped(topic))
+    }
+
     /// The next event; on error the connection is gone and the next call reconnects.
     pub async fn poll(&mut self) -> Result<Event, String> {
         let ev = match &mut self.event_loop {

@@ -992,6 +992,23 @@ impl Core {
         self.waiting.push((source, payload));
     }
 
+    /// Whether a refusal may be said now (a token of the burst), and how many were not said
+    /// since the last one that was; `None`: counted, not said.
+    fn may_say_refusal(&mut self) -> Option<u64> {
+        let (tokens, grown, unsaid) = &mut self.refusals;
+        let minutes = self.now.at.duration_since(*grown).as_secs() / 60;
+        if minutes > 0 {
+            *tokens = (*tokens as u64 + minutes).min(REFUSAL_BURST as u64) as u32;
+            *grown += Duration::from_secs(minutes * 60);
+        }
+        if *tokens == 0 {
+            *unsaid += 1;
+            return None;
+        }
+        *tokens -= 1;
+        Some(std::mem::take(unsaid))
+    }
+
     fn refused(&mut self, source: &str, payload: &[u8], e: &RefusalError) {
         // What the manifest claims, unverified: short strings only, so that a refusal never
         // carries a stranger's kilobytes into the outbox.
@@ -1007,19 +1024,10 @@ impl Core {
         let reason = clip(&e.to_string(), 512);
         let source = clip(source, 256);
         let source = source.as_str();
-        let (tokens, grown, unsaid) = &mut self.refusals;
-        let minutes = self.now.at.duration_since(*grown).as_secs() / 60;
-        if minutes > 0 {
-            *tokens = (*tokens as u64 + minutes).min(REFUSAL_BURST as u64) as u32;
-            *grown += Duration::from_secs(minutes * 60);
-        }
-        if *tokens == 0 {
-            *unsaid += 1;
+        let Some(suppressed) = self.may_say_refusal() else {
             tracing::debug!(%source, code = %e.code(), error = %reason, "update refused (not said: too many)");
             return;
-        }
-        *tokens -= 1;
-        let suppressed = std::mem::take(unsaid);
+        };
         tracing::warn!(%source, code = %e.code(), error = %reason, "update refused");
         // Said on the status topic too, under the model the update topic names, so a rollout
         // tool sees a refusal at once instead of waiting for an outcome that never comes;
@@ -1040,6 +1048,8 @@ impl Core {
                 model: model.to_string(),
                 body,
             });
+            // The running update's next status is said even if unchanged: this one hid it.
+            self.last_said = None;
         }
         let mut ev = json!({
             "event": "update.refused",
@@ -1187,9 +1197,12 @@ impl Core {
         if a.asked.is_empty() {
             return;
         }
-        if !new.is_empty() {
-            // Chunks just asked for get time to come; nothing else holds a stall off.
+        if new.iter().any(|i| !a.reported.contains(i)) {
+            // Chunks asked for the first time get time to come; nothing else holds a stall
+            // off (not a chunk that came back bad, asked for again).
             a.last_chunk = a.last_chunk.max(now - STALL / 2);
+        }
+        if !new.is_empty() {
             self.out.push(Action::Want {
                 sha256: a.signed.artifact.sha256.clone(),
                 chunks: new,
@@ -1565,7 +1578,9 @@ impl Core {
                     );
                     return self.fail(Code::Expired, &why);
                 }
-                if !a.asked.is_empty() && now.at.duration_since(a.last_chunk) > STALL {
+                // From the last good chunk, whatever is asked for: chunks that keep coming
+                // back bad are no progress.
+                if now.at.duration_since(a.last_chunk) > STALL {
                     a.stalls += 1;
                     if a.stalls >= MAX_STALLS {
                         let why = format!("no chunk arrived in {:?}", STALL * MAX_STALLS);
@@ -1678,8 +1693,17 @@ impl Core {
             .and_then(|m| bundle::verify_rotation(&m, &self.trust.keys, self.trust.version));
         match result {
             Err(e) => {
-                tracing::warn!(code = %e.code(), error = %e, "key rotation refused");
-                self.out.push(Action::Event(json!({"event": "update.refused", "code": e.code(), "reason": e.to_string(), "source": "keys"})));
+                let reason = clip(&e.to_string(), 512);
+                let Some(suppressed) = self.may_say_refusal() else {
+                    tracing::debug!(code = %e.code(), error = %reason, "key rotation refused (not said: too many)");
+                    return;
+                };
+                tracing::warn!(code = %e.code(), error = %reason, "key rotation refused");
+                let mut ev = json!({"event": "update.refused", "code": e.code(), "reason": reason, "source": "keys"});
+                if suppressed > 0 {
+                    ev["suppressed"] = json!(suppressed);
+                }
+                self.out.push(Action::Event(ev));
             }
             Ok((keys, version)) => {
                 let event = json!({

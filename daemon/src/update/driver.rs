@@ -39,7 +39,7 @@ fn prune_finished(tx: &rusqlite::Transaction<'_>, model: &str) -> rusqlite::Resu
     tx.execute(
         "DELETE FROM updates WHERE model = ?1
            AND state IN ('committed', 'failed', 'rolled_back')
-           AND id NOT IN (SELECT max(id) FROM updates WHERE model = ?1 AND state = 'committed')
+           AND id IS NOT (SELECT max(id) FROM updates WHERE model = ?1 AND state = 'committed')
            AND id NOT IN (SELECT id FROM updates WHERE model = ?1 ORDER BY id DESC LIMIT ?2)",
         params![model, KEEP_UPDATES_PER_MODEL],
     )
@@ -611,7 +611,9 @@ impl Driver {
             } => Outcome::Step(self.verify_and_stage(id, *artifact, name, version).await),
             Effect::Install { id, name } => {
                 let package = self.staging(id).join("package");
-                // The floor goes up in the mirror before the database records the version.
+                // The floor goes up in the mirror before the database records the version,
+                // and back down if the install fails (a retry must not be a replay).
+                let before = self.mirror.clone();
                 let version = crate::engine::Manifest::read_draft(&package).map(|m| m.version);
                 if let Ok(v) = &version {
                     let mut m = self.mirror.clone();
@@ -622,12 +624,20 @@ impl Driver {
                         self.mirror = m;
                     }
                 }
-                match self
+                let installed = self
                     .d
                     .registry
                     .install(&package, self.d.pools.get(&name))
-                    .await
-                {
+                    .await;
+                if installed.is_err() && self.mirror != before {
+                    match super::mirror::write(&self.d.state_dir, &before) {
+                        Ok(()) => self.mirror = before,
+                        Err(e) => {
+                            tracing::error!(error = %e, "trust.json: floor not lowered after a failed install")
+                        }
+                    }
+                }
+                match installed {
                     Ok(_) => Outcome::Installed(Ok(self
                         .d
                         .registry
@@ -1087,6 +1097,23 @@ mod tests {
             .await
             .unwrap();
         let (gone, ids, others) = left;
+        // A model never committed is pruned too (no committed row to keep).
+        let never = store
+            .call(|c| {
+                let tx = c.transaction()?;
+                for id in 200..260 {
+                    tx.execute(
+                        "INSERT INTO updates (id, model, version, sha256, manifest, source, state, created_ms, updated_ms)
+                         VALUES (?1, 'n', '1.0.0', 'x', x'00', 's', 'failed', 0, 0)",
+                        [id],
+                    )?;
+                }
+                let gone = prune_finished(&tx, "n")?;
+                Ok(gone)
+            })
+            .await
+            .unwrap();
+        assert_eq!(never, 60 - KEEP_UPDATES_PER_MODEL as usize);
         let mut want = vec![1, 2];
         want.extend(63 - KEEP_UPDATES_PER_MODEL..63);
         assert_eq!(ids, want);

@@ -142,6 +142,18 @@ impl Updater {
             })))) => {
                 tracing::warn!(chunk = index, "updater busy; chunk dropped");
             }
+            // A cleared manifest is no longer retained: it cannot be delivered again.
+            Err(mpsc::error::TrySendError::Full(Msg::Delivery(Delivery::Manifest {
+                source,
+                payload,
+            }))) if payload.is_empty() => {
+                let tx = self.tx.clone();
+                tokio::spawn(async move {
+                    let _ = tx
+                        .send(Msg::Delivery(Delivery::Manifest { source, payload }))
+                        .await;
+                });
+            }
             Err(mpsc::error::TrySendError::Full(Msg::Delivery(
                 Delivery::Manifest { .. } | Delivery::Link(Link::Keys { .. }),
             ))) => {
