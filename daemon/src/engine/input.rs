@@ -754,6 +754,14 @@ impl<'de> serde::de::Visitor<'de> for JsonAt<'_> {
     fn visit_u64<E: serde::de::Error>(self, x: u64) -> Result<(), E> {
         self.number(x as f64)
     }
+    /// Read to its end first, so that a cut-off object is "not JSON", like any cut-off text.
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        use serde::de::{Error as _, IgnoredAny};
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Err(A::Error::custom(
+            "expected a number or an array of them, found an object",
+        ))
+    }
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         let depth = self.depth;
         if self.acc.leaf.is_some_and(|l| depth >= l) {
@@ -891,6 +899,8 @@ mod tests {
         assert!(err("[1, null]").contains("expected a number"));
         assert!(err("{\"a\": 1}").contains("expected a number"));
         assert!(err("[1, 2").starts_with("not JSON"));
+        assert!(err("{").starts_with("not JSON"), "{}", err("{"));
+        assert!(err("[{\"a\": [1, 2], \"b\": {}}]").contains("found an object"));
         assert!(err("[1] [2]").starts_with("not JSON"));
     }
 
