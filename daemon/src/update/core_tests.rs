@@ -227,6 +227,15 @@ impl Box1 {
         assert_eq!(self.core.watching(), Some("m"));
     }
 
+    /// Deliver chunk `index` of the artifact `sha` with `data` as its bytes.
+    fn chunk(&mut self, sha: &str, index: usize, data: &[u8]) -> Vec<Action> {
+        self.step(Input::Link(Link::Chunk {
+            sha256: sha.into(),
+            index,
+            payload: Bytes::from(bundle::chunk_message(sha, index, data)),
+        }))
+    }
+
     fn tick(&mut self, health: Option<HealthFacts>) -> Vec<Action> {
         self.step(Input::Tick { health })
     }
@@ -556,11 +565,7 @@ fn a_bad_chunk_is_said_once_and_asked_for_again_later() {
     b.downloading(b.manifest("1.1.0", |_| {}));
     let mut bad = art[..4096].to_vec();
     bad[0] ^= 1;
-    let a = b.step(Input::Link(Link::Chunk {
-        sha256: sha.clone(),
-        index: 0,
-        payload: Bytes::from(bundle::chunk_message(&sha, 0, &bad)),
-    }));
+    let a = b.chunk(&sha, 0, &bad);
     assert_eq!(refused_event(&a).as_deref(), Some("bad_chunk"));
     assert!(effect(&a).is_none());
     // Not asked for again before RETRY_BAD_CHUNK.
@@ -568,11 +573,7 @@ fn a_bad_chunk_is_said_once_and_asked_for_again_later() {
     b.later(RETRY_BAD_CHUNK + Duration::from_secs(1));
     let a = b.tick(None);
     assert!(wanted(&a).contains(&0), "{a:?}");
-    let a = b.step(Input::Link(Link::Chunk {
-        sha256: sha.clone(),
-        index: 0,
-        payload: Bytes::from(bundle::chunk_message(&sha, 0, &bad)),
-    }));
+    let a = b.chunk(&sha, 0, &bad);
     assert_eq!(refused_event(&a), None, "said once per chunk");
 }
 
@@ -1323,11 +1324,7 @@ fn a_junk_chunk_does_not_hold_off_a_stall() {
     b.later(STALL / 2 + Duration::from_secs(1));
     let mut bad = art[..4096].to_vec();
     bad[0] ^= 1;
-    let a = b.step(Input::Link(Link::Chunk {
-        sha256: sha.clone(),
-        index: 0,
-        payload: Bytes::from(bundle::chunk_message(&sha, 0, &bad)),
-    }));
+    let a = b.chunk(&sha, 0, &bad);
     assert_eq!(refused_event(&a).as_deref(), Some("bad_chunk"));
     b.later(STALL / 2 + Duration::from_secs(1));
     let a = b.tick(None);

@@ -184,10 +184,7 @@ pub async fn publish(a: PublishArgs) -> anyhow::Result<ExitCode> {
     let path = a.bundle.display();
     bundle::check_own_signatures(&b.manifest)
         .map_err(|e| anyhow::anyhow!("{path}: {e}; every box would refuse it"))?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    let now = super::now();
     if signed.expires <= now {
         bail!(
             "{path}: the manifest expired {} s ago; make the bundle again (a box refuses it as expired)",

@@ -658,10 +658,7 @@ fn activating_below_the_floor_needs_a_signed_force() {
             Some("1.1.0")
         );
         if keys {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_secs() as i64;
+            let now = tern_tests::updates::now();
             let signed = signing::sign(
                 &trusted,
                 "models.activate",
