@@ -24,6 +24,7 @@ use crate::command::{PublicKey, SigningKey, canonical_json};
 
 const CONTEXT: &str = "tern-bundle-v1\n";
 const KEYS_CONTEXT: &str = "tern-keys-v1\n";
+const TIME_CONTEXT: &str = "tern-time-v1\n";
 /// Largest manifest accepted, before parsing.
 pub const MAX_MANIFEST_BYTES: usize = 256 * 1024;
 /// Largest artifact accepted (a model package).
@@ -46,6 +47,10 @@ pub struct Signed {
     pub targets: Targets,
     /// Unix seconds after which the manifest is refused.
     pub expires: i64,
+    /// Unix seconds when it was made: boxes with a freshness rule refuse it once it is older
+    /// than their window. Absent in manifests made before the rule existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issued: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -112,6 +117,8 @@ pub enum RefusalError {
     BelowThreshold { valid: usize, threshold: usize },
     #[error("manifest expired at {expires} (now {now})")]
     Expired { expires: i64, now: i64 },
+    #[error("stale: {0}")]
+    Stale(String),
     #[error("version {offered} is older than installed {installed}")]
     Downgrade { offered: String, installed: String },
     #[error("version {0} is already installed")]
@@ -154,6 +161,7 @@ impl RefusalError {
             RefusalError::DuplicateSignature(_) => Code::DuplicateSignature,
             RefusalError::BelowThreshold { .. } => Code::BelowThreshold,
             RefusalError::Expired { .. } => Code::Expired,
+            RefusalError::Stale(_) => Code::Stale,
             RefusalError::Downgrade { .. } => Code::Downgrade,
             RefusalError::Replay(_) => Code::Replay,
             RefusalError::RevokedKey(_) => Code::RevokedKey,
@@ -553,6 +561,35 @@ pub fn sign_keys(doc: &KeysDoc, keys: &[&SigningKey]) -> Manifest {
     )
 }
 
+/// The operator's signed time (`<prefix>/fleet/time`): a box without a real-time clock learns
+/// from it a time it can trust not to be too early.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeDoc {
+    /// Unix seconds when it was signed.
+    pub time: i64,
+}
+
+pub fn sign_time(doc: &TimeDoc, keys: &[&SigningKey]) -> Manifest {
+    sign_value(
+        serde_json::to_value(doc).expect("times serialise"),
+        TIME_CONTEXT,
+        keys,
+    )
+}
+
+/// Accept a signed time: signed by a threshold of the update keys in force (its own context,
+/// so no manifest or key set signature passes as one).
+pub fn verify_time(m: &Manifest, keys: &KeySet) -> Result<i64, RefusalError> {
+    check_signatures(keys, &signed_bytes(TIME_CONTEXT, &m.signed), &m.signatures)?;
+    let doc: TimeDoc = serde_json::from_value(m.signed.clone())
+        .map_err(|e| RefusalError::Malformed(e.to_string()))?;
+    if doc.time <= 0 {
+        return Err(RefusalError::Malformed(format!("time {}", doc.time)));
+    }
+    Ok(doc.time)
+}
+
 /// Accept a rotation: signed by a threshold of `current`, newer than `current_version`, and a
 /// usable set itself. The caller persists the result; from then on only it counts.
 pub fn verify_rotation(
@@ -638,6 +675,7 @@ mod tests {
                 min_ternd: Some("0.1.0".into()),
             },
             expires: NOW + 3600,
+            issued: Some(NOW),
         }
     }
 

@@ -14,6 +14,7 @@
 //!  <prefix>/fleet/<group>/cmd/<name>           commands to a group
 //!  <prefix>/fleet/<group>/update/<model>       retained manifest for a group
 //!  <prefix>/fleet/announce | keys              ask all to re-announce; retained key rotation
+//!  <prefix>/fleet/time                         retained signed time (freshness of manifests)
 //!  <prefix>/artifacts/<sha256>/<index>         retained chunk of an artifact
 //! ```
 
@@ -73,6 +74,10 @@ impl Topics {
         format!("{}/fleet/keys", self.prefix)
     }
 
+    pub fn time(&self) -> String {
+        format!("{}/fleet/time", self.prefix)
+    }
+
     pub fn chunk(&self, sha256: &str, index: usize) -> String {
         format!("{}/artifacts/{sha256}/{index}", self.prefix)
     }
@@ -126,6 +131,7 @@ pub enum Route {
     Announce,
     Manifest,
     Keys,
+    Time,
     Chunk {
         sha256: String,
         index: usize,
@@ -188,13 +194,18 @@ impl Device {
         f
     }
 
-    /// Everything the box subscribes to, in order. Keys come first: the broker sends
-    /// retained messages per subscription in order, and a rotation must be in force before
-    /// the manifests signed with the new keys arrive.
+    /// What the updater reads before any manifest, in order: the broker sends retained
+    /// messages per subscription in order, and a rotation must be in force before the
+    /// manifests signed with the new keys arrive, and the time before manifests judged by it.
+    pub fn trust_filters(&self) -> [String; 2] {
+        [self.fleet.keys(), self.fleet.time()]
+    }
+
+    /// Everything the box subscribes to, in order (see [`Device::trust_filters`]).
     pub fn filters(&self, updates: bool) -> Vec<String> {
         let mut f = Vec::new();
         if updates {
-            f.push(self.fleet.keys());
+            f.extend(self.trust_filters());
         }
         f.extend([format!("{}/cmd/+", self.base), self.fleet.announce()]);
         for g in &self.groups {
@@ -233,6 +244,9 @@ impl Device {
         }
         if topic == self.fleet.keys() {
             return Route::Keys;
+        }
+        if topic == self.fleet.time() {
+            return Route::Time;
         }
         let mine = topic
             .strip_prefix(&self.base)
@@ -293,6 +307,7 @@ mod tests {
         assert_eq!(t.route("tern/b2/cmd/ping"), Route::Other);
         assert_eq!(t.route("tern/fleet/announce"), Route::Announce);
         assert_eq!(t.route("tern/fleet/keys"), Route::Keys);
+        assert_eq!(t.route("tern/fleet/time"), Route::Time);
         assert_eq!(t.route("tern/b1/update/m"), Route::Manifest);
         assert_eq!(t.route("tern/fleet/g/update/m"), Route::Manifest);
         assert_eq!(t.route("tern/fleet/h/update/m"), Route::Other);
@@ -334,6 +349,7 @@ mod tests {
             d.filters(true),
             vec![
                 "t/fleet/keys",
+                "t/fleet/time",
                 "t/b1/cmd/+",
                 "t/fleet/announce",
                 "t/b1/update/+"

@@ -62,10 +62,7 @@ pub fn cross_bin(triple: &str, name: &str) -> Option<PathBuf> {
     );
     if !path.is_file() {
         let why = format!("{} not built: {build}", path.display());
-        if std::env::var("TERN_TEST_STRICT").as_deref() == Ok("1") {
-            panic!("{why} (TERN_TEST_STRICT=1)");
-        }
-        eprintln!("\n*** SKIPPED: {why} ***\n");
+        skip(&why);
         return None;
     }
     assert_fresh(&path, name, &build);
@@ -151,6 +148,33 @@ pub fn free_port() -> u16 {
     panic!("no free port in {FIRST}..{}", FIRST + SPAN);
 }
 
+/// Say loudly that a test is skipped, and why; under `TERN_TEST_STRICT=1` (CI) fail instead.
+fn skip(why: &str) {
+    if std::env::var("TERN_TEST_STRICT").as_deref() == Ok("1") {
+        panic!("{why} (TERN_TEST_STRICT=1)");
+    }
+    eprintln!("\n*** SKIPPED: {why} ***\n");
+}
+
+/// The environment that starts a program with its wall clock at 1970-01-02 (libfaketime), as
+/// a box without a real-time clock boots; its monotonic clock is left alone. Missing:
+/// SKIPPED loudly, or a failure under `TERN_TEST_STRICT=1`.
+pub fn clock_at_1970() -> Option<Vec<(&'static str, String)>> {
+    let lib = format!(
+        "/usr/lib/{}-linux-gnu/faketime/libfaketime.so.1",
+        std::env::consts::ARCH
+    );
+    if !Path::new(&lib).is_file() {
+        skip(&format!("{lib} not found (Debian package faketime)"));
+        return None;
+    }
+    Some(vec![
+        ("LD_PRELOAD", lib),
+        ("FAKETIME", "@1970-01-02 00:00:00".into()),
+        ("DONT_FAKE_MONOTONIC", "1".into()),
+    ])
+}
+
 /// A program a test needs from the system. Missing: SKIPPED loudly, or a failure under
 /// `TERN_TEST_STRICT=1` (which CI sets).
 pub fn need(program: &str) -> bool {
@@ -158,10 +182,7 @@ pub fn need(program: &str) -> bool {
         .map(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
         .unwrap_or(false);
     if !found {
-        if std::env::var("TERN_TEST_STRICT").as_deref() == Ok("1") {
-            panic!("{program} is required (TERN_TEST_STRICT=1) but not on PATH");
-        }
-        eprintln!("\n*** SKIPPED: {program} not found on PATH ***\n");
+        skip(&format!("{program} not found on PATH"));
     }
     found
 }
@@ -194,10 +215,7 @@ pub fn third_party() -> Option<PathBuf> {
             "third-party packages not found in {} (run tests/models/fetch-third-party.sh)",
             dir.display()
         );
-        if std::env::var("TERN_TEST_STRICT").as_deref() == Ok("1") {
-            panic!("{why} (TERN_TEST_STRICT=1)");
-        }
-        eprintln!("\n*** SKIPPED: {why} ***\n");
+        skip(&why);
         return None;
     }
     Some(dir)
@@ -208,10 +226,7 @@ pub fn third_party() -> Option<PathBuf> {
 pub fn need_root() -> bool {
     let root = nix::unistd::Uid::effective().is_root();
     if !root {
-        if std::env::var("TERN_TEST_STRICT").as_deref() == Ok("1") {
-            panic!("this test must run as root (TERN_TEST_STRICT=1)");
-        }
-        eprintln!("\n*** SKIPPED: not root ***\n");
+        skip("not root");
     }
     root
 }

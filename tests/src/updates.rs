@@ -80,6 +80,7 @@ pub fn build(
         artifact: Artifact::describe(&artifact, chunk),
         targets: Targets::default(),
         expires: now() + 3600,
+        issued: Some(now()),
     };
     tweak(&mut signed);
     let manifest = serde_json::to_vec(&bundle::sign(&signed, keys)).expect("serialises");

@@ -108,6 +108,9 @@ pub struct RawUpdates {
     pub window: Option<usize>,
     /// Free disk space (MiB) an update must leave on the state directory's file system.
     pub min_free_mib: Option<u64>,
+    /// Refuse manifests from the network made longer ago than this, or judged without an
+    /// operator's signed time (`<prefix>/fleet/time`) younger than this; absent: no such rule.
+    pub freshness_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -410,6 +413,7 @@ pub struct UpdatesConfig {
     pub health_max_errors: u64,
     pub window: usize,
     pub min_free_bytes: u64,
+    pub freshness: Option<std::time::Duration>,
 }
 
 impl UpdatesConfig {

@@ -787,7 +787,16 @@ fn validate_updates(u: &RawUpdates, report: &mut Report<'_>) -> UpdatesConfig {
             format!("{window} is outside 1..=64"),
         );
     }
+    if let Some(f) = u.freshness_secs
+        && !(60..=366 * 86_400).contains(&f)
+    {
+        report(
+            "updates.freshness_secs".into(),
+            format!("{f} is outside 60..=31622400 (a minute to a year)"),
+        );
+    }
     UpdatesConfig {
+        freshness: u.freshness_secs.map(std::time::Duration::from_secs),
         keys,
         threshold,
         health_window: std::time::Duration::from_secs(health),

@@ -446,6 +446,7 @@ impl Session {
                 payload: m.payload,
             }),
             Route::Keys => offer(Delivery::Link(update::Link::Keys { payload: m.payload })),
+            Route::Time => offer(Delivery::Link(update::Link::Time { payload: m.payload })),
             Route::Chunk { sha256, index } => offer(Delivery::Link(update::Link::Chunk {
                 sha256,
                 index,
@@ -552,10 +553,13 @@ async fn updates_task(
                 remember_status(&mut st.statuses, model, body);
             }
             Uplink::Redeliver => {
-                // Subscribing again makes the broker send the retained key set and manifests
-                // again (the keys first, as on connect).
-                let keys = topics.fleet.keys();
-                for f in std::iter::once(keys).chain(topics.manifest_filters()) {
+                // Subscribing again makes the broker send the retained key set, time and
+                // manifests again (in that order, as on connect).
+                for f in topics
+                    .trust_filters()
+                    .into_iter()
+                    .chain(topics.manifest_filters())
+                {
                     let _ = link.unsubscribe(&f);
                     let _ = link.subscribe(&f);
                 }

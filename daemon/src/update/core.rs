@@ -122,6 +122,9 @@ pub struct Settings {
     pub health_window: Duration,
     pub health_max_errors: u64,
     pub min_free_bytes: u64,
+    /// Refuse manifests from the network older than this, or judged without an operator's
+    /// signed time younger than this (`updates.freshness`; none: no such rule).
+    pub freshness: Option<Duration>,
     /// Inside the running daemon: the health window is watched. `ternd install` with the
     /// daemon stopped leaves a new version in `health` for the daemon to watch when it starts.
     pub in_daemon: bool,
@@ -199,6 +202,10 @@ pub enum Link {
     Keys {
         payload: Bytes,
     },
+    /// The operator's signed time.
+    Time {
+        payload: Bytes,
+    },
     /// Chunk `index` of artifact `sha256`.
     Chunk {
         sha256: String,
@@ -218,6 +225,8 @@ pub enum Input {
         open: Vec<OpenRow>,
         trust: Trust,
         next_id: i64,
+        /// The newest operator time kept (unix seconds).
+        time: Option<i64>,
     },
     /// A manifest (or an empty payload: withdrawn) on `source`, a topic.
     Manifest {
@@ -389,8 +398,10 @@ pub enum Action {
         model: String,
         version: String,
     },
-    /// Ask the broker for the retained manifests again (the keys changed).
+    /// Ask the broker for the retained manifests again (the keys or the time changed).
     Redeliver,
+    /// Keep the newest operator time (unix seconds) beside the database.
+    SaveTime(i64),
     /// Offer a waiting manifest again, with fresh facts.
     Reoffer {
         source: String,
@@ -564,6 +575,12 @@ pub struct Core {
     last_said: Option<Value>,
     pending: Option<Pending>,
     now: Now,
+    /// The newest operator time (unix seconds) and when it arrived: the box's clock is never
+    /// taken to be earlier than it plus the time since.
+    time: Option<(i64, Instant)>,
+    /// A manifest was refused as stale since the last time arrived: a newer time asks for
+    /// the retained manifests again.
+    stale_refused: bool,
     out: Vec<Action>,
 }
 
@@ -582,6 +599,8 @@ impl Core {
             last_said: None,
             pending: None,
             now,
+            time: None,
+            stale_refused: false,
             out: Vec::new(),
         }
     }
@@ -618,9 +637,11 @@ impl Core {
                 open,
                 trust,
                 next_id,
+                time,
             } => {
                 self.trust = trust;
                 self.next_id = next_id;
+                self.time = time.map(|t| (t, self.now.at));
                 self.resume(open);
             }
             Input::Manifest {
@@ -645,6 +666,7 @@ impl Core {
                 self.answer(ticket, Err(refusal.into()));
             }
             Input::Link(Link::Keys { payload }) => self.rotate(payload),
+            Input::Link(Link::Time { payload }) => self.signed_time(payload),
             Input::Link(Link::Chunk {
                 sha256,
                 index,
@@ -808,12 +830,25 @@ impl Core {
         }
     }
 
+    /// The box's time in unix seconds: its own clock, or the operator's signed time plus
+    /// the time since it arrived when that is later (a box without a real-time clock starts
+    /// in 1970, and must not take a manifest that expired long ago as good).
+    pub fn clock_s(&self) -> i64 {
+        let own = self.now.wall_ms / 1000;
+        match self.time {
+            Some((t, at)) => own.max(t + self.now.at.duration_since(at).as_secs() as i64),
+            None => own,
+        }
+    }
+
     /// Verify a manifest for this box: signatures against the trusted keys, bounds, expiry,
-    /// target, and above the highest version ever installed.
+    /// target, and above the highest version ever installed; from the network, also the
+    /// freshness rule.
     fn verify(
         &self,
         bytes: &[u8],
         highest: Option<&semver::Version>,
+        network: bool,
     ) -> Result<Signed, RefusalError> {
         let m = bundle::parse(bytes)?;
         if self.trust.keys.keys.is_empty() {
@@ -827,13 +862,87 @@ impl Core {
             arch: &self.s.arch,
             ternd: &self.s.ternd,
         };
-        bundle::verify(
-            &m,
-            &self.trust.keys,
-            self.now.wall_ms / 1000,
-            &this,
-            highest,
-        )
+        let s = bundle::verify(&m, &self.trust.keys, self.clock_s(), &this, highest)?;
+        match self.s.freshness {
+            Some(window) if network => self.fresh(&s, window).map(|()| s),
+            _ => Ok(s),
+        }
+    }
+
+    /// The freshness rule: the box holds an operator time younger than `window`, and the
+    /// manifest was made less than `window` before now. A bundle file handed over on the box
+    /// is not held to it (whoever may do that already has the box).
+    fn fresh(&self, s: &Signed, window: Duration) -> Result<(), RefusalError> {
+        let now = self.clock_s();
+        let w = window.as_secs() as i64;
+        let Some((t, _)) = self.time else {
+            return Err(RefusalError::Stale(
+                "no signed time from the operator yet (updates.freshness is set; publish one with `tern-update time`)".into(),
+            ));
+        };
+        if now - t > w {
+            return Err(RefusalError::Stale(format!(
+                "the operator's newest signed time is {}s old, more than updates.freshness ({w}s)",
+                now - t
+            )));
+        }
+        match s.issued {
+            None => Err(RefusalError::Stale(
+                "the manifest carries no `issued` time".into(),
+            )),
+            Some(i) if now - i > w => Err(RefusalError::Stale(format!(
+                "the manifest was made {}s ago, more than updates.freshness ({w}s)",
+                now - i
+            ))),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// The operator's signed time: kept if it verifies and is newer than the one held; a
+    /// manifest refused as stale meanwhile is asked for again.
+    fn signed_time(&mut self, payload: Bytes) {
+        if payload.is_empty() {
+            return;
+        }
+        let digest = tern_update::sha256_hex(&payload);
+        if !self.seen.insert(digest) {
+            return;
+        }
+        let result =
+            bundle::parse(&payload).and_then(|m| bundle::verify_time(&m, &self.trust.keys));
+        match result {
+            Err(e) => {
+                let reason = clip(&e.to_string(), 512);
+                let Some(suppressed) = self.may_say_refusal() else {
+                    tracing::debug!(code = %e.code(), error = %reason, "signed time refused (not said: too many)");
+                    return;
+                };
+                tracing::warn!(code = %e.code(), error = %reason, "signed time refused");
+                let mut ev = json!({"event": "update.refused", "code": e.code(), "reason": reason, "source": "time"});
+                if suppressed > 0 {
+                    ev["suppressed"] = json!(suppressed);
+                }
+                self.out.push(Action::Event(ev));
+            }
+            Ok(t) if self.time.is_some_and(|(held, _)| t <= held) => {
+                tracing::debug!(time = t, "signed time not newer than the one held");
+            }
+            Ok(t) => {
+                let own = self.now.wall_ms / 1000;
+                if t > own + 60 {
+                    tracing::info!(
+                        time = t,
+                        clock = own,
+                        "this box's clock is behind the operator's signed time; update checks use the signed time"
+                    );
+                }
+                self.time = Some((t, self.now.at));
+                self.out.push(Action::SaveTime(t));
+                if std::mem::take(&mut self.stale_refused) {
+                    self.out.push(Action::Redeliver);
+                }
+            }
+        }
     }
 
     /// A manifest arrived (from a topic or a bundle file): verify it and, if it is good and
@@ -918,20 +1027,22 @@ impl Core {
                 return;
             }
             // Only a manifest that verifies may wait: junk must not push a good one out.
-            if let Err(e) = self.verify(&payload, facts.highest.as_ref()) {
-                self.seen.insert(digest);
+            if let Err(e) = self.verify(&payload, facts.highest.as_ref(), true) {
+                self.seen.insert(digest.clone());
                 self.refused(&source, &payload, &e);
+                self.forget_if_stale(&digest, &e);
                 return;
             }
             tracing::info!(%source, running = a.id, "an update is in progress; this manifest waits");
             self.queue(source, payload, claimed_name, claimed_version);
             return;
         }
-        self.seen.insert(digest);
-        let signed = match self.verify(&payload, facts.highest.as_ref()) {
+        self.seen.insert(digest.clone());
+        let signed = match self.verify(&payload, facts.highest.as_ref(), ticket.is_none()) {
             Ok(s) => s,
             Err(e) => {
                 self.refused(&source, &payload, &e);
+                self.forget_if_stale(&digest, &e);
                 if let Some((t, _)) = ticket {
                     self.answer(t, Err(e.into()));
                 }
@@ -963,6 +1074,15 @@ impl Core {
             free_bytes,
             ticket,
         });
+    }
+
+    /// A stale manifest is judged again when a newer operator time arrives (its digest is not
+    /// kept as handled, and the time asks for the retained manifests again).
+    fn forget_if_stale(&mut self, digest: &str, e: &RefusalError) {
+        if matches!(e, RefusalError::Stale(_)) {
+            self.seen.remove(digest);
+            self.stale_refused = true;
+        }
     }
 
     /// One waiting manifest per model: the highest version claimed.
@@ -1561,6 +1681,7 @@ impl Core {
 
     fn tick(&mut self, health: Option<HealthFacts>) {
         let now = self.now;
+        let clock_s = self.clock_s();
         let Some(a) = &mut self.current else { return };
         let step_due = a.retry_at_step.is_none_or(|t| now.at >= t);
         match a.state {
@@ -1571,7 +1692,7 @@ impl Core {
                 }
             }
             State::Downloading => {
-                if now.wall_ms / 1000 > a.signed.expires {
+                if clock_s > a.signed.expires {
                     let why = format!(
                         "the manifest expired at {} before the download finished",
                         a.signed.expires

@@ -31,6 +31,7 @@ struct Box1 {
 
 fn settings() -> Settings {
     Settings {
+        freshness: None,
         device: "b1".into(),
         groups: vec!["lab".into()],
         arch: std::env::consts::ARCH.into(),
@@ -69,6 +70,7 @@ fn signed(name: &str, version: &str, art: &[u8]) -> Signed {
         artifact: Artifact::describe(art, CHUNK),
         targets: Targets::default(),
         expires: NOW_S + 3600,
+        issued: Some(NOW_S),
     }
 }
 
@@ -96,6 +98,7 @@ impl Box1 {
             open: Vec::new(),
             trust: t,
             next_id: 7,
+            time: None,
         });
         assert!(matches!(&a[..], [Action::CleanStaging { keep }] if keep.is_empty()));
         assert!(b.step(Input::Link(Link::Online)).is_empty());
@@ -441,6 +444,7 @@ fn below_the_threshold_and_revoked_keys_are_refused() {
         open: Vec::new(),
         trust: t,
         next_id: 1,
+        time: None,
     });
     let a = b.offer(b.manifest("1.1.0", |_| {}), room());
     assert_eq!(refused_event(&a).as_deref(), Some("below_threshold"));
@@ -460,6 +464,7 @@ fn below_the_threshold_and_revoked_keys_are_refused() {
         open: Vec::new(),
         trust: t,
         next_id: 1,
+        time: None,
     });
     let s = signed("m", "1.1.0", &artifact_bytes(100));
     let a = b.offer(payload(&bundle::sign(&s, &[&old])), room());
@@ -473,6 +478,7 @@ fn with_no_keys_configured_nothing_is_trusted() {
         open: Vec::new(),
         trust: trust(&[], 1),
         next_id: 1,
+        time: None,
     });
     let a = b.offer(b.manifest("1.1.0", |_| {}), room());
     assert_eq!(refused_event(&a).as_deref(), Some("unknown_key"));
@@ -930,6 +936,7 @@ fn resume(b: &mut Box1, open: Vec<OpenRow>) -> Vec<Action> {
         open,
         trust: t,
         next_id: 20,
+        time: None,
     })
 }
 
@@ -1360,4 +1367,142 @@ fn an_unchanged_status_is_not_said_again() {
             .count();
     }
     assert_eq!(said, 0, "nothing new while waiting for chunks");
+}
+
+/// A signed operator time of `t` unix seconds, by `key`.
+fn time_msg(t: i64, key: &SigningKey) -> Bytes {
+    payload(&bundle::sign_time(&bundle::TimeDoc { time: t }, &[key]))
+}
+
+fn time_in(b: &mut Box1, t: i64) -> Vec<Action> {
+    let p = time_msg(t, &b.key);
+    b.step(Input::Link(Link::Time { payload: p }))
+}
+
+#[test]
+fn a_box_without_a_clock_judges_expiry_by_the_operators_signed_time() {
+    let mut b = Box1::new();
+    // No real-time clock: the box believes it is 1970.
+    b.wall_ms = 0;
+    let expired = b.manifest("1.1.0", |s| s.expires = NOW_S - 60);
+    let a = b.offer(expired, room());
+    assert!(
+        matches!(effect(&a), Some(Effect::Insert { .. })),
+        "without a signed time a 1970 box takes it: {a:?}"
+    );
+
+    let mut b = Box1::new();
+    b.wall_ms = 0;
+    let a = time_in(&mut b, NOW_S);
+    assert!(
+        matches!(&a[..], [Action::SaveTime(t)] if *t == NOW_S),
+        "{a:?}"
+    );
+    assert_eq!(b.core.clock_s(), NOW_S);
+    b.later(Duration::from_secs(30));
+    b.tick(None);
+    assert_eq!(b.core.clock_s(), NOW_S + 30, "the signed time runs on");
+    let expired = b.manifest("1.1.0", |s| s.expires = NOW_S - 60);
+    let a = b.offer(expired, room());
+    assert_eq!(refused_event(&a).as_deref(), Some("expired"), "{a:?}");
+
+    // An older time, a forged one and one by another key change nothing.
+    assert!(time_in(&mut b, NOW_S - 100).is_empty());
+    let mut forged = serde_json::from_slice::<Value>(&time_msg(NOW_S + 9_999, &b.key)).unwrap();
+    forged["signed"]["time"] = json!(NOW_S + 99_999);
+    let a = b.step(Input::Link(Link::Time {
+        payload: Bytes::from(forged.to_string()),
+    }));
+    assert_eq!(refused_event(&a).as_deref(), Some("bad_signature"), "{a:?}");
+    let a = b.step(Input::Link(Link::Time {
+        payload: time_msg(NOW_S + 9_999, &key()),
+    }));
+    assert_eq!(refused_event(&a).as_deref(), Some("unknown_key"), "{a:?}");
+    assert_eq!(b.core.clock_s(), NOW_S + 30);
+}
+
+#[test]
+fn the_freshness_rule_refuses_stale_manifests_and_takes_them_when_a_newer_time_comes() {
+    let day = Duration::from_secs(86_400);
+    let mut b = Box1::with(Settings {
+        freshness: Some(day),
+        ..settings()
+    });
+    let good = b.manifest("1.1.0", |_| {});
+    let a = b.offer(good.clone(), room());
+    assert_eq!(
+        refused_event(&a).as_deref(),
+        Some("stale"),
+        "no time yet: {a:?}"
+    );
+    assert_eq!(status_state(&a).as_deref(), Some("refused"));
+
+    // The time arrives: the refused manifest is asked for again, and taken.
+    let a = time_in(&mut b, NOW_S);
+    assert!(a.iter().any(|x| matches!(x, Action::Redeliver)), "{a:?}");
+    let a = b.offer(good, room());
+    assert!(matches!(effect(&a), Some(Effect::Insert { .. })), "{a:?}");
+
+    // Made two days before the operator's time: stale; no `issued`: stale.
+    let mut b = Box1::with(Settings {
+        freshness: Some(day),
+        ..settings()
+    });
+    b.wall_ms = 0;
+    time_in(&mut b, NOW_S);
+    let old = b.manifest("1.1.0", |s| s.issued = Some(NOW_S - 2 * 86_400));
+    let a = b.offer(old, room());
+    assert_eq!(refused_event(&a).as_deref(), Some("stale"), "{a:?}");
+    let undated = b.manifest("1.1.0", |s| s.issued = None);
+    let a = b.offer(undated, room());
+    assert_eq!(refused_event(&a).as_deref(), Some("stale"), "{a:?}");
+
+    // The operator's time itself too old by the box's clock: stale until a newer one.
+    let mut b = Box1::with(Settings {
+        freshness: Some(day),
+        ..settings()
+    });
+    time_in(&mut b, NOW_S - 2 * 86_400);
+    let fresh = b.manifest("1.1.0", |_| {});
+    let a = b.offer(fresh.clone(), room());
+    assert_eq!(refused_event(&a).as_deref(), Some("stale"), "{a:?}");
+    time_in(&mut b, NOW_S);
+    let a = b.offer(fresh, room());
+    assert!(matches!(effect(&a), Some(Effect::Insert { .. })), "{a:?}");
+}
+
+#[test]
+fn a_bundle_file_is_not_held_to_the_freshness_rule_but_to_the_signed_clock() {
+    let mut b = Box1::with(Settings {
+        freshness: Some(Duration::from_secs(3600)),
+        ..settings()
+    });
+    b.wall_ms = 0;
+    let undated = b.manifest("1.1.0", |s| s.issued = None);
+    let a = b.step(Input::Bundle {
+        ticket: 1,
+        path: "/x.bundle".into(),
+        source: "file:/x.bundle".into(),
+        manifest: undated,
+        artifact_len: 10_000,
+        facts: room(),
+    });
+    assert!(matches!(effect(&a), Some(Effect::Insert { .. })), "{a:?}");
+}
+
+#[test]
+fn the_kept_time_is_the_clock_after_a_restart() {
+    let mut b = Box1::new();
+    b.wall_ms = 0;
+    let t = trust(&[&b.key], 1);
+    b.step(Input::Resume {
+        open: Vec::new(),
+        trust: t,
+        next_id: 9,
+        time: Some(NOW_S),
+    });
+    assert_eq!(b.core.clock_s(), NOW_S);
+    let expired = b.manifest("1.1.0", |s| s.expires = NOW_S - 1);
+    let a = b.offer(expired, room());
+    assert_eq!(refused_event(&a).as_deref(), Some("expired"), "{a:?}");
 }

@@ -77,6 +77,7 @@ impl Driver {
             health_window: d.cfg.health_window,
             health_max_errors: d.cfg.health_max_errors,
             min_free_bytes: d.cfg.min_free_bytes,
+            freshness: d.cfg.freshness,
             in_daemon: d.events.is_some(),
         };
         let trust = configured_trust(&d);
@@ -126,10 +127,11 @@ impl Driver {
     /// updates, the trusted keys, the next id) nothing else may be taken.
     pub async fn resume(&mut self) -> Result<(), StoreError> {
         let mut input = self.resume_input().await?;
-        if let Input::Resume { trust, .. } = &mut input {
+        if let Input::Resume { trust, time, .. } = &mut input {
             *trust = self
                 .reconcile_mirror(std::mem::replace(trust, configured_trust(&self.d)))
                 .await?;
+            *time = self.mirror.time;
         }
         self.run(input).await;
         Ok(())
@@ -245,6 +247,7 @@ impl Driver {
             open,
             trust,
             next_id,
+            time: None,
         })
     }
 
@@ -472,6 +475,16 @@ impl Driver {
             }
             Action::Status { model, body } => self.uplink(Uplink::Status { model, body }).await,
             Action::Redeliver => self.uplink(Uplink::Redeliver).await,
+            Action::SaveTime(t) => {
+                // Not fatal if it fails: the time only ever goes up, and a restart with an
+                // older one (or none) judges as if the newest had not come yet.
+                let mut m = self.mirror.clone();
+                m.time = Some(t);
+                match super::mirror::write(&self.d.state_dir, &m) {
+                    Ok(()) => self.mirror = m,
+                    Err(e) => tracing::warn!(error = %e, "operator time not kept in trust.json"),
+                }
+            }
             Action::Progress {
                 model,
                 version,

@@ -25,6 +25,9 @@ pub struct Mirror {
     pub trust: Option<TrustDoc>,
     /// Per model, the highest version ever installed: an update must go above it.
     pub floors: BTreeMap<String, String>,
+    /// The newest operator signed time (unix seconds) the box took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

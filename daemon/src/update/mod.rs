@@ -155,7 +155,7 @@ impl Updater {
                 });
             }
             Err(mpsc::error::TrySendError::Full(Msg::Delivery(
-                Delivery::Manifest { .. } | Delivery::Link(Link::Keys { .. }),
+                Delivery::Manifest { .. } | Delivery::Link(Link::Keys { .. } | Link::Time { .. }),
             ))) => {
                 // Anyone who may publish on an update topic can fill the queue: nothing is
                 // held for them. What matters is retained, and is delivered again.

@@ -164,6 +164,20 @@ enum Cmd {
         command_key: Option<PathBuf>,
         bundle: PathBuf,
     },
+    /// Publish the time, signed with the update keys, retained on `<prefix>/fleet/time`:
+    /// boxes without a real-time clock judge expiry by it, and boxes with
+    /// `updates.freshness_secs` need one younger than that window. Run it more often than
+    /// the shortest window (`--every-secs`, or a timer).
+    Time {
+        #[command(flatten)]
+        broker: BrokerArgs,
+        /// An update signing key; repeat up to the boxes' threshold.
+        #[arg(long, required = true)]
+        key: Vec<PathBuf>,
+        /// Publish again every this many seconds, until stopped.
+        #[arg(long)]
+        every_secs: Option<u64>,
+    },
     /// Take a published bundle off the broker: clear its retained manifest on the group's or
     /// device's update topic (boxes stop a download of it in progress) and its retained chunks.
     Withdraw {
@@ -317,6 +331,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     min_ternd,
                 },
                 expires: now() + expires_in_days as i64 * 86_400,
+                issued: Some(now()),
             };
             let keys = key
                 .iter()
@@ -428,6 +443,25 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 command_key: command_key.map(|k| load_key(&k)).transpose()?,
                 bundle: path,
             }));
+        }
+        Cmd::Time {
+            broker,
+            key,
+            every_secs,
+        } => {
+            let keys = key
+                .iter()
+                .map(|k| load_key(k))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            if every_secs == Some(0) {
+                bail!("--every-secs must be at least 1");
+            }
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(mqtt::time(
+                broker,
+                keys,
+                every_secs.map(Duration::from_secs),
+            ))?;
         }
         Cmd::Withdraw {
             broker,
@@ -543,7 +577,7 @@ fn inspect(path: &Path, as_json: bool) -> anyhow::Result<()> {
     files.append(&mut ar);
     let info = json!({
         "kind": s.get("kind"), "name": s.get("name"), "version": s.get("version"),
-        "expires": s.get("expires"), "targets": s.get("targets"),
+        "expires": s.get("expires"), "issued": s.get("issued"), "targets": s.get("targets"),
         "artifact": {
             "sha256": s.pointer("/artifact/sha256"), "size": s.pointer("/artifact/size"),
             "chunk_size": s.pointer("/artifact/chunk_size"),
@@ -558,7 +592,7 @@ fn inspect(path: &Path, as_json: bool) -> anyhow::Result<()> {
     }
     let mut out = std::io::stdout().lock();
     writeln!(out, "bundle     {}", path.display())?;
-    for k in ["kind", "name", "version", "expires"] {
+    for k in ["kind", "name", "version", "issued", "expires"] {
         writeln!(out, "{k:<10} {}", info[k])?;
     }
     writeln!(out, "targets    {}", info["targets"])?;

@@ -498,6 +498,28 @@ async fn roll_back(
     Ok(Err(last))
 }
 
+/// Publish the signed time, once or every `every`.
+pub async fn time(
+    b: BrokerArgs,
+    keys: Vec<SigningKey>,
+    every: Option<Duration>,
+) -> anyhow::Result<()> {
+    let topic = Topics::new(&b.prefix).time();
+    let mut conn = connect(&b).await?;
+    let keys = keys.iter().collect::<Vec<_>>();
+    loop {
+        let t = crate::now();
+        let m = bundle::sign_time(&bundle::TimeDoc { time: t }, &keys);
+        conn.publish(&topic, serde_json::to_vec(&m)?, true).await?;
+        conn.settle(Duration::from_secs(30)).await?;
+        println!("time {t} published on {topic}");
+        let Some(every) = every else { break };
+        tokio::time::sleep(every).await;
+    }
+    let _ = conn.client.disconnect().await;
+    Ok(())
+}
+
 /// Clear a bundle's retained manifest and chunks.
 pub async fn withdraw(
     b: BrokerArgs,

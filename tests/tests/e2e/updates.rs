@@ -1447,3 +1447,102 @@ fn a_panicking_updater_is_restarted_and_its_update_goes_on() {
     w.publish_retained("tern/panic-1/update/digits-mlp-int8", b"")
         .unwrap();
 }
+
+/// Finding 12: a box with no real-time clock (its wall clock at 1970 under libfaketime) and
+/// `updates.freshness_secs`. Before any signed time it refuses a good manifest as stale;
+/// `tern-update time` lets that one in; by the signed clock an expired manifest and one made
+/// too long ago are refused (by its own clock neither is); the time outlives a restart with
+/// its retained message gone.
+#[test]
+fn a_box_without_a_clock_judges_manifests_by_the_operators_signed_time() {
+    let Some(broker) = mosquitto() else { return };
+    let Some(clock) = clock_at_1970() else { return };
+    let clock: Vec<(&str, &str)> = clock.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let d = tempfile::tempdir().unwrap();
+    let pkcs8 = tern_update::command::generate_pkcs8();
+    let key_file = d.path().join("op.key");
+    std::fs::write(&key_file, &pkcs8).unwrap();
+    let k = SigningKey::from_pkcs8(&pkcs8).unwrap();
+    let dev = "rtcless-1";
+    let bx = update_box(dev, &broker, &[&k], 1, "freshness_secs = 3600\n");
+    let mut w = watcher(&broker, dev);
+    let mut daemon = Daemon::spawn(&bx.config, None, &clock).unwrap();
+    wait_online(&mut w, dev);
+    let topic = |v: &str| format!("tern/{dev}/update/{}", v.replace('.', "-"));
+    let refused = |w: &mut Client, code: &str, version: &str| {
+        event(w, dev, &format!("{version} refused as {code}"), |e| {
+            e["event"] == "update.refused" && e["version"] == version
+        })["code"]
+            .as_str()
+            .map(str::to_string)
+    };
+
+    let good = build(&next(d.path(), "1.1.0", same), CHUNK, &[&k], |_| {});
+    good.publish(&mut w, &topic("1.1.0"), SYNC);
+    assert_eq!(refused(&mut w, "stale", "1.1.0").as_deref(), Some("stale"));
+    assert_eq!(active(&bx.state).unwrap().0, "1.0.0");
+
+    let o = std::process::Command::new(bin("tern-update"))
+        .args(["time", "--broker", &broker.url(false), "--key"])
+        .arg(&key_file)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let done = event(&mut w, dev, "1.1.0 committed", |e| {
+        matches!(
+            e["event"].as_str(),
+            Some("update.committed" | "update.failed" | "update.rolled_back")
+        )
+    });
+    assert_eq!(
+        (done["event"].as_str(), done["version"].as_str()),
+        (Some("update.committed"), Some("1.1.0")),
+        "{done}"
+    );
+    let kept: Value =
+        serde_json::from_slice(&std::fs::read(bx.state.join("trust.json")).unwrap()).unwrap();
+    let t = kept["time"].as_i64().expect("the signed time is kept");
+    assert!((updates::now() - t).abs() < 600, "{kept}");
+    // The box's own clock really was in 1970 (else this test proves nothing about it).
+    let log = daemon.stderr();
+    assert!(
+        log.contains("clock is behind the operator's signed time") && log.contains("clock=86400"),
+        "{log}"
+    );
+
+    // Good signatures, but by the signed clock one expired and one is two hours old.
+    // Expired before the signed time, so also by every clock the box may have since.
+    let expired = build(&next(d.path(), "1.2.0", same), CHUNK, &[&k], |s| {
+        s.expires = t - 1
+    });
+    let old = build(&next(d.path(), "1.3.0", same), CHUNK, &[&k], |s| {
+        s.issued = Some(updates::now() - 7200)
+    });
+    expired.publish(&mut w, &topic("1.2.0"), SYNC);
+    assert_eq!(
+        refused(&mut w, "expired", "1.2.0").as_deref(),
+        Some("expired")
+    );
+    old.publish(&mut w, &topic("1.3.0"), SYNC);
+    assert_eq!(refused(&mut w, "stale", "1.3.0").as_deref(), Some("stale"));
+
+    // Restarted with the retained time gone: the kept one still judges.
+    for v in ["1.2.0", "1.3.0"] {
+        w.publish_retained(&topic(v), b"").unwrap();
+    }
+    w.publish_retained("tern/fleet/time", b"").unwrap();
+    w.sync(SYNC).unwrap();
+    daemon.signal("TERM").unwrap();
+    daemon.wait(T).unwrap();
+    let _daemon = Daemon::spawn(&bx.config, None, &clock).unwrap();
+    wait_online(&mut w, dev);
+    let expired = build(&next(d.path(), "1.2.1", same), CHUNK, &[&k], |s| {
+        s.expires = t - 1
+    });
+    expired.publish(&mut w, &topic("1.2.1"), SYNC);
+    assert_eq!(
+        refused(&mut w, "expired", "1.2.1").as_deref(),
+        Some("expired")
+    );
+    assert_eq!(active(&bx.state).unwrap().0, "1.1.0");
+}
