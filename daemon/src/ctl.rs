@@ -140,6 +140,17 @@ async fn run(cli: Cli) -> Res<Exit> {
     match cli.command {
         Cmd::Status => {
             let s = doc(d.status().await)?;
+            if s["state"] == "corrupt" {
+                print(json, &s, |s| {
+                    format!(
+                        "ternd {}  corrupt: {}\nIt serves nothing until the database is repaired.\nRecovery: {}\n",
+                        plain(&s["version"]),
+                        plain(&s["reason"]),
+                        plain(&s["recovery"])
+                    )
+                });
+                return Ok(Exit::Failed);
+            }
             print(json, &s, status_text);
         }
         Cmd::Models => {

@@ -46,9 +46,18 @@ impl From<CmdError> for TernError {
 }
 
 pub struct Daemon1 {
-    control: Control,
+    backend: Backend,
     /// Inference calls being read and run at once; any local user may make them.
     infer_slots: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+enum Backend {
+    Live(Control),
+    /// The database is damaged: `Status` says why and what to do, everything else is
+    /// refused with that (nothing here works without the database).
+    Damaged {
+        status: serde_json::Value,
+    },
 }
 
 /// The largest image or tensor text an inference call takes.
@@ -58,9 +67,30 @@ pub const INFER_CALLS_AT_ONCE: usize = 8;
 
 impl Daemon1 {
     pub fn new(control: Control) -> Daemon1 {
+        Daemon1::with(Backend::Live(control))
+    }
+
+    /// The interface of a daemon whose database is damaged: `status` is its `Status` reply
+    /// (`state: corrupt`, the reason and the recovery).
+    pub fn damaged(status: serde_json::Value) -> Daemon1 {
+        Daemon1::with(Backend::Damaged { status })
+    }
+
+    fn with(backend: Backend) -> Daemon1 {
         Daemon1 {
-            control,
+            backend,
             infer_slots: std::sync::Arc::new(tokio::sync::Semaphore::new(INFER_CALLS_AT_ONCE)),
+        }
+    }
+
+    fn control(&self) -> Result<&Control, TernError> {
+        match &self.backend {
+            Backend::Live(c) => Ok(c),
+            Backend::Damaged { status } => Err(TernError::Internal(format!(
+                "this box's database is damaged ({}); it serves nothing until it is repaired: {}",
+                status["reason"].as_str().unwrap_or("?"),
+                status["recovery"].as_str().unwrap_or("?")
+            ))),
         }
     }
 
@@ -84,7 +114,7 @@ impl Daemon1 {
 
     /// Run a command built from the method's arguments; its reply as JSON text.
     async fn run<C: Command>(&self, cmd: C) -> Result<String, TernError> {
-        Ok(self.control.run(cmd).await?.to_string())
+        Ok(self.control()?.run(cmd).await?.to_string())
     }
 }
 
@@ -92,7 +122,10 @@ impl Daemon1 {
 impl Daemon1 {
     /// The daemon's status as JSON (the `status` command's reply).
     async fn status(&self) -> Result<String, TernError> {
-        self.run(c::Status {}).await
+        match &self.backend {
+            Backend::Damaged { status } => Ok(status.to_string()),
+            Backend::Live(_) => self.run(c::Status {}).await,
+        }
     }
 
     /// Installed versions of every model, as JSON.
@@ -213,29 +246,34 @@ impl Daemon1 {
     /// The daemon's one-line state (`ready: ...`, `degraded: ...`).
     #[zbus(property)]
     async fn state(&self) -> String {
-        self.control.state().summary
+        match &self.backend {
+            Backend::Live(c) => c.state().summary,
+            Backend::Damaged { status } => plain(&status["status"]),
+        }
     }
 
     /// Active version per model.
     #[zbus(property)]
     async fn active_models(&self) -> std::collections::HashMap<String, String> {
-        self.control
-            .registry()
-            .snapshot()
-            .versions()
-            .into_iter()
-            .collect()
+        match &self.backend {
+            Backend::Live(c) => c.registry().snapshot().versions().into_iter().collect(),
+            Backend::Damaged { .. } => Default::default(),
+        }
     }
 }
 
+fn plain(v: &serde_json::Value) -> String {
+    v.as_str().unwrap_or_default().to_string()
+}
+
 /// Where to serve: the system bus, the session bus, or an address.
-pub async fn serve(bus: &crate::config::Bus, control: Control) -> zbus::Result<zbus::Connection> {
+pub async fn serve(bus: &crate::config::Bus, iface: Daemon1) -> zbus::Result<zbus::Connection> {
     let builder = match bus {
         crate::config::Bus::System => zbus::connection::Builder::system()?,
         crate::config::Bus::Session => zbus::connection::Builder::session()?,
         crate::config::Bus::Address(a) => zbus::connection::Builder::address(a.as_str())?,
     };
-    finish(builder.name("io.tern.Daemon1")?, control).await
+    finish(builder.name("io.tern.Daemon1")?, iface).await
 }
 
 /// Serve one peer directly on `stream`, with no bus in between (the tests' fast path; also
@@ -249,7 +287,7 @@ pub async fn serve_p2p(
         .server(guid)?
         .p2p();
     let signals = Signals::new_unbound(&control);
-    let conn = finish(builder, control).await?;
+    let conn = finish(builder, Daemon1::new(control)).await?;
     let forever = tokio_util::sync::CancellationToken::new();
     tokio::spawn(self::signals(signals.bind(conn.clone()), forever));
     Ok(conn)
@@ -257,9 +295,9 @@ pub async fn serve_p2p(
 
 async fn finish(
     builder: zbus::connection::Builder<'_>,
-    control: Control,
+    iface: Daemon1,
 ) -> zbus::Result<zbus::Connection> {
-    builder.serve_at(PATH, Daemon1::new(control))?.build().await
+    builder.serve_at(PATH, iface)?.build().await
 }
 
 const PATH: &str = "/io/tern/Daemon1";

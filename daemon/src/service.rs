@@ -129,6 +129,21 @@ pub async fn run(
             let summary = format!("corrupt: {reason}");
             notify(&[NotifyState::Ready, NotifyState::Status(&summary)]);
             let cancel = CancellationToken::new();
+            // Ask the bus too: `ternctl status` then explains instead of "not running".
+            let _dbus = match &config.dbus {
+                Some(bus) => {
+                    let st = serde_json::json!({
+                        "version": crate::VERSION, "state": "corrupt", "status": summary,
+                        "reason": reason, "recovery": recovery,
+                        "device": config.fleet.as_ref().map(|f| f.device.clone()),
+                    });
+                    crate::local::serve(bus, crate::local::Daemon1::damaged(st))
+                        .await
+                        .inspect_err(|e| tracing::warn!(bus = ?bus, error = %e, "D-Bus interface not served"))
+                        .ok()
+                }
+                None => None,
+            };
             let link = config.fleet.clone().map(|f| {
                 tokio::spawn(crate::fleet::corrupt::serve(
                     f,
@@ -248,21 +263,23 @@ pub async fn run(
     // The local API. A box without the bus (a container, a developer's laptop) runs on
     // without it: say so once.
     let _dbus = match &config.dbus {
-        Some(bus) => match crate::local::serve(bus, control.clone()).await {
-            Ok(conn) => {
-                tracing::info!(bus = ?bus, "D-Bus interface io.tern.Daemon1 served");
-                let (c, control, cancel) = (conn.clone(), control.clone(), cancel.clone());
-                daemon.tasks.restart("dbus.signals", move || {
-                    let signals = crate::local::Signals::new(c.clone(), &control);
-                    crate::local::signals(signals, cancel.clone())
-                });
-                Some(conn)
+        Some(bus) => {
+            match crate::local::serve(bus, crate::local::Daemon1::new(control.clone())).await {
+                Ok(conn) => {
+                    tracing::info!(bus = ?bus, "D-Bus interface io.tern.Daemon1 served");
+                    let (c, control, cancel) = (conn.clone(), control.clone(), cancel.clone());
+                    daemon.tasks.restart("dbus.signals", move || {
+                        let signals = crate::local::Signals::new(c.clone(), &control);
+                        crate::local::signals(signals, cancel.clone())
+                    });
+                    Some(conn)
+                }
+                Err(e) => {
+                    tracing::warn!(bus = ?bus, error = %e, "D-Bus interface not served (set dbus.bus = \"none\" to silence this)");
+                    None
+                }
             }
-            Err(e) => {
-                tracing::warn!(bus = ?bus, error = %e, "D-Bus interface not served (set dbus.bus = \"none\" to silence this)");
-                None
-            }
-        },
+        }
         None => None,
     };
     tracing::info!(status = %summary, "ready");

@@ -853,12 +853,17 @@ fn a_reload_that_changes_update_keys_is_refused_and_says_why() {
 /// Finding 12 (in part): a database that fails to open or its integrity check used to stop the
 /// daemon, and systemd's restarts said nothing upstream. Now the box stays up serving nothing
 /// that needs the database: its presence says `corrupt` with the reason and the way out, every
-/// command is answered with that, and a stop is clean. The database is left as it was.
+/// command is answered with that, `ternctl status` explains it over D-Bus, and a stop is clean.
+/// The database is left as it was.
 #[test]
 fn a_damaged_database_leaves_the_box_up_saying_corrupt_and_how_to_recover() {
+    let Some(bus) = tern_tests::dbus::system_bus() else {
+        return;
+    };
     let broker = Broker::embedded().unwrap();
     let dev = "corrupt1";
-    let b = fleet_box(dev, &broker.url(true), "", "");
+    let dbus = format!("[dbus]\nbus = \"{}\"\n", bus.address);
+    let b = fleet_box(dev, &broker.url(true), "", &dbus);
     std::fs::create_dir_all(&b.state).unwrap();
     let junk = b"this is not an SQLite database, whatever its name says".repeat(200);
     std::fs::write(b.state.join("tern.db"), &junk).unwrap();
@@ -892,6 +897,33 @@ fn a_damaged_database_leaves_the_box_up_saying_corrupt_and_how_to_recover() {
         r["error"]["message"].as_str().unwrap().contains("damaged"),
         "{r}"
     );
+
+    // On the box: ternctl says what is wrong and how to recover, and fails.
+    let ctl = |args: &[&str]| {
+        std::process::Command::new(bin("ternctl"))
+            .args(["--bus", &bus.address])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let o = wait_for("ternd on the bus", T, || {
+        let o = ctl(&["status"]);
+        (o.status.code() != Some(69)).then_some(o)
+    })
+    .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(
+        out.contains("corrupt: ") && out.contains("Recovery: ") && out.contains("trust.json"),
+        "{out}"
+    );
+    let j: serde_json::Value = serde_json::from_slice(&ctl(&["--json", "status"]).stdout).unwrap();
+    assert_eq!(j["state"], "corrupt", "{j}");
+    let o = ctl(&["models"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("damaged"), "{err}");
+
     d.signal("TERM").unwrap();
     assert!(d.wait(T).unwrap().success());
     assert_eq!(std::fs::read(b.state.join("tern.db")).unwrap(), junk);
