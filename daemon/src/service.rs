@@ -113,6 +113,7 @@ pub async fn run(
     })?;
     let _lock = lock_state_dir(&config.state_dir)?;
     registry::clean_temp(&config.state_dir);
+    registry::clean_install_copies(&config.state_dir);
     let db = config.state_dir.join("tern.db");
     let opened = tokio::task::spawn_blocking(move || Store::open(&db))
         .await

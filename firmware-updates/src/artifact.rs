@@ -154,6 +154,9 @@ pub fn unpack(reader: impl Read, dest: &Path) -> Result<(), UnpackError> {
 #[derive(Debug)]
 pub struct BundleFile {
     pub path: PathBuf,
+    /// The file as opened: the artifact is read from it, never from the path again (which
+    /// may have been removed or swapped since).
+    file: File,
     pub manifest_bytes: Vec<u8>,
     pub manifest: Manifest,
     pub artifact_offset: u64,
@@ -183,7 +186,7 @@ impl BundleFile {
     /// read forever), and whoever names the path need not be trusted that far.
     pub fn open(path: &Path) -> Result<BundleFile, UnpackError> {
         let file = open_regular(path).map_err(UnpackError::io(path))?;
-        let mut archive = tar::Archive::new(file);
+        let mut archive = tar::Archive::new(file.try_clone().map_err(UnpackError::io(path))?);
         let mut manifest_bytes = None;
         let mut artifact = None;
         let entries = archive.entries_with_seek().map_err(UnpackError::io(path))?;
@@ -228,6 +231,7 @@ impl BundleFile {
         let manifest = crate::bundle::parse(&manifest_bytes)?;
         Ok(BundleFile {
             path: path.to_path_buf(),
+            file,
             manifest_bytes,
             manifest,
             artifact_offset,
@@ -235,9 +239,10 @@ impl BundleFile {
         })
     }
 
-    /// A reader of exactly the artifact's bytes.
+    /// A reader of exactly the artifact's bytes, from the file `open` read (one reader at a
+    /// time: the readers share the file's position).
     pub fn artifact(&self) -> io::Result<io::Take<File>> {
-        let mut f = File::open(&self.path)?;
+        let mut f = self.file.try_clone()?;
         f.seek(SeekFrom::Start(self.artifact_offset))?;
         Ok(f.take(self.artifact_len))
     }
@@ -368,6 +373,16 @@ mod tests {
         let mut got = Vec::new();
         b.artifact().unwrap().read_to_end(&mut got).unwrap();
         assert_eq!(got, art);
+
+        // The path removed and a FIFO put in its place: the artifact is still read, whole,
+        // from the file that was opened (the FIFO would block a reader for good).
+        std::fs::remove_file(&path).unwrap();
+        let made = std::process::Command::new("mkfifo").arg(&path).status();
+        assert!(made.unwrap().success());
+        let mut again = Vec::new();
+        b.artifact().unwrap().read_to_end(&mut again).unwrap();
+        assert_eq!(again, art);
+        std::fs::remove_file(&path).unwrap();
 
         // A manifest entry past the bound is refused before it is read.
         let mut big = tar::Builder::new(Vec::new());

@@ -158,6 +158,22 @@ fn fsync_dir(dir: &Path) -> Result<(), RegistryError> {
         })
 }
 
+/// Remove the bundle copies `sudo ternd install` makes for the service user, left only when
+/// that command was killed. Only the daemon does this, at start: an offline `ternd install`
+/// made its own copy before it took the state directory.
+pub fn clean_install_copies(state_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(state_dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with(".install-") && name.ends_with(".bundle") {
+            tracing::info!(path = %e.path().display(), "removing a bundle copy left by an interrupted `ternd install`");
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 /// Remove temporary install directories a crash left behind.
 pub fn clean_temp(state_dir: &Path) {
     let Ok(models) = std::fs::read_dir(state_dir.join("models")) else {

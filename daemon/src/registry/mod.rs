@@ -43,7 +43,7 @@ use crate::engine::{
 };
 use crate::store::{Store, StoreError, now_ms};
 
-pub use files::{clean_temp, package_digest};
+pub use files::{clean_install_copies, clean_temp, package_digest};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {

@@ -50,6 +50,10 @@ pub struct Driver {
     core: Core,
     /// Callers of bundle installs waiting for their answer, by ticket.
     tickets: HashMap<u64, Reply>,
+    /// The bundle file handed over last, as opened then: its artifact is copied from this
+    /// open file, so the caller may remove the path once handed over, and a path swapped
+    /// meanwhile (for a FIFO) is never read.
+    opened: Option<BundleFile>,
     /// The trust and floors mirrored beside the database (read at resume).
     mirror: super::mirror::Mirror,
     next_ticket: u64,
@@ -85,6 +89,7 @@ impl Driver {
             core: Core::new(settings, trust, now()),
             d,
             tickets: HashMap::new(),
+            opened: None,
             next_ticket: 1,
             mirror: Default::default(),
         }
@@ -280,15 +285,17 @@ impl Driver {
             tokio::task::spawn_blocking(move || BundleFile::open(&p)).await
         };
         let input = match opened {
-            Ok(Ok(b)) => {
-                let manifest = Bytes::from(b.manifest_bytes);
+            Ok(Ok(mut b)) => {
+                let manifest = Bytes::from(std::mem::take(&mut b.manifest_bytes));
+                let artifact_len = b.artifact_len;
+                self.opened = Some(b);
                 let facts = self.facts(&manifest, true).await;
                 Input::Bundle {
                     ticket,
                     path: path.to_path_buf(),
                     source: format!("file:{}", path.display()),
                     manifest,
-                    artifact_len: b.artifact_len,
+                    artifact_len,
                     facts,
                 }
             }
@@ -513,6 +520,7 @@ impl Driver {
                 }
             }
             Action::Answer { ticket, result } => {
+                self.opened = None;
                 if let Some(r) = self.tickets.remove(&ticket) {
                     let _ = r.send(result);
                 }
@@ -614,7 +622,8 @@ impl Driver {
                 nth,
             } => Outcome::Chunk(self.store_chunk(id, index, offset, data, nth).await),
             Effect::CopyBundle { id, path, artifact } => {
-                Outcome::Step(self.copy_bundle(id, path, *artifact).await)
+                let opened = self.opened.take().filter(|b| b.path == path);
+                Outcome::Step(self.copy_bundle(id, path, opened, *artifact).await)
             }
             Effect::VerifyStage {
                 id,
@@ -805,13 +814,17 @@ impl Driver {
         &self,
         id: i64,
         path: PathBuf,
+        opened: Option<BundleFile>,
         art: tern_update::bundle::Artifact,
     ) -> Result<(), (Code, String)> {
         let dest = self.staging(id).join("artifact");
         let (n, size) = (art.chunks.len() as i64, art.size as i64);
         tokio::task::spawn_blocking(move || -> Result<(), (Code, String)> {
             let io = |e: std::io::Error| (Code::Io, e.to_string());
-            let bundle = BundleFile::open(&path).map_err(|e| (Code::Io, e.to_string()))?;
+            let bundle = match opened {
+                Some(b) => b,
+                None => BundleFile::open(&path).map_err(|e| (Code::Io, e.to_string()))?,
+            };
             let mut src = bundle.artifact().map_err(io)?;
             let mut out = std::fs::OpenOptions::new()
                 .write(true)

@@ -768,7 +768,10 @@ fn ternd_install_offline_and_through_the_running_daemon() {
     );
     assert!(staging_empty(&bx.state));
 
-    // The daemon starts the health window and commits.
+    // The daemon starts the health window and commits; the copy a killed `sudo ternd
+    // install` left is removed as it starts.
+    let leftover = bx.state.join(".install-a1b2c3.bundle");
+    std::fs::write(&leftover, b"half a bundle").unwrap();
     let _daemon = Daemon::spawn(&bx.config, None, &[]).unwrap();
     let state = bx.state.clone();
     wait_for("the offline install committed", T, || {
@@ -779,6 +782,7 @@ fn ternd_install_offline_and_through_the_running_daemon() {
         .then_some(())
     })
     .unwrap();
+    assert!(!leftover.exists());
 
     // Through the running daemon: a damaged copy is refused, a good one goes through.
     let v12 = build(&next(d.path(), "1.2.0", same), CHUNK, &[&k], |_| {});
