@@ -45,7 +45,9 @@ impl CmdError {
 impl From<EngineError> for CmdError {
     fn from(e: EngineError) -> CmdError {
         let code = match e {
-            EngineError::Manifest { .. } | EngineError::Input { .. } => Code::BadRequest,
+            EngineError::Manifest { .. }
+            | EngineError::Input { .. }
+            | EngineError::Shape { .. } => Code::BadRequest,
             // The version exists but cannot serve: the request conflicts with its state.
             EngineError::Load { .. } | EngineError::SelfTest { .. } => Code::Conflict,
             EngineError::Busy { .. } => Code::Busy,

@@ -157,6 +157,10 @@ pub enum EngineError {
     Unreadable { message: String },
     #[error("model `{model}` failed to run: {message}")]
     Run { model: String, message: String },
+    /// tract could not plan the model for a shape the caller chose (within the manifest's
+    /// bounds): the request cannot be served, the model serves other shapes.
+    #[error("model `{model}` cannot run this input shape: {message}")]
+    Shape { model: String, message: String },
     #[error("model `{model}` is busy: its queue is full")]
     Busy { model: String },
     #[error("model `{model}` is stopped")]
@@ -168,7 +172,9 @@ impl EngineError {
     pub fn code(&self) -> tern_update::Code {
         use tern_update::Code;
         match self {
-            EngineError::Manifest { .. } | EngineError::Input { .. } => Code::BadRequest,
+            EngineError::Manifest { .. }
+            | EngineError::Input { .. }
+            | EngineError::Shape { .. } => Code::BadRequest,
             EngineError::Load { .. } | EngineError::SelfTest { .. } => Code::BadModel,
             EngineError::Run { .. }
             | EngineError::Stopped { .. }

@@ -122,6 +122,9 @@ impl Outcomes {
         use std::sync::atomic::Ordering::Relaxed;
         let counter = match result {
             Ok(_) => &self.ok,
+            // Whoever sent it chose the shape, and the shapes the self-test ran were planned
+            // before the version served: not the version's fault.
+            Err(EngineError::Shape { .. }) => &self.refused,
             Err(EngineError::Input { .. } | EngineError::Unreadable { .. }) => {
                 let baseline = self
                     .baseline
@@ -995,7 +998,7 @@ impl Plans {
                 message: "no plan for a fixed-shape model".into(),
             });
         };
-        let load_err = |message: String| EngineError::Run {
+        let load_err = |message: String| EngineError::Shape {
             model: m.name.clone(),
             message,
         };
@@ -1619,4 +1622,39 @@ fn cpu() -> &'static dyn TractRuntime {
         .ok()
         .flatten()
         .expect("tract always has its cpu runtime")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_health_window_counts_only_the_versions_own_faults() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let o = Outcomes::default();
+        let input = Input::Encoded(b"not an image".to_vec());
+        let err = |e: EngineError| -> Result<Prediction, EngineError> { Err(e) };
+        let (model, message) = ("m".to_string(), "x".to_string());
+        o.record(
+            &input,
+            &err(EngineError::Shape {
+                model: model.clone(),
+                message: message.clone(),
+            }),
+        );
+        o.record(
+            &input,
+            &err(EngineError::Input {
+                message: message.clone(),
+            }),
+        );
+        assert_eq!(
+            o.refused.load(Relaxed),
+            2,
+            "a shape it cannot plan, bad input"
+        );
+        assert_eq!(o.failed.load(Relaxed), 0);
+        o.record(&input, &err(EngineError::Run { model, message }));
+        assert_eq!(o.failed.load(Relaxed), 1, "a run error is its own");
+    }
 }

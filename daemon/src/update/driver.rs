@@ -684,6 +684,11 @@ impl Driver {
                     .map(|p| p.config())
                     .unwrap_or_else(|| self.d.pools.get(&name));
                 let r = self.d.registry.activate(&name, &version, settings).await;
+                if r.is_ok() {
+                    // Right at the swap, not when the window's start is recorded: what the
+                    // new version meets in between is judged the same way.
+                    self.set_baseline(&name).await;
+                }
                 Outcome::Step(r.map_err(|e| (Code::Activation, e.to_string())))
             }
             Effect::StartWatch { id, name, resumed } => {
