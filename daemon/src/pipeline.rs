@@ -392,7 +392,7 @@ impl Serve {
             }
             // The input itself is bad (not an image, wrong shape, too large): it will not get
             // better, so it is recorded as done, but a file is kept on disk for someone to see.
-            Err(e @ EngineError::Input { .. }) => {
+            Err(e @ (EngineError::Input { .. } | EngineError::Shape { .. })) => {
                 tracing::warn!(pipeline = %name, source = %d.source, error = %e, "sample refused");
                 self.stats.errors.fetch_add(1, Ordering::Relaxed);
                 None

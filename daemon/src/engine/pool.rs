@@ -323,7 +323,11 @@ fn worker(w: usize, rx: crossbeam_channel::Receiver<Job>, pool: std::sync::Weak<
                 inner.stats.completed.fetch_add(1, Ordering::Relaxed);
                 inner.stats.latencies.record(p.latency_us);
             }
-            Err(EngineError::Input { .. } | EngineError::Unreadable { .. }) => {
+            Err(
+                EngineError::Input { .. }
+                | EngineError::Unreadable { .. }
+                | EngineError::Shape { .. },
+            ) => {
                 inner.stats.bad_input.fetch_add(1, Ordering::Relaxed);
             }
             Err(_) => {
