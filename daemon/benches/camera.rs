@@ -108,6 +108,8 @@ async fn pipeline_run(pkg: &Path, fps: u32, for_: Duration) -> Run {
         publish: Publish::Always,
         store: true,
         capture_below: None,
+        hop: None,
+        stop_after_ms: 100,
     };
     let keeper = Keeper::new(Retention {
         results_max_age: None,

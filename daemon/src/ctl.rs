@@ -1032,27 +1032,10 @@ async fn box_checks(c: &config::Config) -> Vec<(&'static str, Level, String)> {
     // What the feeds need from the box; a directory was checked with the configuration.
     for f in &c.feeds {
         match f {
-            config::FeedConfig::Camera(cam) => v.push(match find_program(&cam.ffmpeg) {
-                Some(p) => (
-                    "feed",
-                    Level::Ok,
-                    format!("camera `{}`: {}", cam.name, p.display()),
-                ),
-                None => (
-                    "feed",
-                    Level::Error,
-                    format!(
-                        "camera `{}`: {} not found{}; install ffmpeg or set `ffmpeg`",
-                        cam.name,
-                        cam.ffmpeg.display(),
-                        if cam.ffmpeg.components().count() > 1 {
-                            ""
-                        } else {
-                            " on PATH"
-                        }
-                    ),
-                ),
-            }),
+            config::FeedConfig::Camera(cam) => {
+                v.push(ffmpeg_check("camera", &cam.name, &cam.ffmpeg))
+            }
+            config::FeedConfig::Audio(a) => v.push(ffmpeg_check("audio", &a.name, &a.ffmpeg)),
             config::FeedConfig::Serial(s) => v.push(if s.path.exists() {
                 (
                     "feed",
@@ -1074,6 +1057,30 @@ async fn box_checks(c: &config::Config) -> Vec<(&'static str, Level, String)> {
         }
     }
     v
+}
+
+/// Whether the ffmpeg a feed runs is there.
+fn ffmpeg_check(kind: &str, name: &str, ffmpeg: &Path) -> (&'static str, Level, String) {
+    match find_program(ffmpeg) {
+        Some(p) => (
+            "feed",
+            Level::Ok,
+            format!("{kind} `{name}`: {}", p.display()),
+        ),
+        None => (
+            "feed",
+            Level::Error,
+            format!(
+                "{kind} `{name}`: {} not found{}; install ffmpeg or set `ffmpeg`",
+                ffmpeg.display(),
+                if ffmpeg.components().count() > 1 {
+                    ""
+                } else {
+                    " on PATH"
+                }
+            ),
+        ),
+    }
 }
 
 /// Where a program is: a path as given, a bare name on PATH.

@@ -20,6 +20,7 @@ pub mod pipeline;
 pub mod registry;
 pub mod relay;
 pub mod service;
+pub mod sound;
 pub mod store;
 pub mod tasks;
 pub mod tls;

@@ -135,6 +135,34 @@ pub fn build(
     } else {
         in_flight(pc.workers.get(), pc.queue.get(), share)
     };
+    let sound = match feed.pcm() {
+        None => None,
+        Some((_, rate)) => {
+            let w = crate::engine::Windower::for_model(&manifest, cfg.hop.map(|h| h.get()))
+                .map_err(Unfit)?;
+            if let Some(r) = rate.filter(|r| *r != w.rate) {
+                return Err(Unfit(format!(
+                    "feed `{}` gives {r} samples a second, model `{}` takes {}",
+                    feed.name(),
+                    manifest.name,
+                    w.rate
+                )));
+            }
+            Some(crate::sound::Streams::new(w, cfg.stop_after_ms))
+        }
+    };
+    // A model whose score outputs have a threshold says what matters by their flips: each
+    // window of a sound is a result only if one flipped (speech started, stopped).
+    let events_only = sound.is_some()
+        && manifest.outputs.iter().any(|o| {
+            matches!(
+                o.postprocess,
+                crate::engine::Postprocess::Score {
+                    threshold: Some(_),
+                    ..
+                }
+            )
+        });
     let fields = feed.fields().len();
     let shaper = if fields > 0 {
         let shape = manifest.sample_shape();
@@ -198,6 +226,14 @@ pub fn build(
         }
         FeedConfig::Serial(s) => Box::pin(feeds::run(SerialFeed { cfg: s.clone() }, ctx, tx)),
         FeedConfig::Mqtt(m) => Box::pin(feeds::run(MqttFeed { cfg: m.clone() }, ctx, tx)),
+        FeedConfig::Audio(a) => {
+            let rate = sound.as_ref().map_or(16_000, |s| s.rate());
+            let feed = crate::feeds::audio::AudioFeed {
+                cfg: a.clone(),
+                rate,
+            };
+            Box::pin(feeds::run(feed, ctx, tx))
+        }
     };
     let serve = Serve {
         name: cfg.name.clone(),
@@ -209,6 +245,8 @@ pub fn build(
         sinks,
         stats,
         shaper,
+        sound,
+        events_only,
         last_label: None,
         // One line per file is what someone watching a folder wants; a camera's ten a
         // second would drown the log, so those results are at debug level.
@@ -266,6 +304,10 @@ impl Shaper {
 struct Done {
     source: String,
     ts_ms: i64,
+    /// A window of sound: seconds from the start of its source's stream.
+    start_s: Option<f64>,
+    /// A window of sound: its stream's generation and the stream to carry on with.
+    step: Option<(u64, Option<crate::engine::Stream>)>,
     taken: Instant,
     file: Option<FileDone>,
     /// The input, kept only if the pipeline captures.
@@ -286,6 +328,10 @@ struct Serve {
     sinks: Sinks,
     stats: Arc<PipelineStats>,
     shaper: Option<Shaper>,
+    /// A sound feed's sources, windows and streams.
+    sound: Option<crate::sound::Streams>,
+    /// Only windows in which a score flipped are results.
+    events_only: bool,
     last_label: Option<String>,
     log_results: bool,
 }
@@ -305,14 +351,17 @@ impl Serve {
                     while let Some(Some(d)) = flights.next().now_or_never() {
                         batch.push(d);
                     }
+                    self.back(&mut batch);
                     self.finish(batch).await;
+                    self.launch(&mut flights);
                 }
-                s = rx.recv(), if open && flights.len() < cap => match s {
+                s = rx.recv(), if open && flights.len() < cap && !self.sound_full() => match s {
                     None => open = false,
                     Some(sample) => {
                         if let Some(f) = self.start(sample).await {
                             flights.push_back(f);
                         }
+                        self.launch(&mut flights);
                     }
                 },
                 else => break,
@@ -332,9 +381,25 @@ impl Serve {
         let input = match data {
             Data::Input(i) => i,
             Data::Reading(v) => Ok(self.shaper.as_mut()?.push(v)?),
+            Data::Pcm(samples) => {
+                let sound = self.sound.as_mut()?;
+                let p = sound.push(&source, ts_ms, taken, &samples);
+                let stats = &self.stats.feed;
+                stats.dropped.fetch_add(p.dropped, Ordering::Relaxed);
+                if p.refused {
+                    stats.garbage.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(pipeline = %self.name, %source, "too many sound sources; this one is not heard");
+                } else if p.restarted {
+                    tracing::info!(pipeline = %self.name, %source, dropped = p.dropped, "sound stream starts over (samples lost or the model fell behind)");
+                }
+                return None;
+            }
             Data::Restart => {
                 if let Some(s) = self.shaper.as_mut() {
                     s.reset();
+                }
+                if let Some(s) = self.sound.as_mut() {
+                    s.restart();
                 }
                 return None;
             }
@@ -342,6 +407,8 @@ impl Serve {
         let mut done = Done {
             source,
             ts_ms,
+            start_s: None,
+            step: None,
             taken,
             file,
             input: None,
@@ -374,18 +441,86 @@ impl Serve {
         }))
     }
 
+    /// Enough windows of sound wait: the feed's queue holds the next samples back.
+    fn sound_full(&self) -> bool {
+        self.sound
+            .as_ref()
+            .is_some_and(|s| s.waiting() >= crate::sound::PAUSE_AT)
+    }
+
+    /// Start the windows of sound that may run now: one per source at a time (its stream
+    /// goes with it), within the pipeline's share of the model's queue.
+    fn launch(&mut self, flights: &mut FuturesOrdered<Flight>) {
+        let Some(sound) = self.sound.as_mut() else {
+            return;
+        };
+        let room = self.cap.saturating_sub(flights.len());
+        for step in sound.ready(room) {
+            let pool = self.pool.clone();
+            let crate::sound::Step {
+                window,
+                stream,
+                generation,
+            } = step;
+            let stream = stream.unwrap_or_else(|| pool.active().stream());
+            let capture = self.capture_below.is_some().then(|| window.input.clone());
+            flights.push_back(Box::pin(async move {
+                let (result, stream) = pool.step_waiting(window.input, Some(stream)).await;
+                Done {
+                    source: window.source,
+                    ts_ms: window.ts_ms,
+                    start_s: Some(window.start_s),
+                    step: Some((generation, stream)),
+                    taken: window.taken,
+                    file: None,
+                    input: capture,
+                    result,
+                }
+            }));
+        }
+    }
+
+    /// Give each finished window's stream back to its source, for its next window.
+    fn back(&mut self, batch: &mut [Done]) {
+        let Some(sound) = self.sound.as_mut() else {
+            return;
+        };
+        for d in batch {
+            if let Some((generation, stream)) = d.step.take() {
+                sound.back(&d.source, generation, stream);
+            }
+        }
+    }
+
     /// Decide what happens to one finished sample; `None` if it leaves no trace (the engine
     /// failed: a file stays undone, to be tried again).
     fn judge(&mut self, d: Done) -> Option<Verdict> {
         let name = &self.name;
+        let (mut ts_ms, mut start_s) = (d.ts_ms, d.start_s);
         let pred = match d.result {
-            Ok(pred) => {
+            Ok(mut pred) => {
+                if let (Some(sound), Some(at)) = (self.sound.as_mut(), d.start_s)
+                    && let Some((t, s)) = sound.flips(&d.source, d.ts_ms, at, &mut pred.outputs)
+                {
+                    (ts_ms, start_s) = (t, Some(s));
+                }
                 let label = pred.top.first().map(|c| c.label.as_str()).unwrap_or("-");
                 let score = pred.top.first().map(|c| c.score).unwrap_or(f32::NAN);
                 if self.log_results {
                     tracing::info!(pipeline = %name, source = %d.source, model = %pred.model, version = %pred.version, label, score, latency_us = pred.latency_us, "result");
                 } else {
                     tracing::debug!(pipeline = %name, source = %d.source, model = %pred.model, version = %pred.version, label, score, latency_us = pred.latency_us, "result");
+                }
+                let mut flipped = false;
+                for (output, o) in &pred.outputs {
+                    if let Some(e) = o.get("event").and_then(|e| e.as_str()) {
+                        flipped = true;
+                        tracing::info!(pipeline = %name, source = %d.source, output, at_s = start_s, ts_ms, "score {e}");
+                    }
+                }
+                if self.events_only && !flipped {
+                    // A window in which nothing flipped: its state went on with the stream.
+                    return None;
                 }
                 self.stats.results.fetch_add(1, Ordering::Relaxed);
                 Some(pred)
@@ -428,7 +563,8 @@ impl Serve {
             publish,
             capture,
             source: d.source,
-            ts_ms: d.ts_ms,
+            ts_ms,
+            start_s,
             taken: d.taken,
             file: d.file,
         })
@@ -476,6 +612,24 @@ impl Serve {
                         });
                         if !pred.outputs.is_empty() {
                             body["outputs"] = Value::Object(pred.outputs.clone());
+                        }
+                        if let Some(s) = v.start_s {
+                            body["start_s"] = json!(s);
+                        }
+                        // A score that flipped is news of its own, timed by its samples.
+                        if let Some(ob) = ob.as_ref() {
+                            for (output, o) in &pred.outputs {
+                                let Some(flip) = o.get("event").and_then(Value::as_str) else {
+                                    continue;
+                                };
+                                let ev = json!({
+                                    "event": format!("score.{flip}"), "pipeline": pname,
+                                    "source": v.source, "output": output, "score": o["score"],
+                                    "ts_ms": v.ts_ms, "start_s": v.start_s,
+                                    "model": pred.model, "version": pred.version,
+                                });
+                                ob.enqueue(&tx, "events", Class::Event, &ob.topics().events(), ev)?;
+                            }
                         }
                         if let Some(input) = &v.capture {
                             let bytes =
@@ -574,6 +728,7 @@ struct Verdict {
     capture: Option<Input>,
     source: String,
     ts_ms: i64,
+    start_s: Option<f64>,
     taken: Instant,
     file: Option<FileDone>,
 }

@@ -295,7 +295,7 @@ async fn a_full_queue_answers_busy_at_once() {
         busy as u64
     );
     for rx in accepted {
-        assert_eq!(rx.await.unwrap().unwrap().top[0].label, "7");
+        assert_eq!(rx.await.unwrap().top[0].label, "7");
     }
 }
 

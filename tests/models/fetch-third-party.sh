@@ -11,7 +11,8 @@
 #   python               the path of the Python (with numpy, onnxruntime and onnx) it used
 #   onnxruntime-library  that onnxruntime's libonnxruntime.so (for ternd's onnxruntime plan)
 #
-# Usage: tests/models/fetch-third-party.sh        (prints the packages directory last)
+# Usage: tests/models/fetch-third-party.sh        (prints the packages directory last; links
+#   tests/models/third-party to the cache for the demo configurations)
 #   TERN_THIRD_PARTY_CACHE  cache directory (default ${XDG_CACHE_HOME:-$HOME/.cache}/tern/third-party)
 #
 # Needs (Debian): python3 python3-venv python3-pip espeak-ng fonts-dejavu-core. If python3
@@ -91,5 +92,8 @@ done
 
 # 3. Packages and test data (all progress and figures on stderr).
 "$py" "$here/third_party.py" "$cache" >&2
+
+# The demos (configs/ocr-demo.toml, configs/vad-demo.toml) find the cache through this link.
+ln -sfn "$cache" "$here/third-party"
 
 echo "$cache/packages"

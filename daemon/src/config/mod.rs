@@ -244,9 +244,12 @@ pub enum RawFeed {
         stop_bits: Option<u8>,
         #[serde(default)]
         format: LineFormat,
-        /// Names of the numbers on a line: CSV columns in order, or JSON keys.
+        /// Names of the numbers on a line: CSV columns in order, or JSON keys (none for PCM).
+        #[serde(default)]
         fields: Vec<String>,
         max_line_bytes: Option<usize>,
+        /// Samples per second of a PCM stream (`format = "s16le"` or `"f32le"`): the model's.
+        sample_rate: Option<u32>,
     },
     Mqtt {
         name: String,
@@ -260,6 +263,24 @@ pub enum RawFeed {
         #[serde(default)]
         fields: Vec<String>,
         max_payload_bytes: Option<usize>,
+        /// Samples per second of PCM payloads (`format = "s16le"` or `"f32le"`): the model's.
+        sample_rate: Option<u32>,
+    },
+    /// Sound through ffmpeg (an ALSA or PulseAudio device, a file, a stream), resampled to
+    /// the model's rate, mono.
+    Audio {
+        name: String,
+        /// What ffmpeg reads: `-i <input>` (`hw:0`, `default`, a file, a URL).
+        input: String,
+        /// ffmpeg's input format (`-f` before `-i`): `alsa`, `pulse`, `wav`, ...
+        format: Option<String>,
+        /// Passed to ffmpeg before `-i`, e.g. `["-re"]` to play a file at its own pace.
+        #[serde(default)]
+        input_args: Vec<String>,
+        /// No sound for this long means the source is stalled: ffmpeg is restarted.
+        stall_secs: Option<f64>,
+        /// The ffmpeg program; default `ffmpeg` on PATH.
+        ffmpeg: Option<PathBuf>,
     },
 }
 
@@ -269,7 +290,8 @@ impl RawFeed {
             RawFeed::Directory { name, .. }
             | RawFeed::Camera { name, .. }
             | RawFeed::Serial { name, .. }
-            | RawFeed::Mqtt { name, .. } => name,
+            | RawFeed::Mqtt { name, .. }
+            | RawFeed::Audio { name, .. } => name,
         }
     }
 }
@@ -294,6 +316,10 @@ pub enum LineFormat {
     Csv,
     /// `{"sepal_length": 5.1, ...}`, keys named by `fields`.
     Json,
+    /// Not lines: a stream of 16-bit little-endian mono samples at `sample_rate`.
+    S16le,
+    /// Not lines: a stream of 32-bit float little-endian mono samples at `sample_rate`.
+    F32le,
 }
 
 /// What an MQTT feed's messages hold.
@@ -307,6 +333,10 @@ pub enum PayloadFormat {
     Image,
     /// A JSON reading (object) or tensor (array).
     Json,
+    /// Each message a piece of a stream of 16-bit little-endian mono samples.
+    S16le,
+    /// Each message a piece of a stream of 32-bit float little-endian mono samples.
+    F32le,
 }
 
 /// What a directory feed does with a file once its result is stored.
@@ -345,6 +375,10 @@ pub struct RawPipeline {
     pub store: Option<bool>,
     /// Keep inputs whose top score is below this, for retraining.
     pub capture_below: Option<f32>,
+    /// Audio: new samples between two windows (default: the model's window).
+    pub hop: Option<NonZeroUsize>,
+    /// Audio: how long a score must stay off before its stop is said (default 100 ms).
+    pub stop_after_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -490,6 +524,17 @@ pub enum FeedConfig {
     Camera(CameraConfig),
     Serial(SerialConfig),
     Mqtt(MqttFeedConfig),
+    Audio(AudioConfig),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AudioConfig {
+    pub name: String,
+    pub input: String,
+    pub format: Option<String>,
+    pub input_args: Vec<String>,
+    pub stall: std::time::Duration,
+    pub ffmpeg: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -514,6 +559,7 @@ pub struct SerialConfig {
     pub format: LineFormat,
     pub fields: Vec<String>,
     pub max_line_bytes: usize,
+    pub sample_rate: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -528,9 +574,12 @@ pub struct MqttFeedConfig {
     pub format: PayloadFormat,
     pub fields: Vec<String>,
     pub max_payload_bytes: usize,
+    pub sample_rate: Option<u32>,
 }
 
 pub const DEFAULT_STALL_SECS: f64 = 10.0;
+pub const DEFAULT_AUDIO_STALL_SECS: f64 = 5.0;
+pub const DEFAULT_STOP_AFTER_MS: u64 = 100;
 pub const DEFAULT_BAUD: u32 = 9600;
 pub const DEFAULT_MAX_LINE_BYTES: usize = 4096;
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 4 * 1024 * 1024;
@@ -545,6 +594,27 @@ impl FeedConfig {
             FeedConfig::Camera(c) => &c.name,
             FeedConfig::Serial(s) => &s.name,
             FeedConfig::Mqtt(m) => &m.name,
+            FeedConfig::Audio(a) => &a.name,
+        }
+    }
+
+    /// The sound this feed streams: its sample encoding and rate (`None` for the rate: the
+    /// model's, which ffmpeg resamples to); `None` for feeds of images or readings.
+    pub fn pcm(&self) -> Option<(crate::engine::Pcm, Option<u32>)> {
+        use crate::engine::Pcm;
+        match self {
+            FeedConfig::Serial(s) => match s.format {
+                LineFormat::S16le => Some((Pcm::S16le, s.sample_rate)),
+                LineFormat::F32le => Some((Pcm::F32le, s.sample_rate)),
+                _ => None,
+            },
+            FeedConfig::Mqtt(m) => match m.format {
+                PayloadFormat::S16le => Some((Pcm::S16le, m.sample_rate)),
+                PayloadFormat::F32le => Some((Pcm::F32le, m.sample_rate)),
+                _ => None,
+            },
+            FeedConfig::Audio(_) => Some((Pcm::S16le, None)),
+            _ => None,
         }
     }
 
@@ -572,6 +642,8 @@ pub struct PipelineConfig {
     pub publish: Publish,
     pub store: bool,
     pub capture_below: Option<f32>,
+    pub hop: Option<NonZeroUsize>,
+    pub stop_after_ms: u64,
 }
 
 /// Which results a pipeline sends upstream (all are stored unless `store = false`).

@@ -209,6 +209,7 @@ fn feeds(
             RawFeed::Serial { .. } => Some(serial(f, &key, resolve, report)),
             RawFeed::Mqtt { .. } => mqtt_feed(f, &key, fleet, raw.fleet.is_some(), report),
             RawFeed::Directory { .. } => Some(directory(f, &key, resolve, report)),
+            RawFeed::Audio { .. } => Some(audio(f, &key, resolve, report)),
         };
         feeds.extend(feed);
     }
@@ -273,12 +274,87 @@ fn camera(
         fps: *fps,
         stall: std::time::Duration::from_secs_f64(stall.clamp(0.1, 3600.0)),
         // A bare name is looked up on PATH; a path is relative to this file.
-        ffmpeg: match ffmpeg {
-            Some(p) if p.components().count() > 1 => resolve(p),
-            Some(p) => p.clone(),
-            None => PathBuf::from("ffmpeg"),
-        },
+        ffmpeg: program(ffmpeg.as_ref(), resolve),
     })
+}
+
+fn audio(
+    f: &RawFeed,
+    key: &dyn Fn(&str) -> String,
+    resolve: &Resolve<'_>,
+    report: &mut Report<'_>,
+) -> FeedConfig {
+    let RawFeed::Audio {
+        name,
+        input,
+        format,
+        input_args,
+        stall_secs,
+        ffmpeg,
+    } = f
+    else {
+        unreachable!("an audio feed")
+    };
+    if input.is_empty() {
+        report(key("input"), "must not be empty".into());
+    }
+    let mut stall = stall_secs.unwrap_or(DEFAULT_AUDIO_STALL_SECS);
+    if !(stall.is_finite() && (0.1..=3600.0).contains(&stall)) {
+        report(
+            key("stall_secs"),
+            format!("{stall} is not a timeout: give 0.1 to 3600 seconds"),
+        );
+        stall = DEFAULT_AUDIO_STALL_SECS;
+    }
+    FeedConfig::Audio(AudioConfig {
+        name: name.clone(),
+        input: input.clone(),
+        format: format.clone(),
+        input_args: input_args.clone(),
+        stall: std::time::Duration::from_secs_f64(stall),
+        ffmpeg: program(ffmpeg.as_ref(), resolve),
+    })
+}
+
+/// `ffmpeg` as configured: a bare name is looked up on PATH, a path is taken from the
+/// configuration's folder.
+fn program(p: Option<&PathBuf>, resolve: &Resolve<'_>) -> PathBuf {
+    match p {
+        Some(p) if p.components().count() > 1 => resolve(p),
+        Some(p) => p.clone(),
+        None => PathBuf::from("ffmpeg"),
+    }
+}
+
+/// A PCM stream's rate: required with a PCM format, refused with any other.
+fn sample_rate(
+    pcm: bool,
+    rate: Option<u32>,
+    fields: &[String],
+    key: &dyn Fn(&str) -> String,
+    report: &mut Report<'_>,
+) {
+    match (pcm, rate) {
+        (true, None) => report(
+            key("sample_rate"),
+            "a PCM stream needs its samples per second (the model's rate)".into(),
+        ),
+        (true, Some(r)) if !(1000..=384_000).contains(&r) => report(
+            key("sample_rate"),
+            format!("{r} is not 1000 to 384000 samples per second"),
+        ),
+        (false, Some(_)) => report(
+            key("sample_rate"),
+            "only a PCM stream (`format = \"s16le\"` or `\"f32le\"`) has a sample rate".into(),
+        ),
+        _ => {}
+    }
+    if pcm && !fields.is_empty() {
+        report(
+            key("fields"),
+            "a PCM stream is samples, not readings with named fields".into(),
+        );
+    }
 }
 
 fn serial(
@@ -297,10 +373,13 @@ fn serial(
         format,
         fields,
         max_line_bytes,
+        sample_rate: rate,
     } = f
     else {
         unreachable!("a serial port")
     };
+    let pcm = matches!(format, LineFormat::S16le | LineFormat::F32le);
+    sample_rate(pcm, *rate, fields, key, report);
     let data_bits = data_bits.unwrap_or(8);
     if !(5..=8).contains(&data_bits) {
         report(key("data_bits"), format!("{data_bits} is not 5, 6, 7 or 8"));
@@ -313,7 +392,9 @@ fn serial(
     if baud == 0 {
         report(key("baud"), "must be above 0".into());
     }
-    check_fields(fields, &key("fields"), true, report);
+    if !pcm {
+        check_fields(fields, &key("fields"), true, report);
+    }
     let max_line_bytes = max_line_bytes.unwrap_or(DEFAULT_MAX_LINE_BYTES);
     if !(16..=1024 * 1024).contains(&max_line_bytes) {
         report(
@@ -331,6 +412,7 @@ fn serial(
         format: *format,
         fields: fields.clone(),
         max_line_bytes,
+        sample_rate: *rate,
     })
 }
 
@@ -349,10 +431,13 @@ fn mqtt_feed(
         format,
         fields,
         max_payload_bytes,
+        sample_rate: rate,
     } = f
     else {
         unreachable!("an MQTT feed")
     };
+    let pcm = matches!(format, PayloadFormat::S16le | PayloadFormat::F32le);
+    sample_rate(pcm, *rate, fields, key, report);
     if let Some(why) = topic_filter_problem(topic) {
         report(key("topic"), format!("`{topic}` {why}"));
     }
@@ -383,6 +468,7 @@ fn mqtt_feed(
         format: *format,
         fields: fields.clone(),
         max_payload_bytes,
+        sample_rate: *rate,
     }))
 }
 
@@ -559,6 +645,25 @@ fn pipeline(
     }
     let window = p.window.unwrap_or(NonZeroUsize::MIN);
     let readings = feed.is_some_and(|f| !f.fields().is_empty());
+    let sound = feed.is_some_and(|f| f.pcm().is_some());
+    if let Some(ms) = p.stop_after_ms
+        && ms > 60_000
+    {
+        report(key("stop_after_ms"), format!("{ms} is more than a minute"));
+    }
+    if (p.hop.is_some() || p.stop_after_ms.is_some()) && feed.is_some() && !sound {
+        report(
+            key(if p.hop.is_some() {
+                "hop"
+            } else {
+                "stop_after_ms"
+            }),
+            format!(
+                "feed `{}` gives no sound: `hop` and `stop_after_ms` are for audio feeds and PCM streams",
+                p.feed
+            ),
+        );
+    }
     if (p.window.is_some() || p.stride.is_some()) && feed.is_some() && !readings {
         report(
             key(if p.window.is_some() {
@@ -611,6 +716,8 @@ fn pipeline(
         publish,
         store: p.store.unwrap_or(true),
         capture_below: p.capture_below,
+        hop: p.hop,
+        stop_after_ms: p.stop_after_ms.unwrap_or(DEFAULT_STOP_AFTER_MS),
     }
 }
 

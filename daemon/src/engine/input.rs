@@ -11,7 +11,9 @@ use image::{DynamicImage, ImageReader, Limits, imageops::FilterType};
 
 use super::EngineError;
 use super::array::{Array, Data, read_npy, read_npz};
-use super::manifest::{Color, Dim, Filter, ImageSpec, InputSpec, Layout, Manifest, Resize};
+use super::manifest::{
+    AudioSpec, Color, Dim, Filter, ImageSpec, InputSpec, Layout, Manifest, Resize,
+};
 
 /// Largest image side tern decodes; a 16k camera frame is far beyond any edge model input.
 pub const MAX_IMAGE_SIDE: u32 = 8192;
@@ -350,32 +352,145 @@ pub fn audio_windows(
     if mono.is_empty() {
         return Err(bad("the audio holds no samples".into()));
     }
-    let shape: Vec<usize> = spec
-        .shape
-        .iter()
-        .map(|d| match d {
-            Dim::Fixed(n) => *n,
-            Dim::Named { .. } => 0,
+    let mut w = Windower::new(spec, audio, audio.window);
+    let mut out = w.push(&mono);
+    out.extend(w.finish());
+    let rate = f64::from(audio.sample_rate);
+    Ok(out
+        .into_iter()
+        .map(|(start, input)| (start as f64 / rate, input))
+        .collect())
+}
+
+/// Cuts a stream of mono samples into a model's audio windows as they come: every `hop` new
+/// samples, an input of the `context` samples before the step and the `window` from it
+/// (zeros before the stream's start).
+#[derive(Debug, Clone)]
+pub struct Windower {
+    input: String,
+    shape: Vec<usize>,
+    window: usize,
+    context: usize,
+    hop: usize,
+    pub rate: u32,
+    /// Samples from `base` on (a negative base: leading zeros before the start).
+    buf: Vec<f32>,
+    base: i64,
+    /// The first new sample of the next window.
+    next: i64,
+}
+
+impl Windower {
+    pub fn new(spec: &InputSpec, audio: &AudioSpec, hop: usize) -> Windower {
+        let shape = spec
+            .shape
+            .iter()
+            .map(|d| match d {
+                Dim::Fixed(n) => *n,
+                Dim::Named { .. } => 0,
+            })
+            .collect();
+        let mut w = Windower {
+            input: spec.name.clone(),
+            shape,
+            window: audio.window,
+            context: audio.context,
+            hop: hop.clamp(1, audio.window.max(1)),
+            rate: audio.sample_rate,
+            buf: Vec::new(),
+            base: 0,
+            next: 0,
+        };
+        w.reset();
+        w
+    }
+
+    /// The model's audio input and a windower for it, or why the model takes no audio.
+    pub fn for_model(m: &Manifest, hop: Option<usize>) -> Result<Windower, String> {
+        let (spec, audio) = m
+            .inputs
+            .iter()
+            .find_map(|i| i.audio.as_ref().map(|a| (i, a)))
+            .ok_or_else(|| {
+                format!(
+                    "model `{}` declares no audio input ([inputs.audio])",
+                    m.name
+                )
+            })?;
+        Ok(Windower::new(spec, audio, hop.unwrap_or(audio.window)))
+    }
+
+    /// Start over: the next samples are the start of a new stream.
+    pub fn reset(&mut self) {
+        self.buf = vec![0.0; self.context];
+        self.base = -(self.context as i64);
+        self.next = 0;
+    }
+
+    /// Samples taken since the start (the next sample's index).
+    pub fn end(&self) -> i64 {
+        self.base + self.buf.len() as i64
+    }
+
+    /// Take `samples`; each window now complete, with the index of its first new sample.
+    pub fn push(&mut self, samples: &[f32]) -> Vec<(i64, Input)> {
+        self.buf.extend_from_slice(samples);
+        let mut out = Vec::new();
+        while self.next + self.window as i64 <= self.end() {
+            out.push(self.cut());
+        }
+        out
+    }
+
+    /// The windows left with samples in them, filled with zeros (the end of a file).
+    pub fn finish(&mut self) -> Vec<(i64, Input)> {
+        let mut out = Vec::new();
+        while self.next < self.end() {
+            let short = (self.next + self.window as i64 - self.end()).max(0) as usize;
+            self.buf.extend(std::iter::repeat_n(0.0, short));
+            out.push(self.cut());
+        }
+        out
+    }
+
+    fn cut(&mut self) -> (i64, Input) {
+        let from = (self.next - self.context as i64 - self.base) as usize;
+        let data = self.buf[from..from + self.context + self.window].to_vec();
+        let start = self.next;
+        self.next += self.hop as i64;
+        // Keep only what later windows read: from the next one's context on.
+        let keep_from = (self.next - self.context as i64 - self.base).max(0) as usize;
+        self.buf.drain(..keep_from.min(self.buf.len()));
+        self.base += keep_from as i64;
+        let input = Input::Arrays(vec![(
+            self.input.clone(),
+            Array::f32(self.shape.clone(), data),
+        )]);
+        (start, input)
+    }
+}
+
+/// Raw PCM bytes as samples, for feeds that stream them: whole samples only (`rest` keeps a
+/// partial one for the next bytes), NaN and infinities as silence.
+pub fn pcm_stream(bytes: &[u8], pcm: Pcm, rest: &mut Vec<u8>) -> Vec<f32> {
+    let width = match pcm {
+        Pcm::S16le => 2,
+        Pcm::F32le => 4,
+    };
+    rest.extend_from_slice(bytes);
+    let whole = rest.len() / width * width;
+    let out = rest[..whole]
+        .chunks_exact(width)
+        .map(|b| match pcm {
+            Pcm::S16le => f32::from(i16::from_le_bytes([b[0], b[1]])) / 32768.0,
+            Pcm::F32le => {
+                let v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                if v.is_finite() { v } else { 0.0 }
+            }
         })
         .collect();
-    let (win, ctx) = (audio.window, audio.context);
-    let mut out = Vec::with_capacity(mono.len().div_ceil(win));
-    let mut start = 0;
-    while start < mono.len() {
-        let mut data = vec![0f32; ctx + win];
-        for (i, d) in data.iter_mut().enumerate() {
-            let at = (start + i).checked_sub(ctx);
-            if let Some(v) = at.and_then(|a| mono.get(a)) {
-                *d = *v;
-            }
-        }
-        out.push((
-            start as f64 / f64::from(audio.sample_rate),
-            Input::Arrays(vec![(spec.name.clone(), Array::f32(shape.clone(), data))]),
-        ));
-        start += win;
-    }
-    Ok(out)
+    rest.drain(..whole);
+    out
 }
 
 fn pcm_samples(bytes: &[u8], pcm: Pcm) -> Result<Vec<f32>, EngineError> {
@@ -1127,5 +1242,56 @@ golden = ["g.npz"]
         assert!(e.to_string().contains("whole number"), "{e}");
         let e = audio_windows(&vad(), &bytes, None).unwrap_err();
         assert!(e.to_string().contains("wav"), "{e}");
+    }
+
+    #[test]
+    fn a_stream_in_any_pieces_is_cut_as_a_whole_and_hops_may_overlap() {
+        let samples: Vec<f32> = (1..=13).map(|k| k as f32).collect();
+        let whole: Vec<(i64, Vec<f32>)> = Windower::for_model(&vad(), None)
+            .unwrap()
+            .push(&samples)
+            .into_iter()
+            .map(|(s, i)| (s, window(&i)))
+            .collect();
+        assert_eq!(
+            whole,
+            [
+                (0, vec![0., 0., 1., 2., 3., 4.]),
+                (4, vec![3., 4., 5., 6., 7., 8.]),
+                (8, vec![7., 8., 9., 10., 11., 12.])
+            ]
+        );
+        for piece in 1..=5 {
+            let mut w = Windower::for_model(&vad(), None).unwrap();
+            let got: Vec<(i64, Vec<f32>)> = samples
+                .chunks(piece)
+                .flat_map(|c| w.push(c))
+                .map(|(s, i)| (s, window(&i)))
+                .collect();
+            assert_eq!(got, whole, "pieces of {piece}");
+            assert_eq!(w.end(), 13);
+        }
+        // A hop of 2: windows overlap; after a reset the stream starts again at 0.
+        let mut w = Windower::for_model(&vad(), Some(2)).unwrap();
+        let got: Vec<i64> = w.push(&samples[..8]).into_iter().map(|(s, _)| s).collect();
+        assert_eq!(got, [0, 2, 4]);
+        w.reset();
+        let again = w.push(&samples[..4]);
+        assert_eq!(again.len(), 1);
+        assert_eq!(window(&again[0].1), [0., 0., 1., 2., 3., 4.]);
+
+        // Bytes split mid-sample come out whole; a NaN float is silence.
+        let bytes: Vec<u8> = [1000i16, -2000, 3000]
+            .iter()
+            .flat_map(|k| k.to_le_bytes())
+            .collect();
+        let mut rest = Vec::new();
+        let mut got = pcm_stream(&bytes[..3], Pcm::S16le, &mut rest);
+        got.extend(pcm_stream(&bytes[3..], Pcm::S16le, &mut rest));
+        let ints: Vec<i32> = got.iter().map(|x| (x * 32768.0).round() as i32).collect();
+        assert_eq!(ints, [1000, -2000, 3000]);
+        assert!(rest.is_empty());
+        let nan = f32::NAN.to_le_bytes();
+        assert_eq!(pcm_stream(&nan, Pcm::F32le, &mut rest), [0.0]);
     }
 }

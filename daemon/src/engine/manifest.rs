@@ -462,7 +462,7 @@ impl Manifest {
     /// Parse and check a manifest's text; the error names the key (and line where toml knows
     /// it).
     #[cfg(test)]
-    pub(super) fn parse(text: &str) -> Result<Manifest, String> {
+    pub(crate) fn parse(text: &str) -> Result<Manifest, String> {
         Self::parse_checked(text, true)
     }
 

@@ -20,7 +20,9 @@ mod rewrite;
 use std::path::PathBuf;
 
 pub use array::{Array, Data, read_npy, read_npy_f32, read_npz, write_npz};
-pub use input::{Geometry, Input, Pcm, PixelFormat, Prepared, audio_windows, read_bounded};
+pub use input::{
+    Geometry, Input, Pcm, PixelFormat, Prepared, Windower, audio_windows, pcm_stream, read_bounded,
+};
 pub use manifest::{
     Color, DType, Dim, InputSpec, MANIFEST_FILE, MODEL_FILE, Manifest, Postprocess, const_values,
     is_inside,

@@ -28,6 +28,8 @@ pub const MAX_MODEL_BYTES: u64 = 512 * 1024 * 1024;
 
 /// A loaded, optimised, self-tested model, ready to run from any thread.
 pub struct Model {
+    /// Distinct for every loaded version in this process: a stream knows whose state it holds.
+    id: u64,
     pub manifest: Manifest,
     pub dir: PathBuf,
     plans: Plans,
@@ -186,11 +188,22 @@ pub struct Prediction {
 }
 
 /// What a stream carries from one run to the next: the model's state tensors and each score
-/// output's on/off state.
+/// output's on/off state, for the one loaded version that made them.
 pub struct Stream {
+    model: u64,
     state: Vec<Option<Tensor>>,
     scores: Vec<ScoreState>,
 }
+
+impl std::fmt::Debug for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stream")
+            .field("model", &self.model)
+            .finish()
+    }
+}
+
+static NEXT_MODEL_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl Model {
     /// Load the package in `dir`: parse its manifest, load and optimise the ONNX model with
@@ -528,6 +541,7 @@ impl Model {
                 plan: plan.name(),
                 fallback: fallback.clone(),
                 outcomes: Outcomes::default(),
+                id: NEXT_MODEL_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
                 timings: Vec::new(),
                 chosen: if timed { "timed" } else { "only" },
             };
@@ -698,6 +712,7 @@ impl Model {
     /// A fresh stream: states at their initial values.
     pub fn stream(&self) -> Stream {
         Stream {
+            model: self.id,
             state: vec![None; self.manifest.state.len()],
             scores: vec![None; self.manifest.outputs.len()],
         }
@@ -871,6 +886,11 @@ impl Model {
     /// stream's previous step.
     pub fn infer_in(&self, input: &Input, stream: &mut Stream) -> Result<Prediction, EngineError> {
         let start = Instant::now();
+        if stream.model != self.id {
+            // Another version's state means nothing to this one (an update or a rollback
+            // swapped it in): the stream starts over.
+            *stream = self.stream();
+        }
         let m = &self.manifest;
         let prepared = input.prepare(m)?;
         let (outputs, _) = self.run_prepared(&prepared, stream)?;

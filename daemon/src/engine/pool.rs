@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use tokio::sync::oneshot;
 
-use super::{EngineError, Input, Model, PlanChoice, Prediction, Runtime};
+use super::{EngineError, Input, Model, PlanChoice, Prediction, Runtime, Stream};
 
 /// How one model is served: the settings a pool is started with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,8 +65,12 @@ impl Pools {
 struct Job {
     model: Arc<Model>,
     input: Input,
-    reply: oneshot::Sender<Result<Prediction, EngineError>>,
+    /// One step of a stream: its state goes in and comes back with the answer.
+    stream: Option<Stream>,
+    reply: oneshot::Sender<Answer>,
 }
+
+type Answer = (Result<Prediction, EngineError>, Option<Stream>);
 
 /// Counters a pool keeps for status and telemetry.
 #[derive(Debug, Default)]
@@ -213,19 +217,32 @@ impl ModelPool {
         self.inner.tx.len()
     }
 
-    /// Queue an inference; a full queue is answered with `Busy` at once.
+    /// Queue an inference; a full queue is answered with `Busy` at once. The answer comes
+    /// when the returned future is awaited.
     pub fn try_submit(
         &self,
         input: Input,
-    ) -> Result<oneshot::Receiver<Result<Prediction, EngineError>>, EngineError> {
-        let (reply, rx) = oneshot::channel();
+    ) -> Result<
+        impl std::future::Future<Output = Result<Prediction, EngineError>> + use<>,
+        EngineError,
+    > {
+        let (reply, rx) = oneshot::channel::<Answer>();
         let job = Job {
             model: self.active(),
             input,
+            stream: None,
             reply,
         };
         match self.inner.tx.try_send(job) {
-            Ok(()) => Ok(rx),
+            Ok(()) => {
+                let model = self.inner.name.clone();
+                Ok(async move {
+                    match rx.await {
+                        Ok((r, _)) => r,
+                        Err(_) => Err(EngineError::Stopped { model }),
+                    }
+                })
+            }
             Err(crossbeam_channel::TrySendError::Full(_)) => {
                 self.inner
                     .stats
@@ -243,39 +260,48 @@ impl ModelPool {
 
     /// Queue an inference and wait for its result; `Busy` if the queue is full.
     pub async fn infer(&self, input: Input) -> Result<Prediction, EngineError> {
-        let rx = self.try_submit(input)?;
-        rx.await.map_err(|_| EngineError::Stopped {
-            model: self.inner.name.clone(),
-        })?
+        self.try_submit(input)?.await
     }
 
     /// Like [`infer`](Self::infer), but wait for room in the queue instead of failing: the
     /// back-pressure policy for sources that can wait (files, serial lines).
     pub async fn infer_waiting(&self, input: Input) -> Result<Prediction, EngineError> {
+        self.step_waiting(input, None).await.0
+    }
+
+    /// One step of a stream, waiting for room in the queue: the answer, and the stream to
+    /// carry on with (`None` if the pool stopped with it: start a new one).
+    pub async fn step_waiting(&self, input: Input, stream: Option<Stream>) -> Answer {
         let mut delay = Duration::from_millis(1);
-        let mut input = Some(input);
+        let mut job = Job {
+            model: self.active(),
+            input,
+            stream,
+            reply: oneshot::channel().0,
+        };
         loop {
             let (reply, rx) = oneshot::channel();
-            let job = Job {
-                model: self.active(),
-                input: input.take().expect("set"),
-                reply,
-            };
+            job.reply = reply;
+            job.model = self.active();
             match self.inner.tx.try_send(job) {
                 Ok(()) => {
-                    return rx.await.map_err(|_| EngineError::Stopped {
-                        model: self.inner.name.clone(),
-                    })?;
+                    return rx.await.unwrap_or_else(|_| {
+                        let stopped = EngineError::Stopped {
+                            model: self.inner.name.clone(),
+                        };
+                        (Err(stopped), None)
+                    });
                 }
-                Err(crossbeam_channel::TrySendError::Full(job)) => {
-                    input = Some(job.input);
+                Err(crossbeam_channel::TrySendError::Full(back)) => {
+                    job = back;
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_millis(50));
                 }
-                Err(crossbeam_channel::TrySendError::Disconnected(_)) => {
-                    return Err(EngineError::Stopped {
+                Err(crossbeam_channel::TrySendError::Disconnected(back)) => {
+                    let stopped = EngineError::Stopped {
                         model: self.inner.name.clone(),
-                    });
+                    };
+                    return (Err(stopped), back.stream);
                 }
             }
         }
@@ -293,7 +319,7 @@ impl ModelPool {
 
 fn worker(w: usize, rx: crossbeam_channel::Receiver<Job>, pool: std::sync::Weak<Inner>) {
     loop {
-        let job = match rx.recv_timeout(Duration::from_millis(500)) {
+        let mut job = match rx.recv_timeout(Duration::from_millis(500)) {
             Ok(job) => job,
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
                 if pool.strong_count() == 0 {
@@ -309,14 +335,19 @@ fn worker(w: usize, rx: crossbeam_channel::Receiver<Job>, pool: std::sync::Weak<
         crate::crash_point("infer");
         // tract is large and sees untrusted inputs: a panic in one inference must become an
         // error for that request, not a dead worker or a dead daemon.
-        let result =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.model.infer(&job.input)))
-                .unwrap_or_else(|panic| {
-                    Err(EngineError::Run {
-                        model: job.model.name().to_string(),
-                        message: panic_message(&panic),
-                    })
-                });
+        let mut stream = job.stream.take();
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &mut stream {
+            Some(s) => job.model.infer_in(&job.input, s),
+            None => job.model.infer(&job.input),
+        }))
+        .unwrap_or_else(|panic| {
+            // A state left half-updated by a panic is not carried on.
+            stream = stream.take().map(|_| job.model.stream());
+            Err(EngineError::Run {
+                model: job.model.name().to_string(),
+                message: panic_message(&panic),
+            })
+        });
         inner.busy_since[w].store(0, Ordering::Relaxed);
         match &result {
             Ok(p) => {
@@ -337,7 +368,7 @@ fn worker(w: usize, rx: crossbeam_channel::Receiver<Job>, pool: std::sync::Weak<
         job.model.outcomes.record(&job.input, &result);
         drop(inner);
         // The requester may have given up; that is not an error here.
-        let _ = job.reply.send(result);
+        let _ = job.reply.send((result, stream));
     }
 }
 

@@ -13,6 +13,7 @@
 //! The child is killed when the feed stops; if ternd itself is killed, ffmpeg exits on its
 //! next write into the closed pipe.
 
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 
@@ -108,31 +109,10 @@ impl super::Source for CameraFeed {
     /// One ffmpeg process, from spawn to its end.
     async fn once(&self, ctx: &FeedCtx, tx: &Sender) -> Ended {
         let args = ffmpeg_args(&self.cfg, self.spec);
-        let mut child = match Command::new(&self.cfg.ffmpeg)
-            .args(&args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-        {
+        let mut child = match spawn_ffmpeg(&self.cfg.ffmpeg, &args, ctx) {
             Ok(c) => c,
-            Err(e) => {
-                return Ended::Failed(format!("cannot start {}: {e}", self.cfg.ffmpeg.display()));
-            }
+            Err(why) => return Ended::Failed(why),
         };
-        tracing::debug!(pipeline = %ctx.pipeline, pid = child.id(), args = ?args, "ffmpeg started");
-        let last_err = Arc::new(Mutex::new(String::new()));
-        if let Some(err) = child.stderr.take() {
-            let (last, pipeline) = (last_err.clone(), ctx.pipeline.clone());
-            tokio::spawn(async move {
-                let mut lines = BufReader::new(err).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    tracing::warn!(pipeline = %pipeline, "ffmpeg: {line}");
-                    *last.lock().unwrap_or_else(|e| e.into_inner()) = line;
-                }
-            });
-        }
         let mut out = child.stdout.take().expect("stdout is piped");
         let size = self.spec.bytes();
         let why = loop {
@@ -145,20 +125,8 @@ impl super::Source for CameraFeed {
                     );
                 }
                 Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                    // The frame was cut short: ffmpeg ended. Its status and last words say why.
-                    let status =
-                        match tokio::time::timeout(std::time::Duration::from_secs(2), child.wait())
-                            .await
-                        {
-                            Ok(Ok(s)) => s.to_string(),
-                            _ => "no exit status".into(),
-                        };
-                    let last = last_err.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                    break if last.is_empty() {
-                        format!("ffmpeg ended ({status})")
-                    } else {
-                        format!("ffmpeg ended ({status}): {last}")
-                    };
+                    // The frame was cut short: ffmpeg ended.
+                    break ended(&mut child).await;
                 }
                 Ok(Err(e)) => break format!("reading frames from ffmpeg: {e}"),
                 Ok(Ok(_)) => {}
@@ -180,6 +148,70 @@ impl super::Source for CameraFeed {
         };
         let _ = child.kill().await;
         Ended::Failed(why)
+    }
+}
+
+/// An ffmpeg child with `args`: stdout piped for the caller, stderr's lines into the log (the
+/// last one kept for [`ended`]), killed when dropped.
+pub fn spawn_ffmpeg(ffmpeg: &Path, args: &[String], ctx: &FeedCtx) -> Result<Ffmpeg, String> {
+    let mut child = Command::new(ffmpeg)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", ffmpeg.display()))?;
+    tracing::debug!(pipeline = %ctx.pipeline, pid = child.id(), args = ?args, "ffmpeg started");
+    let last_err = Arc::new(Mutex::new(String::new()));
+    if let Some(err) = child.stderr.take() {
+        let (last, pipeline) = (last_err.clone(), ctx.pipeline.clone());
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(err).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                tracing::warn!(pipeline = %pipeline, "ffmpeg: {line}");
+                *last.lock().unwrap_or_else(|e| e.into_inner()) = line;
+            }
+        });
+    }
+    Ok(Ffmpeg {
+        child,
+        last_err,
+        stdout: None,
+    }
+    .piped())
+}
+
+/// A running ffmpeg and the last line it said.
+pub struct Ffmpeg {
+    child: tokio::process::Child,
+    last_err: Arc<Mutex<String>>,
+    pub stdout: Option<tokio::process::ChildStdout>,
+}
+
+impl Ffmpeg {
+    fn piped(mut self) -> Ffmpeg {
+        self.stdout = self.child.stdout.take();
+        self
+    }
+
+    pub async fn kill(&mut self) -> std::io::Result<()> {
+        self.child.kill().await
+    }
+}
+
+/// Why ffmpeg's output ended: its exit status and last words.
+pub async fn ended(f: &mut Ffmpeg) -> String {
+    let status = match tokio::time::timeout(std::time::Duration::from_secs(2), f.child.wait()).await
+    {
+        Ok(Ok(s)) => s.to_string(),
+        _ => "no exit status".into(),
+    };
+    let last = f.last_err.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    if last.is_empty() {
+        format!("ffmpeg ended ({status})")
+    } else {
+        format!("ffmpeg ended ({status}): {last}")
     }
 }
 

@@ -5,13 +5,15 @@
 //!  directory ─┐
 //!  camera ────┤  Sample ─► gate (every_nth, max_fps) ─► queue (drop oldest | wait) ─► pipeline
 //!  serial ────┤
-//!  mqtt ──────┘
+//!  mqtt ──────┤
+//!  audio ─────┘
 //! ```
 //!
 //! A feed that fails (ffmpeg died or stalled, a port was unplugged, the broker went away)
 //! restarts itself with back-off; the pipeline's state says `restarting` and why, and an
 //! event goes upstream. Only cancellation ends a feed.
 
+pub mod audio;
 pub mod camera;
 pub mod directory;
 pub mod mqtt;
@@ -103,6 +105,8 @@ pub enum Data {
     Input(Result<Input, crate::engine::EngineError>),
     /// One reading: the values of the feed's fields, in their configured order.
     Reading(Vec<f32>),
+    /// The next samples of a sound (mono, at the model's rate).
+    Pcm(Vec<f32>),
     /// The source was (re)opened: readings before this do not continue into those after,
     /// so a window starts over.
     Restart,

@@ -138,8 +138,26 @@ pub(crate) fn parse(
     format: PayloadFormat,
     fields: &[String],
 ) -> Result<Data, String> {
+    let pcm = match format {
+        PayloadFormat::S16le => Some(crate::engine::Pcm::S16le),
+        PayloadFormat::F32le => Some(crate::engine::Pcm::F32le),
+        _ => None,
+    };
+    if let Some(pcm) = pcm {
+        // Each message is whole samples: a stray byte would shift every sample after it.
+        let mut rest = Vec::new();
+        let samples = crate::engine::pcm_stream(payload, pcm, &mut rest);
+        if !rest.is_empty() || samples.is_empty() {
+            return Err(format!(
+                "{} bytes is not a whole number of {pcm:?} samples",
+                payload.len()
+            ));
+        }
+        return Ok(Data::Pcm(samples));
+    }
     let first = payload.iter().find(|b| !b.is_ascii_whitespace()).copied();
     let json = match format {
+        PayloadFormat::S16le | PayloadFormat::F32le => unreachable!("taken above"),
         PayloadFormat::Image => false,
         PayloadFormat::Json => true,
         PayloadFormat::Auto => matches!(first, Some(b'{' | b'[')),
@@ -183,5 +201,11 @@ mod tests {
         assert!(parse(b"not json", PayloadFormat::Json, &f).is_err());
         assert!(parse(br#"{"x": 1}"#, PayloadFormat::Auto, &[]).is_err());
         assert!(parse(b"", PayloadFormat::Image, &f).is_err());
+        assert!(matches!(
+            parse(&[0, 64, 0, 192], PayloadFormat::S16le, &[]),
+            Ok(Data::Pcm(v)) if v == [0.5, -0.5]
+        ));
+        assert!(parse(&[0, 64, 0], PayloadFormat::S16le, &[]).is_err());
+        assert!(parse(&[], PayloadFormat::F32le, &[]).is_err());
     }
 }

@@ -1,5 +1,6 @@
 //! A serial sensor: lines of CSV or JSON on a port (tokio-serial), each parsed into the
-//! feed's named numeric fields.
+//! feed's named numeric fields; or a stream of PCM samples (`s16le`, `f32le`), a microphone or
+//! a vibration sensor, taken in whatever pieces the port gives.
 //!
 //! Sensors babble: a line that is not a reading (a banner, a half line after a reconnect,
 //! noise) or is longer than `max_line_bytes` is counted and skipped, never fatal. A port that
@@ -51,7 +52,13 @@ impl super::Source for SerialFeed {
         {
             return Ended::Stop;
         }
+        let pcm = match c.format {
+            LineFormat::S16le => Some(crate::engine::Pcm::S16le),
+            LineFormat::F32le => Some(crate::engine::Pcm::F32le),
+            _ => None,
+        };
         let mut lines = Lines::new(c.max_line_bytes);
+        let mut rest = Vec::new();
         let mut buf = [0u8; 4096];
         loop {
             let n = match port.read(&mut buf).await {
@@ -59,6 +66,18 @@ impl super::Source for SerialFeed {
                 Ok(n) => n,
                 Err(e) => return Ended::Failed(format!("reading {path}: {e}")),
             };
+            if let Some(pcm) = pcm {
+                let samples = crate::engine::pcm_stream(&buf[..n], pcm, &mut rest);
+                if !samples.is_empty()
+                    && tx
+                        .send(Sample::new(c.name.clone(), Data::Pcm(samples)))
+                        .await
+                        .is_err()
+                {
+                    return Ended::Stop;
+                }
+                continue;
+            }
             for line in lines.push(&buf[..n]) {
                 let values = match line {
                     Line::TooLong => {

@@ -19,7 +19,7 @@ const T: Duration = Duration::from_secs(60);
 
 /// A running box with `body`, online: its config, its state dir, a client watching all its
 /// topics, and the daemon.
-fn start(
+pub(crate) fn start(
     dir: &Path,
     device: &str,
     broker: &Broker,
@@ -63,7 +63,7 @@ fn digits() -> String {
     )
 }
 
-fn cmd(c: &mut Client, device: &str, name: &str, args: Value) -> Value {
+pub(crate) fn cmd(c: &mut Client, device: &str, name: &str, args: Value) -> Value {
     static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let id = format!("f{}", N.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
     let mut payload = json!({"id": id});
@@ -371,12 +371,12 @@ model = "digits-cnn-int8"
     assert!(d.wait(T).unwrap().success());
 }
 
-struct Socat {
+pub(crate) struct Socat {
     child: Child,
 }
 
 impl Socat {
-    fn start(dev: &Path, writer: &Path) -> Socat {
+    pub(crate) fn start(dev: &Path, writer: &Path) -> Socat {
         let _ = std::fs::remove_file(dev);
         let _ = std::fs::remove_file(writer);
         let child = Command::new("socat")

@@ -9,6 +9,7 @@ mod fleet;
 mod hardening;
 mod infer;
 mod package;
+mod sound;
 mod systemd;
 mod ternctl;
 mod third_party;
