@@ -305,9 +305,23 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn spawn(config: &Path, notify: Option<&Path>, envs: &[(&str, &str)]) -> Result<Daemon> {
+        Daemon::spawn_in(config, None, notify, envs)
+    }
+
+    /// [`Daemon::spawn`] in the working directory `cwd` (what relative ffmpeg inputs are
+    /// relative to).
+    pub fn spawn_in(
+        config: &Path,
+        cwd: Option<&Path>,
+        notify: Option<&Path>,
+        envs: &[(&str, &str)],
+    ) -> Result<Daemon> {
         let log = config.with_extension(format!("{}.log", unique()));
         let stderr = std::fs::File::create(&log)?;
         let mut cmd = Command::new(bin("ternd"));
+        if let Some(d) = cwd {
+            cmd.current_dir(d);
+        }
         cmd.args(["run", "--config"])
             .arg(config)
             .stdout(Stdio::null())

@@ -286,3 +286,65 @@ model = "silero-vad"
     d.signal("TERM").unwrap();
     assert!(d.wait(T).unwrap().success());
 }
+
+/// The voice demo exactly as shipped, laid out like the repository (the fetch script's link
+/// to its cache included): speech start and stop stored, where `speech.json` says the speech is.
+#[test]
+fn the_voice_demo_runs_as_shipped() {
+    if !need("ffmpeg") {
+        return;
+    }
+    let Some(packages) = third_party() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let configs = dir.path().join("configs");
+    std::fs::create_dir_all(&configs).unwrap();
+    let models = dir.path().join("tests/models");
+    std::fs::create_dir_all(&models).unwrap();
+    std::os::unix::fs::symlink(packages.parent().unwrap(), models.join("third-party")).unwrap();
+    let config = configs.join("vad-demo.toml");
+    std::fs::copy(root().join("configs/vad-demo.toml"), &config).unwrap();
+    let (st, out, err) = ternd(&["check-config", "--config", config.to_str().unwrap()]).unwrap();
+    assert!(st.success(), "{out}{err}");
+    let truth: Value =
+        serde_json::from_slice(&std::fs::read(packages.join("../testdata/speech.json")).unwrap())
+            .unwrap();
+    let (from, to) = (
+        truth["speech"][0][0].as_f64().unwrap(),
+        truth["speech"][0][1].as_f64().unwrap(),
+    );
+    let state = dir.path().join("var/vad-demo");
+    let mut d = Daemon::spawn_in(&config, Some(dir.path()), None, &[]).unwrap();
+    let sql = "SELECT count(*) FROM results WHERE pipeline = 'voice'";
+    wait_for("a start and a stop stored", T, || {
+        (count(&state, sql)? >= 2).then_some(())
+    })
+    .unwrap();
+    d.signal("TERM").unwrap();
+    assert!(d.wait(T).unwrap().success());
+    let c = db(&state).unwrap();
+    let mut s = c
+        .prepare("SELECT outputs, ts_ms FROM results WHERE pipeline = 'voice' ORDER BY id LIMIT 2")
+        .unwrap();
+    let rows: Vec<(String, i64)> = s
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let event = |o: &str| -> String {
+        let v: Value = serde_json::from_str(o).unwrap();
+        v["output"]["event"].as_str().unwrap().to_string()
+    };
+    assert_eq!(
+        (event(&rows[0].0), event(&rows[1].0)),
+        ("start".into(), "stop".into())
+    );
+    // Their times are the samples': as far apart as the speech lasts.
+    let lasted = (rows[1].1 - rows[0].1) as f64 / 1000.0;
+    assert!(
+        (lasted - (to - from)).abs() <= 2.0 * WITHIN_S,
+        "speech of {:.3} s, events {lasted:.3} s apart",
+        to - from
+    );
+}
