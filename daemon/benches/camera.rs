@@ -110,6 +110,9 @@ async fn pipeline_run(pkg: &Path, fps: u32, for_: Duration) -> Run {
         capture_below: None,
         hop: None,
         stop_after_ms: 100,
+        stages: Vec::new(),
+        max_crops: 16,
+        crop_pad: 0.0,
     };
     let keeper = Keeper::new(Retention {
         results_max_age: None,
@@ -124,8 +127,17 @@ async fn pipeline_run(pkg: &Path, fps: u32, for_: Duration) -> Run {
     };
     let stats = Arc::new(PipelineStats::default());
     let cancel = tokio_util::sync::CancellationToken::new();
-    let run = pipeline::build(&cfg, &feed, pool, sinks, stats.clone(), 1, cancel.clone())
-        .expect("pipeline starts");
+    let run = pipeline::build(
+        &cfg,
+        &feed,
+        pool,
+        Vec::new(),
+        sinks,
+        stats.clone(),
+        1,
+        cancel.clone(),
+    )
+    .expect("pipeline starts");
     let (feed, serve) = (tokio::spawn(run.feed), tokio::spawn(run.serve));
     // Measure from the first result on: ffmpeg's start is not the pipeline's speed.
     while stats.results.load(Ordering::Relaxed) < 5 {

@@ -5,6 +5,7 @@
 #[cfg(feature = "cuda")]
 use tract_cuda as _;
 
+pub mod chain;
 pub mod config;
 pub mod control;
 pub mod ctl;

@@ -117,10 +117,12 @@ pub struct Unfit(pub String);
 
 /// Make a pipeline: its feed and the task that runs the model on each sample, to be run by
 /// the caller. Fails, with the reason, if the model cannot take what the feed gives.
+#[allow(clippy::too_many_arguments)]
 pub fn build(
     cfg: &PipelineConfig,
     feed: &FeedConfig,
     pool: ModelPool,
+    stages: Vec<ModelPool>,
     sinks: Sinks,
     stats: Arc<PipelineStats>,
     share: usize,
@@ -128,6 +130,14 @@ pub fn build(
 ) -> Result<Running, Unfit> {
     let manifest = pool.active().manifest.clone();
     let pc = pool.config();
+    let chain = if cfg.stages.is_empty() {
+        None
+    } else {
+        let stages = cfg.stages.iter().cloned().zip(stages).collect();
+        let c = crate::chain::Chain::new(&manifest, stages, cfg.max_crops, cfg.crop_pad)
+            .map_err(Unfit)?;
+        Some(Arc::new(c))
+    };
     let cap = if matches!(feed, FeedConfig::Directory { .. }) {
         // A file's attempt is counted when it is handed to the engine; one at a time, so a
         // file that crashes the engine never costs the files behind it an attempt.
@@ -246,6 +256,7 @@ pub fn build(
         stats,
         shaper,
         sound,
+        chain,
         events_only,
         last_label: None,
         // One line per file is what someone watching a folder wants; a camera's ten a
@@ -330,6 +341,8 @@ struct Serve {
     shaper: Option<Shaper>,
     /// A sound feed's sources, windows and streams.
     sound: Option<crate::sound::Streams>,
+    /// Models run on the crops of the boxes the pipeline's model finds.
+    chain: Option<Arc<crate::chain::Chain>>,
     /// Only windows in which a score flipped are results.
     events_only: bool,
     last_label: Option<String>,
@@ -435,8 +448,13 @@ impl Serve {
             done.input = Some(input.clone());
         }
         let pool = self.pool.clone();
+        let chain = self.chain.clone();
+        let image = chain.is_some().then(|| input.clone());
         Some(Box::pin(async move {
             done.result = pool.infer_waiting(input).await;
+            if let (Some(chain), Some(image), Ok(pred)) = (chain, image, done.result.as_mut()) {
+                chain.run(image, pred).await;
+            }
             done
         }))
     }

@@ -417,12 +417,23 @@ impl Daemon {
             .iter()
             .find(|f| f.name() == p.feed)
             .expect("validated");
-        let built = match pool {
-            None => Err(format!("model `{}` has no active version", p.model)),
-            Some(pool) => pipeline::build(
+        let stages: Result<Vec<_>, String> = p
+            .stages
+            .iter()
+            .map(|s| {
+                self.registry
+                    .pool(&s.model)
+                    .ok_or_else(|| format!("stage model `{}` has no active version", s.model))
+            })
+            .collect();
+        let built = match (pool, stages) {
+            (None, _) => Err(format!("model `{}` has no active version", p.model)),
+            (_, Err(why)) => Err(why),
+            (Some(pool), Ok(stages)) => pipeline::build(
                 p,
                 feed,
                 pool,
+                stages,
                 pipeline::Sinks {
                     store: self.store.clone(),
                     outbox: self.outbox.clone(),

@@ -379,7 +379,37 @@ pub struct RawPipeline {
     pub hop: Option<NonZeroUsize>,
     /// Audio: how long a score must stay off before its stop is said (default 100 ms).
     pub stop_after_ms: Option<u64>,
+    /// Models run on each box the pipeline's model finds (`detect` or `text_boxes`), in order.
+    #[serde(default)]
+    pub stages: Vec<RawStage>,
+    /// Boxes cropped per sample at most (the highest scores first).
+    pub max_crops: Option<usize>,
+    /// Each crop grows by this fraction of the box's height on every side.
+    pub crop_pad: Option<f32>,
 }
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStage {
+    pub model: String,
+    /// The stage's top label is the crop's rotation in degrees (`0`, `90`, `180`, `270`): the
+    /// stages after it see the crop turned upright.
+    #[serde(default)]
+    pub rotate: bool,
+    /// With `rotate`: the top score a turn needs (default 0.9).
+    pub min_score: Option<f32>,
+}
+
+/// A model run on each crop of the pipeline's boxes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stage {
+    pub model: String,
+    pub rotate: bool,
+    pub min_score: f32,
+}
+
+pub const DEFAULT_MAX_CROPS: usize = 16;
+pub const MAX_MAX_CROPS: usize = 256;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -644,6 +674,9 @@ pub struct PipelineConfig {
     pub capture_below: Option<f32>,
     pub hop: Option<NonZeroUsize>,
     pub stop_after_ms: u64,
+    pub stages: Vec<Stage>,
+    pub max_crops: usize,
+    pub crop_pad: f32,
 }
 
 /// Which results a pipeline sends upstream (all are stored unless `store = false`).

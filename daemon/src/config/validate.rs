@@ -624,6 +624,14 @@ fn pipelines(
                 ),
             );
         }
+        for (j, s) in p.stages.iter().enumerate() {
+            if !models.iter().any(|m| m.name == s.model) {
+                report(
+                    format!("pipelines[{i}].stages[{j}].model"),
+                    format!("no model named `{}` is configured", s.model),
+                );
+            }
+        }
         out.push(pipeline(i, p, feeds, report));
     }
     out
@@ -646,6 +654,15 @@ fn pipeline(
     let window = p.window.unwrap_or(NonZeroUsize::MIN);
     let readings = feed.is_some_and(|f| !f.fields().is_empty());
     let sound = feed.is_some_and(|f| f.pcm().is_some());
+    if !p.stages.is_empty() && (sound || readings) {
+        report(
+            key("stages"),
+            format!(
+                "feed `{}` gives no images: stages run on crops of images",
+                p.feed
+            ),
+        );
+    }
     if let Some(ms) = p.stop_after_ms
         && ms > 60_000
     {
@@ -718,7 +735,74 @@ fn pipeline(
         capture_below: p.capture_below,
         hop: p.hop,
         stop_after_ms: p.stop_after_ms.unwrap_or(DEFAULT_STOP_AFTER_MS),
+        stages: stages(p, &key, report),
+        max_crops: p
+            .max_crops
+            .filter(|n| (1..=MAX_MAX_CROPS).contains(n))
+            .unwrap_or(DEFAULT_MAX_CROPS),
+        crop_pad: p
+            .crop_pad
+            .filter(|x| (0.0..=2.0).contains(x))
+            .unwrap_or(0.0),
     }
+}
+
+/// The models a pipeline runs on each crop, checked against its feed (images only).
+fn stages(p: &RawPipeline, key: &dyn Fn(&str) -> String, report: &mut Report<'_>) -> Vec<Stage> {
+    if let Some(n) = p.max_crops
+        && !(1..=MAX_MAX_CROPS).contains(&n)
+    {
+        report(key("max_crops"), format!("{n} is not 1 to {MAX_MAX_CROPS}"));
+    }
+    if let Some(x) = p.crop_pad
+        && !(0.0..=2.0).contains(&x)
+    {
+        report(
+            key("crop_pad"),
+            format!("{x} is not 0 to 2 (a fraction of the box's height)"),
+        );
+    }
+    if (p.max_crops.is_some() || p.crop_pad.is_some()) && p.stages.is_empty() {
+        report(
+            key(if p.max_crops.is_some() {
+                "max_crops"
+            } else {
+                "crop_pad"
+            }),
+            "the pipeline has no `stages` to run on crops".into(),
+        );
+    }
+    p.stages
+        .iter()
+        .enumerate()
+        .map(|(j, s)| {
+            let k = |f: &str| key(&format!("stages[{j}].{f}"));
+            if s.model == p.model {
+                report(
+                    k("model"),
+                    format!("`{}` is the pipeline's own model", s.model),
+                );
+            }
+            let min_score = s.min_score.unwrap_or(0.9);
+            if !(0.0..=1.0).contains(&min_score) {
+                report(
+                    k("min_score"),
+                    format!("{min_score} is not a score from 0 to 1"),
+                );
+            }
+            if s.min_score.is_some() && !s.rotate {
+                report(
+                    k("min_score"),
+                    "only a stage with `rotate = true` turns crops".into(),
+                );
+            }
+            Stage {
+                model: s.model.clone(),
+                rotate: s.rotate,
+                min_score,
+            }
+        })
+        .collect()
 }
 
 /// A directory pipeline does every file once: no thinning, no dropping.

@@ -167,6 +167,32 @@ impl Input {
     }
 
     /// Turn this input into the model's fed inputs (batch of one).
+    /// The image as 8-bit RGB (decoded within the same limits as for a model), for crops.
+    pub fn rgb(&self) -> Result<image::RgbImage, EngineError> {
+        match self {
+            Input::Encoded(bytes) => Ok(decode(bytes)?.to_rgb8()),
+            Input::Frame {
+                width,
+                height,
+                format,
+                data,
+            } => {
+                let bad = || bad(format!("a {width}x{height} frame of {} bytes", data.len()));
+                Ok(match format {
+                    PixelFormat::Rgb24 => {
+                        image::RgbImage::from_raw(*width, *height, data.clone()).ok_or_else(bad)?
+                    }
+                    PixelFormat::Gray8 => DynamicImage::ImageLuma8(
+                        image::GrayImage::from_raw(*width, *height, data.clone())
+                            .ok_or_else(bad)?,
+                    )
+                    .to_rgb8(),
+                })
+            }
+            _ => Err(bad("crops are cut from images, not tensors".into())),
+        }
+    }
+
     pub fn prepare(&self, m: &Manifest) -> Result<Prepared, EngineError> {
         let mut named = HashMap::new();
         match self {

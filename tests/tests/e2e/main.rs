@@ -8,6 +8,7 @@ mod feeds;
 mod fleet;
 mod hardening;
 mod infer;
+mod ocr;
 mod package;
 mod sound;
 mod systemd;
