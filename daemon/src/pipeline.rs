@@ -150,6 +150,17 @@ pub fn build(
         Some((_, rate)) => {
             let w = crate::engine::Windower::for_model(&manifest, cfg.hop.map(|h| h.get()))
                 .map_err(Unfit)?;
+            if let Some(h) = cfg.hop
+                && (h.get() > w.window() || h.get() * 16 < w.window())
+            {
+                return Err(Unfit(format!(
+                    "hop {h} for model `{}`'s window of {} samples: give {} to {}",
+                    manifest.name,
+                    w.window(),
+                    w.window().div_ceil(16),
+                    w.window()
+                )));
+            }
             if let Some(r) = rate.filter(|r| *r != w.rate) {
                 return Err(Unfit(format!(
                     "feed `{}` gives {r} samples a second, model `{}` takes {}",
@@ -319,6 +330,8 @@ struct Done {
     start_s: Option<f64>,
     /// A window of sound: its stream's generation and the stream to carry on with.
     step: Option<(u64, Option<crate::engine::Stream>)>,
+    /// A window of a sound stream that ended while it ran: nothing of it is said.
+    ended: bool,
     taken: Instant,
     file: Option<FileDone>,
     /// The input, kept only if the pipeline captures.
@@ -380,6 +393,11 @@ impl Serve {
                 else => break,
             }
         }
+        // Drained: a score still on ends with its stream.
+        if let Some(s) = self.sound.as_mut() {
+            let (_, stops) = s.restart();
+            self.say_stops(stops).await;
+        }
     }
 
     /// Send a sample on its way to the model (or straight to `finish` if it is unusable).
@@ -403,8 +421,9 @@ impl Serve {
                     stats.garbage.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(pipeline = %self.name, %source, "too many sound sources; this one is not heard");
                 } else if p.restarted {
-                    tracing::info!(pipeline = %self.name, %source, dropped = p.dropped, "sound stream starts over (samples lost or the model fell behind)");
+                    tracing::info!(pipeline = %self.name, %source, dropped = p.dropped, "sound stream starts over (the sender paused, or too much sound waited)");
                 }
+                self.say_stops(p.stops).await;
                 return None;
             }
             Data::Restart => {
@@ -412,7 +431,12 @@ impl Serve {
                     s.reset();
                 }
                 if let Some(s) = self.sound.as_mut() {
-                    s.restart();
+                    let (dropped, stops) = s.restart();
+                    self.stats
+                        .feed
+                        .dropped
+                        .fetch_add(dropped, Ordering::Relaxed);
+                    self.say_stops(stops).await;
                 }
                 return None;
             }
@@ -422,6 +446,7 @@ impl Serve {
             ts_ms,
             start_s: None,
             step: None,
+            ended: false,
             taken,
             file,
             input: None,
@@ -459,6 +484,23 @@ impl Serve {
         }))
     }
 
+    /// Say the stops of scores left on when their streams ended (the events only: no window
+    /// of the stream said them).
+    async fn say_stops(&self, stops: Vec<crate::sound::EndedStop>) {
+        for s in stops {
+            tracing::info!(pipeline = %self.name, source = %s.source, output = %s.output, at_s = s.start_s, ts_ms = s.ts_ms, "score stop (the stream ended)");
+            if let Some(ob) = &self.sinks.outbox {
+                let ev = json!({
+                    "event": "score.stop", "pipeline": self.name, "source": s.source,
+                    "output": s.output, "ts_ms": s.ts_ms, "start_s": s.start_s, "ended": true,
+                });
+                if let Err(e) = ob.send_event(&self.sinks.store, ev).await {
+                    tracing::error!(error = %e, "score event not queued");
+                }
+            }
+        }
+    }
+
     /// Enough windows of sound wait: the feed's queue holds the next samples back.
     fn sound_full(&self) -> bool {
         self.sound
@@ -489,6 +531,7 @@ impl Serve {
                     ts_ms: window.ts_ms,
                     start_s: Some(window.start_s),
                     step: Some((generation, stream)),
+                    ended: false,
                     taken: window.taken,
                     file: None,
                     input: capture,
@@ -505,7 +548,7 @@ impl Serve {
         };
         for d in batch {
             if let Some((generation, stream)) = d.step.take() {
-                sound.back(&d.source, generation, stream);
+                d.ended = !sound.back(&d.source, generation, stream);
             }
         }
     }
@@ -513,6 +556,9 @@ impl Serve {
     /// Decide what happens to one finished sample; `None` if it leaves no trace (the engine
     /// failed: a file stays undone, to be tried again).
     fn judge(&mut self, d: Done) -> Option<Verdict> {
+        if d.ended {
+            return None;
+        }
         let name = &self.name;
         let (mut ts_ms, mut start_s) = (d.ts_ms, d.start_s);
         let pred = match d.result {
@@ -595,6 +641,12 @@ impl Serve {
         if verdicts.is_empty() {
             return;
         }
+        // A score event goes out in the transaction below, published or not.
+        let flipped = verdicts.iter().any(|v| {
+            v.pred
+                .as_ref()
+                .is_some_and(|p| p.outputs.values().any(|o| o.get("event").is_some()))
+        });
         let signal = self.sinks.local.as_ref().filter(|l| l.listened()).is_some();
         let pname = self.name.clone();
         let ob = self.sinks.outbox.clone();
@@ -716,7 +768,9 @@ impl Serve {
                 f.finish();
             }
         }
-        if woke && let Some(ob) = &self.sinks.outbox {
+        if (woke || flipped)
+            && let Some(ob) = &self.sinks.outbox
+        {
             ob.wake();
         }
     }

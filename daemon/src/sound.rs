@@ -23,13 +23,13 @@ use std::time::Instant;
 use crate::engine::{Input, Stream, Windower};
 
 /// A source silent this much longer than its last samples lasted paused: its stream starts
-/// over.
-pub const GAP_MS: i64 = 1000;
+/// over. Longer than the pipeline may be busy committing (it takes no samples meanwhile).
+pub const GAP_MS: i64 = 3000;
 /// Windows waiting (over all sources) at which the pipeline stops taking samples.
 pub const PAUSE_AT: usize = 64;
-/// Windows one source may have waiting (over four minutes of Silero VAD's 32 ms windows, one
-/// whole message of the largest MQTT payload); more are dropped with the stream.
-pub const MAX_WAITING: usize = 8192;
+/// Windows one source may have waiting (half a minute of Silero VAD's 32 ms windows): samples
+/// that would make more are dropped, and the stream starts over after them.
+pub const MAX_WAITING: usize = 1024;
 /// Sources one pipeline keeps streams for; a new one beyond takes the place of the idlest.
 pub const MAX_SOURCES: usize = 64;
 
@@ -51,8 +51,18 @@ pub struct Step {
     pub window: Window,
     pub stream: Option<Stream>,
     /// Which stream of the source it belongs to: a step that comes back after its source
-    /// started over does not bring its state along.
+    /// started over brings neither its state nor its flips along.
     pub generation: u64,
+}
+
+/// A score that was on when its stream ended: its stop, said then, timed when it went off
+/// (or at the stream's last window).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EndedStop {
+    pub source: String,
+    pub output: String,
+    pub ts_ms: i64,
+    pub start_s: f64,
 }
 
 struct Source {
@@ -67,9 +77,11 @@ struct Source {
     /// When the last samples came, and how long they last.
     last_ms: i64,
     last_len_ms: i64,
-    /// Per score output: when it went off, not yet said (it may come back on within the
-    /// hold: a pause inside speech).
-    going_off: HashMap<String, (i64, f64)>,
+    /// Per score output said to be on: when it went off, if it did and the stop is not said
+    /// yet (it may come back on within the hold: a pause inside speech).
+    on: HashMap<String, Option<(i64, f64)>>,
+    /// The last window judged: when a stop that never came is timed.
+    last_window: (i64, f64),
 }
 
 pub struct Streams {
@@ -81,14 +93,16 @@ pub struct Streams {
 }
 
 /// What a push did besides queueing windows.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default, PartialEq)]
 pub struct Pushed {
-    /// Windows dropped because too many waited.
+    /// Windows dropped: they would have been too many waiting.
     pub dropped: u64,
-    /// The source's stream started over (a gap, an overflow).
+    /// The source's stream started over (a pause, an overflow).
     pub restarted: bool,
     /// No room for a new source: the samples were not taken.
     pub refused: bool,
+    /// Stops of the stream that ended.
+    pub stops: Vec<EndedStop>,
 }
 
 impl Streams {
@@ -113,7 +127,7 @@ impl Streams {
     /// Samples `samples` of `source`, heard up to `ts_ms`.
     pub fn push(&mut self, source: &str, ts_ms: i64, taken: Instant, samples: &[f32]) -> Pushed {
         let mut pushed = Pushed::default();
-        if !self.sources.contains_key(source) && !self.make_room() {
+        if !self.sources.contains_key(source) && !self.make_room(&mut pushed.stops) {
             pushed.refused = true;
             return pushed;
         }
@@ -131,16 +145,24 @@ impl Streams {
                 waiting: VecDeque::new(),
                 last_ms: ts_ms,
                 last_len_ms: 0,
-                going_off: HashMap::new(),
+                on: HashMap::new(),
+                last_window: (ts_ms, 0.0),
             });
         let ms = |n: i64| (n as f64 * 1000.0 / rate).round() as i64;
         let n = samples.len() as i64;
         if src.t0_ms.is_some() && ts_ms - src.last_ms > src.last_len_ms + GAP_MS {
-            src.restart(generation);
+            pushed.dropped += src.end(source, generation, &mut pushed.stops);
             pushed.restarted = true;
         }
         src.last_ms = ts_ms;
         src.last_len_ms = ms(n);
+        // Bounded before a window is cut: one message may hold minutes of sound.
+        let coming = src.win.windows_after(samples.len());
+        if src.waiting.len() + coming > MAX_WAITING {
+            pushed.dropped += src.end(source, generation, &mut pushed.stops) + coming as u64;
+            pushed.restarted = true;
+            return pushed;
+        }
         let t0 = *src.t0_ms.get_or_insert(ts_ms - ms(n));
         for (start, input) in src.win.push(samples) {
             src.waiting.push_back(Window {
@@ -151,19 +173,11 @@ impl Streams {
                 input,
             });
         }
-        if src.waiting.len() > MAX_WAITING {
-            pushed.dropped = src.waiting.len() as u64;
-            src.waiting.clear();
-            // The windows after the drop do not follow the stream's last state.
-            src.generation = generation;
-            src.stream = None;
-            pushed.restarted = true;
-        }
         pushed
     }
 
     /// Room for one more source: the least recently heard idle one goes if need be.
-    fn make_room(&mut self) -> bool {
+    fn make_room(&mut self, stops: &mut Vec<EndedStop>) -> bool {
         if self.sources.len() < MAX_SOURCES {
             return true;
         }
@@ -175,19 +189,24 @@ impl Streams {
             .map(|(k, _)| k.clone());
         match idlest {
             Some(k) => {
-                self.sources.remove(&k);
+                let mut gone = self.sources.remove(&k).expect("found");
+                gone.end(&k, 0, stops);
                 true
             }
             None => false,
         }
     }
 
-    /// The feed started over (reconnected, ffmpeg restarted): every source's stream does too.
-    pub fn restart(&mut self) {
+    /// The feed started over (reconnected, ffmpeg restarted), or the pipeline stops: every
+    /// source's stream ends. Returns the windows dropped and the stops of scores left on.
+    pub fn restart(&mut self) -> (u64, Vec<EndedStop>) {
         let generation = self.generation();
-        for s in self.sources.values_mut() {
-            s.restart(generation);
+        let mut stops = Vec::new();
+        let mut dropped = 0;
+        for (name, s) in self.sources.iter_mut() {
+            dropped += s.end(name, generation, &mut stops);
         }
+        (dropped, stops)
     }
 
     /// Steps that may start now, at most `room`: the next window of each source that has
@@ -213,14 +232,18 @@ impl Streams {
         out
     }
 
-    /// A step of `source` came back with the stream to carry on with.
-    pub fn back(&mut self, source: &str, generation: u64, stream: Option<Stream>) {
-        if let Some(s) = self.sources.get_mut(source) {
-            s.busy = false;
-            if s.generation == generation {
-                s.stream = stream;
-            }
+    /// A step of `source` came back with the stream to carry on with; false if the source
+    /// started over meanwhile (the step's result belongs to a stream that ended).
+    pub fn back(&mut self, source: &str, generation: u64, stream: Option<Stream>) -> bool {
+        let Some(s) = self.sources.get_mut(source) else {
+            return false;
+        };
+        s.busy = false;
+        let current = s.generation == generation;
+        if current {
+            s.stream = stream;
         }
+        current
     }
 
     /// The flips of one finished window of `source` (its outputs' `event`s, in window order)
@@ -235,24 +258,29 @@ impl Streams {
         outputs: &mut serde_json::Map<String, serde_json::Value>,
     ) -> Option<(i64, f64)> {
         let s = self.sources.get_mut(source)?;
+        s.last_window = (ts_ms, start_s);
         let mut said = None;
         for (name, o) in outputs.iter_mut() {
             let Some(o) = o.as_object_mut() else { continue };
             let raw = o.remove("event");
             match raw.as_ref().and_then(|e| e.as_str()) {
                 Some("start") => {
-                    if s.going_off.remove(name).is_none() {
+                    // Back on within the hold: the pause was not a stop.
+                    if !matches!(s.on.get(name), Some(Some(_))) {
                         o.insert("event".into(), "start".into());
                     }
+                    s.on.insert(name.clone(), None);
                 }
                 Some("stop") => {
-                    s.going_off.insert(name.clone(), (ts_ms, start_s));
+                    if let Some(off) = s.on.get_mut(name) {
+                        *off = Some((ts_ms, start_s));
+                    }
                 }
                 _ => {
-                    if let Some(&(t, at)) = s.going_off.get(name)
+                    if let Some(&Some((t, at))) = s.on.get(name)
                         && ts_ms - t >= self.hold_ms
                     {
-                        s.going_off.remove(name);
+                        s.on.remove(name);
                         o.insert("event".into(), "stop".into());
                         said = Some((t, at));
                     }
@@ -269,13 +297,25 @@ impl Streams {
 }
 
 impl Source {
-    fn restart(&mut self, generation: u64) {
+    /// End this stream: the next samples start a new one. The windows it drops, and the stops
+    /// of its scores left on.
+    fn end(&mut self, name: &str, generation: u64, stops: &mut Vec<EndedStop>) -> u64 {
+        for (output, off) in self.on.drain() {
+            let (ts_ms, start_s) = off.unwrap_or(self.last_window);
+            stops.push(EndedStop {
+                source: name.to_string(),
+                output,
+                ts_ms,
+                start_s,
+            });
+        }
+        let dropped = self.waiting.len() as u64;
         self.win.reset();
         self.t0_ms = None;
         self.stream = None;
         self.waiting.clear();
-        self.going_off.clear();
         self.generation = generation;
+        dropped
     }
 }
 
@@ -372,28 +412,68 @@ golden = ["g.npz"]
         let t = Instant::now();
         s.push("a", 10_004, t, &[0.1; 4]);
         let step = s.ready(1).pop().unwrap();
-        // 4 samples heard 3 s after the last 4 (which lasted 4 ms): the sender paused.
-        let p = s.push("a", 13_008, t, &[0.1; 4]);
+        // 4 samples heard 4 s after the last 4 (which lasted 4 ms): the sender paused.
+        let p = s.push("a", 14_008, t, &[0.1; 4]);
+        assert!(p.restarted);
+        assert!(s.ready(1).is_empty(), "the old step still runs");
+        assert!(
+            !s.back("a", step.generation, None),
+            "a step of the ended stream"
+        );
+        let fresh = s.ready(1).pop().unwrap();
+        assert_eq!((fresh.window.ts_ms, fresh.window.start_s), (14_004, 0.0));
+        assert_ne!(fresh.generation, step.generation);
+        assert!(s.back("a", fresh.generation, None));
+        s.push("a", 14_012, t, &[0.1; 4]);
+        assert_eq!(s.restart().0, 1, "a restart drops what waited");
+        assert_eq!(s.waiting(), 0);
+
         // Samples that come faster than they play are no pause.
         let mut quick = streams();
-        quick.push("q", 5_000, t, &[0.1; 4000]);
-        assert!(!quick.push("q", 5_010, t, &[0.1; 4000]).restarted);
+        quick.push("q", 5_000, t, &[0.1; 400]);
+        assert!(!quick.push("q", 5_010, t, &[0.1; 400]).restarted);
         assert!(
-            !quick.push("q", 9_000, t, &[0.1; 4]).restarted,
-            "within 4 s + 1 s"
+            !quick.push("q", 8_400, t, &[0.1; 4]).restarted,
+            "within 0.4 s + 3 s"
         );
-        assert!(p.restarted);
-        let fresh = s.ready(1);
-        assert!(fresh.is_empty(), "the old step still runs");
-        s.back("a", step.generation, None);
-        let fresh = s.ready(1).pop().unwrap();
-        assert_eq!((fresh.window.ts_ms, fresh.window.start_s), (13_004, 0.0));
-        assert_ne!(fresh.generation, step.generation);
+    }
 
-        s.back("a", fresh.generation, None);
-        s.push("a", 13_012, t, &[0.1; 4]);
-        s.restart();
-        assert_eq!(s.waiting(), 0, "a restart drops what waited");
+    #[test]
+    fn a_stream_that_ends_with_a_score_on_says_its_stop() {
+        let mut s = streams();
+        let t = Instant::now();
+        s.push("a", 0, t, &[0.0; 4]);
+        let judge = |s: &mut Streams, ts: i64, event: Option<&str>| {
+            let mut o = serde_json::Map::new();
+            let mut v = serde_json::json!({"score": 0.5});
+            if let Some(e) = event {
+                v["event"] = e.into();
+            }
+            o.insert("p".into(), v);
+            s.flips("a", ts, ts as f64 / 1000.0, &mut o);
+        };
+        judge(&mut s, 0, Some("start"));
+        judge(&mut s, 4, None);
+        let (_, stops) = s.restart();
+        assert_eq!(
+            stops,
+            [EndedStop {
+                source: "a".into(),
+                output: "p".into(),
+                ts_ms: 4,
+                start_s: 0.004
+            }],
+            "on to the end: stopped at its last window"
+        );
+        s.push("a", 100, t, &[0.0; 4]);
+        judge(&mut s, 100, Some("start"));
+        judge(&mut s, 104, Some("stop"));
+        // The sender pauses before the hold is over: the stop is said, timed when it went off.
+        let p = s.push("a", 9_000, t, &[0.0; 4]);
+        assert!(p.restarted);
+        assert_eq!(p.stops.len(), 1);
+        assert_eq!((p.stops[0].ts_ms, p.stops[0].start_s), (104, 0.104));
+        assert!(s.restart().1.is_empty(), "nothing on any more");
     }
 
     #[test]

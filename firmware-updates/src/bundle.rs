@@ -119,6 +119,9 @@ pub enum RefusalError {
     Expired { expires: i64, now: i64 },
     #[error("stale: {0}")]
     Stale(String),
+    /// Stale for want of a recent operator time: a newer one may fix it.
+    #[error("stale: {0}")]
+    StaleTime(String),
     #[error("version {offered} is older than installed {installed}")]
     Downgrade { offered: String, installed: String },
     #[error("version {0} is already installed")]
@@ -161,7 +164,7 @@ impl RefusalError {
             RefusalError::DuplicateSignature(_) => Code::DuplicateSignature,
             RefusalError::BelowThreshold { .. } => Code::BelowThreshold,
             RefusalError::Expired { .. } => Code::Expired,
-            RefusalError::Stale(_) => Code::Stale,
+            RefusalError::Stale(_) | RefusalError::StaleTime(_) => Code::Stale,
             RefusalError::Downgrade { .. } => Code::Downgrade,
             RefusalError::Replay(_) => Code::Replay,
             RefusalError::RevokedKey(_) => Code::RevokedKey,

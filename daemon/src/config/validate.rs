@@ -654,6 +654,25 @@ fn pipeline(
     let window = p.window.unwrap_or(NonZeroUsize::MIN);
     let readings = feed.is_some_and(|f| !f.fields().is_empty());
     let sound = feed.is_some_and(|f| f.pcm().is_some());
+    if sound {
+        // Thinning or dropping pieces of a sound would join samples that do not follow each
+        // other into one stream.
+        for (k, set) in [
+            ("every_nth", p.every_nth.is_some()),
+            ("max_fps", p.max_fps.is_some()),
+            ("on_full", p.on_full == Some(OnFull::DropOldest)),
+        ] {
+            if set {
+                report(
+                    key(k),
+                    format!(
+                        "feed `{}` streams sound: its samples are never thinned or dropped",
+                        p.feed
+                    ),
+                );
+            }
+        }
+    }
     if !p.stages.is_empty() && (sound || readings) {
         report(
             key("stages"),

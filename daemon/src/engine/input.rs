@@ -453,9 +453,24 @@ impl Windower {
         self.next = 0;
     }
 
+    /// New samples per window.
+    pub fn window(&self) -> usize {
+        self.window
+    }
+
     /// Samples taken since the start (the next sample's index).
     pub fn end(&self) -> i64 {
         self.base + self.buf.len() as i64
+    }
+
+    /// How many windows `n` more samples would complete.
+    pub fn windows_after(&self, n: usize) -> usize {
+        let last = self.end() + n as i64 - self.window as i64;
+        if last < self.next {
+            0
+        } else {
+            ((last - self.next) / self.hop as i64 + 1) as usize
+        }
     }
 
     /// Take `samples`; each window now complete, with the index of its first new sample.

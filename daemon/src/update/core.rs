@@ -35,6 +35,11 @@ pub const STEP_RETRY: Duration = Duration::from_secs(5);
 pub const MAX_WAITING: usize = 16;
 /// Manifest digests remembered as handled; older ones are checked again if they come back.
 pub const MAX_SEEN: usize = 1024;
+/// A box clock at or after 2025-01-01 is taken to be set (one without a real-time clock
+/// starts in 1970).
+pub const SANE_CLOCK: i64 = 1_735_689_600;
+/// How far ahead of a set clock an operator's signed time may be.
+pub const MAX_AHEAD: i64 = 86_400;
 /// `update.refused` events (and refusal statuses) said in a burst, and one more each minute
 /// after; more are counted and the count goes with the next one said. Refusals are anyone's
 /// to cause who may publish on an update topic, and events outrank results in the outbox.
@@ -876,12 +881,12 @@ impl Core {
         let now = self.clock_s();
         let w = window.as_secs() as i64;
         let Some((t, _)) = self.time else {
-            return Err(RefusalError::Stale(
+            return Err(RefusalError::StaleTime(
                 "no signed time from the operator yet (updates.freshness is set; publish one with `tern-update time`)".into(),
             ));
         };
         if now - t > w {
-            return Err(RefusalError::Stale(format!(
+            return Err(RefusalError::StaleTime(format!(
                 "the operator's newest signed time is {}s old, more than updates.freshness ({w}s)",
                 now - t
             )));
@@ -926,6 +931,26 @@ impl Core {
             }
             Ok(t) if self.time.is_some_and(|(held, _)| t <= held) => {
                 tracing::debug!(time = t, "signed time not newer than the one held");
+            }
+            Ok(t)
+                if self.now.wall_ms / 1000 >= SANE_CLOCK
+                    && t > self.now.wall_ms / 1000 + MAX_AHEAD =>
+            {
+                // Kept for good and never going back, a time from a wrong clock would make
+                // every manifest expired: a box whose own clock is set takes none far ahead.
+                let own = self.now.wall_ms / 1000;
+                let e = RefusalError::Malformed(format!(
+                    "signed time {t} is {}s ahead of this box's clock",
+                    t - own
+                ));
+                tracing::warn!(time = t, clock = own, "signed time refused: {e}");
+                if let Some(suppressed) = self.may_say_refusal() {
+                    let mut ev = json!({"event": "update.refused", "code": e.code(), "reason": e.to_string(), "source": "time"});
+                    if suppressed > 0 {
+                        ev["suppressed"] = json!(suppressed);
+                    }
+                    self.out.push(Action::Event(ev));
+                }
             }
             Ok(t) => {
                 let own = self.now.wall_ms / 1000;
@@ -1079,7 +1104,8 @@ impl Core {
     /// A stale manifest is judged again when a newer operator time arrives (its digest is not
     /// kept as handled, and the time asks for the retained manifests again).
     fn forget_if_stale(&mut self, digest: &str, e: &RefusalError) {
-        if matches!(e, RefusalError::Stale(_)) {
+        // Only a time can make it fresh: a manifest too old, or undated, stays refused.
+        if matches!(e, RefusalError::StaleTime(_)) {
             self.seen.remove(digest);
             self.stale_refused = true;
         }

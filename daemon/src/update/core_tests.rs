@@ -1506,3 +1506,29 @@ fn the_kept_time_is_the_clock_after_a_restart() {
     let a = b.offer(expired, room());
     assert_eq!(refused_event(&a).as_deref(), Some("expired"), "{a:?}");
 }
+
+#[test]
+fn a_time_far_ahead_of_a_set_clock_is_refused_and_only_a_time_can_fix_refusals_are_asked_again() {
+    let mut b = Box1::new();
+    let a = time_in(&mut b, NOW_S + 2 * 86_400);
+    assert_eq!(refused_event(&a).as_deref(), Some("malformed"), "{a:?}");
+    assert_eq!(b.core.clock_s(), NOW_S, "not taken");
+    // Without a set clock the box cannot tell: it takes it.
+    let mut b = Box1::new();
+    b.wall_ms = 0;
+    let a = time_in(&mut b, NOW_S + 2 * 86_400);
+    assert!(matches!(&a[..], [Action::SaveTime(_)]), "{a:?}");
+
+    // A manifest made too long ago stays refused: a newer time does not ask for it again.
+    let mut b = Box1::with(Settings {
+        freshness: Some(Duration::from_secs(3600)),
+        ..settings()
+    });
+    time_in(&mut b, NOW_S);
+    let old = b.manifest("1.1.0", |s| s.issued = Some(NOW_S - 7200));
+    let a = b.offer(old.clone(), room());
+    assert_eq!(refused_event(&a).as_deref(), Some("stale"), "{a:?}");
+    let a = time_in(&mut b, NOW_S + 10);
+    assert!(!a.iter().any(|x| matches!(x, Action::Redeliver)), "{a:?}");
+    assert!(b.offer(old, room()).is_empty(), "handled already");
+}
