@@ -624,6 +624,12 @@ impl Daemon {
                     new.fleet = self.config.fleet.clone();
                     new.outbox = self.config.outbox;
                 }
+                if new.dbus != self.config.dbus {
+                    tracing::warn!(
+                        "dbus changes need a restart; keeping the running D-Bus interface"
+                    );
+                    new.dbus = self.config.dbus.clone();
+                }
                 if new.onnxruntime_library != self.config.onnxruntime_library {
                     tracing::warn!(
                         "engine.onnxruntime_library changes need a restart; keeping the loaded \

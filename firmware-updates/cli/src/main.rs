@@ -50,8 +50,12 @@ enum Cmd {
     },
     /// Print the public key (base64) of a private key file.
     Pubkey {
+        /// The private key file.
+        #[arg(required_unless_present = "key", conflicts_with = "key")]
+        path: Option<PathBuf>,
+        /// The same, as an option.
         #[arg(long)]
-        key: PathBuf,
+        key: Option<PathBuf>,
     },
     /// Print a signed command payload, ready for `mosquitto_pub -s` to
     /// `<prefix>/<device>/cmd/<name>` (or `<prefix>/fleet/<group>/cmd/<name>`).
@@ -238,6 +242,15 @@ enum PackageCmd {
 fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(code) => code,
+        // The reader went away (`| head`): what it wanted it has; nothing went wrong here.
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("tern-update: {e:#}");
             ExitCode::FAILURE
@@ -260,7 +273,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let key = SigningKey::from_pkcs8(&pkcs8)?;
             println!("{}", key.public().to_base64());
         }
-        Cmd::Pubkey { key } => println!("{}", load_key(&key)?.public().to_base64()),
+        Cmd::Pubkey { path, key } => {
+            let path = path.or(key).expect("clap requires one");
+            println!("{}", load_key(&path)?.public().to_base64())
+        }
         Cmd::SignCommand {
             key,
             target,

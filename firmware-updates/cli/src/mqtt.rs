@@ -626,7 +626,10 @@ pub async fn status(b: BrokerArgs, group: &str, once: bool, as_json: bool) -> an
                     r["model"].as_str().unwrap_or("-"),
                     r["version"].as_str().unwrap_or("-"),
                     r["state"].as_str().unwrap_or("-"),
-                    r["percent"],
+                    // Before a download starts there is no percentage yet.
+                    r["percent"]
+                        .as_u64()
+                        .map_or_else(|| "-".to_string(), |p| p.to_string()),
                     r["reason"].as_str().unwrap_or("")
                 );
             }

@@ -46,6 +46,13 @@ fn bundle_sign_verify_inspect_and_refusals() {
         String::from_utf8(o.stdout).unwrap().trim().to_string()
     };
     let (a, b) = (pubkey("a.key"), pubkey("b.key"));
+    // The public key again, from the file given as an argument or with --key.
+    for args in [&["pubkey", "a.key"][..], &["pubkey", "--key", "a.key"]] {
+        let o = tool(args, dir);
+        assert!(o.status.success(), "{args:?}: {}", text(&o));
+        assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), a, "{args:?}");
+    }
+    assert!(!tool(&["pubkey"], dir).status.success());
     let pkg = models().join("digits-mlp-int8");
     let pkg = pkg.to_str().unwrap();
 
@@ -108,6 +115,19 @@ fn bundle_sign_verify_inspect_and_refusals() {
         dir,
     );
     assert!(text(&o).contains("REFUSED (unknown_key)"), "{}", text(&o));
+
+    // A reader that stops early (`| head -1`) is no error.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tern-update"))
+        .args(["inspect", "m.bundle"])
+        .current_dir(dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(!text(&o).contains("Broken pipe"), "{}", text(&o));
 
     let o = tool(&["inspect", "--json", "m.bundle"], dir);
     assert!(o.status.success(), "{}", text(&o));

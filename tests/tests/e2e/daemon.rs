@@ -389,8 +389,9 @@ fn sighup_keeps_running_config_on_error_and_applies_a_good_one() {
         "daemon died on a bad reload"
     );
 
+    // A new pipeline and model are applied; a changed [dbus] is said to need a restart.
     let second = format!(
-        "\n[[models]]\npackage = \"{}\"\n\n[[pipelines]]\nname = \"mlp\"\nfeed = \"inbox\"\nmodel = \"digits-mlp-int8\"\n",
+        "\n[[models]]\npackage = \"{}\"\n\n[[pipelines]]\nname = \"mlp\"\nfeed = \"inbox\"\nmodel = \"digits-mlp-int8\"\n\n[dbus]\nbus = \"session\"\n",
         package("digits-mlp-int8").display()
     );
     std::fs::write(&s.config, demo_config(&second)).unwrap();
@@ -408,6 +409,12 @@ fn sighup_keeps_running_config_on_error_and_applies_a_good_one() {
     wait_results(&s.state, "mlp", 13);
     assert_eq!(results(&s.state, "digits").len(), 13);
     assert_eq!(results(&s.state, "mlp").len(), 13);
+    assert!(
+        d.stderr()
+            .contains("dbus changes need a restart; keeping the running D-Bus interface"),
+        "{}",
+        d.stderr()
+    );
     d.signal("TERM").unwrap();
     assert!(d.wait(T).unwrap().success(), "{}", d.stderr());
 }
