@@ -902,6 +902,10 @@ fn verdict(checks: &[Check]) -> Exit {
 
 async fn box_checks(c: &config::Config) -> Vec<(&'static str, Level, String)> {
     let mut v = Vec::new();
+    if c.fleet.is_some() && !c.updates.enabled() {
+        let why = config::UPDATES_OFF_WARNING.trim_start_matches("warning: ");
+        v.push(("updates", Level::Warning, why.to_string()));
+    }
     let db = c.state_dir.join("tern.db");
     let active = match db.try_exists() {
         Ok(true) => match store_check(&db) {

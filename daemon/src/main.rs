@@ -135,6 +135,9 @@ fn check_config(path: &Path) -> ExitCode {
                 );
             } else {
                 println!("updates: off (no updates.keys)");
+                if c.fleet.is_some() {
+                    println!("{}", ternd::config::UPDATES_OFF_WARNING);
+                }
             }
             match &c.dbus {
                 Some(config::Bus::System) => println!("dbus: io.tern.Daemon1 on the system bus"),

@@ -201,6 +201,12 @@ pub async fn run(
         deps.uplink = uplink_tx;
         Some(update::new(deps))
     } else {
+        if config.fleet.is_some() {
+            tracing::warn!(
+                "{}",
+                config::UPDATES_OFF_WARNING.trim_start_matches("warning: ")
+            );
+        }
         None
     };
     let (updater, updater_task) = updater.unzip();

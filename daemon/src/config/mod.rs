@@ -607,6 +607,11 @@ pub struct MqttFeedConfig {
     pub sample_rate: Option<u32>,
 }
 
+/// What a box with a fleet link but no update keys says: it ignores every published bundle.
+pub const UPDATES_OFF_WARNING: &str = "warning: updates are off on a box with a fleet link: \
+    it ignores every bundle published to it; set updates.keys to the operator's public key \
+    (`tern-update keygen` prints it)";
+
 pub const DEFAULT_STALL_SECS: f64 = 10.0;
 pub const DEFAULT_AUDIO_STALL_SECS: f64 = 5.0;
 pub const DEFAULT_STOP_AFTER_MS: u64 = 100;

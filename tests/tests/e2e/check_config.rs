@@ -220,4 +220,10 @@ fn fleet_problems_are_each_named_by_key_and_line() {
     let demo = root().join("configs/fleet-demo.toml");
     let (status, out, err) = ternd(&["check-config", "--config", demo.to_str().unwrap()]).unwrap();
     assert!(status.success(), "fleet-demo.toml: {out}{err}");
+    // It has a fleet link and no update keys: the usual mistake is named, with the key to set.
+    assert!(
+        out.contains("warning: updates are off on a box with a fleet link")
+            && out.contains("updates.keys"),
+        "{out}"
+    );
 }
