@@ -913,47 +913,29 @@ impl Core {
         if !self.seen.insert(digest) {
             return;
         }
-        let result =
-            bundle::parse(&payload).and_then(|m| bundle::verify_time(&m, &self.trust.keys));
-        match result {
-            Err(e) => {
-                let reason = clip(&e.to_string(), 512);
-                let Some(suppressed) = self.may_say_refusal() else {
-                    tracing::debug!(code = %e.code(), error = %reason, "signed time refused (not said: too many)");
-                    return;
-                };
-                tracing::warn!(code = %e.code(), error = %reason, "signed time refused");
-                let mut ev = json!({"event": "update.refused", "code": e.code(), "reason": reason, "source": "time"});
-                if suppressed > 0 {
-                    ev["suppressed"] = json!(suppressed);
-                }
-                self.out.push(Action::Event(ev));
-            }
-            Ok(t) if self.time.is_some_and(|(held, _)| t <= held) => {
-                tracing::debug!(time = t, "signed time not newer than the one held");
-            }
-            Ok(t)
-                if self.now.wall_ms / 1000 >= SANE_CLOCK
-                    && t > self.now.wall_ms / 1000 + MAX_AHEAD =>
-            {
+        let own = self.now.wall_ms / 1000;
+        let held = self.time.map(|(held, _)| held);
+        let result = bundle::parse(&payload)
+            .and_then(|m| bundle::verify_time(&m, &self.trust.keys))
+            .and_then(|t| {
                 // Kept for good and never going back, a time from a wrong clock would make
                 // every manifest expired: a box whose own clock is set takes none far ahead.
-                let own = self.now.wall_ms / 1000;
-                let e = RefusalError::Malformed(format!(
-                    "signed time {t} is {}s ahead of this box's clock",
-                    t - own
-                ));
-                tracing::warn!(time = t, clock = own, "signed time refused: {e}");
-                if let Some(suppressed) = self.may_say_refusal() {
-                    let mut ev = json!({"event": "update.refused", "code": e.code(), "reason": e.to_string(), "source": "time"});
-                    if suppressed > 0 {
-                        ev["suppressed"] = json!(suppressed);
-                    }
-                    self.out.push(Action::Event(ev));
+                let newer = held.is_none_or(|h| t > h);
+                if newer && own >= SANE_CLOCK && t > own + MAX_AHEAD {
+                    Err(RefusalError::Malformed(format!(
+                        "signed time {t} is {}s ahead of this box's clock",
+                        t - own
+                    )))
+                } else {
+                    Ok(t)
                 }
+            });
+        match result {
+            Err(e) => self.refuse_trust("signed time", "time", &e),
+            Ok(t) if held.is_some_and(|h| t <= h) => {
+                tracing::debug!(time = t, "signed time not newer than the one held");
             }
             Ok(t) => {
-                let own = self.now.wall_ms / 1000;
                 if t > own + 60 {
                     tracing::info!(
                         time = t,
@@ -1839,19 +1821,7 @@ impl Core {
         let result = bundle::parse(&payload)
             .and_then(|m| bundle::verify_rotation(&m, &self.trust.keys, self.trust.version));
         match result {
-            Err(e) => {
-                let reason = clip(&e.to_string(), 512);
-                let Some(suppressed) = self.may_say_refusal() else {
-                    tracing::debug!(code = %e.code(), error = %reason, "key rotation refused (not said: too many)");
-                    return;
-                };
-                tracing::warn!(code = %e.code(), error = %reason, "key rotation refused");
-                let mut ev = json!({"event": "update.refused", "code": e.code(), "reason": reason, "source": "keys"});
-                if suppressed > 0 {
-                    ev["suppressed"] = json!(suppressed);
-                }
-                self.out.push(Action::Event(ev));
-            }
+            Err(e) => self.refuse_trust("key rotation", "keys", &e),
             Ok((keys, version)) => {
                 let event = json!({
                     "event": "update.keys_rotated", "version": version,
@@ -1872,6 +1842,22 @@ impl Core {
                 );
             }
         }
+    }
+
+    /// A key set or a signed time refused: logged, and said as an `update.refused` event from
+    /// `source` within the refusal burst.
+    fn refuse_trust(&mut self, what: &str, source: &str, e: &RefusalError) {
+        let reason = clip(&e.to_string(), 512);
+        let Some(suppressed) = self.may_say_refusal() else {
+            tracing::debug!(code = %e.code(), error = %reason, "{what} refused (not said: too many)");
+            return;
+        };
+        tracing::warn!(code = %e.code(), error = %reason, "{what} refused");
+        let mut ev = json!({"event": "update.refused", "code": e.code(), "reason": reason, "source": source});
+        if suppressed > 0 {
+            ev["suppressed"] = json!(suppressed);
+        }
+        self.out.push(Action::Event(ev));
     }
 
     /// A bundle file: the same verification as over MQTT, the artifact copied from the file
