@@ -166,7 +166,6 @@ impl Input {
         })
     }
 
-    /// Turn this input into the model's fed inputs (batch of one).
     /// The image as 8-bit RGB (decoded within the same limits as for a model), for crops.
     pub fn rgb(&self) -> Result<image::RgbImage, EngineError> {
         match self {
@@ -176,23 +175,14 @@ impl Input {
                 height,
                 format,
                 data,
-            } => {
-                let bad = || bad(format!("a {width}x{height} frame of {} bytes", data.len()));
-                Ok(match format {
-                    PixelFormat::Rgb24 => {
-                        image::RgbImage::from_raw(*width, *height, data.clone()).ok_or_else(bad)?
-                    }
-                    PixelFormat::Gray8 => DynamicImage::ImageLuma8(
-                        image::GrayImage::from_raw(*width, *height, data.clone())
-                            .ok_or_else(bad)?,
-                    )
-                    .to_rgb8(),
-                })
-            }
+            } => frame_image(*width, *height, *format, data)
+                .map(DynamicImage::into_rgb8)
+                .ok_or_else(|| bad(format!("a {width}x{height} frame of {} bytes", data.len()))),
             _ => Err(bad("crops are cut from images, not tensors".into())),
         }
     }
 
+    /// Turn this input into the model's fed inputs (batch of one).
     pub fn prepare(&self, m: &Manifest) -> Result<Prepared, EngineError> {
         let mut named = HashMap::new();
         match self {
@@ -329,14 +319,21 @@ impl Input {
                         geometry: Some(Geometry::stretch(*width, *height, *width, *height)),
                     });
                 }
-                let img = match format {
-                    PixelFormat::Rgb24 => image::RgbImage::from_raw(*width, *height, data.clone())
-                        .map(DynamicImage::ImageRgb8),
-                    PixelFormat::Gray8 => image::GrayImage::from_raw(*width, *height, data.clone())
-                        .map(DynamicImage::ImageLuma8),
-                };
+                let img = frame_image(*width, *height, *format, data);
                 image_input(m, img.expect("length checked above"))
             }
+        }
+    }
+}
+
+/// A raw frame's pixels as an image; `None` if the bytes are not that frame's.
+fn frame_image(width: u32, height: u32, format: PixelFormat, data: &[u8]) -> Option<DynamicImage> {
+    match format {
+        PixelFormat::Rgb24 => {
+            image::RgbImage::from_raw(width, height, data.to_vec()).map(DynamicImage::ImageRgb8)
+        }
+        PixelFormat::Gray8 => {
+            image::GrayImage::from_raw(width, height, data.to_vec()).map(DynamicImage::ImageLuma8)
         }
     }
 }
@@ -1224,13 +1221,12 @@ golden = ["g.npz"]
     }
 }
 
+/// A small streaming model's manifest for tests: audio windows of 4 new samples after 2 of
+/// context at `rate`, one score output.
 #[cfg(test)]
-mod audio_tests {
-    use super::*;
-
-    fn vad() -> Manifest {
-        Manifest::parse(
-            r#"
+pub(crate) fn vad_manifest(rate: u32) -> Manifest {
+    Manifest::parse(&format!(
+        r#"
 format = 2
 name = "vad"
 version = "1.0.0"
@@ -1239,7 +1235,7 @@ name = "input"
 dtype = "f32"
 shape = [1, 6]
 [inputs.audio]
-sample_rate = 8000
+sample_rate = {rate}
 window = 4
 context = 2
 [[outputs]]
@@ -1249,9 +1245,17 @@ kind = "score"
 [selftest]
 tolerance = 0.0
 golden = ["g.npz"]
-"#,
-        )
-        .unwrap()
+"#
+    ))
+    .unwrap()
+}
+
+#[cfg(test)]
+mod audio_tests {
+    use super::*;
+
+    fn vad() -> Manifest {
+        vad_manifest(8000)
     }
 
     fn window(i: &Input) -> Vec<f32> {
