@@ -324,29 +324,7 @@ mod tests {
     use super::*;
 
     fn streams() -> Streams {
-        let m = crate::engine::Manifest::parse(
-            r#"
-format = 2
-name = "vad"
-version = "1.0.0"
-[[inputs]]
-name = "input"
-dtype = "f32"
-shape = [1, 6]
-[inputs.audio]
-sample_rate = 1000
-window = 4
-context = 2
-[[outputs]]
-name = "p"
-[outputs.postprocess]
-kind = "score"
-[selftest]
-tolerance = 0.0
-golden = ["g.npz"]
-"#,
-        )
-        .unwrap();
+        let m = crate::engine::vad_manifest(1000);
         Streams::new(Windower::for_model(&m, None).unwrap(), 10)
     }
 

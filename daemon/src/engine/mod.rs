@@ -20,6 +20,8 @@ mod rewrite;
 use std::path::PathBuf;
 
 pub use array::{Array, Data, read_npy, read_npy_f32, read_npz, write_npz};
+#[cfg(test)]
+pub(crate) use input::vad_manifest;
 pub use input::{
     Geometry, Input, Pcm, PixelFormat, Prepared, Windower, audio_windows, pcm_stream, read_bounded,
 };
