@@ -21,14 +21,7 @@ use crate::engine::{Pcm, pcm_stream};
 
 /// ffmpeg's arguments for this feed at `rate` samples per second.
 pub fn ffmpeg_args(cfg: &AudioConfig, rate: u32) -> Vec<String> {
-    let mut a: Vec<String> = ["-hide_banner", "-nostdin", "-loglevel", "warning"]
-        .map(String::from)
-        .to_vec();
-    a.extend(cfg.input_args.iter().cloned());
-    if let Some(f) = &cfg.format {
-        a.extend(["-f".into(), f.clone()]);
-    }
-    a.extend(["-i".into(), cfg.input.clone()]);
+    let mut a = super::camera::ffmpeg_input(&cfg.input_args, cfg.format.as_deref(), &cfg.input);
     a.extend(
         [
             "-vn",

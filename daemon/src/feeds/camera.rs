@@ -74,14 +74,8 @@ impl FrameSpec {
 
 /// ffmpeg's arguments for this camera and frame.
 pub fn ffmpeg_args(cfg: &CameraConfig, spec: FrameSpec) -> Vec<String> {
-    let mut a: Vec<String> = ["-hide_banner", "-nostdin", "-loglevel", "warning"]
-        .map(String::from)
-        .to_vec();
-    a.extend(cfg.input_args.iter().cloned());
-    if let Some(f) = &cfg.format {
-        a.extend(["-f".into(), f.clone()]);
-    }
-    a.extend(["-i".into(), cfg.input.clone(), "-an".into(), "-sn".into()]);
+    let mut a = ffmpeg_input(&cfg.input_args, cfg.format.as_deref(), &cfg.input);
+    a.extend(["-an".into(), "-sn".into()]);
     let mut vf = Vec::new();
     if let Some(fps) = cfg.fps {
         vf.push(format!("fps={fps}"));
@@ -149,6 +143,19 @@ impl super::Source for CameraFeed {
         let _ = child.kill().await;
         Ended::Failed(why)
     }
+}
+
+/// ffmpeg's arguments up to its input: quiet, no stdin, the feed's own options, `-f`, `-i`.
+pub fn ffmpeg_input(input_args: &[String], format: Option<&str>, input: &str) -> Vec<String> {
+    let mut a: Vec<String> = ["-hide_banner", "-nostdin", "-loglevel", "warning"]
+        .map(String::from)
+        .to_vec();
+    a.extend(input_args.iter().cloned());
+    if let Some(f) = format {
+        a.extend(["-f".into(), f.to_string()]);
+    }
+    a.extend(["-i".into(), input.to_string()]);
+    a
 }
 
 /// An ffmpeg child with `args`: stdout piped for the caller, stderr's lines into the log (the
