@@ -36,16 +36,8 @@ from PIL import Image
 # The plan ternd serves the OCR models with: `tract`, or `auto` (the fastest of those that pass,
 # onnxruntime among them when ORT_DYLIB_PATH names its library).
 PLAN = os.environ.get("TERN_BENCH_PLAN", "tract")
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-DEFAULT = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
-                       "tern", "third-party", "packages")
-
-
-def ternd():
-    for p in ("target/release/ternd", "target/debug/ternd"):
-        if os.path.exists(os.path.join(ROOT, p)):
-            return os.path.join(ROOT, p)
-    sys.exit("build ternd first (cargo build -p ternd --release)")
+# The same ternd, cache and repository as the per-model bench (this script's folder).
+from third_party import DEFAULT, ROOT, ternd  # noqa: E402
 
 
 def session(pkg):
