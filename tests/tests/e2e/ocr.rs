@@ -259,15 +259,8 @@ fn the_ocr_demo_runs_as_shipped() {
     let Some(packages) = third_party() else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let configs = dir.path().join("configs");
-    std::fs::create_dir_all(&configs).unwrap();
-    let models = dir.path().join("tests/models");
-    std::fs::create_dir_all(&models).unwrap();
+    let (dir, config) = crate::sound::demo_as_shipped("ocr-demo", &packages);
     let cache = packages.parent().unwrap();
-    std::os::unix::fs::symlink(cache, models.join("third-party")).unwrap();
-    let config = configs.join("ocr-demo.toml");
-    std::fs::copy(root().join("configs/ocr-demo.toml"), &config).unwrap();
     let inbox = dir.path().join("var/ocr-demo/inbox");
     std::fs::create_dir_all(&inbox).unwrap();
     std::fs::copy(cache.join("testdata/page.png"), inbox.join("page.png")).unwrap();

@@ -4,7 +4,7 @@
 //! samples.
 
 use std::io::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -287,6 +287,20 @@ model = "silero-vad"
     assert!(d.wait(T).unwrap().success());
 }
 
+/// A shipped demo laid out like the repository: `configs/<name>.toml` copied, and the fetch
+/// script's link from `tests/models/third-party` to its cache. The folder and the config.
+pub(crate) fn demo_as_shipped(name: &str, packages: &Path) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let configs = dir.path().join("configs");
+    std::fs::create_dir_all(&configs).unwrap();
+    let models = dir.path().join("tests/models");
+    std::fs::create_dir_all(&models).unwrap();
+    std::os::unix::fs::symlink(packages.parent().unwrap(), models.join("third-party")).unwrap();
+    let config = configs.join(format!("{name}.toml"));
+    std::fs::copy(root().join(format!("configs/{name}.toml")), &config).unwrap();
+    (dir, config)
+}
+
 /// The voice demo exactly as shipped, laid out like the repository (the fetch script's link
 /// to its cache included): speech start and stop stored, where `speech.json` says the speech is.
 #[test]
@@ -297,14 +311,7 @@ fn the_voice_demo_runs_as_shipped() {
     let Some(packages) = third_party() else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let configs = dir.path().join("configs");
-    std::fs::create_dir_all(&configs).unwrap();
-    let models = dir.path().join("tests/models");
-    std::fs::create_dir_all(&models).unwrap();
-    std::os::unix::fs::symlink(packages.parent().unwrap(), models.join("third-party")).unwrap();
-    let config = configs.join("vad-demo.toml");
-    std::fs::copy(root().join("configs/vad-demo.toml"), &config).unwrap();
+    let (dir, config) = demo_as_shipped("vad-demo", &packages);
     let (st, out, err) = ternd(&["check-config", "--config", config.to_str().unwrap()]).unwrap();
     assert!(st.success(), "{out}{err}");
     let truth: Value =
