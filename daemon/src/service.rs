@@ -281,8 +281,12 @@ pub async fn run(
                     });
                     Some(conn)
                 }
+                Err(e) if config.dbus_asked => {
+                    tracing::warn!(bus = ?bus, error = %e, "D-Bus interface not served");
+                    None
+                }
                 Err(e) => {
-                    tracing::warn!(bus = ?bus, error = %e, "D-Bus interface not served (set dbus.bus = \"none\" to silence this)");
+                    tracing::info!(bus = ?bus, error = %e, "D-Bus interface not served: no system bus here (dbus.bus is not set; set it to say where, or to \"none\")");
                     None
                 }
             }

@@ -441,6 +441,9 @@ pub struct Config {
     pub updates: UpdatesConfig,
     /// None: no D-Bus interface.
     pub dbus: Option<Bus>,
+    /// Whether `dbus.bus` was set: a box left on the default system bus where there is none
+    /// (a laptop, a container) only notes it, one that asked for a bus warns.
+    pub dbus_asked: bool,
     /// `[engine]`: the pool settings of a model not listed in `[[models]]` (one an update
     /// brought) and the defaults of those listed.
     pub engine: PoolSettings,

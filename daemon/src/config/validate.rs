@@ -94,6 +94,7 @@ pub(super) fn validate(
             outbox,
             updates,
             dbus,
+            dbus_asked: raw.dbus.bus.is_some(),
             engine: engine_pool,
             onnxruntime_library,
             store,

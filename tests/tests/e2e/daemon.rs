@@ -103,6 +103,15 @@ fn demo_runs_ready_results_restart_and_stop() {
     notify.wait_for("STOPPING=1", T).unwrap();
     let status = d.wait(T).unwrap();
     assert!(status.success(), "exit {status}: {}", d.stderr());
+    // The demo asks for nothing it cannot have here (no system bus, no broker): a newcomer's
+    // first run says nothing is wrong.
+    let log = d.stderr();
+    let warned: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .collect();
+    assert!(warned.is_empty(), "the demo warned: {warned:#?}");
+    assert!(log.contains("ready"), "{log}");
 
     // Restart: done files are not redone; a file that arrived while stopped is.
     drop_file(&s.inbox, "zz-late-3.png", &s.inbox.join("digit-3.png"));
