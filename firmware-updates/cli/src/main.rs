@@ -208,6 +208,11 @@ enum Cmd {
         /// Print once and exit (after the broker's retained messages arrived).
         #[arg(long)]
         once: bool,
+        /// Follow this bundle's update only, until every online box of the group has an
+        /// outcome for it: exit 0 if all committed, 1 if any failed, was refused or rolled
+        /// back.
+        #[arg(long, conflicts_with = "once")]
+        bundle: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -492,10 +497,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             broker,
             group,
             once,
+            bundle,
             json,
         } => {
             let rt = tokio::runtime::Runtime::new()?;
-            rt.block_on(mqtt::status(broker, &group, once, json))?;
+            return rt.block_on(mqtt::status(broker, &group, once, bundle.as_deref(), json));
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -547,7 +547,32 @@ pub async fn withdraw(
     Ok(())
 }
 
-pub async fn status(b: BrokerArgs, group: &str, once: bool, as_json: bool) -> anyhow::Result<()> {
+/// A bundle's update as `status --bundle` follows it: its model and the digest its statuses
+/// carry.
+struct Followed {
+    model: String,
+    manifest_sha: String,
+}
+
+/// Print the group's update statuses; with a bundle, only that update's, until every online
+/// member has an outcome for it.
+pub async fn status(
+    b: BrokerArgs,
+    group: &str,
+    once: bool,
+    bundle: Option<&std::path::Path>,
+    as_json: bool,
+) -> anyhow::Result<ExitCode> {
+    let followed = match bundle {
+        Some(path) => {
+            let (file, signed) = open_bundle(path)?;
+            Some(Followed {
+                model: signed.name,
+                manifest_sha: tern_update::sha256_hex(&file.manifest_bytes),
+            })
+        }
+        None => None,
+    };
     let topics = Topics::new(&b.prefix);
     let mut conn = connect(&b).await?;
     let mut groups: BTreeMap<String, (bool, bool)> = BTreeMap::new();
@@ -595,7 +620,13 @@ pub async fn status(b: BrokerArgs, group: &str, once: bool, as_json: bool) -> an
             .flat_map(|(dev, (online, _))| {
                 let mine: Vec<&Value> = updates
                     .iter()
-                    .filter(|((d, _), _)| d == dev)
+                    .filter(|((d, model), v)| {
+                        d == dev
+                            && followed.as_ref().is_none_or(|f| {
+                                *model == f.model
+                                    && v["manifest_sha256"].as_str() == Some(&f.manifest_sha)
+                            })
+                    })
                     .map(|(_, v)| v)
                     .collect();
                 if mine.is_empty() {
@@ -636,7 +667,25 @@ pub async fn status(b: BrokerArgs, group: &str, once: bool, as_json: bool) -> an
         }
         if once {
             let _ = conn.client.disconnect().await;
-            return Ok(());
+            return Ok(ExitCode::SUCCESS);
+        }
+        if followed.is_some() {
+            let online: Vec<&Value> = rows.iter().filter(|r| r["online"] == true).collect();
+            let done = |r: &&Value| {
+                matches!(
+                    r["state"].as_str(),
+                    Some("committed" | "failed" | "rolled_back" | "refused")
+                )
+            };
+            if !online.is_empty() && online.iter().all(done) {
+                let _ = conn.client.disconnect().await;
+                let all_committed = online.iter().all(|r| r["state"] == "committed");
+                return Ok(if all_committed {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                });
+            }
         }
         match conn.messages.recv().await {
             Some((t, p)) => take(&mut groups, &mut updates, &t, &p),

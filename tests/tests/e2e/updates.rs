@@ -226,6 +226,12 @@ fn late_joiner_gets_the_update_published_by_the_tool() {
         (Some("1.1.0"), Some("committed"), Some(100)),
         "{row}"
     );
+    // Following this bundle ends at once: every online box of the group has committed it.
+    let followed = run(&[
+        "status", "--broker", &url, "--group", "lab", "--bundle", "u.bundle", "--json",
+    ]);
+    let last: Value = serde_json::from_str(followed.trim().lines().last().unwrap()).unwrap();
+    assert_eq!(last[0]["state"], "committed", "{followed}");
 
     // Withdrawn: the broker keeps neither the manifest nor any chunk.
     let out = run(&["withdraw", "--broker", &url, "--group", "lab", "u.bundle"]);
