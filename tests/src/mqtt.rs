@@ -107,6 +107,22 @@ impl Broker {
         Ok(Some(b))
     }
 
+    /// A mosquitto someone else started on `port` (a README line the test runs), once it
+    /// accepts connections; the test's clients connect to it, nothing here stops it.
+    pub fn started_elsewhere(port: u16) -> Result<Broker> {
+        wait_port(port, true)?;
+        Ok(Broker {
+            kind: Kind::Mosquitto,
+            port,
+            port_v5: port,
+            tls_port: None,
+            auth_port: None,
+            conf: None,
+            child: None,
+            _dir: None,
+        })
+    }
+
     /// rumqttd inside this test process: MQTT 3.1.1 on `port`, MQTT 5 on `port_v5`. It has no
     /// shutdown API, so it lives until the test process ends.
     pub fn embedded() -> Result<Broker> {

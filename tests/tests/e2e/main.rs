@@ -5,6 +5,7 @@ mod check_config;
 mod daemon;
 mod dbus;
 mod feeds;
+mod first_hour;
 mod fleet;
 mod hardening;
 mod infer;
