@@ -2,8 +2,10 @@
 //! box's crop of the same image, and their outputs join the box in the one result.
 //!
 //! ```text
-//!  image ─► pipeline's model ─► boxes ─► for each (highest scores first, at most max_crops):
-//!                                          crop (+ crop_pad) ─► stage 1 ─► [turn upright] ─► stage 2 …
+//!  image ─► pipeline's model ─► boxes ─► crops (+ crop_pad; highest scores first, at most
+//!                                          max_crops) ─► stage 1 on all ─► [turn each upright]
+//!                                          ─► stage 2 on all …  (together where a stage's
+//!                                          model has a named batch)
 //!  one result: the boxes, each with "stages": [{model, version, top, outputs} …]
 //! ```
 //!
@@ -82,24 +84,47 @@ impl Chain {
             Ok(Err(e)) => return say_error(boxes, &order, &e.to_string()),
             Err(e) => return say_error(boxes, &order, &format!("decoding panicked: {e}")),
         };
+        // Each stage takes every crop still going at once, so a model that batches (a named
+        // batch in its manifest) runs them together.
+        struct Crop {
+            box_ix: usize,
+            image: RgbImage,
+            said: Vec<Value>,
+            going: bool,
+        }
+        let mut crops = Vec::with_capacity(order.len());
         for (i, b) in boxes.iter_mut().enumerate() {
             if !order.contains(&i) {
                 b["stages"] = json!("skipped: over max_crops");
                 continue;
             }
-            let Some(mut crop) = crop(&rgb, b, self.pad) else {
-                b["stages"] = json!("skipped: empty box");
-                continue;
-            };
-            let mut said = Vec::with_capacity(self.stages.len());
-            for (stage, pool) in &self.stages {
-                let input = Input::Frame {
-                    width: crop.width(),
-                    height: crop.height(),
+            match crop(&rgb, b, self.pad) {
+                Some(image) => crops.push(Crop {
+                    box_ix: i,
+                    image,
+                    said: Vec::with_capacity(self.stages.len()),
+                    going: true,
+                }),
+                None => b["stages"] = json!("skipped: empty box"),
+            }
+        }
+        for (stage, pool) in &self.stages {
+            let going: Vec<&mut Crop> = crops.iter_mut().filter(|c| c.going).collect();
+            if going.is_empty() {
+                break;
+            }
+            let inputs = going
+                .iter()
+                .map(|c| Input::Frame {
+                    width: c.image.width(),
+                    height: c.image.height(),
                     format: PixelFormat::Rgb24,
-                    data: crop.as_raw().clone(),
-                };
-                match pool.infer_waiting(input).await {
+                    data: c.image.as_raw().clone(),
+                })
+                .collect();
+            let answers = pool.infer_batch_waiting(inputs).await;
+            for (c, answer) in going.into_iter().zip(answers) {
+                match answer {
                     Ok(p) => {
                         let mut s = json!({
                             "model": p.model, "version": p.version, "top": p.top,
@@ -108,21 +133,26 @@ impl Chain {
                         if !p.outputs.is_empty() {
                             s["outputs"] = Value::Object(p.outputs);
                         }
+                        if let Some(n) = p.batch {
+                            s["batch"] = json!(n);
+                        }
                         if stage.rotate
                             && let Some(turn) = upright(&p.top, stage.min_score)
                         {
-                            crop = turned(&crop, turn);
+                            c.image = turned(&c.image, turn);
                             s["turned"] = json!(turn);
                         }
-                        said.push(s);
+                        c.said.push(s);
                     }
                     Err(e) => {
-                        said.push(stage_error(&stage.model, &e));
-                        break;
+                        c.said.push(stage_error(&stage.model, &e));
+                        c.going = false;
                     }
                 }
             }
-            b["stages"] = Value::Array(said);
+        }
+        for c in crops {
+            boxes[c.box_ix]["stages"] = Value::Array(c.said);
             crate::crash_point("chain:crop");
         }
     }

@@ -1016,3 +1016,116 @@ fn auto_times_every_passing_plan_and_the_fastest_serves() {
         }
     }
 }
+
+/// A model whose manifest names its image batch runs several inputs together (the crops of a
+/// chain) and answers each as it would alone; one bad input fails alone; a model that cannot
+/// batch answers them one by one.
+#[test]
+fn inputs_run_together_answer_as_they_would_alone() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("digits-batched");
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = models().join("digits-cnn-f32");
+    std::fs::copy(src.join("model.onnx"), dir.join("model.onnx")).unwrap();
+    let mut golden = Vec::new();
+    for i in 0..2 {
+        let g = dir.join(format!("golden/{i}"));
+        std::fs::create_dir_all(g.join("in")).unwrap();
+        std::fs::create_dir_all(g.join("out")).unwrap();
+        std::fs::copy(
+            src.join(format!("golden/{i}-input.npy")),
+            g.join("in/input.npy"),
+        )
+        .unwrap();
+        std::fs::copy(
+            src.join(format!("golden/{i}-output.npy")),
+            g.join("out/probs.npy"),
+        )
+        .unwrap();
+        golden.push(format!("\"golden/{i}\""));
+    }
+    std::fs::write(
+        dir.join("tern-model.toml"),
+        format!(
+            r#"format = 2
+name = "digits-batched"
+version = "1.0.0"
+[[inputs]]
+name = "input"
+dtype = "f32"
+shape = ["N<=4", 3, 32, 32]
+[inputs.image]
+layout = "nchw"
+color = "rgb"
+resize = "stretch"
+filter = "nearest"
+scale = 0.00392156862745098
+[[outputs]]
+name = "probs"
+[outputs.postprocess]
+kind = "classify"
+softmax = false
+top_k = 3
+labels = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]
+[selftest]
+tolerance = 0.0001
+golden = [{}]
+"#,
+            golden.join(", ")
+        ),
+    )
+    .unwrap();
+    let m = Model::load_plan(&dir, NonZeroUsize::MIN, ternd::engine::Plan::Tract).unwrap();
+    assert_eq!(m.manifest.batch(), Some("N"));
+    let inbox = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/demo/inbox");
+    let mut inputs: Vec<Input> = [0, 1, 2, 3, 4, 5, 6]
+        .iter()
+        .map(|i| Input::Encoded(std::fs::read(inbox.join(format!("digit-{i}.png"))).unwrap()))
+        .collect();
+    inputs.insert(3, Input::Encoded(b"not an image".to_vec()));
+    let together = m.infer_batch(&inputs);
+    assert_eq!(together.len(), inputs.len());
+    // 7 good inputs in batches of at most 4: plans for a batch of 4 and one of 3, beside the
+    // self-test's batch of 1.
+    assert_eq!(m.plans_cached(), 3, "the inputs did not run together");
+    for (i, (input, got)) in inputs.iter().zip(&together).enumerate() {
+        match (m.infer(input), got) {
+            (Ok(alone), Ok(got)) => {
+                assert_eq!(got.top.len(), 3);
+                for (a, b) in alone.top.iter().zip(&got.top) {
+                    assert_eq!(a.label, b.label, "input {i}");
+                    assert!((a.score - b.score).abs() < 1e-5, "input {i}: {a:?} {b:?}");
+                }
+            }
+            (Err(a), Err(b)) => {
+                assert_eq!(i, 3);
+                assert_eq!(a.to_string(), b.to_string());
+            }
+            (a, b) => panic!("input {i}: alone {a:?}, together {b:?}"),
+        }
+    }
+    let labels: Vec<&str> = together
+        .iter()
+        .filter_map(|r| r.as_ref().ok())
+        .map(|p| p.top[0].label.as_str())
+        .collect();
+    assert_eq!(labels, ["0", "1", "2", "3", "4", "5", "6"]);
+
+    // A model without a named batch answers the same way, one by one.
+    let plain = load("digits-cnn-f32");
+    let each = plain.infer_batch(&inputs);
+    assert!(each[3].is_err());
+    assert_eq!(
+        each.iter().filter_map(|r| r.as_ref().ok()).count(),
+        7,
+        "{each:?}"
+    );
+
+    // A named batch is tern's to fill: a caller's tensor is one sample.
+    let two = Input::Tensor {
+        shape: vec![2, 3, 32, 32],
+        data: vec![0.0; 2 * 3 * 32 * 32],
+    };
+    let e = two.prepare(&m.manifest).unwrap_err().to_string();
+    assert!(e.contains("one request is one sample"), "{e}");
+}

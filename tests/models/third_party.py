@@ -78,7 +78,7 @@ CLS = {
     "name": "ppocr-cls", "version": "2.0.0", "src": RAPIDOCR, "member": CLS_ONNX,
     "description": "PP-OCR mobile v2.0 text-line orientation classifier (0/180) from "
                    "rapidocr-onnxruntime 1.4.4",
-    "input": {"name": "x", "dtype": "f32", "shape": [1, 3, 48, 192],
+    "input": {"name": "x", "dtype": "f32", "shape": ["N<=8", 3, 48, 192],
               "image": {"layout": "nchw", "color": "bgr", "resize": "stretch",
                         "scale": INV255, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}},
     "output": "save_infer_model/scale_0.tmp_1",
@@ -87,7 +87,7 @@ CLS = {
 REC = {
     "name": "ppocr-rec", "version": "4.0.0", "src": RAPIDOCR, "member": REC_ONNX,
     "description": "PP-OCRv4 text recogniser from rapidocr-onnxruntime 1.4.4",
-    "input": {"name": "x", "dtype": "f32", "shape": [1, 3, 48, "W<=1280"],
+    "input": {"name": "x", "dtype": "f32", "shape": ["N<=8", 3, 48, "W<=1280"],
               "image": {"layout": "nchw", "color": "bgr", "resize": "fit", "multiple": 8,
                         "scale": INV255, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}},
     "output": "softmax_11.tmp_0",

@@ -659,17 +659,19 @@ pub fn fit_shape(
     named: &mut HashMap<String, usize>,
 ) -> Result<Vec<usize>, EngineError> {
     let decl = &spec.shape;
-    let full: Vec<usize> = if given.len() + 1 == decl.len() && decl.first() == Some(&Dim::Fixed(1))
-    {
+    // A named batch is tern's to fill (crops run together): a caller sends one sample.
+    let batch = m.batch().filter(|_| spec.image.is_some());
+    let one_first = decl.first() == Some(&Dim::Fixed(1)) || batch.is_some();
+    let full: Vec<usize> = if given.len() + 1 == decl.len() && one_first {
         std::iter::once(1).chain(given.iter().copied()).collect()
     } else {
         given.to_vec()
     };
     let shown: Vec<String> = decl.iter().map(|d| d.to_string()).collect();
     // The batch may be left out, so both forms are what the input takes.
-    let takes = match decl.first() {
-        Some(Dim::Fixed(1)) => format!("[{}] (or [{}])", shown.join(", "), shown[1..].join(", ")),
-        _ => format!("[{}]", shown.join(", ")),
+    let takes = match one_first {
+        true => format!("[{}] (or [{}])", shown.join(", "), shown[1..].join(", ")),
+        false => format!("[{}]", shown.join(", ")),
     };
     let misfit = |why: String| {
         bad(format!(
@@ -679,6 +681,14 @@ pub fn fit_shape(
     };
     if full.len() != decl.len() {
         return Err(misfit(String::new()));
+    }
+    if let Some(b) = batch
+        && full[0] != 1
+    {
+        return Err(misfit(format!(
+            ": `{b}` is {}, but one request is one sample",
+            full[0]
+        )));
     }
     for (d, n) in decl.iter().zip(&full) {
         match d {
@@ -691,6 +701,7 @@ pub fn fit_shape(
                 // What images become, tensors must be too: a side `fit` never makes would
                 // only cost a plan.
                 if let Some(image) = spec.image.as_ref().filter(|i| i.resize == Resize::Fit)
+                    && batch != Some(name.as_str())
                     && n % image.multiple != 0
                 {
                     return Err(misfit(format!(
@@ -818,6 +829,9 @@ fn image_input(m: &Manifest, img: DynamicImage) -> Result<Prepared, EngineError>
         Color::Rgb | Color::Bgr => img.into_rgb8().into_raw(),
     };
     let mut named = HashMap::new();
+    if let Some(b) = m.batch() {
+        named.insert(b.to_string(), 1);
+    }
     let sides = match pre.layout {
         Layout::Nchw => [(&spec.shape[2], h), (&spec.shape[3], w)],
         Layout::Nhwc => [(&spec.shape[1], h), (&spec.shape[2], w)],

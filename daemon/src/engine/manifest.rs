@@ -97,6 +97,16 @@ pub enum Dim {
     },
 }
 
+impl Dim {
+    /// A named dimension's name.
+    pub fn name(&self) -> Option<&str> {
+        match self {
+            Dim::Named { name, .. } => Some(name),
+            Dim::Fixed(_) => None,
+        }
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum RawDim {
@@ -570,6 +580,15 @@ impl Manifest {
                 ));
             }
         }
+        if let Some(batch) = self.batch()
+            && (self.fed().count() != 1 || !self.state.is_empty())
+        {
+            return Err(format!(
+                "inputs: the image input's batch `{batch}` is named, but the model also takes \
+                 other inputs or state; only a model with one image input and no state runs \
+                 samples together (make the batch 1)"
+            ));
+        }
         for (n, o) in self.outputs.iter().enumerate() {
             let key = match self.format {
                 1 => "postprocess".to_string(),
@@ -647,6 +666,20 @@ impl Manifest {
             Layout::Nchw => Some((fixed(2)?, fixed(3)?)),
             Layout::Nhwc => Some((fixed(1)?, fixed(2)?)),
             Layout::Nc => image.nc_side_size(fixed(1)?),
+        }
+    }
+
+    /// The image input's named batch dimension and its bound, if samples may run together.
+    pub fn batch(&self) -> Option<&str> {
+        self.batch_bound().map(|(name, _)| name)
+    }
+
+    /// [`Manifest::batch`] with how many samples at most one run takes.
+    pub fn batch_bound(&self) -> Option<(&str, usize)> {
+        let input = self.inputs.iter().find(|i| i.image.is_some())?;
+        match input.shape.first()? {
+            Dim::Named { name, max } => Some((name, *max)),
+            Dim::Fixed(_) => None,
         }
     }
 
@@ -818,14 +851,23 @@ impl InputSpec {
                     ));
                 }
             }
-            if shape[0] != Dim::Fixed(1) {
+            // A named batch (`"N<=8"`) lets crops of a chain run together; one image is N = 1.
+            let batch_ok = match &shape[0] {
+                Dim::Fixed(1) => true,
+                Dim::Named { name, .. } => {
+                    image.layout != Layout::Nc && !shape[1..].iter().any(|d| d.name() == Some(name))
+                }
+                Dim::Fixed(_) => false,
+            };
+            if !batch_ok {
                 return Err(format!(
-                    "{key}.shape: an image input's batch (dimension 0) must be 1; tern feeds \
-                     one image at a time"
+                    "{key}.shape: an image input's batch (dimension 0) must be 1, or a name of \
+                     its own (`\"N<=8\"`) for crops run together"
                 ));
             }
             if image.resize == Resize::Fit {
-                for d in shape {
+                // The batch is no side.
+                for d in &shape[1..] {
                     if let Dim::Named { name, max } = d
                         && *max < image.multiple
                     {
@@ -1348,6 +1390,7 @@ fn describe(text: &str, e: &toml::de::Error, key: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::Input;
 
     const GOOD: &str = r#"
 name = "m"
@@ -1566,10 +1609,11 @@ golden = ["g.npz"]
         let e = Manifest::parse(&text.replace("\"charset.txt\"", "\"../c.txt\"")).unwrap_err();
         assert!(e.contains("outputs[0].postprocess.charset"), "{e}");
         for (from, to, want) in [
+            ("[1, 3, 48,", "[2, 3, 48,", "batch (dimension 0) must be 1"),
             (
-                "[1, 3, 48,",
-                "[\"N<=4\", 3, 48,",
-                "batch (dimension 0) must be 1",
+                "[1, 3, 48, \"W<=1280\"]",
+                "[\"W<=8\", 3, 48, \"W<=8\"]",
+                "a name of its own",
             ),
             ("[1, 3, 48,", "[1, 3, 0,", "a dimension of 0"),
             ("\"W<=1280\"", "\"W<=4\"", "under inputs[0].image.multiple"),
@@ -1580,6 +1624,24 @@ golden = ["g.npz"]
             let e = Manifest::parse(&text.replace(from, to)).unwrap_err();
             assert!(e.contains(want), "{to}: {e}");
         }
+        // A named batch: samples may run together, one image is a batch of one. It is no
+        // side: its bound may be under the sides' multiple.
+        let batched = text.replace("[1, 3, 48,", "[\"N<=4\", 3, 48,");
+        let m = Manifest::parse(&batched).unwrap();
+        assert_eq!(m.batch_bound(), Some(("N", 4)));
+        let one = Input::Tensor {
+            shape: vec![1, 3, 48, 16],
+            data: vec![0.0; 3 * 48 * 16],
+        };
+        one.prepare(&m).expect("a batch of one fits");
+        assert_eq!(Manifest::parse(text).unwrap().batch(), None);
+        let with_state = batched.replace(
+            "[selftest]",
+            "[[inputs]]\nname = \"h\"\ndtype = \"f32\"\nshape = [1, 4]\n\n\
+             [[state]]\ninput = \"h\"\noutput = \"hn\"\n\n[selftest]",
+        );
+        let e = Manifest::parse(&with_state).unwrap_err();
+        assert!(e.contains("runs samples together"), "{e}");
         let boxes = text.replace(
             "kind = \"ctc\"\ncharset = \"charset.txt\"",
             "kind = \"detect\"\nformat = \"yolo\"\nmax_boxes = 0",

@@ -183,8 +183,12 @@ pub struct Prediction {
     /// Every declared output's postprocessed result, by output name (format 2 packages).
     #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
     pub outputs: serde_json::Map<String, serde_json::Value>,
-    /// Time spent in tern (decode, preprocess, run, postprocess), microseconds.
+    /// Time spent in tern (decode, preprocess, run, postprocess), microseconds; for an input
+    /// run in a batch, until the batch's answers were ready.
     pub latency_us: u64,
+    /// How many inputs ran together with this one (itself included), when more than one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<usize>,
 }
 
 /// What a stream carries from one run to the next: the model's state tensors and each score
@@ -891,15 +895,170 @@ impl Model {
             // swapped it in): the stream starts over.
             *stream = self.stream();
         }
-        let m = &self.manifest;
-        let prepared = input.prepare(m)?;
+        let prepared = input.prepare(&self.manifest)?;
         let (outputs, _) = self.run_prepared(&prepared, stream)?;
+        self.predict(outputs, prepared.geometry, stream, start)
+    }
+
+    /// Several inputs, each answered as [`Model::infer`] would, run together in batches of the
+    /// manifest's named batch (see [`Manifest::batch`]), each padded with zeros to the largest
+    /// named sides of its batch (what PaddleOCR does for text lines); a model without one runs
+    /// them one by one. An input that cannot be prepared fails alone, and a batch that fails
+    /// to run is run again one input at a time, so one bad input never costs the others.
+    pub fn infer_batch(&self, inputs: &[Input]) -> Vec<Result<Prediction, EngineError>> {
+        let Some((_, most)) = self.manifest.batch_bound() else {
+            return inputs.iter().map(|i| self.infer(i)).collect();
+        };
+        let start = Instant::now();
+        let mut out: Vec<Option<Result<Prediction, EngineError>>> =
+            inputs.iter().map(|_| None).collect();
+        let mut ready = Vec::new();
+        for (i, input) in inputs.iter().enumerate() {
+            match input.prepare(&self.manifest) {
+                Ok(p) => ready.push((i, p)),
+                Err(e) => out[i] = Some(Err(e)),
+            }
+        }
+        // Inputs of like size together pad least.
+        ready.sort_by_key(|(_, p)| p.arrays.first().map_or(0, |(_, a)| a.data.len()));
+        for group in ready.chunks(most.max(1)) {
+            let together = match group.len() {
+                1 => None,
+                _ => match self.run_together(group, start) {
+                    Ok(answers) => Some(answers),
+                    Err(e) => {
+                        tracing::debug!(model = %self.name(), error = %e, "a batch failed; running its inputs one by one");
+                        None
+                    }
+                },
+            };
+            match together {
+                Some(answers) => {
+                    for ((i, _), a) in group.iter().zip(answers) {
+                        out[*i] = Some(a);
+                    }
+                }
+                None => {
+                    for (i, p) in group {
+                        let mut stream = self.stream();
+                        out[*i] =
+                            Some(self.run_prepared(p, &mut stream).and_then(|(o, _)| {
+                                self.predict(o, p.geometry, &mut stream, start)
+                            }));
+                    }
+                }
+            }
+        }
+        out.into_iter()
+            .map(|o| o.expect("every input is answered"))
+            .collect()
+    }
+
+    /// One run of prepared single-sample inputs stacked along the batch, each padded with
+    /// zeros to the largest of every dimension; each sample's answer from its slice of every
+    /// output.
+    fn run_together(
+        &self,
+        group: &[(usize, Prepared)],
+        start: Instant,
+    ) -> Result<Vec<Result<Prediction, EngineError>>, EngineError> {
+        let m = &self.manifest;
+        let run_err = |message: String| EngineError::Run {
+            model: m.name.clone(),
+            message,
+        };
+        let n = group.len();
+        let mut items = Vec::with_capacity(n);
+        for (_, p) in group {
+            match p.arrays.as_slice() {
+                [
+                    (
+                        ix,
+                        Array {
+                            shape,
+                            data: Data::F32(v),
+                        },
+                    ),
+                ] if shape.first() == Some(&1) => items.push((*ix, shape.as_slice(), v.as_slice())),
+                _ => return Err(run_err("a batch takes one f32 sample per input".into())),
+            }
+        }
+        let ix = items[0].0;
+        let rank = items[0].1.len();
+        if items.iter().any(|(i, s, _)| *i != ix || s.len() != rank) {
+            return Err(run_err("the samples of a batch differ in kind".into()));
+        }
+        let mut shape = vec![n; rank];
+        for (d, side) in shape.iter_mut().enumerate().skip(1) {
+            *side = items.iter().map(|(_, s, _)| s[d]).max().unwrap_or(0);
+        }
+        let per: usize = shape[1..].iter().product();
+        let mut data = vec![0f32; n * per];
+        for (k, (_, s, v)) in items.iter().enumerate() {
+            pad_into(v, &s[1..], &mut data[k * per..(k + 1) * per], &shape[1..]);
+        }
+        let batched = Prepared {
+            arrays: vec![(ix, Array::f32(shape.clone(), data))],
+            geometry: None,
+        };
+        let (outputs, _) = self.run_prepared(&batched, &mut self.stream())?;
+        for (o, (s, _)) in m.outputs.iter().zip(&outputs) {
+            if s.first() != Some(&n) {
+                return Err(run_err(format!(
+                    "output `{}` has shape {s:?}: not one row per sample of a batch of {n}",
+                    o.name
+                )));
+            }
+        }
+        // The model saw each image at the top left of the batch's larger canvas.
+        let (h, w) = match m.inputs[ix].image.as_ref().map(|i| i.layout) {
+            Some(super::manifest::Layout::Nchw) => (shape[2], shape[3]),
+            Some(super::manifest::Layout::Nhwc) => (shape[1], shape[2]),
+            _ => (0, 0),
+        };
+        Ok(group
+            .iter()
+            .enumerate()
+            .map(|(k, (_, p))| {
+                let mine: Values = outputs
+                    .iter()
+                    .map(|(s, v)| {
+                        let row = v.len() / n;
+                        let mut one = s.clone();
+                        one[0] = 1;
+                        (one, v[k * row..(k + 1) * row].to_vec())
+                    })
+                    .collect();
+                let geometry = p.geometry.map(|g| super::input::Geometry {
+                    model_width: w as u32,
+                    model_height: h as u32,
+                    ..g
+                });
+                self.predict(mine, geometry, &mut self.stream(), start)
+                    .map(|p| Prediction {
+                        batch: Some(n),
+                        ..p
+                    })
+            })
+            .collect())
+    }
+
+    /// A prediction from a run's declared outputs: each postprocessed, score events carried
+    /// in `stream`.
+    fn predict(
+        &self,
+        outputs: Values,
+        geometry: Option<super::input::Geometry>,
+        stream: &mut Stream,
+        start: Instant,
+    ) -> Result<Prediction, EngineError> {
+        let m = &self.manifest;
         let mut top = Vec::new();
         let mut results = serde_json::Map::new();
         for (o, ((shape, values), spec)) in outputs.into_iter().zip(&m.outputs).enumerate() {
             let ctx = Context {
                 charset: self.charsets[o].as_deref(),
-                geometry: prepared.geometry,
+                geometry,
             };
             let v = postprocess::apply(
                 &spec.postprocess,
@@ -927,12 +1086,37 @@ impl Model {
             top,
             outputs: results,
             latency_us: start.elapsed().as_micros() as u64,
+            batch: None,
         })
     }
 
     /// Plans made so far (one per distinct shape of the named dimensions).
     pub fn plans_cached(&self) -> usize {
         self.plans.cache.lock().map(|c| c.len()).unwrap_or(0)
+    }
+}
+
+/// Copy a row-major `src` of shape `from` into the start of every dimension of `dst`, of
+/// shape `to` (each side at least `from`'s); the rest of `dst` is left as it was.
+fn pad_into(src: &[f32], from: &[usize], dst: &mut [f32], to: &[usize]) {
+    let Some((&row, outer)) = from.split_last() else {
+        if let (Some(d), Some(s)) = (dst.first_mut(), src.first()) {
+            *d = *s;
+        }
+        return;
+    };
+    let mut strides = vec![1usize; to.len()];
+    for d in (0..to.len().saturating_sub(1)).rev() {
+        strides[d] = strides[d + 1] * to[d + 1];
+    }
+    let rows: usize = outer.iter().product();
+    for r in 0..rows {
+        let (mut rest, mut at) = (r, 0);
+        for d in (0..outer.len()).rev() {
+            at += (rest % outer[d]) * strides[d];
+            rest /= outer[d];
+        }
+        dst[at..at + row].copy_from_slice(&src[r * row..(r + 1) * row]);
     }
 }
 
@@ -1647,6 +1831,23 @@ fn cpu() -> &'static dyn TractRuntime {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn padding_puts_each_sample_at_the_start_of_every_side() {
+        // A 2x3 sample in a 3x4 slot: rows keep their place, the rest stays as it was.
+        let src = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let mut dst = [0.0f32; 12];
+        pad_into(&src, &[2, 3], &mut dst, &[3, 4]);
+        assert_eq!(
+            dst,
+            [1.0, 2.0, 3.0, 0.0, 4.0, 5.0, 6.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+        );
+        // Rank 3, the middle side padded.
+        let src: Vec<f32> = (1..=4).map(|x| x as f32).collect();
+        let mut dst = [0.0f32; 8];
+        pad_into(&src, &[2, 1, 2], &mut dst, &[2, 2, 2]);
+        assert_eq!(dst, [1.0, 2.0, 0.0, 0.0, 3.0, 4.0, 0.0, 0.0]);
+    }
 
     #[test]
     fn a_health_window_counts_only_the_versions_own_faults() {

@@ -64,10 +64,21 @@ impl Pools {
 
 struct Job {
     model: Arc<Model>,
-    input: Input,
-    /// One step of a stream: its state goes in and comes back with the answer.
-    stream: Option<Stream>,
-    reply: oneshot::Sender<Answer>,
+    work: Work,
+    reply: oneshot::Sender<Done>,
+}
+
+/// What one job asks of a worker.
+enum Work {
+    /// One input; with a stream, one step of it (its state goes in and comes back).
+    One(Input, Option<Stream>),
+    /// Inputs run together where the model batches (the crops of a chain).
+    Batch(Vec<Input>),
+}
+
+enum Done {
+    One(Answer),
+    Batch(Vec<Result<Prediction, EngineError>>),
 }
 
 type Answer = (Result<Prediction, EngineError>, Option<Stream>);
@@ -226,11 +237,10 @@ impl ModelPool {
         impl std::future::Future<Output = Result<Prediction, EngineError>> + use<>,
         EngineError,
     > {
-        let (reply, rx) = oneshot::channel::<Answer>();
+        let (reply, rx) = oneshot::channel::<Done>();
         let job = Job {
             model: self.active(),
-            input,
-            stream: None,
+            work: Work::One(input, None),
             reply,
         };
         match self.inner.tx.try_send(job) {
@@ -238,8 +248,8 @@ impl ModelPool {
                 let model = self.inner.name.clone();
                 Ok(async move {
                     match rx.await {
-                        Ok((r, _)) => r,
-                        Err(_) => Err(EngineError::Stopped { model }),
+                        Ok(Done::One((r, _))) => r,
+                        Ok(Done::Batch(_)) | Err(_) => Err(EngineError::Stopped { model }),
                     }
                 })
             }
@@ -272,11 +282,37 @@ impl ModelPool {
     /// One step of a stream, waiting for room in the queue: the answer, and the stream to
     /// carry on with (`None` if the pool stopped with it: start a new one).
     pub async fn step_waiting(&self, input: Input, stream: Option<Stream>) -> Answer {
+        match self.submit_waiting(Work::One(input, stream)).await {
+            Ok(Done::One(answer)) => answer,
+            Ok(Done::Batch(_)) => unreachable!("one input is answered once"),
+            Err((e, Work::One(_, stream))) => (Err(e), stream),
+            Err((e, Work::Batch(_))) => (Err(e), None),
+        }
+    }
+
+    /// Several inputs, waiting for room in the queue, run together where the model batches
+    /// ([`Model::infer_batch`]): one answer per input, in order.
+    pub async fn infer_batch_waiting(
+        &self,
+        inputs: Vec<Input>,
+    ) -> Vec<Result<Prediction, EngineError>> {
+        let n = inputs.len();
+        match self.submit_waiting(Work::Batch(inputs)).await {
+            Ok(Done::Batch(answers)) => answers,
+            Ok(Done::One(_)) => unreachable!("a batch is answered as one"),
+            Err((e, _)) => (0..n).map(|_| Err(e.clone())).collect(),
+        }
+    }
+
+    /// Queue work, waiting for room; the work back with the error if the pool has stopped.
+    async fn submit_waiting(&self, work: Work) -> Result<Done, (EngineError, Work)> {
+        let stopped = || EngineError::Stopped {
+            model: self.inner.name.clone(),
+        };
         let mut delay = Duration::from_millis(1);
         let mut job = Job {
             model: self.active(),
-            input,
-            stream,
+            work,
             reply: oneshot::channel().0,
         };
         loop {
@@ -285,12 +321,8 @@ impl ModelPool {
             job.model = self.active();
             match self.inner.tx.try_send(job) {
                 Ok(()) => {
-                    return rx.await.unwrap_or_else(|_| {
-                        let stopped = EngineError::Stopped {
-                            model: self.inner.name.clone(),
-                        };
-                        (Err(stopped), None)
-                    });
+                    // A worker that died with the job took its stream along.
+                    return rx.await.map_err(|_| (stopped(), Work::Batch(Vec::new())));
                 }
                 Err(crossbeam_channel::TrySendError::Full(back)) => {
                     job = back;
@@ -298,10 +330,7 @@ impl ModelPool {
                     delay = (delay * 2).min(Duration::from_millis(50));
                 }
                 Err(crossbeam_channel::TrySendError::Disconnected(back)) => {
-                    let stopped = EngineError::Stopped {
-                        model: self.inner.name.clone(),
-                    };
-                    return (Err(stopped), back.stream);
+                    return Err((stopped(), back.work));
                 }
             }
         }
@@ -319,7 +348,7 @@ impl ModelPool {
 
 fn worker(w: usize, rx: crossbeam_channel::Receiver<Job>, pool: std::sync::Weak<Inner>) {
     loop {
-        let mut job = match rx.recv_timeout(Duration::from_millis(500)) {
+        let job = match rx.recv_timeout(Duration::from_millis(500)) {
             Ok(job) => job,
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
                 if pool.strong_count() == 0 {
@@ -333,42 +362,82 @@ fn worker(w: usize, rx: crossbeam_channel::Receiver<Job>, pool: std::sync::Weak<
         let started = inner.epoch.elapsed().as_millis() as u64;
         inner.busy_since[w].store(started.max(1), Ordering::Relaxed);
         crate::crash_point("infer");
-        // tract is large and sees untrusted inputs: a panic in one inference must become an
-        // error for that request, not a dead worker or a dead daemon.
-        let mut stream = job.stream.take();
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &mut stream {
-            Some(s) => job.model.infer_in(&job.input, s),
-            None => job.model.infer(&job.input),
-        }))
-        .unwrap_or_else(|panic| {
-            // A state left half-updated by a panic is not carried on.
-            stream = stream.take().map(|_| job.model.stream());
-            Err(EngineError::Run {
-                model: job.model.name().to_string(),
-                message: panic_message(&panic),
-            })
-        });
+        let done = match job.work {
+            Work::One(input, stream) => {
+                let (result, stream) = run_one(&job.model, &input, stream);
+                inner.count(&result);
+                job.model.outcomes.record(&input, &result);
+                Done::One((result, stream))
+            }
+            Work::Batch(inputs) => {
+                // tract is large and sees untrusted inputs: a panic in one inference must
+                // become an error for that request, not a dead worker or a dead daemon.
+                let answers = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    job.model.infer_batch(&inputs)
+                }))
+                .unwrap_or_else(|panic| {
+                    let e = EngineError::Run {
+                        model: job.model.name().to_string(),
+                        message: panic_message(&panic),
+                    };
+                    inputs.iter().map(|_| Err(e.clone())).collect()
+                });
+                for (input, result) in inputs.iter().zip(&answers) {
+                    inner.count(result);
+                    job.model.outcomes.record(input, result);
+                }
+                Done::Batch(answers)
+            }
+        };
         inner.busy_since[w].store(0, Ordering::Relaxed);
-        match &result {
+        drop(inner);
+        // The requester may have given up; that is not an error here.
+        let _ = job.reply.send(done);
+    }
+}
+
+/// One input on `model`, as a step of `stream` if given, a panic turned into an error.
+fn run_one(
+    model: &Model,
+    input: &Input,
+    mut stream: Option<Stream>,
+) -> (Result<Prediction, EngineError>, Option<Stream>) {
+    // tract is large and sees untrusted inputs: a panic in one inference must become an
+    // error for that request, not a dead worker or a dead daemon.
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &mut stream {
+        Some(s) => model.infer_in(input, s),
+        None => model.infer(input),
+    }))
+    .unwrap_or_else(|panic| {
+        // A state left half-updated by a panic is not carried on.
+        stream = stream.take().map(|_| model.stream());
+        Err(EngineError::Run {
+            model: model.name().to_string(),
+            message: panic_message(&panic),
+        })
+    });
+    (result, stream)
+}
+
+impl Inner {
+    /// Count one answer in the pool's statistics.
+    fn count(&self, result: &Result<Prediction, EngineError>) {
+        match result {
             Ok(p) => {
-                inner.stats.completed.fetch_add(1, Ordering::Relaxed);
-                inner.stats.latencies.record(p.latency_us);
+                self.stats.completed.fetch_add(1, Ordering::Relaxed);
+                self.stats.latencies.record(p.latency_us);
             }
             Err(
                 EngineError::Input { .. }
                 | EngineError::Unreadable { .. }
                 | EngineError::Shape { .. },
             ) => {
-                inner.stats.bad_input.fetch_add(1, Ordering::Relaxed);
+                self.stats.bad_input.fetch_add(1, Ordering::Relaxed);
             }
             Err(_) => {
-                inner.stats.failed.fetch_add(1, Ordering::Relaxed);
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
             }
         }
-        job.model.outcomes.record(&job.input, &result);
-        drop(inner);
-        // The requester may have given up; that is not an error here.
-        let _ = job.reply.send((result, stream));
     }
 }
 

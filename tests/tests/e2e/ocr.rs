@@ -135,11 +135,23 @@ fn the_ocr_chain_reads_rendered_words_in_one_result_per_image() {
     .unwrap();
 
     let (mut read, mut words, mut unboxed, mut turned) = (0, 0, Vec::new(), 0);
+    let mut batched = 0;
     for (src, boxes) in stored(&state) {
         assert!(whole(&boxes), "{src}: {boxes:?}");
         let t = &truth[&src];
         let mut got: HashMap<String, usize> = HashMap::new();
+        // Both stages' models name their batch: an image's crops (at most 8) run together.
+        let together = |b: &Value, stage: usize| b["stages"][stage]["batch"].as_u64();
         for b in &boxes {
+            for stage in [0, 1] {
+                let got = together(b, stage);
+                match boxes.len() {
+                    1 => assert_eq!(got, None, "{src}: stage {stage} of {b}"),
+                    n @ 2..=8 => assert_eq!(got, Some(n as u64), "{src}: stage {stage} of {b}"),
+                    _ => assert!(got.is_some(), "{src}: stage {stage} of {b}"),
+                }
+            }
+            batched += usize::from(together(b, 1).is_some());
             for w in text(b).split_whitespace() {
                 *got.entry(w.to_string()).or_default() += 1;
             }
@@ -166,7 +178,11 @@ fn the_ocr_chain_reads_rendered_words_in_one_result_per_image() {
             }
         }
     }
-    eprintln!("ocr chain: {read}/{words} words read exactly, {turned} crops turned upright");
+    eprintln!(
+        "ocr chain: {read}/{words} words read exactly, {turned} crops turned upright, \
+         {batched} read in a batch"
+    );
+    assert!(batched > 0, "no image had two lines");
     assert!(words > 100, "{words}");
     assert!(
         read * 100 >= words * 95,
