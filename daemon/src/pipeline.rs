@@ -19,7 +19,7 @@
 //! Stopping: the feed stops on cancellation and drops its sender; the pipeline finishes the
 //! samples already queued and ends, so a SIGTERM drains instead of dropping work.
 
-use std::collections::VecDeque;
+use crate::config::OnFull;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -145,7 +145,7 @@ pub fn build(
     } else {
         in_flight(pc.workers.get(), pc.queue.get(), share)
     };
-    let sound = match feed.pcm() {
+    let mut sound = match feed.pcm() {
         None => None,
         Some((_, rate)) => {
             let w = crate::engine::Windower::for_model(&manifest, cfg.hop.map(|h| h.get()))
@@ -169,23 +169,26 @@ pub fn build(
                     w.rate
                 )));
             }
-            Some(crate::sound::Streams::new(w, cfg.stop_after_ms))
+            Some(crate::streams::Streams::new(
+                crate::streams::Cutter::Pcm(w),
+                cfg.stop_after_ms,
+            ))
         }
     };
     // A model whose score outputs have a threshold says what matters by their flips: each
-    // window of a sound is a result only if one flipped (speech started, stopped).
-    let events_only = sound.is_some()
-        && manifest.outputs.iter().any(|o| {
-            matches!(
-                o.postprocess,
-                crate::engine::Postprocess::Score {
-                    threshold: Some(_),
-                    ..
-                }
-            )
-        });
+    // window of a stream is a result only if one flipped (speech started, stopped).
+    let thresholded = manifest.outputs.iter().any(|o| {
+        matches!(
+            o.postprocess,
+            crate::engine::Postprocess::Score {
+                threshold: Some(_),
+                ..
+            }
+        )
+    });
     let fields = feed.fields().len();
-    let shaper = if fields > 0 {
+    let mut shaper = None;
+    if fields > 0 {
         let shape = manifest.sample_shape();
         let want: usize = shape.iter().product();
         let have = cfg.window.get() * fields;
@@ -195,17 +198,27 @@ pub fn build(
                 manifest.name, cfg.window
             )));
         }
-        Some(Shaper {
-            window: cfg.window.get(),
-            stride: cfg.stride.get(),
-            shape,
-            readings: VecDeque::new(),
-            fresh: 0,
-            emitted: false,
-        })
-    } else {
-        None
-    };
+        let readings = crate::streams::Readings::new(cfg.window.get(), cfg.stride.get(), shape);
+        if manifest.state.is_empty() && !thresholded {
+            shaper = Some(crate::streams::PerSource::new(readings));
+        } else {
+            // State (or a score's on/off) goes from one window to the next of one source:
+            // its readings are streams, never thinned, dropped or mixed with another's.
+            if cfg.every_nth.get() > 1 || cfg.max_fps.is_some() || cfg.on_full == OnFull::DropOldest
+            {
+                return Err(Unfit(format!(
+                    "model `{}` carries state from one window to the next: its readings are \
+                     never thinned or dropped (every_nth, max_fps, on_full = \"drop_oldest\")",
+                    manifest.name
+                )));
+            }
+            sound = Some(crate::streams::Streams::new(
+                crate::streams::Cutter::Readings(readings),
+                cfg.stop_after_ms,
+            ));
+        }
+    }
+    let events_only = sound.is_some() && thresholded;
     let gate = Gate {
         every_nth: cfg.every_nth.get(),
         min_gap_ms: cfg.max_fps.map(|f| 1000.0 / f),
@@ -248,7 +261,7 @@ pub fn build(
         FeedConfig::Serial(s) => Box::pin(feeds::run(SerialFeed { cfg: s.clone() }, ctx, tx)),
         FeedConfig::Mqtt(m) => Box::pin(feeds::run(MqttFeed { cfg: m.clone() }, ctx, tx)),
         FeedConfig::Audio(a) => {
-            let rate = sound.as_ref().map_or(16_000, |s| s.rate());
+            let rate = sound.as_ref().and_then(|s| s.rate()).unwrap_or(16_000);
             let feed = crate::feeds::audio::AudioFeed {
                 cfg: a.clone(),
                 rate,
@@ -281,47 +294,6 @@ pub fn build(
     })
 }
 
-/// Stacks readings into windows: the last `window` readings, every `stride` new ones.
-struct Shaper {
-    window: usize,
-    stride: usize,
-    shape: Vec<usize>,
-    readings: VecDeque<Vec<f32>>,
-    fresh: usize,
-    emitted: bool,
-}
-
-impl Shaper {
-    /// Forget the readings so far: the next window is made of readings after this.
-    fn reset(&mut self) {
-        self.readings.clear();
-        self.fresh = 0;
-        self.emitted = false;
-    }
-
-    fn push(&mut self, values: Vec<f32>) -> Option<Input> {
-        self.readings.push_back(values);
-        if self.readings.len() > self.window {
-            self.readings.pop_front();
-        }
-        self.fresh += 1;
-        let due = if self.emitted {
-            self.fresh >= self.stride
-        } else {
-            self.readings.len() == self.window
-        };
-        if !due || self.readings.len() < self.window {
-            return None;
-        }
-        self.fresh = 0;
-        self.emitted = true;
-        Some(Input::Tensor {
-            shape: self.shape.clone(),
-            data: self.readings.iter().flatten().copied().collect(),
-        })
-    }
-}
-
 /// One sample's trip through the model.
 struct Done {
     source: String,
@@ -351,9 +323,10 @@ struct Serve {
     pool: ModelPool,
     sinks: Sinks,
     stats: Arc<PipelineStats>,
-    shaper: Option<Shaper>,
+    /// Readings windows of a model without state, per source.
+    shaper: Option<crate::streams::PerSource>,
     /// A sound feed's sources, windows and streams.
-    sound: Option<crate::sound::Streams>,
+    sound: Option<crate::streams::Streams>,
     /// Models run on the crops of the boxes the pipeline's model finds.
     chain: Option<Arc<crate::chain::Chain>>,
     /// Only windows in which a score flipped are results.
@@ -411,19 +384,17 @@ impl Serve {
         } = sample;
         let input = match data {
             Data::Input(i) => i,
-            Data::Reading(v) => Ok(self.shaper.as_mut()?.push(v)?),
+            Data::Reading(v) if self.sound.is_some() => {
+                let streams = self.sound.as_mut()?;
+                let p = streams.push_reading(&source, ts_ms, taken, v);
+                self.pushed(&source, p).await;
+                return None;
+            }
+            Data::Reading(v) => Ok(self.shaper.as_mut()?.push(&source, v)?),
             Data::Pcm(samples) => {
                 let sound = self.sound.as_mut()?;
                 let p = sound.push(&source, ts_ms, taken, &samples);
-                let stats = &self.stats.feed;
-                stats.dropped.fetch_add(p.dropped, Ordering::Relaxed);
-                if p.refused {
-                    stats.garbage.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(pipeline = %self.name, %source, "too many sound sources; this one is not heard");
-                } else if p.restarted {
-                    tracing::info!(pipeline = %self.name, %source, dropped = p.dropped, "sound stream starts over (the sender paused, or too much sound waited)");
-                }
-                self.say_stops(p.stops).await;
+                self.pushed(&source, p).await;
                 return None;
             }
             Data::Restart => {
@@ -484,9 +455,22 @@ impl Serve {
         }))
     }
 
+    /// Count and say what taking a source's samples or reading did besides queueing windows.
+    async fn pushed(&self, source: &str, p: crate::streams::Pushed) {
+        let stats = &self.stats.feed;
+        stats.dropped.fetch_add(p.dropped, Ordering::Relaxed);
+        if p.refused {
+            stats.garbage.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(pipeline = %self.name, %source, "too many stream sources; this one is not heard");
+        } else if p.restarted {
+            tracing::info!(pipeline = %self.name, %source, dropped = p.dropped, "stream starts over (the sender paused, or too much waited)");
+        }
+        self.say_stops(p.stops).await;
+    }
+
     /// Say the stops of scores left on when their streams ended (the events only: no window
     /// of the stream said them).
-    async fn say_stops(&self, stops: Vec<crate::sound::EndedStop>) {
+    async fn say_stops(&self, stops: Vec<crate::streams::EndedStop>) {
         for s in stops {
             tracing::info!(pipeline = %self.name, source = %s.source, output = %s.output, at_s = s.start_s, ts_ms = s.ts_ms, "score stop (the stream ended)");
             if let Some(ob) = &self.sinks.outbox {
@@ -505,7 +489,7 @@ impl Serve {
     fn sound_full(&self) -> bool {
         self.sound
             .as_ref()
-            .is_some_and(|s| s.waiting() >= crate::sound::PAUSE_AT)
+            .is_some_and(|s| s.waiting() >= crate::streams::PAUSE_AT)
     }
 
     /// Start the windows of sound that may run now: one per source at a time (its stream
@@ -517,7 +501,7 @@ impl Serve {
         let room = self.cap.saturating_sub(flights.len());
         for step in sound.ready(room) {
             let pool = self.pool.clone();
-            let crate::sound::Step {
+            let crate::streams::Step {
                 window,
                 stream,
                 generation,
@@ -947,36 +931,5 @@ mod tests {
             None
         ));
         assert!(!publishes(Publish::Above(0.8), None, None));
-    }
-
-    #[test]
-    fn windows_slide_by_their_stride() {
-        let mut s = Shaper {
-            window: 3,
-            stride: 2,
-            shape: vec![6],
-            readings: VecDeque::new(),
-            fresh: 0,
-            emitted: false,
-        };
-        let mut out = Vec::new();
-        for i in 0..8 {
-            if let Some(Input::Tensor { shape, data }) = s.push(vec![i as f32, -(i as f32)]) {
-                assert_eq!(shape, [6]);
-                out.push(
-                    data.iter()
-                        .step_by(2)
-                        .map(|x| *x as i32)
-                        .collect::<Vec<_>>(),
-                );
-            }
-        }
-        // The first window once three readings are in, then one every two new readings.
-        assert_eq!(out, [vec![0, 1, 2], vec![2, 3, 4], vec![4, 5, 6]]);
-        // After a reopened port, a window is made of new readings only.
-        s.reset();
-        assert!(s.push(vec![10.0, 0.0]).is_none());
-        assert!(s.push(vec![11.0, 0.0]).is_none());
-        assert!(s.push(vec![12.0, 0.0]).is_some());
     }
 }

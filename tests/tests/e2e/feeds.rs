@@ -806,3 +806,100 @@ model = "digits-det-f32"
         "{r}"
     );
 }
+
+/// A model with state on readings: each source (an MQTT topic under one wildcard) carries its
+/// own stream, window after window, never mixed with another's, and a restarted pipeline
+/// starts every stream from the initial state. `running-total` outputs the sum of its
+/// stream's readings so far, so each result shows which readings went into its state.
+#[test]
+fn a_stateful_model_on_readings_keeps_one_stream_per_source() {
+    let Some(broker) = mosquitto() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let body = format!(
+        r#"[[models]]
+package = "{}"
+
+[[feeds]]
+kind = "mqtt"
+name = "sensors"
+topic = "sensors/+/level"
+fields = ["level"]
+
+[[pipelines]]
+name = "totals"
+feed = "sensors"
+model = "running-total"
+"#,
+        package("running-total").display()
+    );
+    let (_, state, mut c, _d) = start(dir.path(), "sum1", &broker, &body);
+    wait_for("the MQTT feed subscribed", T, || {
+        (pipeline(&mut c, "sum1", "totals")["state"] == "running").then_some(())
+    })
+    .unwrap();
+    let totals = |state: &Path| -> Vec<(String, f64)> {
+        let c = db(state).unwrap();
+        let mut s = c
+            .prepare("SELECT source, outputs FROM results WHERE pipeline = 'totals' ORDER BY id")
+            .unwrap();
+        s.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .unwrap()
+            .map(|r| {
+                let (src, o) = r.unwrap();
+                let v: Value = serde_json::from_str(&o).unwrap();
+                (src, v["total"]["values"][0].as_f64().unwrap())
+            })
+            .collect()
+    };
+    let send = |c: &Client, topic: &str, level: f64| {
+        c.publish(
+            topic,
+            json!({ "level": level }).to_string().as_bytes(),
+            None,
+        )
+        .unwrap();
+    };
+    // Interleaved: a's readings 1..5, b's 100..500.
+    for i in 1..=5 {
+        send(&c, "sensors/a/level", f64::from(i));
+        send(&c, "sensors/b/level", f64::from(100 * i));
+    }
+    let got = wait_for("ten results", T, || {
+        let t = totals(&state);
+        (t.len() >= 10).then_some(t)
+    })
+    .unwrap();
+    let of = |src: &str, got: &[(String, f64)]| -> Vec<f64> {
+        got.iter()
+            .filter(|(s, _)| s.contains(src))
+            .map(|(_, v)| *v)
+            .collect()
+    };
+    assert_eq!(
+        of("sensors/a", &got),
+        [1.0, 3.0, 6.0, 10.0, 15.0],
+        "{got:?}"
+    );
+    assert_eq!(
+        of("sensors/b", &got),
+        [100.0, 300.0, 600.0, 1000.0, 1500.0],
+        "{got:?}"
+    );
+
+    // A restarted pipeline starts each stream over.
+    for name in ["pipelines.stop", "pipelines.start"] {
+        let r = cmd(&mut c, "sum1", name, json!({"name": "totals"}));
+        assert_eq!(r["ok"], true, "{r}");
+    }
+    wait_for("the MQTT feed subscribed again", T, || {
+        (pipeline(&mut c, "sum1", "totals")["state"] == "running").then_some(())
+    })
+    .unwrap();
+    send(&c, "sensors/a/level", 7.0);
+    let got = wait_for("the next result", T, || {
+        let t = totals(&state);
+        (t.len() >= 11).then_some(t)
+    })
+    .unwrap();
+    assert_eq!(got[10].1, 7.0, "the stream did not start over: {got:?}");
+}

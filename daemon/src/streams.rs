@@ -1,17 +1,19 @@
-//! A pipeline's sound, per source: samples cut into the model's windows, the model's stream
-//! (its state tensors and score on/off states) carried from one window to the next, one step
-//! at a time, and the time of each window's first sample.
+//! A pipeline's streams, per source: sound cut into the model's windows, or readings stacked
+//! into windows for a model with state (or score events); the model's stream (its state
+//! tensors and score on/off states) carried from one window to the next, one step at a time,
+//! and the time of each window.
 //!
 //! ```text
-//!  Pcm(samples) from source S ─► S's windower ─► S's waiting windows ─► one step in flight
-//!                                                                         │ with S's stream
-//!                    S's stream, back for S's next window ◄───────────────┘
+//!  samples or a reading from source S ─► S's cutter ─► S's waiting windows ─► one step in
+//!                                                                             │ flight with
+//!                    S's stream, back for S's next window ◄───────────────────┘ S's stream
 //! ```
 //!
 //! Sources never share a stream: two microphones on one MQTT wildcard each have their own.
 //! A stream starts over (fresh state, no score flips carried) when its feed restarts, when
 //! its source goes quiet for more than [`GAP_MS`] beyond what its last samples lasted (a
-//! sender that pauses: the samples after are not the ones before continued), when its
+//! sender that pauses: the samples after are not the ones before continued; a reading
+//! lasts nine of its intervals, so a sensor that misses ten readings starts over), when its
 //! waiting windows overflow, and when the model's version changes (the engine sees to that).
 //! The pipeline stops taking samples while [`PAUSE_AT`] windows wait, so a source that
 //! delivers faster than the model runs (a burst after a reconnect, a file) is held back by
@@ -65,8 +67,127 @@ pub struct EndedStop {
     pub start_s: f64,
 }
 
+/// What cuts a source's data into the model's inputs.
+#[derive(Debug, Clone)]
+pub enum Cutter {
+    /// Mono samples into audio windows.
+    Pcm(Windower),
+    /// Readings (a value per field) stacked into windows.
+    Readings(Readings),
+}
+
+impl Cutter {
+    fn reset(&mut self) {
+        match self {
+            Cutter::Pcm(w) => w.reset(),
+            Cutter::Readings(r) => r.reset(),
+        }
+    }
+}
+
+/// Stacks readings into windows: the last `window` readings, every `stride` new ones.
+#[derive(Debug, Clone)]
+pub struct Readings {
+    window: usize,
+    stride: usize,
+    shape: Vec<usize>,
+    readings: VecDeque<Vec<f32>>,
+    fresh: usize,
+    emitted: bool,
+}
+
+impl Readings {
+    /// Windows of `window` readings every `stride`, each an input of `shape`.
+    pub fn new(window: usize, stride: usize, shape: Vec<usize>) -> Readings {
+        Readings {
+            window,
+            stride,
+            shape,
+            readings: VecDeque::new(),
+            fresh: 0,
+            emitted: false,
+        }
+    }
+
+    /// Forget the readings so far: the next window is made of readings after this.
+    pub fn reset(&mut self) {
+        self.readings.clear();
+        self.fresh = 0;
+        self.emitted = false;
+    }
+
+    /// Take one reading; the window it completes, if it does.
+    pub fn push(&mut self, values: Vec<f32>) -> Option<Input> {
+        self.readings.push_back(values);
+        if self.readings.len() > self.window {
+            self.readings.pop_front();
+        }
+        self.fresh += 1;
+        let due = if self.emitted {
+            self.fresh >= self.stride
+        } else {
+            self.readings.len() == self.window
+        };
+        if !due || self.readings.len() < self.window {
+            return None;
+        }
+        self.fresh = 0;
+        self.emitted = true;
+        Some(Input::Tensor {
+            shape: self.shape.clone(),
+            data: self.readings.iter().flatten().copied().collect(),
+        })
+    }
+}
+
+/// Readings windows of a model without state: each source's readings stacked apart (two
+/// sensors on one MQTT wildcard never share a window), any number of windows at once.
+pub struct PerSource {
+    proto: Readings,
+    /// Each source's readings and when it last gave one (a tick), for making room.
+    sources: HashMap<String, (u64, Readings)>,
+    tick: u64,
+}
+
+impl PerSource {
+    pub fn new(proto: Readings) -> PerSource {
+        PerSource {
+            proto,
+            sources: HashMap::new(),
+            tick: 0,
+        }
+    }
+
+    /// Forget every source's readings (the feed started over).
+    pub fn reset(&mut self) {
+        self.sources.clear();
+    }
+
+    /// One reading of `source`; the window it completes, if it does. Past [`MAX_SOURCES`], a
+    /// new source takes the place of the one heard from longest ago.
+    pub fn push(&mut self, source: &str, values: Vec<f32>) -> Option<Input> {
+        self.tick += 1;
+        if !self.sources.contains_key(source) && self.sources.len() >= MAX_SOURCES {
+            let oldest = self
+                .sources
+                .iter()
+                .min_by_key(|(_, (t, _))| *t)
+                .map(|(k, _)| k.clone());
+            if let Some(k) = oldest {
+                self.sources.remove(&k);
+            }
+        }
+        let (t, r) = self
+            .sources
+            .entry(source.to_string())
+            .or_insert_with(|| (0, self.proto.clone()));
+        *t = self.tick;
+        r.push(values)
+    }
+}
+
 struct Source {
-    win: Windower,
+    win: Cutter,
     /// When sample 0 of this stream was heard.
     t0_ms: Option<i64>,
     /// The stream between steps; `None` while a step runs, or to start afresh.
@@ -85,7 +206,7 @@ struct Source {
 }
 
 pub struct Streams {
-    proto: Windower,
+    proto: Cutter,
     /// How long a score must stay off before its stop is said.
     hold_ms: i64,
     sources: HashMap<String, Source>,
@@ -106,7 +227,7 @@ pub struct Pushed {
 }
 
 impl Streams {
-    pub fn new(proto: Windower, hold_ms: u64) -> Streams {
+    pub fn new(proto: Cutter, hold_ms: u64) -> Streams {
         Streams {
             proto,
             hold_ms: hold_ms as i64,
@@ -115,8 +236,12 @@ impl Streams {
         }
     }
 
-    pub fn rate(&self) -> u32 {
-        self.proto.rate
+    /// The samples a second of a sound's windows.
+    pub fn rate(&self) -> Option<u32> {
+        match &self.proto {
+            Cutter::Pcm(w) => Some(w.rate),
+            Cutter::Readings(_) => None,
+        }
     }
 
     fn generation(&mut self) -> u64 {
@@ -124,14 +249,20 @@ impl Streams {
         self.next_generation
     }
 
-    /// Samples `samples` of `source`, heard up to `ts_ms`.
-    pub fn push(&mut self, source: &str, ts_ms: i64, taken: Instant, samples: &[f32]) -> Pushed {
-        let mut pushed = Pushed::default();
+    /// The source's state for data heard at `ts_ms` lasting `len_ms` (`None`: a reading,
+    /// which lasts nine of its intervals), made if new; its stream started over first if it
+    /// paused. `None` if there is no room for a new source.
+    fn enter(
+        &mut self,
+        source: &str,
+        ts_ms: i64,
+        len_ms: Option<i64>,
+        pushed: &mut Pushed,
+    ) -> Option<(&mut Source, u64)> {
         if !self.sources.contains_key(source) && !self.make_room(&mut pushed.stops) {
             pushed.refused = true;
-            return pushed;
+            return None;
         }
-        let rate = f64::from(self.proto.rate);
         let generation = self.generation();
         let src = self
             .sources
@@ -148,27 +279,84 @@ impl Streams {
                 on: HashMap::new(),
                 last_window: (ts_ms, 0.0),
             });
-        let ms = |n: i64| (n as f64 * 1000.0 / rate).round() as i64;
-        let n = samples.len() as i64;
-        if src.t0_ms.is_some() && ts_ms - src.last_ms > src.last_len_ms + GAP_MS {
+        let since = ts_ms - src.last_ms;
+        if src.t0_ms.is_some() && since > src.last_len_ms + GAP_MS {
             pushed.dropped += src.end(source, generation, &mut pushed.stops);
             pushed.restarted = true;
         }
+        src.last_len_ms = len_ms.unwrap_or(9 * since.max(0));
         src.last_ms = ts_ms;
-        src.last_len_ms = ms(n);
+        Some((src, generation))
+    }
+
+    /// Samples `samples` of `source`, heard up to `ts_ms`.
+    pub fn push(&mut self, source: &str, ts_ms: i64, taken: Instant, samples: &[f32]) -> Pushed {
+        let mut pushed = Pushed::default();
+        let Some(rate) = self.rate().map(f64::from) else {
+            pushed.refused = true;
+            return pushed;
+        };
+        let ms = |n: i64| (n as f64 * 1000.0 / rate).round() as i64;
+        let n = samples.len() as i64;
+        let Some((src, restart)) = self.enter(source, ts_ms, Some(ms(n)), &mut pushed) else {
+            return pushed;
+        };
+        let Cutter::Pcm(win) = &mut src.win else {
+            unreachable!("a sound's sources cut samples");
+        };
         // Bounded before a window is cut: one message may hold minutes of sound.
-        let coming = src.win.windows_after(samples.len());
+        let coming = win.windows_after(samples.len());
         if src.waiting.len() + coming > MAX_WAITING {
-            pushed.dropped += src.end(source, generation, &mut pushed.stops) + coming as u64;
+            pushed.dropped += src.end(source, restart, &mut pushed.stops) + coming as u64;
             pushed.restarted = true;
             return pushed;
         }
         let t0 = *src.t0_ms.get_or_insert(ts_ms - ms(n));
-        for (start, input) in src.win.push(samples) {
+        let Cutter::Pcm(win) = &mut src.win else {
+            unreachable!("a sound's sources cut samples");
+        };
+        for (start, input) in win.push(samples) {
             src.waiting.push_back(Window {
                 source: source.to_string(),
                 ts_ms: t0 + ms(start),
                 start_s: start as f64 / rate,
+                taken,
+                input,
+            });
+        }
+        pushed
+    }
+
+    /// One reading (a value per field) of `source`, taken at `ts_ms`.
+    pub fn push_reading(
+        &mut self,
+        source: &str,
+        ts_ms: i64,
+        taken: Instant,
+        values: Vec<f32>,
+    ) -> Pushed {
+        let mut pushed = Pushed::default();
+        if self.rate().is_some() {
+            pushed.refused = true;
+            return pushed;
+        }
+        let Some((src, restart)) = self.enter(source, ts_ms, None, &mut pushed) else {
+            return pushed;
+        };
+        if src.waiting.len() >= MAX_WAITING {
+            pushed.dropped += src.end(source, restart, &mut pushed.stops) + 1;
+            pushed.restarted = true;
+            return pushed;
+        }
+        let t0 = *src.t0_ms.get_or_insert(ts_ms);
+        let Cutter::Readings(r) = &mut src.win else {
+            unreachable!("a readings stream's sources stack readings");
+        };
+        if let Some(input) = r.push(values) {
+            src.waiting.push_back(Window {
+                source: source.to_string(),
+                ts_ms,
+                start_s: (ts_ms - t0) as f64 / 1000.0,
                 taken,
                 input,
             });
@@ -325,7 +513,7 @@ mod tests {
 
     fn streams() -> Streams {
         let m = crate::engine::vad_manifest(1000);
-        Streams::new(Windower::for_model(&m, None).unwrap(), 10)
+        Streams::new(Cutter::Pcm(Windower::for_model(&m, None).unwrap()), 10)
     }
 
     #[test]
@@ -481,5 +669,106 @@ mod tests {
             s.back(&st.window.source, st.generation, None);
         }
         assert!(!s.push("new", 100, t, &[0.0; 4]).refused);
+    }
+    #[test]
+    fn windows_slide_by_their_stride() {
+        let mut s = Readings::new(3, 2, vec![6]);
+        let mut out = Vec::new();
+        for i in 0..8 {
+            if let Some(Input::Tensor { shape, data }) = s.push(vec![i as f32, -(i as f32)]) {
+                assert_eq!(shape, [6]);
+                out.push(
+                    data.iter()
+                        .step_by(2)
+                        .map(|x| *x as i32)
+                        .collect::<Vec<_>>(),
+                );
+            }
+        }
+        // The first window once three readings are in, then one every two new readings.
+        assert_eq!(out, [vec![0, 1, 2], vec![2, 3, 4], vec![4, 5, 6]]);
+        // After a reopened port, a window is made of new readings only.
+        s.reset();
+        assert!(s.push(vec![10.0, 0.0]).is_none());
+        assert!(s.push(vec![11.0, 0.0]).is_none());
+        assert!(s.push(vec![12.0, 0.0]).is_some());
+    }
+
+    #[test]
+    fn readings_of_two_sources_make_their_own_windows_and_a_long_silence_starts_over() {
+        let mut s = Streams::new(Cutter::Readings(Readings::new(2, 1, vec![2])), 100);
+        let t = Instant::now();
+        // Interleaved, a reading a second each: a's windows hold only a's readings.
+        for (i, ts) in [0i64, 1000, 2000].iter().enumerate() {
+            let v = i as f32;
+            for (src, sign) in [("a", 1.0), ("b", -1.0)] {
+                let p = s.push_reading(src, *ts, t, vec![sign * v]);
+                assert_eq!(p, Pushed::default(), "{src} at {ts}");
+            }
+        }
+        let windows = |s: &mut Streams| {
+            let mut got = Vec::new();
+            loop {
+                let steps = s.ready(8);
+                if steps.is_empty() {
+                    return got;
+                }
+                for st in steps {
+                    let Input::Tensor { data, .. } = &st.window.input else {
+                        panic!("readings are tensors");
+                    };
+                    got.push((st.window.source.clone(), data.clone(), st.window.start_s));
+                    assert!(s.back(&st.window.source, st.generation, st.stream));
+                }
+            }
+        };
+        let mut got = windows(&mut s);
+        got.sort_by(|x, y| x.0.cmp(&y.0).then(x.2.total_cmp(&y.2)));
+        assert_eq!(
+            got,
+            [
+                ("a".to_string(), vec![0.0, 1.0], 1.0),
+                ("a".to_string(), vec![1.0, 2.0], 2.0),
+                ("b".to_string(), vec![-0.0, -1.0], 1.0),
+                ("b".to_string(), vec![-1.0, -2.0], 2.0),
+            ]
+        );
+        // Silent for nine of its intervals and the gap: still the same stream.
+        let p = s.push_reading("a", 2000 + 9000 + GAP_MS, t, vec![3.0]);
+        assert!(!p.restarted, "{p:?}");
+        // Then one second, then more than ten seconds and the gap: the stream starts over,
+        // and its next window is made of new readings only.
+        s.push_reading("a", 2000 + 10_000 + GAP_MS, t, vec![4.0]);
+        windows(&mut s);
+        let p = s.push_reading("a", 2000 + 21_001 + 2 * GAP_MS, t, vec![5.0]);
+        assert!(p.restarted, "{p:?}");
+        assert!(
+            windows(&mut s).is_empty(),
+            "one new reading is no window of two"
+        );
+        s.push_reading("a", 2000 + 22_001 + 2 * GAP_MS, t, vec![6.0]);
+        let w = windows(&mut s);
+        assert_eq!(w.len(), 1);
+        assert_eq!(w[0].1, [5.0, 6.0]);
+        assert_eq!(w[0].2, 1.0, "timed from the new stream's first reading");
+    }
+
+    #[test]
+    fn readings_windows_without_state_never_mix_sources() {
+        let mut p = PerSource::new(Readings::new(2, 2, vec![2]));
+        let data = |i: Option<Input>| match i {
+            Some(Input::Tensor { data, .. }) => Some(data),
+            _ => None,
+        };
+        assert_eq!(data(p.push("a", vec![1.0])), None);
+        assert_eq!(data(p.push("b", vec![10.0])), None);
+        assert_eq!(data(p.push("a", vec![2.0])), Some(vec![1.0, 2.0]));
+        assert_eq!(data(p.push("b", vec![20.0])), Some(vec![10.0, 20.0]));
+        p.reset();
+        assert_eq!(
+            data(p.push("a", vec![3.0])),
+            None,
+            "a reset forgets readings"
+        );
     }
 }
