@@ -1083,18 +1083,32 @@ golden = [{}]
         .map(|i| Input::Encoded(std::fs::read(inbox.join(format!("digit-{i}.png"))).unwrap()))
         .collect();
     inputs.insert(3, Input::Encoded(b"not an image".to_vec()));
+    // A frame of the model's own size takes the shortcut past the image library.
+    let rgb = image::load_from_memory(&png()).unwrap().into_rgb8();
+    assert_eq!(rgb.dimensions(), (32, 32));
+    inputs.push(Input::Frame {
+        width: 32,
+        height: 32,
+        format: PixelFormat::Rgb24,
+        data: rgb.into_raw(),
+    });
     let together = m.infer_batch(&inputs);
     assert_eq!(together.len(), inputs.len());
-    // 7 good inputs in batches of at most 4: plans for a batch of 4 and one of 3, beside the
-    // self-test's batch of 1.
-    assert_eq!(m.plans_cached(), 3, "the inputs did not run together");
+    // 8 good inputs in batches of at most 4: a plan for a batch of 4 beside the self-test's
+    // batch of 1.
+    assert_eq!(m.plans_cached(), 2, "the inputs did not run together");
     for (i, (input, got)) in inputs.iter().zip(&together).enumerate() {
         match (m.infer(input), got) {
             (Ok(alone), Ok(got)) => {
                 assert_eq!(got.top.len(), 3);
                 for (a, b) in alone.top.iter().zip(&got.top) {
                     assert_eq!(a.label, b.label, "input {i}");
-                    assert!((a.score - b.score).abs() < 1e-5, "input {i}: {a:?} {b:?}");
+                    // Kernels may sum in another order for another batch.
+                    let tolerance = 1e-4 * a.score.abs().max(1.0);
+                    assert!(
+                        (a.score - b.score).abs() < tolerance,
+                        "input {i}: {a:?} {b:?}"
+                    );
                 }
             }
             (Err(a), Err(b)) => {
@@ -1109,7 +1123,7 @@ golden = [{}]
         .filter_map(|r| r.as_ref().ok())
         .map(|p| p.top[0].label.as_str())
         .collect();
-    assert_eq!(labels, ["0", "1", "2", "3", "4", "5", "6"]);
+    assert_eq!(labels, ["0", "1", "2", "3", "4", "5", "6", "7"]);
 
     // A model without a named batch answers the same way, one by one.
     let plain = load("digits-cnn-f32");
@@ -1117,7 +1131,7 @@ golden = [{}]
     assert!(each[3].is_err());
     assert_eq!(
         each.iter().filter_map(|r| r.as_ref().ok()).count(),
-        7,
+        8,
         "{each:?}"
     );
 

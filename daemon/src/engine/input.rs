@@ -311,6 +311,9 @@ impl Input {
                     && m.image_size() == Some((*height as usize, *width as usize))
                     && pre.color.channels() == channels
                 {
+                    if let Some(b) = m.batch() {
+                        named.insert(b.to_string(), 1);
+                    }
                     let shape = spec.concrete_shape(&named);
                     let mut out = vec![0f32; shape.iter().product()];
                     pixels_into(pre, (*height as usize, *width as usize), data, &mut out);

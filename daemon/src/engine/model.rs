@@ -97,6 +97,10 @@ pub struct RecordedPlan {
 /// onnxruntime), and the plan recorded for `auto` if any.
 type Choice = (PlanChoice, usize, Option<Plan>);
 
+/// Inputs one run takes at most, whatever a manifest's named batch allows (an unbounded
+/// `"N"`): more would only pad more and hold a worker longer.
+pub const MAX_BATCH: usize = 16;
+
 /// Distinct shapes a model with named dimensions keeps plans for.
 pub const MAX_PLANS_PER_MODEL: usize = 8;
 
@@ -901,50 +905,85 @@ impl Model {
     }
 
     /// Several inputs, each answered as [`Model::infer`] would, run together in batches of the
-    /// manifest's named batch (see [`Manifest::batch`]), each padded with zeros to the largest
-    /// named sides of its batch (what PaddleOCR does for text lines); a model without one runs
-    /// them one by one. An input that cannot be prepared fails alone, and a batch that fails
-    /// to run is run again one input at a time, so one bad input never costs the others.
+    /// manifest's named batch (see [`Manifest::batch`]; at most [`MAX_BATCH`]), each padded
+    /// with zeros to the largest named sides of its batch (what PaddleOCR does for text
+    /// lines); a model without one runs them one by one. An input that cannot be prepared, or
+    /// panics, fails alone, and a batch that fails to run is run again one input at a time, so
+    /// one bad input never costs the others. An input's latency is its own preparation and its
+    /// batch's run and postprocessing.
     pub fn infer_batch(&self, inputs: &[Input]) -> Vec<Result<Prediction, EngineError>> {
-        let Some((_, most)) = self.manifest.batch_bound() else {
-            return inputs.iter().map(|i| self.infer(i)).collect();
+        let guard = |f: &mut dyn FnMut() -> Result<Prediction, EngineError>| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+                Err(EngineError::Run {
+                    model: self.name().to_string(),
+                    message: super::panic_message(&*panic),
+                })
+            })
         };
-        let start = Instant::now();
+        let Some((_, most)) = self.manifest.batch_bound() else {
+            return inputs
+                .iter()
+                .map(|i| guard(&mut || self.infer(i)))
+                .collect();
+        };
         let mut out: Vec<Option<Result<Prediction, EngineError>>> =
             inputs.iter().map(|_| None).collect();
         let mut ready = Vec::new();
         for (i, input) in inputs.iter().enumerate() {
-            match input.prepare(&self.manifest) {
-                Ok(p) => ready.push((i, p)),
+            let start = Instant::now();
+            let prepared = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                input.prepare(&self.manifest)
+            }))
+            .unwrap_or_else(|panic| {
+                Err(EngineError::Run {
+                    model: self.name().to_string(),
+                    message: super::panic_message(&*panic),
+                })
+            });
+            match prepared {
+                Ok(p) => ready.push((i, p, start.elapsed())),
                 Err(e) => out[i] = Some(Err(e)),
             }
         }
         // Inputs of like size together pad least.
-        ready.sort_by_key(|(_, p)| p.arrays.first().map_or(0, |(_, a)| a.data.len()));
-        for group in ready.chunks(most.max(1)) {
+        ready.sort_by_key(|(_, p, _)| p.arrays.first().map_or(0, |(_, a)| a.data.len()));
+        for group in ready.chunks(most.clamp(1, MAX_BATCH)) {
+            let began = Instant::now();
+            // When each input's answer began: its preparation before the batch's run.
+            let since = |prep: &Duration| began.checked_sub(*prep).unwrap_or(began);
             let together = match group.len() {
                 1 => None,
-                _ => match self.run_together(group, start) {
-                    Ok(answers) => Some(answers),
-                    Err(e) => {
+                _ => match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    self.run_together(group, &since)
+                })) {
+                    Ok(Ok(answers)) => Some(answers),
+                    Ok(Err(e)) => {
                         tracing::debug!(model = %self.name(), error = %e, "a batch failed; running its inputs one by one");
+                        None
+                    }
+                    Err(panic) => {
+                        let why = super::panic_message(&*panic);
+                        tracing::debug!(model = %self.name(), error = %why, "a batch panicked; running its inputs one by one");
                         None
                     }
                 },
             };
             match together {
                 Some(answers) => {
-                    for ((i, _), a) in group.iter().zip(answers) {
+                    for ((i, _, _), a) in group.iter().zip(answers) {
                         out[*i] = Some(a);
                     }
                 }
                 None => {
-                    for (i, p) in group {
-                        let mut stream = self.stream();
-                        out[*i] =
-                            Some(self.run_prepared(p, &mut stream).and_then(|(o, _)| {
-                                self.predict(o, p.geometry, &mut stream, start)
-                            }));
+                    for (i, p, prep) in group {
+                        let start = Instant::now()
+                            .checked_sub(*prep)
+                            .unwrap_or_else(Instant::now);
+                        out[*i] = Some(guard(&mut || {
+                            let mut stream = self.stream();
+                            let (o, _) = self.run_prepared(p, &mut stream)?;
+                            self.predict(o, p.geometry, &mut stream, start)
+                        }));
                     }
                 }
             }
@@ -959,8 +998,8 @@ impl Model {
     /// output.
     fn run_together(
         &self,
-        group: &[(usize, Prepared)],
-        start: Instant,
+        group: &[(usize, Prepared, Duration)],
+        since: &dyn Fn(&Duration) -> Instant,
     ) -> Result<Vec<Result<Prediction, EngineError>>, EngineError> {
         let m = &self.manifest;
         let run_err = |message: String| EngineError::Run {
@@ -969,7 +1008,7 @@ impl Model {
         };
         let n = group.len();
         let mut items = Vec::with_capacity(n);
-        for (_, p) in group {
+        for (_, p, _) in group {
             match p.arrays.as_slice() {
                 [
                     (
@@ -1019,7 +1058,7 @@ impl Model {
         Ok(group
             .iter()
             .enumerate()
-            .map(|(k, (_, p))| {
+            .map(|(k, (_, p, prep))| {
                 let mine: Values = outputs
                     .iter()
                     .map(|(s, v)| {
@@ -1034,7 +1073,7 @@ impl Model {
                     model_height: h as u32,
                     ..g
                 });
-                self.predict(mine, geometry, &mut self.stream(), start)
+                self.predict(mine, geometry, &mut self.stream(), since(prep))
                     .map(|p| Prediction {
                         batch: Some(n),
                         ..p

@@ -290,12 +290,33 @@ impl ModelPool {
         }
     }
 
-    /// Several inputs, waiting for room in the queue, run together where the model batches
-    /// ([`Model::infer_batch`]): one answer per input, in order.
+    /// Several inputs, waiting for room in the queue: one answer per input, in order. They go
+    /// as jobs of at most the model's batch ([`Model::infer_batch`] runs each together), or of
+    /// one input each for a model without a named batch, so the workers share them and no job
+    /// holds a worker for long. Inputs of like size next to each other pad least.
     pub async fn infer_batch_waiting(
         &self,
         inputs: Vec<Input>,
     ) -> Vec<Result<Prediction, EngineError>> {
+        let per_job = self
+            .active()
+            .manifest
+            .batch_bound()
+            .map_or(1, |(_, n)| n.clamp(1, super::model::MAX_BATCH));
+        let mut jobs = Vec::new();
+        let mut rest = inputs.into_iter().peekable();
+        while rest.peek().is_some() {
+            let chunk: Vec<Input> = rest.by_ref().take(per_job).collect();
+            jobs.push(self.batch_job(chunk));
+        }
+        futures_util::future::join_all(jobs)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    async fn batch_job(&self, inputs: Vec<Input>) -> Vec<Result<Prediction, EngineError>> {
         let n = inputs.len();
         match self.submit_waiting(Work::Batch(inputs)).await {
             Ok(Done::Batch(answers)) => answers,
