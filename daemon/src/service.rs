@@ -140,7 +140,10 @@ pub async fn run(
                     });
                     crate::local::serve(bus, crate::local::Daemon1::damaged(st))
                         .await
-                        .inspect_err(|e| tracing::warn!(bus = ?bus, error = %e, "D-Bus interface not served"))
+                        .inspect_err(|e| match config.dbus_asked {
+                            true => tracing::warn!(bus = ?bus, error = %e, "D-Bus interface not served"),
+                            false => tracing::info!(bus = ?bus, error = %e, "D-Bus interface not served on the default system bus"),
+                        })
                         .ok()
                 }
                 None => None,
@@ -286,7 +289,7 @@ pub async fn run(
                     None
                 }
                 Err(e) => {
-                    tracing::info!(bus = ?bus, error = %e, "D-Bus interface not served: no system bus here (dbus.bus is not set; set it to say where, or to \"none\")");
+                    tracing::info!(bus = ?bus, error = %e, "D-Bus interface not served on the default system bus (dbus.bus is not set: set it to say where, or to \"none\")");
                     None
                 }
             }

@@ -13,7 +13,8 @@
 //! A stream starts over (fresh state, no score flips carried) when its feed restarts, when
 //! its source goes quiet for more than [`GAP_MS`] beyond what its last samples lasted (a
 //! sender that pauses: the samples after are not the ones before continued; a reading
-//! lasts nine of its intervals, so a sensor that misses ten readings starts over), when its
+//! lasts nine of the stream's usual intervals, so a sensor that misses about ten readings
+//! starts over), when its
 //! waiting windows overflow, and when the model's version changes (the engine sees to that).
 //! The pipeline stops taking samples while [`PAUSE_AT`] windows wait, so a source that
 //! delivers faster than the model runs (a burst after a reconnect, a file) is held back by
@@ -39,9 +40,10 @@ pub const MAX_SOURCES: usize = 64;
 #[derive(Debug)]
 pub struct Window {
     pub source: String,
-    /// When its first new sample was heard, ms since the epoch.
+    /// When its first new sample was heard (readings: its newest reading), ms since the
+    /// epoch.
     pub ts_ms: i64,
-    /// Its first new sample, seconds from the start of the source's stream.
+    /// The same, seconds from the start of the source's stream.
     pub start_s: f64,
     pub taken: Instant,
     pub input: Input,
@@ -198,6 +200,9 @@ struct Source {
     /// When the last samples came, and how long they last.
     last_ms: i64,
     last_len_ms: i64,
+    /// Readings: the usual time between two of this stream's readings (smoothed; learnt from
+    /// its second reading on, never from a gap that started it over).
+    interval_ms: Option<i64>,
     /// Per score output said to be on: when it went off, if it did and the stop is not said
     /// yet (it may come back on within the hold: a pause inside speech).
     on: HashMap<String, Option<(i64, f64)>>,
@@ -250,8 +255,9 @@ impl Streams {
     }
 
     /// The source's state for data heard at `ts_ms` lasting `len_ms` (`None`: a reading,
-    /// which lasts nine of its intervals), made if new; its stream started over first if it
-    /// paused. `None` if there is no room for a new source.
+    /// which lasts nine of the stream's usual intervals), made if new, and the generation a
+    /// restart now takes; its stream started over first if it paused. `None` if there is no
+    /// room for a new source.
     fn enter(
         &mut self,
         source: &str,
@@ -276,15 +282,27 @@ impl Streams {
                 waiting: VecDeque::new(),
                 last_ms: ts_ms,
                 last_len_ms: 0,
+                interval_ms: None,
                 on: HashMap::new(),
                 last_window: (ts_ms, 0.0),
             });
         let since = ts_ms - src.last_ms;
-        if src.t0_ms.is_some() && since > src.last_len_ms + GAP_MS {
+        let going = src.t0_ms.is_some();
+        // Sound lasts what its samples do; a reading lasts nine of its usual intervals (a
+        // stream of one reading so far has no usual interval, and never pauses).
+        let lasts = match len_ms {
+            Some(_) => Some(src.last_len_ms),
+            None => src.interval_ms.map(|i| 9 * i),
+        };
+        let paused = going && lasts.is_some_and(|l| since > l + GAP_MS);
+        if paused {
             pushed.dropped += src.end(source, generation, &mut pushed.stops);
             pushed.restarted = true;
+        } else if going && len_ms.is_none() {
+            let since = since.max(0);
+            src.interval_ms = Some(src.interval_ms.map_or(since, |i| (3 * i + since) / 4));
         }
-        src.last_len_ms = len_ms.unwrap_or(9 * since.max(0));
+        src.last_len_ms = len_ms.unwrap_or(0);
         src.last_ms = ts_ms;
         Some((src, generation))
     }
@@ -500,6 +518,7 @@ impl Source {
         let dropped = self.waiting.len() as u64;
         self.win.reset();
         self.t0_ms = None;
+        self.interval_ms = None;
         self.stream = None;
         self.waiting.clear();
         self.generation = generation;
@@ -733,24 +752,30 @@ mod tests {
                 ("b".to_string(), vec![-1.0, -2.0], 2.0),
             ]
         );
-        // Silent for nine of its intervals and the gap: still the same stream.
+        // Silent for nine of its usual intervals (1 s) and the gap: still the same stream,
+        // and the usual interval grows a quarter of the way towards that silence (3.75 s).
         let p = s.push_reading("a", 2000 + 9000 + GAP_MS, t, vec![3.0]);
         assert!(!p.restarted, "{p:?}");
-        // Then one second, then more than ten seconds and the gap: the stream starts over,
-        // and its next window is made of new readings only.
-        s.push_reading("a", 2000 + 10_000 + GAP_MS, t, vec![4.0]);
         windows(&mut s);
-        let p = s.push_reading("a", 2000 + 21_001 + 2 * GAP_MS, t, vec![5.0]);
+        // Longer than nine of those and the gap: the stream starts over, and its next window
+        // is made of new readings only.
+        let after = 2000 + 9000 + GAP_MS + 9 * 3750 + GAP_MS + 1;
+        let p = s.push_reading("a", after, t, vec![5.0]);
         assert!(p.restarted, "{p:?}");
         assert!(
             windows(&mut s).is_empty(),
             "one new reading is no window of two"
         );
-        s.push_reading("a", 2000 + 22_001 + 2 * GAP_MS, t, vec![6.0]);
+        s.push_reading("a", after + 1000, t, vec![6.0]);
         let w = windows(&mut s);
         assert_eq!(w.len(), 1);
         assert_eq!(w[0].1, [5.0, 6.0]);
         assert_eq!(w[0].2, 1.0, "timed from the new stream's first reading");
+        // A slow sensor's second reading, a minute after its first, is no pause: a stream
+        // with no usual interval yet never starts over.
+        s.push_reading("slow", 0, t, vec![1.0]);
+        let p = s.push_reading("slow", 60_000, t, vec![2.0]);
+        assert!(!p.restarted, "{p:?}");
     }
 
     #[test]

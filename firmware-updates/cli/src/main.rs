@@ -209,8 +209,8 @@ enum Cmd {
         #[arg(long)]
         once: bool,
         /// Follow this bundle's update only, until every online box of the group has an
-        /// outcome for it: exit 0 if all committed, 1 if any failed, was refused or rolled
-        /// back.
+        /// outcome for it: exit 0 if all committed, 65 if any failed, was refused or rolled
+        /// back (1: an error here). It waits as long as no online box has an outcome.
         #[arg(long, conflicts_with = "once")]
         bundle: Option<PathBuf>,
         #[arg(long)]

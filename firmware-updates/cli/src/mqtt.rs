@@ -680,10 +680,11 @@ pub async fn status(
             if !online.is_empty() && online.iter().all(done) {
                 let _ = conn.client.disconnect().await;
                 let all_committed = online.iter().all(|r| r["state"] == "committed");
+                // 65, as `ternd install` says a refused or failed update; 1 is an error here.
                 return Ok(if all_committed {
                     ExitCode::SUCCESS
                 } else {
-                    ExitCode::FAILURE
+                    ExitCode::from(65)
                 });
             }
         }

@@ -181,10 +181,16 @@ fn the_readme_walkthrough_runs_as_written() {
     struct Group(i32);
     impl Drop for Group {
         fn drop(&mut self) {
-            let _ = nix::sys::signal::killpg(
-                nix::unistd::Pid::from_raw(self.0),
-                nix::sys::signal::Signal::SIGTERM,
-            );
+            use nix::sys::signal::{Signal, killpg};
+            let pg = nix::unistd::Pid::from_raw(self.0);
+            let _ = killpg(pg, Signal::SIGTERM);
+            // Gone before the temp dir goes (a daemon stops cleanly); killed if it lingers.
+            let gone = wait_for("the walkthrough's processes to stop", T, || {
+                killpg(pg, None).is_err().then_some(())
+            });
+            if gone.is_err() {
+                let _ = killpg(pg, Signal::SIGKILL);
+            }
         }
     }
     let _group = Group(pgid);
@@ -241,6 +247,14 @@ fn the_readme_walkthrough_runs_as_written() {
                 let broker = Broker::started_elsewhere(port).unwrap();
                 let mut watcher = client(&broker, false, "first-hour", &["tern/demo-1/state"]);
                 wait_online(&mut watcher, "demo-1");
+                // As the README says: when box.log says "ready" (D-Bus is served by then).
+                wait_for("the box to say ready", T, || {
+                    std::fs::read_to_string(w.join("box.log"))
+                        .ok()?
+                        .contains(" ready ")
+                        .then_some(())
+                })
+                .unwrap_or_else(|e| panic!("{e}\n{}", transcript()));
             } else if is_sub {
                 wait_for("the listener to subscribe", T, || {
                     out.lock().unwrap()[start..]
@@ -261,25 +275,23 @@ fn the_readme_walkthrough_runs_as_written() {
             .unwrap_or_else(|| panic!("no line with `{needle}`"))
             .1
     };
-    let json_of = |text: &str| -> Value {
-        let l = text
+    // A reply by its id, wherever in the shell's output it came (a listener in the background
+    // prints when its message arrives).
+    let reply = |id: &str| -> Value {
+        out.lock()
+            .unwrap()
             .lines()
-            .find(|l| l.starts_with('{'))
-            .unwrap_or_else(|| panic!("no JSON in {text:?}\n{}", transcript()));
-        serde_json::from_str(l).unwrap()
+            .filter(|l| l.starts_with('{'))
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|v| v["id"] == id)
+            .unwrap_or_else(|| panic!("no reply to {id}\n{}", transcript()))
     };
-    let status = json_of(said("cmd/status"));
+    let status = reply("status-1");
     assert_eq!(status["ok"], true, "{status}");
     assert_eq!(status["result"]["device"], "demo-1", "{status}");
 
-    // The MQTT inference's reply reached the background listener (anywhere in the output).
-    let all = out.lock().unwrap().clone();
-    let infer: Value = all
-        .lines()
-        .filter(|l| l.starts_with('{'))
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find(|v| v["id"] == "infer-1")
-        .unwrap_or_else(|| panic!("no reply to infer-1\n{}", transcript()));
+    // The MQTT inference's reply reached the background listener.
+    let infer = reply("infer-1");
     assert_eq!(infer["ok"], true, "{infer}");
     assert_eq!(infer["result"]["top"][0]["label"], "7", "{infer}");
 
@@ -295,7 +307,7 @@ fn the_readme_walkthrough_runs_as_written() {
         "{}",
         transcript()
     );
-    let rollback = json_of(said("models.rollback"));
+    let rollback = reply("rollback-1");
     assert_eq!(rollback["ok"], true, "{rollback}");
     assert_eq!(rollback["result"]["active"], "1.0.0", "{rollback}");
     assert_eq!(rollback["result"]["from"], "1.1.0", "{rollback}");
