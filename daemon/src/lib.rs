@@ -16,6 +16,7 @@ pub mod fleet;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod local;
+pub mod metrics;
 pub mod outbox;
 pub mod pipeline;
 pub mod registry;

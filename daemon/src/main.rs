@@ -145,6 +145,10 @@ fn check_config(path: &Path) -> ExitCode {
                 Some(config::Bus::Address(a)) => println!("dbus: io.tern.Daemon1 at {a}"),
                 None => println!("dbus: off"),
             }
+            match c.metrics {
+                Some(a) => println!("metrics: http://{a}/metrics"),
+                None => println!("metrics: off"),
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -296,6 +296,9 @@ pub async fn run(
         }
         None => None,
     };
+    if let Some(addr) = config.metrics {
+        serve_metrics(addr, &control, &cancel, &mut daemon.tasks);
+    }
     tracing::info!(status = %summary, "ready");
     notify(&[NotifyState::Ready, NotifyState::Status(&summary)]);
     {
@@ -643,6 +646,10 @@ impl Daemon {
                     );
                     new.dbus = self.config.dbus.clone();
                 }
+                if new.metrics != self.config.metrics {
+                    tracing::warn!("metrics changes need a restart; keeping the running endpoint");
+                    new.metrics = self.config.metrics;
+                }
                 if new.onnxruntime_library != self.config.onnxruntime_library {
                     tracing::warn!(
                         "engine.onnxruntime_library changes need a restart; keeping the loaded \
@@ -767,4 +774,39 @@ fn notify(states: &[NotifyState<'_>]) {
     if let Err(e) = sd_notify::notify(false, states) {
         tracing::warn!(error = %e, "sd_notify failed");
     }
+}
+
+/// The Prometheus endpoint on `addr`, supervised (a crashed server is started again on the
+/// same socket); a port it cannot have is said and the daemon runs on without it.
+fn serve_metrics(
+    addr: std::net::SocketAddr,
+    control: &Control,
+    cancel: &CancellationToken,
+    tasks: &mut crate::tasks::Tasks,
+) {
+    let bound = std::net::TcpListener::bind(addr).and_then(|l| {
+        l.set_nonblocking(true)?;
+        Ok(l)
+    });
+    let socket = match bound {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(%addr, error = %e, "metrics.listen: cannot listen there; /metrics is not served");
+            return;
+        }
+    };
+    tracing::info!(%addr, "metrics served at /metrics");
+    let (control, cancel) = (control.clone(), cancel.clone());
+    tasks.restart("metrics", move || {
+        let listener = socket
+            .try_clone()
+            .and_then(tokio::net::TcpListener::from_std);
+        let (control, cancel) = (control.clone(), cancel.clone());
+        async move {
+            match listener {
+                Ok(l) => crate::metrics::serve(l, control, cancel).await,
+                Err(e) => tracing::error!(error = %e, "metrics: the listening socket is lost"),
+            }
+        }
+    });
 }

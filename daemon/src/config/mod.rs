@@ -53,6 +53,15 @@ pub struct RawConfig {
     pub dbus: RawDbus,
     #[serde(default)]
     pub store: RawStore,
+    #[serde(default)]
+    pub metrics: RawMetrics,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMetrics {
+    /// Address and port of the Prometheus endpoint (`/metrics`); none: not served.
+    pub listen: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -441,6 +450,8 @@ pub struct Config {
     pub updates: UpdatesConfig,
     /// None: no D-Bus interface.
     pub dbus: Option<Bus>,
+    /// `metrics.listen`: where `/metrics` is served; none: not served.
+    pub metrics: Option<std::net::SocketAddr>,
     /// Whether `dbus.bus` was set: a box left on the default system bus where there is none
     /// (a laptop, a container) only notes it, one that asked for a bus warns.
     pub dbus_asked: bool,

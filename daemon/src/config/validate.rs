@@ -83,6 +83,16 @@ pub(super) fn validate(
     }
     let updates = validate_updates(&raw.updates, &mut report);
     let dbus = dbus(&raw.dbus, &mut report);
+    let metrics = raw.metrics.listen.as_deref().and_then(|a| {
+        a.parse::<std::net::SocketAddr>()
+            .inspect_err(|_| {
+                report(
+                    "metrics.listen".into(),
+                    format!("`{a}` is not an address and port (e.g. \"127.0.0.1:9464\")"),
+                )
+            })
+            .ok()
+    });
     if problems.is_empty() {
         Ok(Config {
             state_dir,
@@ -95,6 +105,7 @@ pub(super) fn validate(
             updates,
             dbus,
             dbus_asked: raw.dbus.bus.is_some(),
+            metrics,
             engine: engine_pool,
             onnxruntime_library,
             store,

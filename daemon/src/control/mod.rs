@@ -384,6 +384,11 @@ impl Control {
         }
     }
 
+    /// The pools serving now (for the metrics endpoint's histograms).
+    pub fn pools(&self) -> Vec<crate::engine::ModelPool> {
+        self.inner.registry.snapshot().pools().cloned().collect()
+    }
+
     pub async fn status(&self) -> Result<Value, CmdError> {
         let state = self.state();
         let models: Vec<Value> = self

@@ -93,6 +93,46 @@ pub struct PoolStats {
     pub bad_input: AtomicU64,
     pub rejected_busy: AtomicU64,
     latencies: Latencies,
+    /// Every answer's latency since the pool started, by bucket (Prometheus's histogram).
+    pub durations: Durations,
+}
+
+/// Upper bounds (seconds) of the latency histogram's buckets; one more holds the rest.
+pub const DURATION_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Latencies counted by bucket since the pool started: one atomic add each, nothing locked.
+#[derive(Debug, Default)]
+pub struct Durations {
+    counts: [AtomicU64; DURATION_BUCKETS.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl Durations {
+    pub fn record(&self, latency_us: u64) {
+        let s = latency_us as f64 / 1e6;
+        let i = DURATION_BUCKETS.partition_point(|b| *b < s);
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(latency_us, Ordering::Relaxed);
+    }
+
+    /// (sum in seconds, count, each bucket's upper bound with the answers in it, not under
+    /// it: prometheus-client adds them up; the last bound is `f64::MAX`, its +Inf).
+    pub fn buckets(&self) -> (f64, u64, Vec<(f64, u64)>) {
+        let buckets: Vec<(f64, u64)> = self
+            .counts
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let bound = DURATION_BUCKETS.get(i).copied().unwrap_or(f64::MAX);
+                (bound, c.load(Ordering::Relaxed))
+            })
+            .collect();
+        let count = buckets.iter().map(|(_, n)| n).sum();
+        let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+        (sum, count, buckets)
+    }
 }
 
 /// The latest latencies (µs), for quantiles in telemetry; a fixed ring, so memory is flat.
@@ -447,6 +487,7 @@ impl Inner {
             Ok(p) => {
                 self.stats.completed.fetch_add(1, Ordering::Relaxed);
                 self.stats.latencies.record(p.latency_us);
+                self.stats.durations.record(p.latency_us);
             }
             Err(
                 EngineError::Input { .. }

@@ -12,16 +12,24 @@ pub struct CpuSample {
 const USER_HZ: f64 = 100.0;
 
 pub fn cpu_sample() -> Option<CpuSample> {
+    Some(CpuSample {
+        at: Instant::now(),
+        ticks: cpu_ticks()?,
+    })
+}
+
+/// CPU time this process has used, user and system, in seconds.
+pub fn cpu_seconds() -> Option<f64> {
+    Some(cpu_ticks()? as f64 / USER_HZ)
+}
+
+fn cpu_ticks() -> Option<u64> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
     // Fields after the command name, which is in parentheses and may itself hold spaces.
     let rest = &stat[stat.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
     // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
-    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    Some(CpuSample {
-        at: Instant::now(),
-        ticks,
-    })
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
 }
 
 /// Percent of one core used between two samples.

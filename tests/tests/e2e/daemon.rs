@@ -1,5 +1,6 @@
 //! `ternd run` as systemd runs it: readiness, results, reload, watchdog, stop, and kill -9.
 
+use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -811,4 +812,171 @@ fn a_delete_interrupted_by_a_crash_is_finished_without_a_second_result() {
     assert_eq!(got.len(), 12, "digit-0.png was run twice: {got:?}");
     d.signal("TERM").unwrap();
     assert!(d.wait(T).unwrap().success());
+}
+
+/// One HTTP/1.1 request to `port`, the connection closed after: (status line, headers and
+/// body as text).
+fn http(port: u16, method: &str, path: &str) -> (String, String) {
+    try_http(port, method, path).unwrap_or_else(|e| panic!("{method} {path} on {port}: {e}"))
+}
+
+fn try_http(port: u16, method: &str, path: &str) -> std::io::Result<(String, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(T))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let (status, rest) = text.split_once("\r\n").unwrap_or((&text, ""));
+    Ok((status.to_string(), rest.to_string()))
+}
+
+/// The samples of an exposition: `name{labels}` → value.
+fn samples(body: &str) -> std::collections::HashMap<String, f64> {
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+/// `[metrics] listen` serves /metrics to Prometheus: the counters agree with what happened,
+/// the histogram with the counters, and anything but GET /metrics is refused.
+#[test]
+fn metrics_are_served_for_prometheus_and_agree_with_the_daemon() {
+    let port = free_port();
+    let s = demo_setup(&format!("\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"));
+    let (status, out, _) =
+        ternd(&["check-config", "--config", s.config.to_str().unwrap()]).unwrap();
+    assert!(status.success(), "{out}");
+    assert!(
+        out.contains(&format!("metrics: http://127.0.0.1:{port}/metrics")),
+        "{out}"
+    );
+    let mut d = Daemon::spawn(&s.config, None, &[]).unwrap();
+    wait_results(&s.state, "digits", 12);
+    // A file that is no image: the caller's fault, counted as such.
+    std::fs::write(s.inbox.join("junk.png"), b"not a png").unwrap();
+    let model = "model=\"digits-cnn-int8\",version=\"1.0.0\"";
+    let scrape = || {
+        let (status, rest) = http(port, "GET", "/metrics");
+        assert!(status.contains("200"), "{status}");
+        let (head, body) = rest.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.to_lowercase()
+                .contains("content-type: application/openmetrics-text"),
+            "{head}"
+        );
+        body.to_string()
+    };
+    let body = wait_for("the junk file counted", T, || {
+        let body = scrape();
+        let m = samples(&body);
+        (m.get(&format!(
+            "tern_inferences_total{{{model},outcome=\"bad_input\"}}"
+        )) == Some(&1.0))
+        .then_some(body)
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", scrape()));
+    assert!(body.trim_end().ends_with("# EOF"), "{body}");
+    let m = samples(&body);
+    let ok = m[&format!("tern_inferences_total{{{model},outcome=\"ok\"}}")];
+    assert_eq!(ok, 12.0, "{body}");
+    assert_eq!(
+        m[&format!("tern_inferences_total{{{model},outcome=\"error\"}}")],
+        0.0
+    );
+    // The histogram counts every answer, in buckets that only grow.
+    assert_eq!(
+        m[&format!("tern_inference_duration_seconds_count{{{model}}}")],
+        ok
+    );
+    let mut buckets: Vec<(f64, f64)> = m
+        .iter()
+        .filter(|(k, _)| k.starts_with("tern_inference_duration_seconds_bucket{"))
+        .map(|(k, v)| {
+            let le = k.split("le=\"").nth(1).unwrap().split('"').next().unwrap();
+            let bound = match le {
+                "+Inf" => f64::INFINITY,
+                b => b.parse::<f64>().unwrap(),
+            };
+            (bound, *v)
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    assert!(buckets.len() > 10, "{body}");
+    assert!(
+        buckets.windows(2).all(|w| w[0].1 <= w[1].1),
+        "{buckets:?}\n{body}"
+    );
+    assert_eq!(buckets.last().unwrap(), &(f64::INFINITY, ok));
+    assert!(m[&format!("tern_inference_duration_seconds_sum{{{model}}}")] > 0.0);
+    let results =
+        "tern_pipeline_samples_total{pipeline=\"digits\",feed=\"inbox\",outcome=\"results\"}";
+    assert_eq!(m[results], 12.0, "{body}");
+    assert_eq!(m["tern_pipeline_running{pipeline=\"digits\"}"], 1.0);
+    assert!(m["tern_process_resident_memory_bytes"] > 1e6, "{body}");
+    assert!(m.contains_key("tern_process_cpu_seconds_total"), "{body}");
+    // A real Prometheus scrapes the box (OpenMetrics, as it negotiates) and answers a query
+    // with the box's count. (promtool's `check metrics` reads the older text format only.)
+    if need("prometheus") {
+        let prom = free_port();
+        let dir = s.dir.path().join("prometheus");
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = dir.join("prometheus.yml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: tern\n    \
+                 static_configs:\n      - targets: ['127.0.0.1:{port}']\n"
+            ),
+        )
+        .unwrap();
+        let mut server = std::process::Command::new("prometheus")
+            .arg(format!("--config.file={}", cfg.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{prom}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let query = "/api/v1/query?query=tern_inferences_total%7Boutcome%3D%22ok%22%7D";
+        let seen = wait_for("Prometheus to have scraped the box", T, || {
+            let (status, rest) = try_http(prom, "GET", query).ok()?;
+            let body = rest.split_once("\r\n\r\n")?.1;
+            // A chunked body: the JSON is the line that holds it.
+            let json = body.lines().find(|l| l.starts_with('{'))?;
+            let v: Value = serde_json::from_str(json).ok()?;
+            let r = v["data"]["result"].as_array()?.first()?.clone();
+            (status.contains("200")).then_some(r)
+        });
+        let _ = server.kill();
+        let _ = server.wait();
+        let r = seen.unwrap();
+        assert_eq!(r["metric"]["model"], "digits-cnn-int8", "{r}");
+        assert_eq!(r["value"][1], "12", "{r}");
+    }
+    // Only GET /metrics.
+    assert!(http(port, "GET", "/").0.contains("404"));
+    assert!(http(port, "POST", "/metrics").0.contains("405"));
+    d.signal("TERM").unwrap();
+    assert!(d.wait(T).unwrap().success(), "{}", d.stderr());
+
+    // A listen address that is none is a configuration error naming the key.
+    let bad = demo_setup("\n[metrics]\nlisten = \"localhost\"\n");
+    let (status, out, err) =
+        ternd(&["check-config", "--config", bad.config.to_str().unwrap()]).unwrap();
+    assert!(!status.success());
+    assert!(
+        format!("{out}{err}").contains("metrics.listen"),
+        "{out}{err}"
+    );
 }

@@ -1,0 +1,329 @@
+//! Prometheus metrics: with `[metrics] listen`, an HTTP endpoint serving `/metrics` in the
+//! OpenMetrics text format (prometheus-client encodes it, hyper serves it).
+//!
+//! Everything is read when scraped from what the daemon counts anyway (the `status` command's
+//! figures, each pool's latency buckets, /proc): the hot path pays one atomic add per answer
+//! for the histogram and nothing else, and a scrape costs what a `status` command does.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Method, Request, Response, StatusCode};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Registry, Unit};
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::control::Control;
+
+/// Scrapes answered at once; more wait for the listener's backlog.
+const CONNECTIONS: usize = 4;
+/// A connection that has not finished its request and response by then is closed.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+
+const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Answer scrapes on `listener` until `cancel`.
+pub async fn serve(listener: TcpListener, control: Control, cancel: CancellationToken) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(CONNECTIONS));
+    loop {
+        let permit = tokio::select! {
+            _ = cancel.cancelled() => return,
+            p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+        };
+        let (stream, _) = tokio::select! {
+            _ = cancel.cancelled() => return,
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors, most likely: wait rather than spin.
+                    tracing::warn!(error = %e, "metrics: accept failed");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            },
+        };
+        let control = control.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let control = control.clone();
+                async move { Ok::<_, Infallible>(respond(req, &control).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn respond(req: Request<hyper::body::Incoming>, control: &Control) -> Response<Full<Bytes>> {
+    let reply = |status: StatusCode, kind: &str, body: String| {
+        Response::builder()
+            .status(status)
+            .header("content-type", kind)
+            .body(Full::new(Bytes::from(body)))
+            .expect("a valid response")
+    };
+    if req.uri().path() != "/metrics" {
+        return reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "tern serves /metrics only\n".into(),
+        );
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "GET /metrics\n".into(),
+        );
+    }
+    match render(control).await {
+        Ok(text) => reply(StatusCode::OK, CONTENT_TYPE, text),
+        Err(e) => reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            format!("metrics unavailable: {e}\n"),
+        ),
+    }
+}
+
+/// The exposition of the daemon's figures now.
+pub async fn render(control: &Control) -> Result<String, String> {
+    let status = control.status().await.map_err(|e| e.to_string())?;
+    let histograms = control
+        .pools()
+        .iter()
+        .map(|p| {
+            (
+                p.name().to_string(),
+                p.active().version().to_string(),
+                p.stats().durations.buckets(),
+            )
+        })
+        .collect();
+    let snapshot = Snapshot {
+        status,
+        histograms,
+        rss_bytes: crate::fleet::telemetry::rss_bytes(),
+        cpu_seconds: crate::fleet::telemetry::cpu_seconds(),
+    };
+    let mut registry = Registry::with_prefix("tern");
+    registry.register_collector(Box::new(snapshot));
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).map_err(|e| e.to_string())?;
+    Ok(text)
+}
+
+/// What one scrape reports.
+#[derive(Debug)]
+struct Snapshot {
+    status: Value,
+    /// Per model: name, active version, (sum s, count, each bucket's own count).
+    histograms: Vec<(String, String, Buckets)>,
+    rss_bytes: Option<u64>,
+    cpu_seconds: Option<f64>,
+}
+
+type Labels = Vec<(String, String)>;
+/// A histogram as [`crate::engine::PoolStats`] keeps it: sum, count, each bucket's count.
+type Buckets = (f64, u64, Vec<(f64, u64)>);
+/// A counter's name, help and samples.
+type Counter<'a> = (&'a str, &'a str, Vec<(Labels, u64)>);
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn n(v: &Value) -> u64 {
+    v.as_u64().unwrap_or(0)
+}
+
+impl Collector for Snapshot {
+    fn encode(&self, mut e: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let s = &self.status;
+        let empty = Vec::new();
+        let models = s["models"].as_array().unwrap_or(&empty);
+        let pipelines = s["pipelines"].as_array().unwrap_or(&empty);
+        let text = |v: &Value| v.as_str().unwrap_or("").to_string();
+
+        // Counters: one descriptor, then one sample per label set.
+        let counters: [Counter<'_>; 3] = [
+            (
+                "inferences",
+                "Requests a model answered or refused, by outcome: ok, error (the model's \
+                 fault), bad_input (the caller's), busy (its queue was full).",
+                models
+                    .iter()
+                    .flat_map(|m| {
+                        let (name, version) = (text(&m["name"]), text(&m["version"]));
+                        [
+                            ("ok", "requests"),
+                            ("error", "errors"),
+                            ("bad_input", "bad_input"),
+                            ("busy", "busy"),
+                        ]
+                        .map(|(outcome, key)| {
+                            (
+                                labels(&[
+                                    ("model", &name),
+                                    ("version", &version),
+                                    ("outcome", outcome),
+                                ]),
+                                n(&m[key]),
+                            )
+                        })
+                    })
+                    .collect(),
+            ),
+            (
+                "pipeline_samples",
+                "A pipeline's samples by outcome: results, errors, dropped (a full queue), \
+                 skipped (thinned), garbage (unreadable), published (sent upstream), captured.",
+                pipelines
+                    .iter()
+                    .flat_map(|p| {
+                        let name = text(&p["name"]);
+                        let feed = text(&p["feed"]);
+                        [
+                            "results",
+                            "errors",
+                            "dropped",
+                            "skipped",
+                            "garbage",
+                            "published",
+                            "captured",
+                        ]
+                        .map(|k| {
+                            (
+                                labels(&[("pipeline", &name), ("feed", &feed), ("outcome", k)]),
+                                n(&p[k]),
+                            )
+                        })
+                    })
+                    .collect(),
+            ),
+            (
+                "feed_restarts",
+                "Times a pipeline's feed started over (ffmpeg, a reopened port, a reconnect).",
+                pipelines
+                    .iter()
+                    .map(|p| {
+                        (
+                            labels(&[("pipeline", &text(&p["name"])), ("feed", &text(&p["feed"]))]),
+                            n(&p["restarts"]),
+                        )
+                    })
+                    .collect(),
+            ),
+        ];
+        for (name, help, samples) in &counters {
+            let mut m = e.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (l, v) in samples {
+                m.encode_family(l)?
+                    .encode_counter::<NoLabelSet, _, u64>(v, None)?;
+            }
+        }
+
+        let mut m = e.encode_descriptor(
+            "inference_duration",
+            "Time a model's answers took in tern (decode, preprocess, run, postprocess).",
+            Some(&Unit::Seconds),
+            MetricType::Histogram,
+        )?;
+        for (name, version, (sum, count, buckets)) in &self.histograms {
+            m.encode_family(&labels(&[("model", name), ("version", version)]))?
+                .encode_histogram::<NoLabelSet>(*sum, *count, buckets, None)?;
+        }
+
+        let queued: Vec<(Labels, i64)> = models
+            .iter()
+            .map(|m| {
+                (
+                    labels(&[("model", &text(&m["name"]))]),
+                    n(&m["queued"]) as i64,
+                )
+            })
+            .collect();
+        let mut m = e.encode_descriptor(
+            "queue_depth",
+            "Requests waiting for a model's workers.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (l, v) in &queued {
+            m.encode_family(l)?.encode_gauge(v)?;
+        }
+
+        let running: Vec<(Labels, i64)> = pipelines
+            .iter()
+            .map(|p| {
+                (
+                    labels(&[("pipeline", &text(&p["name"]))]),
+                    i64::from(p["state"] == "running"),
+                )
+            })
+            .collect();
+        let mut m = e.encode_descriptor(
+            "pipeline_running",
+            "1 while a pipeline runs, 0 while it is stopped, starting or failed.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (l, v) in &running {
+            m.encode_family(l)?.encode_gauge(v)?;
+        }
+
+        let gauges: [(&str, &str, Option<Unit>, Option<i64>); 4] = [
+            (
+                "outbox_backlog_messages",
+                "Messages waiting for the broker in the outbox.",
+                None,
+                s["outbox"]["rows"].as_i64(),
+            ),
+            (
+                "outbox_backlog",
+                "Bytes waiting for the broker in the outbox.",
+                Some(Unit::Bytes),
+                s["outbox"]["bytes"].as_i64(),
+            ),
+            (
+                "fleet_connected",
+                "1 while the fleet link is connected to its broker.",
+                None,
+                s["fleet"]["connected"].as_bool().map(i64::from),
+            ),
+            (
+                "process_resident_memory",
+                "Resident memory of ternd.",
+                Some(Unit::Bytes),
+                self.rss_bytes.map(|b| b as i64),
+            ),
+        ];
+        for (name, help, unit, v) in &gauges {
+            if let Some(v) = v {
+                e.encode_descriptor(name, help, unit.as_ref(), MetricType::Gauge)?
+                    .encode_gauge(v)?;
+            }
+        }
+        if let Some(cpu) = self.cpu_seconds {
+            e.encode_descriptor(
+                "process_cpu",
+                "CPU time ternd has used, user and system.",
+                Some(&Unit::Seconds),
+                MetricType::Counter,
+            )?
+            .encode_counter::<NoLabelSet, _, f64>(&cpu, None)?;
+        }
+        Ok(())
+    }
+}
