@@ -97,8 +97,9 @@ async fn respond(req: Request<hyper::body::Incoming>, control: &Control) -> Resp
 /// The exposition of the daemon's figures now.
 pub async fn render(control: &Control) -> Result<String, String> {
     let status = control.status().await.map_err(|e| e.to_string())?;
-    let histograms = control
-        .pools()
+    let (oldest_ms, updates) = control.store_figures().await.map_err(|e| e.to_string())?;
+    let pools = control.pools();
+    let histograms = pools
         .iter()
         .map(|p| {
             (
@@ -108,9 +109,26 @@ pub async fn render(control: &Control) -> Result<String, String> {
             )
         })
         .collect();
+    let errors = pools
+        .iter()
+        .flat_map(|p| {
+            let name = p.name().to_string();
+            p.stats()
+                .errors_by_code()
+                .into_iter()
+                .map(move |(code, n)| (labels(&[("model", &name), ("code", code)]), n))
+        })
+        .collect();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
     let snapshot = Snapshot {
         status,
         histograms,
+        errors,
+        // An empty outbox waits for nothing: 0.
+        outbox_oldest_s: oldest_ms.map_or(0.0, |t| (now_ms - t).max(0) as f64 / 1000.0),
+        updates,
         rss_bytes: crate::fleet::telemetry::rss_bytes(),
         cpu_seconds: crate::fleet::telemetry::cpu_seconds(),
     };
@@ -127,6 +145,12 @@ struct Snapshot {
     status: Value,
     /// Per model: name, active version, (sum s, count, each bucket's own count).
     histograms: Vec<(String, String, Buckets)>,
+    /// Failed requests by model and wire code.
+    errors: Vec<(Labels, u64)>,
+    /// How long the oldest message in the outbox has waited, seconds.
+    outbox_oldest_s: f64,
+    /// Each model's latest update: model, version, state.
+    updates: Vec<(String, String, String)>,
     rss_bytes: Option<u64>,
     cpu_seconds: Option<f64>,
 }
@@ -157,7 +181,13 @@ impl Collector for Snapshot {
         let text = |v: &Value| v.as_str().unwrap_or("").to_string();
 
         // Counters: one descriptor, then one sample per label set.
-        let counters: [Counter<'_>; 3] = [
+        let counters: [Counter<'_>; 4] = [
+            (
+                "inference_errors",
+                "Failed requests by the code their answer carried (bad_request: the caller's \
+                 input; internal: the model's run; busy: a full queue).",
+                self.errors.clone(),
+            ),
             (
                 "inferences",
                 "Requests a model answered or refused, by outcome: ok, error (the model's \
@@ -314,6 +344,24 @@ impl Collector for Snapshot {
                 e.encode_descriptor(name, help, unit.as_ref(), MetricType::Gauge)?
                     .encode_gauge(v)?;
             }
+        }
+        e.encode_descriptor(
+            "outbox_oldest_age",
+            "How long the oldest message waiting for the broker has waited (0: none waits).",
+            Some(&Unit::Seconds),
+            MetricType::Gauge,
+        )?
+        .encode_gauge(&self.outbox_oldest_s)?;
+        let mut m = e.encode_descriptor(
+            "update_state",
+            "1 for each model's latest update, labelled with its version and state \
+             (downloading … committed, failed, rolled_back, refused).",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (model, version, state) in &self.updates {
+            let l = labels(&[("model", model), ("version", version), ("state", state)]);
+            m.encode_family(&l)?.encode_gauge(&1i64)?;
         }
         if let Some(cpu) = self.cpu_seconds {
             e.encode_descriptor(

@@ -467,3 +467,34 @@ pub fn read_manifest(pkg: &Path) -> (String, String) {
         v["version"].as_str().expect("version").to_string(),
     )
 }
+
+/// One HTTP/1.1 request to `port`, the connection closed after: (status line, headers and
+/// body as text).
+pub fn http(port: u16, method: &str, path: &str) -> (String, String) {
+    try_http(port, method, path).unwrap_or_else(|e| panic!("{method} {path} on {port}: {e}"))
+}
+
+pub fn try_http(port: u16, method: &str, path: &str) -> std::io::Result<(String, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let (status, rest) = text.split_once("\r\n").unwrap_or((&text, ""));
+    Ok((status.to_string(), rest.to_string()))
+}
+
+/// The samples of an exposition: `name{labels}` → value.
+pub fn samples(body: &str) -> std::collections::HashMap<String, f64> {
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}

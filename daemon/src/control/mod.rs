@@ -384,6 +384,37 @@ impl Control {
         }
     }
 
+    /// What the metrics endpoint reads from the database: when the oldest message waiting in
+    /// the outbox was made, and each model's latest update (model, version, state).
+    pub async fn store_figures(
+        &self,
+    ) -> Result<(Option<i64>, Vec<(String, String, String)>), CmdError> {
+        let figures = self
+            .inner
+            .store
+            .call(|c| {
+                use rusqlite::OptionalExtension as _;
+                // Ids only grow: the lowest is the oldest, found without a scan.
+                let oldest: Option<i64> = c
+                    .query_row(
+                        "SELECT created_ms FROM outbox ORDER BY id LIMIT 1",
+                        [],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                let mut stmt = c.prepare(
+                    "SELECT model, version, state FROM updates WHERE id IN \
+                     (SELECT max(id) FROM updates GROUP BY model) ORDER BY model",
+                )?;
+                let updates = stmt
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                Ok((oldest, updates))
+            })
+            .await?;
+        Ok(figures)
+    }
+
     /// The pools serving now (for the metrics endpoint's histograms).
     pub fn pools(&self) -> Vec<crate::engine::ModelPool> {
         self.inner.registry.snapshot().pools().cloned().collect()

@@ -95,6 +95,28 @@ pub struct PoolStats {
     latencies: Latencies,
     /// Every answer's latency since the pool started, by bucket (Prometheus's histogram).
     pub durations: Durations,
+    /// Failed requests by wire code (`bad_request`, `internal`, `busy`, …); only errors
+    /// take the lock.
+    pub errors_by_code: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
+}
+
+impl PoolStats {
+    fn error(&self, e: &EngineError) {
+        let mut by = self
+            .errors_by_code
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        *by.entry(e.code().as_str()).or_default() += 1;
+    }
+
+    /// Failed requests by wire code so far.
+    pub fn errors_by_code(&self) -> Vec<(&'static str, u64)> {
+        let by = self
+            .errors_by_code
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        by.iter().map(|(k, v)| (*k, *v)).collect()
+    }
 }
 
 /// Upper bounds (seconds) of the latency histogram's buckets; one more holds the rest.
@@ -298,9 +320,11 @@ impl ModelPool {
                     .stats
                     .rejected_busy
                     .fetch_add(1, Ordering::Relaxed);
-                Err(EngineError::Busy {
+                let busy = EngineError::Busy {
                     model: self.inner.name.clone(),
-                })
+                };
+                self.inner.stats.error(&busy);
+                Err(busy)
             }
             Err(crossbeam_channel::TrySendError::Disconnected(_)) => Err(EngineError::Stopped {
                 model: self.inner.name.clone(),
@@ -490,14 +514,16 @@ impl Inner {
                 self.stats.durations.record(p.latency_us);
             }
             Err(
-                EngineError::Input { .. }
+                e @ (EngineError::Input { .. }
                 | EngineError::Unreadable { .. }
-                | EngineError::Shape { .. },
+                | EngineError::Shape { .. }),
             ) => {
                 self.stats.bad_input.fetch_add(1, Ordering::Relaxed);
+                self.stats.error(e);
             }
-            Err(_) => {
+            Err(e) => {
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                self.stats.error(e);
             }
         }
     }

@@ -814,37 +814,6 @@ fn a_delete_interrupted_by_a_crash_is_finished_without_a_second_result() {
     assert!(d.wait(T).unwrap().success());
 }
 
-/// One HTTP/1.1 request to `port`, the connection closed after: (status line, headers and
-/// body as text).
-fn http(port: u16, method: &str, path: &str) -> (String, String) {
-    try_http(port, method, path).unwrap_or_else(|e| panic!("{method} {path} on {port}: {e}"))
-}
-
-fn try_http(port: u16, method: &str, path: &str) -> std::io::Result<(String, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(T))?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)?;
-    let (status, rest) = text.split_once("\r\n").unwrap_or((&text, ""));
-    Ok((status.to_string(), rest.to_string()))
-}
-
-/// The samples of an exposition: `name{labels}` → value.
-fn samples(body: &str) -> std::collections::HashMap<String, f64> {
-    body.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| {
-            let (k, v) = l.rsplit_once(' ')?;
-            Some((k.to_string(), v.parse().ok()?))
-        })
-        .collect()
-}
-
 /// `[metrics] listen` serves /metrics to Prometheus: the counters agree with what happened,
 /// the histogram with the counters, and anything but GET /metrics is refused.
 #[test]
@@ -920,6 +889,16 @@ fn metrics_are_served_for_prometheus_and_agree_with_the_daemon() {
         "tern_pipeline_samples_total{pipeline=\"digits\",feed=\"inbox\",outcome=\"results\"}";
     assert_eq!(m[results], 12.0, "{body}");
     assert_eq!(m["tern_pipeline_running{pipeline=\"digits\"}"], 1.0);
+    // Every failed request is counted by the code its answer carried: here the junk file.
+    let by_code: f64 = m
+        .iter()
+        .filter(|(k, _)| k.starts_with("tern_inference_errors_total{model=\"digits-cnn-int8\""))
+        .map(|(_, v)| v)
+        .sum();
+    assert_eq!(by_code, 1.0, "{body}");
+    // No fleet link: nothing waits in the outbox.
+    assert_eq!(m["tern_outbox_oldest_age_seconds"], 0.0, "{body}");
+    assert!(body.contains("# TYPE tern_update_state gauge"), "{body}");
     assert!(m["tern_process_resident_memory_bytes"] > 1e6, "{body}");
     assert!(m.contains_key("tern_process_cpu_seconds_total"), "{body}");
     // A real Prometheus scrapes the box (OpenMetrics, as it negotiates) and answers a query

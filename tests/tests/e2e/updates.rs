@@ -165,12 +165,16 @@ fn late_joiner_gets_the_update_published_by_the_tool() {
         "{out}"
     );
 
+    let metrics = free_port();
     let b = fleet_box_with(
         MODEL,
         "late-1",
         &broker.url(true),
         "",
-        &format!("[updates]\nkeys = [\"{public}\"]\nhealth_window_secs = 1\n"),
+        &format!(
+            "[updates]\nkeys = [\"{public}\"]\nhealth_window_secs = 1\n\n\
+             [metrics]\nlisten = \"127.0.0.1:{metrics}\"\n"
+        ),
     );
     let mut w = watcher(&broker, "late-1");
     let _d = Daemon::spawn(&b.config, None, &[]).unwrap();
@@ -226,6 +230,13 @@ fn late_joiner_gets_the_update_published_by_the_tool() {
         (Some("1.1.0"), Some("committed"), Some(100)),
         "{row}"
     );
+    // The box's metrics say so too, and the outbox has drained to the broker.
+    let (_, scraped) = http(metrics, "GET", "/metrics");
+    let m = samples(&scraped);
+    let state =
+        format!("tern_update_state{{model=\"{MODEL}\",version=\"1.1.0\",state=\"committed\"}}");
+    assert_eq!(m.get(&state), Some(&1.0), "{scraped}");
+    assert_eq!(m.get("tern_fleet_connected"), Some(&1.0), "{scraped}");
     // Following this bundle ends at once: every online box of the group has committed it.
     let followed = run(&[
         "status", "--broker", &url, "--group", "lab", "--bundle", "u.bundle", "--json",
