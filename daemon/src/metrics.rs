@@ -2,8 +2,9 @@
 //! OpenMetrics text format (prometheus-client encodes it, hyper serves it).
 //!
 //! Everything is read when scraped from what the daemon counts anyway (the `status` command's
-//! figures, each pool's latency buckets, /proc): the hot path pays one atomic add per answer
-//! for the histogram and nothing else, and a scrape costs what a `status` command does.
+//! figures, each pool's latency buckets and errors by code, two indexed queries, /proc): the
+//! hot path pays two atomic adds per answer (its bucket, the sum), an error a short lock, and
+//! a scrape about what a `status` command does.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -21,25 +22,30 @@ use tokio_util::sync::CancellationToken;
 
 use crate::control::Control;
 
-/// Scrapes answered at once; more wait for the listener's backlog.
-const CONNECTIONS: usize = 4;
-/// A connection that has not finished its request and response by then is closed.
+/// Connections served at once; one more is closed at once.
+pub const CONNECTIONS: usize = 4;
+/// A request's headers must have come by then.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(3);
+/// A connection still open by then is closed (one request each: no keep-alive).
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// 2025-01-01 in ms: a time before it was taken on a clock not yet set.
+const CLOCK_SET_MS: i64 = 1_735_689_600_000;
 
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Answer scrapes on `listener` until `cancel`.
-pub async fn serve(listener: TcpListener, control: Control, cancel: CancellationToken) {
-    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(CONNECTIONS));
+/// Answer scrapes on `listener` until `cancel`, at most as many at once as `slots` holds.
+pub async fn serve(
+    listener: TcpListener,
+    control: Control,
+    slots: std::sync::Arc<tokio::sync::Semaphore>,
+    cancel: CancellationToken,
+) {
     loop {
-        let permit = tokio::select! {
-            _ = cancel.cancelled() => return,
-            p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
-        };
-        let (stream, _) = tokio::select! {
+        let stream = tokio::select! {
             _ = cancel.cancelled() => return,
             a = listener.accept() => match a {
-                Ok(a) => a,
+                Ok((stream, _)) => stream,
                 Err(e) => {
                     // Out of file descriptors, most likely: wait rather than spin.
                     tracing::warn!(error = %e, "metrics: accept failed");
@@ -48,6 +54,12 @@ pub async fn serve(listener: TcpListener, control: Control, cancel: Cancellation
                 }
             },
         };
+        // Every slot taken (slow or idle clients): this one is closed rather than left to
+        // wait behind them.
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            drop(stream);
+            continue;
+        };
         let control = control.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
@@ -55,6 +67,9 @@ pub async fn serve(listener: TcpListener, control: Control, cancel: Cancellation
                 async move { Ok::<_, Infallible>(respond(req, &control).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .keep_alive(false)
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
             let _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await;
             drop(permit);
@@ -77,12 +92,20 @@ async fn respond(req: Request<hyper::body::Incoming>, control: &Control) -> Resp
             "tern serves /metrics only\n".into(),
         );
     }
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        return reply(
+    if req.method() == Method::HEAD {
+        return reply(StatusCode::OK, CONTENT_TYPE, String::new());
+    }
+    if req.method() != Method::GET {
+        let mut r = reply(
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",
             "GET /metrics\n".into(),
         );
+        r.headers_mut().insert(
+            "allow",
+            hyper::header::HeaderValue::from_static("GET, HEAD"),
+        );
+        return r;
     }
     match render(control).await {
         Ok(text) => reply(StatusCode::OK, CONTENT_TYPE, text),
@@ -98,6 +121,7 @@ async fn respond(req: Request<hyper::body::Incoming>, control: &Control) -> Resp
 pub async fn render(control: &Control) -> Result<String, String> {
     let status = control.status().await.map_err(|e| e.to_string())?;
     let (oldest_ms, updates) = control.store_figures().await.map_err(|e| e.to_string())?;
+    let waiting = oldest_ms.is_some();
     let pools = control.pools();
     let histograms = pools
         .iter()
@@ -122,12 +146,19 @@ pub async fn render(control: &Control) -> Result<String, String> {
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64);
+    // A message made before the clock was set (a box without a real-time clock, before NTP)
+    // has no age to tell: no sample rather than fifty years.
+    let oldest_ms = oldest_ms.filter(|t| *t >= CLOCK_SET_MS);
     let snapshot = Snapshot {
         status,
         histograms,
         errors,
         // An empty outbox waits for nothing: 0.
-        outbox_oldest_s: oldest_ms.map_or(0.0, |t| (now_ms - t).max(0) as f64 / 1000.0),
+        outbox_oldest_s: match (oldest_ms, waiting) {
+            (Some(t), _) => Some((now_ms - t).max(0) as f64 / 1000.0),
+            (None, false) => Some(0.0),
+            (None, true) => None,
+        },
         updates,
         rss_bytes: crate::fleet::telemetry::rss_bytes(),
         cpu_seconds: crate::fleet::telemetry::cpu_seconds(),
@@ -147,8 +178,9 @@ struct Snapshot {
     histograms: Vec<(String, String, Buckets)>,
     /// Failed requests by model and wire code.
     errors: Vec<(Labels, u64)>,
-    /// How long the oldest message in the outbox has waited, seconds.
-    outbox_oldest_s: f64,
+    /// How long the oldest message in the outbox has waited, seconds (`None`: it was made
+    /// before the clock was set).
+    outbox_oldest_s: Option<f64>,
     /// Each model's latest update: model, version, state.
     updates: Vec<(String, String, String)>,
     rss_bytes: Option<u64>,
@@ -161,10 +193,18 @@ type Buckets = (f64, u64, Vec<(f64, u64)>);
 /// A counter's name, help and samples.
 type Counter<'a> = (&'a str, &'a str, Vec<(Labels, u64)>);
 
+/// Label pairs, each value escaped as the text format asks (prometheus-client writes values
+/// as given, and a pipeline's name may hold a quote or a backslash).
 fn labels(pairs: &[(&str, &str)]) -> Labels {
     pairs
         .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .map(|(k, v)| {
+            let v = v
+                .replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('\n', "\\n");
+            (k.to_string(), v)
+        })
         .collect()
 }
 
@@ -184,8 +224,9 @@ impl Collector for Snapshot {
         let counters: [Counter<'_>; 4] = [
             (
                 "inference_errors",
-                "Failed requests by the code their answer carried (bad_request: the caller's \
-                 input; internal: the model's run; busy: a full queue).",
+                "Failed requests by the code their answer carried (bad_request: an input of the \
+                 wrong kind or shape; internal: a run that failed or bytes that decode to no \
+                 image; busy: a full queue).",
                 self.errors.clone(),
             ),
             (
@@ -195,7 +236,7 @@ impl Collector for Snapshot {
                 models
                     .iter()
                     .flat_map(|m| {
-                        let (name, version) = (text(&m["name"]), text(&m["version"]));
+                        let name = text(&m["name"]);
                         [
                             ("ok", "requests"),
                             ("error", "errors"),
@@ -204,11 +245,7 @@ impl Collector for Snapshot {
                         ]
                         .map(|(outcome, key)| {
                             (
-                                labels(&[
-                                    ("model", &name),
-                                    ("version", &version),
-                                    ("outcome", outcome),
-                                ]),
+                                labels(&[("model", &name), ("outcome", outcome)]),
                                 n(&m[key]),
                             )
                         })
@@ -270,9 +307,21 @@ impl Collector for Snapshot {
             Some(&Unit::Seconds),
             MetricType::Histogram,
         )?;
-        for (name, version, (sum, count, buckets)) in &self.histograms {
-            m.encode_family(&labels(&[("model", name), ("version", version)]))?
+        for (name, _, (sum, count, buckets)) in &self.histograms {
+            m.encode_family(&labels(&[("model", name)]))?
                 .encode_histogram::<NoLabelSet>(*sum, *count, buckets, None)?;
+        }
+        // The counts run across versions (an update swaps the model inside its pool): the
+        // version serving now is its own series.
+        let mut m = e.encode_descriptor(
+            "model_info",
+            "1 for each model, labelled with the version serving now.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (name, version, _) in &self.histograms {
+            m.encode_family(&labels(&[("model", name), ("version", version)]))?
+                .encode_gauge(&1i64)?;
         }
 
         let queued: Vec<(Labels, i64)> = models
@@ -345,17 +394,19 @@ impl Collector for Snapshot {
                     .encode_gauge(v)?;
             }
         }
-        e.encode_descriptor(
-            "outbox_oldest_age",
-            "How long the oldest message waiting for the broker has waited (0: none waits).",
-            Some(&Unit::Seconds),
-            MetricType::Gauge,
-        )?
-        .encode_gauge(&self.outbox_oldest_s)?;
+        if let Some(age) = self.outbox_oldest_s {
+            e.encode_descriptor(
+                "outbox_oldest_age",
+                "How long the oldest message waiting for the broker has waited (0: none waits).",
+                Some(&Unit::Seconds),
+                MetricType::Gauge,
+            )?
+            .encode_gauge(&age)?;
+        }
         let mut m = e.encode_descriptor(
             "update_state",
             "1 for each model's latest update, labelled with its version and state \
-             (downloading … committed, failed, rolled_back, refused).",
+             (downloading … committed, failed, rolled_back).",
             None,
             MetricType::Gauge,
         )?;
@@ -373,5 +424,16 @@ impl Collector for Snapshot {
             .encode_counter::<NoLabelSet, _, f64>(&cpu, None)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_are_escaped_for_the_text_format() {
+        let l = labels(&[("pipeline", "a\"b\\c\nd")]);
+        assert_eq!(l[0].1, "a\\\"b\\\\c\\nd");
     }
 }

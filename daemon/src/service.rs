@@ -83,6 +83,8 @@ struct Daemon {
     keeper: Arc<Keeper>,
     /// What the last start or reload could not do; the status says "degraded" with these.
     problems: Vec<String>,
+    /// What the start could not do that no reload changes (the metrics endpoint's port).
+    lasting: Vec<String>,
     outbox: Option<Outbox>,
     control: Control,
     tasks: Tasks,
@@ -237,11 +239,17 @@ pub async fn run(
         pipelines: Vec::new(),
         keeper,
         problems: Vec::new(),
+        lasting: Vec::new(),
         outbox: outbox.clone(),
         control: control.clone(),
         tasks,
     };
     daemon.apply(config.clone()).await;
+    if let Some(addr) = config.metrics
+        && let Err(why) = serve_metrics(addr, &control, &cancel, &mut daemon.tasks)
+    {
+        daemon.lasting.push(why);
+    }
     let summary = daemon.summary();
     daemon.publish_state(&summary);
     // The updater resumes once the configured models are in place, so an update it carries
@@ -296,9 +304,6 @@ pub async fn run(
         }
         None => None,
     };
-    if let Some(addr) = config.metrics {
-        serve_metrics(addr, &control, &cancel, &mut daemon.tasks);
-    }
     tracing::info!(status = %summary, "ready");
     notify(&[NotifyState::Ready, NotifyState::Status(&summary)]);
     {
@@ -647,7 +652,10 @@ impl Daemon {
                     new.dbus = self.config.dbus.clone();
                 }
                 if new.metrics != self.config.metrics {
-                    tracing::warn!("metrics changes need a restart; keeping the running endpoint");
+                    tracing::warn!(
+                        running = ?self.config.metrics,
+                        "metrics changes need a restart; keeping the endpoint as it was started"
+                    );
                     new.metrics = self.config.metrics;
                 }
                 if new.onnxruntime_library != self.config.onnxruntime_library {
@@ -692,8 +700,14 @@ impl Daemon {
         let models = self.registry.snapshot().len();
         let running = self.pipelines.iter().filter(|s| s.run.is_some()).count();
         let mut s = format!("ready: {models} model(s) active, {running} pipeline(s) running");
-        if !self.problems.is_empty() {
-            s += &format!("; degraded: {}", self.problems.join("; "));
+        let problems: Vec<&str> = self
+            .lasting
+            .iter()
+            .chain(&self.problems)
+            .map(String::as_str)
+            .collect();
+        if !problems.is_empty() {
+            s += &format!("; degraded: {}", problems.join("; "));
         }
         s
     }
@@ -777,36 +791,38 @@ fn notify(states: &[NotifyState<'_>]) {
 }
 
 /// The Prometheus endpoint on `addr`, supervised (a crashed server is started again on the
-/// same socket); a port it cannot have is said and the daemon runs on without it.
+/// same socket); a port it cannot have is said (the status says it is degraded) and the
+/// daemon runs on without it.
 fn serve_metrics(
     addr: std::net::SocketAddr,
     control: &Control,
     cancel: &CancellationToken,
     tasks: &mut crate::tasks::Tasks,
-) {
+) -> Result<(), String> {
     let bound = std::net::TcpListener::bind(addr).and_then(|l| {
         l.set_nonblocking(true)?;
         Ok(l)
     });
-    let socket = match bound {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(%addr, error = %e, "metrics.listen: cannot listen there; /metrics is not served");
-            return;
-        }
-    };
+    let socket = bound.map_err(|e| {
+        let why = format!("metrics.listen {addr}: {e}; /metrics is not served");
+        tracing::error!("{why}");
+        why
+    })?;
     tracing::info!(%addr, "metrics served at /metrics");
     let (control, cancel) = (control.clone(), cancel.clone());
+    // One set of slots for every run of the server: a restart does not double them.
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(crate::metrics::CONNECTIONS));
     tasks.restart("metrics", move || {
         let listener = socket
             .try_clone()
             .and_then(tokio::net::TcpListener::from_std);
-        let (control, cancel) = (control.clone(), cancel.clone());
+        let (control, cancel, slots) = (control.clone(), cancel.clone(), slots.clone());
         async move {
             match listener {
-                Ok(l) => crate::metrics::serve(l, control, cancel).await,
+                Ok(l) => crate::metrics::serve(l, control, slots, cancel).await,
                 Err(e) => tracing::error!(error = %e, "metrics: the listening socket is lost"),
             }
         }
     });
+    Ok(())
 }

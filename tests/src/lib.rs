@@ -468,8 +468,8 @@ pub fn read_manifest(pkg: &Path) -> (String, String) {
     )
 }
 
-/// One HTTP/1.1 request to `port`, the connection closed after: (status line, headers and
-/// body as text).
+/// One HTTP/1.0 request to `port` (so no chunked body, and the server closes when done):
+/// (status line, headers and body as text).
 pub fn http(port: u16, method: &str, path: &str) -> (String, String) {
     try_http(port, method, path).unwrap_or_else(|e| panic!("{method} {path} on {port}: {e}"))
 }
@@ -478,10 +478,7 @@ pub fn try_http(port: u16, method: &str, path: &str) -> std::io::Result<(String,
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(60)))?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )?;
+    write!(s, "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
     let mut text = String::new();
     s.read_to_string(&mut text)?;
     let (status, rest) = text.split_once("\r\n").unwrap_or((&text, ""));

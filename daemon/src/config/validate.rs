@@ -83,16 +83,27 @@ pub(super) fn validate(
     }
     let updates = validate_updates(&raw.updates, &mut report);
     let dbus = dbus(&raw.dbus, &mut report);
-    let metrics = raw.metrics.listen.as_deref().and_then(|a| {
-        a.parse::<std::net::SocketAddr>()
-            .inspect_err(|_| {
-                report(
-                    "metrics.listen".into(),
-                    format!("`{a}` is not an address and port (e.g. \"127.0.0.1:9464\")"),
-                )
-            })
-            .ok()
-    });
+    let metrics =
+        raw.metrics
+            .listen
+            .as_deref()
+            .and_then(|a| match a.parse::<std::net::SocketAddr>() {
+                Ok(addr) if addr.port() == 0 => {
+                    report(
+                        "metrics.listen".into(),
+                        format!("`{a}`: port 0 would be any port; give the one Prometheus scrapes"),
+                    );
+                    None
+                }
+                Ok(addr) => Some(addr),
+                Err(_) => {
+                    report(
+                        "metrics.listen".into(),
+                        format!("`{a}` is not an IP address and port (e.g. \"127.0.0.1:9464\")"),
+                    );
+                    None
+                }
+            });
     if problems.is_empty() {
         Ok(Config {
             state_dir,

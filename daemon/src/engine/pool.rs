@@ -326,9 +326,13 @@ impl ModelPool {
                 self.inner.stats.error(&busy);
                 Err(busy)
             }
-            Err(crossbeam_channel::TrySendError::Disconnected(_)) => Err(EngineError::Stopped {
-                model: self.inner.name.clone(),
-            }),
+            Err(crossbeam_channel::TrySendError::Disconnected(_)) => {
+                let stopped = EngineError::Stopped {
+                    model: self.inner.name.clone(),
+                };
+                self.inner.stats.error(&stopped);
+                Err(stopped)
+            }
         }
     }
 

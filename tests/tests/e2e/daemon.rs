@@ -831,7 +831,7 @@ fn metrics_are_served_for_prometheus_and_agree_with_the_daemon() {
     wait_results(&s.state, "digits", 12);
     // A file that is no image: the caller's fault, counted as such.
     std::fs::write(s.inbox.join("junk.png"), b"not a png").unwrap();
-    let model = "model=\"digits-cnn-int8\",version=\"1.0.0\"";
+    let model = "model=\"digits-cnn-int8\"";
     let scrape = || {
         let (status, rest) = http(port, "GET", "/metrics");
         assert!(status.contains("200"), "{status}");
@@ -900,6 +900,12 @@ fn metrics_are_served_for_prometheus_and_agree_with_the_daemon() {
     assert_eq!(m["tern_outbox_oldest_age_seconds"], 0.0, "{body}");
     assert!(body.contains("# TYPE tern_update_state gauge"), "{body}");
     assert!(m["tern_process_resident_memory_bytes"] > 1e6, "{body}");
+    // The counts run across versions; the version serving now is its own series.
+    assert_eq!(
+        m.get("tern_model_info{model=\"digits-cnn-int8\",version=\"1.0.0\"}"),
+        Some(&1.0),
+        "{body}"
+    );
     assert!(m.contains_key("tern_process_cpu_seconds_total"), "{body}");
     // A real Prometheus scrapes the box (OpenMetrics, as it negotiates) and answers a query
     // with the box's count. (promtool's `check metrics` reads the older text format only.)
@@ -916,6 +922,7 @@ fn metrics_are_served_for_prometheus_and_agree_with_the_daemon() {
             ),
         )
         .unwrap();
+        let log = dir.join("prometheus.log");
         let mut server = std::process::Command::new("prometheus")
             .arg(format!("--config.file={}", cfg.display()))
             .arg(format!(
@@ -924,38 +931,62 @@ fn metrics_are_served_for_prometheus_and_agree_with_the_daemon() {
             ))
             .arg(format!("--web.listen-address=127.0.0.1:{prom}"))
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
+        let said = || std::fs::read_to_string(&log).unwrap_or_default();
         let query = "/api/v1/query?query=tern_inferences_total%7Boutcome%3D%22ok%22%7D";
         let seen = wait_for("Prometheus to have scraped the box", T, || {
+            if let Ok(Some(exit)) = server.try_wait() {
+                panic!("prometheus exited ({exit}): {}", said());
+            }
             let (status, rest) = try_http(prom, "GET", query).ok()?;
             let body = rest.split_once("\r\n\r\n")?.1;
-            // A chunked body: the JSON is the line that holds it.
-            let json = body.lines().find(|l| l.starts_with('{'))?;
-            let v: Value = serde_json::from_str(json).ok()?;
+            let v: Value = serde_json::from_str(body.trim()).ok()?;
             let r = v["data"]["result"].as_array()?.first()?.clone();
             (status.contains("200")).then_some(r)
         });
         let _ = server.kill();
         let _ = server.wait();
-        let r = seen.unwrap();
+        let r = seen.unwrap_or_else(|e| panic!("{e}: {}", said()));
         assert_eq!(r["metric"]["model"], "digits-cnn-int8", "{r}");
         assert_eq!(r["value"][1], "12", "{r}");
     }
-    // Only GET /metrics.
+    // Only GET (and HEAD) /metrics.
     assert!(http(port, "GET", "/").0.contains("404"));
-    assert!(http(port, "POST", "/metrics").0.contains("405"));
+    let (status, rest) = http(port, "POST", "/metrics");
+    assert!(status.contains("405"), "{status}");
+    assert!(rest.to_lowercase().contains("allow: get, head"), "{rest}");
+    let (status, rest) = http(port, "HEAD", "/metrics");
+    assert!(status.contains("200"), "{status}");
+    assert!(rest.ends_with("\r\n\r\n"), "HEAD has no body: {rest}");
     d.signal("TERM").unwrap();
     assert!(d.wait(T).unwrap().success(), "{}", d.stderr());
 
-    // A listen address that is none is a configuration error naming the key.
-    let bad = demo_setup("\n[metrics]\nlisten = \"localhost\"\n");
-    let (status, out, err) =
-        ternd(&["check-config", "--config", bad.config.to_str().unwrap()]).unwrap();
-    assert!(!status.success());
-    assert!(
-        format!("{out}{err}").contains("metrics.listen"),
-        "{out}{err}"
-    );
+    // A port taken by someone else: the daemon runs on without the endpoint and says so.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy_port = taken.local_addr().unwrap().port();
+    let other = demo_setup(&format!(
+        "\n[metrics]\nlisten = \"127.0.0.1:{busy_port}\"\n"
+    ));
+    let mut notify = NotifySocket::new(other.dir.path()).unwrap();
+    let mut d = Daemon::spawn(&other.config, Some(&notify.path), &[]).unwrap();
+    let ready = notify.wait_for("READY=1", T).unwrap();
+    assert!(ready.contains("degraded: metrics.listen"), "{ready}");
+    wait_results(&other.state, "digits", 12);
+    d.signal("TERM").unwrap();
+    assert!(d.wait(T).unwrap().success(), "{}", d.stderr());
+    drop(taken);
+
+    // A listen address that is none, or port 0, is a configuration error naming the key.
+    for listen in ["localhost", "127.0.0.1:0"] {
+        let bad = demo_setup(&format!("\n[metrics]\nlisten = \"{listen}\"\n"));
+        let (status, out, err) =
+            ternd(&["check-config", "--config", bad.config.to_str().unwrap()]).unwrap();
+        assert!(!status.success(), "{listen}");
+        assert!(
+            format!("{out}{err}").contains("metrics.listen"),
+            "{listen}: {out}{err}"
+        );
+    }
 }

@@ -230,13 +230,14 @@ fn late_joiner_gets_the_update_published_by_the_tool() {
         (Some("1.1.0"), Some("committed"), Some(100)),
         "{row}"
     );
-    // The box's metrics say so too, and the outbox has drained to the broker.
-    let (_, scraped) = http(metrics, "GET", "/metrics");
-    let m = samples(&scraped);
+    // The box's metrics say so too.
     let state =
         format!("tern_update_state{{model=\"{MODEL}\",version=\"1.1.0\",state=\"committed\"}}");
-    assert_eq!(m.get(&state), Some(&1.0), "{scraped}");
-    assert_eq!(m.get("tern_fleet_connected"), Some(&1.0), "{scraped}");
+    wait_for("the metrics to show the commit, linked", T, || {
+        let m = samples(&http(metrics, "GET", "/metrics").1);
+        (m.get(&state) == Some(&1.0) && m.get("tern_fleet_connected") == Some(&1.0)).then_some(())
+    })
+    .unwrap();
     // Following this bundle ends at once: every online box of the group has committed it.
     let followed = run(&[
         "status", "--broker", &url, "--group", "lab", "--bundle", "u.bundle", "--json",
