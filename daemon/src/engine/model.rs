@@ -398,12 +398,11 @@ impl Model {
                 .into_typed()
                 .and_then(|m| m.into_decluttered())
                 .map_err(|e| {
-                    let mut why = format!("cannot be typed: {}", explain(&e));
-                    if manifest.inputs.iter().any(|i| !i.symbolic.is_empty()) {
-                        why += "; or a dimension in inputs[].symbolic cannot stay open in this \
-                                model: remove it from `symbolic` to plan each value";
-                    }
-                    load_err(why)
+                    load_err(format!(
+                        "cannot be typed: {}{}",
+                        explain(&e),
+                        symbolic_hint(&manifest)
+                    ))
                 })?;
             Ok::<_, EngineError>((None, Some(typed)))
         };
@@ -1199,7 +1198,13 @@ impl Plans {
         let typed = model
             .into_typed()
             .and_then(|m| m.into_decluttered())
-            .map_err(|e| format!("cannot be typed for {named:?}: {}", explain(&e)))?;
+            .map_err(|e| {
+                format!(
+                    "cannot be typed for {named:?}: {}{}",
+                    explain(&e),
+                    symbolic_hint(m)
+                )
+            })?;
         self.kind
             .prepare(self.rt, typed, &self.options)
             .map_err(|e| format!("cannot be planned for {named:?}: {e:#}"))
@@ -1373,6 +1378,16 @@ pub fn describe_onnx(path: &Path) -> Result<OnnxInfo, EngineError> {
         outputs: graph.output.iter().map(tensor).collect(),
         metadata: proto.metadata_props.iter().map(|p| p.key.clone()).collect(),
     })
+}
+
+/// What to try when a model with `symbolic` dimensions cannot be typed.
+fn symbolic_hint(m: &Manifest) -> &'static str {
+    if m.inputs.iter().any(|i| !i.symbolic.is_empty()) {
+        "; or a dimension in inputs[].symbolic cannot stay open in this model: remove it from \
+         `symbolic` to plan each value"
+    } else {
+        ""
+    }
 }
 
 /// Why tract refused a graph, with what to change when tern knows it.
