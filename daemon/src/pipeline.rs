@@ -145,7 +145,7 @@ pub fn build(
     } else {
         in_flight(pc.workers.get(), pc.queue.get(), share)
     };
-    let mut sound = match feed.pcm() {
+    let mut streams = match feed.pcm() {
         None => None,
         Some((_, rate)) => {
             let w = crate::engine::Windower::for_model(&manifest, cfg.hop.map(|h| h.get()))
@@ -212,13 +212,13 @@ pub fn build(
                     manifest.name
                 )));
             }
-            sound = Some(crate::streams::Streams::new(
+            streams = Some(crate::streams::Streams::new(
                 crate::streams::Cutter::Readings(readings),
                 cfg.stop_after_ms,
             ));
         }
     }
-    let events_only = sound.is_some() && thresholded;
+    let events_only = streams.is_some() && thresholded;
     let gate = Gate {
         every_nth: cfg.every_nth.get(),
         min_gap_ms: cfg.max_fps.map(|f| 1000.0 / f),
@@ -261,7 +261,7 @@ pub fn build(
         FeedConfig::Serial(s) => Box::pin(feeds::run(SerialFeed { cfg: s.clone() }, ctx, tx)),
         FeedConfig::Mqtt(m) => Box::pin(feeds::run(MqttFeed { cfg: m.clone() }, ctx, tx)),
         FeedConfig::Audio(a) => {
-            let rate = sound.as_ref().and_then(|s| s.rate()).unwrap_or(16_000);
+            let rate = streams.as_ref().and_then(|s| s.rate()).unwrap_or(16_000);
             let feed = crate::feeds::audio::AudioFeed {
                 cfg: a.clone(),
                 rate,
@@ -279,7 +279,7 @@ pub fn build(
         sinks,
         stats,
         shaper,
-        sound,
+        streams,
         chain,
         events_only,
         last_label: None,
@@ -298,11 +298,11 @@ pub fn build(
 struct Done {
     source: String,
     ts_ms: i64,
-    /// A window of sound: seconds from the start of its source's stream.
+    /// A window of a stream: seconds from the start of its source's stream.
     start_s: Option<f64>,
-    /// A window of sound: its stream's generation and the stream to carry on with.
+    /// A window of a stream: its stream's generation and the stream to carry on with.
     step: Option<(u64, Option<crate::engine::Stream>)>,
-    /// A window of a sound stream that ended while it ran: nothing of it is said.
+    /// A window of a stream that ended while it ran: nothing of it is said.
     ended: bool,
     taken: Instant,
     file: Option<FileDone>,
@@ -325,8 +325,8 @@ struct Serve {
     stats: Arc<PipelineStats>,
     /// Readings windows of a model without state, per source.
     shaper: Option<crate::streams::PerSource>,
-    /// A sound feed's sources, windows and streams.
-    sound: Option<crate::streams::Streams>,
+    /// Streams per source: sound, or the readings of a model with state (or score events).
+    streams: Option<crate::streams::Streams>,
     /// Models run on the crops of the boxes the pipeline's model finds.
     chain: Option<Arc<crate::chain::Chain>>,
     /// Only windows in which a score flipped are results.
@@ -354,7 +354,7 @@ impl Serve {
                     self.finish(batch).await;
                     self.launch(&mut flights);
                 }
-                s = rx.recv(), if open && flights.len() < cap && !self.sound_full() => match s {
+                s = rx.recv(), if open && flights.len() < cap && !self.streams_full() => match s {
                     None => open = false,
                     Some(sample) => {
                         if let Some(f) = self.start(sample).await {
@@ -367,7 +367,7 @@ impl Serve {
             }
         }
         // Drained: a score still on ends with its stream.
-        if let Some(s) = self.sound.as_mut() {
+        if let Some(s) = self.streams.as_mut() {
             let (_, stops) = s.restart();
             self.say_stops(stops).await;
         }
@@ -384,16 +384,18 @@ impl Serve {
         } = sample;
         let input = match data {
             Data::Input(i) => i,
-            Data::Reading(v) if self.sound.is_some() => {
-                let streams = self.sound.as_mut()?;
-                let p = streams.push_reading(&source, ts_ms, taken, v);
+            Data::Reading(v) if self.streams.is_some() => {
+                let p = self
+                    .streams
+                    .as_mut()?
+                    .push_reading(&source, ts_ms, taken, v);
                 self.pushed(&source, p).await;
                 return None;
             }
             Data::Reading(v) => Ok(self.shaper.as_mut()?.push(&source, v)?),
             Data::Pcm(samples) => {
-                let sound = self.sound.as_mut()?;
-                let p = sound.push(&source, ts_ms, taken, &samples);
+                let streams = self.streams.as_mut()?;
+                let p = streams.push(&source, ts_ms, taken, &samples);
                 self.pushed(&source, p).await;
                 return None;
             }
@@ -401,7 +403,7 @@ impl Serve {
                 if let Some(s) = self.shaper.as_mut() {
                     s.reset();
                 }
-                if let Some(s) = self.sound.as_mut() {
+                if let Some(s) = self.streams.as_mut() {
                     let (dropped, stops) = s.restart();
                     self.stats
                         .feed
@@ -485,21 +487,21 @@ impl Serve {
         }
     }
 
-    /// Enough windows of sound wait: the feed's queue holds the next samples back.
-    fn sound_full(&self) -> bool {
-        self.sound
+    /// Enough windows of streams wait: the feed's queue holds the next samples back.
+    fn streams_full(&self) -> bool {
+        self.streams
             .as_ref()
             .is_some_and(|s| s.waiting() >= crate::streams::PAUSE_AT)
     }
 
-    /// Start the windows of sound that may run now: one per source at a time (its stream
+    /// Start the windows of streams that may run now: one per source at a time (its stream
     /// goes with it), within the pipeline's share of the model's queue.
     fn launch(&mut self, flights: &mut FuturesOrdered<Flight>) {
-        let Some(sound) = self.sound.as_mut() else {
+        let Some(streams) = self.streams.as_mut() else {
             return;
         };
         let room = self.cap.saturating_sub(flights.len());
-        for step in sound.ready(room) {
+        for step in streams.ready(room) {
             let pool = self.pool.clone();
             let crate::streams::Step {
                 window,
@@ -527,12 +529,12 @@ impl Serve {
 
     /// Give each finished window's stream back to its source, for its next window.
     fn back(&mut self, batch: &mut [Done]) {
-        let Some(sound) = self.sound.as_mut() else {
+        let Some(streams) = self.streams.as_mut() else {
             return;
         };
         for d in batch {
             if let Some((generation, stream)) = d.step.take() {
-                d.ended = !sound.back(&d.source, generation, stream);
+                d.ended = !streams.back(&d.source, generation, stream);
             }
         }
     }
@@ -547,8 +549,8 @@ impl Serve {
         let (mut ts_ms, mut start_s) = (d.ts_ms, d.start_s);
         let pred = match d.result {
             Ok(mut pred) => {
-                if let (Some(sound), Some(at)) = (self.sound.as_mut(), d.start_s)
-                    && let Some((t, s)) = sound.flips(&d.source, d.ts_ms, at, &mut pred.outputs)
+                if let (Some(streams), Some(at)) = (self.streams.as_mut(), d.start_s)
+                    && let Some((t, s)) = streams.flips(&d.source, d.ts_ms, at, &mut pred.outputs)
                 {
                     (ts_ms, start_s) = (t, Some(s));
                 }
