@@ -20,6 +20,7 @@ use std::sync::Mutex;
 use super::array::{Array, Data, read_npy_f32, read_npy_tree, read_npz};
 use super::input::{Input, Prepared};
 use super::manifest::{DType, Golden, InputSpec, MODEL_FILE, Manifest, Postprocess, const_values};
+use super::pool::caught;
 use super::postprocess::{self, Context, ScoreState};
 use super::{EngineError, PlanChoice, Runtime};
 
@@ -911,18 +912,10 @@ impl Model {
     /// one bad input never costs the others. An input's latency is its own preparation and its
     /// batch's run and postprocessing.
     pub fn infer_batch(&self, inputs: &[Input]) -> Vec<Result<Prediction, EngineError>> {
-        let guard = |f: &mut dyn FnMut() -> Result<Prediction, EngineError>| {
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
-                Err(EngineError::Run {
-                    model: self.name().to_string(),
-                    message: super::panic_message(&*panic),
-                })
-            })
-        };
         let Some((_, most)) = self.manifest.batch_bound() else {
             return inputs
                 .iter()
-                .map(|i| guard(&mut || self.infer(i)))
+                .map(|i| caught(self.name(), || self.infer(i)))
                 .collect();
         };
         let mut out: Vec<Option<Result<Prediction, EngineError>>> =
@@ -930,16 +923,7 @@ impl Model {
         let mut ready = Vec::new();
         for (i, input) in inputs.iter().enumerate() {
             let start = Instant::now();
-            let prepared = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                input.prepare(&self.manifest)
-            }))
-            .unwrap_or_else(|panic| {
-                Err(EngineError::Run {
-                    model: self.name().to_string(),
-                    message: super::panic_message(&*panic),
-                })
-            });
-            match prepared {
+            match caught(self.name(), || input.prepare(&self.manifest)) {
                 Ok(p) => ready.push((i, p, start.elapsed())),
                 Err(e) => out[i] = Some(Err(e)),
             }
@@ -952,20 +936,11 @@ impl Model {
             let since = |prep: &Duration| began.checked_sub(*prep).unwrap_or(began);
             let together = match group.len() {
                 1 => None,
-                _ => match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    self.run_together(group, &since)
-                })) {
-                    Ok(Ok(answers)) => Some(answers),
-                    Ok(Err(e)) => {
+                _ => caught(self.name(), || self.run_together(group, &since))
+                    .inspect_err(|e| {
                         tracing::debug!(model = %self.name(), error = %e, "a batch failed; running its inputs one by one");
-                        None
-                    }
-                    Err(panic) => {
-                        let why = super::panic_message(&*panic);
-                        tracing::debug!(model = %self.name(), error = %why, "a batch panicked; running its inputs one by one");
-                        None
-                    }
-                },
+                    })
+                    .ok(),
             };
             match together {
                 Some(answers) => {
@@ -978,7 +953,7 @@ impl Model {
                         let start = Instant::now()
                             .checked_sub(*prep)
                             .unwrap_or_else(Instant::now);
-                        out[*i] = Some(guard(&mut || {
+                        out[*i] = Some(caught(self.name(), || {
                             let mut stream = self.stream();
                             let (o, _) = self.run_prepared(p, &mut stream)?;
                             self.predict(o, p.geometry, &mut stream, start)

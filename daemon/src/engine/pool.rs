@@ -459,18 +459,9 @@ fn worker(w: usize, rx: crossbeam_channel::Receiver<Job>, pool: std::sync::Weak<
                 Done::One((result, stream))
             }
             Work::Batch(inputs) => {
-                // tract is large and sees untrusted inputs: a panic in one inference must
-                // become an error for that request, not a dead worker or a dead daemon.
-                let answers = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    job.model.infer_batch(&inputs)
-                }))
-                .unwrap_or_else(|panic| {
-                    let e = EngineError::Run {
-                        model: job.model.name().to_string(),
-                        message: panic_message(&panic),
-                    };
-                    inputs.iter().map(|_| Err(e.clone())).collect()
-                });
+                // infer_batch guards each input itself; this catches what is left.
+                let answers = caught(job.model.name(), || Ok(job.model.infer_batch(&inputs)))
+                    .unwrap_or_else(|e| inputs.iter().map(|_| Err(e.clone())).collect());
                 for (input, result) in inputs.iter().zip(&answers) {
                     inner.count(result);
                     job.model.outcomes.record(input, result);
@@ -531,6 +522,21 @@ impl Inner {
             }
         }
     }
+}
+
+/// `f`, a panic in it made a run error of `model`: tract is large and sees untrusted inputs,
+/// so a panic in one inference must become an error for that request, not a dead worker or
+/// a dead daemon.
+pub(crate) fn caught<T>(
+    model: &str,
+    f: impl FnOnce() -> Result<T, EngineError>,
+) -> Result<T, EngineError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        Err(EngineError::Run {
+            model: model.to_string(),
+            message: panic_message(&*panic),
+        })
+    })
 }
 
 /// The text of a panic payload, for an error message.
