@@ -192,6 +192,8 @@ type Labels = Vec<(String, String)>;
 type Buckets = (f64, u64, Vec<(f64, u64)>);
 /// A counter's name, help and samples.
 type Counter<'a> = (&'a str, &'a str, Vec<(Labels, u64)>);
+/// A gauge's name, help and its samples by label set.
+type LabelledGauge<'a> = (&'a str, &'a str, Vec<(Labels, i64)>);
 
 /// Label pairs, each value escaped as the text format asks (prometheus-client writes values
 /// as given, and a pipeline's name may hold a quote or a backslash).
@@ -311,55 +313,62 @@ impl Collector for Snapshot {
             m.encode_family(&labels(&[("model", name)]))?
                 .encode_histogram::<NoLabelSet>(*sum, *count, buckets, None)?;
         }
-        // The counts run across versions (an update swaps the model inside its pool): the
-        // version serving now is its own series.
-        let mut m = e.encode_descriptor(
-            "model_info",
-            "1 for each model, labelled with the version serving now.",
-            None,
-            MetricType::Gauge,
-        )?;
-        for (name, version, _) in &self.histograms {
-            m.encode_family(&labels(&[("model", name), ("version", version)]))?
-                .encode_gauge(&1i64)?;
-        }
-
-        let queued: Vec<(Labels, i64)> = models
-            .iter()
-            .map(|m| {
-                (
-                    labels(&[("model", &text(&m["name"]))]),
-                    n(&m["queued"]) as i64,
-                )
-            })
-            .collect();
-        let mut m = e.encode_descriptor(
-            "queue_depth",
-            "Requests waiting for a model's workers.",
-            None,
-            MetricType::Gauge,
-        )?;
-        for (l, v) in &queued {
-            m.encode_family(l)?.encode_gauge(v)?;
-        }
-
-        let running: Vec<(Labels, i64)> = pipelines
-            .iter()
-            .map(|p| {
-                (
-                    labels(&[("pipeline", &text(&p["name"]))]),
-                    i64::from(p["state"] == "running"),
-                )
-            })
-            .collect();
-        let mut m = e.encode_descriptor(
-            "pipeline_running",
-            "1 while a pipeline runs, 0 while it is stopped, starting or failed.",
-            None,
-            MetricType::Gauge,
-        )?;
-        for (l, v) in &running {
-            m.encode_family(l)?.encode_gauge(v)?;
+        // Gauges by label set: one descriptor, then one sample per label set. The counts run
+        // across versions (an update swaps the model inside its pool): the version serving
+        // now is its own series.
+        let labelled: [LabelledGauge<'_>; 4] = [
+            (
+                "model_info",
+                "1 for each model, labelled with the version serving now.",
+                self.histograms
+                    .iter()
+                    .map(|(name, version, _)| (labels(&[("model", name), ("version", version)]), 1))
+                    .collect(),
+            ),
+            (
+                "queue_depth",
+                "Requests waiting for a model's workers.",
+                models
+                    .iter()
+                    .map(|m| {
+                        (
+                            labels(&[("model", &text(&m["name"]))]),
+                            n(&m["queued"]) as i64,
+                        )
+                    })
+                    .collect(),
+            ),
+            (
+                "pipeline_running",
+                "1 while a pipeline runs, 0 while it is stopped, starting or failed.",
+                pipelines
+                    .iter()
+                    .map(|p| {
+                        (
+                            labels(&[("pipeline", &text(&p["name"]))]),
+                            i64::from(p["state"] == "running"),
+                        )
+                    })
+                    .collect(),
+            ),
+            (
+                "update_state",
+                "1 for each model's latest update, labelled with its version and state \
+                 (downloading … committed, failed, rolled_back).",
+                self.updates
+                    .iter()
+                    .map(|(model, version, state)| {
+                        let l = [("model", model), ("version", version), ("state", state)];
+                        (labels(&l.map(|(k, v)| (k, v.as_str()))), 1)
+                    })
+                    .collect(),
+            ),
+        ];
+        for (name, help, samples) in &labelled {
+            let mut m = e.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for (l, v) in samples {
+                m.encode_family(l)?.encode_gauge(v)?;
+            }
         }
 
         let gauges: [(&str, &str, Option<Unit>, Option<i64>); 4] = [
@@ -402,17 +411,6 @@ impl Collector for Snapshot {
                 MetricType::Gauge,
             )?
             .encode_gauge(&age)?;
-        }
-        let mut m = e.encode_descriptor(
-            "update_state",
-            "1 for each model's latest update, labelled with its version and state \
-             (downloading … committed, failed, rolled_back).",
-            None,
-            MetricType::Gauge,
-        )?;
-        for (model, version, state) in &self.updates {
-            let l = labels(&[("model", model), ("version", version), ("state", state)]);
-            m.encode_family(&l)?.encode_gauge(&1i64)?;
         }
         if let Some(cpu) = self.cpu_seconds {
             e.encode_descriptor(
