@@ -142,10 +142,7 @@ pub async fn run(
                     });
                     crate::local::serve(bus, crate::local::Daemon1::damaged(st))
                         .await
-                        .inspect_err(|e| match config.dbus_asked {
-                            true => tracing::warn!(bus = ?bus, error = %e, "D-Bus interface not served"),
-                            false => tracing::info!(bus = ?bus, error = %e, "D-Bus interface not served on the default system bus"),
-                        })
+                        .inspect_err(|e| dbus_not_served(&config, bus, e))
                         .ok()
                 }
                 None => None,
@@ -292,12 +289,8 @@ pub async fn run(
                     });
                     Some(conn)
                 }
-                Err(e) if config.dbus_asked => {
-                    tracing::warn!(bus = ?bus, error = %e, "D-Bus interface not served");
-                    None
-                }
                 Err(e) => {
-                    tracing::info!(bus = ?bus, error = %e, "D-Bus interface not served on the default system bus (dbus.bus is not set: set it to say where, or to \"none\")");
+                    dbus_not_served(&config, bus, &e);
                     None
                 }
             }
@@ -787,6 +780,16 @@ fn status(s: &str) {
 fn notify(states: &[NotifyState<'_>]) {
     if let Err(e) = sd_notify::notify(false, states) {
         tracing::warn!(error = %e, "sd_notify failed");
+    }
+}
+
+/// Say that the local API is not served: a warning for a bus the configuration asked for, a
+/// note for the default system bus (a laptop, a container has none).
+fn dbus_not_served(config: &Config, bus: &config::Bus, e: &dyn std::fmt::Display) {
+    if config.dbus_asked {
+        tracing::warn!(bus = ?bus, error = %e, "D-Bus interface not served");
+    } else {
+        tracing::info!(bus = ?bus, error = %e, "D-Bus interface not served on the default system bus (dbus.bus is not set: set it to say where, or to \"none\")");
     }
 }
 
