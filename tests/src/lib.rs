@@ -495,3 +495,37 @@ pub fn samples(body: &str) -> std::collections::HashMap<String, f64> {
         })
         .collect()
 }
+
+/// Each stored result of `pipeline`, oldest first: its source and its outputs (JSON).
+pub fn stored_outputs(state_dir: &Path, pipeline: &str) -> Vec<(String, serde_json::Value)> {
+    let c = db(state_dir).unwrap();
+    let mut s = c
+        .prepare("SELECT source, outputs FROM results WHERE pipeline = ?1 ORDER BY id")
+        .unwrap();
+    s.query_map([pipeline], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+    })
+    .unwrap()
+    .map(|r| {
+        let (src, outputs) = r.unwrap();
+        (src, serde_json::from_str(&outputs).unwrap())
+    })
+    .collect()
+}
+
+/// Everything a child's stream has printed so far, gathered line by line on a thread.
+pub fn gather_output(
+    r: impl std::io::Read + Send + 'static,
+) -> std::sync::Arc<std::sync::Mutex<String>> {
+    use std::io::BufRead;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let s2 = seen.clone();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(r).lines().map_while(Result::ok) {
+            let mut s = s2.lock().unwrap();
+            s.push_str(&l);
+            s.push('\n');
+        }
+    });
+    seen
+}

@@ -838,17 +838,9 @@ model = "running-total"
     })
     .unwrap();
     let totals = |state: &Path| -> Vec<(String, f64)> {
-        let c = db(state).unwrap();
-        let mut s = c
-            .prepare("SELECT source, outputs FROM results WHERE pipeline = 'totals' ORDER BY id")
-            .unwrap();
-        s.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
-            .unwrap()
-            .map(|r| {
-                let (src, o) = r.unwrap();
-                let v: Value = serde_json::from_str(&o).unwrap();
-                (src, v["total"]["values"][0].as_f64().unwrap())
-            })
+        stored_outputs(state, "totals")
+            .into_iter()
+            .map(|(src, v)| (src, v["total"]["values"][0].as_f64().unwrap()))
             .collect()
     };
     let send = |c: &Client, topic: &str, level: f64| {

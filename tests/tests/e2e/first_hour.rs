@@ -2,11 +2,10 @@
 //! paste it: its own mosquitto, the fleet demo with an operator key, status, inference over
 //! MQTT and D-Bus, a signed update followed to its commit, and a signed rollback.
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -48,20 +47,6 @@ fn walkthrough() -> Vec<String> {
     lines
 }
 
-/// Text a stream has written so far, read on a thread.
-fn collect(r: impl std::io::Read + Send + 'static) -> Arc<Mutex<String>> {
-    let seen = Arc::new(Mutex::new(String::new()));
-    let s2 = seen.clone();
-    std::thread::spawn(move || {
-        for l in std::io::BufReader::new(r).lines().map_while(Result::ok) {
-            let mut s = s2.lock().unwrap();
-            s.push_str(&l);
-            s.push('\n');
-        }
-    });
-    seen
-}
-
 /// A private session bus (`busctl --user` and `dbus.bus = "session"` find it by
 /// DBUS_SESSION_BUS_ADDRESS).
 struct SessionBus {
@@ -85,7 +70,7 @@ fn session_bus(dir: &Path) -> SessionBus {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let printed = collect(child.stdout.take().unwrap());
+    let printed = gather_output(child.stdout.take().unwrap());
     wait_for("the session bus", T, || {
         (!printed.lock().unwrap().is_empty()).then_some(())
     })
@@ -174,8 +159,8 @@ fn the_readme_walkthrough_runs_as_written() {
         .spawn()
         .unwrap();
     let pgid = shell.id() as i32;
-    let out = collect(shell.stdout.take().unwrap());
-    let err = collect(shell.stderr.take().unwrap());
+    let out = gather_output(shell.stdout.take().unwrap());
+    let err = gather_output(shell.stderr.take().unwrap());
     let mut stdin = shell.stdin.take().unwrap();
     // Everything the walkthrough left running goes with the shell's process group.
     struct Group(i32);

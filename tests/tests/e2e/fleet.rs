@@ -1233,17 +1233,7 @@ fn readme_mosquitto_client_commands_work_as_documented() {
                 .stdout(std::process::Stdio::piped())
                 .spawn()
                 .unwrap();
-            let out = child.stdout.take().unwrap();
-            let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-            let s2 = seen.clone();
-            std::thread::spawn(move || {
-                use std::io::BufRead;
-                for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-                    let mut s = s2.lock().unwrap();
-                    s.push_str(&l);
-                    s.push('\n');
-                }
-            });
+            let seen = gather_output(child.stdout.take().unwrap());
             wait_for("the listener to subscribe", T, || {
                 seen.lock().unwrap().contains("SUBACK").then_some(())
             })

@@ -68,16 +68,9 @@ model = "ppocr-rec"
 
 /// Every stored result: its source and its boxes.
 fn stored(state: &Path) -> Vec<(String, Vec<Value>)> {
-    let c = db(state).unwrap();
-    let mut s = c
-        .prepare("SELECT source, outputs FROM results WHERE pipeline = 'ocr' ORDER BY id")
-        .unwrap();
-    s.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
-        .unwrap()
-        .map(|r| {
-            let (src, outputs) = r.unwrap();
-            (src, boxes(&serde_json::from_str(&outputs).unwrap()))
-        })
+    stored_outputs(state, "ocr")
+        .into_iter()
+        .map(|(src, outputs)| (src, boxes(&outputs)))
         .collect()
 }
 
