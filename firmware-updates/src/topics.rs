@@ -4,7 +4,8 @@
 //!
 //! ```text
 //!  <prefix>/<device>/state                     retained birth; `offline` as the last will
-//!  <prefix>/<device>/telemetry | events        periodic figures; update and feed news
+//!  <prefix>/<device>/telemetry                 periodic figures, the latest retained
+//!  <prefix>/<device>/events                    update and feed news
 //!  <prefix>/<device>/results/<pipeline>        inference results (with `seq`)
 //!  <prefix>/<device>/capture/<pipeline>        captured samples (capture.export)
 //!  <prefix>/<device>/cmd/<name>                commands to one box
@@ -15,6 +16,7 @@
 //!  <prefix>/fleet/<group>/update/<model>       retained manifest for a group
 //!  <prefix>/fleet/announce | keys              ask all to re-announce; retained key rotation
 //!  <prefix>/fleet/time                         retained signed time (freshness of manifests)
+//!  <prefix>/fleet/rollouts/<id>                retained state of a `tern-update rollout`
 //!  <prefix>/artifacts/<sha256>/<index>         retained chunk of an artifact
 //! ```
 
@@ -78,6 +80,16 @@ impl Topics {
         format!("{}/fleet/time", self.prefix)
     }
 
+    /// A rollout's retained state; `+` for every rollout in a filter.
+    pub fn rollout(&self, id: &str) -> String {
+        format!("{}/fleet/rollouts/{id}", self.prefix)
+    }
+
+    /// Every box's latest (retained) telemetry.
+    pub fn all_telemetry(&self) -> String {
+        format!("{}/+/telemetry", self.prefix)
+    }
+
     pub fn chunk(&self, sha256: &str, index: usize) -> String {
         format!("{}/artifacts/{sha256}/{index}", self.prefix)
     }
@@ -95,6 +107,7 @@ impl Topics {
         }
         let what = match rest.split_once('/') {
             None if rest == "state" => DeviceTopic::State,
+            None if rest == "telemetry" => DeviceTopic::Telemetry,
             Some(("updates", model)) if !model.contains('/') => {
                 DeviceTopic::UpdateStatus(model.to_string())
             }
@@ -108,6 +121,7 @@ impl Topics {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeviceTopic {
     State,
+    Telemetry,
     UpdateStatus(String),
 }
 
@@ -341,6 +355,11 @@ mod tests {
             f.parse_device(&f.update_status("b1", "m")),
             Some(("b1".into(), DeviceTopic::UpdateStatus("m".into())))
         );
+        assert_eq!(
+            f.parse_device("t/b1/telemetry"),
+            Some(("b1".into(), DeviceTopic::Telemetry))
+        );
+        assert_eq!(f.parse_device(&f.rollout("r1")), None);
         assert_eq!(f.parse_device("t/fleet/announce"), None);
         assert_eq!(f.parse_device("t/b1/results/p"), None);
         let d = Device::new("t", "b1", &[]);

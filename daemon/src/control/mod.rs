@@ -237,13 +237,17 @@ impl Control {
     }
 
     /// Active models as `{name, version}`, sorted by name.
+    /// Name, version and plan of each model served, for the birth message (a fleet view shows
+    /// which plan each box runs).
     pub fn active_models(&self) -> Vec<Value> {
         self.inner
             .registry
             .snapshot()
-            .versions()
-            .into_iter()
-            .map(|(name, version)| json!({"name": name, "version": version}))
+            .pools()
+            .map(|p| {
+                let m = p.active();
+                json!({"name": p.name(), "version": m.version().to_string(), "plan": m.plan})
+            })
             .collect()
     }
 

@@ -262,8 +262,10 @@ impl Fleet {
     }
 }
 
+/// The groups ride along so an operator's tool knows an offline box's groups (a rollout
+/// plans its waves over the members that are away too).
 fn offline(t: &Topics, graceful: bool) -> Value {
-    json!({"state": "offline", "device": t.device, "graceful": graceful})
+    json!({"state": "offline", "device": t.device, "groups": t.groups, "graceful": graceful})
 }
 
 /// What the session task works with.
@@ -746,6 +748,7 @@ async fn drain_task(
     cancel: CancellationToken,
 ) {
     let store = control.store().clone();
+    let telemetry = outbox.topics().telemetry();
     // Ids sent on this connection, per lane (0: events and telemetry, 1: results).
     let mut cursors = [0i64; 2];
     let mut seen_connects = 0u64;
@@ -790,13 +793,19 @@ async fn drain_task(
                 Err(e) => tracing::error!(error = %e, "drop report not queued"),
             }
         }
-        fill(&link, &store, epoch, &mut cursors).await;
+        fill(&link, &store, epoch, &mut cursors, &telemetry).await;
     }
 }
 
 /// Publish outbox rows after `cursors` until the window is full, the outbox is empty, or the
 /// connection `epoch` is gone.
-async fn fill(link: &Link, store: &crate::store::Store, epoch: u64, cursors: &mut [i64; 2]) {
+async fn fill(
+    link: &Link,
+    store: &crate::store::Store,
+    epoch: u64,
+    cursors: &mut [i64; 2],
+    telemetry: &str,
+) {
     loop {
         let room = WINDOW.saturating_sub(link.rows_outstanding());
         if room == 0 {
@@ -827,7 +836,10 @@ async fn fill(link: &Link, store: &crate::store::Store, epoch: u64, cursors: &mu
         let mut stopped = false;
         for (i, row) in rows.into_iter().enumerate() {
             let lane = usize::from(i >= live);
-            match link.publish_row(epoch, &row.topic, row.payload, row.id) {
+            // The latest telemetry stays on the broker, for a fleet view that reads only
+            // retained messages.
+            let retain = row.topic == telemetry;
+            match link.publish_row(epoch, &row.topic, row.payload, row.id, retain) {
                 Ok(()) => cursors[lane] = row.id,
                 Err(mqtt::SendError::BadTopic) => {
                     tracing::error!(topic = %row.topic, row = row.id, "no broker takes this topic; message dropped");

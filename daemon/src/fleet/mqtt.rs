@@ -240,8 +240,9 @@ impl Link {
         topic: &str,
         payload: Vec<u8>,
         id: i64,
+        retain: bool,
     ) -> Result<(), SendError> {
-        self.publish_on(Some(epoch), topic, payload, false, Tag::Row(id), None)
+        self.publish_on(Some(epoch), topic, payload, retain, Tag::Row(id), None)
     }
 
     fn publish_on(

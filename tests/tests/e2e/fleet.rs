@@ -857,7 +857,7 @@ fn presence_birth_on_connect_offline_on_stop_last_will_on_kill_and_announce() {
     let off = c.recv_match("offline at stop", T, not_online).unwrap();
     assert_eq!(
         off.json(),
-        json!({"state": "offline", "device": "pres-1", "graceful": true})
+        json!({"state": "offline", "device": "pres-1", "groups": ["lab"], "graceful": true})
     );
     assert!(d.wait(T).unwrap().success());
 
@@ -873,7 +873,7 @@ fn presence_birth_on_connect_offline_on_stop_last_will_on_kill_and_announce() {
     let will = c.recv_match("the last will", T, not_online).unwrap();
     assert_eq!(
         will.json(),
-        json!({"state": "offline", "device": "pres-1", "graceful": false})
+        json!({"state": "offline", "device": "pres-1", "groups": ["lab"], "graceful": false})
     );
     // And it is retained: a newcomer learns the box is offline.
     let mut late = client(&broker, false, "pres-late", &["tern/pres-1/state"]);
@@ -914,6 +914,11 @@ fn telemetry_reports_process_models_and_backlog() {
     assert_eq!(t["pipelines"][0]["results"], 1, "{t}");
     assert!(t["outbox"]["rows"].as_i64().is_some(), "{t}");
     assert!(t["seq"].as_i64().unwrap() >= 1);
+    // The latest is retained: a fleet view that connects later reads it at once.
+    let mut late = client(&broker, false, "tele-late", &["tern/tele-1/telemetry"]);
+    let m = late.recv_on("tern/tele-1/telemetry", T).unwrap();
+    assert!(m.retain, "telemetry must be retained");
+    assert!(m.json()["seq"].as_i64().unwrap() >= t["seq"].as_i64().unwrap());
 }
 
 mod loss {
