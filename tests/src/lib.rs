@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 pub use anyhow::{Context, Result, anyhow, bail, ensure};
 
+pub mod boxes;
 pub mod dbus;
 pub mod mqtt;
 pub mod updates;

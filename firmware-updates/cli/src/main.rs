@@ -1,7 +1,9 @@
 //! `tern-update`: the operator's tool for keys, signed fleet commands and model update bundles.
 
+mod fleet;
 mod mqtt;
 mod package;
+mod rollout;
 
 use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
@@ -215,6 +217,61 @@ enum Cmd {
         bundle: Option<PathBuf>,
         #[arg(long)]
         json: bool,
+    },
+    /// Roll a bundle out in waves: each wave's boxes get it on their own update topic, the
+    /// next wave starts when this one committed (and soaked), and a wave that fails more than
+    /// `--abort-above` stops the rollout: manifests withdrawn, committed boxes rolled back. The
+    /// state is kept in `<state-dir>/<id>.json` and retained on `<prefix>/fleet/rollouts/<id>`:
+    /// the same command again resumes it. Exit 0 when every wave passed, 65 when it stopped.
+    Rollout {
+        #[command(flatten)]
+        broker: BrokerArgs,
+        /// The rollout's name (letters, digits, `-`, `_`, `.`).
+        #[arg(long)]
+        id: String,
+        /// The signed bundle (needed to start; on resume it must be the same).
+        #[arg(long)]
+        bundle: Option<PathBuf>,
+        /// Roll out to the members of this group (from their retained births, away ones too).
+        #[arg(long, conflicts_with = "device")]
+        group: Option<String>,
+        /// Or to these devices, in this order (repeat).
+        #[arg(long)]
+        device: Vec<String>,
+        /// Wave sizes: counts, percentages of the target, `rest` [default: 1,5%,25%,rest].
+        #[arg(long)]
+        waves: Option<String>,
+        /// Failures a wave may have and go on: a count or `N%` of the wave [default: 0].
+        #[arg(long)]
+        abort_above: Option<String>,
+        /// How long a wave's online boxes have to commit [default: 600].
+        #[arg(long)]
+        wait_secs: Option<u64>,
+        /// Minimum time between a wave passing and the next starting [default: 0].
+        #[arg(long)]
+        soak_secs: Option<u64>,
+        /// After the last wave, wait this long for boxes that were away.
+        #[arg(long, default_value_t = 0)]
+        late_secs: u64,
+        /// Key to sign the abort's rollback commands with (when boxes require signing).
+        #[arg(long)]
+        command_key: Option<PathBuf>,
+        /// Where rollout states are kept [default: $XDG_STATE_HOME/tern-update/rollouts].
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// Every box as the broker remembers it (presence, groups, models and plans, last update,
+    /// health, outbox backlog) and the rollouts, printed once the retained messages arrived.
+    Fleet {
+        #[command(flatten)]
+        broker: BrokerArgs,
+        #[arg(long)]
+        group: Option<String>,
+        #[arg(long)]
+        json: bool,
+        /// Keep printing as boxes change.
+        #[arg(long)]
+        watch: bool,
     },
 }
 
@@ -492,6 +549,45 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(mqtt::withdraw(broker, group, device, &path))?;
+        }
+        Cmd::Rollout {
+            broker,
+            id,
+            bundle,
+            group,
+            device,
+            waves,
+            abort_above,
+            wait_secs,
+            soak_secs,
+            late_secs,
+            command_key,
+            state_dir,
+        } => {
+            let rt = tokio::runtime::Runtime::new()?;
+            return rt.block_on(rollout::run(rollout::Args {
+                broker,
+                id,
+                bundle,
+                group,
+                devices: device,
+                waves,
+                abort_above,
+                wait_secs,
+                soak_secs,
+                late_secs,
+                command_key: command_key.map(|k| load_key(&k)).transpose()?,
+                state_dir,
+            }));
+        }
+        Cmd::Fleet {
+            broker,
+            group,
+            json,
+            watch,
+        } => {
+            let rt = tokio::runtime::Runtime::new()?;
+            return rt.block_on(fleet::run(broker, group.as_deref(), json, watch));
         }
         Cmd::Status {
             broker,

@@ -31,14 +31,14 @@ pub struct PublishArgs {
 }
 
 /// A connection: the client, messages delivered to us, and a count of PUBACKs.
-struct Conn {
-    client: AsyncClient,
-    messages: mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+pub(crate) struct Conn {
+    pub(crate) client: AsyncClient,
+    pub(crate) messages: mpsc::UnboundedReceiver<(String, Vec<u8>)>,
     acked: Arc<AtomicU64>,
     sent: u64,
 }
 
-async fn connect(b: &BrokerArgs) -> anyhow::Result<Conn> {
+pub(crate) async fn connect(b: &BrokerArgs) -> anyhow::Result<Conn> {
     let (host, port, tls) = ternd::config::parse_broker(&b.broker).map_err(anyhow::Error::msg)?;
     let mut o = MqttOptions::new(format!("tern-update-{}", std::process::id()), host, port);
     o.set_keep_alive(Duration::from_secs(30))
@@ -114,7 +114,12 @@ async fn connect(b: &BrokerArgs) -> anyhow::Result<Conn> {
 }
 
 impl Conn {
-    async fn publish(&mut self, topic: &str, payload: Vec<u8>, retain: bool) -> anyhow::Result<()> {
+    pub(crate) async fn publish(
+        &mut self,
+        topic: &str,
+        payload: Vec<u8>,
+        retain: bool,
+    ) -> anyhow::Result<()> {
         self.client
             .publish(topic, QoS::AtLeastOnce, retain, payload)
             .await
@@ -124,7 +129,7 @@ impl Conn {
     }
 
     /// Wait until the broker acknowledged everything published so far.
-    async fn settle(&self, within: Duration) -> anyhow::Result<()> {
+    pub(crate) async fn settle(&self, within: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + within;
         while self.acked.load(Ordering::SeqCst) < self.sent {
             if Instant::now() > deadline {
@@ -140,7 +145,11 @@ impl Conn {
     }
 
     /// Messages until `quiet` passes with none (retained messages arrive right after SUBACK).
-    async fn gather(&mut self, quiet: Duration, max: Duration) -> Vec<(String, Vec<u8>)> {
+    pub(crate) async fn gather(
+        &mut self,
+        quiet: Duration,
+        max: Duration,
+    ) -> Vec<(String, Vec<u8>)> {
         let end = Instant::now() + max;
         let mut out = Vec::new();
         while let Ok(Some(m)) = tokio::time::timeout(
@@ -156,7 +165,7 @@ impl Conn {
 }
 
 /// A bundle file and its signed part, as publish and withdraw both read it.
-fn open_bundle(path: &std::path::Path) -> anyhow::Result<(BundleFile, Signed)> {
+pub(crate) fn open_bundle(path: &std::path::Path) -> anyhow::Result<(BundleFile, Signed)> {
     let b = BundleFile::open(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let signed: Signed = serde_json::from_value(b.manifest.signed.clone())
         .with_context(|| format!("{}: manifest", path.display()))?;
@@ -172,56 +181,73 @@ fn target(group: &Option<String>, device: &Option<String>) -> anyhow::Result<Str
     })
 }
 
-pub async fn publish(a: PublishArgs) -> anyhow::Result<ExitCode> {
-    let (b, signed) = open_bundle(&a.bundle)?;
+/// A bundle fit to publish to `group` or `devices`: signed, by keys that verify, not expired,
+/// and targeted so those boxes would take it. What every box would refuse is not worth a
+/// broker's storage: said before a byte goes.
+pub(crate) fn checked_bundle(
+    path: &std::path::Path,
+    group: Option<&str>,
+    devices: &[String],
+) -> anyhow::Result<(BundleFile, Signed)> {
+    let (b, signed) = open_bundle(path)?;
+    let shown = path.display();
     if b.manifest.signatures.is_empty() {
-        bail!(
-            "{} is not signed; `tern-update sign` it first",
-            a.bundle.display()
-        );
+        bail!("{shown} is not signed; `tern-update sign` it first");
     }
-    // What every box would refuse is not worth a broker's storage: said before a byte goes.
-    let path = a.bundle.display();
     bundle::check_own_signatures(&b.manifest)
-        .map_err(|e| anyhow::anyhow!("{path}: {e}; every box would refuse it"))?;
+        .map_err(|e| anyhow::anyhow!("{shown}: {e}; every box would refuse it"))?;
     let now = super::now();
     if signed.expires <= now {
         bail!(
-            "{path}: the manifest expired {} s ago; make the bundle again (a box refuses it as expired)",
+            "{shown}: the manifest expired {} s ago; make the bundle again (a box refuses it as expired)",
             now - signed.expires
         );
     }
     let t = &signed.targets;
-    if let Some(g) = &a.group
+    if let Some(g) = group
         && !t.groups.is_empty()
-        && !t.groups.contains(g)
+        && !t.groups.iter().any(|x| x == g)
     {
         bail!(
-            "{path} is signed for group(s) {:?}, not `{g}`: its boxes would refuse it as wrong_target",
+            "{shown} is signed for group(s) {:?}, not `{g}`: its boxes would refuse it as wrong_target",
             t.groups
         );
     }
-    if let Some(d) = &a.device
-        && !t.devices.is_empty()
-        && !t.devices.contains(d)
+    if let Some(d) = devices
+        .iter()
+        .find(|d| !t.devices.is_empty() && !t.devices.contains(d))
     {
         bail!(
-            "{path} is signed for device(s) {:?}, not `{d}`: it would refuse it as wrong_target",
+            "{shown} is signed for device(s) {:?}, not `{d}`: it would refuse it as wrong_target",
             t.devices
+        );
+    }
+    Ok((b, signed))
+}
+
+/// Every chunk of the bundle at `path`, retained, checked against its manifest first; the
+/// broker has them all when this returns.
+pub(crate) async fn publish_chunks(
+    conn: &mut Conn,
+    topics: &Topics,
+    path: &std::path::Path,
+    want_sha: &str,
+) -> anyhow::Result<()> {
+    let (b, signed) = open_bundle(path)?;
+    let art = &signed.artifact;
+    if art.sha256 != want_sha {
+        bail!(
+            "{}: its artifact is {}, not {want_sha}",
+            path.display(),
+            art.sha256
         );
     }
     let mut bytes = Vec::new();
     b.artifact()?.read_to_end(&mut bytes)?;
-    let art = &signed.artifact;
-    let topics = Topics::new(&a.broker.prefix);
-    let mut conn = connect(&a.broker).await?;
     let started = Instant::now();
     for (i, c) in bytes.chunks(art.chunk_size as usize).enumerate() {
         art.check_chunk(i, c).with_context(|| {
-            format!(
-                "{}: the bundle does not match its manifest",
-                a.bundle.display()
-            )
+            format!("{}: the bundle does not match its manifest", path.display())
         })?;
         let topic = topics.chunk(&art.sha256, i);
         conn.publish(&topic, bundle::chunk_message(&art.sha256, i, c), true)
@@ -237,6 +263,16 @@ pub async fn publish(a: PublishArgs) -> anyhow::Result<ExitCode> {
         took.as_secs_f64(),
         art.size as f64 / 1048576.0 / took.as_secs_f64().max(1e-9)
     );
+    Ok(())
+}
+
+pub async fn publish(a: PublishArgs) -> anyhow::Result<ExitCode> {
+    let devices: Vec<String> = a.device.iter().cloned().collect();
+    let (b, signed) = checked_bundle(&a.bundle, a.group.as_deref(), &devices)?;
+    let art = &signed.artifact;
+    let topics = Topics::new(&a.broker.prefix);
+    let mut conn = connect(&a.broker).await?;
+    publish_chunks(&mut conn, &topics, &a.bundle, &art.sha256).await?;
     let manifest = b.manifest_bytes.clone();
     let topic_for = |target: &str| topics.manifest(target, &signed.name);
     let target = target(&a.group, &a.device)?;
@@ -402,7 +438,7 @@ async fn canary(
         }
         // A broker error on one canary's rollback is that canary's outcome: the others are
         // still rolled back.
-        let rolled = roll_back(conn, a, &topics, d, &signed.name)
+        let rolled = roll_back(conn, a.command_key.as_ref(), &topics, d, &signed.name)
             .await
             .unwrap_or_else(|e| Err(format!("broker: {e:#}")));
         match rolled {
@@ -428,7 +464,7 @@ async fn canary(
     Ok(false)
 }
 
-fn plain(v: &Value) -> String {
+pub(crate) fn plain(v: &Value) -> String {
     v.as_str().map_or_else(|| v.to_string(), str::to_string)
 }
 
@@ -438,9 +474,9 @@ const ROLLBACK_REPLY: Duration = Duration::from_secs(30);
 /// Send `models.rollback` for `model` to `device` and read its reply: the result, or why it
 /// did not roll back. Each id is random, so nobody can claim it first; `busy` is retried (with
 /// a new id, which the box treats alike), every other refusal is final.
-async fn roll_back(
+pub(crate) async fn roll_back(
     conn: &mut Conn,
-    a: &PublishArgs,
+    key: Option<&SigningKey>,
     topics: &Topics,
     device: &str,
     model: &str,
@@ -456,7 +492,7 @@ async fn roll_back(
             .subscribe(reply_topic.as_str(), QoS::AtLeastOnce)
             .await?;
         let args = json!({ "name": model });
-        let body = match &a.command_key {
+        let body = match key {
             Some(k) => command::sign(k, "models.rollback", device, &id, args, super::now()),
             None => json!({"id": id, "args": args}),
         };
@@ -605,6 +641,7 @@ pub async fn status(
             DeviceTopic::UpdateStatus(model) => {
                 updates.insert((dev, model), v);
             }
+            DeviceTopic::Telemetry => {}
         }
     };
     loop {

@@ -11,6 +11,7 @@ mod hardening;
 mod infer;
 mod ocr;
 mod package;
+mod rollout;
 mod sound;
 mod systemd;
 mod ternctl;

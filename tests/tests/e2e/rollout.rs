@@ -1,0 +1,347 @@
+//! A fleet of a hundred real `ternd` boxes on mosquitto, rolled out to in waves by
+//! `tern-update rollout`: killed mid-wave and resumed, boxes away during their wave updating
+//! when they return, a canary whose health window fails stopping the rollout, and
+//! `tern-update fleet` reading it all back.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use serde_json::Value;
+use tern_tests::boxes::{Boxes, Options};
+use tern_tests::mqtt::{Broker, Client, ClientOptions};
+use tern_tests::updates::{build, key, variant};
+use tern_tests::*;
+
+const MODEL: &str = "digits-mlp-int8";
+const BOXES: usize = 100;
+const AWAY: std::ops::Range<usize> = 90..100;
+
+fn update_state(state: &Path, version: &str) -> Option<String> {
+    db(state)
+        .ok()?
+        .query_row(
+            "SELECT state FROM updates WHERE version = ?1 ORDER BY id DESC LIMIT 1",
+            [version],
+            |r| r.get(0),
+        )
+        .ok()
+}
+
+fn active(state: &Path) -> Option<String> {
+    db(state)
+        .ok()?
+        .query_row(
+            "SELECT version FROM model_versions WHERE name = ?1 AND state = 'active'",
+            [MODEL],
+            |r| r.get(0),
+        )
+        .ok()
+}
+
+fn rollout_cmd(broker: &Broker, id: &str, bundle: &Path, states: &Path, extra: &[&str]) -> Command {
+    let mut c = Command::new(bin("tern-update"));
+    c.args([
+        "rollout",
+        "--broker",
+        &broker.url(false),
+        "--id",
+        id,
+        "--bundle",
+    ])
+    .arg(bundle)
+    .arg("--state-dir")
+    .arg(states)
+    .args(["--group", "lab"])
+    .args(extra)
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    c
+}
+
+fn output(c: std::process::Child) -> (Option<i32>, String) {
+    let o = c.wait_with_output().unwrap();
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr),
+    )
+}
+
+fn state_file(states: &Path, id: &str) -> Option<Value> {
+    serde_json::from_slice(&std::fs::read(states.join(format!("{id}.json"))).ok()?).ok()
+}
+
+/// Live (not retained) manifests the broker forwarded per device: each is one targeting.
+fn manifests_sent(c: &mut Client) -> BTreeMap<String, Vec<Vec<u8>>> {
+    let mut out: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
+    for m in c.drain() {
+        let dev = m.topic.split('/').nth(1).unwrap_or("").to_string();
+        out.entry(dev).or_default().push(m.payload);
+    }
+    out
+}
+
+fn package_version(dir: &Path, version: &str, edit: impl Fn(String) -> String) -> PathBuf {
+    variant(
+        &package(MODEL),
+        &dir.join(format!("{MODEL}-{version}")),
+        MODEL,
+        version,
+        edit,
+    )
+}
+
+/// The whole fleet story on one set of boxes (starting a hundred is the expensive part).
+#[test]
+fn a_hundred_boxes_roll_out_in_waves_resume_after_a_kill_and_stop_on_a_failing_canary() {
+    let Some(broker) = Broker::mosquitto().unwrap() else {
+        return;
+    };
+    let d = tempfile::tempdir().unwrap();
+    let states = d.path().join("rollouts");
+    let k = key();
+    let extra = format!(
+        "[updates]\nkeys = [\"{}\"]\nhealth_window_secs = 3\nhealth_max_errors = 2\n",
+        k.public().to_base64()
+    );
+    let mut w = Boxes::watcher(&broker, "rollout-watch").unwrap();
+    let mut fleet = Boxes::start(
+        &broker,
+        &Options {
+            count: BOXES,
+            extra: &extra,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    let all: Vec<usize> = (0..BOXES).collect();
+    fleet
+        .wait_online(&mut w, &all, Duration::from_secs(180))
+        .unwrap();
+    let rss = fleet.rss();
+    eprintln!(
+        "{} boxes online; RSS per box {:.1} MiB on average",
+        rss.len(),
+        rss.iter().sum::<u64>() as f64 / rss.len() as f64 / 1048576.0
+    );
+    // Ten boxes go away before the rollout; they keep their place in the group.
+    for i in AWAY {
+        fleet.stop(i).unwrap();
+    }
+    let mut manifests = Client::connect(
+        &broker,
+        ClientOptions {
+            v5: false,
+            id: "rollout-manifests",
+            subscribe: &["tern/+/update/+"],
+            persistent: false,
+        },
+    )
+    .unwrap();
+
+    // 1.1.0 in four waves; the tool is killed during the third and run again.
+    let good = build(
+        &package_version(d.path(), "1.1.0", |s| s),
+        4096,
+        &[&k],
+        |_| {},
+    );
+    let good_file = d.path().join("good.bundle");
+    good.write(&good_file);
+    let waves = ["--waves", "1,5%,25%,rest", "--wait-secs", "120"];
+    let first = rollout_cmd(&broker, "r1", &good_file, &states, &waves)
+        .spawn()
+        .unwrap();
+    let mut first = scopeguard(first);
+    wait_for("wave 3 under way", Duration::from_secs(240), || {
+        let s = state_file(&states, "r1")?;
+        (s["current"] == 2 && s["waves"][2]["targeted_ms"].is_i64()).then_some(())
+    })
+    .unwrap();
+    first.kill().unwrap();
+    let (_, said) = output(first.take());
+    let (code, out) = output(
+        rollout_cmd(&broker, "r1", &good_file, &states, &waves)
+            .spawn()
+            .unwrap(),
+    );
+    assert_eq!(code, Some(0), "first run:\n{said}\nresumed:\n{out}");
+    assert!(out.contains("resuming"), "{out}");
+    let s = state_file(&states, "r1").unwrap();
+    let sizes: Vec<usize> = s["waves"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["devices"].as_array().unwrap().len())
+        .collect();
+    assert_eq!(sizes, [1, 5, 25, 69], "{out}");
+    assert_eq!(s["phase"], "completed");
+    assert!(
+        out.contains("not back yet (10"),
+        "the away boxes are listed: {out}"
+    );
+    for (i, b) in fleet.boxes.iter().enumerate() {
+        if AWAY.contains(&i) {
+            continue;
+        }
+        assert_eq!(
+            (
+                active(&b.state).as_deref(),
+                update_state(&b.state, "1.1.0").as_deref()
+            ),
+            (Some("1.1.0"), Some("committed")),
+            "{}",
+            b.device
+        );
+    }
+    // Each box was targeted once: the resumed run did not send the done boxes theirs again.
+    let sent = manifests_sent(&mut manifests);
+    assert_eq!(sent.len(), BOXES, "{:?}", sent.keys());
+    for (dev, m) in &sent {
+        assert_eq!(m.len(), 1, "{dev} got its manifest {} times", m.len());
+        assert!(json_eq(&m[0], &good.manifest), "{dev}");
+    }
+
+    // The away boxes come back and update on their own, within a minute.
+    let away: Vec<usize> = AWAY.collect();
+    for &i in &away {
+        fleet.spawn(i).unwrap();
+    }
+    for &i in &away {
+        let state = fleet.boxes[i].state.clone();
+        wait_for("a late joiner committed", Duration::from_secs(60), || {
+            (update_state(&state, "1.1.0").as_deref() == Some("committed")).then_some(())
+        })
+        .unwrap();
+    }
+    // Run again, the finished rollout reads that everyone is done.
+    let (code, out) = output(
+        rollout_cmd(&broker, "r1", &good_file, &states, &["--late-secs", "30"])
+            .spawn()
+            .unwrap(),
+    );
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("69 committed"), "{out}");
+    assert!(!out.contains("not back yet"), "{out}");
+
+    // The fleet view sees all of it.
+    let o = Command::new(bin("tern-update"))
+        .args([
+            "fleet",
+            "--broker",
+            &broker.url(false),
+            "--group",
+            "lab",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["summary"]["boxes"], BOXES);
+    assert_eq!(v["summary"]["online"], BOXES);
+    assert_eq!(
+        v["summary"]["versions"][format!("{MODEL} 1.1.0")],
+        BOXES,
+        "{v}"
+    );
+    assert_eq!(
+        v["summary"]["last_updates"][format!("{MODEL} 1.1.0 committed")],
+        BOXES
+    );
+    assert_eq!(v["rollouts"]["r1"]["phase"], "completed");
+    let one = &v["boxes"][0];
+    assert_eq!(one["models"][0]["plan"], "tract", "{one}");
+    assert!(one["outbox_rows"].is_i64(), "{one}");
+
+    // 1.2.0 drops the resize its inputs need: the canary fails its health window on the
+    // images its folder gets, and the rollout stops before wave 2.
+    let bad = build(
+        &package_version(d.path(), "1.2.0", |t| t.replace("resize = [8, 8]\n", "")),
+        4096,
+        &[&k],
+        |_| {},
+    );
+    let bad_file = d.path().join("bad.bundle");
+    bad.write(&bad_file);
+    let feeding = Arc::new(AtomicBool::new(true));
+    let feeder = {
+        let (inbox, on) = (fleet.boxes[0].inbox.clone(), feeding.clone());
+        let sample = root().join("configs/demo/inbox/digit-3.png");
+        std::thread::spawn(move || {
+            let mut n = 0;
+            while on.load(Ordering::Relaxed) {
+                std::fs::copy(&sample, inbox.join(format!("f{n}.png"))).unwrap();
+                n += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let (code, out) = output(
+        rollout_cmd(&broker, "r2", &bad_file, &states, &["--wait-secs", "60"])
+            .spawn()
+            .unwrap(),
+    );
+    feeding.store(false, Ordering::Relaxed);
+    feeder.join().unwrap();
+    assert_eq!(code, Some(65), "{out}");
+    assert!(out.contains("wave 1: 1 of 1 failed"), "{out}");
+    assert!(
+        out.contains("box-000 rolled_back") && out.contains("in the health window"),
+        "{out}"
+    );
+    let s = state_file(&states, "r2").unwrap();
+    assert_eq!(s["phase"], "aborted");
+    assert!(s["waves"][1]["targeted_ms"].is_null(), "{s}");
+    for b in &fleet.boxes {
+        assert_eq!(active(&b.state).as_deref(), Some("1.1.0"), "{}", b.device);
+    }
+    assert_eq!(
+        update_state(&fleet.boxes[0].state, "1.2.0").as_deref(),
+        Some("rolled_back")
+    );
+    let sent = manifests_sent(&mut manifests);
+    let canary = &fleet.boxes[0].device;
+    assert_eq!(
+        sent.keys().collect::<Vec<_>>(),
+        [canary],
+        "only the canary was targeted"
+    );
+    let m = &sent[canary];
+    assert_eq!(m.len(), 2, "sent, then withdrawn");
+    assert!(json_eq(&m[0], &bad.manifest) && m[1].is_empty());
+}
+
+/// The same JSON document (the bundle file keeps its manifest pretty-printed).
+fn json_eq(a: &[u8], b: &[u8]) -> bool {
+    serde_json::from_slice::<Value>(a).ok() == serde_json::from_slice::<Value>(b).ok()
+}
+
+/// A child process killed when the test fails before it is waited for.
+struct Guard(Option<std::process::Child>);
+
+fn scopeguard(c: std::process::Child) -> Guard {
+    Guard(Some(c))
+}
+
+impl Guard {
+    fn kill(&mut self) -> std::io::Result<()> {
+        self.0.as_mut().expect("not taken").kill()
+    }
+
+    fn take(&mut self) -> std::process::Child {
+        self.0.take().expect("not taken")
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
