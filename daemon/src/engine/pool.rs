@@ -437,16 +437,9 @@ impl ModelPool {
 
 fn worker(w: usize, rx: crossbeam_channel::Receiver<Job>, pool: std::sync::Weak<Inner>) {
     loop {
-        let job = match rx.recv_timeout(Duration::from_millis(500)) {
-            Ok(job) => job,
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                if pool.strong_count() == 0 {
-                    return;
-                }
-                continue;
-            }
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
-        };
+        // Blocks until a job comes or the pool (the only sender) is gone: an idle worker never
+        // wakes (a timed wait spun and yielded twice a second in every idle box).
+        let Ok(job) = rx.recv() else { return };
         let Some(inner) = pool.upgrade() else { return };
         let started = inner.epoch.elapsed().as_millis() as u64;
         inner.busy_since[w].store(started.max(1), Ordering::Relaxed);
