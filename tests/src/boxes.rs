@@ -162,15 +162,20 @@ telemetry_secs = {tel}
         )
     }
 
-    /// Resident memory of every running box, in bytes, from /proc.
-    pub fn rss(&self) -> Vec<u64> {
+    /// `Rss` and `Pss` (bytes) of every running box, from /proc: the resident set counts the
+    /// binary's pages in full for each box, the proportional set only a box's share of them,
+    /// which is what a box adds.
+    pub fn memory(&self) -> Vec<(u64, u64)> {
         self.boxes
             .iter()
             .filter_map(|b| b.daemon.as_ref())
             .filter_map(|d| {
-                let s = std::fs::read_to_string(format!("/proc/{}/status", d.pid())).ok()?;
-                let kb = s.lines().find(|l| l.starts_with("VmRSS:"))?;
-                Some(kb.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+                let s = std::fs::read_to_string(format!("/proc/{}/smaps_rollup", d.pid())).ok()?;
+                let kb = |key: &str| -> Option<u64> {
+                    let l = s.lines().find(|l| l.starts_with(key))?;
+                    Some(l.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+                };
+                Some((kb("Rss:")?, kb("Pss:")?))
             })
             .collect()
     }

@@ -48,6 +48,8 @@ pub struct MosquittoOptions {
     pub tls: Option<(PathBuf, PathBuf, PathBuf, bool)>,
     /// A listener that takes only the logins in this mosquitto_passwd file.
     pub password_file: Option<PathBuf>,
+    /// Publish the `$SYS/broker/...` counters this often (seconds; mosquitto's default 10).
+    pub sys_interval: Option<u32>,
 }
 
 impl Broker {
@@ -69,6 +71,9 @@ impl Broker {
              max_queued_messages 0\nmax_inflight_messages 0\nlog_dest stderr\n\
              listener {port} 127.0.0.1\nallow_anonymous true\n"
         );
+        if let Some(n) = o.sys_interval {
+            conf += &format!("sys_interval {n}\n");
+        }
         if o.persistent {
             conf += &format!(
                 "persistence true\npersistence_location {}/\nautosave_interval 0\n",
@@ -176,6 +181,11 @@ next_connection_delay_ms = 1
             child: None,
             _dir: None,
         })
+    }
+
+    /// The broker's process, when this harness started it.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn name(&self) -> &'static str {

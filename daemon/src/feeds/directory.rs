@@ -169,8 +169,13 @@ impl DirectoryFeed {
             notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
                 let lost = match res {
                     // The directory itself was removed or moved: the rescan finds it gone and
-                    // the feed fails into its retry loop instead of going silent.
-                    Ok(ev) if ev.paths.contains(&watched) => {
+                    // the feed fails into its retry loop instead of going silent. Not when it
+                    // was merely opened or read: every scan opens it, and rescanning on that
+                    // kept an idle feed scanning in a loop (2% of a core per idle box).
+                    Ok(ev)
+                        if ev.paths.contains(&watched)
+                            && !matches!(ev.kind, EventKind::Access(_)) =>
+                    {
                         rescan.notify_one();
                         false
                     }

@@ -145,7 +145,7 @@ pub fn summary(rows: &[Value]) -> Value {
 }
 
 fn ago(ms: i64) -> String {
-    let s = (crate::now() * 1000 - ms).max(0) / 1000;
+    let s = (crate::now() * 1000).saturating_sub(ms).max(0) / 1000;
     match s {
         0..120 => format!("{s}s"),
         120..7200 => format!("{}m", s / 60),
@@ -220,7 +220,9 @@ fn print_table(rows: &[Value], rollouts: &BTreeMap<String, Value>) {
             plain(&r["model"]),
             plain(&r["version"]),
             plain(&r["phase"]),
-            (r["current"].as_u64().unwrap_or(0) as usize + 1).min(waves),
+            (r["current"].as_u64().unwrap_or(0) as usize)
+                .saturating_add(1)
+                .min(waves),
             r["reason"]
                 .as_str()
                 .map(|w| format!(" ({w})"))

@@ -1,6 +1,7 @@
 //! `tern-update`: the operator's tool for keys, signed fleet commands and model update bundles.
 
 mod fleet;
+mod ingest;
 mod mqtt;
 mod package;
 mod rollout;
@@ -272,6 +273,29 @@ enum Cmd {
         /// Keep printing as boxes change.
         #[arg(long)]
         watch: bool,
+    },
+    /// Consume the fleet's results into a SQLite database, as one of several workers on an
+    /// MQTT 5 shared subscription (`$share/<share>/<prefix>/+/results/#`): each message is
+    /// stored, then acknowledged; duplicates fall on (device, stream, seq). Runs until SIGINT or
+    /// SIGTERM; `tern-update gaps` then reads the database.
+    Ingest {
+        #[command(flatten)]
+        broker: BrokerArgs,
+        /// The shared subscription's name: workers with the same name share the messages.
+        #[arg(long, default_value = "tern-ingest")]
+        share: String,
+        /// The database (created if missing; several workers may share it).
+        #[arg(long)]
+        db: PathBuf,
+        /// Events too (`<prefix>/+/events`): `outbox.dropped` ones explain gaps.
+        #[arg(long)]
+        events: bool,
+    },
+    /// Missing sequence numbers per stream in an `ingest` database, less the ranges the boxes
+    /// reported dropped: exit 0 when none, 65 when some.
+    Gaps {
+        #[arg(long)]
+        db: PathBuf,
     },
 }
 
@@ -580,6 +604,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 state_dir,
             }));
         }
+        Cmd::Ingest {
+            broker,
+            share,
+            db,
+            events,
+        } => {
+            let rt = tokio::runtime::Runtime::new()?;
+            return rt.block_on(ingest::run(ingest::Args {
+                broker,
+                share,
+                db,
+                events,
+            }));
+        }
+        Cmd::Gaps { db } => return ingest::gaps(&db),
         Cmd::Fleet {
             broker,
             group,

@@ -652,6 +652,7 @@ async fn drive(
         r.chunks_published = true;
         keeper.save(conn, r).await?;
     }
+    let run_started = Instant::now();
     let n = r.waves.len();
     while r.current < n {
         let w = r.current;
@@ -673,55 +674,58 @@ async fn drive(
                 r.waves[w].devices.len()
             );
         }
-        let deadline =
-            at(r.waves[w].targeted_ms.expect("set above")) + Duration::from_secs(r.wait_secs);
-        follow(conn, topics, keeper, watch, r, deadline, |r, watch| {
-            standing(r, w, &|d| watch.is_online(d)).busy.is_empty()
-        })
-        .await?;
-        let s = standing(r, w, &|d| watch.is_online(d));
-        // Boxes still at it when the wait is over did not make it in time.
-        let failed = s.failed.len() + s.busy.len();
         let size = r.waves[w].devices.len();
-        eprintln!(
-            "wave {}/{n}: {} committed, {} failed, {} without an outcome in {} s, {} away",
-            w + 1,
-            s.committed.len(),
-            s.failed.len(),
-            s.busy.len(),
-            r.wait_secs,
-            s.away.len()
-        );
-        if !r.abort_above.allows(failed, size) {
-            let mut why: Vec<String> = s
-                .failed
-                .iter()
-                .map(|d| {
-                    let o = &r.outcomes[d];
-                    format!("{d} {} {}", o.state, o.reason)
-                        .trim_end()
-                        .to_string()
-                })
-                .collect();
-            why.extend(s.busy.iter().map(|d| format!("{d} no outcome")));
-            let reason = format!(
-                "wave {}: {failed} of {size} failed, above {}: {}",
-                w + 1,
-                r.abort_above,
-                why.join("; ")
-            );
-            abort(a, conn, topics, keeper, r, reason).await?;
-            return Ok(ExitCode::from(65));
-        }
-        if s.committed.is_empty() {
-            bail!(
-                "wave {}: none of its {size} box(es) was online to update within {} s; run the \
-                 rollout again to wait on",
-                w + 1,
-                r.wait_secs
-            );
-        }
         if r.waves[w].passed_ms.is_none() {
+            // A run started after the wave was targeted (a resume) gives its boxes a whole
+            // wait again: a box that came back and is installing is not yet a failure.
+            let deadline = at(r.waves[w].targeted_ms.expect("set above")).max(run_started)
+                + Duration::from_secs(r.wait_secs);
+            follow(conn, topics, keeper, watch, r, deadline, |r, watch| {
+                standing(r, w, &|d| watch.is_online(d)).busy.is_empty()
+            })
+            .await?;
+            let s = standing(r, w, &|d| watch.is_online(d));
+            // Boxes still at it when the wait is over did not make it in time.
+            let failed = s.failed.len() + s.busy.len();
+            eprintln!(
+                "wave {}/{n}: {} committed, {} failed, {} without an outcome in {} s, {} away",
+                w + 1,
+                s.committed.len(),
+                s.failed.len(),
+                s.busy.len(),
+                r.wait_secs,
+                s.away.len()
+            );
+            if !r.abort_above.allows(failed, size) {
+                let mut why: Vec<String> = s
+                    .failed
+                    .iter()
+                    .map(|d| {
+                        let o = &r.outcomes[d];
+                        format!("{d} {} {}", o.state, o.reason)
+                            .trim_end()
+                            .to_string()
+                    })
+                    .collect();
+                why.extend(s.busy.iter().map(|d| format!("{d} no outcome")));
+                let reason = format!(
+                    "wave {}: {failed} of {size} failed, above {}: {}",
+                    w + 1,
+                    r.abort_above,
+                    why.join("; ")
+                );
+                abort(a, conn, topics, keeper, watch, r, reason).await?;
+                return Ok(ExitCode::from(65));
+            }
+            // Only a wave whose boxes were all away has nothing to judge it by.
+            if s.committed.is_empty() && failed == 0 {
+                bail!(
+                    "wave {}: none of its {size} box(es) was online to update within {} s; run \
+                     the rollout again to wait on",
+                    w + 1,
+                    r.wait_secs
+                );
+            }
             r.waves[w].passed_ms = Some(now_ms());
             keeper.save(conn, r).await?;
         }
@@ -729,7 +733,8 @@ async fn drive(
             let until =
                 at(r.waves[w].passed_ms.expect("set above")) + Duration::from_secs(r.soak_secs);
             follow(conn, topics, keeper, watch, r, until, |_, _| false).await?;
-            // A box that rolls itself back during the soak counts against its wave.
+            // A box of the wave that was away and fails when it returns during the soak
+            // counts against its wave.
             let s = standing(r, w, &|d| watch.is_online(d));
             if !r.abort_above.allows(s.failed.len(), size) {
                 let reason = format!(
@@ -740,7 +745,7 @@ async fn drive(
                     r.abort_above,
                     s.failed.join(", ")
                 );
-                abort(a, conn, topics, keeper, r, reason).await?;
+                abort(a, conn, topics, keeper, watch, r, reason).await?;
                 return Ok(ExitCode::from(65));
             }
         }
@@ -779,13 +784,14 @@ fn pending(r: &Rollout) -> Vec<&String> {
         .collect()
 }
 
-/// Stop: no targeted box that has not installed it yet may start (their manifests go), and
-/// the boxes that committed are rolled back.
+/// Stop: the targeted boxes' manifests are cleared, so none that has not started installing
+/// it will, and those that committed are rolled back.
 async fn abort(
     a: &Args,
     conn: &mut Conn,
     topics: &Topics,
     keeper: &Keeper,
+    watch: &mut Watch,
     r: &mut Rollout,
     reason: String,
 ) -> anyhow::Result<()> {
@@ -793,6 +799,20 @@ async fn abort(
     r.phase = Phase::Aborted;
     r.reason = Some(reason);
     keeper.save(conn, r).await?;
+    finish_abort(a, conn, topics, keeper, watch, r).await
+}
+
+/// The abort's work, safe to run again (a resumed aborted rollout does): withdraw every
+/// targeted manifest, wait for boxes past their download (a cleared manifest only stops a
+/// download) to finish, and roll back each box that committed and is not rolled back yet.
+async fn finish_abort(
+    a: &Args,
+    conn: &mut Conn,
+    topics: &Topics,
+    keeper: &Keeper,
+    watch: &mut Watch,
+    r: &mut Rollout,
+) -> anyhow::Result<()> {
     let targeted: Vec<String> = r
         .waves
         .iter()
@@ -804,10 +824,38 @@ async fn abort(
             .await?;
     }
     conn.settle(Duration::from_secs(60)).await?;
+    let until = Instant::now() + Duration::from_secs(r.wait_secs);
+    let busy = |r: &Rollout, watch: &Watch| -> Vec<String> {
+        targeted
+            .iter()
+            .filter(|d| watch.is_online(d))
+            .filter(|d| {
+                r.outcomes
+                    .get(*d)
+                    .is_some_and(|o| !is_terminal(&o.state) && o.state != "downloading")
+            })
+            .cloned()
+            .collect()
+    };
+    follow(conn, topics, keeper, watch, r, until, |r, w| {
+        busy(r, w).is_empty()
+    })
+    .await?;
+    let unsettled = busy(r, watch);
+    if !unsettled.is_empty() {
+        eprintln!(
+            "  still installing after {} s (run the rollout again to roll them back once they \
+             commit): {}",
+            r.wait_secs,
+            unsettled.join(" ")
+        );
+    }
     for d in &targeted {
-        if r.outcomes.get(d).map(|o| o.state.as_str()) != Some("committed")
-            || r.rollbacks.contains_key(d)
-        {
+        let done = r
+            .rollbacks
+            .get(d)
+            .is_some_and(|s| s.starts_with("rolled back"));
+        if r.outcomes.get(d).map(|o| o.state.as_str()) != Some("committed") || done {
             continue;
         }
         let result = roll_back(conn, a.command_key.as_ref(), topics, d, &r.model)

@@ -69,6 +69,29 @@ fn drop_file(inbox: &Path, name: &str, from: &Path) {
     std::fs::rename(&tmp, inbox.join(name)).unwrap();
 }
 
+/// The watched folder taken away is noticed at once (the feed fails into its restart loop)
+/// and, put back, read again: what the watcher still reacts to on the folder itself now that
+/// opening it (every scan does) no longer counts.
+#[test]
+fn a_watched_folder_removed_restarts_its_feed_and_put_back_is_read() {
+    let s = demo_setup("");
+    let mut notify = NotifySocket::new(s.dir.path()).unwrap();
+    let d = Daemon::spawn(&s.config, Some(&notify.path), &[]).unwrap();
+    notify.wait_for("READY=1", T).unwrap();
+    wait_results(&s.state, "digits", 12);
+    let keep = s.dir.path().join("keep");
+    copy_dir(&s.inbox, &keep).unwrap();
+    std::fs::remove_dir_all(&s.inbox).unwrap();
+    wait_for("the feed restarting", T, || {
+        d.stderr().contains("feed failed; restarting").then_some(())
+    })
+    .unwrap();
+    std::fs::create_dir(&s.inbox).unwrap();
+    drop_file(&s.inbox, "back-7.png", &keep.join("digit-7.png"));
+    wait_results(&s.state, "digits", 13);
+    assert!(results(&s.state, "digits").contains(&("back-7.png".into(), "7".into())));
+}
+
 #[test]
 fn demo_runs_ready_results_restart_and_stop() {
     let s = demo_setup("");

@@ -1353,6 +1353,7 @@ fn broker_login_with_a_password_file_and_a_wrong_password_is_refused() {
         persistent: false,
         tls: None,
         password_file: Some(passwd.clone()),
+        ..Default::default()
     })
     .unwrap() else {
         return;

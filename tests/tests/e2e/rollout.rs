@@ -121,11 +121,11 @@ fn a_hundred_boxes_roll_out_in_waves_resume_after_a_kill_and_stop_on_a_failing_c
     fleet
         .wait_online(&mut w, &all, Duration::from_secs(180))
         .unwrap();
-    let rss = fleet.rss();
+    let mem = fleet.memory();
     eprintln!(
-        "{} boxes online; RSS per box {:.1} MiB on average",
-        rss.len(),
-        rss.iter().sum::<u64>() as f64 / rss.len() as f64 / 1048576.0
+        "{} boxes online; PSS per box {:.1} MiB on average",
+        mem.len(),
+        mem.iter().map(|m| m.1).sum::<u64>() as f64 / mem.len() as f64 / 1048576.0
     );
     // Ten boxes go away before the rollout; they keep their place in the group.
     for i in AWAY {
@@ -344,4 +344,128 @@ impl Drop for Guard {
             let _ = c.wait();
         }
     }
+}
+
+/// Two `tern-update ingest` workers on one MQTT 5 shared subscription take five boxes' results
+/// between them into one database: every result once, both workers doing part of it, no gap;
+/// a row taken out is reported as a gap.
+#[test]
+fn shared_subscription_workers_ingest_every_result_once_and_find_gaps() {
+    let Some(broker) = Broker::mosquitto().unwrap() else {
+        return;
+    };
+    let d = tempfile::tempdir().unwrap();
+    let db_path = d.path().join("results.db");
+    let worker = |n: usize| {
+        let log = d.path().join(format!("worker-{n}.log"));
+        let child = Command::new(bin("tern-update"))
+            .args(["ingest", "--broker", &broker.url(true), "--share", "ingest"])
+            .arg("--db")
+            .arg(&db_path)
+            .arg("--events")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        wait_for("the worker subscribed", Duration::from_secs(30), || {
+            std::fs::read_to_string(&log)
+                .ok()?
+                .contains("consuming")
+                .then_some(())
+        })
+        .unwrap();
+        scopeguard(child)
+    };
+    let mut workers = [worker(1), worker(2)];
+    let mut w = Boxes::watcher(&broker, "ingest-watch").unwrap();
+    let fleet = Boxes::start(
+        &broker,
+        &Options {
+            count: 5,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    fleet
+        .wait_online(&mut w, &[0, 1, 2, 3, 4], Duration::from_secs(60))
+        .unwrap();
+    const EACH: usize = 20;
+    let sample = root().join("configs/demo/inbox/digit-3.png");
+    for b in &fleet.boxes {
+        for i in 0..EACH {
+            std::fs::copy(&sample, b.inbox.join(format!("s{i}.png"))).unwrap();
+        }
+    }
+    let results = |sql: &str| -> i64 {
+        rusqlite::Connection::open(&db_path)
+            .and_then(|c| c.query_row(sql, [], |r| r.get(0)))
+            .unwrap_or(-1)
+    };
+    wait_for("every result stored", Duration::from_secs(120), || {
+        (results("SELECT count(*) FROM messages WHERE stream = 'results/main'")
+            == (5 * EACH) as i64)
+            .then_some(())
+    })
+    .unwrap();
+    let mut said = Vec::new();
+    for g in &mut workers {
+        let c = g.take();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let (code, out) = output(c);
+        assert_eq!(code, Some(0), "{out}");
+        said.push(out);
+    }
+    for out in &said {
+        let stored: u64 = out
+            .split("stored ")
+            .nth(1)
+            .and_then(|s| s.split(',').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        assert!(stored > 0, "each worker took a share: {said:?}");
+    }
+    assert_eq!(
+        results("SELECT count(DISTINCT consumer) FROM messages WHERE stream = 'results/main'"),
+        2
+    );
+    // Every box's results stream is 1..=EACH, each once (the key forbids a second).
+    assert_eq!(
+        results(
+            "SELECT count(*) FROM (SELECT device FROM messages WHERE stream = 'results/main' \
+             GROUP BY device HAVING min(seq) = 1 AND max(seq) = 20 AND count(*) = 20)"
+        ),
+        5
+    );
+    let gaps = || {
+        let o = Command::new(bin("tern-update"))
+            .arg("gaps")
+            .arg("--db")
+            .arg(&db_path)
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).to_string(),
+        )
+    };
+    let (code, out) = gaps();
+    assert_eq!(code, Some(0), "{out}");
+    rusqlite::Connection::open(&db_path)
+        .unwrap()
+        .execute(
+            "DELETE FROM messages WHERE device = 'box-002' AND stream = 'results/main' AND seq = 7",
+            [],
+        )
+        .unwrap();
+    let (code, out) = gaps();
+    assert_eq!(code, Some(65), "{out}");
+    assert!(
+        out.contains("box-002 results/main: missing seq 7\n"),
+        "{out}"
+    );
+    assert!(out.contains("1 with gaps"), "{out}");
 }
