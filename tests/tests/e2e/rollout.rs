@@ -469,3 +469,116 @@ fn shared_subscription_workers_ingest_every_result_once_and_find_gaps() {
     );
     assert!(out.contains("1 with gaps"), "{out}");
 }
+
+/// A wave that fails after an earlier one committed: the abort rolls the committed boxes back
+/// by command and clears every targeted manifest; run again, the aborted rollout stays
+/// stopped and finds nothing left to roll back.
+#[test]
+fn an_abort_rolls_back_the_boxes_of_earlier_waves() {
+    let Some(broker) = Broker::mosquitto().unwrap() else {
+        return;
+    };
+    let d = tempfile::tempdir().unwrap();
+    let states = d.path().join("rollouts");
+    let k = key();
+    let extra = format!(
+        "[updates]\nkeys = [\"{}\"]\nhealth_window_secs = 3\nhealth_max_errors = 2\n",
+        k.public().to_base64()
+    );
+    let mut w = Boxes::watcher(&broker, "abort-watch").unwrap();
+    let fleet = Boxes::start(
+        &broker,
+        &Options {
+            count: 4,
+            prefix: "ab",
+            extra: &extra,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    fleet
+        .wait_online(&mut w, &[0, 1, 2, 3], Duration::from_secs(60))
+        .unwrap();
+    // The new version drops the resize the folder's images need: it passes where no image
+    // comes (the first wave) and fails where they do (the second).
+    let bad = build(
+        &package_version(d.path(), "1.1.0", |t| t.replace("resize = [8, 8]\n", "")),
+        4096,
+        &[&k],
+        |_| {},
+    );
+    let bad_file = d.path().join("bad.bundle");
+    bad.write(&bad_file);
+    let feeding = Arc::new(AtomicBool::new(true));
+    let feeders: Vec<_> = fleet.boxes[1..]
+        .iter()
+        .map(|b| {
+            let (inbox, on) = (b.inbox.clone(), feeding.clone());
+            let sample = root().join("configs/demo/inbox/digit-3.png");
+            std::thread::spawn(move || {
+                let mut n = 0;
+                while on.load(Ordering::Relaxed) {
+                    std::fs::copy(&sample, inbox.join(format!("f{n}.png"))).unwrap();
+                    n += 1;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            })
+        })
+        .collect();
+    let args = ["--waves", "1,rest", "--abort-above", "1", "--wait-secs", "60"];
+    let (code, out) = output(
+        rollout_cmd(&broker, "ab", &bad_file, &states, &args)
+            .spawn()
+            .unwrap(),
+    );
+    feeding.store(false, Ordering::Relaxed);
+    for f in feeders {
+        f.join().unwrap();
+    }
+    assert_eq!(code, Some(65), "{out}");
+    assert!(out.contains("wave 2: 3 of 3 failed, above 1"), "{out}");
+    assert!(
+        out.contains("ab-000: rolled back from 1.1.0 to 1.0.0"),
+        "the first wave's box is rolled back: {out}"
+    );
+    for b in &fleet.boxes {
+        assert_eq!(active(&b.state).as_deref(), Some("1.0.0"), "{}", b.device);
+    }
+    let s = state_file(&states, "ab").unwrap();
+    assert_eq!(s["phase"], "aborted");
+    assert!(
+        s["rollbacks"]["ab-000"]
+            .as_str()
+            .unwrap()
+            .starts_with("rolled back"),
+        "{s}"
+    );
+    // Every targeted manifest is gone from the broker: a box that restarts finds nothing.
+    let mut late = Client::connect(
+        &broker,
+        ClientOptions {
+            v5: false,
+            id: "abort-late",
+            subscribe: &["tern/+/update/+", "abort/sync"],
+            persistent: false,
+        },
+    )
+    .unwrap();
+    late.sync("abort/sync").unwrap();
+    let left: Vec<String> = late
+        .drain()
+        .into_iter()
+        .filter(|m| m.topic != "abort/sync")
+        .map(|m| m.topic)
+        .collect();
+    assert!(left.is_empty(), "retained manifests left: {left:?}");
+    // Run again: still stopped, nothing rolled back twice.
+    let (code, again) = output(
+        rollout_cmd(&broker, "ab", &bad_file, &states, &[])
+            .spawn()
+            .unwrap(),
+    );
+    assert_eq!(code, Some(65), "{again}");
+    // A second rollback would have swapped the box back to 1.1.0.
+    assert_eq!(active(&fleet.boxes[0].state).as_deref(), Some("1.0.0"), "{again}");
+}
