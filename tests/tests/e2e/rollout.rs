@@ -525,7 +525,14 @@ fn an_abort_rolls_back_the_boxes_of_earlier_waves() {
             })
         })
         .collect();
-    let args = ["--waves", "1,rest", "--abort-above", "1", "--wait-secs", "60"];
+    let args = [
+        "--waves",
+        "1,rest",
+        "--abort-above",
+        "1",
+        "--wait-secs",
+        "60",
+    ];
     let (code, out) = output(
         rollout_cmd(&broker, "ab", &bad_file, &states, &args)
             .spawn()
@@ -580,5 +587,9 @@ fn an_abort_rolls_back_the_boxes_of_earlier_waves() {
     );
     assert_eq!(code, Some(65), "{again}");
     // A second rollback would have swapped the box back to 1.1.0.
-    assert_eq!(active(&fleet.boxes[0].state).as_deref(), Some("1.0.0"), "{again}");
+    assert_eq!(
+        active(&fleet.boxes[0].state).as_deref(),
+        Some("1.0.0"),
+        "{again}"
+    );
 }
