@@ -15,31 +15,77 @@ use tern_tests::boxes::{Boxes, Options};
 use tern_tests::mqtt::{Broker, Client, ClientOptions};
 use tern_tests::updates::{build, key, variant};
 use tern_tests::*;
+use tern_update::command::SigningKey;
+
+use crate::updates::{active_of, update_state};
 
 const MODEL: &str = "digits-mlp-int8";
 const BOXES: usize = 100;
 const AWAY: std::ops::Range<usize> = 90..100;
 
-fn update_state(state: &Path, version: &str) -> Option<String> {
-    db(state)
-        .ok()?
-        .query_row(
-            "SELECT state FROM updates WHERE version = ?1 ORDER BY id DESC LIMIT 1",
-            [version],
-            |r| r.get(0),
-        )
-        .ok()
+fn active(state: &Path) -> Option<String> {
+    active_of(state, MODEL)
 }
 
-fn active(state: &Path) -> Option<String> {
-    db(state)
-        .ok()?
-        .query_row(
-            "SELECT version FROM model_versions WHERE name = ?1 AND state = 'active'",
-            [MODEL],
-            |r| r.get(0),
-        )
-        .ok()
+/// `count` boxes taking updates signed by `k` (a 3 s health window that two errors fail),
+/// all online.
+fn update_fleet(broker: &Broker, k: &SigningKey, count: usize, prefix: &str) -> Boxes {
+    let extra = format!(
+        "[updates]\nkeys = [\"{}\"]\nhealth_window_secs = 3\nhealth_max_errors = 2\n",
+        k.public().to_base64()
+    );
+    let mut w = Boxes::watcher(broker, &format!("{prefix}-watch")).unwrap();
+    let fleet = Boxes::start(
+        broker,
+        &Options {
+            count,
+            prefix,
+            extra: &extra,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    let all: Vec<usize> = (0..count).collect();
+    fleet
+        .wait_online(&mut w, &all, Duration::from_secs(180))
+        .unwrap();
+    fleet
+}
+
+/// Copies a digit image into each folder every 100 ms until stopped: a version that cannot
+/// take it fails its health window there.
+struct Feeder {
+    on: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Feeder {
+    fn start(inboxes: Vec<PathBuf>) -> Feeder {
+        let on = Arc::new(AtomicBool::new(true));
+        let sample = root().join("configs/demo/inbox/digit-3.png");
+        let threads = inboxes
+            .into_iter()
+            .map(|inbox| {
+                let (on, sample) = (on.clone(), sample.clone());
+                std::thread::spawn(move || {
+                    let mut n = 0;
+                    while on.load(Ordering::Relaxed) {
+                        std::fs::copy(&sample, inbox.join(format!("f{n}.png"))).unwrap();
+                        n += 1;
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                })
+            })
+            .collect();
+        Feeder { on, threads }
+    }
+
+    fn stop(self) {
+        self.on.store(false, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+    }
 }
 
 fn rollout_cmd(broker: &Broker, id: &str, bundle: &Path, states: &Path, extra: &[&str]) -> Command {
@@ -103,24 +149,7 @@ fn a_hundred_boxes_roll_out_in_waves_resume_after_a_kill_and_stop_on_a_failing_c
     let d = tempfile::tempdir().unwrap();
     let states = d.path().join("rollouts");
     let k = key();
-    let extra = format!(
-        "[updates]\nkeys = [\"{}\"]\nhealth_window_secs = 3\nhealth_max_errors = 2\n",
-        k.public().to_base64()
-    );
-    let mut w = Boxes::watcher(&broker, "rollout-watch").unwrap();
-    let mut fleet = Boxes::start(
-        &broker,
-        &Options {
-            count: BOXES,
-            extra: &extra,
-            ..Options::default()
-        },
-    )
-    .unwrap();
-    let all: Vec<usize> = (0..BOXES).collect();
-    fleet
-        .wait_online(&mut w, &all, Duration::from_secs(180))
-        .unwrap();
+    let mut fleet = update_fleet(&broker, &k, BOXES, "box");
     let mem = fleet.memory();
     eprintln!(
         "{} boxes online; PSS per box {:.1} MiB on average",
@@ -267,26 +296,13 @@ fn a_hundred_boxes_roll_out_in_waves_resume_after_a_kill_and_stop_on_a_failing_c
     );
     let bad_file = d.path().join("bad.bundle");
     bad.write(&bad_file);
-    let feeding = Arc::new(AtomicBool::new(true));
-    let feeder = {
-        let (inbox, on) = (fleet.boxes[0].inbox.clone(), feeding.clone());
-        let sample = root().join("configs/demo/inbox/digit-3.png");
-        std::thread::spawn(move || {
-            let mut n = 0;
-            while on.load(Ordering::Relaxed) {
-                std::fs::copy(&sample, inbox.join(format!("f{n}.png"))).unwrap();
-                n += 1;
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        })
-    };
+    let feeder = Feeder::start(vec![fleet.boxes[0].inbox.clone()]);
     let (code, out) = output(
         rollout_cmd(&broker, "r2", &bad_file, &states, &["--wait-secs", "60"])
             .spawn()
             .unwrap(),
     );
-    feeding.store(false, Ordering::Relaxed);
-    feeder.join().unwrap();
+    feeder.stop();
     assert_eq!(code, Some(65), "{out}");
     assert!(out.contains("wave 1: 1 of 1 failed"), "{out}");
     assert!(
@@ -481,24 +497,7 @@ fn an_abort_rolls_back_the_boxes_of_earlier_waves() {
     let d = tempfile::tempdir().unwrap();
     let states = d.path().join("rollouts");
     let k = key();
-    let extra = format!(
-        "[updates]\nkeys = [\"{}\"]\nhealth_window_secs = 3\nhealth_max_errors = 2\n",
-        k.public().to_base64()
-    );
-    let mut w = Boxes::watcher(&broker, "abort-watch").unwrap();
-    let fleet = Boxes::start(
-        &broker,
-        &Options {
-            count: 4,
-            prefix: "ab",
-            extra: &extra,
-            ..Options::default()
-        },
-    )
-    .unwrap();
-    fleet
-        .wait_online(&mut w, &[0, 1, 2, 3], Duration::from_secs(60))
-        .unwrap();
+    let fleet = update_fleet(&broker, &k, 4, "ab");
     // The new version drops the resize the folder's images need: it passes where no image
     // comes (the first wave) and fails where they do (the second).
     let bad = build(
@@ -509,22 +508,7 @@ fn an_abort_rolls_back_the_boxes_of_earlier_waves() {
     );
     let bad_file = d.path().join("bad.bundle");
     bad.write(&bad_file);
-    let feeding = Arc::new(AtomicBool::new(true));
-    let feeders: Vec<_> = fleet.boxes[1..]
-        .iter()
-        .map(|b| {
-            let (inbox, on) = (b.inbox.clone(), feeding.clone());
-            let sample = root().join("configs/demo/inbox/digit-3.png");
-            std::thread::spawn(move || {
-                let mut n = 0;
-                while on.load(Ordering::Relaxed) {
-                    std::fs::copy(&sample, inbox.join(format!("f{n}.png"))).unwrap();
-                    n += 1;
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-            })
-        })
-        .collect();
+    let feeder = Feeder::start(fleet.boxes[1..].iter().map(|b| b.inbox.clone()).collect());
     let args = [
         "--waves",
         "1,rest",
@@ -538,10 +522,7 @@ fn an_abort_rolls_back_the_boxes_of_earlier_waves() {
             .spawn()
             .unwrap(),
     );
-    feeding.store(false, Ordering::Relaxed);
-    for f in feeders {
-        f.join().unwrap();
-    }
+    feeder.stop();
     assert_eq!(code, Some(65), "{out}");
     assert!(out.contains("wave 2: 3 of 3 failed, above 1"), "{out}");
     assert!(

@@ -835,7 +835,7 @@ fn integrity_ok(state: &Path) -> bool {
 }
 
 /// The state of the update to `version`, if it has a row.
-fn update_state(state: &Path, version: &str) -> Option<String> {
+pub fn update_state(state: &Path, version: &str) -> Option<String> {
     db(state)
         .ok()?
         .query_row(
@@ -1094,7 +1094,7 @@ fn resume_fetches_only_missing_chunks() {
     );
 }
 
-fn active_of(state: &Path, model: &str) -> Option<String> {
+pub fn active_of(state: &Path, model: &str) -> Option<String> {
     db(state)
         .ok()?
         .query_row(
