@@ -125,32 +125,17 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
     }
     let mut db = open(&a.db)?;
     let prefix = a.broker.prefix.clone();
-    let (host, port, tls) =
-        ternd::config::parse_broker(&a.broker.broker).map_err(anyhow::Error::msg)?;
+    let r = crate::mqtt::reach(&a.broker)?;
     let consumer = format!("tern-ingest-{}-{}", a.share, std::process::id());
-    let mut o = MqttOptions::new(&consumer, host, port);
+    let mut o = MqttOptions::new(&consumer, r.host, r.port);
     o.set_keep_alive(Duration::from_secs(30))
         .set_clean_start(true)
         .set_manual_acks(true)
         .set_max_packet_size(Some(16 * 1024 * 1024));
-    if tls {
-        let t = ternd::config::TlsConfig {
-            ca_file: a.broker.ca_file.clone(),
-            client: None,
-        };
-        let c = ternd::tls::client_config(&t).map_err(|(k, e)| anyhow::anyhow!("{k}: {e}"))?;
-        o.set_transport(rumqttc::Transport::tls_with_config(
-            rumqttc::TlsConfiguration::Rustls(c),
-        ));
+    if let Some(t) = r.tls {
+        o.set_transport(t);
     }
-    if let Some(u) = &a.broker.username {
-        let p = match &a.broker.password_file {
-            Some(f) => std::fs::read_to_string(f)
-                .with_context(|| format!("reading {}", f.display()))?
-                .trim_end_matches(['\r', '\n'])
-                .to_string(),
-            None => String::new(),
-        };
+    if let Some((u, p)) = r.login {
         o.set_credentials(u, p);
     }
     let (client, mut el) = AsyncClient::new(o, 1024);
@@ -218,11 +203,7 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
             }
         }
     });
-    tokio::time::timeout(Duration::from_secs(15), ready)
-        .await
-        .map_err(|_| anyhow::anyhow!("{}: no answer within 15 s", a.broker.broker))?
-        .map_err(|_| anyhow::anyhow!("{}: connection closed", a.broker.broker))?
-        .map_err(|e| anyhow::anyhow!("{}: {e}", a.broker.broker))?;
+    crate::mqtt::ready(&a.broker.broker, ready).await?;
     eprintln!(
         "{consumer}: consuming {} into {}",
         filters.join(" and "),

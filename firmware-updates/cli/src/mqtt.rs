@@ -38,31 +38,77 @@ pub(crate) struct Conn {
     sent: u64,
 }
 
-pub(crate) async fn connect(b: &BrokerArgs) -> anyhow::Result<Conn> {
+/// How to reach the broker, for MQTT 3.1.1 and 5 clients alike: host, port, the TLS
+/// transport (for `mqtts://`) and the login.
+pub(crate) struct Reach {
+    pub host: String,
+    pub port: u16,
+    pub tls: Option<rumqttc::Transport>,
+    pub login: Option<(String, String)>,
+}
+
+pub(crate) fn reach(b: &BrokerArgs) -> anyhow::Result<Reach> {
     let (host, port, tls) = ternd::config::parse_broker(&b.broker).map_err(anyhow::Error::msg)?;
-    let mut o = MqttOptions::new(format!("tern-update-{}", std::process::id()), host, port);
-    o.set_keep_alive(Duration::from_secs(30))
-        .set_clean_session(true)
-        .set_max_packet_size(16 * 1024 * 1024, 16 * 1024 * 1024)
-        .set_inflight(64);
-    if tls {
+    let tls = if tls {
         let t = ternd::config::TlsConfig {
             ca_file: b.ca_file.clone(),
             client: None,
         };
         let c = ternd::tls::client_config(&t).map_err(|(k, e)| anyhow::anyhow!("{k}: {e}"))?;
-        o.set_transport(rumqttc::Transport::tls_with_config(
+        Some(rumqttc::Transport::tls_with_config(
             rumqttc::TlsConfiguration::Rustls(c),
-        ));
+        ))
+    } else {
+        None
+    };
+    let login = match &b.username {
+        Some(u) => {
+            let p = match &b.password_file {
+                Some(f) => std::fs::read_to_string(f)
+                    .with_context(|| format!("reading {}", f.display()))?
+                    .trim_end_matches(['\r', '\n'])
+                    .to_string(),
+                None => String::new(),
+            };
+            Some((u.clone(), p))
+        }
+        None => None,
+    };
+    Ok(Reach {
+        host,
+        port,
+        tls,
+        login,
+    })
+}
+
+/// Wait for a connection's event loop to say it is ready (or why not).
+pub(crate) async fn ready(
+    broker: &str,
+    ready: tokio::sync::oneshot::Receiver<Result<(), String>>,
+) -> anyhow::Result<()> {
+    tokio::time::timeout(Duration::from_secs(15), ready)
+        .await
+        .map_err(|_| anyhow::anyhow!("{broker}: no answer within 15 s"))?
+        .map_err(|_| anyhow::anyhow!("{broker}: connection closed"))?
+        .map_err(|e| anyhow::anyhow!("{broker}: {e}"))
+}
+
+pub(crate) async fn connect(b: &BrokerArgs) -> anyhow::Result<Conn> {
+    let r = reach(b)?;
+    let mut o = MqttOptions::new(
+        format!("tern-update-{}", std::process::id()),
+        r.host,
+        r.port,
+    );
+    o.set_keep_alive(Duration::from_secs(30))
+        .set_clean_session(true)
+        .set_max_packet_size(16 * 1024 * 1024, 16 * 1024 * 1024)
+        .set_inflight(64);
+    if let Some(t) = r.tls {
+        o.set_transport(t);
     }
-    if let Some(u) = &b.username {
-        let p = match &b.password_file {
-            Some(f) => std::fs::read_to_string(f)
-                .with_context(|| format!("reading {}", f.display()))?
-                .trim_end_matches(['\r', '\n'])
-                .to_string(),
-            None => String::new(),
-        };
+    if let Some((u, p)) = r.login {
         o.set_credentials(u, p);
     }
     let (client, mut el) = AsyncClient::new(o, 256);
@@ -100,11 +146,7 @@ pub(crate) async fn connect(b: &BrokerArgs) -> anyhow::Result<Conn> {
             }
         }
     });
-    tokio::time::timeout(Duration::from_secs(15), ready)
-        .await
-        .map_err(|_| anyhow::anyhow!("{}: no answer within 15 s", b.broker))?
-        .map_err(|_| anyhow::anyhow!("{}: connection closed", b.broker))?
-        .map_err(|e| anyhow::anyhow!("{}: {e}", b.broker))?;
+    self::ready(&b.broker, ready).await?;
     Ok(Conn {
         client,
         messages,

@@ -190,9 +190,15 @@ struct Watch {
 }
 
 impl Watch {
-    /// Read one message; a status of this rollout's manifest goes into `r.outcomes`. Whether
-    /// anything the rollout keeps changed.
-    fn take(&mut self, topics: &Topics, r: &mut Rollout, topic: &str, payload: &[u8]) -> bool {
+    /// Read one message; a status of this rollout's manifest goes into `r.outcomes` (without
+    /// a rollout yet, only presence is read). Whether anything the rollout keeps changed.
+    fn take(
+        &mut self,
+        topics: &Topics,
+        r: Option<&mut Rollout>,
+        topic: &str,
+        payload: &[u8],
+    ) -> bool {
         let Some((dev, what)) = topics.parse_device(topic) else {
             return false;
         };
@@ -209,6 +215,7 @@ impl Watch {
                 false
             }
             DeviceTopic::UpdateStatus(model) => {
+                let Some(r) = r else { return false };
                 if model != r.model
                     || v["manifest_sha256"].as_str() != Some(r.manifest_sha256.as_str())
                 {
@@ -411,7 +418,7 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
         .gather(Duration::from_millis(700), Duration::from_secs(10))
         .await
     {
-        watch.take(&topics, &mut r, &t, &p);
+        watch.take(&topics, Some(&mut r), &t, &p);
     }
     keeper.save(&mut conn, &mut r).await?;
     let code = drive(&a, &mut conn, &topics, &keeper, &mut watch, &mut r).await?;
@@ -483,12 +490,11 @@ async fn start(
     let abort_above = Threshold::parse(a.abort_above.as_deref().unwrap_or("0"))?;
     let (file, signed) = crate::mqtt::checked_bundle(path, a.group.as_deref(), &a.devices)?;
     // Members: every box whose birth (or, when away, whose `offline`) names the group.
-    let mut scratch = placeholder(&a.id);
     for (t, p) in conn
         .gather(Duration::from_millis(700), Duration::from_secs(10))
         .await
     {
-        watch.take(topics, &mut scratch, &t, &p);
+        watch.take(topics, None, &t, &p);
     }
     let devices: Vec<String> = match &a.group {
         Some(g) => watch
@@ -560,32 +566,6 @@ async fn start(
     })
 }
 
-/// A rollout nothing matches, to read births before the real one exists.
-fn placeholder(id: &str) -> Rollout {
-    Rollout {
-        id: id.into(),
-        model: String::new(),
-        version: String::new(),
-        manifest_sha256: String::new(),
-        manifest: String::new(),
-        artifact_sha256: String::new(),
-        group: None,
-        waves_spec: String::new(),
-        abort_above: Threshold::Count(0),
-        wait_secs: 0,
-        soak_secs: 0,
-        chunks_published: false,
-        waves: vec![],
-        current: 0,
-        phase: Phase::Running,
-        reason: None,
-        outcomes: BTreeMap::new(),
-        rollbacks: BTreeMap::new(),
-        started_ms: 0,
-        updated_ms: 0,
-    }
-}
-
 /// Read messages until `until`, keeping the state current; saved when it changed.
 async fn follow(
     conn: &mut Conn,
@@ -610,9 +590,9 @@ async fn follow(
             Ok(Some(m)) => m,
         };
         // Statuses come in bursts: take what is there, then save once.
-        let mut changed = watch.take(topics, r, &first.0, &first.1);
+        let mut changed = watch.take(topics, Some(&mut *r), &first.0, &first.1);
         while let Ok(m) = conn.messages.try_recv() {
-            changed |= watch.take(topics, r, &m.0, &m.1);
+            changed |= watch.take(topics, Some(&mut *r), &m.0, &m.1);
         }
         if changed {
             keeper.save(conn, r).await?;
@@ -913,25 +893,15 @@ fn report(r: &Rollout, watch: &Watch) {
     if !p.is_empty() && r.phase == Phase::Completed {
         let (away, busy): (Vec<&String>, Vec<&String>) =
             p.into_iter().partition(|d| !watch.is_online(d));
-        if !away.is_empty() {
-            println!(
-                "  not back yet ({}; they update when they return): {}",
-                away.len(),
-                away.iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            );
-        }
-        if !busy.is_empty() {
-            println!(
-                "  online, still updating ({}): {}",
-                busy.len(),
-                busy.iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            );
+        for (what, when, names) in [
+            ("not back yet", "; they update when they return", &away),
+            ("online, still updating", "", &busy),
+        ] {
+            if names.is_empty() {
+                continue;
+            }
+            let names: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
+            println!("  {what} ({}{when}): {}", names.len(), names.join(" "));
         }
     }
     for (d, said) in &r.rollbacks {
@@ -942,6 +912,32 @@ fn report(r: &Rollout, watch: &Watch) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An empty rollout to fill in.
+    fn placeholder(id: &str) -> Rollout {
+        Rollout {
+            id: id.into(),
+            model: String::new(),
+            version: String::new(),
+            manifest_sha256: String::new(),
+            manifest: String::new(),
+            artifact_sha256: String::new(),
+            group: None,
+            waves_spec: String::new(),
+            abort_above: Threshold::Count(0),
+            wait_secs: 0,
+            soak_secs: 0,
+            chunks_published: false,
+            waves: vec![],
+            current: 0,
+            phase: Phase::Running,
+            reason: None,
+            outcomes: BTreeMap::new(),
+            rollbacks: BTreeMap::new(),
+            started_ms: 0,
+            updated_ms: 0,
+        }
+    }
 
     fn devs(n: usize) -> Vec<String> {
         (0..n).map(|i| format!("b{i:03}")).collect()
@@ -1009,39 +1005,39 @@ mod tests {
             let on = if d == "b003" { "offline" } else { "online" };
             w.take(
                 &topics,
-                &mut r,
+                Some(&mut r),
                 &topics.state(&d),
                 format!(r#"{{"state":"{on}","groups":["g"]}}"#).as_bytes(),
             );
         }
         assert!(w.take(
             &topics,
-            &mut r,
+            Some(&mut r),
             "t/b000/updates/m",
             &status("committed", "abc")
         ));
         assert!(!w.take(
             &topics,
-            &mut r,
+            Some(&mut r),
             "t/b000/updates/m",
             &status("committed", "abc")
         ));
         assert!(w.take(
             &topics,
-            &mut r,
+            Some(&mut r),
             "t/b001/updates/m",
             &status("failed", "abc")
         ));
         // An older update's status, and another model's.
         assert!(!w.take(
             &topics,
-            &mut r,
+            Some(&mut r),
             "t/b002/updates/m",
             &status("committed", "old")
         ));
         assert!(!w.take(
             &topics,
-            &mut r,
+            Some(&mut r),
             "t/b002/updates/x",
             &status("committed", "abc")
         ));
