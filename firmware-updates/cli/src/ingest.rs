@@ -192,12 +192,7 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    match ready_tx.take() {
-                        Some(r) => {
-                            let _ = r.send(Err(e.to_string()));
-                        }
-                        None => eprintln!("tern-update: broker connection lost: {e}"),
-                    }
+                    crate::mqtt::lost(&mut ready_tx, e.to_string());
                     return;
                 }
             }

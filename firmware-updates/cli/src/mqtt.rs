@@ -82,6 +82,20 @@ pub(crate) fn reach(b: &BrokerArgs) -> anyhow::Result<Reach> {
     })
 }
 
+/// What an event loop does with a connection error: the one waiting for the connection is
+/// told why, or, once connected, the loss is said.
+pub(crate) fn lost(
+    ready_tx: &mut Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
+    e: String,
+) {
+    match ready_tx.take() {
+        Some(r) => {
+            let _ = r.send(Err(e));
+        }
+        None => eprintln!("tern-update: broker connection lost: {e}"),
+    }
+}
+
 /// Wait for a connection's event loop to say it is ready (or why not).
 pub(crate) async fn ready(
     broker: &str,
@@ -135,12 +149,7 @@ pub(crate) async fn connect(b: &BrokerArgs) -> anyhow::Result<Conn> {
                 Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
                 Ok(_) => {}
                 Err(e) => {
-                    match ready_tx.take() {
-                        Some(r) => {
-                            let _ = r.send(Err(e.to_string()));
-                        }
-                        None => eprintln!("tern-update: broker connection lost: {e}"),
-                    }
+                    lost(&mut ready_tx, e.to_string());
                     return;
                 }
             }

@@ -754,12 +754,17 @@ async fn late_joiners(
     .await
 }
 
-/// Targeted boxes without an outcome yet.
-fn pending(r: &Rollout) -> Vec<&String> {
+/// The boxes of every wave sent the manifest so far.
+fn targeted(r: &Rollout) -> impl Iterator<Item = &String> {
     r.waves
         .iter()
         .filter(|w| w.targeted_ms.is_some())
         .flat_map(|w| &w.devices)
+}
+
+/// Targeted boxes without an outcome yet.
+fn pending(r: &Rollout) -> Vec<&String> {
+    targeted(r)
         .filter(|d| r.outcomes.get(*d).is_none_or(|o| !is_terminal(&o.state)))
         .collect()
 }
@@ -793,12 +798,7 @@ async fn finish_abort(
     watch: &mut Watch,
     r: &mut Rollout,
 ) -> anyhow::Result<()> {
-    let targeted: Vec<String> = r
-        .waves
-        .iter()
-        .filter(|w| w.targeted_ms.is_some())
-        .flat_map(|w| w.devices.clone())
-        .collect();
+    let targeted: Vec<String> = targeted(r).cloned().collect();
     for d in &targeted {
         conn.publish(&topics.manifest(d, &r.model), Vec::new(), true)
             .await?;

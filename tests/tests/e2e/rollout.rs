@@ -13,11 +13,11 @@ use std::time::Duration;
 use serde_json::Value;
 use tern_tests::boxes::{Boxes, Options};
 use tern_tests::mqtt::{Broker, Client, ClientOptions};
-use tern_tests::updates::{build, key, variant};
+use tern_tests::updates::{build, key};
 use tern_tests::*;
 use tern_update::command::SigningKey;
 
-use crate::updates::{active_of, update_state};
+use crate::updates::{active_of, next, update_state};
 
 const MODEL: &str = "digits-mlp-int8";
 const BOXES: usize = 100;
@@ -130,16 +130,6 @@ fn manifests_sent(c: &mut Client) -> BTreeMap<String, Vec<Vec<u8>>> {
     out
 }
 
-fn package_version(dir: &Path, version: &str, edit: impl Fn(String) -> String) -> PathBuf {
-    variant(
-        &package(MODEL),
-        &dir.join(format!("{MODEL}-{version}")),
-        MODEL,
-        version,
-        edit,
-    )
-}
-
 /// The whole fleet story on one set of boxes (starting a hundred is the expensive part).
 #[test]
 fn a_hundred_boxes_roll_out_in_waves_resume_after_a_kill_and_stop_on_a_failing_canary() {
@@ -172,12 +162,7 @@ fn a_hundred_boxes_roll_out_in_waves_resume_after_a_kill_and_stop_on_a_failing_c
     .unwrap();
 
     // 1.1.0 in four waves; the tool is killed during the third and run again.
-    let good = build(
-        &package_version(d.path(), "1.1.0", |s| s),
-        4096,
-        &[&k],
-        |_| {},
-    );
+    let good = build(&next(d.path(), "1.1.0", |s| s), 4096, &[&k], |_| {});
     let good_file = d.path().join("good.bundle");
     good.write(&good_file);
     let waves = ["--waves", "1,5%,25%,rest", "--wait-secs", "120"];
@@ -289,7 +274,7 @@ fn a_hundred_boxes_roll_out_in_waves_resume_after_a_kill_and_stop_on_a_failing_c
     // 1.2.0 drops the resize its inputs need: the canary fails its health window on the
     // images its folder gets, and the rollout stops before wave 2.
     let bad = build(
-        &package_version(d.path(), "1.2.0", |t| t.replace("resize = [8, 8]\n", "")),
+        &next(d.path(), "1.2.0", |t| t.replace("resize = [8, 8]\n", "")),
         4096,
         &[&k],
         |_| {},
@@ -501,7 +486,7 @@ fn an_abort_rolls_back_the_boxes_of_earlier_waves() {
     // The new version drops the resize the folder's images need: it passes where no image
     // comes (the first wave) and fails where they do (the second).
     let bad = build(
-        &package_version(d.path(), "1.1.0", |t| t.replace("resize = [8, 8]\n", "")),
+        &next(d.path(), "1.1.0", |t| t.replace("resize = [8, 8]\n", "")),
         4096,
         &[&k],
         |_| {},

@@ -57,7 +57,7 @@ fn update_box(
 }
 
 /// The model's next version, packaged under `dir`; `edit` changes its tern-model.toml.
-fn next(dir: &Path, version: &str, edit: impl Fn(String) -> String) -> PathBuf {
+pub fn next(dir: &Path, version: &str, edit: impl Fn(String) -> String) -> PathBuf {
     variant(
         &package(MODEL),
         &dir.join(format!("{MODEL}-{version}")),
