@@ -1712,7 +1712,11 @@ impl Core {
                 if now.at.duration_since(a.last_chunk) > STALL {
                     a.stalls += 1;
                     if a.stalls >= MAX_STALLS {
-                        let why = format!("no chunk arrived in {:?}", STALL * MAX_STALLS);
+                        let why = format!(
+                            "no chunk arrived in {:?}: {}",
+                            STALL * MAX_STALLS,
+                            stall_note(a.nheld, a.held.len())
+                        );
                         return self.fail(Code::Stalled, &why);
                     }
                     // Nothing for a while: a lost subscription, a chunk not (yet) published.
@@ -1914,6 +1918,9 @@ impl Core {
             body["code"] = code.as_str().into();
             body["reason"] = reason.clone().into();
         }
+        if a.state == State::Downloading && a.stalls > 0 {
+            body["note"] = stall_note(a.nheld, a.held.len()).into();
+        }
         // Said on change only: a download waiting for chunks says nothing new each second.
         let mut said = body.clone();
         said["ts_ms"] = Value::Null;
@@ -1934,6 +1941,24 @@ impl Core {
             model: a.signed.name.clone(),
             body,
         });
+    }
+}
+
+/// Why a download waits, as far as the box can tell: the operator reads it in the status.
+fn stall_note(held: usize, of: usize) -> String {
+    if held == 0 {
+        // The manifest came but no chunk: they are not retained where this box's broker node
+        // can see them.
+        format!(
+            "none of the {of} chunks arrived: the broker does not deliver the retained chunks \
+             (withdrawn, never published, or kept on another node of a broker cluster that \
+             does not share retained messages)"
+        )
+    } else {
+        format!(
+            "{held} of {of} chunks arrived, then none for a while: the broker stopped \
+                 delivering the retained chunks"
+        )
     }
 }
 

@@ -1369,6 +1369,28 @@ fn an_unchanged_status_is_not_said_again() {
     assert_eq!(said, 0, "nothing new while waiting for chunks");
 }
 
+#[test]
+fn a_stalled_download_says_why_in_its_status() {
+    let mut b = Box1::new();
+    b.downloading(b.manifest("1.1.0", |_| {}));
+    let notes = |a: &[Action]| -> Vec<String> {
+        a.iter()
+            .filter_map(|x| match x {
+                Action::Status { body, .. } => body["note"].as_str().map(str::to_string),
+                _ => None,
+            })
+            .collect()
+    };
+    b.later(STALL / 2);
+    assert!(notes(&b.tick(None)).is_empty(), "not stalled yet");
+    b.later(STALL / 2 + Duration::from_secs(1));
+    let said = notes(&b.tick(None));
+    assert!(
+        said.len() == 1 && said[0].contains("none of the") && said[0].contains("retained"),
+        "{said:?}"
+    );
+}
+
 /// A signed operator time of `t` unix seconds, by `key`.
 fn time_msg(t: i64, key: &SigningKey) -> Bytes {
     payload(&bundle::sign_time(&bundle::TimeDoc { time: t }, &[key]))
