@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use rumqttc::QoS;
 use serde_json::{Value, json};
 use tern_update::topics::{DeviceTopic, Topics};
 
@@ -245,7 +244,7 @@ pub async fn run(
         topics.update_status("+", "+"),
         topics.rollout("+"),
     ] {
-        conn.client.subscribe(f, QoS::AtLeastOnce).await?;
+        conn.subscribe(&f).await?;
     }
     let mut view = View::default();
     // Retained messages follow each SUBACK at once: a short quiet ends them.
@@ -268,7 +267,7 @@ pub async fn run(
     };
     show(&view);
     if !watch {
-        let _ = conn.client.disconnect().await;
+        conn.disconnect().await;
         return Ok(ExitCode::SUCCESS);
     }
     // Followed: printed again at most once a second, after whatever changed.

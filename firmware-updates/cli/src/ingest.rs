@@ -125,7 +125,10 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
     }
     let mut db = open(&a.db)?;
     let prefix = a.broker.prefix.clone();
-    let r = crate::mqtt::reach(&a.broker)?;
+    if a.broker.broker.len() > 1 {
+        bail!("ingest takes one --broker: start a worker per node to spread them");
+    }
+    let r = crate::mqtt::reach(&a.broker, a.broker.primary())?;
     let consumer = format!("tern-ingest-{}-{}", a.share, std::process::id());
     let mut o = MqttOptions::new(&consumer, r.host, r.port);
     o.set_keep_alive(Duration::from_secs(30))
@@ -148,7 +151,7 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
     }
     let (tx, mut rx) = mpsc::channel::<Publish>(4096);
     let (ready_tx, ready) = tokio::sync::oneshot::channel::<Result<(), String>>();
-    let broker = a.broker.broker.clone();
+    let broker = a.broker.primary().to_string();
     let mut unacked = filters.len();
     tokio::spawn(async move {
         let mut ready_tx = Some(ready_tx);
@@ -198,7 +201,7 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
             }
         }
     });
-    crate::mqtt::ready(&a.broker.broker, ready).await?;
+    crate::mqtt::ready(a.broker.primary(), ready).await?;
     eprintln!(
         "{consumer}: consuming {} into {}",
         filters.join(" and "),
@@ -216,7 +219,7 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
                         "{consumer}: stored {}, duplicates {}, malformed {}",
                         t.stored, t.duplicates, t.malformed
                     );
-                    bail!("{}: the connection ended", a.broker.broker);
+                    bail!("{}: the connection ended", a.broker.primary());
                 }
             },
             _ = tokio::signal::ctrl_c() => break,

@@ -27,9 +27,11 @@ struct Cli {
 
 #[derive(clap::Args, Clone)]
 pub struct BrokerArgs {
-    /// `mqtt://host[:port]` or `mqtts://host[:port]`.
-    #[arg(long)]
-    broker: String,
+    /// `mqtt://host[:port]` or `mqtts://host[:port]`. Give it once per node for a broker
+    /// cluster whose nodes keep retained messages apart (ejabberd 23.01): tern-update checks,
+    /// and then publishes and reads retained messages through every node.
+    #[arg(long, required = true)]
+    broker: Vec<String>,
     #[arg(long, default_value = "tern")]
     prefix: String,
     /// CA certificate (PEM) for mqtts; default: the system's roots.
@@ -40,6 +42,13 @@ pub struct BrokerArgs {
     /// A file holding the broker password.
     #[arg(long)]
     password_file: Option<PathBuf>,
+}
+
+impl BrokerArgs {
+    /// The node commands and live messages go through.
+    fn primary(&self) -> &str {
+        &self.broker[0]
+    }
 }
 
 #[derive(Subcommand)]

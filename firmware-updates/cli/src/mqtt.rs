@@ -30,12 +30,19 @@ pub struct PublishArgs {
     pub bundle: PathBuf,
 }
 
-/// A connection: the client, messages delivered to us, and a count of PUBACKs.
+/// A connection to the broker (to each node given, for a cluster that keeps retained
+/// messages per node): messages delivered to us, and a count of PUBACKs.
 pub(crate) struct Conn {
-    pub(crate) client: AsyncClient,
+    /// The first node's client carries commands; the others only retained messages.
+    clients: Vec<AsyncClient>,
     pub(crate) messages: mpsc::UnboundedReceiver<(String, Vec<u8>)>,
     acked: Arc<AtomicU64>,
     sent: u64,
+    /// Why a node's connection ended, once it did.
+    gone: Arc<std::sync::Mutex<Option<String>>>,
+    /// Whether retained messages are published and read through every node: the nodes do
+    /// not share them.
+    spread: bool,
 }
 
 /// How to reach the broker, for MQTT 3.1.1 and 5 clients alike: host, port, the TLS
@@ -47,8 +54,8 @@ pub(crate) struct Reach {
     pub login: Option<(String, String)>,
 }
 
-pub(crate) fn reach(b: &BrokerArgs) -> anyhow::Result<Reach> {
-    let (host, port, tls) = ternd::config::parse_broker(&b.broker).map_err(anyhow::Error::msg)?;
+pub(crate) fn reach(b: &BrokerArgs, url: &str) -> anyhow::Result<Reach> {
+    let (host, port, tls) = ternd::config::parse_broker(url).map_err(anyhow::Error::msg)?;
     let tls = if tls {
         let t = ternd::config::TlsConfig {
             ca_file: b.ca_file.clone(),
@@ -108,10 +115,52 @@ pub(crate) async fn ready(
         .map_err(|e| anyhow::anyhow!("{broker}: {e}"))
 }
 
+/// How long a node has to deliver the retained probe another node took.
+const PROBE_WAIT: Duration = Duration::from_secs(3);
+
 pub(crate) async fn connect(b: &BrokerArgs) -> anyhow::Result<Conn> {
-    let r = reach(b)?;
+    let (tx, messages) = mpsc::unbounded_channel();
+    let acked = Arc::new(AtomicU64::new(0));
+    let gone = Arc::new(std::sync::Mutex::new(None));
+    let mut clients = Vec::new();
+    for (n, url) in b.broker.iter().enumerate() {
+        clients.push(connect_node(b, url, n, &tx, &acked, &gone).await?);
+    }
+    let mut conn = Conn {
+        clients,
+        messages,
+        acked,
+        sent: 0,
+        gone,
+        spread: false,
+    };
+    if b.broker.len() > 1 {
+        let apart = conn.probe_retained(&b.prefix).await?;
+        for n in &apart {
+            eprintln!(
+                "tern-update: {} does not deliver a retained message published through {} \
+                 within {PROBE_WAIT:?}: this broker keeps retained messages per node, so \
+                 tern-update publishes and reads them through every node given",
+                b.broker[*n],
+                b.primary()
+            );
+        }
+        conn.spread = !apart.is_empty();
+    }
+    Ok(conn)
+}
+
+async fn connect_node(
+    b: &BrokerArgs,
+    url: &str,
+    n: usize,
+    tx: &mpsc::UnboundedSender<(String, Vec<u8>)>,
+    acked: &Arc<AtomicU64>,
+    gone: &Arc<std::sync::Mutex<Option<String>>>,
+) -> anyhow::Result<AsyncClient> {
+    let r = reach(b, url)?;
     let mut o = MqttOptions::new(
-        format!("tern-update-{}", std::process::id()),
+        format!("tern-update-{}-{n}", std::process::id()),
         r.host,
         r.port,
     );
@@ -126,10 +175,8 @@ pub(crate) async fn connect(b: &BrokerArgs) -> anyhow::Result<Conn> {
         o.set_credentials(u, p);
     }
     let (client, mut el) = AsyncClient::new(o, 256);
-    let (tx, messages) = mpsc::unbounded_channel();
-    let acked = Arc::new(AtomicU64::new(0));
     let (ready_tx, ready) = tokio::sync::oneshot::channel::<Result<(), String>>();
-    let count = acked.clone();
+    let (count, tx, gone, url_) = (acked.clone(), tx.clone(), gone.clone(), url.to_string());
     tokio::spawn(async move {
         let mut ready_tx = Some(ready_tx);
         loop {
@@ -149,40 +196,80 @@ pub(crate) async fn connect(b: &BrokerArgs) -> anyhow::Result<Conn> {
                 Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
                 Ok(_) => {}
                 Err(e) => {
+                    *gone.lock().expect("not poisoned") = Some(format!("{url_}: {e}"));
                     lost(&mut ready_tx, e.to_string());
                     return;
                 }
             }
         }
     });
-    self::ready(&b.broker, ready).await?;
-    Ok(Conn {
-        client,
-        messages,
-        acked,
-        sent: 0,
-    })
+    self::ready(url, ready).await?;
+    Ok(client)
 }
 
 impl Conn {
+    /// Publish at QoS 1. A retained message goes through every node when they keep retained
+    /// messages apart; anything else through the first.
     pub(crate) async fn publish(
         &mut self,
         topic: &str,
         payload: Vec<u8>,
         retain: bool,
     ) -> anyhow::Result<()> {
-        self.client
-            .publish(topic, QoS::AtLeastOnce, retain, payload)
-            .await
-            .with_context(|| format!("publishing to {topic}"))?;
-        self.sent += 1;
+        let through = if retain && self.spread {
+            self.clients.len()
+        } else {
+            1
+        };
+        for c in &self.clients[..through] {
+            c.publish(topic, QoS::AtLeastOnce, retain, payload.clone())
+                .await
+                .with_context(|| format!("publishing to {topic}"))?;
+            self.sent += 1;
+        }
         Ok(())
+    }
+
+    /// Subscribe at QoS 1: through every node when they keep retained messages apart (what
+    /// they hold is read from each; live messages then come once per node).
+    pub(crate) async fn subscribe(&self, filter: &str) -> anyhow::Result<()> {
+        let through = if self.spread { self.clients.len() } else { 1 };
+        for c in &self.clients[..through] {
+            c.subscribe(filter, QoS::AtLeastOnce)
+                .await
+                .with_context(|| format!("subscribing to {filter}"))?;
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn unsubscribe(&self, filter: &str) -> anyhow::Result<()> {
+        let through = if self.spread { self.clients.len() } else { 1 };
+        for c in &self.clients[..through] {
+            c.unsubscribe(filter)
+                .await
+                .with_context(|| format!("unsubscribing from {filter}"))?;
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn disconnect(&self) {
+        for c in &self.clients {
+            let _ = c.disconnect().await;
+        }
     }
 
     /// Wait until the broker acknowledged everything published so far.
     pub(crate) async fn settle(&self, within: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + within;
         while self.acked.load(Ordering::SeqCst) < self.sent {
+            if let Some(e) = self.gone.lock().expect("not poisoned").clone() {
+                bail!(
+                    "the broker connection ended with {} of {} messages acknowledged ({e}); \
+                     a broker that limits message size closes the connection on a larger one",
+                    self.acked.load(Ordering::SeqCst),
+                    self.sent
+                );
+            }
             if Instant::now() > deadline {
                 bail!(
                     "the broker acknowledged {} of {} messages within {within:?}",
@@ -212,6 +299,48 @@ impl Conn {
             out.push(m);
         }
         out
+    }
+
+    /// Which nodes (by index) do not deliver a retained message published through the first:
+    /// one probe topic per node, retained through the first node, then subscribed to through
+    /// its node. The probes are cleared again through every node.
+    async fn probe_retained(&mut self, prefix: &str) -> anyhow::Result<Vec<usize>> {
+        let nonce = command::new_id("probe");
+        let topic = |n: usize| format!("{prefix}/fleet/probe/{nonce}/{n}");
+        let nodes = self.clients.len();
+        for n in 1..nodes {
+            self.publish(&topic(n), b"probe".to_vec(), true).await?;
+        }
+        self.settle(Duration::from_secs(15)).await?;
+        for n in 1..nodes {
+            self.clients[n]
+                .subscribe(topic(n), QoS::AtLeastOnce)
+                .await?;
+        }
+        let mut seen = vec![false; nodes];
+        seen[0] = true;
+        let deadline = Instant::now() + PROBE_WAIT;
+        while seen.contains(&false) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.messages.recv()).await {
+                Ok(Some((t, _))) => {
+                    if let Some(n) = (1..nodes).find(|n| t == topic(*n)) {
+                        seen[n] = true;
+                    }
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        for n in 1..nodes {
+            let _ = self.clients[n].unsubscribe(topic(n)).await;
+            for c in &self.clients {
+                c.publish(topic(n), QoS::AtLeastOnce, true, Vec::new())
+                    .await?;
+                self.sent += 1;
+            }
+        }
+        self.settle(Duration::from_secs(15)).await?;
+        Ok((0..nodes).filter(|n| !seen[*n]).collect())
     }
 }
 
@@ -343,7 +472,7 @@ pub async fn publish(a: PublishArgs) -> anyhow::Result<ExitCode> {
         art.size,
         art.chunks.len()
     );
-    let _ = conn.client.disconnect().await;
+    conn.disconnect().await;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -353,9 +482,7 @@ async fn members(
     topics: &Topics,
     group: &str,
 ) -> anyhow::Result<BTreeMap<String, bool>> {
-    conn.client
-        .subscribe(topics.all_states(), QoS::AtLeastOnce)
-        .await?;
+    conn.subscribe(&topics.all_states()).await?;
     let mut out = BTreeMap::new();
     for (_, payload) in conn
         .gather(Duration::from_millis(700), Duration::from_secs(5))
@@ -411,8 +538,7 @@ async fn canary(
         );
     }
     eprintln!("canaries: {}", canaries.join(", "));
-    conn.client
-        .subscribe(topics.update_status("+", &signed.name), QoS::AtLeastOnce)
+    conn.subscribe(&topics.update_status("+", &signed.name))
         .await?;
     for d in &canaries {
         conn.publish(&topic_for(d), manifest.to_vec(), true).await?;
@@ -539,9 +665,7 @@ pub(crate) async fn roll_back(
         let reply_topic = box_topics.reply(&id);
         // The broker takes a client's packets in order: the subscription is in place before
         // the command can be answered.
-        conn.client
-            .subscribe(reply_topic.as_str(), QoS::AtLeastOnce)
-            .await?;
+        conn.subscribe(reply_topic.as_str()).await?;
         let args = json!({ "name": model });
         let body = match key {
             Some(k) => command::sign(k, "models.rollback", device, &id, args, super::now()),
@@ -564,7 +688,7 @@ pub(crate) async fn roll_back(
                 Ok(None) | Err(_) => break None,
             }
         };
-        let _ = conn.client.unsubscribe(reply_topic.as_str()).await;
+        let _ = conn.unsubscribe(reply_topic.as_str()).await;
         let Some(reply) = reply else {
             return Ok(Err(format!(
                 "no reply to `models.rollback` (id {id}) within {ROLLBACK_REPLY:?}"
@@ -603,7 +727,7 @@ pub async fn time(
         let Some(every) = every else { break };
         tokio::time::sleep(every).await;
     }
-    let _ = conn.client.disconnect().await;
+    conn.disconnect().await;
     Ok(())
 }
 
@@ -630,7 +754,7 @@ pub async fn withdraw(
         a.chunks.len(),
         topics.artifacts(&a.sha256)
     );
-    let _ = conn.client.disconnect().await;
+    conn.disconnect().await;
     Ok(())
 }
 
@@ -664,12 +788,8 @@ pub async fn status(
     let mut conn = connect(&b).await?;
     let mut groups: BTreeMap<String, (bool, bool)> = BTreeMap::new();
     let mut updates: BTreeMap<(String, String), Value> = BTreeMap::new();
-    conn.client
-        .subscribe(topics.all_states(), QoS::AtLeastOnce)
-        .await?;
-    conn.client
-        .subscribe(topics.update_status("+", "+"), QoS::AtLeastOnce)
-        .await?;
+    conn.subscribe(&topics.all_states()).await?;
+    conn.subscribe(&topics.update_status("+", "+")).await?;
     let take = |groups: &mut BTreeMap<String, (bool, bool)>,
                 updates: &mut BTreeMap<(String, String), Value>,
                 topic: &str,
@@ -754,7 +874,7 @@ pub async fn status(
             }
         }
         if once {
-            let _ = conn.client.disconnect().await;
+            conn.disconnect().await;
             return Ok(ExitCode::SUCCESS);
         }
         if followed.is_some() {
@@ -766,7 +886,7 @@ pub async fn status(
                 )
             };
             if !online.is_empty() && online.iter().all(done) {
-                let _ = conn.client.disconnect().await;
+                conn.disconnect().await;
                 let all_committed = online.iter().all(|r| r["state"] == "committed");
                 // 65, as `ternd install` says a refused or failed update; 1 is an error here.
                 return Ok(if all_committed {

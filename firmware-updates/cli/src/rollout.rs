@@ -15,7 +15,6 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use rumqttc::QoS;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tern_update::command::SigningKey;
@@ -221,9 +220,22 @@ impl Watch {
                 {
                     return false;
                 }
+                // A box with no presence on record that speaks of this manifest is up: its
+                // birth, retained, was not delivered here, which a broker whose nodes keep
+                // retained messages apart does when given one node.
+                if !self.online.contains_key(&dev) {
+                    eprintln!(
+                        "tern-update: {dev} reports on this update, but its presence (a \
+                         retained birth) never reached us: does the broker keep retained \
+                         messages per node? Give each node with --broker"
+                    );
+                    self.online.insert(dev.clone(), true);
+                }
+                // A box still at it may say why it is stuck (`note`).
+                let reason = v["reason"].as_str().or(v["note"].as_str());
                 let o = Outcome {
                     state: plain(&v["state"]),
-                    reason: v["reason"].as_str().unwrap_or("").to_string(),
+                    reason: reason.unwrap_or("").to_string(),
                 };
                 r.outcomes.insert(dev, o.clone()) != Some(o)
             }
@@ -358,9 +370,7 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
         topic: topics.rollout(&a.id),
     };
     let mut conn = connect(&a.broker).await?;
-    conn.client
-        .subscribe(topics.rollout(&a.id), QoS::AtLeastOnce)
-        .await?;
+    conn.subscribe(&topics.rollout(&a.id)).await?;
     let mut retained: Option<Rollout> = None;
     for (t, p) in conn
         .gather(Duration::from_millis(700), Duration::from_secs(5))
@@ -372,7 +382,7 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
             })?);
         }
     }
-    conn.client.unsubscribe(topics.rollout(&a.id)).await?;
+    conn.unsubscribe(&topics.rollout(&a.id)).await?;
     let stored = match std::fs::read(&keeper.path) {
         Ok(b) => Some(
             serde_json::from_slice::<Rollout>(&b)
@@ -391,9 +401,7 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
         }
         Err(e) => return Err(e).with_context(|| format!("reading {}", keeper.path.display())),
     };
-    conn.client
-        .subscribe(topics.all_states(), QoS::AtLeastOnce)
-        .await?;
+    conn.subscribe(&topics.all_states()).await?;
     let mut watch = Watch::default();
     let mut r = match stored {
         Some(r) => {
@@ -411,9 +419,7 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
         }
         None => start(&a, &mut conn, &topics, &mut watch).await?,
     };
-    conn.client
-        .subscribe(topics.update_status("+", &r.model), QoS::AtLeastOnce)
-        .await?;
+    conn.subscribe(&topics.update_status("+", &r.model)).await?;
     for (t, p) in conn
         .gather(Duration::from_millis(700), Duration::from_secs(10))
         .await
@@ -425,7 +431,7 @@ pub async fn run(a: Args) -> anyhow::Result<ExitCode> {
     report(&r, &watch);
     // The retained state is what a second operator reads: on the broker before we go.
     conn.settle(Duration::from_secs(30)).await?;
-    let _ = conn.client.disconnect().await;
+    conn.disconnect().await;
     drop(lock);
     Ok(code)
 }
@@ -661,7 +667,11 @@ async fn drive(
             let deadline = at(r.waves[w].targeted_ms.expect("set above")).max(run_started)
                 + Duration::from_secs(r.wait_secs);
             follow(conn, topics, keeper, watch, r, deadline, |r, watch| {
-                standing(r, w, &|d| watch.is_online(d)).busy.is_empty()
+                // A box with no presence on record may be up all the same (its retained birth
+                // kept on another broker node): it is waited for, not taken as away.
+                standing(r, w, &|d| watch.online.get(d).copied().unwrap_or(true))
+                    .busy
+                    .is_empty()
             })
             .await?;
             let s = standing(r, w, &|d| watch.is_online(d));
@@ -687,7 +697,12 @@ async fn drive(
                             .to_string()
                     })
                     .collect();
-                why.extend(s.busy.iter().map(|d| format!("{d} no outcome")));
+                why.extend(s.busy.iter().map(|d| match r.outcomes.get(d) {
+                    Some(o) => {
+                        format!("{d} no outcome (last {} {})", o.state, o.reason).replace(" )", ")")
+                    }
+                    None => format!("{d} no outcome"),
+                }));
                 let reason = format!(
                     "wave {}: {failed} of {size} failed, above {}: {}",
                     w + 1,
@@ -1048,6 +1063,38 @@ mod tests {
         assert_eq!(s.away, ["b003"]);
         assert_eq!(w.groups["b003"], ["g"]);
         assert_eq!(pending(&r), ["b002", "b003"]);
+    }
+
+    #[test]
+    fn a_box_heard_only_through_its_status_is_up_and_its_note_is_kept() {
+        let topics = Topics::new("t");
+        let mut r = placeholder("r");
+        r.model = "m".into();
+        r.manifest_sha256 = "abc".into();
+        r.waves = vec![Wave {
+            devices: devs(2),
+            targeted_ms: Some(1),
+            passed_ms: None,
+        }];
+        let mut w = Watch::default();
+        // Neither box's birth came (kept on another broker node); b001 speaks of this update.
+        let s = standing(&r, 0, &|d| w.is_online(d));
+        assert_eq!(s.away, ["b000", "b001"]);
+        let status = serde_json::json!({
+            "state": "downloading", "manifest_sha256": "abc", "note": "none of the 3 chunks arrived"
+        });
+        assert!(w.take(
+            &topics,
+            Some(&mut r),
+            "t/b001/updates/m",
+            &serde_json::to_vec(&status).unwrap()
+        ));
+        let s = standing(&r, 0, &|d| w.is_online(d));
+        assert_eq!(
+            (s.busy, s.away),
+            (vec!["b001".to_string()], vec!["b000".to_string()])
+        );
+        assert_eq!(r.outcomes["b001"].reason, "none of the 3 chunks arrived");
     }
 
     #[test]
