@@ -51,8 +51,13 @@ pub struct Boxes {
 impl Boxes {
     /// Write every box's config and start them all (without waiting for them).
     pub fn start(broker: &Broker, o: &Options<'_>) -> Result<Boxes> {
+        Boxes::start_across(&[broker], o)
+    }
+
+    /// The same, box `i` on `brokers[i % brokers.len()]`: the nodes of a broker cluster.
+    pub fn start_across(brokers: &[&Broker], o: &Options<'_>) -> Result<Boxes> {
         let dir = tempfile::tempdir()?;
-        let url = broker.url(true);
+        let url = brokers[0].url(true);
         let groups: Vec<String> = o.groups.iter().map(|g| format!("{g:?}")).collect();
         let mut boxes = Vec::with_capacity(o.count);
         for i in 0..o.count {
@@ -61,6 +66,11 @@ impl Boxes {
             let inbox = bdir.join("inbox");
             std::fs::create_dir_all(&inbox)?;
             let config = bdir.join("ternd.toml");
+            let broker = brokers[i % brokers.len()];
+            let login = match &broker.login {
+                Some((u, p)) => format!("username = {u:?}\npassword = {p:?}\n"),
+                None => String::new(),
+            };
             // One worker and one thread: a hundred boxes share two cores.
             let text = format!(
                 r#"state_dir = "state"
@@ -83,11 +93,12 @@ broker = "{url}"
 device = "{device}"
 groups = [{groups}]
 telemetry_secs = {tel}
-{extra}
+{login}{extra}
 "#,
                 pkg = package(o.model).display(),
                 model = o.model,
                 groups = groups.join(", "),
+                url = broker.url(true),
                 tel = o.telemetry_secs,
                 extra = o.extra,
             );

@@ -13,6 +13,7 @@ pub use anyhow::{Context, Result, anyhow, bail, ensure};
 
 pub mod boxes;
 pub mod dbus;
+pub mod ejabberd;
 pub mod mqtt;
 pub mod updates;
 

@@ -22,6 +22,8 @@ fn wait_port(port: u16, up: bool) -> Result<()> {
 pub enum Kind {
     Mosquitto,
     Embedded,
+    /// A node of an ejabberd cluster ([`crate::ejabberd`]), which the cluster stops.
+    Ejabberd,
 }
 
 /// A broker for one test.
@@ -34,6 +36,8 @@ pub struct Broker {
     pub tls_port: Option<u16>,
     /// mosquitto's password-checked listener, when asked for.
     pub auth_port: Option<u16>,
+    /// The username and password every client gives (ejabberd takes no anonymous MQTT).
+    pub login: Option<(String, String)>,
     conf: Option<PathBuf>,
     child: Option<Child>,
     _dir: Option<tempfile::TempDir>,
@@ -104,6 +108,7 @@ impl Broker {
             port_v5: port,
             tls_port,
             auth_port,
+            login: None,
             conf: Some(path),
             child: None,
             _dir: Some(dir),
@@ -122,6 +127,7 @@ impl Broker {
             port_v5: port,
             tls_port: None,
             auth_port: None,
+            login: None,
             conf: None,
             child: None,
             _dir: None,
@@ -177,6 +183,24 @@ next_connection_delay_ms = 1
             port_v5,
             tls_port: None,
             auth_port: None,
+            login: None,
+            conf: None,
+            child: None,
+            _dir: None,
+        })
+    }
+
+    /// A node of an ejabberd cluster on `port` (MQTT 3.1.1 and 5 alike), once it accepts
+    /// connections.
+    pub(crate) fn ejabberd_node(port: u16, login: (String, String)) -> Result<Broker> {
+        wait_port(port, true)?;
+        Ok(Broker {
+            kind: Kind::Ejabberd,
+            port,
+            port_v5: port,
+            tls_port: None,
+            auth_port: None,
+            login: Some(login),
             conf: None,
             child: None,
             _dir: None,
@@ -192,6 +216,7 @@ next_connection_delay_ms = 1
         match self.kind {
             Kind::Mosquitto => "mosquitto",
             Kind::Embedded => "rumqttd",
+            Kind::Ejabberd => "ejabberd",
         }
     }
 
@@ -307,6 +332,9 @@ impl Client {
             opts.set_keep_alive(Duration::from_secs(5))
                 .set_clean_start(!o.persistent)
                 .set_max_packet_size(Some(64 * 1024 * 1024));
+            if let Some((u, p)) = &broker.login {
+                opts.set_credentials(u, p);
+            }
             if o.persistent {
                 opts.set_session_expiry_interval(Some(3600));
             }
@@ -353,6 +381,9 @@ impl Client {
             opts.set_keep_alive(Duration::from_secs(5))
                 .set_clean_session(!o.persistent)
                 .set_max_packet_size(64 * 1024 * 1024, 64 * 1024 * 1024);
+            if let Some((u, p)) = &broker.login {
+                opts.set_credentials(u, p);
+            }
             let (client, mut conn) = rumqttc::Client::new(opts, 10_000);
             conn.eventloop.set_network_options(nodelay());
             let subs: Vec<String> = o.subscribe.iter().map(|s| s.to_string()).collect();

@@ -152,7 +152,7 @@ fn brokers() -> Vec<Broker> {
 fn client_protocols(broker: &Broker, daemon_v5: bool) -> Vec<bool> {
     match broker.kind {
         tern_tests::mqtt::Kind::Embedded => vec![daemon_v5],
-        tern_tests::mqtt::Kind::Mosquitto => vec![true, false],
+        tern_tests::mqtt::Kind::Mosquitto | tern_tests::mqtt::Kind::Ejabberd => vec![true, false],
     }
 }
 

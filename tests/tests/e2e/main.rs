@@ -2,6 +2,7 @@
 
 mod arm;
 mod check_config;
+mod cluster;
 mod daemon;
 mod dbus;
 mod feeds;

@@ -108,7 +108,7 @@ fn rollout_cmd(broker: &Broker, id: &str, bundle: &Path, states: &Path, extra: &
     c
 }
 
-fn output(c: std::process::Child) -> (Option<i32>, String) {
+pub(crate) fn output(c: std::process::Child) -> (Option<i32>, String) {
     let o = c.wait_with_output().unwrap();
     (
         o.status.code(),
@@ -116,7 +116,7 @@ fn output(c: std::process::Child) -> (Option<i32>, String) {
     )
 }
 
-fn state_file(states: &Path, id: &str) -> Option<Value> {
+pub(crate) fn state_file(states: &Path, id: &str) -> Option<Value> {
     serde_json::from_slice(&std::fs::read(states.join(format!("{id}.json"))).ok()?).ok()
 }
 
