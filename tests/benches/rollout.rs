@@ -8,6 +8,10 @@
 //!    start to all committed, broker messages, bytes and CPU per box;
 //! 3. `tern-update fleet --json` over the N boxes, and over 5,000 simulated boxes (a retained
 //!    birth, telemetry and update status each).
+//!
+//! Baselines from the same run: N plain MQTT clients fetching the same retained manifests and
+//! chunks from the broker (its floor for delivering a rollout's bytes), and one plain client
+//! reading the retained messages the fleet view reads, with the view's 500 ms quiet rule.
 
 use std::collections::HashMap;
 use std::process::Command;
@@ -63,6 +67,63 @@ fn fleet_view(broker: &Broker) -> (Duration, Value) {
     let took = t.elapsed();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     (took, serde_json::from_slice(&o.stdout).unwrap())
+}
+
+/// N plain clients at once, each subscribed to its box's manifest topic and the chunks, until
+/// each has them all: how fast the broker alone hands out a rollout's retained bytes.
+fn floor(broker: &Broker, fleet: &Boxes, sha256: &str, chunks: usize) -> Duration {
+    let chunk_filter = format!("tern/artifacts/{sha256}/+");
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for (i, b) in fleet.boxes.iter().enumerate() {
+            let (chunk_filter, manifest) =
+                (&chunk_filter, format!("tern/{}/update/{MODEL}", b.device));
+            s.spawn(move || {
+                let mut c = Client::connect(
+                    broker,
+                    ClientOptions {
+                        v5: false,
+                        id: &format!("floor-{i}"),
+                        subscribe: &[&manifest, chunk_filter],
+                        persistent: false,
+                    },
+                )
+                .unwrap();
+                let mut got = 0;
+                while got < chunks + 1 {
+                    c.recv_any(Duration::from_secs(60))
+                        .expect("the retained messages");
+                    got += 1;
+                }
+            });
+        }
+    });
+    t.elapsed()
+}
+
+/// One plain client reading what the fleet view reads, until 500 ms pass without a message.
+fn raw_view(broker: &Broker) -> (Duration, usize) {
+    let t = Instant::now();
+    let mut c = Client::connect(
+        broker,
+        ClientOptions {
+            v5: false,
+            id: "raw-view",
+            subscribe: &[
+                "tern/+/state",
+                "tern/+/telemetry",
+                "tern/+/updates/+",
+                "tern/fleet/rollouts/+",
+            ],
+            persistent: false,
+        },
+    )
+    .unwrap();
+    let mut n = 0;
+    while c.recv_any(Duration::from_millis(500)).is_some() {
+        n += 1;
+    }
+    (t.elapsed(), n)
 }
 
 fn main() {
@@ -147,7 +208,8 @@ fn main() {
         |s| s,
     );
     let bundle = d.path().join("b.bundle");
-    build(&pkg, 64 * 1024, &[&k], |_| {}).write(&bundle);
+    let built = build(&pkg, 64 * 1024, &[&k], |_| {});
+    built.write(&bundle);
     let (b0, m0) = (cpu_s(broker_pid), counters(&mut sys));
     let t = Instant::now();
     let o = Command::new(bin("tern-update"))
@@ -173,6 +235,13 @@ fn main() {
         (delta(&m0, &m1, "messages/received") + delta(&m0, &m1, "messages/sent")) / n as f64;
     let r_bytes = (delta(&m0, &m1, "bytes/received") + delta(&m0, &m1, "bytes/sent")) / n as f64;
 
+    let floor_t = floor(
+        &broker,
+        &fleet,
+        &built.signed.artifact.sha256,
+        built.signed.artifact.chunks.len(),
+    );
+    let (raw_n, _) = raw_view(&broker);
     let (view_n, v) = fleet_view(&broker);
     assert_eq!(v["summary"]["boxes"], n);
     assert_eq!(v["summary"]["versions"][format!("{MODEL} 1.1.0")], n);
@@ -206,6 +275,8 @@ fn main() {
         .unwrap();
     }
     c.sync("bench/sync").unwrap();
+    let (raw_sim, read) = raw_view(&broker);
+    assert!(read >= 3 * sim, "{read} retained messages read");
     let (view_sim, v) = fleet_view(&broker);
     assert_eq!(v["summary"]["boxes"], n + sim);
 
@@ -226,6 +297,11 @@ fn main() {
         "| rollout in 4 waves, start to all committed | {:.1} s |",
         rollout.as_secs_f64()
     );
+    println!(
+        "| baseline: {n} plain clients fetch the same manifests and chunks | {:.2} s (rollout {:.1}×; its 4 health windows alone take 4 s) |",
+        floor_t.as_secs_f64(),
+        rollout.as_secs_f64() / floor_t.as_secs_f64()
+    );
     println!("| broker messages per box during the rollout | {r_msgs:.0} |");
     println!("| broker bytes per box during the rollout | {r_bytes:.0} |");
     println!(
@@ -234,12 +310,16 @@ fn main() {
         (b1 - b0) * 1000.0 / n as f64
     );
     println!(
-        "| `tern-update fleet --json`, {n} boxes | {:.2} s |",
-        view_n.as_secs_f64()
+        "| `tern-update fleet --json`, {n} boxes | {:.2} s ({:.2}× a plain client's read, {:.2} s) |",
+        view_n.as_secs_f64(),
+        view_n.as_secs_f64() / raw_n.as_secs_f64(),
+        raw_n.as_secs_f64()
     );
     println!(
-        "| `tern-update fleet --json`, {} boxes ({sim} simulated) | {:.2} s |",
+        "| `tern-update fleet --json`, {} boxes ({sim} simulated) | {:.2} s ({:.2}× a plain client's read, {:.2} s) |",
         n + sim,
-        view_sim.as_secs_f64()
+        view_sim.as_secs_f64(),
+        view_sim.as_secs_f64() / raw_sim.as_secs_f64(),
+        raw_sim.as_secs_f64()
     );
 }
