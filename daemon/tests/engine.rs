@@ -1143,3 +1143,59 @@ golden = [{}]
     let e = two.prepare(&m.manifest).unwrap_err().to_string();
     assert!(e.contains("one request is one sample"), "{e}");
 }
+
+/// A copy of digits-mlp-int8 whose evaluation set is its golden inputs, each against the
+/// reference output `reference(i)`, under `rule`.
+fn with_reference_set(
+    dir: &Path,
+    version: &str,
+    rule: &str,
+    reference: impl Fn(usize) -> usize,
+) -> PathBuf {
+    let d = version_of("digits-mlp-int8", version, dir);
+    let mut toml = format!("\n[evaluation]\nrule = \"{rule}\"\n");
+    for i in 0..4 {
+        toml += &format!(
+            "[[evaluation.samples]]\ninput = \"golden/{i}-input.npy\"\nreference = \"golden/{}-output.npy\"\n",
+            reference(i)
+        );
+    }
+    let mf = d.join("tern-model.toml");
+    let text = std::fs::read_to_string(&mf).unwrap() + &toml;
+    std::fs::write(&mf, text).unwrap();
+    d
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_evaluation_gate_measures_the_difference_and_refuses_an_install_that_misses_it() {
+    let d = tempfile::tempdir().unwrap();
+    // Each golden input against its own output: the difference is the int8 plan's rounding.
+    let same = with_reference_set(d.path(), "1.1.0", "max_difference <= 0.01", |i| i);
+    let m = Model::load(&same, NonZeroUsize::MIN).unwrap();
+    let v = m.evaluate().unwrap().expect("a set");
+    assert!(v.passed && v.samples == 4 && v.figure <= 0.01, "{v}");
+    // Against another sample's output: far off, and an install is refused with the figure.
+    let other = with_reference_set(d.path(), "1.2.0", "max_difference <= 0.01", |i| (i + 1) % 4);
+    let m = Model::load(&other, NonZeroUsize::MIN).unwrap();
+    let v = m.evaluate().unwrap().expect("a set");
+    assert!(!v.passed && v.figure > 0.1, "{v}");
+    let store = Store::open(&d.path().join("tern.db")).unwrap();
+    let reg = Registry::spawn(store, d.path());
+    reg.install(&same, PoolSettings::default()).await.unwrap();
+    let e = reg
+        .install(&other, PoolSettings::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tern_update::Code::Evaluation, "{e}");
+    let said = e.to_string();
+    assert!(
+        said.contains("evaluation: max_difference") && said.contains("on 4 samples"),
+        "{said}"
+    );
+    let rows = reg.list().await.unwrap();
+    assert!(rows.iter().any(|r| r.version == "1.1.0"));
+    assert!(
+        rows.iter().all(|r| r.version != "1.2.0"),
+        "nothing installed"
+    );
+}

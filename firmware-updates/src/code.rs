@@ -62,6 +62,8 @@ pub enum Code {
     Superseded,
     /// The new version failed its self-test.
     SelfTest,
+    /// The new version missed its package's evaluation rule.
+    Evaluation,
     /// The new version could not be made the active one.
     Activation,
     /// The new version failed its health window and was rolled back.
@@ -107,6 +109,7 @@ impl Code {
         Code::Withdrawn,
         Code::Superseded,
         Code::SelfTest,
+        Code::Evaluation,
         Code::Activation,
         Code::Health,
     ];
@@ -149,6 +152,7 @@ impl Code {
             Code::Withdrawn => "withdrawn",
             Code::Superseded => "superseded",
             Code::SelfTest => "self_test",
+            Code::Evaluation => "evaluation",
             Code::Activation => "activation",
             Code::Health => "health",
         }

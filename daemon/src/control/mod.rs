@@ -49,7 +49,9 @@ impl From<EngineError> for CmdError {
             | EngineError::Input { .. }
             | EngineError::Shape { .. } => Code::BadRequest,
             // The version exists but cannot serve: the request conflicts with its state.
-            EngineError::Load { .. } | EngineError::SelfTest { .. } => Code::Conflict,
+            EngineError::Load { .. }
+            | EngineError::SelfTest { .. }
+            | EngineError::Evaluation { .. } => Code::Conflict,
             EngineError::Busy { .. } => Code::Busy,
             EngineError::Run { .. }
             | EngineError::Stopped { .. }

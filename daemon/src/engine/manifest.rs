@@ -37,6 +37,157 @@ pub struct Manifest {
     pub outputs: Vec<OutputSpec>,
     pub state: Vec<StatePair>,
     pub selftest: SelfTest,
+    /// A labelled evaluation set and the rule a new version must meet on it before it is
+    /// activated (`[evaluation]`, optional in both formats).
+    pub evaluation: Option<Evaluation>,
+}
+
+/// Most samples an evaluation set may hold: it runs before every activation of an update.
+pub const MAX_EVALUATION_SAMPLES: usize = 10_000;
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Evaluation {
+    /// `accuracy >= 0.95` or `max_difference <= 0.05`.
+    pub rule: String,
+    pub samples: Vec<EvaluationSample>,
+}
+
+/// One input of the evaluation set, fed as a request would be (a PNG or JPEG; a `.npy` for
+/// the model's one fed input; an `.npz` of arrays by input name), with what must come out.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvaluationSample {
+    pub input: PathBuf,
+    /// The top-1 label expected (`accuracy` rules).
+    pub label: Option<String>,
+    /// A `.npy` of the first output expected (`max_difference` rules).
+    pub reference: Option<PathBuf>,
+}
+
+/// What an evaluation set's figure must reach.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Rule {
+    /// Share of samples whose top-1 label is the expected one, at least this.
+    Accuracy(f64),
+    /// Largest absolute difference from the reference outputs, at most this.
+    MaxDifference(f64),
+}
+
+impl Rule {
+    pub fn parse(s: &str) -> Result<Rule, String> {
+        let words: Vec<&str> = s.split_whitespace().collect();
+        let value = |v: &str| {
+            v.parse::<f64>()
+                .ok()
+                .filter(|x| x.is_finite())
+                .ok_or_else(|| format!("`{v}` is not a number"))
+        };
+        match words[..] {
+            ["accuracy", ">=", v] => {
+                let x = value(v)?;
+                if !(0.0..=1.0).contains(&x) {
+                    return Err(format!("accuracy {x} is outside 0..=1"));
+                }
+                Ok(Rule::Accuracy(x))
+            }
+            ["max_difference", "<=", v] => {
+                let x = value(v)?;
+                if x < 0.0 {
+                    return Err(format!("max_difference {x} is below 0"));
+                }
+                Ok(Rule::MaxDifference(x))
+            }
+            _ => Err(format!(
+                "`{s}` is not a rule: `accuracy >= <0..1>` or `max_difference <= <number>`"
+            )),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Rule::Accuracy(_) => "accuracy",
+            Rule::MaxDifference(_) => "max_difference",
+        }
+    }
+
+    /// Whether `figure` (of this rule's kind) meets it.
+    pub fn met_by(self, figure: f64) -> bool {
+        match self {
+            Rule::Accuracy(x) => figure >= x,
+            Rule::MaxDifference(x) => figure <= x,
+        }
+    }
+}
+
+impl std::fmt::Display for Rule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Rule::Accuracy(x) => write!(f, "accuracy >= {x}"),
+            Rule::MaxDifference(x) => write!(f, "max_difference <= {x}"),
+        }
+    }
+}
+
+impl Evaluation {
+    fn check(&self, m: &Manifest) -> Result<(), String> {
+        let rule = Rule::parse(&self.rule).map_err(|e| format!("evaluation.rule: {e}"))?;
+        if self.samples.is_empty() {
+            return Err("evaluation.samples: an evaluation set needs at least one sample".into());
+        }
+        if self.samples.len() > MAX_EVALUATION_SAMPLES {
+            return Err(format!(
+                "evaluation.samples: {} samples, at most {MAX_EVALUATION_SAMPLES}",
+                self.samples.len()
+            ));
+        }
+        if let Rule::Accuracy(_) = rule
+            && !matches!(
+                m.outputs.first().map(|o| &o.postprocess),
+                Some(Postprocess::Classify { .. })
+            )
+        {
+            return Err(
+                "evaluation.rule: an accuracy rule needs a first output that classifies                  (its top-1 label is what is compared)"
+                    .into(),
+            );
+        }
+        for (i, s) in self.samples.iter().enumerate() {
+            let key = format!("evaluation.samples[{i}]");
+            match (rule, &s.label, &s.reference) {
+                (Rule::Accuracy(_), None, _) => {
+                    return Err(format!(
+                        "{key}.label: an accuracy rule needs every sample's label"
+                    ));
+                }
+                (Rule::MaxDifference(_), _, None) => {
+                    return Err(format!(
+                        "{key}.reference: a max_difference rule needs every sample's reference output"
+                    ));
+                }
+                _ => {}
+            }
+            for (k, p) in [
+                ("input", Some(&s.input)),
+                ("reference", s.reference.as_ref()),
+            ] {
+                if let Some(p) = p
+                    && !is_inside(p)
+                {
+                    return Err(format!(
+                        "{key}.{k}: `{}` must be a relative path inside the package",
+                        p.display()
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The rule (checked when the manifest was read).
+    pub fn rule(&self) -> Rule {
+        Rule::parse(&self.rule).expect("checked when read")
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -623,6 +774,9 @@ impl Manifest {
                 }
             }
         }
+        if let Some(e) = &self.evaluation {
+            e.check(self)?;
+        }
         Ok(())
     }
 
@@ -1109,6 +1263,7 @@ struct V1 {
     #[serde(default)]
     postprocess: V1Postprocess,
     selftest: V1SelfTest,
+    evaluation: Option<Evaluation>,
 }
 
 #[derive(Deserialize)]
@@ -1312,6 +1467,7 @@ impl V1 {
                     })
                     .collect(),
             },
+            evaluation: self.evaluation,
         })
     }
 }
@@ -1333,6 +1489,7 @@ struct V2 {
     #[serde(default)]
     state: Vec<StatePair>,
     selftest: V2SelfTest,
+    evaluation: Option<Evaluation>,
 }
 
 #[derive(Deserialize)]
@@ -1358,6 +1515,7 @@ impl V2 {
                 tolerance: self.selftest.tolerance,
                 golden: self.selftest.golden.into_iter().map(Golden::Npz).collect(),
             },
+            evaluation: self.evaluation,
         })
     }
 }
@@ -1411,6 +1569,50 @@ tolerance = 0.01
 input = "golden/0-input.npy"
 output = "golden/0-output.npy"
 "#;
+
+    #[test]
+    fn an_evaluation_set_is_read_and_its_mistakes_named() {
+        let with = |extra: &str| Manifest::parse(&format!("{GOOD}{extra}"));
+        let m = with(
+            "[evaluation]\nrule = \"accuracy >= 0.9\"\n[[evaluation.samples]]\ninput = \"eval/a.png\"\nlabel = \"3\"\n",
+        )
+        .unwrap();
+        let e = m.evaluation.expect("read");
+        assert_eq!(e.rule(), Rule::Accuracy(0.9));
+        assert_eq!(e.samples[0].label.as_deref(), Some("3"));
+        assert!(Manifest::parse(GOOD).unwrap().evaluation.is_none());
+        for (extra, says) in [
+            (
+                "[evaluation]\nrule = \"accuracy > 0.9\"\n[[evaluation.samples]]\ninput = \"a.png\"\nlabel = \"3\"\n",
+                "evaluation.rule: `accuracy > 0.9` is not a rule",
+            ),
+            (
+                "[evaluation]\nrule = \"accuracy >= 1.5\"\n[[evaluation.samples]]\ninput = \"a.png\"\nlabel = \"3\"\n",
+                "outside 0..=1",
+            ),
+            (
+                "[evaluation]\nrule = \"accuracy >= 0.9\"\n[[evaluation.samples]]\ninput = \"a.png\"\n",
+                "evaluation.samples[0].label",
+            ),
+            (
+                "[evaluation]\nrule = \"max_difference <= 0.1\"\n[[evaluation.samples]]\ninput = \"a.npy\"\n",
+                "evaluation.samples[0].reference",
+            ),
+            (
+                "[evaluation]\nrule = \"accuracy >= 0.9\"\n[[evaluation.samples]]\ninput = \"../a.png\"\nlabel = \"3\"\n",
+                "evaluation.samples[0].input: `../a.png` must be a relative path",
+            ),
+            (
+                "[evaluation]\nrule = \"accuracy >= 0.9\"\nsamples = []\n",
+                "at least one sample",
+            ),
+        ] {
+            let e = with(extra).unwrap_err();
+            assert!(e.contains(says), "{extra}: {e}");
+        }
+        assert!(Rule::Accuracy(0.9).met_by(0.9) && !Rule::Accuracy(0.9).met_by(0.89));
+        assert!(Rule::MaxDifference(0.1).met_by(0.1) && !Rule::MaxDifference(0.1).met_by(0.2));
+    }
 
     #[test]
     fn good_manifest_parses() {

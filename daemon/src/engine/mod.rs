@@ -26,12 +26,12 @@ pub use input::{
     Geometry, Input, Pcm, PixelFormat, Prepared, Windower, audio_windows, pcm_stream, read_bounded,
 };
 pub use manifest::{
-    Color, DType, Dim, InputSpec, MANIFEST_FILE, MODEL_FILE, Manifest, Postprocess, const_values,
-    is_inside,
+    Color, DType, Dim, Evaluation, EvaluationSample, InputSpec, MANIFEST_FILE, MODEL_FILE,
+    Manifest, Postprocess, Rule, const_values, is_inside,
 };
 pub use model::{
-    Class, MAX_PLANS_PER_MODEL, Model, OnnxInfo, OnnxTensor, Plan, Prediction, RecordedPlan,
-    Stream, describe_onnx,
+    Class, Evaluated, MAX_PLANS_PER_MODEL, Model, OnnxInfo, OnnxTensor, Plan, Prediction,
+    RecordedPlan, Stream, describe_onnx,
 };
 pub use pool::{Latencies, ModelPool, PoolSettings, PoolStats, Pools, Quantiles, panic_message};
 
@@ -155,6 +155,10 @@ pub enum EngineError {
         vector: usize,
         message: String,
     },
+    /// A version that runs but misses its package's evaluation rule: the measured figure is
+    /// in the message.
+    #[error("model `{model}` refused: evaluation: {message}")]
+    Evaluation { model: String, message: String },
     #[error("bad input: {message}")]
     Input { message: String },
     #[error("cannot read input: {message}")]
@@ -180,6 +184,7 @@ impl EngineError {
             | EngineError::Input { .. }
             | EngineError::Shape { .. } => Code::BadRequest,
             EngineError::Load { .. } | EngineError::SelfTest { .. } => Code::BadModel,
+            EngineError::Evaluation { .. } => Code::Evaluation,
             EngineError::Run { .. }
             | EngineError::Stopped { .. }
             | EngineError::Unreadable { .. } => Code::Internal,

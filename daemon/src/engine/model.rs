@@ -19,7 +19,9 @@ use std::sync::Mutex;
 
 use super::array::{Array, Data, read_npy_f32, read_npy_tree, read_npz};
 use super::input::{Input, Prepared};
-use super::manifest::{DType, Golden, InputSpec, MODEL_FILE, Manifest, Postprocess, const_values};
+use super::manifest::{
+    DType, Golden, InputSpec, MODEL_FILE, Manifest, Postprocess, Rule, const_values,
+};
 use super::pool::caught;
 use super::postprocess::{self, Context, ScoreState};
 use super::{EngineError, PlanChoice, Runtime};
@@ -175,6 +177,31 @@ pub struct Class {
     pub index: usize,
     pub label: String,
     pub score: f32,
+}
+
+/// An evaluation set's outcome on one loaded plan.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Evaluated {
+    pub rule: Rule,
+    pub samples: usize,
+    /// The rule's figure: accuracy (0..=1) or the largest difference.
+    pub figure: f64,
+    pub passed: bool,
+    pub plan: &'static str,
+}
+
+impl std::fmt::Display for Evaluated {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {:.4} on {} samples (plan {}); the package requires {}",
+            self.rule.name(),
+            self.figure,
+            self.samples,
+            self.plan,
+            self.rule
+        )
+    }
 }
 
 /// What a model said about one input.
@@ -632,6 +659,77 @@ impl Model {
     /// Run every golden vector and compare with the reference outputs.
     pub fn self_test(&self) -> Result<(), EngineError> {
         self.check_golden().map(drop)
+    }
+
+    /// Run the package's evaluation set (if it has one) on this plan and judge it by its
+    /// rule: `Ok(None)` without a set, the figure and verdict otherwise, or why a sample could
+    /// not be run (a refusal too).
+    pub fn evaluate(&self) -> Result<Option<Evaluated>, EngineError> {
+        let m = &self.manifest;
+        let Some(set) = &m.evaluation else {
+            return Ok(None);
+        };
+        let rule = set.rule();
+        let fail = |i: usize, message: String| EngineError::Evaluation {
+            model: m.name.clone(),
+            message: format!("sample {i}: {message}"),
+        };
+        let mut right = 0usize;
+        let mut worst = 0f32;
+        for (i, s) in set.samples.iter().enumerate() {
+            let read = |p: &Path| {
+                std::fs::read(self.dir.join(p))
+                    .map_err(|e| fail(i, format!("cannot read {}: {e}", p.display())))
+            };
+            let bytes = read(&s.input)?;
+            let input = match s.input.extension().and_then(|e| e.to_str()) {
+                Some("npy") => {
+                    let (shape, data) = read_npy_f32(&bytes)
+                        .map_err(|e| fail(i, format!("{}: {e}", s.input.display())))?;
+                    Input::Tensor { shape, data }
+                }
+                Some("npz") => Input::Arrays(
+                    read_npz(&bytes).map_err(|e| fail(i, format!("{}: {e}", s.input.display())))?,
+                ),
+                _ => Input::Encoded(bytes),
+            };
+            match rule {
+                Rule::Accuracy(_) => {
+                    let p = self
+                        .infer(&input)
+                        .map_err(|e| fail(i, format!("{}: {e}", s.input.display())))?;
+                    let want = s.label.as_deref().expect("checked when read");
+                    right += usize::from(p.top.first().is_some_and(|c| c.label == want));
+                }
+                Rule::MaxDifference(_) => {
+                    let reference = s.reference.as_ref().expect("checked when read");
+                    let (shape, data) = read_npy_f32(&read(reference)?)
+                        .map_err(|e| fail(i, format!("{}: {e}", reference.display())))?;
+                    let prepared = input
+                        .prepare(m)
+                        .map_err(|e| fail(i, format!("{}: {e}", s.input.display())))?;
+                    let (outputs, _) = self
+                        .run_prepared(&prepared, &mut self.stream())
+                        .map_err(|e| fail(i, e.to_string()))?;
+                    let d =
+                        max_difference(&m.outputs[0].name, &outputs[0], &Array::f32(shape, data))
+                            .map_err(|e| fail(i, e))?;
+                    worst = worst.max(d);
+                }
+            }
+        }
+        let n = set.samples.len();
+        let figure = match rule {
+            Rule::Accuracy(_) => right as f64 / n as f64,
+            Rule::MaxDifference(_) => f64::from(worst),
+        };
+        Ok(Some(Evaluated {
+            rule,
+            samples: n,
+            figure,
+            passed: rule.met_by(figure),
+            plan: self.plan,
+        }))
     }
 
     /// [`Model::self_test`], returning each case's inputs as prepared, for timing the plan on
@@ -1697,6 +1795,28 @@ fn compare(
     reference: &Array,
     tolerance: f32,
 ) -> Result<(), String> {
+    let max_diff = max_difference(name, got, reference)?;
+    let tolerance = if matches!(reference.data, Data::F32(_)) {
+        tolerance
+    } else {
+        0.0
+    };
+    if max_diff > tolerance {
+        return Err(format!(
+            "output `{name}` differs from the reference by up to {max_diff:.6} (tolerance \
+             {tolerance}); the model runs but answers wrongly in tract"
+        ));
+    }
+    Ok(())
+}
+
+/// The largest absolute difference between an output and its reference; a non-finite output
+/// value counts as infinitely far off (NaN would slip through `max`).
+fn max_difference(
+    name: &str,
+    got: &(Vec<usize>, Vec<f32>),
+    reference: &Array,
+) -> Result<f32, String> {
     let want = reference.data.to_f32();
     if got.1.len() != want.len() {
         return Err(format!(
@@ -1712,13 +1832,7 @@ fn compare(
             "reference output `{name}` holds NaN or infinite values; it cannot vouch for anything"
         ));
     }
-    let tolerance = if matches!(reference.data, Data::F32(_)) {
-        tolerance
-    } else {
-        0.0
-    };
-    // A non-finite output counts as infinitely far off (NaN would slip through `max`).
-    let max_diff = got
+    Ok(got
         .1
         .iter()
         .zip(&want)
@@ -1729,14 +1843,7 @@ fn compare(
                 f32::INFINITY
             }
         })
-        .fold(0f32, f32::max);
-    if max_diff > tolerance {
-        return Err(format!(
-            "output `{name}` differs from the reference by up to {max_diff:.6} (tolerance \
-             {tolerance}); the model runs but answers wrongly in tract"
-        ));
-    }
-    Ok(())
+        .fold(0f32, f32::max))
 }
 
 /// A charset file: line i is class i (split on newlines only; spaces are characters).

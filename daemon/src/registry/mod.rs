@@ -520,7 +520,21 @@ impl Registry {
             let _ = tokio::task::spawn_blocking(|| crate::crash_point("install:verifying")).await;
             // The plan chosen here is recorded for the package: activating it takes that plan
             // without timing every plan again.
-            load_model(&self.store, package.clone(), &digest, settings).await?;
+            let model = load_model(&self.store, package.clone(), &digest, settings).await?;
+            // The evaluation gate, on the plan just chosen (the one it will serve with).
+            let verdict = tokio::task::spawn_blocking(move || model.evaluate())
+                .await
+                .expect("evaluation task panicked")?;
+            if let Some(v) = verdict {
+                if !v.passed {
+                    return Err(EngineError::Evaluation {
+                        model: manifest.name.clone(),
+                        message: v.to_string(),
+                    }
+                    .into());
+                }
+                tracing::info!(model = %manifest.name, version = %manifest.version, evaluation = %v, "evaluation passed");
+            }
         }
         let _copying = self.copying.lock().await;
         // Another install of the same version may have finished while this one verified.

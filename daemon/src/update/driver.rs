@@ -668,6 +668,7 @@ impl Driver {
                     Err(e) => {
                         let code = match e.code() {
                             Code::Internal => Code::Io,
+                            Code::Evaluation => Code::Evaluation,
                             _ => Code::SelfTest,
                         };
                         Outcome::Installed(Err((code, e.to_string())))

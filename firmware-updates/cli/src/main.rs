@@ -427,6 +427,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         .join("; ")
                 );
             }
+            // The evaluation gate a box runs next, before anything is signed.
+            match model
+                .evaluate()
+                .with_context(|| format!("{} fails its evaluation", package.display()))?
+            {
+                Some(v) if !v.passed => {
+                    bail!("{} fails its evaluation: {v}", package.display())
+                }
+                Some(v) => eprintln!("evaluation: {v}"),
+                None => {}
+            }
             let bytes = artifact::pack(&package)
                 .with_context(|| format!("packing {}", package.display()))?;
             let signed = Signed {
