@@ -636,6 +636,125 @@ fn self_test_failures_never_activate_and_health_failures_roll_back() {
     w.publish_retained(topic, b"").unwrap();
 }
 
+/// Give `pkg` an evaluation set: the demo's digit images, each labelled by its file name.
+fn with_evaluation(pkg: &Path, rule: &str) -> usize {
+    let inbox = root().join("configs/demo/inbox");
+    let mut names: Vec<String> = std::fs::read_dir(&inbox)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    std::fs::create_dir_all(pkg.join("eval")).unwrap();
+    let mut toml = format!("\n[evaluation]\nrule = \"{rule}\"\n");
+    for n in &names {
+        // digit-3.png, digit-3-b.jpg: the digit is the seventh character.
+        let label = &n["digit-".len()..="digit-".len()];
+        std::fs::copy(inbox.join(n), pkg.join("eval").join(n)).unwrap();
+        toml += &format!("[[evaluation.samples]]\ninput = \"eval/{n}\"\nlabel = \"{label}\"\n");
+    }
+    let m = pkg.join("tern-model.toml");
+    let text = std::fs::read_to_string(&m).unwrap() + &toml;
+    std::fs::write(&m, text).unwrap();
+    names.len()
+}
+
+/// `tern-update bundle` for `pkg`: whether it made a bundle, and what it said.
+fn bundle_with_tool(dir: &Path, pkg: &Path, key: &Path) -> (bool, String) {
+    let o = std::process::Command::new(bin("tern-update"))
+        .args(["bundle", "--package"])
+        .arg(pkg)
+        .arg("--out")
+        .arg(dir.join("tool.bundle"))
+        .arg("--key")
+        .arg(key)
+        .args(["--group", "lab"])
+        .output()
+        .unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// A package's evaluation set gates its activation: a version whose answers are worse (its
+/// label table rotated, so every digit is named wrongly) is refused by the tool before
+/// signing and by the box before activating, both with the measured accuracy; the same set
+/// with the right labels passes both.
+#[test]
+fn an_evaluation_set_refuses_a_worse_model_with_its_accuracy_and_passes_a_good_one() {
+    let Some(broker) = mosquitto() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let pkcs8 = tern_update::command::generate_pkcs8();
+    let k = SigningKey::from_pkcs8(&pkcs8).unwrap();
+    let key_file = d.path().join("op.key");
+    std::fs::write(&key_file, &pkcs8).unwrap();
+    let bx = update_box("ev-1", &broker, &[&k], 1, "");
+    let mut w = watcher(&broker, "ev-1");
+    let _daemon = Daemon::spawn(&bx.config, None, &[]).unwrap();
+    wait_online(&mut w, "ev-1");
+    let before = active(&bx.state).unwrap();
+    let topic = "tern/ev-1/update/digits-mlp-int8";
+    let rotate = |t: String| {
+        let labels = r#"labels = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]"#;
+        assert!(t.contains(labels), "{t}");
+        t.replace(
+            labels,
+            r#"labels = ["1", "2", "3", "4", "5", "6", "7", "8", "9", "0"]"#,
+        )
+    };
+    let worse = next(d.path(), "1.1.0", rotate);
+    let n = with_evaluation(&worse, "accuracy >= 0.8");
+    let (made, said) = bundle_with_tool(d.path(), &worse, &key_file);
+    assert!(!made, "{said}");
+    assert!(
+        said.contains(&format!(
+            "fails its evaluation: accuracy 0.0000 on {n} samples"
+        )) && said.contains("requires accuracy >= 0.8"),
+        "{said}"
+    );
+
+    // Signed without the tool's gate, the box refuses it itself.
+    let bad = build(&worse, CHUNK, &[&k], |_| {});
+    bad.publish(&mut w, topic, SYNC);
+    let e = event(&mut w, "ev-1", "the evaluation's verdict", |e| {
+        e["version"] == "1.1.0"
+            && matches!(
+                e["event"].as_str(),
+                Some("update.failed" | "update.committed")
+            )
+    });
+    assert_eq!(
+        (e["event"].as_str(), e["code"].as_str()),
+        (Some("update.failed"), Some("evaluation")),
+        "{e}"
+    );
+    assert!(
+        e.to_string()
+            .contains(&format!("accuracy 0.0000 on {n} samples")),
+        "{e}"
+    );
+    assert_eq!(active(&bx.state).unwrap(), before);
+    assert!(!versions(&bx.state).iter().any(|(v, _)| v == "1.1.0"));
+
+    // The right labels: both gates pass, and the box commits it.
+    let good = next(d.path(), "1.2.0", same);
+    with_evaluation(&good, "accuracy >= 0.8");
+    let (made, said) = bundle_with_tool(d.path(), &good, &key_file);
+    assert!(made && said.contains("evaluation: accuracy"), "{said}");
+    let ok = build(&good, CHUNK, &[&k], |_| {});
+    ok.publish(&mut w, topic, SYNC);
+    let e = event(&mut w, "ev-1", "the good version's outcome", |e| {
+        e["version"] == "1.2.0"
+            && matches!(
+                e["event"].as_str(),
+                Some("update.failed" | "update.committed")
+            )
+    });
+    assert_eq!(e["event"], "update.committed", "{e}");
+    assert_eq!(active(&bx.state).unwrap().0, "1.2.0");
+    w.publish_retained(topic, b"").unwrap();
+}
+
 /// The health window judges the model, not its callers: inputs no version takes (bytes that
 /// are no image, over D-Bus as `nobody` and in the watched folder) are counted and reported
 /// but never roll a good version back, while an input the previous version took and the new
