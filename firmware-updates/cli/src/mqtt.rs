@@ -122,10 +122,14 @@ pub(crate) async fn connect(b: &BrokerArgs) -> anyhow::Result<Conn> {
     let (tx, messages) = mpsc::unbounded_channel();
     let acked = Arc::new(AtomicU64::new(0));
     let gone = Arc::new(std::sync::Mutex::new(None));
+    // One node lost ends every node's loop, so the message channel closes and whoever reads
+    // it learns the connection is gone (each loop holds a sender).
+    let lost_any = Arc::new(tokio::sync::watch::channel(false).0);
     let mut clients = Vec::new();
     for (n, url) in b.broker.iter().enumerate() {
-        clients.push(connect_node(b, url, n, &tx, &acked, &gone).await?);
+        clients.push(connect_node(b, url, n, &tx, &acked, &gone, &lost_any).await?);
     }
+    drop(tx);
     let mut conn = Conn {
         clients,
         messages,
@@ -146,6 +150,12 @@ pub(crate) async fn connect(b: &BrokerArgs) -> anyhow::Result<Conn> {
             );
         }
         conn.spread = !apart.is_empty();
+        if !conn.spread {
+            // The nodes share retained messages: the first carries everything.
+            for c in conn.clients.drain(1..) {
+                let _ = c.disconnect().await;
+            }
+        }
     }
     Ok(conn)
 }
@@ -157,6 +167,7 @@ async fn connect_node(
     tx: &mpsc::UnboundedSender<(String, Vec<u8>)>,
     acked: &Arc<AtomicU64>,
     gone: &Arc<std::sync::Mutex<Option<String>>>,
+    lost_any: &Arc<tokio::sync::watch::Sender<bool>>,
 ) -> anyhow::Result<AsyncClient> {
     let r = reach(b, url)?;
     let mut o = MqttOptions::new(
@@ -177,10 +188,15 @@ async fn connect_node(
     let (client, mut el) = AsyncClient::new(o, 256);
     let (ready_tx, ready) = tokio::sync::oneshot::channel::<Result<(), String>>();
     let (count, tx, gone, url_) = (acked.clone(), tx.clone(), gone.clone(), url.to_string());
+    let (lost_any, mut other_lost) = (lost_any.clone(), lost_any.subscribe());
     tokio::spawn(async move {
         let mut ready_tx = Some(ready_tx);
         loop {
-            match el.poll().await {
+            let ev = tokio::select! {
+                ev = el.poll() => ev,
+                _ = other_lost.wait_for(|l| *l) => return,
+            };
+            match ev {
                 Ok(Event::Incoming(Incoming::ConnAck(_))) => {
                     if let Some(r) = ready_tx.take() {
                         let _ = r.send(Ok(()));
@@ -198,6 +214,7 @@ async fn connect_node(
                 Err(e) => {
                     *gone.lock().expect("not poisoned") = Some(format!("{url_}: {e}"));
                     lost(&mut ready_tx, e.to_string());
+                    lost_any.send_replace(true);
                     return;
                 }
             }
@@ -222,12 +239,29 @@ impl Conn {
             1
         };
         for c in &self.clients[..through] {
-            c.publish(topic, QoS::AtLeastOnce, retain, payload.clone())
+            if let Err(e) = c
+                .publish(topic, QoS::AtLeastOnce, retain, payload.clone())
                 .await
-                .with_context(|| format!("publishing to {topic}"))?;
+            {
+                // The event loop ended: why it did says more than the closed request queue.
+                return Err(self
+                    .ended()
+                    .unwrap_or_else(|| anyhow::anyhow!("publishing to {topic}: {e}")));
+            }
             self.sent += 1;
         }
         Ok(())
+    }
+
+    /// Why a node's connection ended, said for the operator, once one did.
+    fn ended(&self) -> Option<anyhow::Error> {
+        let e = self.gone.lock().expect("not poisoned").clone()?;
+        Some(anyhow::anyhow!(
+            "the broker connection ended with {} of {} messages acknowledged ({e}); a broker \
+             that limits message size closes the connection on a larger one, which may be why",
+            self.acked.load(Ordering::SeqCst),
+            self.sent
+        ))
     }
 
     /// Subscribe at QoS 1: through every node when they keep retained messages apart (what
@@ -262,13 +296,8 @@ impl Conn {
     pub(crate) async fn settle(&self, within: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + within;
         while self.acked.load(Ordering::SeqCst) < self.sent {
-            if let Some(e) = self.gone.lock().expect("not poisoned").clone() {
-                bail!(
-                    "the broker connection ended with {} of {} messages acknowledged ({e}); \
-                     a broker that limits message size closes the connection on a larger one",
-                    self.acked.load(Ordering::SeqCst),
-                    self.sent
-                );
+            if let Some(e) = self.ended() {
+                return Err(e);
             }
             if Instant::now() > deadline {
                 bail!(
@@ -303,34 +332,13 @@ impl Conn {
 
     /// Which nodes (by index) do not deliver a retained message published through the first:
     /// one probe topic per node, retained through the first node, then subscribed to through
-    /// its node. The probes are cleared again through every node.
+    /// its node (again every 500 ms, for a cluster that shares them a little late). The
+    /// probes are cleared through every node, whatever happened.
     async fn probe_retained(&mut self, prefix: &str) -> anyhow::Result<Vec<usize>> {
         let nonce = command::new_id("probe");
         let topic = |n: usize| format!("{prefix}/fleet/probe/{nonce}/{n}");
         let nodes = self.clients.len();
-        for n in 1..nodes {
-            self.publish(&topic(n), b"probe".to_vec(), true).await?;
-        }
-        self.settle(Duration::from_secs(15)).await?;
-        for n in 1..nodes {
-            self.clients[n]
-                .subscribe(topic(n), QoS::AtLeastOnce)
-                .await?;
-        }
-        let mut seen = vec![false; nodes];
-        seen[0] = true;
-        let deadline = Instant::now() + PROBE_WAIT;
-        while seen.contains(&false) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left, self.messages.recv()).await {
-                Ok(Some((t, _))) => {
-                    if let Some(n) = (1..nodes).find(|n| t == topic(*n)) {
-                        seen[n] = true;
-                    }
-                }
-                Ok(None) | Err(_) => break,
-            }
-        }
+        let seen = self.probe_rounds(&topic).await;
         for n in 1..nodes {
             let _ = self.clients[n].unsubscribe(topic(n)).await;
             for c in &self.clients {
@@ -340,7 +348,44 @@ impl Conn {
             }
         }
         self.settle(Duration::from_secs(15)).await?;
+        let seen = seen?;
         Ok((0..nodes).filter(|n| !seen[*n]).collect())
+    }
+
+    async fn probe_rounds(
+        &mut self,
+        topic: &impl Fn(usize) -> String,
+    ) -> anyhow::Result<Vec<bool>> {
+        let nodes = self.clients.len();
+        for n in 1..nodes {
+            self.publish(&topic(n), b"probe".to_vec(), true).await?;
+        }
+        self.settle(Duration::from_secs(15)).await?;
+        let mut seen = vec![false; nodes];
+        seen[0] = true;
+        let deadline = Instant::now() + PROBE_WAIT;
+        while seen.contains(&false) && Instant::now() < deadline {
+            for n in (1..nodes).filter(|n| !seen[*n]) {
+                let _ = self.clients[n].unsubscribe(topic(n)).await;
+                self.clients[n]
+                    .subscribe(topic(n), QoS::AtLeastOnce)
+                    .await?;
+            }
+            let round = (Instant::now() + Duration::from_millis(500)).min(deadline);
+            while let Ok(Some((t, p))) = tokio::time::timeout(
+                round.saturating_duration_since(Instant::now()),
+                self.messages.recv(),
+            )
+            .await
+            {
+                if let Some(n) = (1..nodes).find(|n| t == topic(*n))
+                    && !p.is_empty()
+                {
+                    seen[n] = true;
+                }
+            }
+        }
+        Ok(seen)
     }
 }
 

@@ -175,6 +175,9 @@ pub struct Outcome {
     pub reason: String,
 }
 
+/// How long a targeted box with no presence on record is waited for before it counts as away.
+const UNHEARD_GRACE: Duration = Duration::from_secs(15);
+
 const TERMINAL_FAILURES: [&str; 3] = ["failed", "refused", "rolled_back"];
 
 fn is_terminal(state: &str) -> bool {
@@ -666,12 +669,18 @@ async fn drive(
             // wait again: a box that came back and is installing is not yet a failure.
             let deadline = at(r.waves[w].targeted_ms.expect("set above")).max(run_started)
                 + Duration::from_secs(r.wait_secs);
-            follow(conn, topics, keeper, watch, r, deadline, |r, watch| {
-                // A box with no presence on record may be up all the same (its retained birth
-                // kept on another broker node): it is waited for, not taken as away.
+            // A box with no presence on record may be up all the same (its retained birth kept
+            // on another broker node): it has a while to speak of this update before it
+            // counts as away.
+            let grace = (Instant::now() + UNHEARD_GRACE).min(deadline);
+            follow(conn, topics, keeper, watch, r, grace, |r, watch| {
                 standing(r, w, &|d| watch.online.get(d).copied().unwrap_or(true))
                     .busy
                     .is_empty()
+            })
+            .await?;
+            follow(conn, topics, keeper, watch, r, deadline, |r, watch| {
+                standing(r, w, &|d| watch.is_online(d)).busy.is_empty()
             })
             .await?;
             let s = standing(r, w, &|d| watch.is_online(d));
