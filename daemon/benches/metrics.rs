@@ -37,7 +37,24 @@ fn cpu_s(pid: u32) -> f64 {
     };
     let f: Vec<&str> = rest.split_whitespace().collect();
     let t = |i: usize| f.get(i).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
-    (t(11) + t(12)) as f64 / 100.0
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    (t(11) + t(12)) as f64 / hz
+}
+
+/// The daemon, stopped with SIGTERM and waited for when dropped (a failed run too).
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.0.wait();
+    }
 }
 
 fn free_port() -> u16 {
@@ -48,10 +65,15 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Results stored so far (0 until the daemon made its database).
 fn results(state: &Path) -> i64 {
-    let c = rusqlite::Connection::open(state.join("tern.db")).unwrap();
-    c.query_row("SELECT count(*) FROM results", [], |r| r.get(0))
-        .unwrap()
+    let db = state.join("tern.db");
+    if !db.exists() {
+        return 0;
+    }
+    rusqlite::Connection::open(db)
+        .and_then(|c| c.query_row("SELECT count(*) FROM results", [], |r| r.get(0)))
+        .unwrap_or(0)
 }
 
 /// One GET /metrics; the body.
@@ -114,19 +136,21 @@ model = "{model}"
         ),
     )
     .unwrap();
-    let mut child: Child = Command::new(env!("CARGO_BIN_EXE_ternd"))
-        .arg("run")
-        .arg("--config")
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
+    let child = Running(
+        Command::new(env!("CARGO_BIN_EXE_ternd"))
+            .arg("run")
+            .arg("--config")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = child.0.id();
     let state = dir.path().join("state");
     // Running once the first results are stored (start-up is not what is measured).
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !state.join("tern.db").exists() || results(&state) < 50 {
+    while results(&state) < 50 {
         assert!(Instant::now() < deadline, "ternd stored no results");
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -140,12 +164,7 @@ model = "{model}"
         std::thread::sleep(Duration::from_millis(100));
     }
     let (c1, r1, took) = (cpu_s(pid), results(&state), t0.elapsed());
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    child.wait().unwrap();
+    drop(child);
     let n = (r1 - r0).max(1) as f64;
     Run {
         cpu_per_result_us: (c1 - c0) * 1e6 / n,
@@ -166,7 +185,7 @@ fn main() {
     let (secs, fps, rounds) = (
         env_u64("TERN_BENCH_SECS", 10),
         env_u64("TERN_BENCH_FPS", 200),
-        env_u64("TERN_BENCH_ROUNDS", 3),
+        env_u64("TERN_BENCH_ROUNDS", 3).max(1),
     );
     let model = std::env::var("TERN_BENCH_MODEL").unwrap_or_else(|_| "digits-cnn-int8".into());
     let ways = [Way::Off, Way::On, Way::Scraped];

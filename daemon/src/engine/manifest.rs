@@ -148,7 +148,8 @@ impl Evaluation {
             )
         {
             return Err(
-                "evaluation.rule: an accuracy rule needs a first output that classifies                  (its top-1 label is what is compared)"
+                "evaluation.rule: an accuracy rule needs a first output that classifies (its top-1 \
+                 label is what is compared)"
                     .into(),
             );
         }

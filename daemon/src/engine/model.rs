@@ -28,6 +28,8 @@ use super::{EngineError, PlanChoice, Runtime};
 
 /// ONNX files bigger than this are refused before tract reads them.
 pub const MAX_MODEL_BYTES: u64 = 512 * 1024 * 1024;
+/// Largest file an evaluation sample or reference may be.
+const MAX_EVALUATION_INPUT_BYTES: u64 = 64 * 1024 * 1024;
 
 /// A loaded, optimised, self-tested model, ready to run from any thread.
 pub struct Model {
@@ -666,6 +668,19 @@ impl Model {
     /// not be run (a refusal too).
     pub fn evaluate(&self) -> Result<Option<Evaluated>, EngineError> {
         let m = &self.manifest;
+        // A panic on a sample (a decoder, a kernel) refuses the version like a miss, rather
+        // than taking the install down with it.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.evaluate_set()))
+            .unwrap_or_else(|p| {
+                Err(EngineError::Evaluation {
+                    model: m.name.clone(),
+                    message: format!("panicked: {}", super::panic_message(&*p)),
+                })
+            })
+    }
+
+    fn evaluate_set(&self) -> Result<Option<Evaluated>, EngineError> {
+        let m = &self.manifest;
         let Some(set) = &m.evaluation else {
             return Ok(None);
         };
@@ -677,22 +692,9 @@ impl Model {
         let mut right = 0usize;
         let mut worst = 0f32;
         for (i, s) in set.samples.iter().enumerate() {
-            let read = |p: &Path| {
-                std::fs::read(self.dir.join(p))
-                    .map_err(|e| fail(i, format!("cannot read {}: {e}", p.display())))
-            };
-            let bytes = read(&s.input)?;
-            let input = match s.input.extension().and_then(|e| e.to_str()) {
-                Some("npy") => {
-                    let (shape, data) = read_npy_f32(&bytes)
-                        .map_err(|e| fail(i, format!("{}: {e}", s.input.display())))?;
-                    Input::Tensor { shape, data }
-                }
-                Some("npz") => Input::Arrays(
-                    read_npz(&bytes).map_err(|e| fail(i, format!("{}: {e}", s.input.display())))?,
-                ),
-                _ => Input::Encoded(bytes),
-            };
+            // Read as `ternd infer` reads a file: by extension, bounded.
+            let input = Input::from_file(&self.dir.join(&s.input), MAX_EVALUATION_INPUT_BYTES)
+                .map_err(|e| fail(i, e.to_string()))?;
             match rule {
                 Rule::Accuracy(_) => {
                     let p = self
@@ -703,7 +705,12 @@ impl Model {
                 }
                 Rule::MaxDifference(_) => {
                     let reference = s.reference.as_ref().expect("checked when read");
-                    let (shape, data) = read_npy_f32(&read(reference)?)
+                    let bytes = super::input::read_bounded(
+                        &self.dir.join(reference),
+                        MAX_EVALUATION_INPUT_BYTES,
+                    )
+                    .map_err(|e| fail(i, e.to_string()))?;
+                    let want = super::array::read_npy(&bytes)
                         .map_err(|e| fail(i, format!("{}: {e}", reference.display())))?;
                     let prepared = input
                         .prepare(m)
@@ -711,9 +718,25 @@ impl Model {
                     let (outputs, _) = self
                         .run_prepared(&prepared, &mut self.stream())
                         .map_err(|e| fail(i, e.to_string()))?;
+                    let got = &outputs[0];
+                    // The same values in the same order; leading 1s (a batch) may differ.
+                    let trim = |s: &[usize]| -> Vec<usize> {
+                        s.iter().copied().skip_while(|d| *d == 1).collect()
+                    };
+                    if trim(&got.0) != trim(&want.shape) {
+                        return Err(fail(
+                            i,
+                            format!(
+                                "output `{}` has shape {:?}, the reference {} {:?}",
+                                m.outputs[0].name,
+                                got.0,
+                                reference.display(),
+                                want.shape
+                            ),
+                        ));
+                    }
                     let d =
-                        max_difference(&m.outputs[0].name, &outputs[0], &Array::f32(shape, data))
-                            .map_err(|e| fail(i, e))?;
+                        max_difference(&m.outputs[0].name, got, &want).map_err(|e| fail(i, e))?;
                     worst = worst.max(d);
                 }
             }
