@@ -21,6 +21,8 @@ pub struct Cluster {
     pub nodes: Vec<Broker>,
     names: Vec<String>,
     dir: tempfile::TempDir,
+    /// Set once every node is up and joined: a start that failed shows the logs too.
+    ready: bool,
 }
 
 impl Cluster {
@@ -36,6 +38,7 @@ impl Cluster {
             nodes: Vec::new(),
             names: (0..n).map(|i| format!("{tag}n{i}@localhost")).collect(),
             dir,
+            ready: false,
         };
         let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
         for (i, port) in ports.iter().enumerate() {
@@ -89,6 +92,7 @@ impl Cluster {
                 bail!("{name} is not in the cluster: {listed}");
             }
         }
+        c.ready = true;
         Ok(Some(c))
     }
 
@@ -144,7 +148,7 @@ fn tail(path: &Path, lines: usize) -> String {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        if std::thread::panicking() || !self.ready {
             for i in 0..self.names.len() {
                 eprintln!("---- ejabberd {} log ----\n{}", self.names[i], self.log(i));
             }

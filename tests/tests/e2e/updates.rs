@@ -642,6 +642,7 @@ fn with_evaluation(pkg: &Path, rule: &str) -> usize {
     let mut names: Vec<String> = std::fs::read_dir(&inbox)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("digit-"))
         .collect();
     names.sort();
     std::fs::create_dir_all(pkg.join("eval")).unwrap();
