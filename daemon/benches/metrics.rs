@@ -22,26 +22,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// CPU seconds process `pid` has used itself (0 once it is gone).
+fn cpu_s(pid: u32) -> f64 {
+    ternd::fleet::telemetry::cpu_seconds_of(pid).unwrap_or(0.0)
+}
+
 fn env_u64(k: &str, d: u64) -> u64 {
     std::env::var(k)
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(d)
-}
-
-/// CPU seconds a process has used itself (children not counted).
-fn cpu_s(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
-        return 0.0;
-    };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let t = |i: usize| f.get(i).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .unwrap_or(100) as f64;
-    (t(11) + t(12)) as f64 / hz
 }
 
 /// The daemon, stopped with SIGTERM and waited for when dropped (a failed run too).

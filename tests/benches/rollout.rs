@@ -25,15 +25,9 @@ use tern_tests::{bin, need, package};
 
 const MODEL: &str = "digits-mlp-int8";
 
-/// CPU seconds a process has used.
+/// CPU seconds process `pid` has used itself (0 once it is gone).
 fn cpu_s(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
-        return 0.0;
-    };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let t = |i: usize| f.get(i).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
-    (t(11) + t(12)) as f64 / 100.0
+    ternd::fleet::telemetry::cpu_seconds_of(pid).unwrap_or(0.0)
 }
 
 /// mosquitto's `$SYS/broker/{messages,bytes}/{received,sent}`, as published next.

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tern_tests::mqtt::{Broker, Client, ClientOptions};
-use tern_tests::updates::variant;
+use tern_tests::updates::{noise, variant};
 use tern_tests::{Daemon, bin, need, package};
 
 const T: Duration = Duration::from_secs(300);
@@ -76,17 +76,7 @@ fn main() {
         "1.2.0",
         |t| t,
     );
-    // Deterministic filler that does not compress.
-    let mut x = 0x9e3779b97f4a7c15u64;
-    let pad: Vec<u8> = (0..18 * 1024 * 1024)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
-    std::fs::write(large.join("padding.bin"), pad).unwrap();
+    std::fs::write(large.join("padding.bin"), noise(18 * 1024 * 1024)).unwrap();
 
     let config = dir.join("ternd.toml");
     std::fs::write(

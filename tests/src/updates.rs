@@ -9,6 +9,20 @@ use tern_update::command::{SigningKey, generate_pkcs8};
 
 use crate::mqtt::Client;
 
+/// `len` deterministic bytes that do not compress: padding that makes a package (and its
+/// artifact) as large as a test needs.
+pub fn noise(len: usize) -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 pub fn key() -> SigningKey {
     SigningKey::from_pkcs8(&generate_pkcs8()).expect("a fresh key parses")
 }

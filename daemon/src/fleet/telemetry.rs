@@ -23,8 +23,18 @@ pub fn cpu_seconds() -> Option<f64> {
     Some(cpu_ticks()? as f64 / USER_HZ)
 }
 
+/// CPU time another process has used itself (its children not counted): benches measure the
+/// daemon and its broker by it.
+pub fn cpu_seconds_of(pid: u32) -> Option<f64> {
+    Some(ticks_in(&format!("/proc/{pid}/stat"))? as f64 / USER_HZ)
+}
+
 fn cpu_ticks() -> Option<u64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    ticks_in("/proc/self/stat")
+}
+
+fn ticks_in(stat_path: &str) -> Option<u64> {
+    let stat = std::fs::read_to_string(stat_path).ok()?;
     // Fields after the command name, which is in parentheses and may itself hold spaces.
     let rest = &stat[stat.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
@@ -60,6 +70,13 @@ mod tests {
     #[test]
     fn readings_are_plausible() {
         let rss = rss_bytes().unwrap();
+        // The same reading, through this process's id.
+        let (own, by_pid) = (
+            cpu_seconds().unwrap(),
+            cpu_seconds_of(std::process::id()).unwrap(),
+        );
+        assert!(by_pid >= own && by_pid - own < 1.0, "{own} {by_pid}");
+        assert!(cpu_seconds_of(u32::MAX).is_none());
         assert!(rss > 1024 * 1024, "{rss}");
         assert!(disk_free_bytes(Path::new("/")).unwrap() > 0);
         let a = cpu_sample().unwrap();

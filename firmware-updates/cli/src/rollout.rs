@@ -1009,17 +1009,23 @@ mod tests {
         assert!(Threshold::parse("120%").is_err());
     }
 
-    #[test]
-    fn standing_sorts_the_wave_and_statuses_of_other_manifests_do_not_count() {
-        let topics = Topics::new("t");
+    /// A rollout of model `m`, manifest `abc`, whose one wave of `n` boxes is targeted.
+    fn one_wave(n: usize) -> Rollout {
         let mut r = placeholder("r");
         r.model = "m".into();
         r.manifest_sha256 = "abc".into();
         r.waves = vec![Wave {
-            devices: devs(4),
+            devices: devs(n),
             targeted_ms: Some(1),
             passed_ms: None,
         }];
+        r
+    }
+
+    #[test]
+    fn standing_sorts_the_wave_and_statuses_of_other_manifests_do_not_count() {
+        let topics = Topics::new("t");
+        let mut r = one_wave(4);
         let mut w = Watch::default();
         let status = |state: &str, sha: &str| {
             serde_json::to_vec(&serde_json::json!({"state": state, "manifest_sha256": sha}))
@@ -1077,14 +1083,7 @@ mod tests {
     #[test]
     fn a_box_heard_only_through_its_status_is_up_and_its_note_is_kept() {
         let topics = Topics::new("t");
-        let mut r = placeholder("r");
-        r.model = "m".into();
-        r.manifest_sha256 = "abc".into();
-        r.waves = vec![Wave {
-            devices: devs(2),
-            targeted_ms: Some(1),
-            passed_ms: None,
-        }];
+        let mut r = one_wave(2);
         let mut w = Watch::default();
         // Neither box's birth came (kept on another broker node); b001 speaks of this update.
         let s = standing(&r, 0, &|d| w.is_online(d));

@@ -13,10 +13,10 @@ use serde_json::{Value, json};
 use tern_tests::boxes::{Boxes, Options};
 use tern_tests::ejabberd::{Cluster, LOGIN};
 use tern_tests::mqtt::{Client, ClientOptions};
-use tern_tests::updates::{build, key};
+use tern_tests::updates::{build, key, noise};
 use tern_tests::*;
 
-use crate::rollout::{output, state_file};
+use crate::rollout::{output, state_file, wave_sizes};
 use crate::updates::{active_of, next, update_state};
 
 const MODEL: &str = "digits-mlp-int8";
@@ -131,14 +131,8 @@ fn a_rollout_on_a_two_node_ejabberd_cluster_reaches_boxes_on_both_nodes() {
     );
     let s = state_file(&states, "c1").unwrap();
     assert_eq!(s["phase"], "completed", "{s}");
-    let sizes: Vec<usize> = s["waves"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|w| w["devices"].as_array().unwrap().len())
-        .collect();
     assert_eq!(
-        sizes,
+        wave_sizes(&s),
         [1, 5],
         "boxes of both nodes are members, away ones too: {s}"
     );
@@ -234,16 +228,7 @@ fn a_rollout_on_a_two_node_ejabberd_cluster_reaches_boxes_on_both_nodes() {
     // The nodes take messages up to 128 KiB: a bundle cut into 256 KiB chunks ends the
     // connection at its first chunk, and the tool says so at once rather than waiting.
     let big_pkg = next(d.path(), "1.3.0", |s| s);
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let noise: Vec<u8> = (0..600_000)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
-    std::fs::write(big_pkg.join("padding.bin"), noise).unwrap();
+    std::fs::write(big_pkg.join("padding.bin"), noise(600_000)).unwrap();
     let big = build(&big_pkg, 256 * 1024, &[&k], |_| {});
     assert!(big.signed.artifact.size > 256 * 1024);
     let big_file = d.path().join("big.bundle");

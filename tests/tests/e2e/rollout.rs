@@ -116,6 +116,16 @@ pub(crate) fn output(c: std::process::Child) -> (Option<i32>, String) {
     )
 }
 
+/// How many boxes each wave of a rollout's state holds.
+pub(crate) fn wave_sizes(state: &Value) -> Vec<usize> {
+    state["waves"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["devices"].as_array().unwrap().len())
+        .collect()
+}
+
 pub(crate) fn state_file(states: &Path, id: &str) -> Option<Value> {
     serde_json::from_slice(&std::fs::read(states.join(format!("{id}.json"))).ok()?).ok()
 }
@@ -185,13 +195,7 @@ fn a_hundred_boxes_roll_out_in_waves_resume_after_a_kill_and_stop_on_a_failing_c
     assert_eq!(code, Some(0), "first run:\n{said}\nresumed:\n{out}");
     assert!(out.contains("resuming"), "{out}");
     let s = state_file(&states, "r1").unwrap();
-    let sizes: Vec<usize> = s["waves"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|w| w["devices"].as_array().unwrap().len())
-        .collect();
-    assert_eq!(sizes, [1, 5, 25, 69], "{out}");
+    assert_eq!(wave_sizes(&s), [1, 5, 25, 69], "{out}");
     assert_eq!(s["phase"], "completed");
     assert!(
         out.contains("not back yet (10"),
