@@ -225,6 +225,15 @@ async fn connect_node(
 }
 
 impl Conn {
+    /// The nodes a message goes through: every node for what concerns retained messages
+    /// when they keep them apart, else the first.
+    fn through(&self, retained: bool) -> &[AsyncClient] {
+        match retained && self.spread {
+            true => &self.clients,
+            false => &self.clients[..1],
+        }
+    }
+
     /// Publish at QoS 1. A retained message goes through every node when they keep retained
     /// messages apart; anything else through the first.
     pub(crate) async fn publish(
@@ -233,12 +242,9 @@ impl Conn {
         payload: Vec<u8>,
         retain: bool,
     ) -> anyhow::Result<()> {
-        let through = if retain && self.spread {
-            self.clients.len()
-        } else {
-            1
-        };
-        for c in &self.clients[..through] {
+        // Clients are handles on their event loops: cheap to clone, and the loop below counts
+        // into `self`.
+        for c in self.through(retain).to_vec() {
             if let Err(e) = c
                 .publish(topic, QoS::AtLeastOnce, retain, payload.clone())
                 .await
@@ -267,8 +273,7 @@ impl Conn {
     /// Subscribe at QoS 1: through every node when they keep retained messages apart (what
     /// they hold is read from each; live messages then come once per node).
     pub(crate) async fn subscribe(&self, filter: &str) -> anyhow::Result<()> {
-        let through = if self.spread { self.clients.len() } else { 1 };
-        for c in &self.clients[..through] {
+        for c in self.through(true) {
             c.subscribe(filter, QoS::AtLeastOnce)
                 .await
                 .with_context(|| format!("subscribing to {filter}"))?;
@@ -277,8 +282,7 @@ impl Conn {
     }
 
     pub(crate) async fn unsubscribe(&self, filter: &str) -> anyhow::Result<()> {
-        let through = if self.spread { self.clients.len() } else { 1 };
-        for c in &self.clients[..through] {
+        for c in self.through(true) {
             c.unsubscribe(filter)
                 .await
                 .with_context(|| format!("unsubscribing from {filter}"))?;
