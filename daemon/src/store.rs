@@ -250,6 +250,9 @@ UPDATE command_replies SET bytes = length(reply) WHERE reply IS NOT NULL;
 CREATE INDEX command_replies_evict ON command_replies (ts_ms, bytes, id);
 DROP INDEX command_replies_ts;
 "#,
+    // Home Assistant discovery topics this box has published retained: one no longer wanted
+    // (a pipeline removed, discovery turned off) is cleared, even after a restart.
+    "CREATE TABLE ha_discovery (topic TEXT PRIMARY KEY) WITHOUT ROWID;",
 ];
 
 /// What retention keeps: results and captures within their budgets, results within an age.

@@ -223,6 +223,28 @@ pub fn third_party() -> Option<PathBuf> {
     Some(dir)
 }
 
+/// The Python of the venv `tests/home-assistant/setup.sh` makes (Home Assistant's MQTT
+/// schemas and template engine), from `TERN_HA_PYTHON` or the script's default cache.
+/// Missing: SKIPPED loudly, or a failure under `TERN_TEST_STRICT=1`.
+pub fn home_assistant_python() -> Option<PathBuf> {
+    let python = match std::env::var_os("TERN_HA_PYTHON") {
+        Some(p) => PathBuf::from(p),
+        None => std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+            .unwrap_or_default()
+            .join("tern/home-assistant/venv/bin/python"),
+    };
+    if !python.exists() {
+        skip(&format!(
+            "{} not found (run tests/home-assistant/setup.sh)",
+            python.display()
+        ));
+        return None;
+    }
+    Some(python)
+}
+
 /// Root, for tests that act as other users (`setpriv`) or monitor a bus. Otherwise SKIPPED
 /// loudly, or a failure under `TERN_TEST_STRICT=1`.
 pub fn need_root() -> bool {

@@ -55,6 +55,18 @@ pub struct RawConfig {
     pub store: RawStore,
     #[serde(default)]
     pub metrics: RawMetrics,
+    pub home_assistant: Option<RawHomeAssistant>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHomeAssistant {
+    /// The topic Home Assistant reads discovery messages under.
+    pub discovery_prefix: String,
+    /// Per pipeline, labels that get an on/off entity: on while the latest result's top-1
+    /// label, or any of its boxes, is the label.
+    #[serde(default)]
+    pub classes: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -452,6 +464,9 @@ pub struct Config {
     pub dbus: Option<Bus>,
     /// `metrics.listen`: where `/metrics` is served; none: not served.
     pub metrics: Option<std::net::SocketAddr>,
+    /// `[home_assistant]`: MQTT discovery messages for this box; none: not sent (and those
+    /// sent before are cleared).
+    pub home_assistant: Option<HomeAssistant>,
     /// Whether `dbus.bus` was set: a box left on the default system bus where there is none
     /// (a laptop, a container) only notes it, one that asked for a bus warns.
     pub dbus_asked: bool,
@@ -461,6 +476,12 @@ pub struct Config {
     /// `engine.onnxruntime_library`, resolved and found to exist.
     pub onnxruntime_library: Option<PathBuf>,
     pub store: StoreConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HomeAssistant {
+    pub discovery_prefix: String,
+    pub classes: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 /// `[store]`: how much of its own data the box keeps.
@@ -1244,6 +1265,64 @@ mod tests {
         let p = write(d.path(), "t.toml", "[engine]\nthreads = \"two\"\n");
         let ps = problems(load(&p));
         assert_eq!(ps[0].key, "engine.threads", "{}", ps[0]);
+    }
+
+    /// Discovery needs the fleet broker, a prefix Home Assistant can subscribe to, and classes
+    /// of pipelines that exist; each mistake is named at its key.
+    #[test]
+    fn home_assistant_discovery_validates_its_prefix_and_pipelines() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("in")).unwrap();
+        let pkg =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../firmware-updates/models/iris-mlp-int8");
+        let base = format!(
+            "state_dir = \"s\"\n[[models]]\npackage = \"{}\"\n\
+             [[feeds]]\nkind = \"directory\"\nname = \"f\"\npath = \"in\"\n\
+             [[pipelines]]\nname = \"p\"\nfeed = \"f\"\nmodel = \"iris-mlp-int8\"\n",
+            pkg.display()
+        );
+        let fleet = "[fleet]\nbroker = \"mqtt://127.0.0.1\"\ndevice = \"b1\"\n";
+        let ok = format!(
+            "{base}{fleet}[home_assistant]\ndiscovery_prefix = \"ha/site\"\n\
+             [home_assistant.classes]\np = [\"setosa\"]\n"
+        );
+        let c = load(&write(d.path(), "ok.toml", &ok)).unwrap();
+        let ha = c.home_assistant.expect("discovery on");
+        assert_eq!(ha.discovery_prefix, "ha/site");
+        assert_eq!(ha.classes["p"], ["setosa"]);
+        assert_eq!(
+            load(&write(d.path(), "off.toml", &base))
+                .unwrap()
+                .home_assistant,
+            None
+        );
+        let bad = format!(
+            "{base}[home_assistant]\ndiscovery_prefix = \"ha/#\"\n\
+             [home_assistant.classes]\nq = [\"\"]\n"
+        );
+        let ps = problems(load(&write(d.path(), "bad.toml", &bad)));
+        let said: Vec<(&str, &str)> = ps
+            .iter()
+            .map(|p| (p.key.as_str(), p.message.as_str()))
+            .collect();
+        assert_eq!(
+            said,
+            [
+                (
+                    "home_assistant.discovery_prefix",
+                    "discovery messages go to the fleet broker: add a [fleet] section"
+                ),
+                (
+                    "home_assistant.discovery_prefix",
+                    "`ha/#` must be a topic without wildcards or a leading/trailing `/` (e.g. \"homeassistant\")"
+                ),
+                ("home_assistant.classes.q", "no pipeline is called `q`"),
+                (
+                    "home_assistant.classes.q[0]",
+                    "a label must be 1 to 128 bytes"
+                ),
+            ]
+        );
     }
 
     #[test]

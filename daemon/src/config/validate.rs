@@ -104,6 +104,10 @@ pub(super) fn validate(
                     None
                 }
             });
+    let home_assistant = raw
+        .home_assistant
+        .as_ref()
+        .and_then(|h| home_assistant(h, raw.fleet.is_some(), &pipelines, &mut report));
     if problems.is_empty() {
         Ok(Config {
             state_dir,
@@ -117,6 +121,7 @@ pub(super) fn validate(
             dbus,
             dbus_asked: raw.dbus.bus.is_some(),
             metrics,
+            home_assistant,
             engine: engine_pool,
             onnxruntime_library,
             store,
@@ -124,6 +129,61 @@ pub(super) fn validate(
     } else {
         Err(ConfigError(problems))
     }
+}
+
+/// `[home_assistant]`: a discovery prefix Home Assistant can subscribe to, and classes of
+/// pipelines this config has.
+fn home_assistant(
+    raw: &RawHomeAssistant,
+    fleet: bool,
+    pipelines: &[PipelineConfig],
+    report: &mut Report<'_>,
+) -> Option<HomeAssistant> {
+    let mut ok = true;
+    let mut bad = |key: &str, why: String| {
+        ok = false;
+        report(format!("home_assistant.{key}"), why);
+    };
+    if !fleet {
+        bad(
+            "discovery_prefix",
+            "discovery messages go to the fleet broker: add a [fleet] section".into(),
+        );
+    }
+    let p = &raw.discovery_prefix;
+    if p.is_empty()
+        || p.starts_with('/')
+        || p.ends_with('/')
+        || p.contains(['+', '#', '\0'])
+        || p.len() > 256
+    {
+        bad(
+            "discovery_prefix",
+            format!(
+                "`{p}` must be a topic without wildcards or a leading/trailing `/` (e.g. \"homeassistant\")"
+            ),
+        );
+    }
+    for (pipeline, labels) in &raw.classes {
+        if !pipelines.iter().any(|c| &c.name == pipeline) {
+            bad(
+                &format!("classes.{pipeline}"),
+                format!("no pipeline is called `{pipeline}`"),
+            );
+        }
+        for (i, l) in labels.iter().enumerate() {
+            if l.is_empty() || l.len() > 128 {
+                bad(
+                    &format!("classes.{pipeline}[{i}]"),
+                    "a label must be 1 to 128 bytes".into(),
+                );
+            }
+        }
+    }
+    ok.then(|| HomeAssistant {
+        discovery_prefix: p.clone(),
+        classes: raw.classes.clone(),
+    })
 }
 
 /// `[log]`: a filter tracing takes.

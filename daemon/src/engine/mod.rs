@@ -27,7 +27,7 @@ pub use input::{
 };
 pub use manifest::{
     Color, DType, Dim, Evaluation, EvaluationSample, InputSpec, MANIFEST_FILE, MODEL_FILE,
-    Manifest, Postprocess, Rule, const_values, is_inside,
+    Manifest, OutputSpec, Postprocess, Rule, const_values, is_inside,
 };
 pub use model::{
     Class, Evaluated, MAX_PLANS_PER_MODEL, Model, OnnxInfo, OnnxTensor, Plan, Prediction,

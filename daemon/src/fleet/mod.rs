@@ -8,7 +8,8 @@
 //!      └─ PUBACK of an outbox row ─► ack list, wake drain
 //!  drain task ── outbox rows ─► publish (window of WINDOW rows), acked rows deleted in batches
 //!  command task ── commands::handle ─► reply (MQTT 5 response topic, else <base>/reply/<id>)
-//!  presence task ── retained birth on <base>/state on connect, on change, on announce
+//!  presence task ── retained birth on <base>/state on connect, on change, on announce;
+//!                   Home Assistant discovery messages, and clears of those no longer wanted
 //!  telemetry task ── every N s a telemetry message through the outbox
 //!  updates task ── the updater's requests: chunk subscriptions, retained update statuses
 //!                   (kept, and said again on every connect), manifests asked for again
@@ -20,6 +21,7 @@
 
 pub mod commands;
 pub mod corrupt;
+pub mod home_assistant;
 pub mod mqtt;
 pub mod telemetry;
 
@@ -681,6 +683,7 @@ async fn presence_task(
     // (the service's first status racing the connect) repeats no birth.
     let mut last_said: Option<Value> = None;
     let (mut state, mut models) = (control.watch_state(), control.registry().watch());
+    let mut discovery = Discovery::default();
     loop {
         let asked = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -710,6 +713,7 @@ async fn presence_task(
             }
         }
         control.set_fleet(true, session);
+        discovery.sync(&link, &topics, &control, connects).await;
         let state = control.state();
         let mut birth = json!({
             "state": "online",
@@ -729,6 +733,130 @@ async fn presence_task(
         birth["uptime_s"] = control.uptime_s().into();
         if let Err(e) = link.publish(&topics.state(), birth.to_string().into_bytes(), true, None) {
             tracing::warn!(error = ?e, "presence not sent");
+        }
+    }
+}
+
+/// The Home Assistant discovery messages said on the current connection.
+#[derive(Default)]
+struct Discovery {
+    epoch: u64,
+    /// Topic and payload of each message published since `epoch`'s connect.
+    said: std::collections::HashMap<String, String>,
+}
+
+impl Discovery {
+    /// Publish (retained) every discovery message the box's config, pipelines and models call
+    /// for that this connection has not carried yet, and clear those recorded as published
+    /// that are no longer called for. The topics are recorded before they are published, so
+    /// a box that loses power in between clears them after it restarts.
+    async fn sync(&mut self, link: &Link, topics: &Topics, control: &Control, epoch: u64) {
+        if epoch != self.epoch {
+            self.epoch = epoch;
+            self.said.clear();
+        }
+        let state = control.state();
+        let wanted: Vec<home_assistant::Entity> = match &state.config.home_assistant {
+            None => Vec::new(),
+            Some(ha) => {
+                let snapshot = control.registry().snapshot();
+                let models: Vec<Option<Arc<crate::engine::Model>>> = state
+                    .pipelines
+                    .iter()
+                    .map(|p| snapshot.pool(&p.model).map(|m| m.active()))
+                    .collect();
+                let pipelines: Vec<home_assistant::Pipeline<'_>> = state
+                    .pipelines
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| home_assistant::Pipeline {
+                        name: &p.name,
+                        outputs: models[i]
+                            .as_ref()
+                            .filter(|m| m.manifest.format >= 2)
+                            .map(|m| m.manifest.outputs.as_slice()),
+                    })
+                    .collect();
+                let names: Vec<String> = snapshot.pools().map(|p| p.name().to_string()).collect();
+                home_assistant::entities(ha, topics, &pipelines, &names)
+            }
+        };
+        let fresh: Vec<String> = wanted
+            .iter()
+            .filter(|e| self.said.get(&e.topic) != Some(&e.config.to_string()))
+            .map(|e| e.topic.clone())
+            .collect();
+        let keep: std::collections::HashSet<String> =
+            wanted.iter().map(|e| e.topic.clone()).collect();
+        let stale = control
+            .store()
+            .call(move |c| {
+                let tx = c.transaction()?;
+                for t in &fresh {
+                    tx.execute(
+                        "INSERT OR IGNORE INTO ha_discovery (topic) VALUES (?1)",
+                        [t],
+                    )?;
+                }
+                let recorded: Vec<String> = tx
+                    .prepare("SELECT topic FROM ha_discovery")?
+                    .query_map([], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?;
+                tx.commit()?;
+                Ok(recorded
+                    .into_iter()
+                    .filter(|t| !keep.contains(t))
+                    .collect::<Vec<_>>())
+            })
+            .await;
+        let stale = match stale {
+            Ok(s) => s,
+            Err(e) => {
+                // Nothing is published that is not recorded first.
+                tracing::error!(error = %e, "Home Assistant discovery topics not recorded");
+                return;
+            }
+        };
+        for e in wanted {
+            let body = e.config.to_string();
+            if self.said.get(&e.topic) == Some(&body) {
+                continue;
+            }
+            match link.publish(&e.topic, body.clone().into_bytes(), true, None) {
+                Ok(()) => {
+                    self.said.insert(e.topic, body);
+                }
+                Err(err) => {
+                    tracing::warn!(topic = %e.topic, error = ?err, "discovery message not sent")
+                }
+            }
+        }
+        let mut cleared = Vec::new();
+        for t in stale {
+            // An empty retained message is how discovery removes an entity.
+            match link.publish(&t, Vec::new(), true, None) {
+                Ok(()) => {
+                    tracing::info!(topic = %t, "Home Assistant entity removed");
+                    self.said.remove(&t);
+                    cleared.push(t);
+                }
+                Err(err) => tracing::warn!(topic = %t, error = ?err, "discovery clear not sent"),
+            }
+        }
+        if !cleared.is_empty()
+            && let Err(e) = control
+                .store()
+                .call(move |c| {
+                    let tx = c.transaction()?;
+                    for t in &cleared {
+                        tx.execute("DELETE FROM ha_discovery WHERE topic = ?1", [t])?;
+                    }
+                    tx.commit()?;
+                    Ok(())
+                })
+                .await
+        {
+            tracing::error!(error = %e, "cleared discovery topics not forgotten; cleared again later");
         }
     }
 }

@@ -9,6 +9,7 @@ mod feeds;
 mod first_hour;
 mod fleet;
 mod hardening;
+mod home_assistant;
 mod infer;
 mod ocr;
 mod package;
