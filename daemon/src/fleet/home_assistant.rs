@@ -36,7 +36,7 @@ pub fn entities(
     pipelines: &[Pipeline<'_>],
     models: &[String],
 ) -> Vec<Entity> {
-    let node = id(&format!("tern_{}", topics.device));
+    let node = node_id(topics);
     let device = json!({
         "identifiers": [node],
         "name": topics.device,
@@ -69,17 +69,18 @@ pub fn entities(
         if let Some((state, score)) = reading(p.outputs) {
             add(
                 "sensor",
-                p.name.to_string(),
+                format!("result_{}", p.name),
                 json!({
                     "name": p.name,
                     "icon": "mdi:label-outline",
                     "state_topic": results,
                     "value_template": state,
                     "json_attributes_topic": results,
+                    // Not the sequence number or latency: Home Assistant records a state
+                    // row for every change of an attribute.
                     "json_attributes_template": format!(
                         "{{{{ {{'score': {score}, 'model': value_json.model, 'version': value_json.version, \
-                         'source': value_json.source, 'latency_us': value_json.latency_us, \
-                         'seq': value_json.seq}} | tojson }}}}"
+                         'source': value_json.source}} | tojson }}}}"
                     ),
                 }),
             );
@@ -95,7 +96,7 @@ pub fn entities(
                 );
                 add(
                     "binary_sensor",
-                    format!("{}_{}", p.name, o.name),
+                    format!("score_{}_{}", p.name, o.name),
                     json!({
                         "name": format!("{} {}", p.name, o.name),
                         "state_topic": results,
@@ -126,7 +127,7 @@ pub fn entities(
             }
             add(
                 "binary_sensor",
-                format!("{}_{class}", p.name),
+                format!("class_{}_{class}", p.name),
                 json!({
                     "name": format!("{} {class}", p.name),
                     "state_topic": results,
@@ -145,14 +146,22 @@ pub fn entities(
                 "name": format!("{m} model"),
                 "title": m,
                 "state_topic": topics.state(),
-                // The birth names the installed version; the offline will names none, and an
-                // empty rendering is ignored.
+                // The birth names the installed version (the offline will names none, and an
+                // empty rendering is ignored). It leaves a version on its way in as the latest
+                // (`this` is the entity as Home Assistant shows it), so a birth during a
+                // download does not hide it, whichever of the two retained messages comes
+                // first.
                 "value_template": format!(
-                    "{{% for m in value_json.get('models', []) if m.name == {q} %}}{{{{ {{'installed_version': m.version, 'latest_version': m.version}} | tojson }}}}{{% endfor %}}"
+                    "{{% for m in value_json.get('models', []) if m.name == {q} %}}\
+                     {{% set latest = this.attributes.get('latest_version') %}}\
+                     {{% set pending = latest not in [none, this.attributes.get('installed_version')] %}}\
+                     {{{{ {{'installed_version': m.version, 'latest_version': latest if pending else m.version}} | tojson }}}}\
+                     {{% endfor %}}"
                 ),
                 "latest_version_topic": status,
-                // A version on its way in; one refused or rolled back is not "available".
-                "latest_version_template": "{% if value_json.get('version') and value_json.get('state') not in ['failed', 'rolled_back', 'refused'] %}{{ value_json.version }}{% endif %}",
+                // A version on its way in is the latest; one refused, failed or rolled back
+                // leaves the installed one the latest.
+                "latest_version_template": "{% if value_json.get('version') and value_json.get('state') not in ['failed', 'rolled_back', 'refused'] %}{{ value_json.version }}{% else %}{{ this.attributes.get('installed_version') or '' }}{% endif %}",
             }),
         );
         add(
@@ -187,7 +196,7 @@ pub fn entities(
 fn reading(outputs: Option<&[OutputSpec]>) -> Option<(String, String)> {
     let top = || {
         (
-            "{{ value_json.top[0].label if value_json.get('top') else 'none' }}".to_string(),
+            "{{ value_json.top[0].label[:255] if value_json.get('top') else 'none' }}".to_string(),
             "(value_json.top[0].score if value_json.get('top') else none)".to_string(),
         )
     };
@@ -205,13 +214,14 @@ fn reading(outputs: Option<&[OutputSpec]>) -> Option<(String, String)> {
                 let sorted =
                     format!("({get}.get('boxes', []) | sort(attribute='score', reverse=true))");
                 return Some((
-                    format!("{{% set b = {sorted} %}}{{{{ b[0].label if b else 'none' }}}}"),
+                    format!("{{% set b = {sorted} %}}{{{{ b[0].label[:255] if b else 'none' }}}}"),
                     format!("({sorted}[0].score if {get}.get('boxes') else none)"),
                 ));
             }
             Postprocess::Ctc { .. } => {
                 return Some((
-                    format!("{{{{ {get}.get('text', '') }}}}"),
+                    // A state is at most 255 characters in Home Assistant.
+                    format!("{{{{ {get}.get('text', '')[:255] }}}}"),
                     format!("{get}.get('score')"),
                 ));
             }
@@ -225,6 +235,20 @@ fn reading(outputs: Option<&[OutputSpec]>) -> Option<(String, String)> {
         }
     }
     None
+}
+
+/// The box's node id: `tern_<device>`, made unique by a hash of the box's base topic when
+/// the device name had to change to be an id or the fleet prefix is not the default (two
+/// boxes of one name under two prefixes on one broker are two devices).
+fn node_id(topics: &Topics) -> String {
+    let plain = id(&format!("tern_{}", topics.device));
+    if plain == format!("tern_{}", topics.device)
+        && topics.state() == format!("tern/{}/state", topics.device)
+    {
+        return plain;
+    }
+    let hash = tern_update::sha256_hex(topics.state().as_bytes());
+    format!("{plain}_{}", &hash[..8])
 }
 
 /// A name as a Jinja string literal.
@@ -309,22 +333,36 @@ mod tests {
             ],
             &["digits-mlp".to_string()],
         );
-        let topics_of: Vec<&str> = es.iter().map(|e| e.topic.as_str()).collect();
+        // "box 1" is not an id as it is: the node id carries a hash of the box's topics.
+        let node = format!(
+            "tern_box_1_{}",
+            &tern_update::sha256_hex(b"tern/box 1/state")[..8]
+        );
+        let topics_of: Vec<String> = es.iter().map(|e| e.topic.replace(&node, "N")).collect();
         assert_eq!(
             topics_of,
             [
-                "ha/sensor/tern_box_1/door/config",
-                "ha/binary_sensor/tern_box_1/door_speech/config",
-                "ha/binary_sensor/tern_box_1/door_person/config",
-                "ha/sensor/tern_box_1/digits/config",
-                "ha/update/tern_box_1/model_digits-mlp/config",
-                "ha/sensor/tern_box_1/update_digits-mlp/config",
+                "ha/sensor/N/result_door/config",
+                "ha/binary_sensor/N/score_door_speech/config",
+                "ha/binary_sensor/N/class_door_person/config",
+                "ha/sensor/N/result_digits/config",
+                "ha/update/N/model_digits-mlp/config",
+                "ha/sensor/N/update_digits-mlp/config",
             ]
         );
         for e in &es {
-            assert_eq!(e.config["device"]["identifiers"][0], "tern_box_1");
+            assert_eq!(e.config["device"]["identifiers"][0], node.as_str());
             assert_eq!(e.config["availability"][0]["topic"], "tern/box 1/state");
         }
+        // A plain name under the default prefix is its own id; under another prefix it is not.
+        let plain = |prefix: &str| node_id(&Topics::new(prefix, "b1", &[]));
+        assert_eq!(plain("tern"), "tern_b1");
+        assert!(
+            plain("site-2/tern").starts_with("tern_b1_"),
+            "{}",
+            plain("site-2/tern")
+        );
+        assert_ne!(plain("site-2/tern"), plain("site-3/tern"));
         assert_eq!(es[0].config["state_topic"], "tern/box 1/results/door");
         assert!(
             es[2].config["value_template"]

@@ -88,6 +88,8 @@ struct Shared {
     presence: Notify,
     /// A connection was made: the update statuses are said again.
     connected: Notify,
+    /// Tokens of retained clears the broker acknowledged (Home Assistant discovery).
+    cleared: Mutex<Vec<u64>>,
 }
 
 /// Why the fleet link could not start.
@@ -130,6 +132,7 @@ pub fn spawn(
         drain: Notify::new(),
         presence: Notify::new(),
         connected: Notify::new(),
+        cleared: Mutex::new(Vec::new()),
     });
     let (cmd_tx, cmd_rx) = mpsc::channel::<Queued>(cfg.commands.queue.get());
     let (updater, uplink) = match updates {
@@ -307,6 +310,14 @@ impl Session {
                     self.shared.drain.notify_one();
                 }
                 Ok(Event::Message(m)) => self.route(m),
+                Ok(Event::Cleared(token)) => {
+                    self.shared
+                        .cleared
+                        .lock()
+                        .expect("cleared lock")
+                        .push(token);
+                    self.shared.presence.notify_one();
+                }
                 Ok(Event::Acked(id, refused)) => {
                     match refused {
                         // Retrying a message the broker refuses (not authorised, over quota)
@@ -713,7 +724,9 @@ async fn presence_task(
             }
         }
         control.set_fleet(true, session);
-        discovery.sync(&link, &topics, &control, connects).await;
+        discovery
+            .sync(&link, &topics, &control, &shared, connects)
+            .await;
         let state = control.state();
         let mut birth = json!({
             "state": "online",
@@ -737,128 +750,163 @@ async fn presence_task(
     }
 }
 
-/// The Home Assistant discovery messages said on the current connection.
+/// The Home Assistant discovery messages said on the current connection, and the clears
+/// of those no longer called for.
 #[derive(Default)]
 struct Discovery {
     epoch: u64,
     /// Topic and payload of each message published since `epoch`'s connect.
     said: std::collections::HashMap<String, String>,
+    /// The topics recorded in SQLite as published (read once, then kept in step).
+    recorded: Option<std::collections::HashSet<String>>,
+    /// Clears sent on this connection and not yet acknowledged, by token.
+    clearing: std::collections::HashMap<u64, String>,
+    next_token: u64,
 }
 
 impl Discovery {
     /// Publish (retained) every discovery message the box's config, pipelines and models call
     /// for that this connection has not carried yet, and clear those recorded as published
-    /// that are no longer called for. The topics are recorded before they are published, so
-    /// a box that loses power in between clears them after it restarts.
-    async fn sync(&mut self, link: &Link, topics: &Topics, control: &Control, epoch: u64) {
+    /// that are no longer called for. A topic is recorded before its message is published, and
+    /// forgotten only once the broker has acknowledged its clear: a box that loses power or
+    /// its connection in between clears it again later.
+    async fn sync(
+        &mut self,
+        link: &Link,
+        topics: &Topics,
+        control: &Control,
+        shared: &Shared,
+        epoch: u64,
+    ) {
         if epoch != self.epoch {
             self.epoch = epoch;
             self.said.clear();
+            self.clearing.clear();
         }
-        let state = control.state();
-        let wanted: Vec<home_assistant::Entity> = match &state.config.home_assistant {
-            None => Vec::new(),
-            Some(ha) => {
-                let snapshot = control.registry().snapshot();
-                let models: Vec<Option<Arc<crate::engine::Model>>> = state
-                    .pipelines
-                    .iter()
-                    .map(|p| snapshot.pool(&p.model).map(|m| m.active()))
-                    .collect();
-                let pipelines: Vec<home_assistant::Pipeline<'_>> = state
-                    .pipelines
-                    .iter()
-                    .enumerate()
-                    .map(|(i, p)| home_assistant::Pipeline {
-                        name: &p.name,
-                        outputs: models[i]
-                            .as_ref()
-                            .filter(|m| m.manifest.format >= 2)
-                            .map(|m| m.manifest.outputs.as_slice()),
-                    })
-                    .collect();
-                let names: Vec<String> = snapshot.pools().map(|p| p.name().to_string()).collect();
-                home_assistant::entities(ha, topics, &pipelines, &names)
-            }
-        };
-        let fresh: Vec<String> = wanted
-            .iter()
-            .filter(|e| self.said.get(&e.topic) != Some(&e.config.to_string()))
-            .map(|e| e.topic.clone())
+        let acked: Vec<String> = std::mem::take(&mut *shared.cleared.lock().expect("cleared lock"))
+            .into_iter()
+            .filter_map(|t| self.clearing.remove(&t))
             .collect();
-        let keep: std::collections::HashSet<String> =
-            wanted.iter().map(|e| e.topic.clone()).collect();
-        let stale = control
-            .store()
-            .call(move |c| {
-                let tx = c.transaction()?;
-                for t in &fresh {
-                    tx.execute(
-                        "INSERT OR IGNORE INTO ha_discovery (topic) VALUES (?1)",
-                        [t],
-                    )?;
-                }
-                let recorded: Vec<String> = tx
-                    .prepare("SELECT topic FROM ha_discovery")?
-                    .query_map([], |r| r.get(0))?
-                    .collect::<Result<_, _>>()?;
-                tx.commit()?;
-                Ok(recorded
-                    .into_iter()
-                    .filter(|t| !keep.contains(t))
-                    .collect::<Vec<_>>())
-            })
-            .await;
-        let stale = match stale {
-            Ok(s) => s,
-            Err(e) => {
-                // Nothing is published that is not recorded first.
-                tracing::error!(error = %e, "Home Assistant discovery topics not recorded");
-                return;
-            }
+        let wanted = wanted_entities(topics, control);
+        let fresh: Vec<String> = match &self.recorded {
+            Some(r) => wanted
+                .iter()
+                .filter(|e| !r.contains(&e.topic))
+                .map(|e| e.topic.clone())
+                .collect(),
+            None => wanted.iter().map(|e| e.topic.clone()).collect(),
         };
-        for e in wanted {
+        let load = self.recorded.is_none();
+        if load || !fresh.is_empty() || !acked.is_empty() {
+            let (fresh2, acked2) = (fresh.clone(), acked.clone());
+            let stored = control
+                .store()
+                .call(move |c| {
+                    let tx = c.transaction()?;
+                    for t in &fresh2 {
+                        tx.execute(
+                            "INSERT OR IGNORE INTO ha_discovery (topic) VALUES (?1)",
+                            [t],
+                        )?;
+                    }
+                    for t in &acked2 {
+                        tx.execute("DELETE FROM ha_discovery WHERE topic = ?1", [t])?;
+                    }
+                    let all: Option<Vec<String>> = if load {
+                        Some(
+                            tx.prepare("SELECT topic FROM ha_discovery")?
+                                .query_map([], |r| r.get(0))?
+                                .collect::<Result<_, _>>()?,
+                        )
+                    } else {
+                        None
+                    };
+                    tx.commit()?;
+                    Ok(all)
+                })
+                .await;
+            match stored {
+                Ok(Some(all)) => self.recorded = Some(all.into_iter().collect()),
+                Ok(None) => {
+                    let r = self.recorded.get_or_insert_with(Default::default);
+                    r.extend(fresh);
+                    for t in &acked {
+                        r.remove(t);
+                    }
+                }
+                Err(e) => {
+                    // Nothing is published that is not recorded first.
+                    tracing::error!(error = %e, "Home Assistant discovery topics not recorded");
+                    return;
+                }
+            }
+        }
+        for t in &acked {
+            tracing::info!(topic = %t, "Home Assistant entity removed");
+        }
+        for e in &wanted {
             let body = e.config.to_string();
             if self.said.get(&e.topic) == Some(&body) {
                 continue;
             }
             match link.publish(&e.topic, body.clone().into_bytes(), true, None) {
                 Ok(()) => {
-                    self.said.insert(e.topic, body);
+                    self.said.insert(e.topic.clone(), body);
                 }
                 Err(err) => {
                     tracing::warn!(topic = %e.topic, error = ?err, "discovery message not sent")
                 }
             }
         }
-        let mut cleared = Vec::new();
+        let keep: std::collections::HashSet<&str> =
+            wanted.iter().map(|e| e.topic.as_str()).collect();
+        let stale: Vec<String> = self
+            .recorded
+            .iter()
+            .flatten()
+            .filter(|t| !keep.contains(t.as_str()) && !self.clearing.values().any(|c| c == *t))
+            .cloned()
+            .collect();
         for t in stale {
             // An empty retained message is how discovery removes an entity.
-            match link.publish(&t, Vec::new(), true, None) {
+            self.next_token += 1;
+            match link.clear_retained(epoch, &t, self.next_token) {
                 Ok(()) => {
-                    tracing::info!(topic = %t, "Home Assistant entity removed");
                     self.said.remove(&t);
-                    cleared.push(t);
+                    self.clearing.insert(self.next_token, t);
                 }
                 Err(err) => tracing::warn!(topic = %t, error = ?err, "discovery clear not sent"),
             }
         }
-        if !cleared.is_empty()
-            && let Err(e) = control
-                .store()
-                .call(move |c| {
-                    let tx = c.transaction()?;
-                    for t in &cleared {
-                        tx.execute("DELETE FROM ha_discovery WHERE topic = ?1", [t])?;
-                    }
-                    tx.commit()?;
-                    Ok(())
-                })
-                .await
-        {
-            tracing::error!(error = %e, "cleared discovery topics not forgotten; cleared again later");
-        }
     }
+}
+
+/// The discovery messages the box's config, pipelines and models call for now.
+fn wanted_entities(topics: &Topics, control: &Control) -> Vec<home_assistant::Entity> {
+    let state = control.state();
+    let Some(ha) = &state.config.home_assistant else {
+        return Vec::new();
+    };
+    let snapshot = control.registry().snapshot();
+    let models: Vec<Option<Arc<crate::engine::Model>>> = state
+        .pipelines
+        .iter()
+        .map(|p| snapshot.pool(&p.model).map(|m| m.active()))
+        .collect();
+    let pipelines: Vec<home_assistant::Pipeline<'_>> = state
+        .pipelines
+        .iter()
+        .zip(&models)
+        .map(|(p, m)| home_assistant::Pipeline {
+            name: &p.name,
+            outputs: m
+                .as_ref()
+                .filter(|m| m.manifest.format >= 2)
+                .map(|m| m.manifest.outputs.as_slice()),
+        })
+        .collect();
+    let names: Vec<String> = snapshot.pools().map(|p| p.name().to_string()).collect();
+    home_assistant::entities(ha, topics, &pipelines, &names)
 }
 
 /// A change of `rx`; a sender that is gone never changes again.

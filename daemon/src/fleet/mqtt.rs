@@ -24,6 +24,9 @@ enum Tag {
     Plain,
     /// An outbox row.
     Row(i64),
+    /// A retained message cleared (an empty payload), by its sender's token: forgotten only
+    /// once the broker has it.
+    Clear(u64),
 }
 
 /// A message the broker delivered to us.
@@ -43,6 +46,8 @@ pub enum Event {
     Message(Message),
     /// The broker acknowledged an outbox row (or refused it with a reason code).
     Acked(i64, Option<String>),
+    /// The broker acknowledged a clear sent with [`Link::clear_retained`].
+    Cleared(u64),
     /// Our DISCONNECT went out: the session is over.
     Disconnected,
     Other,
@@ -245,6 +250,19 @@ impl Link {
         self.publish_on(Some(epoch), topic, payload, retain, Tag::Row(id), None)
     }
 
+    /// Clear a retained message (an empty retained payload) on connection `epoch`; its
+    /// PUBACK comes back as [`Event::Cleared`] with `token`.
+    pub fn clear_retained(&self, epoch: u64, topic: &str, token: u64) -> Result<(), SendError> {
+        self.publish_on(
+            Some(epoch),
+            topic,
+            Vec::new(),
+            true,
+            Tag::Clear(token),
+            None,
+        )
+    }
+
     fn publish_on(
         &self,
         epoch: Option<u64>,
@@ -387,6 +405,7 @@ impl Session {
             }
             Ok(Raw::Acked(pkid, refused)) => match t.in_flight.remove(&pkid) {
                 Some(Tag::Row(id)) => Ok(Event::Acked(id, refused)),
+                Some(Tag::Clear(token)) if refused.is_none() => Ok(Event::Cleared(token)),
                 _ => Ok(Event::Other),
             },
             Ok(Raw::Message(m)) => Ok(Event::Message(m)),

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use tern_tests::mqtt::{Broker, Client, ClientOptions, Msg};
 use tern_tests::updates;
 use tern_tests::*;
@@ -39,7 +39,8 @@ fn next(c: &mut Client, log: &mut Vec<Msg>, what: &str) -> Msg {
     m
 }
 
-/// What Home Assistant's entities show after these messages, by discovery topic.
+/// What Home Assistant's entities show after these messages, by discovery topic; fails on
+/// anything Home Assistant's code would have logged as a warning or error.
 fn home_assistant_reads(python: &Path, log: &[Msg]) -> serde_json::Map<String, Value> {
     let messages: Vec<(String, String)> = log
         .iter()
@@ -70,8 +71,10 @@ fn home_assistant_reads(python: &Path, log: &[Msg]) -> serde_json::Map<String, V
         "check.py: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    match serde_json::from_slice(&out.stdout).unwrap() {
-        Value::Object(m) => m,
+    let read: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(read["log"], json!([]), "Home Assistant's log");
+    match &read["entities"] {
+        Value::Object(m) => m.clone(),
         v => panic!("check.py printed {v}"),
     }
 }
@@ -201,14 +204,14 @@ digits = ["7", "1"]
     let mut d = Daemon::spawn(&path, None, &[]).unwrap();
 
     let expected: BTreeSet<String> = [
-        ("sensor", "digits"),
-        ("binary_sensor", "digits_7"),
-        ("binary_sensor", "digits_1"),
-        ("sensor", "voice"),
-        ("binary_sensor", "voice_output"),
-        ("sensor", "det"),
-        ("binary_sensor", &format!("det_{present}")),
-        ("binary_sensor", &format!("det_{absent}")),
+        ("sensor", "result_digits"),
+        ("binary_sensor", "class_digits_7"),
+        ("binary_sensor", "class_digits_1"),
+        ("sensor", "result_voice"),
+        ("binary_sensor", "score_voice_output"),
+        ("sensor", "result_det"),
+        ("binary_sensor", &format!("class_det_{present}")),
+        ("binary_sensor", &format!("class_det_{absent}")),
         ("update", "model_digits-cnn-int8"),
         ("sensor", "update_digits-cnn-int8"),
         ("update", "model_digits-det-f32"),
@@ -239,12 +242,12 @@ digits = ["7", "1"]
         );
         next(&mut c, &mut log, "every discovery message");
     }
-    let bytes: usize = log
-        .iter()
-        .filter(|m| m.topic.starts_with(PREFIX))
-        .map(|m| m.topic.len() + m.payload.len())
-        .sum();
-    eprintln!("discovery: {} messages, {bytes} bytes (topics and payloads)", expected.len());
+    let sent: Vec<&Msg> = log.iter().filter(|m| m.topic.starts_with(PREFIX)).collect();
+    let bytes: usize = sent.iter().map(|m| m.topic.len() + m.payload.len()).sum();
+    eprintln!(
+        "discovery: {} messages, {bytes} bytes (topics and payloads)",
+        sent.len()
+    );
 
     std::fs::copy(
         root().join("configs/demo/inbox/digit-7.png"),
@@ -294,6 +297,25 @@ digits = ["7", "1"]
                 .as_array()
                 .is_some_and(|ms| ms.iter().any(|m| m["version"] == "1.1.0"))
     });
+    // A version its evaluation refuses: on its way in, then not the latest any more.
+    let refused = updates::variant(
+        &package("digits-cnn-int8"),
+        &dir.path().join("cnn-1.2.0"),
+        "digits-cnn-int8",
+        "1.2.0",
+        |t| t,
+    );
+    updates::with_evaluation(&refused, "accuracy >= 1.0");
+    updates::build(&refused, 64 * 1024, &[&key], |_| {}).publish(
+        &mut c,
+        "tern/ha-1/update/digits-cnn-int8",
+        &format!("{PREFIX}/sync"),
+    );
+    let failed = until(&mut c, &mut log, "the refused update's failure", |m| {
+        m.topic == "tern/ha-1/updates/digits-cnn-int8" && m.json()["state"] == "failed"
+    })
+    .json();
+    assert_eq!(failed["code"], "evaluation", "{failed}");
     d.signal("KILL").unwrap();
     d.wait(T).unwrap();
     until(&mut c, &mut log, "the last will", |m| {
@@ -314,30 +336,30 @@ digits = ["7", "1"]
     }
     let entity = |component: &str, object: &str| &read[&config_topic(component, object)];
     let states = |component: &str, object: &str| entity(component, object)["states"].clone();
-    assert_eq!(states("sensor", "digits"), serde_json::json!(["7"]));
+    assert_eq!(states("sensor", "result_digits"), serde_json::json!(["7"]));
     assert_eq!(
-        entity("sensor", "digits")["attributes"]["score"],
+        entity("sensor", "result_digits")["attributes"]["score"],
         digit["top"][0]["score"],
         "the score comes with the label"
     );
     assert_eq!(
-        states("binary_sensor", "digits_7"),
+        states("binary_sensor", "class_digits_7"),
         serde_json::json!(["on"])
     );
     assert_eq!(
-        states("binary_sensor", "digits_1"),
+        states("binary_sensor", "class_digits_1"),
         serde_json::json!(["off"])
     );
-    assert_eq!(states("sensor", "det"), serde_json::json!([best]));
+    assert_eq!(states("sensor", "result_det"), serde_json::json!([best]));
     assert_eq!(
-        states("binary_sensor", &format!("det_{present}")),
+        states("binary_sensor", &format!("class_det_{present}")),
         serde_json::json!(["on"])
     );
     assert_eq!(
-        states("binary_sensor", &format!("det_{absent}")),
+        states("binary_sensor", &format!("class_det_{absent}")),
         serde_json::json!(["off"])
     );
-    let voice = states("binary_sensor", "voice_output");
+    let voice = states("binary_sensor", "score_voice_output");
     assert_eq!(voice[0], "on", "{voice}");
     assert_eq!(voice[1], "off", "{voice}");
     assert_eq!(
@@ -346,20 +368,27 @@ digits = ["7", "1"]
             {"installed": "1.0.0", "latest": "1.0.0", "state": "off"},
             {"installed": "1.0.0", "latest": "1.1.0", "state": "on"},
             {"installed": "1.1.0", "latest": "1.1.0", "state": "off"},
+            {"installed": "1.1.0", "latest": "1.2.0", "state": "on"},
+            {"installed": "1.1.0", "latest": "1.1.0", "state": "off"},
         ])
     );
     let steps = states("sensor", "update_digits-cnn-int8");
+    let steps: Vec<&str> = steps
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    let committed = steps.iter().position(|s| *s == "committed").unwrap();
     assert_eq!(
-        (
-            steps[0].as_str(),
-            steps.as_array().unwrap().last().unwrap().as_str()
-        ),
-        (Some("downloading"), Some("committed")),
-        "{steps}"
+        (steps[0], steps[committed + 1], *steps.last().unwrap()),
+        ("downloading", "downloading", "failed"),
+        "{steps:?}"
     );
+    let said = &entity("sensor", "update_digits-cnn-int8")["attributes"];
     assert_eq!(
-        entity("sensor", "update_digits-cnn-int8")["attributes"]["version"],
-        "1.1.0"
+        (&said["version"], &said["code"]),
+        (&json!("1.2.0"), &json!("evaluation"))
     );
     for m in ["digits-det-f32", "silero-vad"] {
         let version = std::fs::read_to_string(
@@ -389,9 +418,9 @@ digits = ["7", "1"]
     std::fs::write(&path, config(false)).unwrap();
     let _d = Daemon::spawn(&path, None, &[]).unwrap();
     let gone: BTreeSet<String> = [
-        config_topic("sensor", "det"),
-        config_topic("binary_sensor", &format!("det_{present}")),
-        config_topic("binary_sensor", &format!("det_{absent}")),
+        config_topic("sensor", "result_det"),
+        config_topic("binary_sensor", &format!("class_det_{present}")),
+        config_topic("binary_sensor", &format!("class_det_{absent}")),
     ]
     .into_iter()
     .collect();
@@ -431,4 +460,19 @@ digits = ["7", "1"]
         topics, left,
         "a newcomer finds only the entities the box has"
     );
+
+    // Read by Home Assistant from the start: the removed entities are gone, and the others
+    // came back.
+    until(&mut c, &mut after, "the box back online", |m| {
+        m.topic == "tern/ha-1/state" && m.json()["state"] == "online"
+    });
+    log.extend(after);
+    let read = home_assistant_reads(&python, &log);
+    for (topic, e) in &read {
+        if gone.contains(topic) {
+            assert_eq!(e["removed"], true, "{topic}: {e}");
+        } else {
+            assert_eq!(e["available"], json!([true, false, true]), "{topic}: {e}");
+        }
+    }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tern_tests::mqtt::{Broker, Client};
-use tern_tests::updates::{self, Built, build, key, variant};
+use tern_tests::updates::{self, Built, build, key, variant, with_evaluation};
 use tern_tests::*;
 use tern_update::command::SigningKey;
 
@@ -634,29 +634,6 @@ fn self_test_failures_never_activate_and_health_failures_roll_back() {
         assert!(versions(&bx.state).contains(&(version.clone(), "failed".into())));
     }
     w.publish_retained(topic, b"").unwrap();
-}
-
-/// Give `pkg` an evaluation set: the demo's digit images, each labelled by its file name.
-fn with_evaluation(pkg: &Path, rule: &str) -> usize {
-    let inbox = root().join("configs/demo/inbox");
-    let mut names: Vec<String> = std::fs::read_dir(&inbox)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("digit-"))
-        .collect();
-    names.sort();
-    std::fs::create_dir_all(pkg.join("eval")).unwrap();
-    let mut toml = format!("\n[evaluation]\nrule = \"{rule}\"\n");
-    for n in &names {
-        // digit-3.png, digit-3-b.jpg: the digit is the seventh character.
-        let label = &n["digit-".len()..="digit-".len()];
-        std::fs::copy(inbox.join(n), pkg.join("eval").join(n)).unwrap();
-        toml += &format!("[[evaluation.samples]]\ninput = \"eval/{n}\"\nlabel = \"{label}\"\n");
-    }
-    let m = pkg.join("tern-model.toml");
-    let text = std::fs::read_to_string(&m).unwrap() + &toml;
-    std::fs::write(&m, text).unwrap();
-    names.len()
 }
 
 /// `tern-update bundle` for `pkg`: whether it made a bundle, and what it said.
