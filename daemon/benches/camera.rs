@@ -113,6 +113,7 @@ async fn pipeline_run(pkg: &Path, fps: u32, for_: Duration) -> Run {
         stages: Vec::new(),
         max_crops: 16,
         crop_pad: 0.0,
+        drift: None,
     };
     let keeper = Keeper::new(Retention {
         results_max_age: None,

@@ -1,13 +1,14 @@
 //! `cargo bench -p ternd --bench metrics` (needs ffmpeg)
 //!
-//! What the Prometheus endpoint costs the hot path. The real `ternd` (this profile's build)
-//! runs a camera pipeline (an ffmpeg test source at a fixed rate, under capacity, so every
-//! frame is answered and stored; the engine on its default plan, one worker, one thread)
-//! three ways:
+//! What the Prometheus endpoint and the drift watch cost the hot path. The real `ternd` (this
+//! profile's build) runs a camera pipeline (an ffmpeg test source at a fixed rate, under
+//! capacity, so every frame is answered and stored; the engine on its default plan, one
+//! worker, one thread) four ways:
 //!
-//! - **off**: no `[metrics]` (the baseline);
+//! - **off**: no `[metrics]`, no drift watch (the baseline);
 //! - **on**: the endpoint listening, nobody scraping;
-//! - **scraped**: the endpoint scraped every 100 ms (150 times Prometheus' default rate).
+//! - **scraped**: the endpoint scraped every 100 ms (150 times a 15 s scrape interval);
+//! - **drift**: `[pipelines.drift]` with its defaults (a window of 500 results), no endpoint.
 //!
 //! Each way runs `TERN_BENCH_ROUNDS` times (default 3), interleaved, so machine noise hits all
 //! alike. Measured: the daemon's own CPU time per stored result (ffmpeg is a child and not
@@ -81,6 +82,7 @@ enum Way {
     Off,
     On,
     Scraped,
+    Drift,
 }
 
 struct Run {
@@ -93,9 +95,10 @@ fn run(way: Way, model: &str, secs: u64, fps: u64) -> Run {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let pkg: PathBuf = root.join("firmware-updates/models").join(model);
     let port = free_port();
-    let metrics = match way {
-        Way::Off => String::new(),
-        _ => format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
+    let (metrics, drift) = match way {
+        Way::Off => (String::new(), ""),
+        Way::Drift => (String::new(), "[pipelines.drift]\n"),
+        _ => (format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n"), ""),
     };
     let config = dir.path().join("ternd.toml");
     std::fs::write(
@@ -121,6 +124,7 @@ input_args = ["-re"]
 name = "main"
 feed = "cam"
 model = "{model}"
+{drift}
 {metrics}"#,
             pkg = pkg.display()
         ),
@@ -178,7 +182,7 @@ fn main() {
         env_u64("TERN_BENCH_ROUNDS", 3).max(1),
     );
     let model = std::env::var("TERN_BENCH_MODEL").unwrap_or_else(|_| "digits-cnn-int8".into());
-    let ways = [Way::Off, Way::On, Way::Scraped];
+    let ways = [Way::Off, Way::On, Way::Scraped, Way::Drift];
     let mut got: Vec<Vec<Run>> = ways.iter().map(|_| Vec::new()).collect();
     for round in 0..rounds {
         for (i, way) in ways.iter().enumerate() {
@@ -201,7 +205,7 @@ fn main() {
     println!(
         "\nternd, camera pipeline on {model} at {fps} fps, {secs} s per run, median of {rounds}"
     );
-    println!("| metrics endpoint | ternd CPU per result | ratio to off | results/s |");
+    println!("| way | ternd CPU per result | ratio to off | results/s |");
     println!("| --- | ---: | ---: | ---: |");
     for (i, way) in ways.iter().enumerate() {
         let cpu = median(&got[i], |r| r.cpu_per_result_us);
@@ -209,8 +213,9 @@ fn main() {
             "| {} | {cpu:.1} µs | {:.3} | {:.0} |",
             match way {
                 Way::Off => "off (baseline)",
-                Way::On => "on, not scraped",
-                Way::Scraped => "on, scraped every 100 ms",
+                Way::On => "metrics on, not scraped",
+                Way::Scraped => "metrics on, scraped every 100 ms",
+                Way::Drift => "drift watched (window 500)",
             },
             cpu / base_cpu,
             median(&got[i], |r| r.results_per_s)

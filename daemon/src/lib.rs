@@ -9,6 +9,7 @@ pub mod chain;
 pub mod config;
 pub mod control;
 pub mod ctl;
+pub mod drift;
 pub mod engine;
 pub mod events;
 pub mod feeds;

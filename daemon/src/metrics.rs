@@ -370,6 +370,37 @@ impl Collector for Snapshot {
                 m.encode_family(l)?.encode_gauge(v)?;
             }
         }
+        // Drift, for the pipelines that watch it, once a full window has been compared.
+        let watched: Vec<(Labels, f64, i64)> = pipelines
+            .iter()
+            .filter_map(|p| {
+                let d = &p["drift"];
+                Some((
+                    labels(&[("pipeline", &text(&p["name"]))]),
+                    d["score"].as_f64()?,
+                    i64::from(d["drifting"] == true),
+                ))
+            })
+            .collect();
+        let mut m = e.encode_descriptor(
+            "drift_score",
+            "How far a pipeline's latest window of answers is from its baseline: the larger PSI \
+             of top-1 confidence and of the label mix (over 0.25: a significant shift).",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (l, score, _) in &watched {
+            m.encode_family(l)?.encode_gauge(score)?;
+        }
+        let mut m = e.encode_descriptor(
+            "drift_detected",
+            "1 while a pipeline's drift score is over its threshold (until it falls under 0.8 of it).",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (l, _, on) in &watched {
+            m.encode_family(l)?.encode_gauge(on)?;
+        }
 
         let gauges: [(&str, &str, Option<Unit>, Option<i64>); 4] = [
             (

@@ -59,6 +59,8 @@ pub struct PipelineStats {
     pub captured: AtomicU64,
     /// From the feed taking a sample to its result committed, µs.
     pub e2e: Latencies,
+    /// The drift tracker's report, for a pipeline that watches drift.
+    pub drift: std::sync::Mutex<Option<Value>>,
 }
 
 impl PipelineStats {
@@ -87,7 +89,17 @@ impl PipelineStats {
             "published": n(&self.published),
             "captured": n(&self.captured),
             "e2e_latency_us": self.e2e.quantiles(),
+            "drift": self.drift(),
         })
+    }
+
+    /// The drift report, or null when drift is not watched.
+    pub fn drift(&self) -> Value {
+        self.drift
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or(Value::Null)
     }
 }
 
@@ -282,6 +294,8 @@ pub fn build(
         streams,
         chain,
         events_only,
+        drift: cfg.drift.map(crate::drift::Drift::new),
+        drift_changes: Vec::new(),
         last_label: None,
         // One line per file is what someone watching a folder wants; a camera's ten a
         // second would drown the log, so those results are at debug level.
@@ -331,6 +345,9 @@ struct Serve {
     chain: Option<Arc<crate::chain::Chain>>,
     /// Only windows in which a score flipped are results.
     events_only: bool,
+    drift: Option<crate::drift::Drift>,
+    /// What drift readings changed since the last commit, to commit with the results.
+    drift_changes: Vec<crate::drift::Change>,
     last_label: Option<String>,
     log_results: bool,
 }
@@ -442,7 +459,7 @@ impl Serve {
             }
         }
         crate::crash_point("infer:begun");
-        if self.capture_below.is_some() {
+        if self.capture_threshold().is_some() {
             done.input = Some(input.clone());
         }
         let pool = self.pool.clone();
@@ -509,7 +526,10 @@ impl Serve {
                 generation,
             } = step;
             let stream = stream.unwrap_or_else(|| pool.active().stream());
-            let capture = self.capture_below.is_some().then(|| window.input.clone());
+            let capture = self
+                .capture_threshold()
+                .is_some()
+                .then(|| window.input.clone());
             flights.push_back(Box::pin(async move {
                 let (result, stream) = pool.step_waiting(window.input, Some(stream)).await;
                 Done {
@@ -539,6 +559,94 @@ impl Serve {
         }
     }
 
+    /// The confidence under which samples are captured now: the pipeline's own, or the
+    /// drift watch's while drifting, whichever captures more.
+    fn capture_threshold(&self) -> Option<f32> {
+        let drifting = self.drift.as_ref().and_then(|d| d.capturing());
+        match (self.capture_below, drifting) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Make the drift watch follow the version that answered: its recorded baseline, else
+    /// one from its package's evaluation set (run once, and recorded), else one to learn.
+    async fn drift_follow(&mut self, batch: &[Done]) {
+        let Some(drift) = self.drift.as_ref() else {
+            return;
+        };
+        let Some(p) = batch.iter().find_map(|d| d.result.as_ref().ok()) else {
+            return;
+        };
+        if drift.watching() == Some((p.model.as_str(), p.version.as_str())) {
+            return;
+        }
+        let (model, version) = (p.model.clone(), p.version.clone());
+        let pipeline = self.name.clone();
+        let (m, v) = (model.clone(), version.clone());
+        let recorded = self
+            .sinks
+            .store
+            .call(move |c| {
+                use rusqlite::OptionalExtension as _;
+                Ok(c.query_row(
+                    "SELECT source, histogram FROM drift_baselines \
+                     WHERE pipeline = ?1 AND model = ?2 AND version = ?3",
+                    rusqlite::params![pipeline, m, v],
+                    |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
+                )
+                .optional()?)
+            })
+            .await;
+        let parse = |(source, histogram): (String, String)| {
+            Some(crate::drift::Baseline {
+                model: model.clone(),
+                version: version.clone(),
+                source: serde_json::from_value(Value::String(source)).ok()?,
+                histogram: serde_json::from_str(&histogram).ok()?,
+            })
+        };
+        let mut baseline = match recorded {
+            Ok(r) => r.and_then(parse),
+            Err(e) => {
+                tracing::error!(pipeline = %self.name, error = %e, "drift baseline not read");
+                None
+            }
+        };
+        let active = self.pool.active();
+        if baseline.is_none()
+            && active.version().to_string() == version
+            && active.manifest.evaluation.is_some()
+        {
+            match tokio::task::spawn_blocking(move || active.evaluation_answers()).await {
+                Ok(Ok(Some(answers))) => {
+                    let readings: Vec<_> = answers.iter().map(crate::drift::Reading::of).collect();
+                    let b = crate::drift::Baseline {
+                        model: model.clone(),
+                        version: version.clone(),
+                        source: crate::drift::Source::Package,
+                        histogram: crate::drift::Histogram::from_readings(&readings),
+                    };
+                    self.drift_changes
+                        .push(crate::drift::Change::Learned(b.clone()));
+                    baseline = Some(b);
+                }
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(pipeline = %self.name, error = %e, "drift baseline from the package's evaluation set not made; learning one from the first results")
+                }
+                Err(e) => {
+                    tracing::error!(pipeline = %self.name, error = %e, "drift baseline task failed")
+                }
+            }
+        }
+        let source = baseline.as_ref().map(|b| b.source.as_str());
+        tracing::info!(pipeline = %self.name, %model, %version, baseline = source.unwrap_or("learning from the first results"), "drift watched");
+        if let Some(d) = self.drift.as_mut() {
+            d.watch(&model, &version, baseline);
+        }
+    }
+
     /// Decide what happens to one finished sample; `None` if it leaves no trace (the engine
     /// failed: a file stays undone, to be tried again).
     fn judge(&mut self, d: Done) -> Option<Verdict> {
@@ -560,6 +668,13 @@ impl Serve {
                     tracing::info!(pipeline = %name, source = %d.source, model = %pred.model, version = %pred.version, label, score, latency_us = pred.latency_us, "result");
                 } else {
                     tracing::debug!(pipeline = %name, source = %d.source, model = %pred.model, version = %pred.version, label, score, latency_us = pred.latency_us, "result");
+                }
+                if let Some(change) = self
+                    .drift
+                    .as_mut()
+                    .and_then(|w| w.observe(crate::drift::Reading::of(&pred)))
+                {
+                    self.drift_changes.push(change);
                 }
                 let mut flipped = false;
                 for (output, o) in &pred.outputs {
@@ -597,7 +712,7 @@ impl Serve {
         if pred.is_some() {
             self.last_label = top.as_ref().map(|c| c.label.clone());
         }
-        let capture = match (&pred, self.capture_below, d.input) {
+        let capture = match (&pred, self.capture_threshold(), d.input) {
             // A NaN score is as unsure as a model gets: captured too.
             (Some(_), Some(below), Some(input))
                 if top
@@ -623,7 +738,15 @@ impl Serve {
     /// Commit finished samples in one transaction (results, outbox messages, captures, done
     /// files), then tell whoever listens.
     async fn finish(&mut self, batch: Vec<Done>) {
+        self.drift_follow(&batch).await;
         let verdicts: Vec<Verdict> = batch.into_iter().filter_map(|d| self.judge(d)).collect();
+        let drift = std::mem::take(&mut self.drift_changes);
+        if let Some(d) = &self.drift {
+            *self.stats.drift.lock().unwrap_or_else(|e| e.into_inner()) = Some(d.report());
+        }
+        if !drift.is_empty() {
+            self.commit_drift(drift).await;
+        }
         if verdicts.is_empty() {
             return;
         }
@@ -758,6 +881,82 @@ impl Serve {
             && let Some(ob) = &self.sinks.outbox
         {
             ob.wake();
+        }
+    }
+}
+
+impl Serve {
+    /// Record a baseline made, and say a drift detected or cleared: in one transaction, the
+    /// event through the outbox with it.
+    async fn commit_drift(&mut self, changes: Vec<crate::drift::Change>) {
+        use crate::drift::Change;
+        let pipeline = self.name.clone();
+        let ob = self.sinks.outbox.clone();
+        for c in &changes {
+            match c {
+                Change::Learned(b) => {
+                    tracing::info!(pipeline = %pipeline, model = %b.model, version = %b.version, source = b.source.as_str(), results = b.histogram.n, "drift baseline recorded")
+                }
+                Change::Detected(r) => {
+                    tracing::warn!(pipeline = %pipeline, score = %r["score"], threshold = %r["threshold"], "drift detected")
+                }
+                Change::Cleared(r) => {
+                    tracing::info!(pipeline = %pipeline, score = %r["score"], "drift cleared")
+                }
+            }
+        }
+        let now = crate::store::now_ms();
+        let stored = self
+            .sinks
+            .store
+            .call(move |c| {
+                let tx = c.transaction()?;
+                for change in changes {
+                    let (event, mut body) = match change {
+                        Change::Learned(b) => {
+                            tx.execute(
+                                "INSERT OR REPLACE INTO drift_baselines \
+                                 (pipeline, model, version, source, histogram, ts_ms) \
+                                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                                rusqlite::params![
+                                    pipeline,
+                                    b.model,
+                                    b.version,
+                                    b.source.as_str(),
+                                    serde_json::to_string(&b.histogram)
+                                        .expect("a histogram serialises"),
+                                    now,
+                                ],
+                            )?;
+                            let body = json!({
+                                "model": b.model, "version": b.version,
+                                "source": b.source.as_str(), "results": b.histogram.n,
+                            });
+                            ("drift.baseline", body)
+                        }
+                        Change::Detected(r) => ("drift.detected", r),
+                        Change::Cleared(r) => ("drift.cleared", r),
+                    };
+                    if let Some(ob) = ob.as_ref() {
+                        body["event"] = event.into();
+                        body["pipeline"] = pipeline.clone().into();
+                        body["ts_ms"] = now.into();
+                        ob.enqueue(&tx, "events", Class::Event, &ob.topics().events(), body)?;
+                    }
+                }
+                tx.commit()?;
+                Ok(())
+            })
+            .await;
+        match stored {
+            Ok(()) => {
+                if let Some(ob) = &self.sinks.outbox {
+                    ob.wake();
+                }
+            }
+            Err(e) => {
+                tracing::error!(pipeline = %self.name, error = %e, "drift change not recorded")
+            }
         }
     }
 }

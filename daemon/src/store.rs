@@ -253,6 +253,18 @@ DROP INDEX command_replies_ts;
     // Home Assistant discovery topics this box has published retained: one no longer wanted
     // (a pipeline removed, discovery turned off) is cleared, even after a restart.
     "CREATE TABLE ha_discovery (topic TEXT PRIMARY KEY) WITHOUT ROWID;",
+    // Each pipeline's drift baseline: the model version it is for, where it came from (the
+    // package's evaluation set, or the version's first results here) and its histogram (JSON).
+    r#"
+CREATE TABLE drift_baselines (
+    pipeline  TEXT PRIMARY KEY,
+    model     TEXT NOT NULL,
+    version   TEXT NOT NULL,
+    source    TEXT NOT NULL,
+    histogram TEXT NOT NULL,
+    ts_ms     INTEGER NOT NULL
+);
+"#,
 ];
 
 /// What retention keeps: results and captures within their budgets, results within an age.

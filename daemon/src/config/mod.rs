@@ -60,8 +60,26 @@ pub struct RawConfig {
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct RawDrift {
+    /// Results compared with the baseline (the latest), and results a baseline learned from
+    /// the first results is made of.
+    pub window: Option<usize>,
+    /// The drift score (PSI) that raises `drift.detected`.
+    pub threshold: Option<f64>,
+    /// While drifting, samples whose top-1 confidence is below this are captured.
+    pub capture_below: Option<f32>,
+}
+
+fn default_discovery_prefix() -> String {
+    "homeassistant".into()
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RawHomeAssistant {
-    /// The topic Home Assistant reads discovery messages under.
+    /// The topic Home Assistant reads discovery messages under (its default:
+    /// `homeassistant`).
+    #[serde(default = "default_discovery_prefix")]
     pub discovery_prefix: String,
     /// Per pipeline, labels that get an on/off entity: on while the latest result's top-1
     /// label, or any of its boxes, is the label.
@@ -403,6 +421,8 @@ pub struct RawPipeline {
     /// Models run on each box the pipeline's model finds (`detect` or `text_boxes`), in order.
     #[serde(default)]
     pub stages: Vec<RawStage>,
+    /// How far the results have moved from a baseline; none: not watched.
+    pub drift: Option<RawDrift>,
     /// Boxes cropped per sample at most (the highest scores first).
     pub max_crops: Option<usize>,
     /// Each crop grows by this fraction of the box's height on every side.
@@ -717,6 +737,7 @@ pub struct PipelineConfig {
     pub stages: Vec<Stage>,
     pub max_crops: usize,
     pub crop_pad: f32,
+    pub drift: Option<crate::drift::DriftConfig>,
 }
 
 /// Which results a pipeline sends upstream (all are stored unless `store = false`).
@@ -1298,7 +1319,7 @@ mod tests {
         );
         let bad = format!(
             "{base}[home_assistant]\ndiscovery_prefix = \"ha/#\"\n\
-             [home_assistant.classes]\nq = [\"\"]\n"
+             [home_assistant.classes]\nq = [\"\"]\np = [\"a\", \"a\"]\n"
         );
         let ps = problems(load(&write(d.path(), "bad.toml", &bad)));
         let said: Vec<(&str, &str)> = ps
@@ -1316,6 +1337,7 @@ mod tests {
                     "home_assistant.discovery_prefix",
                     "`ha/#` must be a topic without wildcards or a leading/trailing `/` (e.g. \"homeassistant\")"
                 ),
+                ("home_assistant.classes.p[1]", "`a` is listed twice"),
                 ("home_assistant.classes.q", "no pipeline is called `q`"),
                 (
                     "home_assistant.classes.q[0]",

@@ -131,6 +131,48 @@ pub(super) fn validate(
     }
 }
 
+/// `[pipelines.drift]`: a window a baseline can be learned from, a threshold a score can
+/// reach, a confidence.
+fn drift(
+    d: &RawDrift,
+    key: &dyn Fn(&str) -> String,
+    report: &mut Report<'_>,
+) -> crate::drift::DriftConfig {
+    use crate::drift::{DEFAULT_THRESHOLD, DEFAULT_WINDOW, DriftConfig};
+    const WINDOWS: std::ops::RangeInclusive<usize> = 10..=100_000;
+    let window = d.window.unwrap_or(DEFAULT_WINDOW);
+    if !WINDOWS.contains(&window) {
+        report(
+            key("drift.window"),
+            format!(
+                "{window} results: give {} to {} (fewer say nothing of a distribution)",
+                WINDOWS.start(),
+                WINDOWS.end()
+            ),
+        );
+    }
+    let threshold = d.threshold.unwrap_or(DEFAULT_THRESHOLD);
+    if !(threshold.is_finite() && threshold > 0.0) {
+        report(
+            key("drift.threshold"),
+            format!("{threshold} is not a drift score above 0 (PSI; 0.25 is a significant shift)"),
+        );
+    }
+    if let Some(c) = d.capture_below
+        && !(0.0..=1.0).contains(&c)
+    {
+        report(
+            key("drift.capture_below"),
+            format!("{c} is not a confidence from 0 to 1"),
+        );
+    }
+    DriftConfig {
+        window,
+        threshold,
+        capture_below: d.capture_below,
+    }
+}
+
 /// `[home_assistant]`: a discovery prefix Home Assistant can subscribe to, and classes of
 /// pipelines this config has.
 fn home_assistant(
@@ -151,17 +193,17 @@ fn home_assistant(
         );
     }
     let p = &raw.discovery_prefix;
-    if p.is_empty()
-        || p.starts_with('/')
-        || p.ends_with('/')
-        || p.contains(['+', '#', '\0'])
-        || p.len() > 256
-    {
+    if p.is_empty() || p.starts_with('/') || p.ends_with('/') || p.contains(['+', '#', '\0']) {
         bad(
             "discovery_prefix",
             format!(
                 "`{p}` must be a topic without wildcards or a leading/trailing `/` (e.g. \"homeassistant\")"
             ),
+        );
+    } else if p.len() > 256 {
+        bad(
+            "discovery_prefix",
+            format!("{} bytes: at most 256", p.len()),
         );
     }
     for (pipeline, labels) in &raw.classes {
@@ -176,6 +218,11 @@ fn home_assistant(
                 bad(
                     &format!("classes.{pipeline}[{i}]"),
                     "a label must be 1 to 128 bytes".into(),
+                );
+            } else if labels[..i].contains(l) {
+                bad(
+                    &format!("classes.{pipeline}[{i}]"),
+                    format!("`{l}` is listed twice"),
                 );
             }
         }
@@ -813,8 +860,10 @@ fn pipeline(
             format!("{q} is more than {MAX_PIPELINE_QUEUE} samples"),
         );
     }
+    let drift = p.drift.as_ref().map(|d| drift(d, &key, report));
     let camera = matches!(feed, Some(FeedConfig::Camera(_)));
     PipelineConfig {
+        drift,
         name: p.name.clone(),
         feed: p.feed.clone(),
         model: p.model.clone(),

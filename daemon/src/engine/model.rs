@@ -679,6 +679,37 @@ impl Model {
             })
     }
 
+    /// The answers to the package's evaluation samples (`Ok(None)` without a set): what the
+    /// version says on the data it was judged by, a baseline for drift.
+    pub fn evaluation_answers(&self) -> Result<Option<Vec<Prediction>>, EngineError> {
+        let m = &self.manifest;
+        let Some(set) = &m.evaluation else {
+            return Ok(None);
+        };
+        let run = || {
+            set.samples
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    Input::from_file(&self.dir.join(&s.input), MAX_EVALUATION_INPUT_BYTES)
+                        .and_then(|input| self.infer(&input))
+                        .map_err(|e| EngineError::Evaluation {
+                            model: m.name.clone(),
+                            message: format!("sample {i}: {}: {e}", s.input.display()),
+                        })
+                })
+                .collect::<Result<Vec<_>, _>>()
+        };
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
+            .unwrap_or_else(|p| {
+                Err(EngineError::Evaluation {
+                    model: m.name.clone(),
+                    message: format!("panicked: {}", super::panic_message(&*p)),
+                })
+            })
+            .map(Some)
+    }
+
     fn evaluate_set(&self) -> Result<Option<Evaluated>, EngineError> {
         let m = &self.manifest;
         let Some(set) = &m.evaluation else {

@@ -5,6 +5,7 @@ mod check_config;
 mod cluster;
 mod daemon;
 mod dbus;
+mod drift;
 mod feeds;
 mod first_hour;
 mod fleet;
