@@ -231,6 +231,20 @@ pub fn build(
         }
     }
     let events_only = streams.is_some() && thresholded;
+    // Drift reads top-1 labels and confidences: a model that gives neither (scores, raw
+    // values, text) would only ever read `none`, never drift.
+    if cfg.drift.is_some()
+        && manifest.format >= 2
+        && !manifest.outputs.iter().any(|o| {
+            matches!(
+                o.postprocess,
+                crate::engine::Postprocess::Classify { .. }
+                    | crate::engine::Postprocess::Detect { .. }
+            )
+        })
+    {
+        tracing::warn!(pipeline = %cfg.name, model = %manifest.name, "drift is watched, but the model has no classify or detect output: every answer reads as `none`, and never drifts");
+    }
     let gate = Gate {
         every_nth: cfg.every_nth.get(),
         min_gap_ms: cfg.max_fps.map(|f| 1000.0 / f),
@@ -346,7 +360,7 @@ struct Serve {
     /// Only windows in which a score flipped are results.
     events_only: bool,
     drift: Option<crate::drift::Drift>,
-    /// What drift readings changed since the last commit, to commit with the results.
+    /// What drift changed since the last commit, committed with the next results.
     drift_changes: Vec<crate::drift::Change>,
     last_label: Option<String>,
     log_results: bool,
@@ -599,18 +613,24 @@ impl Serve {
             })
             .await;
         let parse = |(source, histogram): (String, String)| {
-            Some(crate::drift::Baseline {
+            let b = Some(crate::drift::Baseline {
                 model: model.clone(),
                 version: version.clone(),
                 source: serde_json::from_value(Value::String(source)).ok()?,
                 histogram: serde_json::from_str(&histogram).ok()?,
-            })
+            });
+            if b.is_none() {
+                tracing::warn!(pipeline = %self.name, "recorded drift baseline unreadable; making another");
+            }
+            b
         };
         let mut baseline = match recorded {
             Ok(r) => r.and_then(parse),
             Err(e) => {
+                // Not watched yet: tried again with the next batch, rather than replacing a
+                // baseline that may be there.
                 tracing::error!(pipeline = %self.name, error = %e, "drift baseline not read");
-                None
+                return;
             }
         };
         let active = self.pool.active();
@@ -642,8 +662,12 @@ impl Serve {
         }
         let source = baseline.as_ref().map(|b| b.source.as_str());
         tracing::info!(pipeline = %self.name, %model, %version, baseline = source.unwrap_or("learning from the first results"), "drift watched");
-        if let Some(d) = self.drift.as_mut() {
-            d.watch(&model, &version, baseline);
+        if let Some(ended) = self
+            .drift
+            .as_mut()
+            .and_then(|d| d.watch(&model, &version, baseline))
+        {
+            self.drift_changes.push(ended);
         }
     }
 
@@ -669,10 +693,13 @@ impl Serve {
                 } else {
                     tracing::debug!(pipeline = %name, source = %d.source, model = %pred.model, version = %pred.version, label, score, latency_us = pred.latency_us, "result");
                 }
-                if let Some(change) = self
+                // An answer of another version (in flight across a swap) says nothing of the
+                // version watched.
+                if let Some(w) = self
                     .drift
                     .as_mut()
-                    .and_then(|w| w.observe(crate::drift::Reading::of(&pred)))
+                    .filter(|w| w.watching() == Some((pred.model.as_str(), pred.version.as_str())))
+                    && let Some(change) = w.observe(crate::drift::Reading::of(&pred))
                 {
                     self.drift_changes.push(change);
                 }
@@ -738,18 +765,22 @@ impl Serve {
     /// Commit finished samples in one transaction (results, outbox messages, captures, done
     /// files), then tell whoever listens.
     async fn finish(&mut self, batch: Vec<Done>) {
+        // Before the readings: the version that answered is watched, against its own
+        // baseline, from its first reading on.
         self.drift_follow(&batch).await;
         let verdicts: Vec<Verdict> = batch.into_iter().filter_map(|d| self.judge(d)).collect();
         let drift = std::mem::take(&mut self.drift_changes);
-        if let Some(d) = &self.drift {
-            *self.stats.drift.lock().unwrap_or_else(|e| e.into_inner()) = Some(d.report());
-        }
-        if !drift.is_empty() {
-            self.commit_drift(drift).await;
-        }
+        self.refresh_drift_report();
         if verdicts.is_empty() {
+            if !drift.is_empty() {
+                self.commit_drift(drift).await;
+            }
             return;
         }
+        // What drift made of these results commits with them: an event is never said for
+        // results that were not stored, nor a baseline kept of them.
+        let drift_back = (!drift.is_empty()).then(|| drift.clone());
+        let now_ms = crate::store::now_ms();
         // A score event goes out in the transaction below, published or not.
         let flipped = verdicts.iter().any(|v| {
             v.pred
@@ -842,6 +873,7 @@ impl Serve {
                     }
                     told.push((v, said, captured));
                 }
+                apply_drift(&tx, &pname, ob.as_ref(), drift, now_ms)?;
                 tx.commit()?;
                 Ok((told, over))
             })
@@ -851,9 +883,14 @@ impl Serve {
             Ok(x) => x,
             Err(e) => {
                 tracing::error!(pipeline = %self.name, error = %e, "results not stored");
+                // Said again with the next results.
+                self.drift_changes.extend(drift_back.into_iter().flatten());
                 return;
             }
         };
+        if let Some(changes) = &drift_back {
+            log_drift(&self.name, changes);
+        }
         if over {
             self.sinks.keeper.ring();
         }
@@ -886,77 +923,102 @@ impl Serve {
 }
 
 impl Serve {
-    /// Record a baseline made, and say a drift detected or cleared: in one transaction, the
-    /// event through the outbox with it.
+    /// Commit drift changes that came without results (a baseline from the package, a drift
+    /// ended by a version change); kept to be said again if the store fails.
     async fn commit_drift(&mut self, changes: Vec<crate::drift::Change>) {
-        use crate::drift::Change;
         let pipeline = self.name.clone();
         let ob = self.sinks.outbox.clone();
-        for c in &changes {
-            match c {
-                Change::Learned(b) => {
-                    tracing::info!(pipeline = %pipeline, model = %b.model, version = %b.version, source = b.source.as_str(), results = b.histogram.n, "drift baseline recorded")
-                }
-                Change::Detected(r) => {
-                    tracing::warn!(pipeline = %pipeline, score = %r["score"], threshold = %r["threshold"], "drift detected")
-                }
-                Change::Cleared(r) => {
-                    tracing::info!(pipeline = %pipeline, score = %r["score"], "drift cleared")
-                }
-            }
-        }
+        let back = changes.clone();
         let now = crate::store::now_ms();
         let stored = self
             .sinks
             .store
             .call(move |c| {
                 let tx = c.transaction()?;
-                for change in changes {
-                    let (event, mut body) = match change {
-                        Change::Learned(b) => {
-                            tx.execute(
-                                "INSERT OR REPLACE INTO drift_baselines \
-                                 (pipeline, model, version, source, histogram, ts_ms) \
-                                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                                rusqlite::params![
-                                    pipeline,
-                                    b.model,
-                                    b.version,
-                                    b.source.as_str(),
-                                    serde_json::to_string(&b.histogram)
-                                        .expect("a histogram serialises"),
-                                    now,
-                                ],
-                            )?;
-                            let body = json!({
-                                "model": b.model, "version": b.version,
-                                "source": b.source.as_str(), "results": b.histogram.n,
-                            });
-                            ("drift.baseline", body)
-                        }
-                        Change::Detected(r) => ("drift.detected", r),
-                        Change::Cleared(r) => ("drift.cleared", r),
-                    };
-                    if let Some(ob) = ob.as_ref() {
-                        body["event"] = event.into();
-                        body["pipeline"] = pipeline.clone().into();
-                        body["ts_ms"] = now.into();
-                        ob.enqueue(&tx, "events", Class::Event, &ob.topics().events(), body)?;
-                    }
-                }
+                apply_drift(&tx, &pipeline, ob.as_ref(), changes, now)?;
                 tx.commit()?;
                 Ok(())
             })
             .await;
         match stored {
             Ok(()) => {
+                log_drift(&self.name, &back);
                 if let Some(ob) = &self.sinks.outbox {
                     ob.wake();
                 }
             }
             Err(e) => {
-                tracing::error!(pipeline = %self.name, error = %e, "drift change not recorded")
+                tracing::error!(pipeline = %self.name, error = %e, "drift change not recorded; tried again with the next results");
+                self.drift_changes.extend(back);
             }
+        }
+    }
+
+    /// The drift report status and telemetry read, after every batch (a few microseconds
+    /// against a millisecond of inference; the metrics bench measures it).
+    fn refresh_drift_report(&mut self) {
+        if let Some(d) = &self.drift {
+            *self.stats.drift.lock().unwrap_or_else(|e| e.into_inner()) = Some(d.report());
+        }
+    }
+}
+
+/// Record a baseline made, and queue drift events, in the caller's transaction.
+fn apply_drift(
+    tx: &rusqlite::Transaction<'_>,
+    pipeline: &str,
+    ob: Option<&Outbox>,
+    changes: Vec<crate::drift::Change>,
+    now: i64,
+) -> rusqlite::Result<()> {
+    use crate::drift::Change;
+    for change in changes {
+        let (event, mut body) = match change {
+            Change::Learned(b) => {
+                tx.execute(
+                    "INSERT OR REPLACE INTO drift_baselines \
+                     (pipeline, model, version, source, histogram, ts_ms) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    rusqlite::params![
+                        pipeline,
+                        b.model,
+                        b.version,
+                        b.source.as_str(),
+                        serde_json::to_string(&b.histogram).expect("a histogram serialises"),
+                        now,
+                    ],
+                )?;
+                let body = json!({
+                    "model": b.model, "version": b.version,
+                    "source": b.source.as_str(), "results": b.histogram.n,
+                });
+                ("drift.baseline", body)
+            }
+            Change::Detected(r) => ("drift.detected", r),
+            Change::Cleared(r) => ("drift.cleared", r),
+        };
+        if let Some(ob) = ob {
+            body["event"] = event.into();
+            body["pipeline"] = pipeline.into();
+            body["ts_ms"] = now.into();
+            ob.enqueue(tx, "events", Class::Event, &ob.topics().events(), body)?;
+        }
+    }
+    Ok(())
+}
+
+/// Log drift changes once they are committed.
+fn log_drift(pipeline: &str, changes: &[crate::drift::Change]) {
+    use crate::drift::Change;
+    for c in changes {
+        match c {
+            Change::Learned(b) => {
+                tracing::info!(%pipeline, model = %b.model, version = %b.version, source = b.source.as_str(), results = b.histogram.n, "drift baseline recorded")
+            }
+            Change::Detected(r) => {
+                tracing::warn!(%pipeline, score = %r["score"], threshold = %r["threshold"], "drift detected")
+            }
+            Change::Cleared(r) => tracing::info!(%pipeline, score = %r["score"], "drift cleared"),
         }
     }
 }

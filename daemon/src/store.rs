@@ -253,16 +253,18 @@ DROP INDEX command_replies_ts;
     // Home Assistant discovery topics this box has published retained: one no longer wanted
     // (a pipeline removed, discovery turned off) is cleared, even after a restart.
     "CREATE TABLE ha_discovery (topic TEXT PRIMARY KEY) WITHOUT ROWID;",
-    // Each pipeline's drift baseline: the model version it is for, where it came from (the
-    // package's evaluation set, or the version's first results here) and its histogram (JSON).
+    // Drift baselines, one per pipeline and model version (a rollback finds its own again):
+    // where each came from (the package's evaluation set, or the version's first results
+    // here) and its histogram (JSON).
     r#"
 CREATE TABLE drift_baselines (
-    pipeline  TEXT PRIMARY KEY,
+    pipeline  TEXT NOT NULL,
     model     TEXT NOT NULL,
     version   TEXT NOT NULL,
     source    TEXT NOT NULL,
     histogram TEXT NOT NULL,
-    ts_ms     INTEGER NOT NULL
+    ts_ms     INTEGER NOT NULL,
+    PRIMARY KEY (pipeline, model, version)
 );
 "#,
 ];
