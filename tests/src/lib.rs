@@ -195,13 +195,7 @@ pub fn need(program: &str) -> bool {
 pub fn third_party() -> Option<PathBuf> {
     let dir = match std::env::var_os("TERN_THIRD_PARTY") {
         Some(d) => PathBuf::from(d),
-        None => {
-            let cache = std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-                .unwrap_or_default();
-            cache.join("tern/third-party/packages")
-        }
+        None => tern_cache().join("third-party/packages"),
     };
     let ready = [
         "ppocr-det",
@@ -223,17 +217,23 @@ pub fn third_party() -> Option<PathBuf> {
     Some(dir)
 }
 
+/// Where the setup scripts cache what they fetch, as they find it:
+/// `${XDG_CACHE_HOME:-$HOME/.cache}/tern`.
+fn tern_cache() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_default()
+        .join("tern")
+}
+
 /// The Python of the venv `tests/home-assistant/setup.sh` makes (Home Assistant's MQTT
 /// schemas and template engine), from `TERN_HA_PYTHON` or the script's default cache.
 /// Missing: SKIPPED loudly, or a failure under `TERN_TEST_STRICT=1`.
 pub fn home_assistant_python() -> Option<PathBuf> {
     let python = match std::env::var_os("TERN_HA_PYTHON") {
         Some(p) => PathBuf::from(p),
-        None => std::env::var_os("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-            .unwrap_or_default()
-            .join("tern/home-assistant/venv/bin/python"),
+        None => tern_cache().join("home-assistant/venv/bin/python"),
     };
     if !python.exists() {
         skip(&format!(

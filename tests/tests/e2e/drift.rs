@@ -10,6 +10,7 @@ use tern_tests::mqtt::{Broker, Client};
 use tern_tests::updates;
 use tern_tests::*;
 
+use crate::feeds::wait_rows;
 use crate::fleet::{client, command};
 
 const T: Duration = Duration::from_secs(60);
@@ -70,21 +71,6 @@ fn evaluated(pkg: &Path, images: &[(image::GrayImage, String)]) {
     let m = pkg.join("tern-model.toml");
     let text = std::fs::read_to_string(&m).unwrap() + &toml;
     std::fs::write(&m, text).unwrap();
-}
-
-fn results(state: &Path, pipeline: &str) -> i64 {
-    count(
-        state,
-        &format!("SELECT count(*) FROM results WHERE pipeline = '{pipeline}'"),
-    )
-    .unwrap_or(0)
-}
-
-fn wait_results(state: &Path, pipeline: &str, n: i64) {
-    wait_for(&format!("{n} results of {pipeline}"), T, || {
-        (results(state, pipeline) >= n).then_some(())
-    })
-    .unwrap();
 }
 
 fn event(c: &mut Client, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
@@ -212,8 +198,8 @@ telemetry_secs = 3600
 
     // Other digits of the same set: a full window each, under the threshold.
     feed(&cnn, "b", &set[WINDOW..2 * WINDOW], false);
-    wait_results(&state, "cnn", 2 * w);
-    wait_results(&state, "mlp", 160);
+    wait_rows(&state, "cnn", 2 * w);
+    wait_rows(&state, "mlp", 160);
     for (p, id) in [("cnn", "s-calm"), ("mlp", "s-mlp-calm")] {
         let calm = drift_status(&mut c, p, id);
         assert_eq!(
@@ -266,8 +252,8 @@ telemetry_secs = 3600
 
     // From then on the CNN's unsure inverted digits are captured (the MLP has no
     // capture_below: nothing of it).
-    wait_results(&state, "cnn", 2 * w + 160);
-    wait_results(&state, "mlp", 320);
+    wait_rows(&state, "cnn", 2 * w + 160);
+    wait_rows(&state, "mlp", 320);
     let captured: Vec<(String, String)> =
         column::<String>(&state, "SELECT pipeline || ' ' || source FROM captures")
             .into_iter()
@@ -301,7 +287,7 @@ telemetry_secs = 3600
         e["event"] == "drift.cleared" && e["pipeline"] == "cnn"
     });
     assert!(cleared["score"].as_f64().unwrap() < 0.25 * 0.8, "{cleared}");
-    wait_results(&state, "cnn", 4 * w + 160);
+    wait_rows(&state, "cnn", 4 * w + 160);
     // The result that cleared it was the k-th of these (the folder is read in name order);
     // none after it was captured.
     let k = cleared["seen"].as_i64().unwrap() - w - 160;
@@ -344,7 +330,7 @@ telemetry_secs = 3600
     d.wait(T).unwrap();
     let _d = Daemon::spawn(&config, None, &[]).unwrap();
     feed(&cnn, "c", &set[..10], false);
-    wait_results(&state, "cnn", 4 * w + 170);
+    wait_rows(&state, "cnn", 4 * w + 170);
     let after = drift_status(&mut c, "cnn", "s-after");
     assert_eq!(after["baseline"], "first_results", "{after}");
     assert_eq!(after["baseline_results"], w, "{after}");

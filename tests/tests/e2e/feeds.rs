@@ -111,7 +111,7 @@ fn max_id(state: &Path, pipeline: &str) -> i64 {
     .unwrap_or(0)
 }
 
-fn wait_rows(state: &Path, pipeline: &str, n: i64) {
+pub(crate) fn wait_rows(state: &Path, pipeline: &str, n: i64) {
     let sql = format!("SELECT count(*) FROM results WHERE pipeline = '{pipeline}'");
     wait_for(&format!("{n} results of {pipeline}"), T, || {
         (count(state, &sql)? >= n).then_some(())
