@@ -7,9 +7,9 @@
 //! baseline's by the population stability index (PSI, Σ (a − e) · ln(a / e) over the bins'
 //! shares). Two samples of one distribution differ by chance: their PSI is about
 //! (k − 1)(1/n + 1/m) for k bins and n and m readings, which is large for small samples
-//! (0.75 for 12 against 24). Each PSI is therefore taken less that expectation, and the drift
-//! score is the larger of the two: 0 means "no more than chance", and the usual reading of PSI
-//! holds for what is left (over 0.25 is a significant shift).
+//! (1.125 for 24 against 12 with ten bins). Each PSI is therefore taken less that
+//! expectation, and the drift score is the larger of the two: 0 means "no more than chance",
+//! and the usual reading of PSI holds for what is left (over 0.25 is a significant shift).
 //!
 //! The baseline is the model version's evaluation set when its package carries one (run
 //! once, recorded), else the first `window` results of that version on this pipeline

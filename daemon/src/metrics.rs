@@ -385,7 +385,8 @@ impl Collector for Snapshot {
         let mut m = e.encode_descriptor(
             "drift_score",
             "How far a pipeline's latest window of answers is from its baseline: the larger PSI \
-             of top-1 confidence and of the label mix (over 0.25: a significant shift).",
+             of top-1 confidence and of the label mix, less what chance alone gives (over 0.25: \
+             a significant shift).",
             None,
             MetricType::Gauge,
         )?;
