@@ -23,6 +23,7 @@ pub mod pipeline;
 pub mod registry;
 pub mod relay;
 pub mod service;
+pub mod shadow;
 pub mod store;
 pub mod streams;
 pub mod tasks;

@@ -403,6 +403,49 @@ impl Collector for Snapshot {
             m.encode_family(l)?.encode_gauge(on)?;
         }
 
+        // Shadows: how far each candidate agrees with its live version, and what was counted.
+        let shadows = s["shadows"].as_array().unwrap_or(&empty);
+        let mut m = e.encode_descriptor(
+            "shadow_agreement",
+            "Share of the sampled inputs on which a shadow candidate's answer agrees with the \
+             live version's (top-1 label, boxes matched, text, score state).",
+            None,
+            MetricType::Gauge,
+        )?;
+        for sh in shadows {
+            if let Some(a) = sh["agreement"].as_f64() {
+                let l = labels(&[
+                    ("model", &text(&sh["model"])),
+                    ("version", &text(&sh["version"])),
+                ]);
+                m.encode_family(&l)?.encode_gauge(&a)?;
+            }
+        }
+        let mut m = e.encode_descriptor(
+            "shadow_samples",
+            "Sampled inputs of a shadow candidate by outcome: agreed, disagreed (its errors \
+             included), dropped (the shadow was busy); counted against the live version, and \
+             started over when that changes.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for sh in shadows {
+            let (all, agreed) = (n(&sh["samples"]), n(&sh["agreed"]));
+            for (outcome, v) in [
+                ("agreed", agreed),
+                ("disagreed", all.saturating_sub(agreed)),
+                ("dropped", n(&sh["dropped"])),
+            ] {
+                let l = [
+                    ("model", text(&sh["model"])),
+                    ("version", text(&sh["version"])),
+                    ("outcome", outcome.to_string()),
+                ];
+                m.encode_family(&labels(&l.each_ref().map(|(k, v)| (*k, v.as_str()))))?
+                    .encode_gauge(&(v as i64))?;
+            }
+        }
+
         let gauges: [(&str, &str, Option<Unit>, Option<i64>); 4] = [
             (
                 "outbox_backlog_messages",

@@ -479,8 +479,17 @@ impl Serve {
         let pool = self.pool.clone();
         let chain = self.chain.clone();
         let image = chain.is_some().then(|| input.clone());
+        // A sampled input goes to the shadow with the live answer, after it: the shadow never
+        // holds the live answer back.
+        let shadow = pool
+            .shadow()
+            .filter(|s| s.pick())
+            .map(|s| (s, input.clone()));
         Some(Box::pin(async move {
             done.result = pool.infer_waiting(input).await;
+            if let (Some((s, input)), Ok(live)) = (shadow, &done.result) {
+                s.offer(input, live.clone());
+            }
             if let (Some(chain), Some(image), Ok(pred)) = (chain, image, done.result.as_mut()) {
                 chain.run(image, pred).await;
             }

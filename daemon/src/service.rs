@@ -257,6 +257,12 @@ pub async fn run(
             .tasks
             .restart("updater", move || task.run(cancel.clone()));
     }
+    {
+        let (control, cancel) = (control.clone(), cancel.clone());
+        daemon.tasks.restart("shadows", move || {
+            crate::shadow::task(control.clone(), cancel.clone())
+        });
+    }
 
     let fleet = match (&config.fleet, outbox) {
         (Some(f), Some(ob)) => {

@@ -267,6 +267,24 @@ CREATE TABLE drift_baselines (
     PRIMARY KEY (pipeline, model, version)
 );
 "#,
+    // Shadow evaluations: who started each (an update or a command), its spec, its tally
+    // (JSON, written every half second while it runs) and its verdict (running until then).
+    r#"
+CREATE TABLE shadows (
+    model      TEXT NOT NULL,
+    version    TEXT NOT NULL,
+    origin     TEXT NOT NULL,
+    spec       TEXT NOT NULL,
+    state      TEXT NOT NULL,
+    tally      TEXT NOT NULL,
+    verdict    TEXT,
+    started_ms INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL,
+    -- A command's shadow: its verdict was acted on (the candidate activated or failed).
+    acted      INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (model, version)
+);
+"#,
 ];
 
 /// What retention keeps: results and captures within their budgets, results within an age.

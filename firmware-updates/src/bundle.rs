@@ -34,7 +34,7 @@ pub const MAX_CHUNK: u64 = 1024 * 1024;
 pub const FORMAT: u32 = 1;
 
 /// What a manifest says, once verified.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Signed {
     pub format: u32,
@@ -51,6 +51,120 @@ pub struct Signed {
     /// than their window. Absent in manifests made before the rule existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub issued: Option<i64>,
+    /// Run the version as a shadow of the active one before (and instead of, until its
+    /// verdict) activating it. Absent: activate it at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowSpec>,
+}
+
+/// How a candidate runs as a shadow, and the rule that judges it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowSpec {
+    /// Share of the live inputs the candidate also runs on, in (0, 1].
+    #[serde(default = "ShadowSpec::default_fraction")]
+    pub fraction: f64,
+    /// Share of one core the candidate may use, in (0, 1]: it rests after each input long
+    /// enough to stay within it (and runs at the lowest priority).
+    #[serde(default = "ShadowSpec::default_cpu_share")]
+    pub cpu_share: f64,
+    /// Promote once this share of at least `samples` compared inputs agree; refuse once
+    /// `samples` are compared and fewer agree. Absent: only the operator decides.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agreement: Option<f64>,
+    #[serde(default = "ShadowSpec::default_samples")]
+    pub samples: u64,
+    /// And the candidate's 90th percentile latency is at most this, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_p90_ms: Option<f64>,
+}
+
+impl ShadowSpec {
+    fn default_fraction() -> f64 {
+        0.1
+    }
+    fn default_cpu_share() -> f64 {
+        0.25
+    }
+    fn default_samples() -> u64 {
+        200
+    }
+
+    /// Why these figures make no rule, if they do not.
+    pub fn check(&self) -> Result<(), String> {
+        let share = |what: &str, v: f64| {
+            if v > 0.0 && v <= 1.0 {
+                Ok(())
+            } else {
+                Err(format!("shadow {what} {v} is not in (0, 1]"))
+            }
+        };
+        share("fraction", self.fraction)?;
+        share("cpu_share", self.cpu_share)?;
+        if let Some(a) = self.agreement
+            && !(0.0..=1.0).contains(&a)
+        {
+            return Err(format!("shadow agreement {a} is not in [0, 1]"));
+        }
+        if !(1..=1_000_000).contains(&self.samples) {
+            return Err(format!(
+                "shadow samples {} is not in 1..=1000000",
+                self.samples
+            ));
+        }
+        if let Some(l) = self.latency_p90_ms
+            && !(l > 0.0 && l.is_finite())
+        {
+            return Err(format!(
+                "shadow latency_p90_ms {l} is not a positive number"
+            ));
+        }
+        if self.latency_p90_ms.is_some() && self.agreement.is_none() {
+            return Err("shadow latency_p90_ms needs an agreement rule beside it".into());
+        }
+        Ok(())
+    }
+
+    /// From `key=value` pairs separated by commas, as `tern-update bundle --shadow` takes
+    /// them: `agreement=0.95,samples=200,fraction=0.5,cpu_share=0.25,latency_p90_ms=50`.
+    pub fn parse_pairs(s: &str) -> Result<ShadowSpec, String> {
+        let mut spec = ShadowSpec {
+            fraction: Self::default_fraction(),
+            cpu_share: Self::default_cpu_share(),
+            agreement: None,
+            samples: Self::default_samples(),
+            latency_p90_ms: None,
+        };
+        for pair in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (k, v) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("shadow `{pair}` is not key=value"))?;
+            let num = || {
+                v.trim()
+                    .parse::<f64>()
+                    .map_err(|e| format!("shadow {k}: `{v}`: {e}"))
+            };
+            match k.trim() {
+                "fraction" => spec.fraction = num()?,
+                "cpu_share" => spec.cpu_share = num()?,
+                "agreement" => spec.agreement = Some(num()?),
+                "latency_p90_ms" => spec.latency_p90_ms = Some(num()?),
+                "samples" => {
+                    spec.samples = v
+                        .trim()
+                        .parse()
+                        .map_err(|e| format!("shadow samples: `{v}`: {e}"))?
+                }
+                other => {
+                    return Err(format!(
+                        "shadow has no `{other}` (fraction, cpu_share, agreement, samples, latency_p90_ms)"
+                    ));
+                }
+            }
+        }
+        spec.check()?;
+        Ok(spec)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -315,6 +429,9 @@ pub fn verify(
     let version = semver::Version::parse(&s.version)
         .map_err(|e| RefusalError::Malformed(format!("version `{}`: {e}", s.version)))?;
     check_artifact(&s.artifact)?;
+    if let Some(spec) = &s.shadow {
+        spec.check().map_err(RefusalError::Malformed)?;
+    }
     if now > s.expires {
         return Err(RefusalError::Expired {
             expires: s.expires,
@@ -679,6 +796,7 @@ mod tests {
             },
             expires: NOW + 3600,
             issued: Some(NOW),
+            shadow: None,
         }
     }
 

@@ -68,6 +68,9 @@ pub enum Code {
     Activation,
     /// The new version failed its health window and was rolled back.
     Health,
+    /// The candidate ran as a shadow and its verdict was against it (its agreement with the
+    /// live model, its latency, or the operator's drop).
+    Shadow,
 }
 
 impl Code {
@@ -112,6 +115,7 @@ impl Code {
         Code::Evaluation,
         Code::Activation,
         Code::Health,
+        Code::Shadow,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -155,6 +159,7 @@ impl Code {
             Code::Evaluation => "evaluation",
             Code::Activation => "activation",
             Code::Health => "health",
+            Code::Shadow => "shadow",
         }
     }
 

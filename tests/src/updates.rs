@@ -95,6 +95,7 @@ pub fn build(
         targets: Targets::default(),
         expires: now() + 3600,
         issued: Some(now()),
+        shadow: None,
     };
     tweak(&mut signed);
     let manifest = serde_json::to_vec(&bundle::sign(&signed, keys)).expect("serialises");

@@ -103,6 +103,9 @@ pub static TABLE: &[Entry] = &[
     entry::<ModelsList>(),
     entry::<Activate>(),
     entry::<Rollback>(),
+    entry::<ShadowStart>(),
+    entry::<ShadowPromote>(),
+    entry::<ShadowDrop>(),
     entry::<Infer>(),
     entry::<ResultsQuery>(),
     entry::<Reload>(),
@@ -321,6 +324,118 @@ impl Command for Rollback {
             version: to.clone(),
         });
         Ok(json!({"model": name, "from": from, "active": to}))
+    }
+}
+
+/// `models.shadow`: run an installed version as a shadow of the active one.
+#[derive(Debug)]
+pub struct ShadowStart {
+    pub name: String,
+    pub version: semver::Version,
+    pub spec: tern_update::bundle::ShadowSpec,
+}
+
+impl Command for ShadowStart {
+    const SPEC: Spec = Spec {
+        name: "models.shadow",
+        ..CHANGE
+    };
+    fn parse(v: Value) -> Result<Self, CmdError> {
+        let bad =
+            |m: String| CmdError::new(Code::BadRequest, format!("models.shadow arguments: {m}"));
+        let Value::Object(mut m) = v else {
+            return Err(bad("an object with name and version is needed".into()));
+        };
+        let mut text = |k: &str| match m.remove(k) {
+            Some(Value::String(s)) => Ok(s),
+            _ => Err(bad(format!("`{k}` (a string) is missing"))),
+        };
+        let (name, version) = (text("name")?, text("version")?);
+        let version = semver::Version::parse(&version)
+            .map_err(|e| bad(format!("version `{version}`: {e}")))?;
+        // The rest is the spec, with its defaults.
+        let spec: tern_update::bundle::ShadowSpec =
+            serde_json::from_value(Value::Object(m)).map_err(|e| bad(e.to_string()))?;
+        spec.check().map_err(bad)?;
+        Ok(ShadowStart {
+            name,
+            version,
+            spec,
+        })
+    }
+    async fn run(self, c: &Control) -> Reply {
+        let s = c
+            .registry()
+            .shadow_start(
+                &self.name,
+                &self.version,
+                self.spec,
+                crate::shadow::Origin::Command,
+            )
+            .await?;
+        let report = s.report();
+        c.event(json!({"event": "shadow.started", "model": self.name,
+                       "version": self.version.to_string(), "by": "command", "shadow": report}))
+            .await;
+        Ok(report)
+    }
+}
+
+/// `models.shadow.promote` and `.drop`: the operator's verdict on a model's shadow.
+async fn shadow_verdict(c: &Control, name: &str, promote: bool) -> Reply {
+    let s = c
+        .registry()
+        .shadows()
+        .get(name)
+        .ok_or_else(|| CmdError::new(Code::NotFound, format!("no shadow of `{name}` runs")))?;
+    let word = if promote { "promoted" } else { "dropped" };
+    if !s.decide(promote, &format!("{word} by command")) {
+        return Err(CmdError::new(
+            Code::Conflict,
+            format!("the shadow of {name} {} has its verdict already", s.version),
+        ));
+    }
+    // Recorded before the answer: whoever acts on it (the updater, or the shadow task) may
+    // do so from now on, even after a restart.
+    crate::shadow::flush(c.registry().shadows(), c.store(), c.outbox()).await?;
+    Ok(s.report())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowPromote {
+    pub name: String,
+}
+
+impl Command for ShadowPromote {
+    const SPEC: Spec = Spec {
+        name: "models.shadow.promote",
+        ..CHANGE
+    };
+    fn parse(v: Value) -> Result<Self, CmdError> {
+        args(Self::SPEC.name, v)
+    }
+    async fn run(self, c: &Control) -> Reply {
+        shadow_verdict(c, &self.name, true).await
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowDrop {
+    pub name: String,
+}
+
+impl Command for ShadowDrop {
+    const SPEC: Spec = Spec {
+        name: "models.shadow.drop",
+        ..CHANGE
+    };
+    fn parse(v: Value) -> Result<Self, CmdError> {
+        args(Self::SPEC.name, v)
+    }
+    async fn run(self, c: &Control) -> Reply {
+        shadow_verdict(c, &self.name, false).await
     }
 }
 

@@ -69,9 +69,9 @@ impl From<RegistryError> for CmdError {
                 CmdError::new(Code::NotFound, e.to_string())
             }
             RegistryError::Moved { .. } => CmdError::new(Code::Busy, e.to_string()),
-            RegistryError::Conflict { .. } | RegistryError::NoPrevious { .. } => {
-                CmdError::new(Code::Conflict, e.to_string())
-            }
+            RegistryError::Conflict { .. }
+            | RegistryError::NoPrevious { .. }
+            | RegistryError::Shadow(_) => CmdError::new(Code::Conflict, e.to_string()),
             RegistryError::Package { .. } => CmdError::new(Code::BadRequest, e.to_string()),
             RegistryError::Store(_) | RegistryError::Io { .. } | RegistryError::Stopped => {
                 CmdError::new(Code::Internal, e.to_string())
@@ -480,6 +480,7 @@ impl Control {
             "status": state.summary,
             "models": models,
             "pipelines": pipelines,
+            "shadows": self.inner.registry.shadows().reports(),
             "outbox": backlog,
             "fleet": {
                 "connected": self.inner.fleet_connected.load(Ordering::Relaxed),

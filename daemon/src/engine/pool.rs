@@ -233,6 +233,8 @@ struct Inner {
     busy_since: Vec<AtomicU64>,
     epoch: Instant,
     stats: PoolStats,
+    /// A candidate running beside the active version on a sample of this pool's inputs.
+    shadow: arc_swap::ArcSwapOption<crate::shadow::Shadow>,
 }
 
 impl ModelPool {
@@ -250,6 +252,7 @@ impl ModelPool {
                 .collect(),
             epoch: Instant::now(),
             stats: PoolStats::default(),
+            shadow: arc_swap::ArcSwapOption::empty(),
         });
         for w in 0..config.workers.get() {
             let rx = rx.clone();
@@ -279,6 +282,15 @@ impl ModelPool {
     /// Make `model` the version new requests go to; returns the previous one.
     pub fn swap(&self, model: Arc<Model>) -> Arc<Model> {
         self.inner.active.swap(model)
+    }
+
+    /// The shadow the pipelines of this pool feed, if one runs.
+    pub fn shadow(&self) -> Option<Arc<crate::shadow::Shadow>> {
+        self.inner.shadow.load_full()
+    }
+
+    pub fn set_shadow(&self, s: Option<Arc<crate::shadow::Shadow>>) {
+        self.inner.shadow.store(s);
     }
 
     pub fn stats(&self) -> &PoolStats {

@@ -70,13 +70,17 @@ pub enum RegistryError {
     Package { path: PathBuf, message: String },
     #[error("the registry has stopped")]
     Stopped,
+    #[error("{0}")]
+    Shadow(String),
 }
 
 impl RegistryError {
     pub fn code(&self) -> Code {
         match self {
             RegistryError::Engine(e) => e.code(),
-            RegistryError::Conflict { .. } | RegistryError::NoPrevious { .. } => Code::Conflict,
+            RegistryError::Conflict { .. }
+            | RegistryError::NoPrevious { .. }
+            | RegistryError::Shadow(_) => Code::Conflict,
             RegistryError::Moved { .. } => Code::Busy,
             RegistryError::NotInstalled { .. } | RegistryError::NotActive { .. } => Code::NotFound,
             RegistryError::Package { .. } => Code::BadRequest,
@@ -240,6 +244,7 @@ pub struct Registry {
     /// Writers load models one at a time, so that memory holds one model being loaded on top
     /// of those serving; readers never wait for it.
     loading: Arc<tokio::sync::Mutex<()>>,
+    shadows: crate::shadow::Shadows,
 }
 
 /// The registry's task: run it (`run`) for as long as the handles are used.
@@ -263,6 +268,7 @@ impl Registry {
                 models_dir: state_dir.join("models"),
                 copying: Arc::default(),
                 loading: Arc::default(),
+                shadows: Default::default(),
             },
             Task {
                 rx,
@@ -292,6 +298,126 @@ impl Registry {
 
     pub fn pool(&self, name: &str) -> Option<ModelPool> {
         self.snapshot.borrow().pool(name).cloned()
+    }
+
+    pub fn shadows(&self) -> &crate::shadow::Shadows {
+        &self.shadows
+    }
+
+    /// Run installed `version` of `name` as a shadow of its active version, or go on with
+    /// the one already running (or recorded, with its tally and any verdict, before a
+    /// restart). One shadow per model at a time; never the active version, nor a failed one.
+    pub async fn shadow_start(
+        &self,
+        name: &str,
+        version: &semver::Version,
+        spec: tern_update::bundle::ShadowSpec,
+        origin: crate::shadow::Origin,
+    ) -> Result<Arc<crate::shadow::Shadow>, RegistryError> {
+        use crate::shadow::{self, Shadow};
+        let v = version.to_string();
+        spec.check().map_err(RegistryError::Shadow)?;
+        if let Some(s) = self.shadows.get(name) {
+            if s.version == v {
+                return Ok(s);
+            }
+            return Err(RegistryError::Shadow(format!(
+                "{name} {} runs as a shadow already; drop it first",
+                s.version
+            )));
+        }
+        let pool = self.pool(name).ok_or_else(|| RegistryError::NotActive {
+            name: name.to_string(),
+        })?;
+        if pool.active().version() == version {
+            return Err(RegistryError::Shadow(format!(
+                "{name} {v} is the active version; a shadow runs another"
+            )));
+        }
+        let row = self
+            .row(name, &v)
+            .await?
+            .ok_or_else(|| RegistryError::NotInstalled {
+                name: name.to_string(),
+                version: v.clone(),
+            })?;
+        if row.state == VersionState::Failed {
+            return Err(RegistryError::Shadow(format!(
+                "{name} {v} is marked failed ({})",
+                row.failure.as_deref().unwrap_or("no reason recorded")
+            )));
+        }
+        // One inference at a time on one thread: the shadow's share is bounded by its rests.
+        let settings = PoolSettings {
+            threads: std::num::NonZeroUsize::MIN,
+            workers: std::num::NonZeroUsize::MIN,
+            ..pool.config()
+        };
+        let candidate = self.load(&row, settings).await?;
+        let (n, vv) = (name.to_string(), v.clone());
+        let recorded = self
+            .store
+            .call(move |c| Ok(shadow::read_row(c, &n, &vv)?))
+            .await?;
+        let s = match recorded {
+            // The same shadow before a restart: its count goes on; an update's recorded verdict
+            // is its updater's to act on still (a command's was acted on already).
+            Some(r) if r.state == "running" || (r.origin == origin && !r.acted) => Shadow::start(
+                r.origin,
+                r.spec,
+                candidate,
+                r.started_ms,
+                r.tally,
+                r.verdict,
+            ),
+            _ => {
+                let s = Shadow::start(
+                    origin,
+                    spec,
+                    candidate,
+                    crate::store::now_ms(),
+                    Default::default(),
+                    None,
+                );
+                let fresh = s.clone();
+                self.store
+                    .call(move |c| Ok(shadow::write_new(c, &fresh)?))
+                    .await?;
+                s
+            }
+        };
+        self.shadows.insert(s.clone());
+        if s.recorded_verdict().is_none() {
+            pool.set_shadow(Some(s.clone()));
+        }
+        tracing::info!(model = name, version = %v, against = %pool.active().version(), origin = s.origin.as_str(), "shadow running");
+        Ok(s)
+    }
+
+    /// Take up a shadow `models.shadow` started before a restart, with its recorded spec.
+    pub async fn shadow_resume(
+        &self,
+        name: &str,
+        version: &semver::Version,
+    ) -> Result<Arc<crate::shadow::Shadow>, RegistryError> {
+        let (n, v) = (name.to_string(), version.to_string());
+        let row = self
+            .store
+            .call(move |c| Ok(crate::shadow::read_row(c, &n, &v)?))
+            .await?
+            .ok_or_else(|| RegistryError::Shadow(format!("no shadow of {name} {version}")))?;
+        self.shadow_start(name, version, row.spec, crate::shadow::Origin::Command)
+            .await
+    }
+
+    /// Stop `name`'s shadow of `version` (its record stays).
+    pub fn shadow_end(&self, name: &str, version: &str) {
+        if let Some(s) = self.shadows.remove(name, version)
+            && let Some(pool) = self.pool(name)
+            && pool.shadow().is_some_and(|p| Arc::ptr_eq(&p, &s))
+        {
+            pool.set_shadow(None);
+        }
     }
 
     /// The version of `name` now serving requests.
@@ -816,7 +942,9 @@ impl Task {
                         Some(m) => m,
                         None => pool.active(),
                     };
+                    let shadow = pool.shadow();
                     let pool = ModelPool::spawn(model, settings);
+                    pool.set_shadow(shadow);
                     self.pools.insert(n, pool);
                     self.publish();
                 }

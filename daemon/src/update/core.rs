@@ -53,6 +53,9 @@ pub enum State {
     Verifying,
     Staged,
     SelfTesting,
+    /// Installed, running beside the active version on a sample of its inputs until the
+    /// shadow's verdict.
+    Shadow,
     Activating,
     Health,
     Committed,
@@ -67,6 +70,7 @@ impl State {
             State::Verifying => "verifying",
             State::Staged => "staged",
             State::SelfTesting => "self_testing",
+            State::Shadow => "shadow",
             State::Activating => "activating",
             State::Health => "health",
             State::Committed => "committed",
@@ -81,6 +85,7 @@ impl State {
             "verifying" => State::Verifying,
             "staged" => State::Staged,
             "self_testing" => State::SelfTesting,
+            "shadow" => State::Shadow,
             "activating" => State::Activating,
             "health" => State::Health,
             "committed" => State::Committed,
@@ -199,6 +204,14 @@ pub struct HealthFacts {
     pub hung: bool,
 }
 
+/// A shadow's recorded verdict on its candidate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShadowVerdict {
+    pub promote: bool,
+    /// Its figures, or the operator's word.
+    pub reason: String,
+}
+
 /// What the fleet link delivers to the updater besides manifests (which are judged with facts
 /// the driver reads first).
 #[derive(Debug)]
@@ -256,8 +269,12 @@ pub enum Input {
     },
     /// What the fleet link delivered, besides manifests.
     Link(Link),
-    /// Every half second; `health` while a health window runs.
-    Tick { health: Option<HealthFacts> },
+    /// Every half second; `health` while a health window runs, `shadow` once the shadow of
+    /// the update in [`State::Shadow`] has a recorded verdict.
+    Tick {
+        health: Option<HealthFacts>,
+        shadow: Option<ShadowVerdict>,
+    },
     /// The outcome of the last [`Effect`].
     Done(Outcome),
     /// The daemon stops cleanly.
@@ -306,6 +323,14 @@ pub enum Effect {
     },
     /// Install the staged package into the registry (load, self-test, copy).
     Install { id: i64, name: String },
+    /// Run the installed version as a shadow of the active one (or go on with the shadow
+    /// a restart left running).
+    StartShadow {
+        id: i64,
+        name: String,
+        version: semver::Version,
+        spec: Box<bundle::ShadowSpec>,
+    },
     /// Make the installed version the active one.
     Activate {
         name: String,
@@ -469,6 +494,8 @@ struct Active {
     last_chunk: Instant,
     last_percent: u64,
     health: Option<Watch>,
+    /// In [`State::Shadow`]: whether this run started (or found) the shadow.
+    shadowing: bool,
     /// A bundle file's: the ticket to answer once its bytes are staged.
     ticket: Option<u64>,
     /// A bundle file's: where it is.
@@ -507,7 +534,10 @@ enum Pending {
     },
     Reject {
         reason: String,
+        /// The version never served: a shadow's verdict was against it.
+        shadow: bool,
     },
+    Shadow,
     Rotate {
         trust: Trust,
     },
@@ -616,6 +646,14 @@ impl Core {
     }
 
     /// The model whose health window runs, if one does: the driver reads its facts.
+    /// The model and version of the update running as a shadow, if one is.
+    pub fn shadowing(&self) -> Option<(&str, &semver::Version)> {
+        self.current
+            .as_ref()
+            .filter(|a| a.state == State::Shadow && a.shadowing)
+            .map(|a| (a.signed.name.as_str(), &a.version))
+    }
+
     pub fn watching(&self) -> Option<&str> {
         self.current
             .as_ref()
@@ -690,7 +728,7 @@ impl Core {
                     a.asked.clear();
                 }
             }
-            Input::Tick { health } => self.tick(health),
+            Input::Tick { health, shadow } => self.tick(health, shadow),
             Input::Stopping => {
                 if let Some(a) = &self.current
                     && a.state == State::Health
@@ -830,6 +868,7 @@ impl Core {
             last_chunk: self.now.at,
             last_percent: 0,
             health: None,
+            shadowing: false,
             ticket: None,
             bundle_path: None,
         }
@@ -1462,6 +1501,20 @@ impl Core {
             }
             State::Staged => self.set_state(State::SelfTesting, json!({})),
             State::SelfTesting => self.effect(Effect::Install { id, name }, Pending::Install),
+            State::Shadow => {
+                let Some(spec) = a.signed.shadow.clone() else {
+                    // Only a manifest with a shadow gets here; a recorded one without is
+                    // activated as any other.
+                    return self.set_state(State::Activating, json!({}));
+                };
+                let e = Effect::StartShadow {
+                    id,
+                    name,
+                    version: a.version.clone(),
+                    spec: Box::new(spec),
+                };
+                self.effect(e, Pending::Shadow);
+            }
             State::Activating => {
                 let version = a.version.clone();
                 self.effect(Effect::Activate { name, version }, Pending::Activate);
@@ -1510,7 +1563,7 @@ impl Core {
         self.out
             .push(Action::Crash(format!("update:{}", state.as_str())));
         self.publish_status(true);
-        if state == State::Activating {
+        if state == State::Activating || state == State::Shadow {
             // The registry holds its own copy now; the staging is not needed again,
             // whatever happens next.
             self.out.push(Action::RemoveStaging { id });
@@ -1555,7 +1608,10 @@ impl Core {
                         let id = a.id;
                         self.out.push(Action::RecordPrevious { id, previous });
                     }
-                    self.set_state(State::Activating, json!({}));
+                    match self.current.as_ref().and_then(|a| a.signed.shadow.clone()) {
+                        Some(spec) => self.set_state(State::Shadow, json!({"shadow": spec})),
+                        None => self.set_state(State::Activating, json!({})),
+                    }
                 }
                 Err((code, reason)) => self.fail(code, &reason),
             },
@@ -1595,7 +1651,33 @@ impl Core {
                     self.set_state(State::Health, json!({"window_secs": window}));
                 }
             }
-            (Pending::Reject { reason }, Outcome::Rejected(r)) => match r {
+            (Pending::Shadow, Outcome::Step(r)) => match r {
+                Ok(()) => {
+                    if let Some(a) = &mut self.current {
+                        a.shadowing = true;
+                        a.retry_at_step = None;
+                    }
+                }
+                Err((code, reason)) => self.fail(code, &reason),
+            },
+            (
+                Pending::Reject {
+                    reason,
+                    shadow: true,
+                },
+                Outcome::Rejected(r),
+            ) => match r {
+                Ok(_) => self.fail(Code::Shadow, &reason),
+                Err(e) => {
+                    // Not marked failed: the next tick brings the verdict again.
+                    tracing::error!(error = %e, "shadow candidate not marked failed; trying again");
+                    let now = self.now.at;
+                    if let Some(a) = &mut self.current {
+                        a.retry_at_step = Some(now + STEP_RETRY);
+                    }
+                }
+            },
+            (Pending::Reject { reason, .. }, Outcome::Rejected(r)) => match r {
                 Ok(to) => {
                     if let Some(a) = &self.current {
                         self.out.push(Action::ModelActivated {
@@ -1670,7 +1752,10 @@ impl Core {
                     version,
                     reason: reason.clone(),
                 },
-                Pending::Reject { reason },
+                Pending::Reject {
+                    reason,
+                    shadow: false,
+                },
             );
             return;
         }
@@ -1687,7 +1772,7 @@ impl Core {
         }
     }
 
-    fn tick(&mut self, health: Option<HealthFacts>) {
+    fn tick(&mut self, health: Option<HealthFacts>, shadow: Option<ShadowVerdict>) {
         let now = self.now;
         let clock_s = self.clock_s();
         let Some(a) = &mut self.current else { return };
@@ -1737,6 +1822,25 @@ impl Core {
                 self.publish_status(false);
             }
             State::Health => self.check_health(health),
+            State::Shadow if a.shadowing => {
+                let (Some(v), true) = (shadow, step_due) else {
+                    return;
+                };
+                if v.promote {
+                    self.set_state(State::Activating, json!({"shadow": v.reason}));
+                } else {
+                    let e = Effect::Reject {
+                        name: a.signed.name.clone(),
+                        version: a.version.clone(),
+                        reason: v.reason.clone(),
+                    };
+                    let p = Pending::Reject {
+                        reason: format!("shadow: {}", v.reason),
+                        shadow: true,
+                    };
+                    self.effect(e, p);
+                }
+            }
             // A step whose record failed: try it again, not on every tick.
             _ => {
                 if step_due {

@@ -71,6 +71,7 @@ fn signed(name: &str, version: &str, art: &[u8]) -> Signed {
         targets: Targets::default(),
         expires: NOW_S + 3600,
         issued: Some(NOW_S),
+        shadow: None,
     }
 }
 
@@ -240,7 +241,10 @@ impl Box1 {
     }
 
     fn tick(&mut self, health: Option<HealthFacts>) -> Vec<Action> {
-        self.step(Input::Tick { health })
+        self.step(Input::Tick {
+            health,
+            shadow: None,
+        })
     }
 }
 

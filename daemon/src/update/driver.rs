@@ -21,7 +21,7 @@ use tokio::sync::oneshot;
 
 use super::core::{
     Action, ChunkFailure, Core, Effect, HUNG, HealthFacts, Input, Known, ManifestFacts, Now,
-    OpenRow, Outcome, Settings, State, Trust,
+    OpenRow, Outcome, Settings, ShadowVerdict, State, Trust,
 };
 use super::{Delivery, Deps, InstallError, Uplink};
 use crate::events::LocalEvent;
@@ -321,7 +321,30 @@ impl Driver {
     pub async fn tick(&mut self) {
         let watched = self.core.watching().map(str::to_string);
         let health = watched.as_deref().map(|name| self.health(name));
-        self.run(Input::Tick { health }).await;
+        let shadowing = self
+            .core
+            .shadowing()
+            .map(|(n, v)| (n.to_string(), v.to_string()));
+        let shadow = shadowing.as_ref().and_then(|(n, v)| {
+            let s = self
+                .d
+                .registry
+                .shadows()
+                .get(n)
+                .filter(|s| s.version == *v)?;
+            let v = s.recorded_verdict()?;
+            Some(ShadowVerdict {
+                promote: v.promote,
+                reason: format!("{} by {}", v.reason, v.by),
+            })
+        });
+        self.run(Input::Tick { health, shadow }).await;
+        // The verdict was taken (or the update ended otherwise): the shadow stops.
+        if let Some((name, version)) = shadowing
+            && self.core.shadowing().is_none()
+        {
+            self.d.registry.shadow_end(&name, &version);
+        }
         // The window is over (committed or rolled back): the serving version's refused
         // inputs are no longer checked against its predecessor.
         if let Some(name) = watched
@@ -691,6 +714,19 @@ impl Driver {
                     self.set_baseline(&name).await;
                 }
                 Outcome::Step(r.map_err(|e| (Code::Activation, e.to_string())))
+            }
+            Effect::StartShadow {
+                id: _,
+                name,
+                version,
+                spec,
+            } => {
+                let r = self
+                    .d
+                    .registry
+                    .shadow_start(&name, &version, *spec, crate::shadow::Origin::Update)
+                    .await;
+                Outcome::Step(r.map(|_| ()).map_err(|e| (Code::Shadow, e.to_string())))
             }
             Effect::StartWatch { id, name, resumed } => {
                 self.set_baseline(&name).await;

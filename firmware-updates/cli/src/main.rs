@@ -117,6 +117,11 @@ enum Cmd {
         /// Bytes per chunk over MQTT.
         #[arg(long, default_value_t = 64 * 1024)]
         chunk_size: u64,
+        /// Run it as a shadow of the active version first, judged by this rule:
+        /// `agreement=0.95,samples=200[,latency_p90_ms=50][,fraction=0.1][,cpu_share=0.25]`
+        /// (without `agreement`, the operator promotes or drops it by command).
+        #[arg(long, value_parser = |s: &str| bundle::ShadowSpec::parse_pairs(s))]
+        shadow: Option<bundle::ShadowSpec>,
     },
     /// Add a signature to a bundle (for a threshold of several keys, each holder signs). It
     /// signs what the bundle holds and runs no self-test: that ran when `bundle` made it.
@@ -396,6 +401,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             min_ternd,
             expires_in_days,
             chunk_size,
+            shadow,
         } => {
             if !(bundle::MIN_CHUNK..=bundle::MAX_CHUNK).contains(&chunk_size) {
                 bail!(
@@ -454,6 +460,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
                 expires: now() + expires_in_days as i64 * 86_400,
                 issued: Some(now()),
+                shadow,
             };
             let keys = key
                 .iter()

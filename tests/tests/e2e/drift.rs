@@ -20,7 +20,7 @@ const WINDOW: usize = 100;
 
 /// The digits test set shipped with the models (360 8x8 gray images, white on black, and
 /// their labels), which neither model was trained on.
-fn test_set() -> Vec<(image::GrayImage, String)> {
+pub(crate) fn test_set() -> Vec<(image::GrayImage, String)> {
     let read = |name: &str| {
         ternd::engine::read_npy(&std::fs::read(package(&format!("testsets/{name}"))).unwrap())
             .unwrap()
@@ -44,7 +44,12 @@ fn test_set() -> Vec<(image::GrayImage, String)> {
 
 /// Write `images` into `dir` as `<tag>-<i>.png`, inverted (black digits on white) if asked;
 /// each written beside and renamed in, so a feed never sees half a file.
-fn feed(dir: &Path, tag: &str, images: &[(image::GrayImage, String)], invert: bool) -> usize {
+pub(crate) fn feed(
+    dir: &Path,
+    tag: &str,
+    images: &[(image::GrayImage, String)],
+    invert: bool,
+) -> usize {
     for (i, (img, _)) in images.iter().enumerate() {
         let mut img = img.clone();
         if invert {

@@ -15,6 +15,7 @@ mod infer;
 mod ocr;
 mod package;
 mod rollout;
+mod shadow;
 mod sound;
 mod systemd;
 mod ternctl;

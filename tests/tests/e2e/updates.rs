@@ -12,12 +12,12 @@ use tern_update::command::SigningKey;
 
 use crate::fleet::{FleetBox, client, fleet_box_with, wait_online};
 
-const T: Duration = Duration::from_secs(60);
-const MODEL: &str = "digits-mlp-int8";
-const SYNC: &str = "tern-test/sync";
-const CHUNK: u64 = 4096;
+pub(crate) const T: Duration = Duration::from_secs(60);
+pub(crate) const MODEL: &str = "digits-mlp-int8";
+pub(crate) const SYNC: &str = "tern-test/sync";
+pub(crate) const CHUNK: u64 = 4096;
 
-fn mosquitto() -> Option<Broker> {
+pub(crate) fn mosquitto() -> Option<Broker> {
     Broker::mosquitto().unwrap()
 }
 
@@ -37,7 +37,7 @@ fn keys_toml(keys: &[&SigningKey], threshold: usize, extra: &str) -> String {
     )
 }
 
-fn update_box(
+pub(crate) fn update_box(
     device: &str,
     broker: &Broker,
     keys: &[&SigningKey],
@@ -67,12 +67,12 @@ pub fn next(dir: &Path, version: &str, edit: impl Fn(String) -> String) -> PathB
     )
 }
 
-fn same(s: String) -> String {
+pub(crate) fn same(s: String) -> String {
     s
 }
 
 /// The events a test watches, and the sync marker.
-fn watcher(broker: &Broker, device: &str) -> Client {
+pub(crate) fn watcher(broker: &Broker, device: &str) -> Client {
     let events = format!("tern/{device}/events");
     let state = format!("tern/{device}/state");
     let status = format!("tern/{device}/updates/+");
@@ -84,14 +84,19 @@ fn watcher(broker: &Broker, device: &str) -> Client {
     )
 }
 
-fn event(c: &mut Client, device: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+pub(crate) fn event(
+    c: &mut Client,
+    device: &str,
+    what: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
     let topic = format!("tern/{device}/events");
     c.recv_match(what, T, |m| m.topic == topic && pred(&m.json()))
         .unwrap()
         .json()
 }
 
-fn active(state: &Path) -> Option<(String, String)> {
+pub(crate) fn active(state: &Path) -> Option<(String, String)> {
     db(state)
         .ok()?
         .query_row(
@@ -102,7 +107,7 @@ fn active(state: &Path) -> Option<(String, String)> {
         .ok()
 }
 
-fn versions(state: &Path) -> Vec<(String, String)> {
+pub(crate) fn versions(state: &Path) -> Vec<(String, String)> {
     let c = db(state).unwrap();
     let mut s = c
         .prepare("SELECT version, state FROM model_versions WHERE name = ?1 ORDER BY version")

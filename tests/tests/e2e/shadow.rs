@@ -1,0 +1,341 @@
+//! Shadow evaluation end to end: a candidate runs beside the live model on the box's own
+//! inputs (the digits test set through the watched folder), its answers are compared, and its
+//! verdict promotes it through the normal activation path or refuses it; by an update's
+//! signed rule, by `models.shadow` and by the operator's word; across a kill -9.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tern_tests::mqtt::Client;
+use tern_tests::updates::build;
+use tern_tests::*;
+use tern_update::bundle::ShadowSpec;
+
+use crate::drift::{feed, test_set};
+use crate::fleet::{client, command, wait_online};
+use crate::updates::{
+    CHUNK, MODEL, SYNC, T, active, event, mosquitto, next, same, update_box, versions, watcher,
+};
+
+const DEV: &str = "shadow-1";
+
+fn spec(pairs: &str) -> ShadowSpec {
+    ShadowSpec::parse_pairs(pairs).unwrap()
+}
+
+/// The label table with `a` and `b` swapped: the same network naming two digits wrongly,
+/// as a model trained with those labels exchanged would.
+fn swapped(a: &str, b: &str) -> impl Fn(String) -> String {
+    let (a, b) = (format!("\"{a}\""), format!("\"{b}\""));
+    move |t: String| {
+        let labels = r#"labels = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]"#;
+        assert!(t.contains(labels), "{t}");
+        let l = labels
+            .replace(&a, "\"#\"")
+            .replace(&b, &a)
+            .replace("\"#\"", &b);
+        t.replace(labels, &l)
+    }
+}
+
+/// Feed digits of the test set into the inbox, `batch` at a time, until `pred` matches an
+/// event (or the deadline passes); returns the event and how many digits were fed.
+fn feed_until(
+    w: &mut Client,
+    inbox: &Path,
+    tag: &str,
+    what: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> (Value, usize) {
+    let set = test_set();
+    let topic = format!("tern/{DEV}/events");
+    let deadline = Instant::now() + T;
+    let mut fed = 0;
+    for round in 0.. {
+        let from = (round * 30) % set.len();
+        fed += feed(
+            inbox,
+            &format!("{tag}{round}"),
+            &set[from..from + 30],
+            false,
+        );
+        let wait = Duration::from_secs(3);
+        if let Ok(m) = w.recv_match(what, wait, |m| m.topic == topic && pred(&m.json())) {
+            return (m.json(), fed);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not seen after {fed} digits"
+        );
+    }
+    unreachable!()
+}
+
+/// The box's running shadows, from its status (each asked with a new command id: a repeated
+/// one is answered with its first reply).
+fn shadows(c: &mut Client, tag: &str) -> Vec<Value> {
+    static ASKED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = ASKED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let st = command(c, DEV, "status", &json!({"id": format!("{tag}-{n}")}));
+    st["result"]["shadows"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn metric(port: u16, line_start: &str) -> Option<f64> {
+    let (_, body) = http(port, "GET", "/metrics");
+    body.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// An update whose manifest asks for a shadow runs beside the live version until its rule
+/// judges it: the same network (agreeing on every digit) is promoted and committed through
+/// the health window; one with two labels exchanged (so it names two digits of ten wrongly)
+/// is refused with its measured agreement and marked failed, the live version untouched. A
+/// kill -9 while a shadow runs loses neither its update nor its count. `models.shadow` runs
+/// an installed version as a shadow, and the operator's drop ends one.
+#[test]
+fn a_shadow_that_agrees_is_promoted_and_one_that_disagrees_is_refused() {
+    let Some(broker) = mosquitto() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let k = tern_tests::updates::key();
+    let port = free_port();
+    let bx = update_box(
+        DEV,
+        &broker,
+        &[&k],
+        1,
+        &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
+    );
+    let mut w = watcher(&broker, DEV);
+    let reply = format!("tern/{DEV}/reply/+");
+    let mut c = client(&broker, false, &format!("cmd-{DEV}"), &[&reply]);
+    let daemon = Daemon::spawn(&bx.config, None, &[]).unwrap();
+    wait_online(&mut w, DEV);
+    let topic = format!("tern/{DEV}/update/{MODEL}");
+    let ended = |v: &'static str| {
+        move |e: &Value| {
+            e["version"] == v
+                && matches!(
+                    e["event"].as_str(),
+                    Some("update.committed" | "update.failed" | "update.rolled_back")
+                )
+        }
+    };
+
+    // 1.1.0: the same network. Shadowed, it agrees on every digit and is promoted.
+    let good = next(d.path(), "1.1.0", same);
+    let rule = "agreement=0.95,samples=40,fraction=1,cpu_share=1,latency_p90_ms=1000";
+    build(&good, CHUNK, &[&k], |s| s.shadow = Some(spec(rule))).publish(&mut w, &topic, SYNC);
+    let e = event(&mut w, DEV, "1.1.0 in shadow", |e| {
+        e["event"] == "update.shadow" && e["version"] == "1.1.0"
+    });
+    assert_eq!(e["shadow"]["samples"], 40, "{e}");
+    assert_eq!(
+        active(&bx.state).unwrap().0,
+        "1.0.0",
+        "a shadow is not active"
+    );
+    let (e, fed) = feed_until(&mut w, &bx.inbox, "a", "1.1.0 promoted", |e| {
+        e["event"] == "shadow.promoted" && e["version"] == "1.1.0"
+    });
+    let sh = &e["shadow"];
+    assert_eq!(e["by"], "rule", "{e}");
+    assert_eq!(sh["against"], "1.0.0", "{e}");
+    assert!(sh["samples"].as_u64().unwrap() >= 40, "{e}");
+    assert!(sh["samples"].as_u64().unwrap() <= fed as u64, "{e}");
+    assert_eq!(sh["agreement"], 1.0, "{e}");
+    assert_eq!(sh["errors"], 0, "{e}");
+    assert!(sh["latency_p90_ms"].as_f64().unwrap() > 0.0, "{e}");
+    eprintln!("1.1.0 promoted: {} ({fed} digits fed)", e["reason"]);
+    let e = event(&mut w, DEV, "1.1.0's end", ended("1.1.0"));
+    assert_eq!(e["event"], "update.committed", "{e}");
+    assert_eq!(active(&bx.state).unwrap().0, "1.1.0");
+
+    // 1.2.0: "3" and "5" exchanged. Killed mid-shadow, it goes on counting after the restart;
+    // then the rule refuses it with its figures.
+    let bad = next(d.path(), "1.2.0", swapped("3", "5"));
+    let rule = "agreement=0.95,samples=60,fraction=1,cpu_share=1";
+    build(&bad, CHUNK, &[&k], |s| s.shadow = Some(spec(rule))).publish(&mut w, &topic, SYNC);
+    event(&mut w, DEV, "1.2.0 in shadow", |e| {
+        e["event"] == "update.shadow" && e["version"] == "1.2.0"
+    });
+    feed(&bx.inbox, "b", &test_set()[..30], false);
+    let deadline = Instant::now() + T;
+    let before = loop {
+        let counted = shadows(&mut c, "s1")
+            .first()
+            .and_then(|s| s["samples"].as_u64())
+            .unwrap_or(0);
+        if counted >= 20 {
+            break counted;
+        }
+        assert!(Instant::now() < deadline, "shadow counted {counted} of 30");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let agreement = metric(
+        port,
+        &format!("tern_shadow_agreement{{model=\"{MODEL}\",version=\"1.2.0\"}}"),
+    );
+    assert!(agreement.is_some_and(|a| a < 1.0), "{agreement:?}");
+    // The flush to SQLite runs every half second: wait until the database holds a count.
+    let recorded = || -> u64 {
+        db(&bx.state)
+            .unwrap()
+            .query_row(
+                "SELECT tally FROM shadows WHERE model = ?1 AND version = '1.2.0'",
+                [MODEL],
+                |r| r.get::<_, String>(0),
+            )
+            .map(|t| {
+                serde_json::from_str::<Value>(&t).unwrap()["samples"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + T;
+    while recorded() == 0 {
+        assert!(Instant::now() < deadline, "tally never written");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let started_ms = shadows(&mut c, "s1b")[0]["started_ms"].clone();
+    drop(daemon); // SIGKILL
+    let kept = recorded();
+    assert!(kept > 0 && kept <= 30, "{kept} of 30 fed");
+    let daemon = Daemon::spawn(&bx.config, None, &[]).unwrap();
+    // The first run said `online` again as its models changed: wait for the second run's.
+    let state = format!("tern/{DEV}/state");
+    w.recv_match("the restarted box's birth", T, |m| {
+        m.topic == state && m.json()["state"] == "online" && m.json()["session"] == 2
+    })
+    .unwrap();
+    let deadline = Instant::now() + T;
+    let resumed = loop {
+        if let Some(s) = shadows(&mut c, "s2").first().cloned() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the shadow did not resume");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // The same record taken up again (not a new one), its count going on.
+    assert_eq!(resumed["version"], "1.2.0");
+    assert_eq!(resumed["started_ms"], started_ms, "{resumed}");
+    assert!(
+        resumed["samples"].as_u64().unwrap() >= kept,
+        "{resumed} after {before}"
+    );
+    assert_eq!(active(&bx.state).unwrap().0, "1.1.0");
+    let (e, _) = feed_until(&mut w, &bx.inbox, "c", "1.2.0 refused", |e| {
+        e["event"] == "shadow.rejected" && e["version"] == "1.2.0"
+    });
+    let a = e["shadow"]["agreement"].as_f64().unwrap();
+    eprintln!(
+        "1.2.0 refused: {}; {kept} samples kept over the kill, {} after the restart",
+        e["reason"], resumed["samples"]
+    );
+    // The test set has about a fifth 3s and 5s: far under the rule, far over chance.
+    assert!((0.6..0.95).contains(&a), "{e}");
+    assert!(
+        e["reason"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("agreement {a:.4}")),
+        "{e}"
+    );
+    let e = event(&mut w, DEV, "1.2.0's end", ended("1.2.0"));
+    assert_eq!(
+        (e["event"].as_str(), e["code"].as_str()),
+        (Some("update.failed"), Some("shadow")),
+        "{e}"
+    );
+    assert!(e.to_string().contains(&format!("agreement {a:.4}")), "{e}");
+    assert_eq!(active(&bx.state).unwrap().0, "1.1.0");
+    assert!(versions(&bx.state).contains(&("1.2.0".into(), "failed".into())));
+    // Ended: no shadow runs, and none is fed.
+    assert!(shadows(&mut c, "s3").is_empty());
+
+    // `models.shadow` on the version the box ran before; bad arguments change nothing.
+    let bad_args = [
+        json!({"id": "x1", "args": {"name": MODEL, "version": "1.0.0", "fraction": 0}}),
+        json!({"id": "x2", "args": {"name": MODEL, "version": "1.0.0", "agreement": 0.9, "sample": 3}}),
+        json!({"id": "x3", "args": {"name": MODEL, "version": "1.1.0"}}),
+        json!({"id": "x4", "args": {"name": MODEL, "version": "1.2.0"}}),
+        json!({"id": "x5", "args": {"name": MODEL, "version": "9.0.0"}}),
+    ];
+    for (args, (code, says)) in bad_args.iter().zip([
+        ("bad_request", "fraction 0 is not in (0, 1]"),
+        ("bad_request", "unknown field `sample`"),
+        ("conflict", "is the active version"),
+        ("conflict", "marked failed"),
+        ("not_found", "not installed"),
+    ]) {
+        let r = command(&mut c, DEV, "models.shadow", args);
+        assert_eq!(r["error"]["code"], code, "{args}: {r}");
+        assert!(
+            r["error"]["message"].as_str().unwrap().contains(says),
+            "{args}: {r}"
+        );
+        assert!(shadows(&mut c, "s4").is_empty());
+    }
+    let r = command(
+        &mut c,
+        DEV,
+        "models.shadow",
+        &json!({"id": "m1", "args": {"name": MODEL, "version": "1.0.0", "fraction": 0.5}}),
+    );
+    assert_eq!(r["result"]["version"], "1.0.0", "{r}");
+    assert_eq!(r["result"]["origin"], "command", "{r}");
+    let e = event(&mut w, DEV, "1.0.0 started", |e| {
+        e["event"] == "shadow.started" && e["version"] == "1.0.0"
+    });
+    assert_eq!(e["by"], "command");
+    // Half the digits reach it; without a rule it runs until the operator decides.
+    let deadline = Instant::now() + T;
+    loop {
+        let s = shadows(&mut c, "s5");
+        let n = s.first().and_then(|s| s["samples"].as_u64()).unwrap_or(0);
+        if n >= 10 {
+            assert_eq!(s[0]["agreement"], 1.0, "{s:?}");
+            assert!(s[0]["verdict"].is_null(), "{s:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{s:?}");
+        feed(&bx.inbox, &format!("e{n}-"), &test_set()[..4], false);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let r = command(
+        &mut c,
+        DEV,
+        "models.shadow.drop",
+        &json!({"id": "m2", "args": {"name": MODEL}}),
+    );
+    assert_eq!(r["result"]["verdict"]["by"], "operator", "{r}");
+    let e = event(&mut w, DEV, "dropped", |e| {
+        e["event"] == "shadow.rejected" && e["version"] == "1.0.0"
+    });
+    assert_eq!(e["by"], "operator");
+    let r = command(
+        &mut c,
+        DEV,
+        "models.shadow.drop",
+        &json!({"id": "m3", "args": {"name": MODEL}}),
+    );
+    assert!(
+        matches!(r["error"]["code"].as_str(), Some("not_found" | "conflict")),
+        "{r}"
+    );
+    // Dropped, not failed: the operator may still activate it.
+    let deadline = Instant::now() + T;
+    while !shadows(&mut c, "s6").is_empty() {
+        assert!(Instant::now() < deadline, "the dropped shadow still runs");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(versions(&bx.state).contains(&("1.0.0".into(), "previous".into())));
+    assert_eq!(active(&bx.state).unwrap().0, "1.1.0");
+    drop(daemon); // SIGKILL
+    w.publish_retained(&topic, b"").unwrap();
+}
