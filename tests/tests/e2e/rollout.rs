@@ -563,3 +563,104 @@ fn an_abort_rolls_back_the_boxes_of_earlier_waves() {
         "{again}"
     );
 }
+
+/// A rollout of an update that runs as a shadow first waits on each box's verdict: a version
+/// that agrees with the live one on the boxes' own digits is promoted and committed wave by
+/// wave; one that names the digit the boxes see wrongly is refused by its shadow on the
+/// canary, with the measured agreement, and the rollout stops there.
+#[test]
+fn a_rollout_waits_on_shadow_verdicts_and_stops_on_a_refused_canary() {
+    let Some(broker) = Broker::mosquitto().unwrap() else {
+        return;
+    };
+    let d = tempfile::tempdir().unwrap();
+    let states = d.path().join("rollouts");
+    let pkcs8 = tern_update::command::generate_pkcs8();
+    let k = SigningKey::from_pkcs8(&pkcs8).unwrap();
+    let key_file = d.path().join("op.key");
+    std::fs::write(&key_file, &pkcs8).unwrap();
+    let fleet = update_fleet(&broker, &k, 3, "sh");
+    let feeder = Feeder::start(fleet.boxes.iter().map(|b| b.inbox.clone()).collect());
+    // Made by the operator's tool, the shadow rule signed into the manifest.
+    let bundle = |pkg: &Path, name: &str| -> PathBuf {
+        let out = d.path().join(name);
+        let o = Command::new(bin("tern-update"))
+            .args(["bundle", "--package"])
+            .arg(pkg)
+            .arg("--out")
+            .arg(&out)
+            .arg("--key")
+            .arg(&key_file)
+            .args(["--group", "lab"])
+            .args([
+                "--shadow",
+                "agreement=0.95,samples=20,fraction=1,cpu_share=0.5",
+            ])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        out
+    };
+    let args = [
+        "--waves",
+        "1,rest",
+        "--abort-above",
+        "0",
+        "--wait-secs",
+        "120",
+    ];
+
+    let good = bundle(
+        &next(d.path(), "1.1.0", crate::updates::same),
+        "good.bundle",
+    );
+    let (code, out) = output(
+        rollout_cmd(&broker, "sh1", &good, &states, &args)
+            .spawn()
+            .unwrap(),
+    );
+    assert_eq!(code, Some(0), "{out}");
+    for b in &fleet.boxes {
+        assert_eq!(active(&b.state).as_deref(), Some("1.1.0"), "{}", b.device);
+        let (state, verdict): (String, String) = db(&b.state)
+            .unwrap()
+            .query_row(
+                "SELECT state, verdict FROM shadows WHERE version = '1.1.0'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(state, "promoted", "{}: {verdict}", b.device);
+        assert!(verdict.contains("agreement 1.0000 over"), "{verdict}");
+    }
+
+    let swapped = next(d.path(), "1.2.0", crate::shadow::swapped("3", "5"));
+    let bad = bundle(&swapped, "bad.bundle");
+    let (code, out) = output(
+        rollout_cmd(&broker, "sh2", &bad, &states, &args)
+            .spawn()
+            .unwrap(),
+    );
+    feeder.stop();
+    assert_eq!(code, Some(65), "{out}");
+    assert!(out.contains("wave 1: 1 of 1 failed, above 0"), "{out}");
+    assert!(
+        out.contains("sh-000 failed") && out.contains("agreement 0.0000 over 20 samples"),
+        "{out}"
+    );
+    for b in &fleet.boxes {
+        assert_eq!(active(&b.state).as_deref(), Some("1.1.0"), "{}", b.device);
+    }
+    // The later waves were never targeted: no shadow of 1.2.0 ran there.
+    for b in &fleet.boxes[1..] {
+        let n: i64 = db(&b.state)
+            .unwrap()
+            .query_row(
+                "SELECT count(*) FROM shadows WHERE version = '1.2.0'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(n, 0, "{}", b.device);
+    }
+}

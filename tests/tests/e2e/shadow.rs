@@ -26,7 +26,7 @@ fn spec(pairs: &str) -> ShadowSpec {
 
 /// The label table with `a` and `b` swapped: the same network naming two digits wrongly,
 /// as a model trained with those labels exchanged would.
-fn swapped(a: &str, b: &str) -> impl Fn(String) -> String {
+pub(crate) fn swapped(a: &str, b: &str) -> impl Fn(String) -> String {
     let (a, b) = (format!("\"{a}\""), format!("\"{b}\""));
     move |t: String| {
         let labels = r#"labels = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]"#;
