@@ -404,6 +404,14 @@ fn every_refusal_class_is_refused_with_its_code() {
                 room(),
             )
         }),
+        ("a shadow rule that is no rule", Code::Malformed, |b| {
+            let mut spec = shadow_spec();
+            spec.fraction = 0.0;
+            (
+                b.manifest("1.1.0", |s| s.shadow = Some(spec.clone())),
+                room(),
+            )
+        }),
         ("an artifact hash that is no hash", Code::BadArtifact, |b| {
             (
                 b.manifest("1.1.0", |s| s.artifact.sha256 = "xyz".into()),
@@ -509,6 +517,120 @@ fn the_happy_path_goes_through_every_state_and_commits_after_the_window() {
     assert_eq!(finished(&a), Some((State::Committed, None)));
     assert_eq!(status_state(&a).as_deref(), Some("committed"));
     assert!(b.core.current().is_none());
+}
+
+fn shadow_spec() -> bundle::ShadowSpec {
+    bundle::ShadowSpec::parse_pairs("agreement=0.95,samples=50").unwrap()
+}
+
+fn verdict(promote: bool) -> Option<ShadowVerdict> {
+    Some(ShadowVerdict {
+        promote,
+        reason: "agreement 0.5000 over 50 samples by rule".into(),
+    })
+}
+
+impl Box1 {
+    /// A manifest with a shadow, taken from accepted to a running shadow.
+    fn reach_shadow(&mut self) {
+        let art = artifact_bytes(10_000);
+        let sha = tern_update::sha256_hex(&art);
+        self.downloading(self.manifest("1.1.0", |s| s.shadow = Some(shadow_spec())));
+        self.all_chunks(&sha, &art);
+        self.ok();
+        self.done(Outcome::Step(Ok(())));
+        self.ok();
+        self.ok();
+        let a = self.done(Outcome::Installed(Ok(Some("1.0.0".into()))));
+        assert_eq!(set_state(&a), Some(State::Shadow), "{a:?}");
+        let a = self.ok();
+        assert!(a.iter().any(|x| matches!(x, Action::RemoveStaging { .. })));
+        assert!(crashed(&a, "update:shadow"));
+        assert!(
+            matches!(effect(&a), Some(Effect::StartShadow { version, spec, .. })
+                if version.to_string() == "1.1.0" && **spec == shadow_spec()),
+            "{a:?}"
+        );
+        assert_eq!(self.core.shadowing(), None, "not until the shadow runs");
+        assert!(self.done(Outcome::Step(Ok(()))).is_empty());
+        assert_eq!(
+            self.core.shadowing().map(|(n, v)| (n, v.to_string())),
+            Some(("m", "1.1.0".into()))
+        );
+    }
+}
+
+/// A manifest with a shadow is installed but not activated: it waits for its verdict, then
+/// goes the normal way (activation, health window) or is marked failed with code `shadow`.
+#[test]
+fn a_shadow_waits_for_its_verdict_then_activates_or_fails() {
+    let mut b = Box1::new();
+    b.reach_shadow();
+    // No verdict yet: nothing, however long.
+    b.later(Duration::from_secs(3600));
+    assert!(b.tick(None).is_empty());
+    let a = b.step(Input::Tick {
+        health: None,
+        shadow: verdict(true),
+    });
+    assert_eq!(set_state(&a), Some(State::Activating), "{a:?}");
+    let a = b.ok();
+    assert!(matches!(effect(&a), Some(Effect::Activate { .. })), "{a:?}");
+
+    let mut b = Box1::new();
+    b.reach_shadow();
+    let a = b.step(Input::Tick {
+        health: None,
+        shadow: verdict(false),
+    });
+    assert!(
+        matches!(effect(&a), Some(Effect::Reject { version, .. }) if version.to_string() == "1.1.0"),
+        "{a:?}"
+    );
+    // Marking it failed did not commit: the next tick with the verdict tries again.
+    let a = b.done(Outcome::Rejected(Err("disk full".into())));
+    assert_eq!(finished(&a), None, "{a:?}");
+    b.later(Duration::from_secs(10));
+    let a = b.step(Input::Tick {
+        health: None,
+        shadow: verdict(false),
+    });
+    assert!(matches!(effect(&a), Some(Effect::Reject { .. })), "{a:?}");
+    let a = b.done(Outcome::Rejected(Ok("1.0.0".into())));
+    assert_eq!(finished(&a), Some((State::Failed, Some(Code::Shadow))));
+    assert!(
+        a.iter()
+            .any(|x| matches!(x, Action::FinishRow { reason: Some(r), .. }
+            if r.contains("agreement 0.5000 over 50"))),
+        "{a:?}"
+    );
+    assert!(b.core.current().is_none());
+}
+
+/// A restart in `shadow` starts the shadow again (it goes on from its record); one that
+/// cannot start fails the update with its reason.
+#[test]
+fn a_restart_in_shadow_takes_the_shadow_up_again() {
+    let mut b = Box1::new();
+    let mut row = open_row(&b, 5, State::Shadow, TOPIC);
+    row.manifest = b
+        .manifest("1.1.0", |s| s.shadow = Some(shadow_spec()))
+        .to_vec();
+    let a = resume(&mut b, vec![row.clone()]);
+    assert!(
+        matches!(effect(&a), Some(Effect::StartShadow { id: 5, .. })),
+        "{a:?}"
+    );
+    assert!(b.done(Outcome::Step(Ok(()))).is_empty());
+    assert!(b.core.shadowing().is_some());
+
+    let mut b = Box1::new();
+    resume(&mut b, vec![row]);
+    let a = b.done(Outcome::Step(Err((
+        Code::Shadow,
+        "version 1.1.0 is not installed".into(),
+    ))));
+    assert_eq!(finished(&a), Some((State::Failed, Some(Code::Shadow))));
 }
 
 #[test]
