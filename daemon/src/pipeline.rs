@@ -598,7 +598,8 @@ impl Serve {
         let Some(drift) = self.drift.as_ref() else {
             return;
         };
-        let Some(p) = batch.iter().find_map(|d| d.result.as_ref().ok()) else {
+        // The last answer: across a swap, the version that serves from now on.
+        let Some(p) = batch.iter().rev().find_map(|d| d.result.as_ref().ok()) else {
             return;
         };
         if drift.watching() == Some((p.model.as_str(), p.version.as_str())) {
@@ -622,12 +623,14 @@ impl Serve {
             })
             .await;
         let parse = |(source, histogram): (String, String)| {
-            let b = Some(crate::drift::Baseline {
-                model: model.clone(),
-                version: version.clone(),
-                source: serde_json::from_value(Value::String(source)).ok()?,
-                histogram: serde_json::from_str(&histogram).ok()?,
-            });
+            let b = (|| {
+                Some(crate::drift::Baseline {
+                    model: model.clone(),
+                    version: version.clone(),
+                    source: serde_json::from_value(Value::String(source)).ok()?,
+                    histogram: serde_json::from_str(&histogram).ok()?,
+                })
+            })();
             if b.is_none() {
                 tracing::warn!(pipeline = %self.name, "recorded drift baseline unreadable; making another");
             }
@@ -923,7 +926,8 @@ impl Serve {
                 f.finish();
             }
         }
-        if (woke || flipped)
+        // Drift events went into the outbox in the same transaction.
+        if (woke || flipped || drift_back.is_some())
             && let Some(ob) = &self.sinks.outbox
         {
             ob.wake();

@@ -90,6 +90,8 @@ struct Shared {
     connected: Notify,
     /// Tokens of retained clears the broker acknowledged (Home Assistant discovery).
     cleared: Mutex<Vec<u64>>,
+    /// A clear was acknowledged: discovery forgets its topic (no birth is said for it).
+    cleared_notify: Notify,
 }
 
 /// Why the fleet link could not start.
@@ -133,6 +135,7 @@ pub fn spawn(
         presence: Notify::new(),
         connected: Notify::new(),
         cleared: Mutex::new(Vec::new()),
+        cleared_notify: Notify::new(),
     });
     let (cmd_tx, cmd_rx) = mpsc::channel::<Queued>(cfg.commands.queue.get());
     let (updater, uplink) = match updates {
@@ -316,7 +319,7 @@ impl Session {
                         .lock()
                         .expect("cleared lock")
                         .push(token);
-                    self.shared.presence.notify_one();
+                    self.shared.cleared_notify.notify_one();
                 }
                 Ok(Event::Acked(id, refused)) => {
                     match refused {
@@ -699,6 +702,7 @@ async fn presence_task(
         let asked = tokio::select! {
             _ = cancel.cancelled() => return,
             _ = shared.presence.notified() => true,
+            _ = shared.cleared_notify.notified() => false,
             _ = changed(&mut state) => false,
             _ = changed(&mut models) => false,
         };
@@ -783,11 +787,14 @@ impl Discovery {
             self.said.clear();
             self.clearing.clear();
         }
+        let wanted = wanted_entities(topics, control);
+        // A topic wanted again while its clear was on its way stays recorded: it is about to
+        // be published again.
         let acked: Vec<String> = std::mem::take(&mut *shared.cleared.lock().expect("cleared lock"))
             .into_iter()
             .filter_map(|t| self.clearing.remove(&t))
+            .filter(|t| !wanted.iter().any(|e| &e.topic == t))
             .collect();
-        let wanted = wanted_entities(topics, control);
         let fresh: Vec<String> = match &self.recorded {
             Some(r) => wanted
                 .iter()

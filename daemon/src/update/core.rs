@@ -1053,10 +1053,11 @@ impl Core {
         }
         // What it claims to be, unverified: only used to decide whether it waits.
         let (claimed_name, claimed_version) = peek(&payload);
-        // A download may be replaced by a newer version of the same model (the operator fixed
-        // a bad publish); an older or equal one, or any later step, waits its turn.
+        // A download, or a version running as a shadow, may be replaced by a newer version of
+        // the same model (the operator fixed a bad publish); an older or equal one, or any
+        // other step, waits its turn.
         let replaces = self.current.as_ref().is_some_and(|a| {
-            a.state == State::Downloading
+            matches!(a.state, State::Downloading | State::Shadow)
                 && claimed_name.as_deref() == Some(a.signed.name.as_str())
                 && claimed_version.as_ref().is_some_and(|v| *v > a.version)
         });

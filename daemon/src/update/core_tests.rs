@@ -607,6 +607,25 @@ fn a_shadow_waits_for_its_verdict_then_activates_or_fails() {
     assert!(b.core.current().is_none());
 }
 
+/// A newer version of the model replaces its shadow (the operator fixed a bad publish); one
+/// of another model waits for the verdict.
+#[test]
+fn a_newer_version_replaces_a_shadow_and_another_model_waits() {
+    let mut b = Box1::new();
+    b.reach_shadow();
+    let other = {
+        let s = signed("other", "2.0.0", &artifact_bytes(100));
+        payload(&bundle::sign(&s, &[&b.key]))
+    };
+    let a = b.offer_on("tern/d/update/other", other, room());
+    assert!(effect(&a).is_none(), "{a:?}");
+    assert!(b.core.shadowing().is_some());
+    let a = b.offer(b.manifest("1.2.0", |_| {}), room());
+    assert_eq!(finished(&a), Some((State::Failed, Some(Code::Superseded))));
+    assert!(matches!(effect(&a), Some(Effect::Insert { .. })), "{a:?}");
+    assert_eq!(b.core.shadowing(), None);
+}
+
 /// A restart in `shadow` starts the shadow again (it goes on from its record); one that
 /// cannot start fails the update with its reason.
 #[test]

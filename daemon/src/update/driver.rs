@@ -126,6 +126,17 @@ impl Driver {
                 }
             }
         }
+        // A shadow an update started runs only while that update is in `shadow`: its verdict
+        // was taken, or a newer version replaced it.
+        for s in self.d.registry.shadows().all() {
+            let current = self
+                .core
+                .shadowing()
+                .is_some_and(|(n, v)| n == s.model && v.to_string() == s.version);
+            if s.origin == crate::shadow::Origin::Update && !current {
+                self.d.registry.shadow_end(&s.model, &s.version);
+            }
+        }
     }
 
     /// Pick up where the last run stopped. Until this has read the database (the open
@@ -339,12 +350,6 @@ impl Driver {
             })
         });
         self.run(Input::Tick { health, shadow }).await;
-        // The verdict was taken (or the update ended otherwise): the shadow stops.
-        if let Some((name, version)) = shadowing
-            && self.core.shadowing().is_none()
-        {
-            self.d.registry.shadow_end(&name, &version);
-        }
         // The window is over (committed or rolled back): the serving version's refused
         // inputs are no longer checked against its predecessor.
         if let Some(name) = watched

@@ -160,6 +160,8 @@ path = "det-in"
 kind = "audio"
 name = "mic"
 input = "{wav}"
+# At its own pace: the speech (from 1 s in) comes after the entities' discovery.
+input_args = ["-re"]
 {pipelines}{det}
 [updates]
 keys = ["{public}"]
