@@ -339,3 +339,111 @@ fn a_shadow_that_agrees_is_promoted_and_one_that_disagrees_is_refused() {
     drop(daemon); // SIGKILL
     w.publish_retained(&topic, b"").unwrap();
 }
+
+/// A detector's shadow is judged by its boxes: the same network matches every box of the
+/// canvases the box sees (label and overlap) and is promoted; one that names 3s as 5s and 5s
+/// as 3s leaves those boxes unmatched and is refused.
+#[test]
+fn a_detector_shadow_is_judged_by_its_matched_boxes() {
+    const DET: &str = "digits-det-int8";
+    const DEV: &str = "shadow-det";
+    let Some(broker) = mosquitto() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let k = tern_tests::updates::key();
+    let bx = crate::fleet::fleet_box_with(
+        DET,
+        DEV,
+        &broker.url(true),
+        "",
+        &format!(
+            "[engine]\nplan = \"tract\"\n{}",
+            crate::updates::keys_toml(&[&k], 1, "")
+        ),
+    );
+    let mut w = watcher(&broker, DEV);
+    let _daemon = Daemon::spawn(&bx.config, None, &[]).unwrap();
+    wait_online(&mut w, DEV);
+    let topic = format!("tern/{DEV}/update/{DET}");
+    let events = format!("tern/{DEV}/events");
+    let canvases = package("testsets/digits-det");
+    // Canvases into the inbox until `pred` matches an event.
+    let mut fed = 0;
+    let mut feed_until = |w: &mut Client, what: &str, pred: &dyn Fn(&Value) -> bool| -> Value {
+        let deadline = Instant::now() + T;
+        loop {
+            for _ in 0..20 {
+                let from = canvases.join(format!("{:03}.png", fed % 100));
+                let tmp = bx.inbox.join(format!(".c{fed}.png"));
+                std::fs::copy(&from, &tmp).unwrap();
+                std::fs::rename(&tmp, bx.inbox.join(format!("c{fed}.png"))).unwrap();
+                fed += 1;
+            }
+            let wait = Duration::from_secs(3);
+            if let Ok(m) = w.recv_match(what, wait, |m| m.topic == events && pred(&m.json())) {
+                return m.json();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not seen after {fed} canvases"
+            );
+        }
+    };
+    let variant = |version: &str, edit: &dyn Fn(String) -> String| {
+        tern_tests::updates::variant(
+            &package(DET),
+            &d.path().join(format!("{DET}-{version}")),
+            DET,
+            version,
+            edit,
+        )
+    };
+    let rule = "agreement=0.95,samples=30,fraction=1,cpu_share=1";
+
+    let good = variant("1.1.0", &|t| t);
+    build(&good, CHUNK, &[&k], |s| s.shadow = Some(spec(rule))).publish(&mut w, &topic, SYNC);
+    let e = feed_until(&mut w, "1.1.0 promoted", &|e| {
+        e["version"] == "1.1.0"
+            && matches!(
+                e["event"].as_str(),
+                Some("shadow.promoted" | "shadow.rejected")
+            )
+    });
+    assert_eq!(e["event"], "shadow.promoted", "{e}");
+    let b = &e["shadow"]["boxes"];
+    let live = b["live"].as_u64().unwrap();
+    // The canvases hold one to three digits each.
+    assert!(live >= 30, "{e}");
+    assert_eq!(
+        (b["candidate"].as_u64(), b["matched"].as_u64()),
+        (Some(live), Some(live)),
+        "{e}"
+    );
+    assert_eq!(e["shadow"]["agreement"], 1.0, "{e}");
+
+    let swapped = variant("1.2.0", &swapped("3", "5"));
+    build(&swapped, CHUNK, &[&k], |s| s.shadow = Some(spec(rule))).publish(&mut w, &topic, SYNC);
+    let e = feed_until(&mut w, "1.2.0 judged", &|e| {
+        e["version"] == "1.2.0"
+            && matches!(
+                e["event"].as_str(),
+                Some("shadow.promoted" | "shadow.rejected")
+            )
+    });
+    eprintln!(
+        "detector: 1.1.0 matched {live} of {live} boxes; 1.2.0: {}",
+        e["reason"]
+    );
+    assert_eq!(e["event"], "shadow.rejected", "{e}");
+    let b = &e["shadow"]["boxes"];
+    let (l, c, m) = (
+        b["live"].as_u64().unwrap(),
+        b["candidate"].as_u64().unwrap(),
+        b["matched"].as_u64().unwrap(),
+    );
+    // The same boxes, some with another label: fewer matched, none lost or added.
+    assert_eq!(l, c, "{e}");
+    assert!(m > 0 && m < l, "{e}");
+    let a = e["shadow"]["agreement"].as_f64().unwrap();
+    assert!(a > 0.0 && a < 0.95, "{e}");
+    w.publish_retained(&topic, b"").unwrap();
+}

@@ -21,7 +21,7 @@ pub(crate) fn mosquitto() -> Option<Broker> {
     Broker::mosquitto().unwrap()
 }
 
-fn keys_toml(keys: &[&SigningKey], threshold: usize, extra: &str) -> String {
+pub(crate) fn keys_toml(keys: &[&SigningKey], threshold: usize, extra: &str) -> String {
     let list: Vec<String> = keys
         .iter()
         .map(|k| format!("\"{}\"", k.public().to_base64()))
