@@ -336,6 +336,10 @@ pub struct Shadow {
     candidate: Arc<Model>,
     tx: crossbeam_channel::Sender<Job>,
     offered: AtomicU64,
+    /// Kept apart from the tally (and its lock): the live path counts its drops and reads
+    /// whether there is a verdict without ever waiting for the shadow's thread.
+    dropped: AtomicU64,
+    decided: AtomicBool,
     state: Mutex<State>,
     /// Counted since the last flush.
     dirty: AtomicBool,
@@ -353,6 +357,7 @@ impl Shadow {
     ) -> Arc<Shadow> {
         let (tx, rx) = crossbeam_channel::bounded(QUEUE);
         let recorded = verdict.is_some();
+        let dropped = AtomicU64::new(tally.dropped);
         let s = Arc::new(Shadow {
             model: candidate.name().to_string(),
             version: candidate.version().to_string(),
@@ -362,6 +367,8 @@ impl Shadow {
             candidate,
             tx,
             offered: AtomicU64::new(0),
+            dropped,
+            decided: AtomicBool::new(recorded),
             state: Mutex::new(State {
                 tally,
                 verdict,
@@ -386,14 +393,14 @@ impl Shadow {
     pub fn pick(&self) -> bool {
         let f = self.spec.fraction;
         let n = self.offered.fetch_add(1, Ordering::Relaxed) as f64;
-        ((n + 1.0) * f).floor() > (n * f).floor() && self.lock().verdict.is_none()
+        ((n + 1.0) * f).floor() > (n * f).floor() && !self.decided.load(Ordering::Relaxed)
     }
 
     /// Hand a picked input and its live answer to the shadow; dropped if it is still busy.
     pub fn offer(&self, input: Input, live: Prediction) {
         if let Err(crossbeam_channel::TrySendError::Full(_)) = self.tx.try_send(Job { input, live })
         {
-            self.lock().tally.dropped += 1;
+            self.dropped.fetch_add(1, Ordering::Relaxed);
             self.dirty.store(true, Ordering::Relaxed);
         }
     }
@@ -409,6 +416,7 @@ impl Shadow {
             by: "operator".into(),
             reason: reason.to_string(),
         });
+        self.decided.store(true, Ordering::Relaxed);
         self.dirty.store(true, Ordering::Relaxed);
         true
     }
@@ -426,7 +434,9 @@ impl Shadow {
         }
         let s = self.lock();
         let fresh = (!s.recorded).then(|| s.verdict.clone()).flatten();
-        Some((s.tally.clone(), fresh))
+        let mut t = s.tally.clone();
+        t.dropped = self.dropped.load(Ordering::Relaxed);
+        Some((t, fresh))
     }
 
     fn mark_recorded(&self) {
@@ -447,7 +457,7 @@ impl Shadow {
             "agreed": t.agreed,
             "agreement": t.agreement(),
             "errors": t.errors,
-            "dropped": t.dropped,
+            "dropped": self.dropped.load(Ordering::Relaxed),
             "score_diff_mean": (t.scored > 0).then(|| t.score_diff_sum / t.scored as f64),
             "score_diff_max": (t.scored > 0).then_some(t.score_diff_max),
             "boxes": (t.boxes_live + t.boxes_candidate > 0).then(|| json!({
@@ -479,9 +489,15 @@ fn worker(rx: crossbeam_channel::Receiver<Job>, shadow: Weak<Shadow>) {
     }
     while let Ok(job) = rx.recv() {
         let Some(s) = shadow.upgrade() else { return };
+        if job.live.version == s.version {
+            // The candidate serves already (activated or rolled back to meanwhile): comparing
+            // it with itself says nothing.
+            continue;
+        }
         let started = Instant::now();
+        let cpu = thread_cpu();
         let model = s.candidate.clone();
-        let answer =
+        let mut answer =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.infer(&job.input)))
                 .unwrap_or_else(|p| {
                     Err(EngineError::Run {
@@ -490,11 +506,19 @@ fn worker(rx: crossbeam_channel::Receiver<Job>, shadow: Weak<Shadow>) {
                     })
                 });
         let spent = started.elapsed();
+        // Its latency is the CPU time it took: its wall time includes waiting for the cores
+        // the live path took from it, which says nothing of the candidate.
+        if let (Ok(p), Some(a), Some(b)) = (answer.as_mut(), cpu, thread_cpu()) {
+            p.latency_us = b.saturating_sub(a).as_micros() as u64;
+        }
         {
             let mut st = s.lock();
             if st.verdict.is_none() {
                 st.tally.add(&job.live, &answer);
                 st.verdict = st.tally.judge(&s.spec);
+                if st.verdict.is_some() {
+                    s.decided.store(true, Ordering::Relaxed);
+                }
             }
         }
         s.dirty.store(true, Ordering::Relaxed);
@@ -502,17 +526,30 @@ fn worker(rx: crossbeam_channel::Receiver<Job>, shadow: Weak<Shadow>) {
         drop(s);
         // Rest so that the shadow's work stays within its share of one core; inputs picked
         // meanwhile find the queue full and are dropped.
-        let rest = spent.mul_f64((1.0 - share) / share).min(MAX_REST);
+        let rest = Duration::try_from_secs_f64(spent.as_secs_f64() * (1.0 - share) / share)
+            .unwrap_or(MAX_REST)
+            .min(MAX_REST);
         if !rest.is_zero() {
             std::thread::sleep(rest);
         }
     }
 }
 
+/// This thread's CPU time so far.
+fn thread_cpu() -> Option<Duration> {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID).ok()?;
+    Some(Duration::new(t.tv_sec() as u64, t.tv_nsec() as u32))
+}
+
 /// The shadows running, by model: one per model at a time.
 #[derive(Clone, Default)]
 pub struct Shadows {
     map: Arc<Mutex<BTreeMap<String, Arc<Shadow>>>>,
+    /// One flush at a time: a verdict is written (and its event queued) once, and whoever
+    /// asked for a flush finds it recorded when theirs returns.
+    flushing: Arc<tokio::sync::Mutex<()>>,
+    /// One start at a time: the check for a running shadow and the insert stay together.
+    pub(crate) starting: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Shadows {
@@ -575,12 +612,19 @@ pub fn read_row(
             let bad = |e: serde_json::Error| {
                 rusqlite::Error::FromSqlConversionFailure(1, rusqlite::types::Type::Text, e.into())
             };
+            let origin = match origin.as_str() {
+                "update" => Origin::Update,
+                "command" => Origin::Command,
+                other => {
+                    return Err(rusqlite::Error::FromSqlConversionFailure(
+                        0,
+                        rusqlite::types::Type::Text,
+                        format!("shadow origin `{other}`").into(),
+                    ));
+                }
+            };
             Ok(Row {
-                origin: if origin == "update" {
-                    Origin::Update
-                } else {
-                    Origin::Command
-                },
+                origin,
                 spec: serde_json::from_str(&spec).map_err(bad)?,
                 state: r.get(2)?,
                 // A tally that cannot be read starts over rather than stopping the shadow.
@@ -643,6 +687,10 @@ pub async fn task(control: crate::control::Control, cancel: tokio_util::sync::Ca
             Err(e) => Err(crate::registry::RegistryError::Shadow(e.to_string())),
         };
         if let Err(e) = started {
+            if transient(&e) {
+                tracing::error!(%model, %version, error = %e, "shadow not taken up again; tried at the next start");
+                continue;
+            }
             // Its version is gone or active already (promoted just before a power cut), or its
             // model is no longer served: it is not tried again at every start.
             tracing::warn!(%model, %version, error = %e, "shadow not taken up again; dropped");
@@ -684,6 +732,12 @@ pub async fn task(control: crate::control::Control, cancel: tokio_util::sync::Ca
     }
 }
 
+/// The box's own trouble (its database, a change racing this one): worth another try.
+fn transient(e: &crate::registry::RegistryError) -> bool {
+    use crate::registry::RegistryError as E;
+    matches!(e, E::Store(_) | E::Stopped | E::Moved { .. })
+}
+
 /// Activate a command shadow's candidate, or mark it failed; then stop the shadow.
 async fn act(control: &crate::control::Control, s: &Shadow, v: &Verdict) {
     let reg = control.registry();
@@ -704,9 +758,14 @@ async fn act(control: &crate::control::Control, s: &Shadow, v: &Verdict) {
                     version: s.version.clone(),
                 });
             }
-            // The verdict stands; the operator sees why in the log and the version list.
+            Err(e) if transient(&e) => {
+                tracing::error!(model = %s.model, version = %s.version, error = %e, "promoted shadow not activated yet; trying again");
+                return;
+            }
+            // It no longer loads (or is gone): the verdict stands, the version is marked
+            // failed by the registry, and the operator sees why in the log and the list.
             Err(e) => {
-                tracing::error!(model = %s.model, version = %s.version, error = %e, "promoted shadow not activated")
+                tracing::error!(model = %s.model, version = %s.version, error = %e, "promoted shadow cannot be activated")
             }
         }
     } else if v.by == "rule" {
@@ -717,23 +776,9 @@ async fn act(control: &crate::control::Control, s: &Shadow, v: &Verdict) {
             return;
         }
     }
-    let (m, ver) = (s.model.clone(), s.version.clone());
-    let marked = control
-        .store()
-        .call(move |c| {
-            c.execute(
-                "UPDATE shadows SET acted = 1 WHERE model = ?1 AND version = ?2",
-                [m, ver],
-            )?;
-            Ok(())
-        })
-        .await;
-    if let Err(e) = marked {
-        // Acted on again after a restart: activating the active version, or marking a failed
-        // one failed, changes nothing.
-        tracing::warn!(error = %e, "shadow not marked as acted on");
-    }
-    reg.shadow_end(&s.model, &s.version);
+    // Marked as acted on; if that is lost, acting again after a restart changes nothing
+    // (activating the active version, marking a failed one failed).
+    reg.shadow_end(&s.model, &s.version).await;
 }
 
 /// Write what changed of every shadow: tallies, and each new verdict with its event in one
@@ -743,6 +788,7 @@ pub async fn flush(
     store: &crate::store::Store,
     outbox: Option<&crate::outbox::Outbox>,
 ) -> Result<Vec<Arc<Shadow>>, crate::store::StoreError> {
+    let _one = shadows.flushing.lock().await;
     let changed: Vec<(Arc<Shadow>, Tally, Option<Verdict>)> = shadows
         .all()
         .into_iter()
@@ -774,26 +820,23 @@ pub async fn flush(
             let tx = c.transaction()?;
             let mut any_event = false;
             for (model, version, tally, verdict) in &rows {
-                let (state, v) = match verdict {
-                    Some((v, _)) if v.promote => ("promoted", Some(v)),
-                    Some((v, _)) => ("rejected", Some(v)),
-                    None => ("running", None),
-                };
                 tx.execute(
-                    "UPDATE shadows SET tally = ?3, updated_ms = ?4,
-                     state = CASE WHEN state = 'running' THEN ?5 ELSE state END,
-                     verdict = COALESCE(verdict, ?6)
-                     WHERE model = ?1 AND version = ?2",
+                    "UPDATE shadows SET tally = ?3, updated_ms = ?4 WHERE model = ?1 AND version = ?2",
+                    rusqlite::params![model, version, tally, now],
+                )?;
+                let Some((v, report)) = verdict else { continue };
+                // Only the first verdict of a row is written, and said.
+                let said = tx.execute(
+                    "UPDATE shadows SET state = ?3, verdict = ?4
+                     WHERE model = ?1 AND version = ?2 AND verdict IS NULL",
                     rusqlite::params![
                         model,
                         version,
-                        tally,
-                        now,
-                        state,
-                        v.map(|v| serde_json::to_string(v).expect("a verdict serialises")),
+                        if v.promote { "promoted" } else { "rejected" },
+                        serde_json::to_string(v).expect("a verdict serialises"),
                     ],
                 )?;
-                if let (Some(ob), Some((v, report))) = (&ob, verdict) {
+                if let Some(ob) = ob.as_ref().filter(|_| said == 1) {
                     let event = if v.promote {
                         "shadow.promoted"
                     } else {

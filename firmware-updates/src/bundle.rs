@@ -61,10 +61,10 @@ pub struct Signed {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShadowSpec {
-    /// Share of the live inputs the candidate also runs on, in (0, 1].
+    /// Share of the live inputs the candidate also runs on, in [0.001, 1].
     #[serde(default = "ShadowSpec::default_fraction")]
     pub fraction: f64,
-    /// Share of one core the candidate may use, in (0, 1]: it rests after each input long
+    /// Share of one core the candidate may use, in [0.01, 1]: it rests after each input long
     /// enough to stay within it (and runs at the lowest priority).
     #[serde(default = "ShadowSpec::default_cpu_share")]
     pub cpu_share: f64,
@@ -92,15 +92,16 @@ impl ShadowSpec {
 
     /// Why these figures make no rule, if they do not.
     pub fn check(&self) -> Result<(), String> {
-        let share = |what: &str, v: f64| {
-            if v > 0.0 && v <= 1.0 {
+        // A share so small that the shadow would never see an input, or rest for ever.
+        let share = |what: &str, v: f64, min: f64| {
+            if v >= min && v <= 1.0 {
                 Ok(())
             } else {
-                Err(format!("shadow {what} {v} is not in (0, 1]"))
+                Err(format!("shadow {what} {v} is not in [{min}, 1]"))
             }
         };
-        share("fraction", self.fraction)?;
-        share("cpu_share", self.cpu_share)?;
+        share("fraction", self.fraction, 0.001)?;
+        share("cpu_share", self.cpu_share, 0.01)?;
         if let Some(a) = self.agreement
             && !(0.0..=1.0).contains(&a)
         {

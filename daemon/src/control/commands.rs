@@ -348,7 +348,8 @@ impl Command for ShadowStart {
         };
         let mut text = |k: &str| match m.remove(k) {
             Some(Value::String(s)) => Ok(s),
-            _ => Err(bad(format!("`{k}` (a string) is missing"))),
+            Some(other) => Err(bad(format!("`{k}` must be a string, not {other}"))),
+            None => Err(bad(format!("`{k}` is missing"))),
         };
         let (name, version) = (text("name")?, text("version")?);
         let version = semver::Version::parse(&version)
@@ -398,6 +399,13 @@ async fn shadow_verdict(c: &Control, name: &str, promote: bool) -> Reply {
     // Recorded before the answer: whoever acts on it (the updater, or the shadow task) may
     // do so from now on, even after a restart.
     crate::shadow::flush(c.registry().shadows(), c.store(), c.outbox()).await?;
+    if s.recorded_verdict().is_none() {
+        // Not in the database yet (another flush failed with it): the shadow task writes it.
+        return Err(CmdError::new(
+            Code::Internal,
+            "the verdict is taken but not recorded yet; it will be".to_string(),
+        ));
+    }
     Ok(s.report())
 }
 

@@ -253,6 +253,7 @@ pub struct Task {
     pools: BTreeMap<String, ModelPool>,
     snapshot: watch::Sender<Arc<Snapshot>>,
     store: Store,
+    shadows: crate::shadow::Shadows,
 }
 
 impl Registry {
@@ -260,6 +261,7 @@ impl Registry {
     pub fn new(store: Store, state_dir: &Path) -> (Registry, Task) {
         let (tx, rx) = mpsc::channel(16);
         let (snap_tx, snap_rx) = watch::channel(Arc::new(Snapshot::default()));
+        let shadows = crate::shadow::Shadows::default();
         (
             Registry {
                 tx,
@@ -268,13 +270,14 @@ impl Registry {
                 models_dir: state_dir.join("models"),
                 copying: Arc::default(),
                 loading: Arc::default(),
-                shadows: Default::default(),
+                shadows: shadows.clone(),
             },
             Task {
                 rx,
                 pools: BTreeMap::new(),
                 snapshot: snap_tx,
                 store,
+                shadows,
             },
         )
     }
@@ -317,13 +320,15 @@ impl Registry {
         use crate::shadow::{self, Shadow};
         let v = version.to_string();
         spec.check().map_err(RegistryError::Shadow)?;
+        let _one = self.shadows.starting.lock().await;
         if let Some(s) = self.shadows.get(name) {
-            if s.version == v {
+            if s.version == v && s.origin == origin {
                 return Ok(s);
             }
             return Err(RegistryError::Shadow(format!(
-                "{name} {} runs as a shadow already; drop it first",
-                s.version
+                "{name} {} runs as a shadow already (started by {}); drop it first",
+                s.version,
+                s.origin.as_str()
             )));
         }
         let pool = self.pool(name).ok_or_else(|| RegistryError::NotActive {
@@ -362,7 +367,7 @@ impl Registry {
         let s = match recorded {
             // The same shadow before a restart: its count goes on; an update's recorded verdict
             // is its updater's to act on still (a command's was acted on already).
-            Some(r) if r.state == "running" || (r.origin == origin && !r.acted) => Shadow::start(
+            Some(r) if r.origin == origin && !r.acted => Shadow::start(
                 r.origin,
                 r.spec,
                 candidate,
@@ -410,13 +415,29 @@ impl Registry {
             .await
     }
 
-    /// Stop `name`'s shadow of `version` (its record stays).
-    pub fn shadow_end(&self, name: &str, version: &str) {
+    /// Stop `name`'s shadow of `version`; its record stays, marked as done with (a later
+    /// shadow of the version starts a new count).
+    pub async fn shadow_end(&self, name: &str, version: &str) {
         if let Some(s) = self.shadows.remove(name, version)
             && let Some(pool) = self.pool(name)
             && pool.shadow().is_some_and(|p| Arc::ptr_eq(&p, &s))
         {
             pool.set_shadow(None);
+        }
+        let (n, v) = (name.to_string(), version.to_string());
+        let marked = self
+            .store
+            .call(move |c| {
+                c.execute(
+                    "UPDATE shadows SET acted = 1 WHERE model = ?1 AND version = ?2",
+                    [n, v],
+                )?;
+                Ok(())
+            })
+            .await;
+        if let Err(e) = marked {
+            // Taken up again after a restart, then ended again.
+            tracing::warn!(model = name, %version, error = %e, "ended shadow not marked");
         }
     }
 
@@ -942,7 +963,12 @@ impl Task {
                         Some(m) => m,
                         None => pool.active(),
                     };
-                    let shadow = pool.shadow();
+                    // From the running shadows, not the old pool: one ended meanwhile is not
+                    // carried over.
+                    let shadow = self
+                        .shadows
+                        .get(&n)
+                        .filter(|s| s.recorded_verdict().is_none());
                     let pool = ModelPool::spawn(model, settings);
                     pool.set_shadow(shadow);
                     self.pools.insert(n, pool);

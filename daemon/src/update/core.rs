@@ -1659,6 +1659,14 @@ impl Core {
                         a.retry_at_step = None;
                     }
                 }
+                Err((Code::Io, reason)) => {
+                    // The box's own trouble (its database): started again on a later tick.
+                    tracing::error!(%reason, "shadow not started; trying again in {STEP_RETRY:?}");
+                    let now = self.now.at;
+                    if let Some(a) = &mut self.current {
+                        a.retry_at_step = Some(now + STEP_RETRY);
+                    }
+                }
                 Err((code, reason)) => self.fail(code, &reason),
             },
             (

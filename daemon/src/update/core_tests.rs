@@ -643,6 +643,21 @@ fn a_restart_in_shadow_takes_the_shadow_up_again() {
     assert!(b.done(Outcome::Step(Ok(()))).is_empty());
     assert!(b.core.shadowing().is_some());
 
+    // The box's own trouble starting it: tried again on a later tick, not failed.
+    let mut b = Box1::new();
+    resume(&mut b, vec![row.clone()]);
+    let a = b.done(Outcome::Step(Err((Code::Io, "database is locked".into()))));
+    assert_eq!(finished(&a), None, "{a:?}");
+    assert!(b.tick(None).is_empty(), "not before the retry time");
+    b.later(Duration::from_secs(60));
+    let a = b.tick(None);
+    assert!(
+        matches!(effect(&a), Some(Effect::StartShadow { .. })),
+        "{a:?}"
+    );
+    assert!(b.done(Outcome::Step(Ok(()))).is_empty());
+    assert!(b.core.shadowing().is_some());
+
     let mut b = Box1::new();
     resume(&mut b, vec![row]);
     let a = b.done(Outcome::Step(Err((

@@ -134,7 +134,7 @@ impl Driver {
                 .shadowing()
                 .is_some_and(|(n, v)| n == s.model && v.to_string() == s.version);
             if s.origin == crate::shadow::Origin::Update && !current {
-                self.d.registry.shadow_end(&s.model, &s.version);
+                self.d.registry.shadow_end(&s.model, &s.version).await;
             }
         }
     }
@@ -342,7 +342,7 @@ impl Driver {
                 .registry
                 .shadows()
                 .get(n)
-                .filter(|s| s.version == *v)?;
+                .filter(|s| s.version == *v && s.origin == crate::shadow::Origin::Update)?;
             let v = s.recorded_verdict()?;
             Some(ShadowVerdict {
                 promote: v.promote,
@@ -731,7 +731,14 @@ impl Driver {
                     .registry
                     .shadow_start(&name, &version, *spec, crate::shadow::Origin::Update)
                     .await;
-                Outcome::Step(r.map(|_| ()).map_err(|e| (Code::Shadow, e.to_string())))
+                use crate::registry::RegistryError as E;
+                let code = |e: &E| match e {
+                    // The box's own trouble: tried again.
+                    E::Store(_) | E::Stopped | E::Moved { .. } => Code::Io,
+                    E::Engine(_) => Code::SelfTest,
+                    _ => Code::Shadow,
+                };
+                Outcome::Step(r.map(|_| ()).map_err(|e| (code(&e), e.to_string())))
             }
             Effect::StartWatch { id, name, resumed } => {
                 self.set_baseline(&name).await;
