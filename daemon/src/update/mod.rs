@@ -8,6 +8,9 @@
 //!  committed ◄─ window passes ─ health ◄──────────────────────────── activating
 //!                                  └─ errors or a hung inference ─► rolled_back
 //!  any step that fails ─► failed (with a code and a reason)
+//!
+//!  self_testing ─(the manifest asks for a shadow)─► shadow ─promoted─► activating
+//!                                                      └─ refused ─► failed (`shadow`)
 //! ```
 //!
 //! Two halves: [`core`] decides (every rule, no I/O, unit-tested on plain values) and
