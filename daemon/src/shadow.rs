@@ -340,6 +340,8 @@ pub struct Shadow {
     /// whether there is a verdict without ever waiting for the shadow's thread.
     dropped: AtomicU64,
     decided: AtomicBool,
+    /// Ended: a pool that still holds it (one a reload rebuilt meanwhile) feeds it nothing.
+    ended: AtomicBool,
     state: Mutex<State>,
     /// Counted since the last flush.
     dirty: AtomicBool,
@@ -369,6 +371,7 @@ impl Shadow {
             offered: AtomicU64::new(0),
             dropped,
             decided: AtomicBool::new(recorded),
+            ended: AtomicBool::new(false),
             state: Mutex::new(State {
                 tally,
                 verdict,
@@ -393,7 +396,9 @@ impl Shadow {
     pub fn pick(&self) -> bool {
         let f = self.spec.fraction;
         let n = self.offered.fetch_add(1, Ordering::Relaxed) as f64;
-        ((n + 1.0) * f).floor() > (n * f).floor() && !self.decided.load(Ordering::Relaxed)
+        ((n + 1.0) * f).floor() > (n * f).floor()
+            && !self.decided.load(Ordering::Relaxed)
+            && !self.ended.load(Ordering::Relaxed)
     }
 
     /// Hand a picked input and its live answer to the shadow; dropped if it is still busy.
@@ -573,7 +578,9 @@ impl Shadows {
     pub(crate) fn remove(&self, model: &str, version: &str) -> Option<Arc<Shadow>> {
         let mut m = self.lock();
         if m.get(model).is_some_and(|s| s.version == version) {
-            return m.remove(model);
+            let s = m.remove(model)?;
+            s.ended.store(true, Ordering::Relaxed);
+            return Some(s);
         }
         None
     }

@@ -317,7 +317,7 @@ impl Registry {
         spec: tern_update::bundle::ShadowSpec,
         origin: crate::shadow::Origin,
     ) -> Result<Arc<crate::shadow::Shadow>, RegistryError> {
-        use crate::shadow::{self, Shadow};
+        use crate::shadow::{self, Origin, Shadow};
         let v = version.to_string();
         spec.check().map_err(RegistryError::Shadow)?;
         let _one = self.shadows.starting.lock().await;
@@ -375,6 +375,13 @@ impl Registry {
                 r.tally,
                 r.verdict,
             ),
+            // An update's shadow of this version not done with yet (its updater takes it up):
+            // a command must not start its count over.
+            Some(r) if r.origin == Origin::Update && !r.acted => {
+                return Err(RegistryError::Shadow(format!(
+                    "{name} {v} is an update's shadow not yet judged; its update takes it up"
+                )));
+            }
             _ => {
                 let s = Shadow::start(
                     origin,
@@ -391,9 +398,13 @@ impl Registry {
                 s
             }
         };
+        // In the map first, then on the pool serving now (not the one read before the load:
+        // a reload may have rebuilt it meanwhile, and a rebuild takes its shadow from the map).
         self.shadows.insert(s.clone());
         if s.recorded_verdict().is_none() {
-            pool.set_shadow(Some(s.clone()));
+            self.pool(name)
+                .unwrap_or(pool.clone())
+                .set_shadow(Some(s.clone()));
         }
         tracing::info!(model = name, version = %v, against = %pool.active().version(), origin = s.origin.as_str(), "shadow running");
         Ok(s)

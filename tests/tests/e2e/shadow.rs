@@ -52,15 +52,11 @@ fn feed_until(
     let topic = format!("tern/{DEV}/events");
     let deadline = Instant::now() + T;
     let mut fed = 0;
+    // A few at a time, often: a shadow busy (or starved) drops what comes in bursts.
     for round in 0.. {
-        let from = (round * 30) % set.len();
-        fed += feed(
-            inbox,
-            &format!("{tag}{round}"),
-            &set[from..from + 30],
-            false,
-        );
-        let wait = Duration::from_secs(3);
+        let from = (round * 5) % (set.len() - 5);
+        fed += feed(inbox, &format!("{tag}{round}"), &set[from..from + 5], false);
+        let wait = Duration::from_millis(400);
         if let Ok(m) = w.recv_match(what, wait, |m| m.topic == topic && pred(&m.json())) {
             return (m.json(), fed);
         }
@@ -82,6 +78,30 @@ fn status_as(c: &mut Client, tag: &str) -> Value {
 
 fn status(c: &mut Client) -> Value {
     status_as(c, "st")
+}
+
+/// The status once the box has answered everything it was given and the shadow has taken
+/// everything it was handed: two reads 300 ms apart that agree.
+fn settled(c: &mut Client) -> Value {
+    let counts = |st: &Value| {
+        let sh = &st["result"]["shadows"][0];
+        (
+            st["result"]["models"][0]["requests"].clone(),
+            sh["samples"].clone(),
+            sh["dropped"].clone(),
+        )
+    };
+    let deadline = Instant::now() + T;
+    let mut last = status(c);
+    loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = status(c);
+        if counts(&now) == counts(&last) {
+            return now;
+        }
+        assert!(Instant::now() < deadline, "the box never settled");
+        last = now;
+    }
 }
 
 /// The box's running shadows, from its status.
@@ -185,7 +205,13 @@ fn a_shadow_that_agrees_is_promoted_and_one_that_disagrees_is_refused() {
             Instant::now() < deadline,
             "shadow counted {counted} of {fed_b}"
         );
-        fed_b += feed(&bx.inbox, &format!("b{fed_b}-"), &test_set()[..4], false);
+        let from = fed_b % 356;
+        fed_b += feed(
+            &bx.inbox,
+            &format!("b{fed_b}-"),
+            &test_set()[from..from + 4],
+            false,
+        );
         std::thread::sleep(Duration::from_millis(100));
     };
     let agreement = metric(
@@ -214,7 +240,10 @@ fn a_shadow_that_agrees_is_promoted_and_one_that_disagrees_is_refused() {
         assert!(Instant::now() < deadline, "tally never written");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let started_ms = shadows(&mut c, "s1b")[0]["started_ms"].clone();
+    let started_ms = shadows(&mut c, "s1b")
+        .first()
+        .expect("judged before the kill: the rule asks for more samples")["started_ms"]
+        .clone();
     drop(daemon); // SIGKILL
     let kept = recorded();
     assert!(kept > 0 && kept <= fed_b as u64, "{kept} of {fed_b} fed");
@@ -298,7 +327,7 @@ fn a_shadow_that_agrees_is_promoted_and_one_that_disagrees_is_refused() {
         assert!(shadows(&mut c, "s4").is_empty());
     }
     let answered = |st: &Value| st["result"]["models"][0]["requests"].as_i64().unwrap();
-    let before_shadow = answered(&status(&mut c));
+    let before_shadow = answered(&settled(&mut c));
     let r = command(
         &mut c,
         DEV,
@@ -321,12 +350,14 @@ fn a_shadow_that_agrees_is_promoted_and_one_that_disagrees_is_refused() {
             .unwrap_or_default();
         let n = s.first().and_then(|s| s["samples"].as_u64()).unwrap_or(0);
         if n >= 20 {
-            assert_eq!(s[0]["agreement"], 1.0, "{s:?}");
-            assert!(s[0]["verdict"].is_null(), "{s:?}");
-            // Picked: counted or dropped, but for those still queued or in flight (a few).
-            let picked = (n + s[0]["dropped"].as_u64().unwrap()) as i64;
+            // Once nothing is in flight, every other answer was picked: counted or dropped.
+            let st = settled(&mut c);
+            let s = &st["result"]["shadows"][0];
+            assert_eq!(s["agreement"], 1.0, "{s}");
+            assert!(s["verdict"].is_null(), "{s}");
+            let picked = (s["samples"].as_u64().unwrap() + s["dropped"].as_u64().unwrap()) as i64;
             let live = answered(&st) - before_shadow;
-            assert!((live - 2 * picked).abs() <= 9, "{picked} of {live} picked");
+            assert!((live - 2 * picked).abs() <= 1, "{picked} of {live} picked");
             break;
         }
         assert!(Instant::now() < deadline, "{s:?}");
