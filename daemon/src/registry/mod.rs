@@ -365,8 +365,8 @@ impl Registry {
             .call(move |c| Ok(shadow::read_row(c, &n, &vv)?))
             .await?;
         let s = match recorded {
-            // The same shadow before a restart: its count goes on; an update's recorded verdict
-            // is its updater's to act on still (a command's was acted on already).
+            // The same shadow before a restart: its count goes on, and a verdict recorded but
+            // not yet acted on is acted on now (by its updater, or by the shadow task).
             Some(r) if r.origin == origin && !r.acted => Shadow::start(
                 r.origin,
                 r.spec,
