@@ -104,6 +104,17 @@ fn every_good_form_matches_onnxruntime_accuracy() {
         );
         assert!(acc > 0.9, "{name}: accuracy {acc} is not a trained model");
     }
+    // The shadow tests' fixture: the same network trained on shuffled labels, as wrong in
+    // tern as in onnxruntime (about one in ten, chance).
+    let name = "digits-mlp-shuffled-int8";
+    let acc = digits_accuracy(&load(name));
+    let ort = reference[name].as_f64().unwrap();
+    println!("accuracy {name}: onnxruntime {ort:.4} tern {acc:.4}");
+    assert!(
+        (acc - ort).abs() <= 1.0 / 360.0 + 1e-9,
+        "{name}: tern {acc} vs {ort}"
+    );
+    assert!(acc < 0.2, "{name}: accuracy {acc} is better than chance");
 }
 
 #[test]

@@ -773,6 +773,35 @@ def build(name, fp32_model, spec, train_x, test_x, test_y, accuracy, tmp):
         write_package(name, form, q_path, spec, golden_x, test_x, test_y, accuracy)
 
 
+def digits_mlp_spec():
+    return {
+        "description": "8x8 grayscale handwritten digit classifier, MLP 64-64-10",
+        "shape": [64], "layout": "nc", "top_k": 3, "labels": [str(i) for i in range(10)],
+        "preprocess": {"color": "gray", "resize": [8, 8], "filter": "triangle"},
+        "tolerance": {"f32": 1e-4, "int8": 1e-2, "int8-broken": 1e-2},
+    }
+
+
+def build_shuffled(spec, pix_tr, pix_te, y_tr, y_te, accuracy, tmp):
+    """digits-mlp's network trained on the training labels shuffled among the images: the same
+    inputs, outputs and size as digits-mlp-int8, answers that agree with it about as often as
+    chance. A fixture for shadow evaluation, which must refuse it as an update of digits-mlp."""
+    from sklearn.neural_network import MLPClassifier
+    print("digits-mlp-shuffled", file=sys.stderr)
+    shuffled = np.random.default_rng(SEED).permutation(y_tr)
+    mlp = MLPClassifier(hidden_layer_sizes=(64,), max_iter=600, random_state=SEED)
+    mlp.fit(mlp_input(pix_tr), shuffled)
+    layers = list(zip(mlp.coefs_, mlp.intercepts_))
+    name = "digits-mlp-shuffled"
+    fp32_path = os.path.join(tmp, f"{name}.onnx")
+    onnx.save(dense_graph(name, layers, 64, 10), fp32_path)
+    q_path = os.path.join(tmp, f"{name}-int8.onnx")
+    quantize(fp32_path, q_path, mlp_input(pix_tr)[:200], False)
+    spec = dict(spec, description="digits-mlp trained on shuffled labels, MLP 64-64-10")
+    test_x = mlp_input(pix_te)
+    write_package(name, "int8", q_path, spec, test_x[:GOLDEN_COUNT], test_x, y_te, accuracy)
+
+
 def main():
     tmp = os.path.join(HERE, ".build")
     os.makedirs(tmp, exist_ok=True)
@@ -787,6 +816,16 @@ def main():
             accuracy = json.load(f)
         print("digits-det", file=sys.stderr)
         build_detector(accuracy, tmp)
+        with open(os.path.join(HERE, "accuracy.json"), "w") as f:
+            json.dump(accuracy, f, indent=2, sort_keys=True)
+            f.write("\n")
+        shutil.rmtree(tmp)
+        return
+    if sys.argv[1:] == ["--only", "digits-mlp-shuffled"]:
+        with open(os.path.join(HERE, "accuracy.json")) as f:
+            accuracy = json.load(f)
+        pix_tr, pix_te, y_tr, y_te = digits_pixels()
+        build_shuffled(digits_mlp_spec(), pix_tr, pix_te, y_tr, y_te, accuracy, tmp)
         with open(os.path.join(HERE, "accuracy.json"), "w") as f:
             json.dump(accuracy, f, indent=2, sort_keys=True)
             f.write("\n")
@@ -813,12 +852,9 @@ def main():
     mlp = MLPClassifier(hidden_layer_sizes=(64,), max_iter=600, random_state=SEED)
     mlp.fit(mlp_input(pix_tr), y_tr)
     layers = list(zip(mlp.coefs_, mlp.intercepts_))
-    build("digits-mlp", dense_graph("digits-mlp", layers, 64, 10), {
-        "description": "8x8 grayscale handwritten digit classifier, MLP 64-64-10",
-        "shape": [64], "layout": "nc", "top_k": 3, "labels": digit_labels,
-        "preprocess": {"color": "gray", "resize": [8, 8], "filter": "triangle"},
-        "tolerance": tolerance,
-    }, mlp_input(pix_tr), mlp_input(pix_te), y_te, accuracy, tmp)
+    build("digits-mlp", dense_graph("digits-mlp", layers, 64, 10), digits_mlp_spec(),
+          mlp_input(pix_tr), mlp_input(pix_te), y_te, accuracy, tmp)
+    build_shuffled(digits_mlp_spec(), pix_tr, pix_te, y_tr, y_te, accuracy, tmp)
 
     print("digits-cnn", file=sys.stderr)
     params = train_cnn(cnn_input(pix_tr), y_tr)
