@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tern_tests::mqtt::Client;
-use tern_tests::updates::build;
+use tern_tests::updates::{build, variant};
 use tern_tests::*;
 use tern_update::bundle::ShadowSpec;
 
@@ -122,7 +122,8 @@ fn metric(port: u16, line_start: &str) -> Option<f64> {
 /// An update whose manifest asks for a shadow runs beside the live version until its rule
 /// judges it: the same network (agreeing on every digit) is promoted and committed through
 /// the health window; one with two labels exchanged (so it names two digits of ten wrongly)
-/// is refused with its measured agreement and marked failed, the live version untouched. A
+/// is refused with its measured agreement and marked failed, the live version untouched, and
+/// so is one trained on shuffled labels (agreeing about as often as chance). A
 /// kill -9 while a shadow runs loses neither its update nor its count. `models.shadow` runs
 /// an installed version as a shadow, and the operator's drop ends one.
 #[test]
@@ -299,6 +300,43 @@ fn a_shadow_that_agrees_is_promoted_and_one_that_disagrees_is_refused() {
     // Ended: no shadow runs, and none is fed.
     let deadline = Instant::now() + T;
     while !shadows(&mut c, "s3").is_empty() {
+        assert!(Instant::now() < deadline, "the refused shadow still runs");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // 1.3.0: the same network trained on shuffled labels (digits-mlp-shuffled-int8, from
+    // make_models.py), a model that agrees with the live one about as often as chance.
+    let shuffled = variant(
+        &package("digits-mlp-shuffled-int8"),
+        &d.path().join(format!("{MODEL}-1.3.0")),
+        MODEL,
+        "1.3.0",
+        same,
+    );
+    let rule = "agreement=0.9,samples=40,fraction=1,cpu_share=1";
+    build(&shuffled, CHUNK, &[&k], |s| s.shadow = Some(spec(rule))).publish(&mut w, &topic, SYNC);
+    event(&mut w, DEV, "1.3.0 in shadow", |e| {
+        e["event"] == "update.shadow" && e["version"] == "1.3.0"
+    });
+    let (e, _) = feed_until(&mut w, &bx.inbox, "s", "1.3.0 refused", |e| {
+        e["event"] == "shadow.rejected" && e["version"] == "1.3.0"
+    });
+    let a = e["shadow"]["agreement"].as_f64().unwrap();
+    eprintln!("1.3.0 (shuffled labels) refused: {}", e["reason"]);
+    assert_eq!(e["by"], "rule", "{e}");
+    assert_eq!(e["shadow"]["against"], "1.1.0", "{e}");
+    // Ten classes: chance is about a tenth.
+    assert!(a < 0.3, "{e}");
+    let e = event(&mut w, DEV, "1.3.0's end", ended("1.3.0"));
+    assert_eq!(
+        (e["event"].as_str(), e["code"].as_str()),
+        (Some("update.failed"), Some("shadow")),
+        "{e}"
+    );
+    assert_eq!(active(&bx.state).unwrap().0, "1.1.0");
+    assert!(versions(&bx.state).contains(&("1.3.0".into(), "failed".into())));
+    let deadline = Instant::now() + T;
+    while !shadows(&mut c, "s3b").is_empty() {
         assert!(Instant::now() < deadline, "the refused shadow still runs");
         std::thread::sleep(Duration::from_millis(100));
     }
